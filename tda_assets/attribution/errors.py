@@ -1,0 +1,9 @@
+"""Errors the engine raises for bad input: each names the item and the fix."""
+
+
+class AttributionInputError(ValueError):
+    """Bad input to the engine (audio, caption, loss, model folder); the message names the item and the fix."""
+
+
+class ModelSourceError(ValueError):
+    """A model folder or checkpoint reference that cannot be loaded as a tda model."""

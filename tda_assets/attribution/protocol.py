@@ -1,0 +1,43 @@
+"""The loss protocol: draws `(t, ε)` that are a pure function of `(protocol_seed, item_id, k)`."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from .objective import DiffusionObjective
+
+
+def draw_seed(protocol_seed: int, item_id: str, k: int) -> int:
+    """A 63-bit generator seed from `(protocol_seed, item_id, k)`, identical on every machine."""
+    digest = hashlib.blake2b(f"{protocol_seed}\x1f{item_id}\x1f{k}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@dataclass(frozen=True)
+class LossProtocol:
+    """`draws` fixed draws per item from the objective's timestep distribution, seeded by `seed`."""
+
+    seed: int = 0
+    draws: int = 16
+
+    @property
+    def protocol_id(self) -> str:
+        return f"s{self.seed}-k{self.draws}"
+
+    def draws_for(
+        self, item_ids: list[str], latent_shape: tuple[int, ...], objective: DiffusionObjective
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`t` [b, K] and `ε` [b, K, *latent_shape] on CPU; draw k of an item never depends on the batch."""
+        b, k = len(item_ids), self.draws
+        t = torch.empty(b, k)
+        eps = torch.empty(b, k, *latent_shape)
+        g = torch.Generator()
+        for i, item_id in enumerate(item_ids):
+            for j in range(k):
+                g.manual_seed(draw_seed(self.seed, item_id, j))
+                t[i, j] = objective.sample_t(1, g)[0]
+                eps[i, j] = torch.randn(latent_shape, generator=g)
+        return t, eps

@@ -1,0 +1,59 @@
+"""Scores from loss matrices and the consistency metrics."""
+
+import numpy as np
+import pytest
+
+from tda_assets.attribution.metrics import compare, jaccard_at_k, self_attribution_rate, spearman
+from tda_assets.attribution.scores import attribution_scores, rank_descending
+
+
+def test_score_is_mean_loss_change_and_rank_one_is_the_largest():
+    base = np.array([[1.0, 1.0], [2.0, 2.0], [1.0, 3.0]])
+    after = np.array([[1.5, 1.5], [2.0, 2.2], [1.0, 3.0]])
+    s = attribution_scores(base, after)
+    np.testing.assert_allclose(s["score"], [0.5, 0.1, 0.0])
+    np.testing.assert_allclose(s["relative_score"], [0.5, 0.05, 0.0])
+    assert s["rank"].tolist() == [1, 2, 3]
+
+
+def test_shares_are_positive_scores_renormalised():
+    base = np.zeros((3, 1)) + 1.0
+    after = base + np.array([[0.3], [0.1], [-0.4]])
+    np.testing.assert_allclose(attribution_scores(base, after)["share"], [0.75, 0.25, 0.0])
+
+
+def test_skew_score_is_bounded_per_draw():
+    base = np.array([[100.0], [0.1]])
+    after = np.array([[110.0], [0.2]])
+    s = attribution_scores(base, after)
+    assert s["score"][0] > s["score"][1] and s["skew_score"][1] > s["skew_score"][0]
+
+
+def test_non_finite_losses_are_refused():
+    with pytest.raises(ValueError, match="non-finite"):
+        attribution_scores(np.ones((2, 2)), np.array([[1.0, np.nan], [1.0, 1.0]]))
+
+
+def test_ties_rank_by_position():
+    assert rank_descending(np.array([1.0, 2.0, 2.0])).tolist() == [3, 1, 2]
+
+
+def test_jaccard_counts_top_k_overlap():
+    a = np.array([5.0, 4.0, 3.0, 2.0, 1.0])
+    b = np.array([5.0, 1.0, 4.0, 2.0, 3.0])
+    assert jaccard_at_k(a, b, 2) == pytest.approx(1 / 3)
+    assert jaccard_at_k(a, a, 3) == 1.0
+
+
+def test_spearman_of_reversed_ranking_is_minus_one():
+    a = np.arange(10.0)
+    assert spearman(a, a[::-1]) == pytest.approx(-1.0)
+
+
+def test_self_attribution_rate_counts_rank_one():
+    assert self_attribution_rate([1, 1, 3, 1]) == 0.75
+
+
+def test_compare_caps_k_at_item_count():
+    rows = compare(np.arange(20.0), np.arange(20.0))
+    assert ("jaccard", 100, 1.0) in rows and ("spearman", None, pytest.approx(1.0)) in rows
