@@ -73,8 +73,7 @@ class UnlearningResult:
 
 def query_loss(adapter: DiTAdapter, query: ItemBatch, protocol: LossProtocol, compute: Compute, mask: bool) -> float:
     """The query's mean loss over its fixed protocol draws."""
-    losses, _ = batch_losses(adapter, query, protocol, compute, mask_padding=mask)
-    return float(losses.mean())
+    return float(batch_losses(adapter, query, protocol, compute).select(mask).mean())
 
 
 def _random_copies(adapter: DiTAdapter, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:

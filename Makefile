@@ -1,0 +1,38 @@
+# The two commands: `make demo` (whole pipeline on the embedded default) and `make test` (the test suite).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+STAMP  := $(VENV)/.installed-$(TORCH_VERSION)
+export DAGSTER_HOME := $(CURDIR)/dagster_home
+
+.PHONY: install demo test ui evaluate clean-storage
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@# torch first, so nothing pulls a multi-GB CUDA build onto a CPU machine. GPU nodes: CUDA build from PyPI.
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	else \
+	  $(BIN)/pip install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+	  || $(BIN)/pip install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(BIN)/pip install -q -e '.[test]'
+	@# tinysoundfont renders the embedded corpus; its pyaudio dependency is only for playback and does not build here.
+	$(BIN)/pip install -q --no-deps "tinysoundfont>=0.3.7"
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/tda demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+ui: install
+	$(BIN)/dagster dev -w workspace.yaml
+
+clean-storage:
+	rm -rf dagster_home/storage

@@ -1,0 +1,38 @@
+"""Compute placement and the loss protocol as Dagster resources."""
+
+from __future__ import annotations
+
+import torch
+from dagster import ConfigurableResource
+
+from tda_assets.attribution.devices import Compute
+from tda_assets.attribution.protocol import LossProtocol
+
+
+class ComputeResource(ConfigurableResource):
+    """`device`: `auto` (cuda when present, else cpu), `cpu` or `cuda[:n]`; bf16 autocast on GPU; rows per forward pass."""
+
+    device: str = "auto"
+    autocast_dtype: str | None = None
+    batch_size: int = 256
+    item_batch_size: int = 32
+    threads: int | None = None
+
+    def compute(self) -> Compute:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        if self.device == "auto":
+            auto = Compute.auto(self.batch_size)
+            return auto if self.autocast_dtype is None else Compute(auto.device, self.autocast_dtype, self.batch_size)
+        dtype = self.autocast_dtype if self.autocast_dtype is not None else ("bfloat16" if self.device.startswith("cuda") else None)
+        return Compute(self.device, dtype, self.batch_size)
+
+
+class LossProtocolResource(ConfigurableResource):
+    """The fixed loss protocol: `draws` draws per item, seeded by `seed` (DESIGN §1)."""
+
+    seed: int = 0
+    draws: int = 16
+
+    def protocol(self) -> LossProtocol:
+        return LossProtocol(seed=self.seed, draws=self.draws)

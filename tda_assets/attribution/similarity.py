@@ -1,0 +1,52 @@
+"""Similarity-based (non-counterfactual) attribution: cosine similarity of query and item embeddings."""
+
+from __future__ import annotations
+
+import torch
+
+from .adapter import DiTAdapter, ItemBatch
+from .devices import Compute
+from .losses import expand_draws
+from .protocol import LossProtocol
+
+EMBEDDINGS = ("audio", "text", "internal")
+
+
+def audio_embedding(batch: ItemBatch) -> torch.Tensor:
+    """Pooled latents of the frozen audio encoder: mean and std over real frames [b, 2C]."""
+    z, m = batch.latents.float(), batch.frame_mask
+    m = torch.ones(z.shape[0], z.shape[-1]) if m is None else m.float()
+    w = (m / m.sum(dim=1, keepdim=True).clamp_min(1)).unsqueeze(1)
+    mean = (z * w).sum(-1)
+    std = ((z - mean.unsqueeze(-1)).pow(2) * w).sum(-1).sqrt()
+    return torch.cat([mean, std], dim=1)
+
+
+def text_embedding(batch: ItemBatch) -> torch.Tensor:
+    """Mean of the frozen text encoder's non-padding token states [b, D]."""
+    h = batch.conditioning["encoder_hidden_states"].float()
+    nonzero = (h.abs().sum(-1) > 0).float().unsqueeze(-1)
+    return (h * nonzero).sum(1) / nonzero.sum(1).clamp_min(1)
+
+
+def internal_embedding(adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, compute: Compute, draws: int = 2) -> torch.Tensor:
+    """The denoiser's own last-block activations at the first fixed protocol draws, pooled over positions [b, D]."""
+    proto = LossProtocol(seed=protocol.seed, draws=draws)
+    t, eps = proto.draws_for(batch.item_ids, adapter.latent_shape, adapter.objective)
+    z, cond, tt, ee, _ = expand_draws(batch, t, eps, adapter.device)
+    captured: list[torch.Tensor] = []
+    hook = adapter.denoiser.transformer_blocks[-1].register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with torch.no_grad(), compute.autocast():
+            x_t, _, _ = adapter.objective.make(z, ee, tt)
+            adapter.predict(x_t, tt, cond)
+    finally:
+        hook.remove()
+    acts = captured[0].float().mean(dim=1)  # [b·draws, D]
+    return acts.view(len(batch), draws, -1).mean(dim=1).cpu()
+
+
+def cosine_scores(query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of one query embedding [D] (or [1, D]) with item embeddings [N, D]."""
+    q = torch.nn.functional.normalize(query.reshape(1, -1).float(), dim=1)
+    return (torch.nn.functional.normalize(items.float(), dim=1) @ q.T).flatten()

@@ -1,0 +1,130 @@
+"""Training data assets: the manifest (embedded corpus or a user's CSV/parquet) and the cached encoder features."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import polars as pl
+from dagster import AssetExecutionContext, Config, MaterializeResult, MetadataValue, asset
+
+from resources import ModelSourceResource, StorageResource
+
+from . import tables
+from .attribution.adapter import ItemBatch
+from .attribution.audio import decode_audio
+from .attribution.embedded.corpus import generate_corpus
+from .attribution.embedded.model import EmbeddedAdapter
+from .attribution.errors import AttributionInputError
+from .partitions import N_SHARDS, shard_of, training_shards
+from .tags import GPU
+from .store import read_uri_bytes, write_features
+
+MANIFEST_COLUMNS = ("item_id", "audio_uri", "caption", "artist")
+
+
+class ManifestConfig(Config):
+    """`manifest_uri` (CSV or parquet with item_id, audio_uri, caption, artist) or the embedded synthetic corpus."""
+
+    manifest_uri: str | None = os.environ.get("TDA_MANIFEST") or None
+    clips_per_artist: int = int(os.environ.get("TDA_CLIPS_PER_ARTIST", "40"))
+    artists: int | None = None
+    corpus_seed: int = 0
+
+
+def read_user_manifest(uri: str) -> pl.DataFrame:
+    """A user's manifest, checked for the required columns and unique ids."""
+    import fsspec
+
+    with fsspec.open(uri, "rb") as f:
+        data = f.read()
+    df = pl.read_parquet(data) if uri.endswith(".parquet") else pl.read_csv(data)
+    missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"manifest {uri}: missing column(s) {missing}; required: {', '.join(MANIFEST_COLUMNS)}")
+    dupes = df.filter(pl.col("item_id").is_duplicated())["item_id"].unique().to_list()
+    if dupes:
+        raise ValueError(f"manifest {uri}: duplicate item_id(s) {dupes[:5]}")
+    if "duration_s" not in df.columns:
+        df = df.with_columns(pl.lit(None, pl.Float64).alias("duration_s"))
+    return df.select(*MANIFEST_COLUMNS, "duration_s").with_columns(pl.col("item_id").cast(pl.Utf8))
+
+
+@asset(group_name="training_data", description="One row per training item: item_id, audio_uri, caption, artist, duration_s, shard.")
+def training_manifest(context: AssetExecutionContext, config: ManifestConfig, storage: StorageResource) -> MaterializeResult:
+    store = storage.storage()
+    if config.manifest_uri:
+        df = read_user_manifest(config.manifest_uri)
+        origin = config.manifest_uri
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = generate_corpus(tmp, clips_per_artist=config.clips_per_artist, seed=config.corpus_seed, artists=config.artists)
+            for i, row in enumerate(rows):
+                key = tables.corpus_audio(row["artist"], row["item_id"])
+                row["audio_uri"] = store.write_bytes(key, Path(row.pop("audio_path")).read_bytes())
+                if i % 100 == 0:
+                    context.log.info(f"corpus: {i + 1}/{len(rows)} clips written")
+        df = pl.DataFrame(rows).select(*MANIFEST_COLUMNS, "duration_s")
+        origin = f"embedded synthetic corpus (seed {config.corpus_seed}, {config.clips_per_artist} clips per artist)"
+    df = df.with_columns(pl.col("item_id").map_elements(lambda i: shard_of(i, N_SHARDS), return_dtype=pl.Utf8).alias("shard"))
+    uri = store.write_parquet(tables.manifest(), df)
+    counts = df.group_by("artist").len().sort("artist")
+    return MaterializeResult(metadata={
+        "rows": len(df), "artists": df["artist"].n_unique(), "origin": origin, "uri": MetadataValue.path(uri),
+        "items_per_artist": MetadataValue.json({r["artist"]: r["len"] for r in counts.to_dicts()}),
+    })
+
+
+class FeaturesConfig(Config):
+    """`skip_bad_items`: skip (and report) training items whose audio or caption is bad, instead of failing."""
+
+    skip_bad_items: bool = False
+
+
+def encoder_adapter(model_source: ModelSourceResource):
+    """The frozen encoders: fixed for the embedded model, else those of the resolved checkpoint folder."""
+    if model_source.is_embedded:
+        return EmbeddedAdapter.new()
+    from .attribution.model_folder import load_model
+
+    return load_model(model_source.resolve().folder)
+
+
+@asset(
+    group_name="training_data", partitions_def=training_shards, deps=[training_manifest], **GPU,
+    description="Cached latents z_i and conditioning h_i of one shard (the frozen encoders run once per item, never again).",
+)
+def training_features(
+    context: AssetExecutionContext, config: FeaturesConfig, storage: StorageResource, model_source: ModelSourceResource
+) -> MaterializeResult:
+    store = storage.storage()
+    shard = context.partition_key
+    rows = store.read_parquet(tables.manifest()).filter(pl.col("shard") == shard)
+    adapter = encoder_adapter(model_source)
+    good, audio, bad = [], [], []
+    for row in rows.iter_rows(named=True):
+        try:
+            samples = decode_audio(read_uri_bytes(row["audio_uri"], store), row["item_id"], adapter.sample_rate)
+            if not (row["caption"] or "").strip():
+                raise AttributionInputError(f"item {row['item_id']}: empty caption; write a text description of the music")
+        except AttributionInputError as exc:
+            if not config.skip_bad_items:
+                raise AttributionInputError(f"{exc} (shard {shard}; or set skip_bad_items: true to skip and report it)") from exc
+            context.log.warning(f"skipping bad training item: {exc}")
+            bad.append(row["item_id"])
+            continue
+        good.append(row)
+        audio.append(samples)
+    if not good:
+        raise AttributionInputError(f"shard {shard} has no usable training items")
+    latents, mask = adapter.encode_audio(audio)
+    cond = adapter.encode_text([r["caption"] for r in good], [r["item_id"] for r in good])
+    batch = ItemBatch([r["item_id"] for r in good], latents, cond, mask)
+    uri = write_features(store, tables.features(shard), batch, {"skipped": ",".join(bad)})
+    context.log.info(f"{shard}: encoded {len(good)} items ({len(bad)} skipped)")
+    return MaterializeResult(metadata={
+        "rows": len(good), "skipped_items": MetadataValue.json(bad), "latent_shape": str(tuple(latents.shape[1:])),
+        "uri": MetadataValue.path(uri),
+    })
+
