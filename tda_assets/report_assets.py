@@ -25,8 +25,7 @@ def score_vectors(store, query_id: str) -> dict[str, pl.DataFrame]:
     for key in store.glob(f"attribution_scores/query_id={query_id}/config_id=*/part-*.parquet"):
         out[f"unlearning:{_hive_value(key, 'config_id')}"] = store.read_parquet(key).select("item_id", "score")
     for key in store.glob(f"similarity_scores/query_id={query_id}/method=*/part-*.parquet"):
-        method = _hive_value(key, "method").replace("similarity-", "similarity:", 1)
-        out[method] = store.read_parquet(key).select("item_id", "score")
+        out[_hive_value(key, "method")] = store.read_parquet(key).select("item_id", "score")
     return out
 
 

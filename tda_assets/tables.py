@@ -54,7 +54,7 @@ def per_query_config(table: str, query_id: str, config_id: str, name: str = PART
 
 
 def similarity(query_id: str, method: str) -> str:
-    return f"similarity_scores/query_id={query_id}/method={method.replace(':', '-')}/{PART}"
+    return f"similarity_scores/query_id={query_id}/method={method}/{PART}"
 
 
 def consistency() -> str:

@@ -1,0 +1,211 @@
+"""The DuckDB views and the named queries over a tiny hand-made dataset on a local root."""
+
+from __future__ import annotations
+
+import polars as pl
+import pytest
+
+from resources.query_engine import QueryEngine, QueryEngineError
+from resources.storage import TABLES, Storage
+
+ITEMS = {"i1": "A", "i2": "A", "i3": "B", "i4": "B", "i5": "C", "i6": "C"}
+# unlearning scores per query (configuration `default`), then similarity:audio scores
+UNLEARNING = {"0012": [0.9, 0.8, 0.1, 0.05, 0.0, -0.1], "q2": [0.2, 0.0, 0.7, 0.6, 0.1, 0.3]}
+SIMILARITY = {"0012": [0.5, 0.1, 0.9, 0.2, 0.0, 0.3], "q2": [0.1, 0.2, 0.3, 0.9, 0.8, 0.0]}
+CONSISTENCY = [  # query, left, right, metric, k, value
+    ("0012", "unlearning:default", "similarity:audio", "jaccard", 10, 0.5),
+    ("0012", "unlearning:default", "similarity:audio", "spearman", None, 0.4),
+    ("q2", "similarity:audio", "unlearning:default", "jaccard", 10, 0.3),  # either order
+    ("q2", "unlearning:default", "similarity:audio", "spearman", None, 0.2),
+    ("0012", "unlearning:default", "unlearning:seed1", "jaccard", 10, 0.9),
+    ("q2", "unlearning:seed1", "unlearning:default", "jaccard", 10, 0.7),
+]
+
+
+def ranked(values: list[float]) -> pl.DataFrame:
+    order = sorted(range(len(values)), key=lambda i: -values[i])
+    rank = {i: r + 1 for r, i in enumerate(order)}
+    pos = sum(v for v in values if v > 0)
+    return pl.DataFrame(
+        {
+            "item_id": list(ITEMS),
+            "score": values,
+            "rank": [rank[i] for i in range(len(values))],
+            "share": [max(v, 0.0) / pos for v in values],
+        }
+    )
+
+
+def row(**columns) -> pl.DataFrame:
+    """A one-row frame."""
+    return pl.DataFrame({k: [v] for k, v in columns.items()})
+
+
+def write_tiny_dataset(storage: Storage) -> None:
+    """Six items by three artists, queries `0012` (target A) and `q2` (target B), one configuration."""
+    manifest = pl.DataFrame(
+        {
+            "item_id": list(ITEMS),
+            "audio_uri": [f"audio/{i}.wav" for i in ITEMS],
+            "caption": [f"a tune by {a}" for a in ITEMS.values()],
+            "artist": list(ITEMS.values()),
+            "duration_s": [2.0] * 6,
+            "shard": ["s0", "s0", "s0", "s1", "s1", "s1"],
+        }
+    )
+    storage.write_table("training_manifest", manifest)
+    for q, target in [("0012", "A"), ("q2", "B")]:
+        run = {"query_id": q, "config_id": "default"}
+        query = row(prompt=f"in the style of {target}", seed=1, audio_uri=f"q/{q}.wav", target_artist=target)
+        storage.write_table("queries", query, query_id=q)
+        unlearning = ranked(UNLEARNING[q]).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score")
+        storage.write_table("attribution_scores", unlearning, **run)
+        storage.write_table("similarity_scores", ranked(SIMILARITY[q]), query_id=q, method="similarity:audio")
+        storage.write_table("unlearning_runs", row(query_loss_before=1.0, query_loss_after=1.5, delta_uri="d", seconds=0.1), **run)
+        losses = pl.DataFrame({"item_id": list(ITEMS), "draw": [0] * 6, "loss": [1.0] * 6})
+        storage.write_table("unlearned_losses", losses, **run)
+    config = row(recipe="newton", lr=1e-3, steps=1, param_subset="all", seed=0, optimizer="sgd", query_draws=8,
+                 damping=1e-8, mask_padding="unlearning", **{"lambda": 1.0})
+    storage.write_table("unlearning_configs", config, config_id="default")
+    for shard in ("s0", "s1"):
+        losses = row(checkpoint_id="c", protocol_id="p", item_id="i1", draw=0, t=0.5, loss=1.0)
+        storage.write_table("baseline_losses", losses, shard=shard)
+    storage.write_table("consistency", pl.DataFrame(CONSISTENCY, schema=list(TABLES["consistency"].columns), orient="row"))
+    counterfactual = row(query_id="0012", removal="attributed", k=2, query_loss_full=1.0, query_loss_removed=1.2,
+                         loss_rise=0.2)
+    storage.write_table("counterfactual", counterfactual)
+
+
+@pytest.fixture
+def engine(tmp_path) -> QueryEngine:
+    storage = Storage(str(tmp_path / "root"))
+    write_tiny_dataset(storage)
+    return QueryEngine(storage)
+
+
+def test_views_return_the_rows(engine):
+    assert engine.table_counts() == {
+        "training_items": 6, "baseline_losses": 2, "queries": 2, "unlearning_configs": 1, "unlearning_runs": 2,
+        "unlearned_losses": 12, "attributions": 24, "consistency": 6, "counterfactual": 1,
+    }
+
+
+def test_query_ids_stay_strings(engine):
+    df = engine.sql("SELECT DISTINCT query_id FROM attributions WHERE query_id = '0012'")
+    assert df.schema["query_id"] == pl.String and df["query_id"].to_list() == ["0012"]
+
+
+def test_similarity_rows_have_their_method_and_no_config(engine):
+    df = engine.sql("SELECT DISTINCT method, config_id FROM attributions ORDER BY method")
+    assert df.rows() == [("similarity:audio", None), ("unlearning", "default")]
+
+
+def test_fresh_root_has_every_view_with_zero_rows(tmp_path):
+    engine = QueryEngine(Storage(str(tmp_path / "empty")))
+    counts = engine.table_counts()
+    assert set(counts) == {"training_items", "baseline_losses", "queries", "unlearning_configs", "unlearning_runs",
+                           "unlearned_losses", "attributions", "consistency", "counterfactual"}
+    assert set(counts.values()) == {0}
+    schema = engine.sql("SELECT * FROM attributions").schema
+    assert list(schema) == [
+        "query_id", "config_id", "method", "item_id", "score", "rank", "relative_score", "skew_score", "share"
+    ]
+    assert schema["query_id"] == pl.String and schema["rank"] == pl.Int64 and schema["score"] == pl.Float64
+
+
+def test_named_queries_run_on_a_fresh_root(tmp_path):
+    engine = QueryEngine(Storage(str(tmp_path / "empty")))
+    for name in engine.named_queries():
+        assert engine.named(name).height == 0
+
+
+def test_new_files_are_seen_by_the_next_query(engine):
+    engine.storage.write_table("queries", row(prompt="p", seed=2, audio_uri="u", target_artist=None), query_id="q3")
+    assert engine.sql("SELECT query_id FROM queries ORDER BY 1")["query_id"].to_list() == ["0012", "q2", "q3"]
+
+
+def test_views_ignore_temp_files_of_killed_writes(engine):
+    folder = engine.storage.local_path("queries/query_id=q2")
+    with open(f"{folder}/.part-0.parquet.deadbeef.tmp", "wb") as f:
+        f.write(b"half a file")
+    assert engine.table_counts()["queries"] == 2
+
+
+def test_filter_on_query_id_prunes_partitions(engine):
+    plan = engine.sql("EXPLAIN SELECT * FROM attributions WHERE query_id = '0012'")["explain_value"][0]
+    assert plan.count("Scanning Files: 1/2") == 2  # one of two files, in both tables of the union
+
+
+def test_top_k_gives_the_top_items_with_artist_and_target(engine):
+    df = engine.named("top_k", k=1)
+    assert df.select("query_id", "method", "config_id", "item_id", "artist", "target_artist").rows() == [
+        ("0012", "similarity:audio", None, "i3", "B", "A"),
+        ("0012", "unlearning", "default", "i1", "A", "A"),
+        ("q2", "similarity:audio", None, "i4", "B", "B"),
+        ("q2", "unlearning", "default", "i3", "B", "B"),
+    ]
+    assert df["caption"][1] == "a tune by A"
+
+
+def test_top_k_default_k_is_ten(engine):
+    assert engine.named("top_k").height == 24  # all six items of 2 queries × 2 methods
+
+
+def test_artist_shares_top_artist_per_query_and_method(engine):
+    df = engine.named("artist_shares", k=2).filter(pl.col("artist_rank") == 1)
+    got = {(r[0], r[1]): r[2:] for r in df.select("query_id", "method", "artist", "share", "top_artist_is_target").rows()}
+    assert got == {
+        ("0012", "unlearning"): ("A", 1.0, True),
+        ("0012", "similarity:audio"): ("B", 0.5, False),  # i3 (B) and i1 (A) tie on count; B has more credit
+        ("q2", "unlearning"): ("B", 1.0, True),
+        ("q2", "similarity:audio"): ("B", 0.5, True),
+    }
+
+
+def test_artist_shares_top_artist_follows_count_then_credit(engine):
+    df = engine.named("artist_shares", k=2).filter((pl.col("query_id") == "q2") & (pl.col("method") == "similarity:audio"))
+    assert df.select("artist_rank", "artist", "n_items", "share").rows() == [(1, "B", 1, 0.5), (2, "C", 1, 0.5)]
+    assert df["top_artist_is_target"].to_list() == [True, True]
+
+
+def test_method_agreement_per_query_and_mean(engine):
+    df = engine.named("method_agreement", config_id="default")
+    rows = {r[0]: r[1:] for r in df.select("query_id", "config_id", "method", "jaccard_10", "spearman", "n_queries").rows()}
+    assert rows["0012"] == ("default", "similarity:audio", 0.5, 0.4, 1)
+    assert rows["q2"] == ("default", "similarity:audio", 0.3, 0.2, 1)
+    assert rows["(mean)"][:2] == ("default", "similarity:audio") and rows["(mean)"][2:4] == pytest.approx((0.4, 0.3))
+    assert rows["(mean)"][4] == 2 and df["query_id"].to_list()[-1] == "(mean)"
+
+
+def test_method_agreement_other_config_is_empty(engine):
+    assert engine.named("method_agreement", config_id="nope").height == 0
+
+
+def test_consistency_table_one_row_per_unordered_pair(engine):
+    df = engine.named("consistency_table")
+    assert df.select("left", "right", "n_queries").rows() == [
+        ("similarity:audio", "unlearning:default", 2),
+        ("unlearning:default", "unlearning:seed1", 2),
+    ]
+    assert df["jaccard_10"].to_list() == pytest.approx([0.4, 0.8])
+    assert df["spearman"].to_list()[0] == pytest.approx(0.3) and df["spearman"].to_list()[1] is None
+
+
+def test_bad_sql_raises_query_engine_error_naming_the_query(engine):
+    with pytest.raises(QueryEngineError, match=r"(?s)nosuchcolumn.*SELECT nosuchcolumn FROM queries"):
+        engine.sql("SELECT nosuchcolumn FROM queries")
+
+
+def test_unknown_named_query_or_parameter_is_refused(engine):
+    with pytest.raises(QueryEngineError, match="available"):
+        engine.named("nope")
+    with pytest.raises(QueryEngineError, match="takes parameters"):
+        engine.named("top_k", kk=3)
+
+
+def test_sql_dir_from_environment(tmp_path, monkeypatch, engine):
+    (tmp_path / "sql").mkdir()
+    views = "CREATE OR REPLACE VIEW only_items AS SELECT * FROM read_parquet('{root}/training_manifest/part-*.parquet');"
+    (tmp_path / "sql" / "views.sql").write_text(views)
+    monkeypatch.setenv("TDA_SQL_DIR", str(tmp_path / "sql"))
+    assert QueryEngine(engine.storage).table_counts() == {"only_items": 6}

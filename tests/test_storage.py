@@ -1,0 +1,176 @@
+"""Storage on a local root: atomic writes, round trips, partitions, globs, errors."""
+
+from __future__ import annotations
+
+import os
+
+import polars as pl
+import pytest
+import torch
+
+from resources.storage import TABLES, Storage, StorageError
+
+KEY = "attribution_scores/query_id=q1/config_id=default/part-0.parquet"
+
+
+def scores(n: int = 3, offset: float = 0.0) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "method": ["unlearning"] * n,
+            "item_id": [f"i{i}" for i in range(n)],
+            "score": [offset + i for i in range(n)],
+            "rank": list(range(n, 0, -1)),
+            "relative_score": [0.1] * n,
+            "skew_score": [0.2] * n,
+            "share": [1.0 / n] * n,
+        }
+    )
+
+
+def all_files(root) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+@pytest.fixture
+def storage(tmp_path) -> Storage:
+    return Storage(str(tmp_path / "root"))
+
+
+def test_atomic_write_leaves_no_temp_file(storage, tmp_path):
+    storage.write_parquet(KEY, scores())
+    assert all_files(tmp_path / "root") == [KEY]
+
+
+def test_crash_during_serialization_keeps_the_old_file(storage, tmp_path):
+    storage.write_parquet(KEY, scores(offset=0.0))
+
+    class CrashingFrame:
+        def write_parquet(self, buf):
+            buf.write(b"PAR1 half a file")
+            raise RuntimeError("killed while serializing")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        storage.write_parquet(KEY, CrashingFrame())  # type: ignore[arg-type]
+    assert storage.read_parquet(KEY).equals(scores(offset=0.0))
+    assert all_files(tmp_path / "root") == [KEY]
+
+
+def test_crash_before_rename_keeps_the_old_file(storage, tmp_path, monkeypatch):
+    storage.write_parquet(KEY, scores(offset=0.0))
+
+    def crash(src, dst):
+        assert os.path.basename(src).startswith(".") and src.endswith(".tmp")  # hidden temp name in the same folder
+        raise OSError("killed before the rename")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(StorageError, match="killed before the rename"):
+        storage.write_parquet(KEY, scores(offset=10.0))
+    monkeypatch.undo()
+    assert storage.read_parquet(KEY).equals(scores(offset=0.0))
+    assert all_files(tmp_path / "root") == [KEY]
+
+
+def test_parquet_round_trip_keeps_types(storage):
+    df = pl.DataFrame({"q": ["0012"], "k": [None], "draw": [3], "loss": [0.5]}, schema_overrides={"draw": pl.Int32, "loss": pl.Float32})
+    storage.write_parquet("t/part-0.parquet", df)
+    assert storage.read_parquet("t/part-0.parquet").equals(df)
+
+
+def test_safetensors_round_trip_with_metadata(storage):
+    tensors = {"w": torch.arange(6, dtype=torch.float32).reshape(2, 3), "b": torch.tensor([1, 2], dtype=torch.int64)}
+    uri = storage.write_tensors("deltas/q1/default.safetensors", tensors, metadata={"param_subset": "all"})
+    got, meta = storage.read_tensors("deltas/q1/default.safetensors")
+    assert uri == storage.local_path("deltas/q1/default.safetensors")
+    assert meta == {"param_subset": "all"}
+    assert set(got) == {"w", "b"} and torch.equal(got["w"], tensors["w"]) and torch.equal(got["b"], tensors["b"])
+
+
+def test_rewriting_one_partition_leaves_the_others_untouched(storage):
+    storage.write_table("attribution_scores", scores(offset=0.0), query_id="q1", config_id="default")
+    storage.write_table("attribution_scores", scores(offset=5.0), query_id="q2", config_id="default")
+    q2_key = TABLES["attribution_scores"].key(query_id="q2", config_id="default")
+    q2_before = storage.read_bytes(q2_key)
+    storage.write_table("attribution_scores", scores(offset=100.0), query_id="q1", config_id="default")
+    assert storage.read_bytes(q2_key) == q2_before
+    assert storage.read_parquet(KEY)["score"].to_list() == [100.0, 101.0, 102.0]
+
+
+def test_glob_ignores_temp_files_of_killed_writes(storage, tmp_path):
+    storage.write_parquet(KEY, scores())
+    folder = tmp_path / "root" / os.path.dirname(KEY)
+    (folder / ".part-0.parquet.0123abcd.tmp").write_bytes(b"half")  # a write killed before its rename
+    assert storage.glob("attribution_scores/*/*/*") == [KEY]
+    assert storage.read_parquet("attribution_scores/*/*/part-*.parquet").height == 3
+
+
+def test_read_of_a_missing_key_names_it(storage):
+    with pytest.raises(StorageError, match="queries/query_id=nope/part-0.parquet"):
+        storage.read_parquet("queries/query_id=nope/part-0.parquet")
+
+
+def test_read_of_an_empty_glob_names_it(storage):
+    with pytest.raises(StorageError, match=r"no parquet file matches .*queries/\*/part-\*\.parquet"):
+        storage.read_parquet("queries/*/part-*.parquet")
+
+
+def test_glob_read_adds_hive_columns_as_strings(storage):
+    storage.write_table("attribution_scores", scores(), query_id="0012", config_id="default")
+    df = storage.read_parquet("attribution_scores/*/*/part-*.parquet", hive=True)
+    assert df["query_id"].dtype == pl.String and set(df["query_id"]) == {"0012"}
+
+
+def test_write_table_casts_and_drops_partition_columns(storage):
+    df = scores().with_columns(pl.col("rank").cast(pl.Int32), pl.lit("q1").alias("query_id"))
+    storage.write_table("attribution_scores", df, query_id="q1", config_id="default")
+    got = storage.read_parquet(KEY)
+    assert "query_id" not in got.columns and got.schema["rank"] == pl.Int64
+
+
+def test_write_table_refuses_missing_columns_and_unsafe_partition_values(storage):
+    with pytest.raises(StorageError, match="lacks columns"):
+        storage.write_table("attribution_scores", scores().drop("score"), query_id="q1", config_id="default")
+    with pytest.raises(StorageError, match="not a safe folder name"):
+        storage.write_table("attribution_scores", scores(), query_id="a/b", config_id="default")
+
+
+def test_keys_outside_the_root_are_refused(storage):
+    with pytest.raises(StorageError, match="relative to the root"):
+        storage.write_bytes("../escape.txt", b"x")
+
+
+def test_put_dir_and_get_dir_round_trip(storage, tmp_path):
+    src = tmp_path / "model"
+    (src / "transformer").mkdir(parents=True)
+    (src / "model_index.json").write_text("{}")
+    (src / "transformer" / "weights.safetensors").write_bytes(b"\x00\x01")
+    storage.put_dir(src, "checkpoints/embedded")
+    out = storage.get_dir("checkpoints/embedded", tmp_path / "copy")
+    assert all_files(out) == ["model_index.json", "transformer/weights.safetensors"]
+    assert (out / "transformer" / "weights.safetensors").read_bytes() == b"\x00\x01"
+
+
+def test_get_dir_refuses_a_folder_without_success_marker(storage):
+    storage.write_bytes("checkpoints/half/model_index.json", b"{}")
+    with pytest.raises(StorageError, match="_SUCCESS"):
+        storage.get_dir("checkpoints/half", "/tmp/unused")
+
+
+def test_file_url_and_plain_path_are_the_same_root(tmp_path):
+    a, b = Storage(f"file://{tmp_path}"), Storage(str(tmp_path))
+    assert a.protocol == b.protocol == "file" and a.uri("x", "y") == b.uri("x", "y") == f"{tmp_path}/x/y"
+
+
+def test_a_root_with_glob_characters_is_refused(tmp_path):
+    with pytest.raises(StorageError, match="glob character"):
+        Storage(str(tmp_path / "runs[1]"))
+
+
+def test_check_creates_a_writable_local_root(storage, tmp_path):
+    storage.check()
+    assert (tmp_path / "root").is_dir() and all_files(tmp_path / "root") == []
+
+
+def test_delete_recursive_removes_a_folder(storage):
+    storage.write_bytes("a/b/c.txt", b"x")
+    storage.delete("a", recursive=True)
+    assert not storage.exists("a/b/c.txt") and storage.glob("a/**") == []
