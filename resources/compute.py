@@ -1,7 +1,5 @@
 """Compute placement and the loss protocol as Dagster resources."""
 
-from __future__ import annotations
-
 import torch
 from dagster import ConfigurableResource
 

@@ -1,7 +1,5 @@
 """Where the checkpoint comes from: `embedded`, a local folder, an `s3://` folder, or `hf://<repo>@<revision>`."""
 
-from __future__ import annotations
-
 import hashlib
 import os
 import tempfile

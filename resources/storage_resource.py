@@ -1,7 +1,5 @@
 """Dagster resources over the storage root (`TDA_STORAGE_URL`) and the DuckDB query engine."""
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 

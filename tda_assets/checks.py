@@ -1,7 +1,5 @@
 """Asset checks (DESIGN §2): losses finite and complete, one attribution row per training item, a sound manifest."""
 
-from __future__ import annotations
-
 import numpy as np
 import polars as pl
 from dagster import AssetCheckResult, asset_check

@@ -1,7 +1,5 @@
 """The unlearning configuration as Dagster `Config`: one named default, more from a grid file without code changes."""
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
 
@@ -21,7 +19,7 @@ class UnlearningConfig(Config):
 
     config_id: str = Field(default="default", description="name of this configuration in the tables (a safe slug)")
     recipe: str = Field(default="newton", description="'newton' (Fisher-preconditioned step) or 'ewc_ascent'")
-    lr: float = 1.0
+    lr: float = 250.0
     steps: int = 1
     lambda_: float = Field(default=1.0, description="EWC penalty weight λ (ewc_ascent); column `lambda` in the tables")
     param_subset: str = "all"

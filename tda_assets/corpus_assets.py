@@ -1,7 +1,5 @@
 """Training data assets: the manifest (embedded corpus or a user's CSV/parquet) and the cached encoder features."""
 
-from __future__ import annotations
-
 import os
 import tempfile
 from pathlib import Path

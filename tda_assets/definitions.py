@@ -1,7 +1,5 @@
 """The code location: every asset, check, job, sensor and resource of tda (loaded by workspace.yaml)."""
 
-from __future__ import annotations
-
 import os
 
 from dagster import Definitions, EnvVar, ExecutorDefinition, in_process_executor, load_asset_checks_from_modules, multiprocess_executor

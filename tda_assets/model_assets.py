@@ -1,7 +1,5 @@
 """Model assets: the checkpoint, its Fisher diagonal, and the baseline losses of every training item."""
 
-from __future__ import annotations
-
 import hashlib
 import json
 import tempfile

@@ -1,7 +1,5 @@
 """Per-query assets: the query clip, the unlearned model, its losses, and the attribution tables."""
 
-from __future__ import annotations
-
 import io
 import time
 from typing import Iterator
@@ -11,6 +9,8 @@ import polars as pl
 import soundfile as sf
 import torch
 from dagster import (
+    AllPartitionMapping,
+    AssetDep,
     AssetCheckResult,
     AssetCheckSeverity,
     AssetCheckSpec,
@@ -151,7 +151,8 @@ def unlearned_losses(
 
 
 @asset(
-    group_name="attribution", partitions_def=queries, deps=[unlearned_losses, baseline_losses],
+    group_name="attribution", partitions_def=queries,
+    deps=[unlearned_losses, AssetDep(baseline_losses, partition_mapping=AllPartitionMapping())],
     check_specs=[AssetCheckSpec("one_row_per_training_item", asset="attribution_scores")],
     description="Unlearning attribution of one query and configuration: score, rank, relative and skew scores, shares.",
 )

@@ -1,7 +1,5 @@
 """Cross-query reports: consistency between configurations, seeds and methods (the paper's grid tables)."""
 
-from __future__ import annotations
-
 import itertools
 
 import numpy as np

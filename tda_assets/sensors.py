@@ -1,7 +1,5 @@
 """The query inbox sensor: new query files become `queries` partitions and runs, in one tick."""
 
-from __future__ import annotations
-
 import os
 
 from dagster import (

@@ -19,6 +19,9 @@ def save_model(adapter: DiTAdapter, folder: str | Path, extra: dict | None = Non
     """Write `transformer/`, `scheduler/` and `tda_model.json` (which adapter reads the folder) into `folder`."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    if hasattr(adapter, "save_pretrained"):  # a full pipeline folder (stable_audio): load_model reads model_index.json
+        adapter.save_pretrained(folder)
+        return folder
     adapter.denoiser.save_pretrained(folder / "transformer")
     default_scheduler().save_pretrained(folder / "scheduler")
     config = {**adapter.folder_config(), **(extra or {})}

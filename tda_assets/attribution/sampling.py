@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from diffusers import CosineDPMSolverMultistepScheduler
 
@@ -26,15 +28,17 @@ def generate_latents(
     """Latents [b, C, T] for a batch of conditionings; deterministic in `seed`."""
     if adapter.objective.prediction != "v":
         raise ValueError("generate_latents samples v-prediction models; this adapter's objective is " + adapter.objective.prediction)
-    sched = scheduler or default_scheduler()
+    sched = scheduler or getattr(adapter, "scheduler", None) or default_scheduler()
     sched.set_timesteps(steps, device="cpu")
     b = next(iter(conditioning.values())).shape[0]
     g = torch.Generator().manual_seed(seed)
     device = adapter.device
     latents = (torch.randn(b, *adapter.latent_shape, generator=g) * sched.init_noise_sigma).to(device)
     cond = {k: v.to(device) for k, v in conditioning.items()}
-    both = {k: torch.cat([torch.zeros_like(v), v]) for k, v in cond.items()}
-    with torch.no_grad(), compute.autocast():
+    uncond = adapter.null_conditioning(cond)
+    both = {k: torch.cat([uncond[k], v]) for k, v in cond.items()}
+    with torch.no_grad(), compute.autocast(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Should have", module="torchsde")  # the SDE sampler's boundary notes
         for t in sched.timesteps:
             x_in = sched.scale_model_input(latents, t)
             tt = t.to(device).float().expand(2 * b)

@@ -25,7 +25,7 @@ class UnlearningSettings:
     """One unlearning configuration (DESIGN §1); `lr`, `lambda_` and damping act on the mean-1 normalised Fisher."""
 
     recipe: str = "newton"
-    lr: float = 1.0
+    lr: float = 250.0
     steps: int = 1
     lambda_: float = 1.0
     param_subset: str = "all"

@@ -42,8 +42,8 @@ class MelFrontend:
     f_min: float = 30.0
     f_max: float = 8000.0
     log_floor: float = 1e-4
-    shift: float = 5.0
-    scale: float = 2.5
+    shift: float = 0.9
+    scale: float = 4.6
 
     @property
     def window_samples(self) -> int:

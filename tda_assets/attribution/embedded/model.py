@@ -132,7 +132,7 @@ def train_denoiser(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        curve.append(float(loss))
+        curve.append(float(loss.detach()))
         if progress and (step % 100 == 0 or step == settings.steps - 1):
             progress(step, float(np.mean(curve[-100:])))
     model.eval()

@@ -1,0 +1,51 @@
+"""Shared fixtures: a small embedded corpus and a model trained on it once per test session."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tda_assets.attribution.adapter import ItemBatch
+from tda_assets.attribution.audio import decode_audio
+from tda_assets.attribution.devices import Compute
+from tda_assets.attribution.embedded.corpus import generate_corpus
+from tda_assets.attribution.embedded.model import EmbeddedAdapter, TrainingSettings, train_denoiser
+from tda_assets.attribution.fisher import fisher_diagonal
+from tda_assets.attribution.protocol import LossProtocol
+from tests.s3_server import s3_root  # noqa: F401  (fixture)
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+CLIPS_PER_ARTIST = 16
+TRAIN_STEPS = int(os.environ.get("TDA_TEST_TRAIN_STEPS", "500"))
+
+
+@pytest.fixture(scope="session")
+def corpus_rows(tmp_path_factory) -> list[dict]:
+    return generate_corpus(tmp_path_factory.mktemp("corpus"), clips_per_artist=CLIPS_PER_ARTIST, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained(corpus_rows) -> tuple[EmbeddedAdapter, ItemBatch]:
+    """The embedded model trained on the small corpus, and the corpus as one encoded batch."""
+    adapter = EmbeddedAdapter.new(seed=0)
+    ids = [r["item_id"] for r in corpus_rows]
+    audio = [decode_audio(open(r["audio_path"], "rb").read(), r["item_id"], adapter.sample_rate) for r in corpus_rows]
+    latents, mask = adapter.encode_audio(audio)
+    batch = ItemBatch(ids, latents, adapter.encode_text([r["caption"] for r in corpus_rows], ids), mask)
+    train_denoiser(adapter, batch, TrainingSettings(steps=TRAIN_STEPS, seed=0), Compute())
+    return adapter, batch
+
+
+@pytest.fixture(scope="session")
+def protocol() -> LossProtocol:
+    return LossProtocol(seed=0, draws=16)
+
+
+@pytest.fixture(scope="session")
+def fisher(trained, protocol) -> dict[str, torch.Tensor]:
+    adapter, batch = trained
+    return fisher_diagonal(adapter, [batch], protocol, "all", Compute(), max_items=64)
