@@ -32,6 +32,7 @@ class Runner:
     defs: Definitions
     log: Callable[[str], None] = print
     timings: dict[str, float] = field(default_factory=dict)
+    log_level: str = "INFO"
 
     @classmethod
     def create(cls, instance: DagsterInstance, storage_url: str | None = None, log: Callable[[str], None] = print) -> "Runner":
@@ -45,9 +46,11 @@ class Runner:
         """Materialize `selection` (asset names) for one partition; raises if the run fails."""
         from . import checks
 
+        config = run_config.to_config_dict() if isinstance(run_config, RunConfig) else dict(run_config or {})
+        config.setdefault("loggers", {"console": {"config": {"log_level": self.log_level}}})
         result = materialize(
             ASSETS + [checks.manifest_is_sound], selection=selection, partition_key=partition_key, instance=self.instance,
-            resources=self.resources, run_config=run_config, raise_on_error=True,
+            resources=self.resources, run_config=config, raise_on_error=True,
         )
         if not result.success:
             raise RuntimeError(f"run of {selection} ({partition_key}) failed")
