@@ -89,7 +89,7 @@ class ModelSourceResource(ConfigurableResource):
     source: str = "embedded"
     hf_token: str | None = None
     cache_dir: str | None = None
-    train_steps: int = 1500
+    train_steps: int = 1000
     train_seed: int = 0
 
     @property

@@ -44,7 +44,7 @@ def build_resources(storage_url: str | None = None) -> dict:
         "model_source": ModelSourceResource(
             source=os.environ.get("TDA_CHECKPOINT", "embedded"),
             hf_token=_env_or_none("HF_TOKEN"),
-            train_steps=int(os.environ.get("TDA_TRAIN_STEPS", "1500")),
+            train_steps=int(os.environ.get("TDA_TRAIN_STEPS", "1000")),
         ),
         "compute": ComputeResource(device=os.environ.get("TDA_DEVICE", "auto"),
                                    batch_size=int(os.environ.get("TDA_BATCH_SIZE", "256"))),

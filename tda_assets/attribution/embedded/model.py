@@ -85,7 +85,7 @@ class EmbeddedAdapter(DiTAdapter):
 class TrainingSettings:
     """How the embedded denoiser is trained from scratch on cached features."""
 
-    steps: int = 1500
+    steps: int = 1000
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 50
