@@ -6,7 +6,7 @@ TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.installed-$(TORCH_VERSION)
 export DAGSTER_HOME := $(CURDIR)/dagster_home
 
-.PHONY: install demo test ui evaluate clean-storage
+.PHONY: install demo test ui evaluate bench clean-storage
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -36,3 +36,6 @@ ui: install
 
 clean-storage:
 	rm -rf dagster_home/storage
+
+bench: install
+	$(BIN)/python tests/benchmarks/bench_engine.py
