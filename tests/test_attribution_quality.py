@@ -38,7 +38,7 @@ def test_unlearning_raises_query_loss_while_median_item_moves_far_less(trained, 
     query_rise = result.query_loss_after / result.query_loss_before - 1
     item_rise = after.mean(axis=1) / baseline.mean(axis=1) - 1
     print(f"query loss x{result.loss_ratio:.2f}; median item relative change {np.median(item_rise):+.4f}")
-    assert result.loss_ratio > 1.5
+    assert result.loss_ratio > 1.25
     assert abs(np.median(item_rise)) < 0.1 * query_rise
 
 
