@@ -173,6 +173,14 @@ class Storage:
         with self._errors(key, "read"):
             return self.fs.cat_file(self._path(key))
 
+    def read_if_exists(self, key: str) -> bytes | None:
+        """The object's bytes, or None when there is no such object (other failures: StorageError with the fix)."""
+        with self._errors(key, "read"):
+            try:
+                return self.fs.cat_file(self._path(key))
+            except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+                return None
+
     def exists(self, key: str) -> bool:
         """Whether a file or folder exists at the key."""
         with self._errors(key, "check"):
@@ -259,12 +267,24 @@ class Storage:
         self.delete(key, recursive=True)
         for f in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             self.write_bytes(f"{key}/{f.relative_to(local_dir).as_posix()}", f.read_bytes())
-        self.write_bytes(f"{key}/{SUCCESS_MARKER}", b"")
+        self.write_bytes(f"{key}/{SUCCESS_MARKER}", uuid.uuid4().hex.encode())  # a fresh token per upload: caches compare it
         return self.uri(key)
 
-    def get_dir(self, key: str, local_dir: str | Path) -> Path:
-        """Copy a complete folder (one with `_SUCCESS`) from the key to a local folder."""
-        if not self.exists(f"{key}/{SUCCESS_MARKER}"):
+    def listing(self, key: str = "") -> dict[str, str]:
+        """`relative path → size and ETag (or mtime)` of every file under a folder key; empty when there is none."""
+        root = self._path(key)
+        with self._errors(key, "list"):
+            if self.protocol == "s3":
+                self.fs.invalidate_cache()
+                bucket, _, prefix = root.partition("/")  # raises for a missing bucket or refused credentials
+                self.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
+            found = self.fs.find(root, detail=True) if self.fs.isdir(root) else {}
+        return {p[len(root) + 1:]: f"{info.get('size')}:{info.get('ETag') or info.get('mtime')}" for p, info in found.items()
+                if not os.path.basename(p).startswith(".")}
+
+    def get_dir(self, key: str, local_dir: str | Path, require_marker: bool = True) -> Path:
+        """Copy a complete folder (one with `_SUCCESS`, unless require_marker=False) from the key to a local folder."""
+        if require_marker and not self.exists(f"{key}/{SUCCESS_MARKER}"):
             raise StorageError(
                 f"{self.uri(key)} is not a complete folder (no {SUCCESS_MARKER} marker): "
                 "its upload was interrupted or never happened; write it again with put_dir"

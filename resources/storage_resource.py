@@ -3,7 +3,7 @@
 import os
 from pathlib import Path
 
-from dagster import ConfigurableResource, ResourceDependency
+from dagster import ConfigurableResource, EnvVar, ResourceDependency
 
 from .query_engine import QueryEngine
 from .storage import Storage
@@ -26,7 +26,9 @@ class StorageResource(ConfigurableResource):
     endpoint_url: str | None = None
 
     def storage(self) -> Storage:
-        return Storage(self.url, endpoint_url=self.endpoint_url)
+        # outside a run (sensor code, `tda demo`, tests) the fields may still be unresolved EnvVars
+        url, endpoint = (v.get_value() if isinstance(v, EnvVar) else v for v in (self.url, self.endpoint_url))
+        return Storage(url, endpoint_url=endpoint or None)
 
 
 class QueryEngineResource(ConfigurableResource):

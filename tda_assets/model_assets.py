@@ -49,7 +49,10 @@ def checkpoint(
         pointer = {"checkpoint_id": resolved.checkpoint_id, "kind": "external", "source": resolved.source,
                    "revision": resolved.revision, "folder_key": None}
         store.write_bytes(tables.checkpoint_pointer(), json.dumps(pointer).encode())
-        return MaterializeResult(metadata={**pointer, "local_folder": str(resolved.folder)})
+        context.log.info(f"checkpoint {resolved.checkpoint_id} from {resolved.source}"
+                         + (f" pinned at commit {resolved.revision}" if resolved.revision else ""))
+        return MaterializeResult(metadata={**{k: v for k, v in pointer.items() if v is not None},
+                                           "local_folder": str(resolved.folder)})
     data = _all_features(store, SHARD_KEYS)
     settings = TrainingSettings(steps=model_source.train_steps, seed=model_source.train_seed)
     checkpoint_id = "embedded-" + hashlib.blake2b(json.dumps([data.item_ids, settings.__dict__]).encode(), digest_size=5).hexdigest()
@@ -110,13 +113,17 @@ def baseline_losses(
     for item_ids, losses in stream_losses(adapter, iter_training_batches(store, [shard], 32), proto, cmp):
         frames.append(losses_frame(item_ids, losses.loss, checkpoint_id=pointer["checkpoint_id"], protocol_id=proto.protocol_id)
                       .with_columns(t=pl.Series(losses.t.reshape(-1).numpy()), loss_masked=pl.Series(losses.loss_masked.reshape(-1).numpy())))
-    df = pl.concat(frames)
-    seconds = time.perf_counter() - start
+    df = pl.concat(frames) if frames else pl.DataFrame(schema=EMPTY_LOSSES)  # an empty shard: a typed, empty table
+    seconds = max(time.perf_counter() - start, 1e-9)
     uri = store.write_parquet(tables.baseline_losses(shard), df)
     per_item = df.group_by("item_id").agg(pl.col("loss").mean())["loss"]
     context.log.info(f"{shard}: {len(df)} item-draws in {seconds:.1f}s ({len(df) / seconds:.0f}/s)")
     yield MaterializeResult(metadata={
-        "rows": len(df), "items": per_item.len(), "loss_mean": float(per_item.mean()),
-        "loss_median": float(per_item.median()), "item_draws_per_second": round(len(df) / seconds, 1),
+        "rows": len(df), "items": per_item.len(), "loss_mean": float(per_item.mean() or 0.0),
+        "loss_median": float(per_item.median() or 0.0), "item_draws_per_second": round(len(df) / seconds, 1),
         "uri": MetadataValue.path(uri),
     }, check_results=[losses_complete("losses_finite_and_complete", df, per_item.len() * proto.draws)])
+
+
+EMPTY_LOSSES = {"checkpoint_id": pl.String, "protocol_id": pl.String, "item_id": pl.String, "draw": pl.Int32,
+                "loss": pl.Float32, "t": pl.Float32, "loss_masked": pl.Float32}

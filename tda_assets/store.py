@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import functools
+import hashlib
 import json
+import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -14,7 +17,7 @@ import polars as pl
 import torch
 
 from resources.model_source import ModelSourceResource
-from resources.storage import Storage
+from resources.storage import SUCCESS_MARKER, Storage
 
 from . import tables
 from .attribution.adapter import DiTAdapter, ItemBatch
@@ -50,12 +53,28 @@ def iter_training_batches(storage: Storage, shards: list[str], size: int) -> Ite
             yield batch.select(slice(lo, lo + size))
 
 
-def read_uri_bytes(uri: str, storage: Storage) -> bytes | None:
-    """Bytes of an audio file anywhere (plain path, file://, s3://); None if it does not exist."""
-    fs, path = (storage.fs, uri) if uri.startswith("s3://") and storage.protocol == "s3" else fsspec.core.url_to_fs(uri)
+@functools.lru_cache(maxsize=8)
+def _bucket_storage(bucket: str, endpoint_url: str | None, _env: tuple) -> Storage:
+    return Storage(f"s3://{bucket}", endpoint_url=endpoint_url)
+
+
+def read_uri_bytes(uri: str | None, storage: Storage) -> bytes | None:
+    """Bytes of a file anywhere (plain path, file://, s3://); None if it does not exist.
+
+    s3:// objects are read through an s3fs client configured like the storage root (endpoint, region and
+    credentials from the AWS variables); an unreachable endpoint or refused credentials raise StorageError.
+    """
+    if not uri:
+        return None
+    if uri.startswith(("s3://", "s3a://")):
+        bucket, _, key = uri.split("://", 1)[1].partition("/")
+        env = tuple(os.environ.get(v) for v in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_PROFILE"))
+        endpoint = storage.endpoint_url if storage.protocol == "s3" else None
+        return _bucket_storage(bucket, endpoint, env).read_if_exists(key)
+    fs, path = fsspec.core.url_to_fs(uri)
     try:
         return fs.cat_file(path)
-    except FileNotFoundError:
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
 
 
@@ -79,11 +98,23 @@ def local_model_folder(storage: Storage, pointer: dict, model_source: ModelSourc
         local = storage.local_path(key)
         if local:
             return Path(local)
-        cache = Path(tempfile.gettempdir()) / "tda-models" / pointer["checkpoint_id"]
-        if not (cache / "_SUCCESS").exists():
-            storage.get_dir(key, str(cache))
+        # the upload's _SUCCESS token keys the local copy: a re-trained folder under the same id is fetched again
+        token = storage.read_bytes(f"{key}/{SUCCESS_MARKER}")
+        slug = hashlib.sha1(storage.uri(key).encode()).hexdigest()[:10]
+        cache = Path(tempfile.gettempdir()) / "tda-models" / f"{pointer['checkpoint_id']}-{slug}"
+        marker = cache / SUCCESS_MARKER
+        if not (token and marker.is_file() and marker.read_bytes() == token):
+            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            storage.get_dir(key, tmp)
+            (tmp / SUCCESS_MARKER).write_bytes(token)
+            shutil.rmtree(cache, ignore_errors=True)
+            os.replace(tmp, cache)
         return cache
-    return model_source.resolve().folder
+    source = pointer["source"]  # what the checkpoint asset recorded, pinned to the resolved hub commit
+    if source.startswith("hf://") and pointer.get("revision"):
+        source = f"{source.partition('@')[0]}@{pointer['revision']}"
+    return model_source.resolve(source).folder
 
 
 def load_checkpoint(storage: Storage, model_source: ModelSourceResource, device: str = "cpu") -> tuple[DiTAdapter, dict]:

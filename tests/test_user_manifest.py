@@ -1,0 +1,176 @@
+"""Bring your own corpus: a CSV or parquet manifest of real audio files drives `training_manifest` and
+`training_features` unchanged; a bad row fails its shard with the fix (or is skipped and reported on request)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+import soundfile as sf
+from dagster import AssetKey, DagsterInstance
+
+from resources.storage import Storage
+from tda_assets.attribution.embedded.corpus import ARTISTS, SAMPLE_RATE, render_clip, style_caption
+from tda_assets.attribution.errors import AttributionInputError
+from tda_assets.partitions import SHARD_KEYS, shard_of
+from tda_assets.runner import Runner
+from tda_assets.store import read_features
+
+ITEMS = ["0012", "song-b", "song-c", "song-d", "song-e", "song-f"]  # "0012" must stay a string, not 12
+BAD = "song-d"
+
+
+@pytest.fixture(scope="module")
+def audio_dir(tmp_path_factory) -> Path:
+    """Six clips by two styles, as a user's folder of WAV files."""
+    import random
+
+    folder = tmp_path_factory.mktemp("my-corpus")
+    (folder / "audio").mkdir()
+    rows = []
+    for i, item in enumerate(ITEMS):
+        style = ARTISTS[i % 2]
+        sf.write(folder / "audio" / f"{item}.wav", render_clip(style, seed=i), SAMPLE_RATE, subtype="PCM_16")
+        rows.append({"item_id": item, "caption": style_caption(style, random.Random(i)), "artist": style.name})
+    pl.DataFrame(rows).write_parquet(folder / "rows.parquet")
+    return folder
+
+
+def manifest(audio_dir: Path, uris: dict[str, str] | None = None) -> pl.DataFrame:
+    """The rows with a mix of relative paths, absolute paths and file:// URIs (or the given URIs)."""
+    rows = pl.read_parquet(audio_dir / "rows.parquet")
+    forms = ["audio/{}.wav", f"{audio_dir}/audio/{{}}.wav", f"file://{audio_dir}/audio/{{}}.wav"]
+    default = {item: forms[i % 3].format(item) for i, item in enumerate(ITEMS)}
+    return rows.with_columns(audio_uri=pl.Series([(uris or {}).get(i, default[i]) for i in ITEMS])).select(
+        "item_id", "audio_uri", "caption", "artist")
+
+
+def run_training_data(root: str, manifest_uri: str | None, shards=SHARD_KEYS, skip: bool = False) -> Runner:
+    runner = Runner.create(DagsterInstance.ephemeral(), root, log=lambda _m: None)
+    runner.log_level = "WARNING"
+    if manifest_uri is not None:
+        runner.run(["training_manifest"], run_config={"ops": {"training_manifest": {"config": {"manifest_uri": manifest_uri}}}})
+    features_config = {"ops": {"training_features": {"config": {"skip_bad_items": skip}}}}
+    for shard in shards:
+        runner.run(["training_features"], shard, run_config=features_config)
+    return runner
+
+
+def features_files(root: Path) -> dict[str, bytes]:
+    return {p.parent.name: p.read_bytes() for p in sorted(root.glob("training_features/shard=*/features.safetensors"))}
+
+
+def encoded_items(root: str) -> list[str]:
+    store = Storage(root)
+    return sorted(i for k in store.glob("training_features/*/features.safetensors") for i in read_features(store, k)[0].item_ids)
+
+
+@pytest.fixture(scope="module")
+def materialized(audio_dir, tmp_path_factory) -> Path:
+    """A storage root with the user's CSV manifest and the features of every shard."""
+    manifest(audio_dir).write_csv(audio_dir / "manifest.csv")
+    root = tmp_path_factory.mktemp("storage")
+    run_training_data(str(root), str(audio_dir / "manifest.csv"))
+    return root
+
+
+def test_csv_manifest_materializes_features_for_every_item(materialized, audio_dir):
+    table = Storage(str(materialized)).read_parquet("training_manifest/part-0.parquet")
+    assert table["item_id"].to_list() == ITEMS
+    assert table["audio_uri"][0] == f"{audio_dir}/audio/0012.wav"  # relative to the manifest's folder
+    assert table["audio_uri"][2] == f"file://{audio_dir}/audio/song-c.wav"
+    assert table["shard"].to_list() == [shard_of(i) for i in ITEMS]
+    assert encoded_items(str(materialized)) == sorted(ITEMS)
+
+
+def test_parquet_manifest_from_tda_manifest_env(audio_dir, tmp_path, monkeypatch):
+    uris = {i: f"file://{audio_dir}/audio/{i}.wav" for i in ITEMS}
+    manifest(audio_dir, uris).write_parquet(tmp_path / "manifest.parquet")
+    monkeypatch.setenv("TDA_MANIFEST", str(tmp_path / "manifest.parquet"))  # read when the asset runs
+    root = tmp_path / "storage"
+    runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
+    runner.run(["training_manifest"])
+    meta = runner.instance.get_latest_materialization_event(AssetKey("training_manifest")).asset_materialization.metadata
+    assert meta["origin"].value == str(tmp_path / "manifest.parquet") and meta["rows"].value == len(ITEMS)
+    assert meta["items_per_artist"].value == {"artist_00": 3, "artist_01": 3}
+    bad_shard = shard_of(BAD)
+    run_training_data(str(root), None, shards=[bad_shard])
+    assert encoded_items(str(root)) == sorted(i for i in ITEMS if shard_of(i) == bad_shard)
+
+
+def _bad_manifest(audio_dir: Path, tmp_path: Path, kind: str) -> str:
+    if kind == "corrupt":
+        (tmp_path / "broken.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEthis is not audio")
+        uri = str(tmp_path / "broken.wav")
+    else:
+        uri = str(tmp_path / "no-such-file.wav")
+    path = tmp_path / f"manifest-{kind}.csv"
+    manifest(audio_dir, {BAD: uri}).write_csv(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("kind, problem", [("missing", "audio file is missing"), ("corrupt", "audio cannot be decoded")])
+def test_bad_row_fails_its_shard_naming_the_item_and_leaves_features_intact(materialized, audio_dir, tmp_path, kind, problem):
+    root = tmp_path / "storage"
+    shutil.copytree(materialized, root)
+    before = features_files(root)
+    runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
+    runner.run(["training_manifest"], run_config={"ops": {"training_manifest": {"config": {"manifest_uri": _bad_manifest(audio_dir, tmp_path, kind)}}}})
+    with pytest.raises(AttributionInputError, match=rf"item {BAD}: {problem}.*shard {shard_of(BAD)}.*skip_bad_items: true"):
+        run_training_data(str(root), None, shards=[shard_of(BAD)])
+    assert features_files(root) == before  # byte-identical, the failed shard's previous file included
+
+
+def test_skip_bad_items_skips_and_reports_the_item(materialized, audio_dir, tmp_path):
+    root = tmp_path / "storage"
+    shutil.copytree(materialized, root)
+    before = features_files(root)
+    runner = run_training_data(str(root), _bad_manifest(audio_dir, tmp_path, "corrupt"), shards=[shard_of(BAD)], skip=True)
+    record = runner.instance.get_latest_materialization_event(AssetKey("training_features"))
+    assert record.asset_materialization.metadata["skipped_items"].value == [BAD]
+    assert encoded_items(str(root)) == sorted(i for i in ITEMS if i != BAD)
+    after = features_files(root)
+    assert {s: b for s, b in after.items() if s != f"shard={shard_of(BAD)}"} == {
+        s: b for s, b in before.items() if s != f"shard={shard_of(BAD)}"}
+
+
+def test_a_shard_whose_items_are_all_skipped_is_empty_and_reports_them(materialized, audio_dir, tmp_path):
+    root = tmp_path / "storage"
+    shutil.copytree(materialized, root)
+    shard = shard_of(BAD)
+    doomed = [i for i in ITEMS if shard_of(i) == shard]
+    path = tmp_path / "all-bad.csv"
+    manifest(audio_dir, {i: str(tmp_path / f"gone-{i}.wav") for i in doomed}).write_csv(path)
+    runner = run_training_data(str(root), str(path), shards=[shard], skip=True)
+    meta = runner.instance.get_latest_materialization_event(AssetKey("training_features")).asset_materialization.metadata
+    assert meta["rows"].value == 0 and meta["skipped_items"].value == doomed
+    assert not (root / "training_features" / f"shard={shard}" / "features.safetensors").exists()
+    assert encoded_items(str(root)) == sorted(i for i in ITEMS if i not in doomed)
+
+
+def test_manifest_without_a_required_column_names_it(audio_dir, tmp_path):
+    manifest(audio_dir).drop("artist").write_csv(tmp_path / "m.csv")
+    with pytest.raises(ValueError, match=r"missing column\(s\) \['artist'\]; required: item_id, audio_uri, caption, artist"):
+        run_training_data(str(tmp_path / "storage"), str(tmp_path / "m.csv"), shards=[])
+
+
+def test_missing_manifest_file_gives_the_fix(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"manifest .*nowhere.csv not found: set manifest_uri \(or TDA_MANIFEST\)"):
+        run_training_data(str(tmp_path / "storage"), str(tmp_path / "nowhere.csv"), shards=[])
+
+
+def test_manifest_and_audio_on_s3_with_a_local_storage_root(s3_root, audio_dir, tmp_path):
+    corpus = Storage(f"{s3_root}/my-corpus")
+    for item in ITEMS:
+        corpus.write_bytes(f"audio/{item}.wav", (audio_dir / "audio" / f"{item}.wav").read_bytes())
+    rows = manifest(audio_dir, {i: f"audio/{i}.wav" for i in ITEMS})  # relative to the manifest's s3:// folder
+    rows = rows.with_columns(pl.when(pl.col("item_id") == "0012").then(pl.lit(corpus.uri("audio/0012.wav")))
+                             .otherwise(pl.col("audio_uri")).alias("audio_uri"))  # and one absolute s3:// URI
+    corpus.write_bytes("manifest.csv", rows.write_csv().encode())
+    root = str(tmp_path / "storage")
+    run_training_data(root, corpus.uri("manifest.csv"), shards=[shard_of(BAD)])
+    table = Storage(root).read_parquet("training_manifest/part-0.parquet")
+    assert table["audio_uri"].to_list() == [corpus.uri(f"audio/{i}.wav") for i in ITEMS]
+    assert encoded_items(root) == sorted(i for i in ITEMS if shard_of(i) == shard_of(BAD))
