@@ -1,4 +1,5 @@
-# The two commands: `make demo` (whole pipeline on the embedded default) and `make test` (the test suite).
+# The two commands: `make demo` (whole pipeline on the embedded default) and `make test` (the test suite);
+# `make evaluate` runs the paper's experiments on the embedded default (grid, consistency, similarity, counterfactual).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -11,12 +12,15 @@ export DAGSTER_HOME := $(CURDIR)/dagster_home
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	@# torch first, so nothing pulls a multi-GB CUDA build onto a CPU machine. GPU nodes: CUDA build from PyPI.
+	@# torch first, so nothing pulls a multi-GB CUDA build onto a CPU machine. GPU nodes (nvidia-smi present): CUDA build
+	@# from PyPI. CPU: a local CPU wheel if pip's find-links has one (installed without deps, which then come from PyPI),
+	@# else the CPU build from PyTorch's index (its `+cpu` local version ranks above PyPI's CUDA build).
 	if command -v nvidia-smi >/dev/null 2>&1; then \
 	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	elif $(BIN)/pip install -q --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null; then \
+	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
 	else \
-	  $(BIN)/pip install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
-	  || $(BIN)/pip install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)" --extra-index-url https://download.pytorch.org/whl/cpu; \
 	fi
 	$(BIN)/pip install -q -e '.[test]'
 	@# tinysoundfont renders the embedded corpus; its pyaudio dependency is only for playback and does not build here.
@@ -27,6 +31,11 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/tda demo
+
+# Reuses the demo's training side and queries when present. Budget knobs (defaults fit 30 min on 2 cores):
+# TDA_GRID_QUERIES (grid on the first N built-in queries, 0 = all 8), TDA_CF_QUERIES, TDA_CF_TRAIN_STEPS.
+evaluate: install
+	$(BIN)/tda evaluate
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -1,14 +1,37 @@
 -- consistency_table: the paper-style table, mean Jaccard@10/50/100 and Spearman over queries per pair of rankings.
 -- One row per pair (left, right; the order of the pair does not matter), also Pearson and n_queries.
 -- Labels: `unlearning:<config_id>` (configurations, seed reruns) or `similarity:<embedding>`.
+-- `pair` says what is compared: `seed rerun` (two configurations equal but for their seed), `configurations`
+-- (two unlearning configurations), `unlearning vs similarity`, or `similarity methods`.
 -- params: (none)
-SELECT least("left", "right") AS "left", greatest("left", "right") AS "right",
-       avg(value) FILTER (WHERE metric = 'jaccard' AND k = 10) AS jaccard_10,
-       avg(value) FILTER (WHERE metric = 'jaccard' AND k = 50) AS jaccard_50,
-       avg(value) FILTER (WHERE metric = 'jaccard' AND k = 100) AS jaccard_100,
-       avg(value) FILTER (WHERE metric = 'spearman') AS spearman,
-       avg(value) FILTER (WHERE metric = 'pearson') AS pearson,
-       count(DISTINCT query_id) AS n_queries
-FROM consistency
-GROUP BY least("left", "right"), greatest("left", "right")
-ORDER BY 1, 2;
+WITH pairs AS (
+    SELECT least("left", "right") AS l, greatest("left", "right") AS r, query_id, metric, k, value
+    FROM consistency
+),
+agg AS (
+    SELECT l, r,
+           avg(value) FILTER (WHERE metric = 'jaccard' AND k = 10) AS jaccard_10,
+           avg(value) FILTER (WHERE metric = 'jaccard' AND k = 50) AS jaccard_50,
+           avg(value) FILTER (WHERE metric = 'jaccard' AND k = 100) AS jaccard_100,
+           avg(value) FILTER (WHERE metric = 'spearman') AS spearman,
+           avg(value) FILTER (WHERE metric = 'pearson') AS pearson,
+           count(DISTINCT query_id) AS n_queries
+    FROM pairs
+    GROUP BY l, r
+)
+SELECT a.l AS "left", a.r AS "right",
+       CASE
+           WHEN a.l LIKE 'unlearning:%' AND a.r LIKE 'unlearning:%'
+                AND cl.recipe = cr.recipe AND cl.lr = cr.lr AND cl.steps = cr.steps AND cl."lambda" = cr."lambda"
+                AND cl.param_subset = cr.param_subset AND cl.optimizer = cr.optimizer
+                AND cl.query_draws = cr.query_draws AND cl.damping = cr.damping AND cl.mask_padding = cr.mask_padding
+               THEN 'seed rerun'
+           WHEN a.l LIKE 'unlearning:%' AND a.r LIKE 'unlearning:%' THEN 'configurations'
+           WHEN a.l LIKE 'similarity:%' AND a.r LIKE 'similarity:%' THEN 'similarity methods'
+           ELSE 'unlearning vs similarity'
+       END AS pair,
+       a.jaccard_10, a.jaccard_50, a.jaccard_100, a.spearman, a.pearson, a.n_queries
+FROM agg AS a
+LEFT JOIN unlearning_configs AS cl ON a.l = 'unlearning:' || cl.config_id
+LEFT JOIN unlearning_configs AS cr ON a.r = 'unlearning:' || cr.config_id
+ORDER BY "left", "right";

@@ -86,7 +86,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     for i, qid in enumerate(requested, 1):
         runner.phase(f"query {i}/{len(requested)} {qid}", lambda q=qid: runner.attribute(q))
     runner.phase("consistency_report", lambda: runner.run(["consistency_report"]))
-    print(f"\nTop-5 attributed training items per query (sql/top_k.sql, k = 5, method = unlearning):")
+    print("\nTop-5 attributed training items per query (sql/top_k.sql, k = 5, method = unlearning):")
     engine = QueryEngine(store)
     top = engine.named("top_k", k=5).filter(pl.col("method") == "unlearning")
     _print(top.select([c for c in ("query_id", "target_artist", "rank", "item_id", "artist", "score", "caption") if c in top.columns]))
@@ -95,6 +95,125 @@ def cmd_demo(args: argparse.Namespace) -> int:
     total = time.perf_counter() - start
     print("\nWall time by phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in runner.timings.items()) + f"; total {total:.0f}s")
     return 0
+
+
+def _print_grid(results) -> None:
+    from .grid import summary
+
+    print("\nGrid runs per configuration (status of each (query, configuration); seconds_per_run over the runs made now):")
+    _print(summary(results))
+    failed = [r for r in results if r.status in ("check_failed", "skipped_failed", "error")]
+    for r in failed:
+        ratio = f"×{r.loss_ratio:.3f}" if r.loss_ratio is not None else "—"
+        print(f"  {r.status}: {r.query_id} / {r.config_id} (query loss {ratio}) {r.message}")
+
+
+def _grid_runner(args: argparse.Namespace):
+    from .runner import Runner
+
+    runner = Runner.create(_instance())
+    if not getattr(args, "verbose", False):
+        runner.log_level = "WARNING"
+    return runner
+
+
+def cmd_grid(args: argparse.Namespace) -> int:
+    from .configs import load_grid
+    from .grid import select_queries
+
+    start = time.perf_counter()
+    configs = load_grid(args.grid_file)
+    runner = _grid_runner(args)
+    query_ids = select_queries(runner, args.queries)
+    if not query_ids:
+        raise ValueError("no queries partitions yet: add queries (`tda add-query`) and run them (`tda demo` or the sensor)")
+    print(f"tda grid: {len(configs)} configurations × {len(query_ids)} queries ({', '.join(query_ids)})")
+    results = runner.grid(configs, query_ids, force=args.force, report=not args.no_report)
+    _print_grid(results)
+    print(f"\ntotal {time.perf_counter() - start:.0f}s; the table: tda query consistency_table")
+    return 1 if any(r.status == "error" for r in results) else 0
+
+
+def cmd_counterfactual(args: argparse.Namespace) -> int:
+    from resources.query_engine import QueryEngine
+
+    runner = _grid_runner(args)
+    ids = [q.strip() for q in args.queries.split(",")] if args.queries else None
+    runner.phase("counterfactual", lambda: runner.counterfactual(query_ids=ids, n_queries=args.n_queries, k=args.k,
+                                                                 train_steps=args.train_steps, config_id=args.config_id))
+    _print_counterfactual(QueryEngine(runner.resources["storage"].storage()))
+    return 0
+
+
+def _print_counterfactual(engine) -> None:
+    df = engine.sql("select query_id, removal, k, query_loss_full, query_loss_removed, loss_rise from counterfactual "
+                    "order by query_id, removal")
+    print("\nCounterfactual check (retrained without the top-k attributed items vs k random items; table `counterfactual`):")
+    _print(df)
+    means = df.group_by("removal").agg(pl.col("loss_rise").mean()).sort("removal")
+    verdict = dict(means.rows())
+    print("mean loss rise: " + ", ".join(f"{k} {v:+.4f}" for k, v in verdict.items())
+          + (" → attributed removal raises the query loss more: PASSED" if verdict.get("attributed", 0) > verdict.get("random", 0)
+             else " → attributed removal does NOT raise the query loss more: FAILED"))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from resources.query_engine import QueryEngine
+
+    from .configs import load_grid
+    from .grid import ensure_query
+    from .report_assets import config_consistency, seed_groups
+    from .runner import Runner
+    from . import tables
+
+    start = time.perf_counter()
+    runner = Runner.create(_instance())
+    store = runner.resources["storage"].storage()
+    print(f"tda evaluate: storage {store.url}, Dagster instance {os.environ['DAGSTER_HOME']}")
+    runner.training_side_if_needed()
+    runner.log_level = "WARNING"
+    ids = builtin_queries(store)
+    requested = runner.sensor_tick()
+    print(f"==> query_inbox_sensor requested {len(requested)} runs")
+    todo = [q for q in ids if not store.exists(tables.per_query_config("attribution_scores", q, "default"))]
+
+    def queries_phase() -> None:
+        for q in ids:
+            if q in todo:
+                runner.attribute(q)
+            else:
+                ensure_query(runner, store, q)
+
+    runner.phase(f"built-in queries ({len(todo)} of {len(ids)} to run)", queries_phase)
+    configs = load_grid(args.grid_file)
+    grid_ids = sorted(ids)[: args.grid_queries] if args.grid_queries else sorted(ids)
+    print(f"==> grid: {len(configs)} configurations × {len(grid_ids)} queries ({', '.join(grid_ids)})")
+    results = []
+    runner.phase("grid", lambda: results.extend(runner.grid(configs, grid_ids, force=args.force)))
+    if not args.skip_counterfactual:
+        runner.phase("counterfactual", lambda: runner.counterfactual(
+            n_queries=args.cf_queries, k=args.cf_k, train_steps=args.cf_train_steps))
+    engine = QueryEngine(store)
+    _print_grid(results)
+    print("\nConsistency between configurations and seed reruns (sql/consistency_table.sql, mean over queries;"
+          " unlearning-vs-similarity pairs are in the next table):")
+    table = engine.named("consistency_table")
+    _print(table.filter(pl.col("pair") != "unlearning vs similarity"))
+    per_config = config_consistency(engine.sql("select * from consistency"), seed_groups(store))
+    if per_config:
+        print("\nMean Jaccard@10 per configuration (with its seed reruns, with the other configurations):")
+        _print(pl.DataFrame(per_config))
+        print(f"most consistent configuration: {per_config[0]['config_id']}")
+    print("\nAgreement of unlearning with each similarity method (sql/method_agreement.sql, mean over queries):")
+    _print(engine.named("method_agreement").filter(pl.col("query_id") == "(mean)"))
+    if not args.skip_counterfactual:
+        _print_counterfactual(engine)
+    plots = store.glob("plots/*/*.png") + store.glob("plots/*/*/*.png")
+    print(f"\n{len(plots)} plots under {store.uri('plots')} (top-k bars per query and configuration, "
+          "the consistency heatmap, the counterfactual bars)")
+    total = time.perf_counter() - start
+    print("\nWall time by phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in runner.timings.items()) + f"; total {total:.0f}s")
+    return 1 if any(r.status == "error" for r in results) else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -116,6 +235,32 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_add_query)
     p = sub.add_parser("demo", help="materialize the whole graph on the embedded default and print the attributions")
     p.set_defaults(fn=cmd_demo)
+    p = sub.add_parser("grid", help="run every configuration of the grid file for the queries, then the consistency report")
+    p.add_argument("--queries", default="all", help="comma-separated query ids, or 'all' (every queries partition)")
+    p.add_argument("--grid-file", help="grid YAML (default: TDA_GRID_FILE or tda_assets/unlearning_grid.yaml)")
+    p.add_argument("--force", action="store_true", help="re-run (query, configuration) pairs already recorded")
+    p.add_argument("--no-report", action="store_true", help="do not materialize consistency_report afterwards")
+    p.add_argument("-v", "--verbose", action="store_true", help="Dagster INFO logs of every run")
+    p.set_defaults(fn=cmd_grid)
+    p = sub.add_parser("counterfactual", help="retrain without the top-k attributed / k random items (embedded default)")
+    p.add_argument("--queries", help="comma-separated query ids (default: the first --n-queries with a target artist)")
+    p.add_argument("--n-queries", type=int, default=3)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--train-steps", type=int, help="retraining steps (default: the checkpoint's TDA_TRAIN_STEPS)")
+    p.add_argument("--config-id", default="default")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(fn=cmd_counterfactual)
+    p = sub.add_parser("evaluate", help="the paper's experiments on the embedded default: grid, consistency, similarity, counterfactual")
+    p.add_argument("--grid-queries", type=int, default=int(os.environ.get("TDA_GRID_QUERIES", "4")),
+                   help="run the grid on the first N built-in queries (0 = all; default 4 to fit 30 min on 2 cores)")
+    p.add_argument("--grid-file")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--cf-queries", type=int, default=int(os.environ.get("TDA_CF_QUERIES", "3")))
+    p.add_argument("--cf-k", type=int, default=10)
+    p.add_argument("--cf-train-steps", type=int, default=int(os.environ.get("TDA_CF_TRAIN_STEPS", "0")) or None,
+                   help="retraining steps of the counterfactual check (default: the checkpoint's)")
+    p.add_argument("--skip-counterfactual", action="store_true")
+    p.set_defaults(fn=cmd_evaluate)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

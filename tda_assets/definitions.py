@@ -13,7 +13,7 @@ from resources import (
     default_storage_url,
 )
 
-from . import checks, corpus_assets, model_assets, query_assets, report_assets
+from . import checks, corpus_assets, evaluation_assets, model_assets, query_assets, report_assets
 from .sensors import attribute_query_job, query_inbox_sensor
 
 ASSETS = [
@@ -28,6 +28,7 @@ ASSETS = [
     query_assets.attribution_scores,
     query_assets.similarity_scores,
     report_assets.consistency_report,
+    evaluation_assets.counterfactual,
 ]
 
 

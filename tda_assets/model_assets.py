@@ -14,7 +14,6 @@ from dagster import AssetCheckSpec, AssetExecutionContext, MaterializeResult, Me
 from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
 
 from . import tables
-from .attribution.adapter import ItemBatch
 from .attribution.embedded.model import EmbeddedAdapter, TrainingSettings, train_denoiser
 from .attribution.fisher import fisher_diagonal as estimate_fisher
 from .attribution.losses import stream_losses
@@ -22,20 +21,8 @@ from .attribution.model_folder import save_model
 from .checks import losses_complete
 from .corpus_assets import training_features
 from .partitions import SHARD_KEYS, training_shards
-from .store import iter_training_batches, load_checkpoint, losses_frame, read_features
+from .store import all_features, iter_training_batches, load_checkpoint, losses_frame
 from .tags import GPU
-
-
-def _all_features(store, shards: list[str]) -> ItemBatch:
-    parts = [read_features(store, tables.features(s))[0] for s in shards if store.exists(tables.features(s))]
-    if not parts:
-        raise FileNotFoundError("no training_features yet: materialize all training_features partitions first")
-    return ItemBatch(
-        [i for p in parts for i in p.item_ids],
-        torch.cat([p.latents for p in parts]),
-        {k: torch.cat([p.conditioning[k] for p in parts]) for k in parts[0].conditioning},
-        torch.cat([p.frame_mask for p in parts]),
-    )
 
 
 @asset(group_name="model", deps=[training_features], **GPU,
@@ -53,7 +40,7 @@ def checkpoint(
                          + (f" pinned at commit {resolved.revision}" if resolved.revision else ""))
         return MaterializeResult(metadata={**{k: v for k, v in pointer.items() if v is not None},
                                            "local_folder": str(resolved.folder)})
-    data = _all_features(store, SHARD_KEYS)
+    data = all_features(store, SHARD_KEYS)
     settings = TrainingSettings(steps=model_source.train_steps, seed=model_source.train_seed)
     checkpoint_id = "embedded-" + hashlib.blake2b(json.dumps([data.item_ids, settings.__dict__]).encode(), digest_size=5).hexdigest()
     cmp = compute.compute()

@@ -36,7 +36,9 @@ from .configs import UnlearningConfig
 from .inbox import read_query
 from .model_assets import baseline_losses, checkpoint, fisher_diagonal
 from .partitions import SHARD_KEYS, queries
+from .plots import attribution_plot
 from .store import (
+    baseline_item_ids,
     baseline_matrix,
     iter_training_batches,
     load_checkpoint,
@@ -44,7 +46,6 @@ from .store import (
     losses_frame,
     query_batch,
     read_uri_bytes,
-    training_item_ids,
     write_features,
 )
 from .tags import GPU
@@ -103,7 +104,7 @@ def unlearned_model(
     adapter, pointer = load_checkpoint(store, model_source, cmp.device)
     fisher, _ = store.read_tensors(tables.fisher(pointer["checkpoint_id"], proto.protocol_id))
     settings = config.settings()
-    result = unlearn(adapter, query_batch(store, qid), fisher, settings, proto, cmp, n_train=len(training_item_ids(store)))
+    result = unlearn(adapter, query_batch(store, qid), fisher, settings, proto, cmp, n_train=len(baseline_item_ids(store)))
     delta_uri = store.write_tensors(tables.per_query_config("unlearned_model", qid, cid, "delta.safetensors"), result.delta,
                                     {"checkpoint_id": pointer["checkpoint_id"], "config_id": cid})
     store.write_parquet(tables.config_row(cid), config.row())
@@ -170,10 +171,12 @@ def attribution_scores(
     df = pl.DataFrame({"method": "unlearning", "item_id": item_ids, "score": s["score"], "rank": s["rank"],
                        "relative_score": s["relative_score"], "skew_score": s["skew_score"], "share": s["share"]})
     uri = store.write_parquet(tables.per_query_config("attribution_scores", qid, cid), df)
-    n_train = len(training_item_ids(store))
+    n_train = len(baseline_item_ids(store))  # skipped bad items have no losses and no row
     top = _top_items(store, df)
     context.log.info(f"{qid}/{cid}: top-5 " + ", ".join(f"{t['item_id']} ({t['artist']})" for t in top))
-    yield MaterializeResult(metadata={"config_id": cid, "rows": len(df), "top_5": MetadataValue.json(top), "uri": MetadataValue.path(uri)},
+    plot = attribution_plot(store, qid, cid, df)  # plots/top_k/<query>/<config>.png, shown in the UI
+    yield MaterializeResult(metadata={"config_id": cid, "rows": len(df), "top_5": MetadataValue.json(top), "uri": MetadataValue.path(uri),
+                                      **plot},
                             check_results=[AssetCheckResult(check_name="one_row_per_training_item", passed=len(df) == n_train,
                                                             metadata={"rows": len(df), "training_items": n_train})])
 

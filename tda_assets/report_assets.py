@@ -8,7 +8,7 @@ from dagster import AssetExecutionContext, MaterializeResult, MetadataValue, ass
 
 from resources import StorageResource
 
-from . import tables
+from . import plots, tables
 from .attribution.metrics import compare
 from .query_assets import attribution_scores, similarity_scores
 
@@ -38,6 +38,51 @@ def consistency_rows(query_id: str, vectors: dict[str, pl.DataFrame]) -> list[di
     return rows
 
 
+UNLEARNING = "unlearning:"
+SEED_FREE_FIELDS = ("recipe", "lr", "steps", "lambda", "param_subset", "optimizer", "query_draws", "damping", "mask_padding")
+
+
+def seed_groups(store) -> dict[str, str]:
+    """config_id → a key shared by the configurations that differ only in `seed` (its seed reruns)."""
+    if not store.glob("unlearning_configs/*/part-*.parquet"):
+        return {}
+    df = store.read_parquet("unlearning_configs/*/part-*.parquet", hive=True)
+    cols = [c for c in SEED_FREE_FIELDS if c in df.columns]
+    return {r["config_id"]: repr(tuple(r[c] for c in cols)) for r in df.to_dicts()}
+
+
+def jaccard_matrix(df: pl.DataFrame, k: int = 10) -> tuple[list[str], np.ndarray]:
+    """Mean Jaccard@k over queries between every two unlearning configurations (diagonal 1, missing pairs NaN)."""
+    pairs = (df.filter((pl.col("metric") == "jaccard") & (pl.col("k") == k)
+                       & pl.col("left").str.starts_with(UNLEARNING) & pl.col("right").str.starts_with(UNLEARNING))
+             .group_by("left", "right").agg(pl.col("value").mean()))
+    labels = sorted(set(pairs["left"].to_list()) | set(pairs["right"].to_list()))
+    index = {label: i for i, label in enumerate(labels)}
+    m = np.full((len(labels), len(labels)), np.nan)
+    np.fill_diagonal(m, 1.0)
+    for r in pairs.to_dicts():
+        m[index[r["left"]], index[r["right"]]] = m[index[r["right"]], index[r["left"]]] = r["value"]
+    return [label[len(UNLEARNING):] for label in labels], m
+
+
+def config_consistency(df: pl.DataFrame, groups: dict[str, str], k: int = 10) -> list[dict]:
+    """Per configuration: mean Jaccard@k (over queries) with its seed reruns, with the other configurations, and with all.
+
+    Sorted best first: by the mean with its seed reruns (configurations without reruns last), then with all others.
+    """
+    configs, m = jaccard_matrix(df, k)
+    out = []
+    for i, c in enumerate(configs):
+        others = [j for j in range(len(configs)) if j != i and np.isfinite(m[i, j])]
+        seed = [j for j in others if c in groups and groups.get(configs[j]) == groups[c]]
+        rest = [j for j in others if j not in seed]
+        mean = lambda js: round(float(np.mean(m[i, js])), 4) if js else None  # noqa: E731
+        out.append({"config_id": c, f"jaccard_{k}_seed_reruns": mean(seed), "seed_reruns": len(seed),
+                    f"jaccard_{k}_other_configs": mean(rest), f"jaccard_{k}_all": mean(others)})
+    key = lambda r: (r[f"jaccard_{k}_seed_reruns"] is None, -(r[f"jaccard_{k}_seed_reruns"] or 0.0), -(r[f"jaccard_{k}_all"] or 0.0))  # noqa: E731
+    return sorted(out, key=key)
+
+
 @asset(group_name="reports", deps=[attribution_scores, similarity_scores],
        description="Consistency across configurations, seeds and methods: Jaccard@k and rank correlations per query.")
 def consistency_report(context: AssetExecutionContext, storage: StorageResource) -> MaterializeResult:
@@ -49,9 +94,28 @@ def consistency_report(context: AssetExecutionContext, storage: StorageResource)
     uri = store.write_parquet(tables.consistency(), df)
     means = (df.group_by("left", "right", "metric", "k").agg(pl.col("value").mean()).sort("left", "right", "metric", "k")
              if len(df) else df)
+    per_config = config_consistency(df, seed_groups(store)) if len(df) else []
+    meta: dict = {}
+    if per_config:
+        best = per_config[0]
+        by_all = max(per_config, key=lambda r: r["jaccard_10_all"] if r["jaccard_10_all"] is not None else -1.0)
+        meta.update({
+            "most_consistent_config": best["config_id"],
+            "most_consistent_config_jaccard_10": (best["jaccard_10_seed_reruns"] if best["jaccard_10_seed_reruns"] is not None
+                                                  else best["jaccard_10_all"]),
+            "most_consistent_config_basis": "seed reruns" if best["jaccard_10_seed_reruns"] is not None else "other configurations",
+            "highest_agreement_with_other_configs": by_all["config_id"],
+            "config_consistency": MetadataValue.json(per_config),
+        })
+        labels, matrix = jaccard_matrix(df)
+        if len(labels) > 1:
+            title = f"mean Jaccard@10 between unlearning configurations ({len(query_ids)} queries)"
+            meta.update(plots.write_png(store, "consistency", "jaccard_10", plots.heatmap(matrix, labels, title), title))
+        context.log.info(f"most consistent configuration: {best['config_id']} ({meta['most_consistent_config_basis']}, "
+                         f"mean Jaccard@10 {meta['most_consistent_config_jaccard_10']})")
     context.log.info(f"consistency over {len(query_ids)} queries: {len(df)} rows")
     return MaterializeResult(metadata={
-        "rows": len(df), "queries": len(query_ids), "uri": MetadataValue.path(uri),
+        "rows": len(df), "queries": len(query_ids), "uri": MetadataValue.path(uri), **meta,
         "mean_by_pair": MetadataValue.json([{**r, "value": round(r["value"], 4) if r["value"] is not None and np.isfinite(r["value"]) else None}
                                             for r in means.to_dicts()][:200]),
     })

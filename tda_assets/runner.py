@@ -15,13 +15,12 @@ from dagster import (
     materialize,
 )
 
-from .configs import UnlearningConfig, unlearning_run_config
+from .configs import UNLEARNING_ASSETS, UnlearningConfig, unlearning_run_config
 from .definitions import ASSETS, build_definitions
 from .partitions import SHARD_KEYS, queries
 from .sensors import query_inbox_sensor
 
-QUERY_ASSETS = ["query_clips", "unlearned_model", "unlearned_losses", "attribution_scores", "similarity_scores"]
-UNLEARNING_ASSETS = ["unlearned_model", "unlearned_losses", "attribution_scores"]
+QUERY_ASSETS = ["query_clips", *UNLEARNING_ASSETS, "similarity_scores"]
 
 
 @dataclass
@@ -42,8 +41,8 @@ class Runner:
     def resources(self) -> dict:
         return self.defs.resources
 
-    def run(self, selection: list[str], partition_key: str | None = None, run_config: RunConfig | dict | None = None) -> None:
-        """Materialize `selection` (asset names) for one partition; raises if the run fails."""
+    def run(self, selection: list[str], partition_key: str | None = None, run_config: RunConfig | dict | None = None):
+        """Materialize `selection` (asset names) for one partition; raises if the run fails, else returns its result."""
         from . import checks
 
         config = run_config.to_config_dict() if isinstance(run_config, RunConfig) else dict(run_config or {})
@@ -54,6 +53,7 @@ class Runner:
         )
         if not result.success:
             raise RuntimeError(f"run of {selection} ({partition_key}) failed")
+        return result
 
     def phase(self, name: str, fn: Callable[[], None]) -> None:
         self.log(f"==> {name}")
@@ -71,6 +71,44 @@ class Runner:
         self.phase("fisher_diagonal", lambda: self.run(["fisher_diagonal"]))
         self.phase("baseline_losses", lambda: [self.run(["baseline_losses"], s) for s in SHARD_KEYS])
 
+    def training_side_if_needed(self, manifest_config: dict | None = None) -> None:
+        """The training side, skipping each phase whose outputs already exist under the storage root.
+
+        Once the checkpoint must be (re)built, every later phase runs again (they depend on it).
+        """
+        from . import tables
+        from .store import read_checkpoint_pointer
+
+        store = self.resources["storage"].storage()
+        proto = self.resources["protocol"].protocol()
+        have_manifest = store.exists(tables.manifest())
+        have_features = have_manifest and all(store.exists(tables.features(s)) for s in SHARD_KEYS)
+        pointer = read_checkpoint_pointer(store) if have_features and store.exists(tables.checkpoint_pointer()) else None
+        have_fisher = pointer is not None and store.exists(tables.fisher(pointer["checkpoint_id"], proto.protocol_id))
+
+        def baseline_current(shard: str) -> bool:
+            key = tables.baseline_losses(shard)
+            if pointer is None or not store.exists(key):
+                return False
+            df = store.read_parquet(key).select("checkpoint_id", "protocol_id").unique()
+            return df.rows() == [(pointer["checkpoint_id"], proto.protocol_id)]
+
+        have_baseline = all(baseline_current(s) for s in SHARD_KEYS)
+        if have_manifest and have_features and pointer and have_fisher and have_baseline:
+            self.log(f"==> training side: already materialized (checkpoint {pointer['checkpoint_id']}), skipped")
+            return
+        cfg = {"ops": {"training_manifest": {"config": manifest_config}}} if manifest_config else None
+        if not have_manifest:
+            self.phase("training_manifest", lambda: self.run(["training_manifest"], run_config=cfg))
+        if not have_features:
+            self.phase("training_features", lambda: [self.run(["training_features"], s) for s in SHARD_KEYS])
+        if pointer is None:
+            self.phase("checkpoint", lambda: self.run(["checkpoint"]))
+        if pointer is None or not have_fisher:
+            self.phase("fisher_diagonal", lambda: self.run(["fisher_diagonal"]))
+        if pointer is None or not have_baseline:
+            self.phase("baseline_losses", lambda: [self.run(["baseline_losses"], s) for s in SHARD_KEYS])
+
     def sensor_tick(self) -> list[str]:
         """Evaluate the inbox sensor once: add its partitions and return the requested query ids."""
         context = build_sensor_context(instance=self.instance, resources={"storage": self.resources["storage"]})
@@ -86,4 +124,14 @@ class Runner:
 
     def attribute_config(self, query_id: str, config: UnlearningConfig) -> None:
         """Only the per-configuration assets of a query (its clip must exist)."""
-        self.run(UNLEARNING_ASSETS, query_id, unlearning_run_config(config))
+        self.run(list(UNLEARNING_ASSETS), query_id, unlearning_run_config(config))
+
+    def grid(self, configs: list[UnlearningConfig], query_ids: list[str], force: bool = False, report: bool = True) -> list:
+        """Every configuration for every query (recorded ones skipped unless `force`), then `consistency_report`."""
+        from .grid import run_grid
+
+        return run_grid(self, configs, query_ids, force=force, report=report)
+
+    def counterfactual(self, **config: object):
+        """The `counterfactual` asset with `CounterfactualConfig` fields (query_ids, k, train_steps, …); returns the run's result."""
+        return self.run(["counterfactual"], run_config={"ops": {"counterfactual": {"config": {k: v for k, v in config.items() if v is not None}}}})

@@ -42,6 +42,19 @@ def read_features(storage: Storage, key: str) -> tuple[ItemBatch, dict[str, str]
     return batch, meta
 
 
+def all_features(store: Storage, shards: list[str]) -> ItemBatch:
+    """Every shard's cached training features as one batch (for training and Fisher, which need them all at once)."""
+    parts = [read_features(store, tables.features(s))[0] for s in shards if store.exists(tables.features(s))]
+    if not parts:
+        raise FileNotFoundError("no training_features yet: materialize all training_features partitions first")
+    return ItemBatch(
+        [i for p in parts for i in p.item_ids],
+        torch.cat([p.latents for p in parts]),
+        {k: torch.cat([p.conditioning[k] for p in parts]) for k in parts[0].conditioning},
+        torch.cat([p.frame_mask for p in parts]),
+    )
+
+
 def iter_training_batches(storage: Storage, shards: list[str], size: int) -> Iterator[ItemBatch]:
     """Training items shard by shard in batches of at most `size` (one shard in memory at a time)."""
     for shard in shards:
@@ -156,9 +169,9 @@ def loss_matrix(df: pl.DataFrame, item_ids: list[str], draws: int, column: str, 
     return out
 
 
-def training_item_ids(storage: Storage) -> list[str]:
-    """Item ids of the training manifest, in manifest order."""
-    return storage.read_parquet(tables.manifest())["item_id"].to_list()
+def baseline_item_ids(storage: Storage) -> list[str]:
+    """The training items that have baseline losses: the manifest's items minus any skipped as bad (`skip_bad_items`)."""
+    return read_table(storage, "baseline_losses/shard=*/part-*.parquet")["item_id"].unique(maintain_order=True).to_list()
 
 
 def query_batch(storage: Storage, query_id: str) -> ItemBatch:

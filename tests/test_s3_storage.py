@@ -10,7 +10,6 @@ import torch
 
 from resources.query_engine import QueryEngine
 from resources.storage import Storage, StorageError
-from tests.s3_server import s3_root  # noqa: F401
 from tests.test_query_engine import write_tiny_dataset
 
 KEY = "queries/query_id=0012/part-0.parquet"

@@ -15,7 +15,9 @@ from resources.storage import Storage
 from tda_assets.attribution.embedded.corpus import ARTISTS, SAMPLE_RATE, render_clip, style_caption
 from tda_assets.attribution.errors import AttributionInputError
 from tda_assets.partitions import SHARD_KEYS, shard_of
-from tda_assets.runner import Runner
+from tda_assets.configs import UnlearningConfig, unlearning_run_config
+from tda_assets.inbox import add_query
+from tda_assets.runner import QUERY_ASSETS, Runner
 from tda_assets.store import read_features
 
 ITEMS = ["0012", "song-b", "song-c", "song-d", "song-e", "song-f"]  # "0012" must stay a string, not 12
@@ -174,3 +176,21 @@ def test_manifest_and_audio_on_s3_with_a_local_storage_root(s3_root, audio_dir, 
     table = Storage(root).read_parquet("training_manifest/part-0.parquet")
     assert table["audio_uri"].to_list() == [corpus.uri(f"audio/{i}.wav") for i in ITEMS]
     assert encoded_items(root) == sorted(i for i in ITEMS if shard_of(i) == shard_of(BAD))
+
+
+def test_a_skipped_item_gets_no_attribution_row_and_the_row_check_still_passes(materialized, audio_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("TDA_TRAIN_STEPS", "20")
+    root = tmp_path / "storage"
+    shutil.copytree(materialized, root)
+    runner = run_training_data(str(root), _bad_manifest(audio_dir, tmp_path, "corrupt"), shards=[shard_of(BAD)], skip=True)
+    runner.run(["checkpoint"])
+    runner.run(["fisher_diagonal"])
+    for shard in SHARD_KEYS:
+        runner.run(["baseline_losses"], shard)
+    add_query(Storage(str(root)), "a bright plucked melody", query_id="q1")
+    assert runner.sensor_tick() == ["q1"]
+    result = runner.run(QUERY_ASSETS, "q1", unlearning_run_config(UnlearningConfig(lr=100.0)))
+    rows = {e.check_name: e for e in result.get_asset_check_evaluations()}["one_row_per_training_item"]
+    assert rows.passed and rows.metadata["rows"].value == rows.metadata["training_items"].value == len(ITEMS) - 1
+    scored = Storage(str(root)).read_parquet("attribution_scores/query_id=q1/config_id=default/part-0.parquet")
+    assert BAD not in scored["item_id"].to_list() and sorted(scored["rank"]) == list(range(1, len(ITEMS)))

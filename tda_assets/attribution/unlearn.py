@@ -128,7 +128,7 @@ def unlearn(
                 opt.zero_grad(set_to_none=True)
                 objective.backward()
                 opt.step()
-            log.debug("unlearn step %d: query loss %.4f", step, float(loss_q))
+            log.debug("unlearn step %d: query loss %.4f", step, float(loss_q.detach()))
         delta = {n: (p.detach() - theta0[n]).cpu() for n, p in params.items()}
     finally:
         with torch.no_grad():

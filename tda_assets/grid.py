@@ -1,0 +1,173 @@
+"""The paper's grid search as runs of the asset graph: every configuration of the grid file for every selected query.
+
+One run per (query, configuration) of the three per-configuration assets (`unlearned_model`,
+`unlearned_losses`, `attribution_scores`) through the `Runner`, then `consistency_report` once. A run
+whose unlearning is too weak fails the blocking `query_loss_raised` check: the grid records it (the
+configuration is in `unlearning_runs` with its loss ratio, and has no attribution) and goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import polars as pl
+from dagster._core.errors import DagsterAssetCheckFailedError
+
+from resources.storage import Storage
+
+from . import tables
+from .configs import UnlearningConfig
+from .partitions import queries as queries_partitions
+from .runner import Runner
+from .store import read_checkpoint_pointer
+
+
+@dataclass
+class GridRun:
+    """What happened to one (query, configuration) of the grid."""
+
+    query_id: str
+    config_id: str
+    status: str  # done | skipped | check_failed | skipped_failed | error
+    seconds: float = 0.0
+    loss_ratio: float | None = None
+    message: str = ""
+
+    @property
+    def failed(self) -> bool:
+        return self.status == "error"
+
+
+def select_queries(runner: Runner, queries: str | list[str] | None = None) -> list[str]:
+    """`None`/`all`: every `queries` partition (sorted); else the given ids, which must be partitions."""
+    known = sorted(runner.instance.get_dynamic_partitions(queries_partitions.name))
+    if queries is None or queries == "all":
+        return known
+    wanted = [q.strip() for q in (queries.split(",") if isinstance(queries, str) else queries) if q.strip()]
+    unknown = [q for q in wanted if q not in known]
+    if unknown:
+        raise ValueError(f"unknown query id(s) {unknown}: known queries partitions are {known or 'none'} "
+                         "(add queries with `tda add-query`, then let the sensor or `tda demo` add them)")
+    return wanted
+
+
+def stale_configs(store: Storage, configs: list[UnlearningConfig]) -> set[str]:
+    """Configurations whose recorded `unlearning_configs` row differs from the grid file's (their runs are redone)."""
+    stale = set()
+    for cfg in configs:
+        key = tables.config_row(cfg.config_id)
+        if store.exists(key) and store.read_parquet(key).to_dicts() != cfg.row().to_dicts():
+            stale.add(cfg.config_id)
+    return stale
+
+
+def recorded_status(store: Storage, query_id: str, config_id: str, checkpoint_id: str) -> str | None:
+    """`skipped` when the attribution exists, `skipped_failed` when a failed unlearning is recorded, else None.
+
+    Only runs of the current checkpoint count.
+    """
+    runs_key = tables.per_query_config("unlearning_runs", query_id, config_id)
+    if not store.exists(runs_key):
+        return None
+    run = store.read_parquet(runs_key)
+    if "checkpoint_id" in run.columns and run["checkpoint_id"][0] != checkpoint_id:
+        return None
+    if store.exists(tables.per_query_config("attribution_scores", query_id, config_id)):
+        return "skipped"
+    from .query_assets import MIN_QUERY_LOSS_RATIO
+
+    ratio = run["query_loss_after"][0] / run["query_loss_before"][0]
+    return "skipped_failed" if ratio < MIN_QUERY_LOSS_RATIO else None
+
+
+def loss_ratio(store: Storage, query_id: str, config_id: str) -> float | None:
+    key = tables.per_query_config("unlearning_runs", query_id, config_id)
+    if not store.exists(key):
+        return None
+    run = store.read_parquet(key)
+    return float(run["query_loss_after"][0] / run["query_loss_before"][0])
+
+
+def ensure_query(runner: Runner, store: Storage, query_id: str) -> None:
+    """The query's clip and similarity scores (once per query, whatever the configuration)."""
+    if not store.exists(tables.query_clip(query_id, "features.safetensors")):
+        runner.run(["query_clips"], query_id)
+    if not store.glob(f"similarity_scores/query_id={query_id}/method=*/part-*.parquet"):
+        runner.run(["similarity_scores"], query_id)
+
+
+def _forget_attribution(store: Storage, query_id: str, config_id: str) -> None:
+    """After a failed unlearning, drop an older attribution of the pair so no table mixes the two."""
+    for table in ("attribution_scores", "unlearned_losses"):
+        store.delete(tables.per_query_config(table, query_id, config_id))
+
+
+def run_grid(
+    runner: Runner,
+    configs: list[UnlearningConfig],
+    query_ids: list[str],
+    force: bool = False,
+    report: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> list[GridRun]:
+    """Run every configuration for every query (skipping recorded ones unless `force`), then `consistency_report`."""
+    log = log or runner.log
+    store = runner.resources["storage"].storage()
+    checkpoint_id = read_checkpoint_pointer(store)["checkpoint_id"]
+    stale = set() if force else stale_configs(store, configs)
+    for cid in sorted(stale):
+        log(f"    configuration {cid!r} changed in the grid file since its last run: its runs are redone")
+    results: list[GridRun] = []
+    total = len(configs) * len(query_ids)
+    for qi, qid in enumerate(query_ids):
+        try:
+            ensure_query(runner, store, qid)
+        except Exception as exc:  # noqa: BLE001 - a broken query must not stop the other queries
+            message = f"query_clips/similarity_scores failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            log(f"    grid {qid}: {message}")
+            results.extend(GridRun(qid, cfg.config_id, "error", 0.0, None, message) for cfg in configs)
+            continue
+        for ci, cfg in enumerate(configs):
+            n = qi * len(configs) + ci + 1
+            cid = cfg.config_id
+            status = None if force or cid in stale else recorded_status(store, qid, cid, checkpoint_id)
+            if status:
+                results.append(GridRun(qid, cid, status, 0.0, loss_ratio(store, qid, cid)))
+                continue
+            start = time.perf_counter()
+            try:
+                runner.attribute_config(qid, cfg)
+                run = GridRun(qid, cid, "done", time.perf_counter() - start, loss_ratio(store, qid, cid))
+            except DagsterAssetCheckFailedError:
+                _forget_attribution(store, qid, cid)
+                run = GridRun(qid, cid, "check_failed", time.perf_counter() - start, loss_ratio(store, qid, cid),
+                              "unlearning did not raise the query loss enough (blocking check query_loss_raised)")
+            except Exception as exc:  # noqa: BLE001 - one broken configuration must not stop the grid
+                _forget_attribution(store, qid, cid)
+                run = GridRun(qid, cid, "error", time.perf_counter() - start, loss_ratio(store, qid, cid),
+                              f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+            results.append(run)
+            ratio = f"×{run.loss_ratio:.2f}" if run.loss_ratio is not None else "—"
+            log(f"    grid {n}/{total} {qid} / {cid}: {run.status} (query loss {ratio}) in {run.seconds:.1f}s"
+                + (f" — {run.message}" if run.message else ""))
+    if report:
+        runner.phase("consistency_report", lambda: runner.run(["consistency_report"]))
+    return results
+
+
+def summary(results: list[GridRun]) -> pl.DataFrame:
+    """One row per configuration: runs done / skipped / failed, mean loss ratio, mean seconds per run."""
+    df = pl.DataFrame([r.__dict__ for r in results],
+                      schema={"query_id": pl.Utf8, "config_id": pl.Utf8, "status": pl.Utf8, "seconds": pl.Float64,
+                              "loss_ratio": pl.Float64, "message": pl.Utf8})
+    ran = pl.col("status").is_in(["done", "check_failed", "error"])
+    return (df.group_by("config_id", maintain_order=True)
+              .agg(queries=pl.len(),
+                   done=(pl.col("status") == "done").sum(),
+                   skipped=pl.col("status").str.starts_with("skipped").sum(),
+                   check_failed=pl.col("status").is_in(["check_failed", "skipped_failed"]).sum(),
+                   errors=(pl.col("status") == "error").sum(),
+                   mean_loss_ratio=pl.col("loss_ratio").mean(),
+                   seconds_per_run=pl.col("seconds").filter(ran).mean()))

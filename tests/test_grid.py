@@ -1,0 +1,152 @@
+"""The grid search on a tiny embedded corpus: every configuration for a query, a failing one recorded, the consistency table."""
+
+from __future__ import annotations
+
+import pytest
+from dagster import AssetKey, DagsterInstance
+
+from resources.query_engine import QueryEngine
+from tda_assets.cli import builtin_queries, main
+from tda_assets.configs import UnlearningConfig, load_grid
+from tda_assets.grid import select_queries, summary
+from tda_assets.plots import PNG_SIGNATURE
+from tda_assets.runner import Runner
+
+ARTISTS, CLIPS = 3, 4
+GRID = """
+configs:
+  - config_id: base
+    lr: 100.0
+  - config_id: base-again      # the same settings and seed: must rank exactly like `base`
+    lr: 100.0
+  - config_id: base-seed
+    lr: 100.0
+    seed: [1]
+  - config_id: too-weak         # fails the blocking query_loss_raised check
+    lr: 0.001
+"""
+QUERY = "demo-artist-00"
+
+
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory):
+    """Training side, one built-in query with its default configuration, then the grid of GRID on it."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TDA_TRAIN_STEPS", "60")
+    root = tmp_path_factory.mktemp("storage")
+    grid_file = tmp_path_factory.mktemp("grid") / "grid.yaml"
+    grid_file.write_text(GRID)
+    runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
+    runner.log_level = "ERROR"
+    runner.training_side({"clips_per_artist": CLIPS, "artists": ARTISTS})
+    store = runner.resources["storage"].storage()
+    builtin_queries(store, artists=1)
+    runner.sensor_tick()
+    configs = load_grid(grid_file)
+    results = runner.grid(configs, select_queries(runner, "all"))
+    yield runner, store, configs, results
+    mp.undo()
+
+
+def test_grid_file_expands_list_fields_into_configurations(grid):
+    _, _, configs, _ = grid
+    assert [c.config_id for c in configs] == ["base", "base-again", "base-seed-seed1", "too-weak"]
+    assert configs[2].seed == 1 and configs[2].lr == 100.0
+
+
+def test_the_shipped_grid_file_loads():
+    ids = [c.config_id for c in load_grid()]
+    assert ids[0] == "default" and len(ids) == len(set(ids)) >= 6
+
+
+def test_every_configuration_ran_and_the_weak_one_was_recorded_not_fatal(grid):
+    _, store, _, results = grid
+    status = {r.config_id: r.status for r in results}
+    assert status == {"base": "done", "base-again": "done", "base-seed-seed1": "done", "too-weak": "check_failed"}
+    engine = QueryEngine(store)
+    runs = dict(engine.sql("select config_id, loss_ratio from unlearning_runs order by config_id").rows())
+    assert set(runs) == {"base", "base-again", "base-seed-seed1", "too-weak"}
+    assert runs["too-weak"] < 1.05 < runs["base"]
+    configs = engine.sql("select distinct config_id from attributions where method = 'unlearning' order by 1")
+    assert configs["config_id"].to_list() == ["base", "base-again", "base-seed-seed1"]
+    assert engine.sql("select lr from unlearning_configs where config_id = 'too-weak'").item() == 0.001
+    table = summary(results)
+    assert table.filter(table["config_id"] == "too-weak")["check_failed"].item() == 1
+
+
+def test_consistency_holds_every_pair_with_valid_values(grid):
+    _, store, _, _ = grid
+    df = QueryEngine(store).sql("select * from consistency where query_id = 'demo-artist-00'")
+    labels = {"unlearning:base", "unlearning:base-again", "unlearning:base-seed-seed1",
+              "similarity:audio", "similarity:text", "similarity:internal"}
+    pairs = {frozenset(p) for p in df.select("left", "right").unique().rows()}
+    assert len(pairs) == 15 and set().union(*pairs) == labels
+    jac = df.filter(df["metric"] == "jaccard")
+    assert set(jac["k"].to_list()) == {10, 50, 100}
+    assert jac["value"].is_between(0.0, 1.0).all()
+    assert df.filter(df["metric"] == "spearman")["value"].is_between(-1.0, 1.0).all()
+    same = df.filter((df["left"] == "unlearning:base") & (df["right"] == "unlearning:base-again"))
+    assert dict(zip(same["metric"] + same["k"].cast(str).fill_null(""), same["value"])) == pytest.approx(
+        {"jaccard10": 1.0, "jaccard50": 1.0, "jaccard100": 1.0, "spearman": 1.0, "pearson": 1.0})
+
+
+def test_consistency_table_sql_labels_seed_reruns(grid):
+    _, store, _, _ = grid
+    table = QueryEngine(store).named("consistency_table")
+    kind = {(r["left"], r["right"]): r["pair"] for r in table.to_dicts()}
+    assert kind[("unlearning:base", "unlearning:base-seed-seed1")] == "seed rerun"
+    assert kind[("similarity:audio", "unlearning:base")] == "unlearning vs similarity"
+    row = table.filter((table["left"] == "unlearning:base") & (table["right"] == "unlearning:base-again"))
+    assert row["jaccard_10"].item() == pytest.approx(1.0) and row["spearman"].item() == pytest.approx(1.0)
+    assert row["n_queries"].item() == 1
+
+
+def test_report_names_the_most_consistent_configuration_and_draws_the_heatmap(grid):
+    runner, store, _, _ = grid
+    meta = runner.instance.get_latest_materialization_event(AssetKey("consistency_report")).asset_materialization.metadata
+    assert meta["most_consistent_config"].value in {"base", "base-again", "base-seed-seed1"}
+    assert meta["most_consistent_config_basis"].value == "seed reruns"
+    per_config = {r["config_id"]: r for r in meta["config_consistency"].value}
+    assert per_config["base"]["seed_reruns"] == 2 and per_config["base"]["jaccard_10_seed_reruns"] >= 0.5
+    png = store.read_bytes("plots/consistency/jaccard_10.png")
+    assert png.startswith(PNG_SIGNATURE) and len(png) > 1024
+    assert "data:image/png;base64," in meta["plot_preview"].value
+
+
+def test_attribution_scores_draws_top_k_bars_per_configuration(grid):
+    runner, store, _, _ = grid
+    for cid in ("base", "base-again", "base-seed-seed1"):
+        png = store.read_bytes(f"plots/top_k/{QUERY}/{cid}.png")
+        assert png.startswith(PNG_SIGNATURE) and len(png) > 1024
+    assert not store.exists(f"plots/top_k/{QUERY}/too-weak.png")
+    meta = runner.instance.get_latest_materialization_event(AssetKey("attribution_scores")).asset_materialization.metadata
+    assert meta["plot"].value.endswith(".png")
+
+
+def test_second_grid_run_skips_what_is_recorded(grid):
+    runner, _, configs, _ = grid
+    again = runner.grid(configs, [QUERY], report=False)
+    assert {r.config_id: r.status for r in again} == {
+        "base": "skipped", "base-again": "skipped", "base-seed-seed1": "skipped", "too-weak": "skipped_failed"}
+
+
+def test_unknown_query_is_refused_with_the_known_ones(grid):
+    runner, _, _, _ = grid
+    with pytest.raises(ValueError, match=r"unknown query id\(s\) \['nope'\].*demo-artist-00"):
+        select_queries(runner, "nope,demo-artist-00")
+    assert select_queries(runner, f" {QUERY} ") == [QUERY]
+
+
+def test_cli_grid_reports_an_unknown_query(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("TDA_STORAGE_URL", str(tmp_path / "storage"))
+    assert main(["grid", "--queries", "nope"]) == 1
+    assert "unknown query id(s) ['nope']" in capsys.readouterr().err
+
+
+def test_changed_configuration_is_rerun(grid):
+    runner, store, _, _ = grid
+    changed = UnlearningConfig(config_id="base-again", lr=120.0)
+    (run,) = runner.grid([changed], [QUERY], report=False)
+    assert run.status == "done"
+    assert QueryEngine(store).sql("select lr from unlearning_configs where config_id = 'base-again'").item() == 120.0
