@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dagster import ConfigurableResource
+from pydantic import Field
 
 from tda_assets.attribution.errors import ModelSourceError
 from tda_assets.attribution.model_folder import read_model_info
@@ -108,6 +109,11 @@ def resolve_hf(source: str, token: str | None = None, cache_dir: str | None = No
     return ResolvedModel(f"hf-{repo.replace('/', '-')}-{folder.name[:12]}", folder, source, folder.name)
 
 
+def model_copies_dir(cache_dir: str | None) -> Path:
+    """Where local copies of model folders (from S3 or a remote storage root) go: `<cache_dir or tmp>/tda-models`."""
+    return Path(cache_dir or tempfile.gettempdir()) / "tda-models"
+
+
 def _resolve_s3_folder(source: str, cache_dir: str | None) -> ResolvedModel:
     """Copy an `s3://` model folder to a local cache keyed by its listing (so a re-upload is a new checkpoint)."""
     from .storage import Storage, StorageError
@@ -120,7 +126,7 @@ def _resolve_s3_folder(source: str, cache_dir: str | None) -> ResolvedModel:
     if not listing:
         raise ModelSourceError(f"checkpoint {source!r}: no such folder on S3 (no objects under it); check the bucket and prefix")
     checkpoint_id = f"s3-{_slug(repr(sorted(listing.items())))}"
-    local = Path(cache_dir or tempfile.gettempdir()) / "tda-models" / checkpoint_id
+    local = model_copies_dir(cache_dir) / checkpoint_id
     if not (local / "_COMPLETE").exists():
         tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -160,7 +166,9 @@ class ModelSourceResource(ConfigurableResource):
 
     source: str = "embedded"
     hf_token: str | None = None
-    cache_dir: str | None = None
+    cache_dir: str | None = Field(
+        default=None, description="local folder for model files: the hub cache, and copies of S3 model folders under "
+                                  "tda-models/ (default: HF_HOME's hub cache and the temp folder; TDA_MODEL_CACHE)")
     train_steps: int = 1000
     train_seed: int = 0
 

@@ -78,7 +78,9 @@ TABLES: dict[str, Table] = {
             "query_id": "str", "left": "str", "right": "str", "metric": "str", "k": "i64", "value": "f64"}),
         Table("counterfactual", (), {
             "query_id": "str", "removal": "str", "k": "i64",
-            "query_loss_full": "f64", "query_loss_removed": "f64", "loss_rise": "f64"}),
+            "query_loss_full": "f64", "query_loss_removed": "f64", "loss_rise": "f64", "relative_rise": "f64",
+            "removed_of_target_artist": "i64", "removed_items": "str", "config_id": "str", "train_steps": "i64",
+            "full_model": "str", "query_draws": "i64"}),
     ]
 }
 

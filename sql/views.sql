@@ -55,5 +55,6 @@ SELECT query_id, "left", "right", metric, k, value
 FROM read_parquet('{root}/consistency/part-*.parquet');
 
 CREATE OR REPLACE VIEW counterfactual AS
-SELECT query_id, removal, k, query_loss_full, query_loss_removed, loss_rise
+SELECT query_id, removal, k, query_loss_full, query_loss_removed, loss_rise, relative_rise,
+       removed_of_target_artist, removed_items, config_id, train_steps, full_model
 FROM read_parquet('{root}/counterfactual/part-*.parquet');

@@ -70,15 +70,25 @@ def builtin_queries(storage, artists: int | None = None) -> list[str]:
     return ids
 
 
+def _start(command: str):
+    """A Runner on the instance of DAGSTER_HOME, its storage, and the start time; prints where they are."""
+    from .runner import Runner
+
+    runner = Runner.create(_instance())
+    store = runner.resources["storage"].storage()
+    print(f"tda {command}: storage {store.url}, Dagster instance {os.environ['DAGSTER_HOME']}")
+    return runner, store, time.perf_counter()
+
+
+def _print_timings(runner, start: float) -> None:
+    total = time.perf_counter() - start
+    print("\nWall time by phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in runner.timings.items()) + f"; total {total:.0f}s")
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from resources.query_engine import QueryEngine
 
-    from .runner import Runner
-
-    start = time.perf_counter()
-    runner = Runner.create(_instance())
-    store = runner.resources["storage"].storage()
-    print(f"tda demo: storage {store.url}, Dagster instance {os.environ['DAGSTER_HOME']}")
+    runner, store, start = _start("demo")
     runner.training_side()
     builtin_queries(store)
     requested = runner.sensor_tick()
@@ -92,8 +102,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     _print(top.select([c for c in ("query_id", "target_artist", "rank", "item_id", "artist", "score", "caption") if c in top.columns]))
     print("\nShare of the top-10 by the target artist (sql/artist_shares.sql):")
     _print(engine.named("artist_shares", k=10))
-    total = time.perf_counter() - start
-    print("\nWall time by phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in runner.timings.items()) + f"; total {total:.0f}s")
+    _print_timings(runner, start)
     return 0
 
 
@@ -163,13 +172,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .configs import load_grid
     from .grid import ensure_query
     from .report_assets import config_consistency, seed_groups
-    from .runner import Runner
     from . import tables
 
-    start = time.perf_counter()
-    runner = Runner.create(_instance())
-    store = runner.resources["storage"].storage()
-    print(f"tda evaluate: storage {store.url}, Dagster instance {os.environ['DAGSTER_HOME']}")
+    runner, store, start = _start("evaluate")
     runner.training_side_if_needed()
     runner.log_level = "WARNING"
     ids = builtin_queries(store)
@@ -211,8 +216,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     plots = store.glob("plots/*/*.png") + store.glob("plots/*/*/*.png")
     print(f"\n{len(plots)} plots under {store.uri('plots')} (top-k bars per query and configuration, "
           "the consistency heatmap, the counterfactual bars)")
-    total = time.perf_counter() - start
-    print("\nWall time by phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in runner.timings.items()) + f"; total {total:.0f}s")
+    _print_timings(runner, start)
     return 1 if any(r.status == "error" for r in results) else 0
 
 
@@ -255,7 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="run the grid on the first N built-in queries (0 = all; default 4 to fit 30 min on 2 cores)")
     p.add_argument("--grid-file")
     p.add_argument("--force", action="store_true")
-    p.add_argument("--cf-queries", type=int, default=int(os.environ.get("TDA_CF_QUERIES", "3")))
+    p.add_argument("--cf-queries", type=int, default=int(os.environ.get("TDA_CF_QUERIES", "2")),
+                   help="queries of the counterfactual check (two retrains each; default 2 to fit 30 min on 2 cores)")
     p.add_argument("--cf-k", type=int, default=10)
     p.add_argument("--cf-train-steps", type=int, default=int(os.environ.get("TDA_CF_TRAIN_STEPS", "0")) or None,
                    help="retraining steps of the counterfactual check (default: the checkpoint's)")

@@ -8,7 +8,9 @@ import yaml
 from dagster import Config, RunConfig
 from pydantic import Field
 
+from .attribution.adapter import PARAM_SUBSETS
 from .attribution.unlearn import UnlearningSettings
+from .partitions import check_slug
 
 GRID_FILE = Path(__file__).with_name("unlearning_grid.yaml")
 UNLEARNING_ASSETS = ("unlearned_model", "unlearned_losses", "attribution_scores")
@@ -30,6 +32,10 @@ class UnlearningConfig(Config):
     mask_padding: str = "unlearning"
 
     def settings(self) -> UnlearningSettings:
+        """The engine's settings; raises ValueError naming a bad field (unknown recipe, subset, optimizer, …)."""
+        check_slug(self.config_id, "config_id")
+        if self.param_subset not in PARAM_SUBSETS:
+            raise ValueError(f"unknown param_subset {self.param_subset!r}: choose one of {', '.join(PARAM_SUBSETS)}")
         return UnlearningSettings(
             recipe=self.recipe, lr=self.lr, steps=self.steps, lambda_=self.lambda_, param_subset=self.param_subset,
             optimizer=self.optimizer, seed=self.seed, query_draws=self.query_draws, damping=self.damping,
@@ -60,8 +66,15 @@ def load_grid(path: str | Path | None = None) -> list[UnlearningConfig]:
     path = Path(path or os.environ.get("TDA_GRID_FILE") or GRID_FILE)
     spec = yaml.safe_load(path.read_text())
     out: list[UnlearningConfig] = []
-    for entry in spec.get("configs", []):
-        out.extend(_expand(dict(entry)))
+    for n, entry in enumerate((spec or {}).get("configs") or [], 1):
+        if not isinstance(entry, dict) or not entry.get("config_id"):
+            raise ValueError(f"grid file {path}: entry {n} needs a config_id (and the fields that differ from the default)")
+        try:
+            out.extend(_expand(dict(entry)))
+        except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            raise ValueError(f"grid file {path}: configuration {entry['config_id']!r}: {exc}") from None
+    if not out:
+        raise ValueError(f"grid file {path}: no configurations under `configs:`")
     ids = [c.config_id for c in out]
     dupes = {i for i in ids if ids.count(i) > 1}
     if dupes:
@@ -71,12 +84,20 @@ def load_grid(path: str | Path | None = None) -> list[UnlearningConfig]:
 
 def _expand(entry: dict) -> list[UnlearningConfig]:
     base_id = entry.pop("config_id")
+    if "lambda" in entry:  # the tables' column name, accepted for the field `lambda_`
+        entry["lambda_"] = entry.pop("lambda")
+    unknown = sorted(set(entry) - set(UnlearningConfig.model_fields))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}: the fields are {', '.join(f for f in UnlearningConfig.model_fields if f != 'config_id')}")
     lists = {k: v for k, v in entry.items() if isinstance(v, list)}
     if not lists:
-        return [UnlearningConfig(config_id=base_id, **entry)]
+        config = UnlearningConfig(config_id=base_id, **entry)
+        config.settings()  # every value checked now, not when its run starts
+        return [config]
     key, values = next(iter(lists.items()))
     out = []
     for value in values:
-        rest = {**entry, key: value, "config_id": f"{base_id}-{key.rstrip('_')}{value}".replace(".", "p")}
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        rest = {**entry, key: value, "config_id": f"{base_id}-{key.rstrip('_')}{text}".replace(".", "p")}
         out.extend(_expand(rest))
     return out

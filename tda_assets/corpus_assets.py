@@ -150,7 +150,8 @@ def training_features(
         context.log.warning(f"{shard}: all {len(bad)} items skipped as bad; the shard is empty")
         return MaterializeResult(metadata={"rows": 0, "skipped_items": MetadataValue.json(bad)})
     latents, mask = adapter.encode_audio(audio)
-    cond = adapter.encode_text([r["caption"] for r in good], [r["item_id"] for r in good])
+    cond = adapter.encode_text([r["caption"] for r in good], [r["item_id"] for r in good],
+                               durations=[len(a) / adapter.sample_rate for a in audio])
     batch = ItemBatch([r["item_id"] for r in good], latents, cond, mask)
     uri = write_features(store, tables.features(shard), batch, {"skipped": ",".join(bad)})
     context.log.info(f"{shard}: encoded {len(good)} items ({len(bad)} skipped)")

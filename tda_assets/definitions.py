@@ -37,7 +37,7 @@ def _env_or_none(name: str) -> EnvVar | None:
 
 
 def build_resources(storage_url: str | None = None) -> dict:
-    """Resources from the environment: TDA_STORAGE_URL, AWS_ENDPOINT_URL, TDA_CHECKPOINT, HF_TOKEN, TDA_DEVICE, TDA_DRAWS."""
+    """Resources from the environment: TDA_STORAGE_URL, AWS_ENDPOINT_URL, TDA_CHECKPOINT, HF_TOKEN, TDA_MODEL_CACHE, TDA_DEVICE, TDA_DRAWS."""
     storage = StorageResource(url=storage_url or default_storage_url(), endpoint_url=_env_or_none("AWS_ENDPOINT_URL"))
     return {
         "storage": storage,
@@ -45,6 +45,7 @@ def build_resources(storage_url: str | None = None) -> dict:
         "model_source": ModelSourceResource(
             source=os.environ.get("TDA_CHECKPOINT", "embedded"),
             hf_token=_env_or_none("HF_TOKEN"),
+            cache_dir=os.environ.get("TDA_MODEL_CACHE") or None,
             train_steps=int(os.environ.get("TDA_TRAIN_STEPS", "1000")),
         ),
         "compute": ComputeResource(device=os.environ.get("TDA_DEVICE", "auto"),

@@ -30,11 +30,14 @@ def slugify(text: str) -> str:
     return slug
 
 
-def check_query_id(query_id: str) -> str:
+def check_slug(key: str, what: str = "query id") -> str:
     """Refuse keys that are not safe slugs (a `/`, `|`, `,` or space would break paths and partition keys)."""
-    if not _SLUG.match(query_id):
-        raise ValueError(
-            f"query id {query_id!r} is not a safe slug: use [a-z0-9_-], at most 64 characters "
-            f"(e.g. {slugify(query_id) if re.search('[A-Za-z0-9]', query_id) else 'my-query'!r})"
-        )
-    return query_id
+    if not _SLUG.match(key):
+        example = slugify(key) if re.search("[A-Za-z0-9]", key) else f"my-{what.split()[0]}"
+        raise ValueError(f"{what} {key!r} is not a safe slug: use [a-z0-9_-], at most 64 characters (e.g. {example!r})")
+    return key
+
+
+def check_query_id(query_id: str) -> str:
+    """A query id that is a safe slug (see `check_slug`)."""
+    return check_slug(query_id, "query id")

@@ -67,12 +67,13 @@ def query_clips(
     store, cmp = storage.storage(), compute.compute()
     spec = read_query(store, context.partition_key)
     adapter, pointer = load_checkpoint(store, model_source, cmp.device)
-    cond = adapter.encode_text([spec.prompt], [spec.query_id])
-    if spec.audio_uri:
+    if spec.audio_uri:  # the user's clip: conditioned on its own duration, as training items are
         samples = decode_audio(read_uri_bytes(spec.audio_uri, store), spec.query_id, adapter.sample_rate)
+        cond = adapter.encode_text([spec.prompt], [spec.query_id], durations=[len(samples) / adapter.sample_rate])
         latents, mask = adapter.encode_audio([samples])
         audio_uri = spec.audio_uri
     else:
+        cond = adapter.encode_text([spec.prompt], [spec.query_id])
         latents = generate_latents(adapter, cond, spec.seed, cmp)
         mask = torch.ones(1, latents.shape[-1])
         buf = io.BytesIO()

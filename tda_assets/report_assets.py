@@ -109,7 +109,9 @@ def consistency_report(context: AssetExecutionContext, storage: StorageResource)
         })
         labels, matrix = jaccard_matrix(df)
         if len(labels) > 1:
-            title = f"mean Jaccard@10 between unlearning configurations ({len(query_ids)} queries)"
+            shared = df.filter(pl.col("left").str.starts_with(UNLEARNING) & pl.col("right").str.starts_with(UNLEARNING))
+            title = (f"mean Jaccard@10 between unlearning configurations "
+                     f"(over the queries both ran; {shared['query_id'].n_unique()} queries in all)")
             meta.update(plots.write_png(store, "consistency", "jaccard_10", plots.heatmap(matrix, labels, title), title))
         context.log.info(f"most consistent configuration: {best['config_id']} ({meta['most_consistent_config_basis']}, "
                          f"mean Jaccard@10 {meta['most_consistent_config_jaccard_10']})")

@@ -23,6 +23,14 @@ from .sensors import query_inbox_sensor
 QUERY_ASSETS = ["query_clips", *UNLEARNING_ASSETS, "similarity_scores"]
 
 
+def with_console_level(run_config: RunConfig | dict | None, log_level: str) -> dict:
+    """The run config as a dict whose console logger logs at `log_level` unless it sets loggers itself."""
+    config = run_config.to_config_dict() if isinstance(run_config, RunConfig) else dict(run_config or {})
+    if not config.get("loggers"):  # RunConfig.to_config_dict() gives an empty `loggers`: fill that too
+        config["loggers"] = {"console": {"config": {"log_level": log_level}}}
+    return config
+
+
 @dataclass
 class Runner:
     """Runs selections of the asset graph with `materialize()` on one instance and one set of resources."""
@@ -45,8 +53,7 @@ class Runner:
         """Materialize `selection` (asset names) for one partition; raises if the run fails, else returns its result."""
         from . import checks
 
-        config = run_config.to_config_dict() if isinstance(run_config, RunConfig) else dict(run_config or {})
-        config.setdefault("loggers", {"console": {"config": {"log_level": self.log_level}}})
+        config = with_console_level(run_config, self.log_level)
         result = materialize(
             ASSETS + [checks.manifest_is_sound], selection=selection, partition_key=partition_key, instance=self.instance,
             resources=self.resources, run_config=config, raise_on_error=True,

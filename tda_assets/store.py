@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -16,7 +15,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from resources.model_source import ModelSourceResource
+from resources.model_source import ModelSourceResource, model_copies_dir
 from resources.storage import SUCCESS_MARKER, Storage
 
 from . import tables
@@ -114,7 +113,7 @@ def local_model_folder(storage: Storage, pointer: dict, model_source: ModelSourc
         # the upload's _SUCCESS token keys the local copy: a re-trained folder under the same id is fetched again
         token = storage.read_bytes(f"{key}/{SUCCESS_MARKER}")
         slug = hashlib.sha1(storage.uri(key).encode()).hexdigest()[:10]
-        cache = Path(tempfile.gettempdir()) / "tda-models" / f"{pointer['checkpoint_id']}-{slug}"
+        cache = model_copies_dir(model_source.cache_dir) / f"{pointer['checkpoint_id']}-{slug}"
         marker = cache / SUCCESS_MARKER
         if not (token and marker.is_file() and marker.read_bytes() == token):
             tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")

@@ -51,6 +51,13 @@ def test_missing_audio_is_refused():
         decode_audio(None, "a00-0004", 16000)
 
 
+def test_truncated_audio_is_refused_with_its_length():
+    data = wav_bytes(TONE)
+    truncated = data[:44 + 2 * 800]  # the header and the first 800 samples (50 ms) of a 1 s file
+    with pytest.raises(AttributionInputError, match=r"item a00-0006: audio is only 50 ms long .* may be truncated"):
+        decode_audio(truncated, "a00-0006", 16000)
+
+
 def test_empty_caption_names_item():
     with pytest.raises(AttributionInputError, match="item a00-0005: empty caption"):
         encode_captions(["a calm melody", "   "], ["a00-0004", "a00-0005"])

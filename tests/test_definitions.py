@@ -41,3 +41,15 @@ def test_partitions_are_shards_and_dynamic_queries(tmp_path):
     graph = build_definitions(str(tmp_path)).resolve_asset_graph()
     assert graph.get(AssetKey("baseline_losses")).partitions_def.get_partition_keys()[0] == "shard-00"
     assert graph.get(AssetKey("attribution_scores")).partitions_def.name == "queries"
+
+
+def test_runner_sets_the_console_log_level_also_for_a_run_config_object():
+    from dagster import RunConfig
+
+    from tda_assets.runner import with_console_level
+
+    level = {"console": {"config": {"log_level": "WARNING"}}}
+    assert with_console_level(RunConfig(ops={"a": {"config": {}}}), "WARNING")["loggers"] == level
+    assert with_console_level({"ops": {}}, "WARNING")["loggers"] == level
+    own = {"loggers": {"console": {"config": {"log_level": "DEBUG"}}}}
+    assert with_console_level(own, "WARNING") == own

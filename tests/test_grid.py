@@ -150,3 +150,25 @@ def test_changed_configuration_is_rerun(grid):
     (run,) = runner.grid([changed], [QUERY], report=False)
     assert run.status == "done"
     assert QueryEngine(store).sql("select lr from unlearning_configs where config_id = 'base-again'").item() == 120.0
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("  - config_id: a\n    lrr: 3\n", r"configuration 'a': unknown field\(s\) \['lrr'\]: the fields are recipe, lr"),
+    ("  - config_id: a\n    recipe: sgd_ascent\n", r"configuration 'a': unknown recipe 'sgd_ascent'"),
+    ("  - config_id: a\n    param_subset: [all, mlp]\n", r"configuration 'a': unknown param_subset 'mlp'"),
+    ("  - config_id: runs/a\n", r"config_id 'runs/a' is not a safe slug.*'runs-a'"),
+    ("  - lr: 3.0\n", r"entry 1 needs a config_id"),
+])
+def test_a_bad_grid_entry_is_refused_naming_the_configuration_and_the_fix(tmp_path, entry, message):
+    path = tmp_path / "grid.yaml"
+    path.write_text("configs:\n" + entry)
+    with pytest.raises(ValueError, match=rf"grid file {path}: .*{message}"):
+        load_grid(path)
+
+
+def test_grid_accepts_the_table_name_lambda_and_names_float_values_plainly(tmp_path):
+    path = tmp_path / "grid.yaml"
+    path.write_text("configs:\n  - config_id: ewc\n    recipe: ewc_ascent\n    lambda: 5\n    lr: [0.001, 100.0]\n")
+    configs = load_grid(path)
+    assert [c.config_id for c in configs] == ["ewc-lr0p001", "ewc-lr100"]
+    assert {c.lambda_ for c in configs} == {5.0}

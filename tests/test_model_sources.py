@@ -193,3 +193,17 @@ def test_checkpoint_asset_records_the_pinned_hub_revision(hub, tmp_path, monkeyp
     assert resolve_hf(f"hf://{REPO}@main", cache_dir=str(hub)).revision == COMMIT_2
     folder = local_model_folder(Storage(store_url), pointer, ModelSourceResource(source="embedded", cache_dir=str(hub)))
     assert folder.name == COMMIT
+
+
+def test_a_checkpoint_on_an_s3_storage_root_is_copied_into_the_model_cache(s3_root, model_files, tmp_path, monkeypatch):
+    from tda_assets.definitions import build_resources
+    from tda_assets.store import local_model_folder
+
+    monkeypatch.setenv("TDA_MODEL_CACHE", str(tmp_path / "models"))
+    source = build_resources(s3_root)["model_source"]
+    assert source.cache_dir == str(tmp_path / "models")
+    store = Storage(s3_root)
+    store.put_dir(model_files, "checkpoint/abc")
+    folder = local_model_folder(store, {"kind": "embedded", "folder_key": "checkpoint/abc", "checkpoint_id": "abc"}, source)
+    assert folder.parent == tmp_path / "models" / "tda-models"
+    assert (folder / "tda_model.json").read_bytes() == (model_files / "tda_model.json").read_bytes()

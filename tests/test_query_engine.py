@@ -72,7 +72,8 @@ def write_tiny_dataset(storage: Storage) -> None:
         storage.write_table("baseline_losses", losses, shard=shard)
     storage.write_table("consistency", pl.DataFrame(CONSISTENCY, schema=list(TABLES["consistency"].columns), orient="row"))
     counterfactual = row(query_id="0012", removal="attributed", k=2, query_loss_full=1.0, query_loss_removed=1.2,
-                         loss_rise=0.2)
+                         loss_rise=0.2, relative_rise=0.2, removed_of_target_artist=2, removed_items="a,b",
+                         config_id="default", train_steps=100, full_model="checkpoint", query_draws=64)
     storage.write_table("counterfactual", counterfactual)
 
 

@@ -101,6 +101,15 @@ def test_conditioning_is_what_the_diffusers_pipeline_feeds_the_transformer(adapt
     assert torch.equal(seen["rotary_embedding"][0], cos) and torch.equal(seen["rotary_embedding"][1], sin)
 
 
+def test_training_items_are_conditioned_on_their_own_duration_capped_at_the_window(adapter):
+    window = adapter.clip_seconds
+    by_duration = adapter.encode_text(["a", "b"], ["i1", "i2"], durations=[0.5, window + 10.0])
+    explicit = adapter.encode_text(["a", "b"], ["i1", "i2"], seconds_end=[0.5, window])
+    assert torch.equal(by_duration["global_hidden_states"], explicit["global_hidden_states"])
+    default = adapter.encode_text(["a"], ["i1"])
+    assert not torch.equal(by_duration["global_hidden_states"][:1], default["global_hidden_states"])
+
+
 @pytest.mark.parametrize("rows_per_pass", [PROTOCOL.draws, 256])
 def test_batch_losses_are_finite_and_do_not_depend_on_batch_order(adapter, batch, rows_per_pass):
     compute = Compute(batch_size=rows_per_pass)

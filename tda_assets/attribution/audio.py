@@ -10,6 +10,7 @@ import soundfile as sf
 from .errors import AttributionInputError
 
 SILENCE_RMS = 1e-4
+MIN_SECONDS = 0.25  # shorter than a few latent frames: nothing to learn or attribute (often a truncated file)
 
 
 def decode_audio(data: bytes | None, item_id: str, sample_rate: int) -> np.ndarray:
@@ -29,6 +30,11 @@ def decode_audio(data: bytes | None, item_id: str, sample_rate: int) -> np.ndarr
     mono = samples.mean(axis=1)
     if mono.size == 0:
         raise AttributionInputError(f"item {item_id}: audio has no samples; replace the file")
+    if mono.size < MIN_SECONDS * sample_rate:
+        raise AttributionInputError(
+            f"item {item_id}: audio is only {1000 * mono.size / sample_rate:.0f} ms long (at least {MIN_SECONDS} s needed); "
+            "the file may be truncated: replace it"
+        )
     if not np.isfinite(mono).all():
         raise AttributionInputError(f"item {item_id}: audio contains NaN or inf samples; replace the file")
     if float(np.sqrt(np.mean(mono**2))) < SILENCE_RMS:

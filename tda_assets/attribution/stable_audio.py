@@ -286,14 +286,20 @@ class StableAudioAdapter(DiTAdapter):
         item_ids: list[str] | None = None,
         seconds_start: float | Sequence[float] = 0.0,
         seconds_end: float | Sequence[float] | None = None,
+        durations: Sequence[float] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Conditioning exactly as `StableAudioPipeline` builds it; `seconds_end` defaults to the window (`clip_seconds`).
+        """Conditioning exactly as `StableAudioPipeline` builds it.
+
+        `seconds_end` defaults to each item's audio duration (`durations`, capped at the window) as the model was
+        trained, else to the window (`clip_seconds`), as the pipeline generates.
 
         Returns `encoder_hidden_states` [b, max_tokens + 2, D] and `global_hidden_states` [b, 1, 2D] on CPU.
         """
         check_captions(captions, item_ids)
         n = len(captions)
         start = self._seconds(seconds_start, n, 0.0, "seconds_start")
+        if seconds_end is None and durations is not None:
+            seconds_end = [min(float(d), self.clip_seconds) for d in durations]
         end = self._seconds(seconds_end, n, self.clip_seconds, "seconds_end")
         bad = (end < start).nonzero().flatten().tolist()
         if bad:

@@ -6,7 +6,7 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -68,8 +68,11 @@ class EmbeddedAdapter(DiTAdapter):
         mask = torch.stack([(torch.arange(self.frontend.frames) * hop < max(ln, 1)).float() for ln in lengths])
         return latents, mask
 
-    def encode_text(self, captions: list[str], item_ids: list[str] | None = None) -> dict[str, torch.Tensor]:
-        """Conditioning tensors for captions (MiniLM token states and pooled embedding)."""
+    def encode_text(
+        self, captions: list[str], item_ids: list[str] | None = None, durations: Sequence[float] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Conditioning tensors for captions (MiniLM token states and pooled embedding); the embedded model is not
+        conditioned on duration, so `durations` is accepted for the common interface and unused."""
         return text.encode_captions(captions, item_ids)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
