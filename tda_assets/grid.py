@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from typing import Callable
 
 import polars as pl
-from dagster._core.errors import DagsterAssetCheckFailedError
+from dagster._core.errors import DagsterAssetCheckFailedError  # raised by a failed blocking check; not in the public API
 
 from resources.storage import Storage
 
 from . import tables
 from .configs import UnlearningConfig
 from .partitions import queries as queries_partitions
+from .query_assets import MIN_QUERY_LOSS_RATIO
 from .runner import Runner
 from .store import read_checkpoint_pointer
 
@@ -34,10 +35,6 @@ class GridRun:
     seconds: float = 0.0
     loss_ratio: float | None = None
     message: str = ""
-
-    @property
-    def failed(self) -> bool:
-        return self.status == "error"
 
 
 def select_queries(runner: Runner, queries: str | list[str] | None = None) -> list[str]:
@@ -76,8 +73,6 @@ def recorded_status(store: Storage, query_id: str, config_id: str, checkpoint_id
         return None
     if store.exists(tables.per_query_config("attribution_scores", query_id, config_id)):
         return "skipped"
-    from .query_assets import MIN_QUERY_LOSS_RATIO
-
     ratio = run["query_loss_after"][0] / run["query_loss_before"][0]
     return "skipped_failed" if ratio < MIN_QUERY_LOSS_RATIO else None
 
