@@ -14,22 +14,23 @@ from .partitions import check_slug
 
 GRID_FILE = Path(__file__).with_name("unlearning_grid.yaml")
 UNLEARNING_ASSETS = ("unlearned_model", "unlearned_losses", "attribution_scores")
+_ENGINE = UnlearningSettings()  # the engine's defaults are the one source of the Config's defaults
 
 
 class UnlearningConfig(Config):
     """One unlearning configuration (DESIGN §1); `config_id` names it in every table."""
 
     config_id: str = Field(default="default", description="name of this configuration in the tables (a safe slug)")
-    recipe: str = Field(default="newton", description="'newton' (Fisher-preconditioned step) or 'ewc_ascent'")
-    lr: float = 250.0
-    steps: int = 1
-    lambda_: float = Field(default=1.0, description="EWC penalty weight λ (ewc_ascent); column `lambda` in the tables")
-    param_subset: str = "all"
-    optimizer: str = "adam"
-    seed: int = 0
-    query_draws: int = 64
-    damping: float = 0.1
-    mask_padding: str = "unlearning"
+    recipe: str = Field(default=_ENGINE.recipe, description="'newton' (Fisher-preconditioned step) or 'ewc_ascent'")
+    lr: float = _ENGINE.lr
+    steps: int = _ENGINE.steps
+    lambda_: float = Field(default=_ENGINE.lambda_, description="EWC penalty weight λ (ewc_ascent); column `lambda` in the tables")
+    param_subset: str = _ENGINE.param_subset
+    optimizer: str = _ENGINE.optimizer
+    seed: int = _ENGINE.seed
+    query_draws: int = _ENGINE.query_draws
+    damping: float = _ENGINE.damping
+    mask_padding: str = _ENGINE.mask_padding
 
     def settings(self) -> UnlearningSettings:
         """The engine's settings; raises ValueError naming a bad field (unknown recipe, subset, optimizer, …)."""
