@@ -2,7 +2,6 @@
 
 import hashlib
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,17 +125,10 @@ def _resolve_s3_folder(source: str, cache_dir: str | None) -> ResolvedModel:
     if not listing:
         raise ModelSourceError(f"checkpoint {source!r}: no such folder on S3 (no objects under it); check the bucket and prefix")
     checkpoint_id = f"s3-{_slug(repr(sorted(listing.items())))}"
-    local = model_copies_dir(cache_dir) / checkpoint_id
-    if not (local / "_COMPLETE").exists():
-        tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            store.get_dir("", tmp, require_marker=False)
-        except StorageError as exc:
-            raise ModelSourceError(f"checkpoint {source!r}: {exc}") from None
-        (tmp / "_COMPLETE").write_text(source)
-        shutil.rmtree(local, ignore_errors=True)
-        os.replace(tmp, local)
+    try:
+        local = store.cached_copy("", model_copies_dir(cache_dir) / checkpoint_id, source.encode(), require_marker=False)
+    except StorageError as exc:
+        raise ModelSourceError(f"checkpoint {source!r}: {exc}") from None
     read_model_info(local)
     return ResolvedModel(checkpoint_id, local, source)
 

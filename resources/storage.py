@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
 import struct
 import uuid
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ if TYPE_CHECKING:
     import torch
 
 SUCCESS_MARKER = "_SUCCESS"
+CACHE_STAMP = "_COMPLETE"  # in a local copy made by `cached_copy`: what it was copied from
 
 
 class StorageError(RuntimeError):
@@ -283,6 +285,24 @@ class Storage:
             found = self.fs.find(root, detail=True) if self.fs.isdir(root) else {}
         return {p[len(root) + 1:]: f"{info.get('size')}:{info.get('ETag') or info.get('mtime')}" for p, info in found.items()
                 if not os.path.basename(p).startswith(".")}
+
+    def cached_copy(self, key: str, local_dir: str | Path, stamp: bytes, require_marker: bool = True) -> Path:
+        """`local_dir` holding a copy of the folder at `key`, fetched again unless it is stamped with `stamp`.
+
+        The copy is made in a temporary sibling folder and renamed into place, so a killed copy leaves the
+        old one or none.
+        """
+        local_dir = Path(local_dir)
+        stamp_file = local_dir / CACHE_STAMP
+        if stamp and stamp_file.is_file() and stamp_file.read_bytes() == stamp:
+            return local_dir
+        tmp = local_dir.with_name(f".{local_dir.name}.{os.getpid()}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.get_dir(key, tmp, require_marker=require_marker)
+        (tmp / CACHE_STAMP).write_bytes(stamp)
+        shutil.rmtree(local_dir, ignore_errors=True)
+        os.replace(tmp, local_dir)
+        return local_dir
 
     def get_dir(self, key: str, local_dir: str | Path, require_marker: bool = True) -> Path:
         """Copy a complete folder (one with `_SUCCESS`, unless require_marker=False) from the key to a local folder."""

@@ -70,11 +70,19 @@ def builtin_queries(storage, artists: int | None = None) -> list[str]:
     return ids
 
 
-def _start(command: str):
-    """A Runner on the instance of DAGSTER_HOME, its storage, and the start time; prints where they are."""
+def _runner(verbose: bool = True):
+    """A Runner on the instance of DAGSTER_HOME; Dagster's INFO logs only when `verbose`."""
     from .runner import Runner
 
     runner = Runner.create(_instance())
+    if not verbose:
+        runner.log_level = "WARNING"
+    return runner
+
+
+def _start(command: str):
+    """A Runner on the instance of DAGSTER_HOME, its storage, and the start time; prints where they are."""
+    runner = _runner()
     store = runner.resources["storage"].storage()
     print(f"tda {command}: storage {store.url}, Dagster instance {os.environ['DAGSTER_HOME']}")
     return runner, store, time.perf_counter()
@@ -117,22 +125,13 @@ def _print_grid(results) -> None:
         print(f"  {r.status}: {r.query_id} / {r.config_id} (query loss {ratio}) {r.message}")
 
 
-def _grid_runner(args: argparse.Namespace):
-    from .runner import Runner
-
-    runner = Runner.create(_instance())
-    if not getattr(args, "verbose", False):
-        runner.log_level = "WARNING"
-    return runner
-
-
 def cmd_grid(args: argparse.Namespace) -> int:
     from .configs import load_grid
     from .grid import select_queries
 
     start = time.perf_counter()
     configs = load_grid(args.grid_file)
-    runner = _grid_runner(args)
+    runner = _runner(args.verbose)
     query_ids = select_queries(runner, args.queries)
     if not query_ids:
         raise ValueError("no queries partitions yet: add queries (`tda add-query`) and run them (`tda demo` or the sensor)")
@@ -146,7 +145,7 @@ def cmd_grid(args: argparse.Namespace) -> int:
 def cmd_counterfactual(args: argparse.Namespace) -> int:
     from resources.query_engine import QueryEngine
 
-    runner = _grid_runner(args)
+    runner = _runner(args.verbose)
     ids = [q.strip() for q in args.queries.split(",")] if args.queries else None
     runner.phase("counterfactual", lambda: runner.counterfactual(query_ids=ids, n_queries=args.n_queries, k=args.k,
                                                                  train_steps=args.train_steps, config_id=args.config_id))
@@ -167,11 +166,12 @@ def _print_counterfactual(engine) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from dagster import AssetKey
+
     from resources.query_engine import QueryEngine
 
     from .configs import load_grid
     from .grid import ensure_query
-    from .report_assets import config_consistency, seed_groups
     from . import tables
 
     runner, store, start = _start("evaluate")
@@ -204,7 +204,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           " unlearning-vs-similarity pairs are in the next table):")
     table = engine.named("consistency_table")
     _print(table.filter(pl.col("pair") != "unlearning vs similarity"))
-    per_config = config_consistency(engine.sql("select * from consistency"), seed_groups(store))
+    report = runner.instance.get_latest_materialization_event(AssetKey("consistency_report")).asset_materialization.metadata
+    per_config = report["config_consistency"].value if "config_consistency" in report else []  # as the report computed it
     if per_config:
         print("\nMean Jaccard@10 per configuration (with its seed reruns, with the other configurations):")
         _print(pl.DataFrame(per_config))

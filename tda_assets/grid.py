@@ -60,29 +60,27 @@ def stale_configs(store: Storage, configs: list[UnlearningConfig]) -> set[str]:
     return stale
 
 
-def recorded_status(store: Storage, query_id: str, config_id: str, checkpoint_id: str) -> str | None:
+def recorded_run(store: Storage, query_id: str, config_id: str) -> dict | None:
+    """The pair's `unlearning_runs` row, or None when it has not run."""
+    key = tables.per_query_config("unlearning_runs", query_id, config_id)
+    return store.read_parquet(key).row(0, named=True) if store.exists(key) else None
+
+
+def loss_ratio(run: dict | None) -> float | None:
+    """Query loss after / before unlearning of a recorded run."""
+    return None if run is None else float(run["query_loss_after"] / run["query_loss_before"])
+
+
+def recorded_status(store: Storage, query_id: str, config_id: str, checkpoint_id: str, run: dict | None) -> str | None:
     """`skipped` when the attribution exists, `skipped_failed` when a failed unlearning is recorded, else None.
 
     Only runs of the current checkpoint count.
     """
-    runs_key = tables.per_query_config("unlearning_runs", query_id, config_id)
-    if not store.exists(runs_key):
-        return None
-    run = store.read_parquet(runs_key)
-    if "checkpoint_id" in run.columns and run["checkpoint_id"][0] != checkpoint_id:
+    if run is None or run.get("checkpoint_id", checkpoint_id) != checkpoint_id:
         return None
     if store.exists(tables.per_query_config("attribution_scores", query_id, config_id)):
         return "skipped"
-    ratio = run["query_loss_after"][0] / run["query_loss_before"][0]
-    return "skipped_failed" if ratio < MIN_QUERY_LOSS_RATIO else None
-
-
-def loss_ratio(store: Storage, query_id: str, config_id: str) -> float | None:
-    key = tables.per_query_config("unlearning_runs", query_id, config_id)
-    if not store.exists(key):
-        return None
-    run = store.read_parquet(key)
-    return float(run["query_loss_after"][0] / run["query_loss_before"][0])
+    return "skipped_failed" if loss_ratio(run) < MIN_QUERY_LOSS_RATIO else None
 
 
 def ensure_query(runner: Runner, store: Storage, query_id: str) -> None:
@@ -127,21 +125,22 @@ def run_grid(
         for ci, cfg in enumerate(configs):
             n = qi * len(configs) + ci + 1
             cid = cfg.config_id
-            status = None if force or cid in stale else recorded_status(store, qid, cid, checkpoint_id)
+            recorded = recorded_run(store, qid, cid)
+            status = None if force or cid in stale else recorded_status(store, qid, cid, checkpoint_id, recorded)
             if status:
-                results.append(GridRun(qid, cid, status, 0.0, loss_ratio(store, qid, cid)))
+                results.append(GridRun(qid, cid, status, 0.0, loss_ratio(recorded)))
                 continue
             start = time.perf_counter()
             try:
                 runner.attribute_config(qid, cfg)
-                run = GridRun(qid, cid, "done", time.perf_counter() - start, loss_ratio(store, qid, cid))
+                run = GridRun(qid, cid, "done", time.perf_counter() - start, loss_ratio(recorded_run(store, qid, cid)))
             except DagsterAssetCheckFailedError:
                 _forget_attribution(store, qid, cid)
-                run = GridRun(qid, cid, "check_failed", time.perf_counter() - start, loss_ratio(store, qid, cid),
+                run = GridRun(qid, cid, "check_failed", time.perf_counter() - start, loss_ratio(recorded_run(store, qid, cid)),
                               "unlearning did not raise the query loss enough (blocking check query_loss_raised)")
             except Exception as exc:  # noqa: BLE001 - one broken configuration must not stop the grid
                 _forget_attribution(store, qid, cid)
-                run = GridRun(qid, cid, "error", time.perf_counter() - start, loss_ratio(store, qid, cid),
+                run = GridRun(qid, cid, "error", time.perf_counter() - start, loss_ratio(recorded_run(store, qid, cid)),
                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
             results.append(run)
             ratio = f"×{run.loss_ratio:.2f}" if run.loss_ratio is not None else "—"

@@ -40,6 +40,7 @@ from .plots import attribution_plot
 from .store import (
     baseline_item_ids,
     baseline_matrix,
+    read_baseline,
     iter_training_batches,
     load_checkpoint,
     loss_matrix,
@@ -167,12 +168,13 @@ def attribution_scores(
     after = store.read_parquet(tables.per_query_config("unlearned_losses", qid, cid))
     item_ids = after["item_id"].unique(maintain_order=True).to_list()
     l_u = loss_matrix(after, item_ids, proto.draws, "loss_masked" if masked else "loss", "unlearned_losses")
-    l_0 = baseline_matrix(store, item_ids, proto.draws, masked)
+    baseline = read_baseline(store)
+    l_0 = baseline_matrix(baseline, item_ids, proto.draws, masked)
     s = score_items(l_0, l_u)
     df = pl.DataFrame({"method": "unlearning", "item_id": item_ids, "score": s["score"], "rank": s["rank"],
                        "relative_score": s["relative_score"], "skew_score": s["skew_score"], "share": s["share"]})
     uri = store.write_parquet(tables.per_query_config("attribution_scores", qid, cid), df)
-    n_train = len(baseline_item_ids(store))  # skipped bad items have no losses and no row
+    n_train = baseline["item_id"].n_unique()  # skipped bad items have no losses and no row
     top = _top_items(store, df)
     context.log.info(f"{qid}/{cid}: top-5 " + ", ".join(f"{t['item_id']} ({t['artist']})" for t in top))
     plot = attribution_plot(store, qid, cid, df)  # plots/top_k/<query>/<config>.png, shown in the UI

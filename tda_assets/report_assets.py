@@ -39,7 +39,6 @@ def consistency_rows(query_id: str, vectors: dict[str, pl.DataFrame]) -> list[di
 
 
 UNLEARNING = "unlearning:"
-SEED_FREE_FIELDS = ("recipe", "lr", "steps", "lambda", "param_subset", "optimizer", "query_draws", "damping", "mask_padding")
 
 
 def seed_groups(store) -> dict[str, str]:
@@ -47,7 +46,7 @@ def seed_groups(store) -> dict[str, str]:
     if not store.glob("unlearning_configs/*/part-*.parquet"):
         return {}
     df = store.read_parquet("unlearning_configs/*/part-*.parquet", hive=True)
-    cols = [c for c in SEED_FREE_FIELDS if c in df.columns]
+    cols = [c for c in df.columns if c not in ("config_id", "seed")]
     return {r["config_id"]: repr(tuple(r[c] for c in cols)) for r in df.to_dicts()}
 
 

@@ -69,14 +69,19 @@ class Runner:
         self.timings[name] = time.perf_counter() - start
         self.log(f"    {name}: {self.timings[name]:.1f}s")
 
-    def training_side(self, manifest_config: dict | None = None) -> None:
-        """Manifest, features of every shard, checkpoint, Fisher and baseline losses of every shard."""
+    def training_side(self, manifest_config: dict | None = None, skip: frozenset[str] = frozenset()) -> None:
+        """Manifest, features of every shard, checkpoint, Fisher and baseline losses of every shard (minus `skip`)."""
         cfg = {"ops": {"training_manifest": {"config": manifest_config}}} if manifest_config else None
-        self.phase("training_manifest", lambda: self.run(["training_manifest"], run_config=cfg))
-        self.phase("training_features", lambda: [self.run(["training_features"], s) for s in SHARD_KEYS])
-        self.phase("checkpoint", lambda: self.run(["checkpoint"]))
-        self.phase("fisher_diagonal", lambda: self.run(["fisher_diagonal"]))
-        self.phase("baseline_losses", lambda: [self.run(["baseline_losses"], s) for s in SHARD_KEYS])
+        phases = {
+            "training_manifest": lambda: self.run(["training_manifest"], run_config=cfg),
+            "training_features": lambda: [self.run(["training_features"], s) for s in SHARD_KEYS],
+            "checkpoint": lambda: self.run(["checkpoint"]),
+            "fisher_diagonal": lambda: self.run(["fisher_diagonal"]),
+            "baseline_losses": lambda: [self.run(["baseline_losses"], s) for s in SHARD_KEYS],
+        }
+        for name, fn in phases.items():
+            if name not in skip:
+                self.phase(name, fn)
 
     def training_side_if_needed(self, manifest_config: dict | None = None) -> None:
         """The training side, skipping each phase whose outputs already exist under the storage root.
@@ -100,21 +105,12 @@ class Runner:
             df = store.read_parquet(key).select("checkpoint_id", "protocol_id").unique()
             return df.rows() == [(pointer["checkpoint_id"], proto.protocol_id)]
 
-        have_baseline = all(baseline_current(s) for s in SHARD_KEYS)
-        if have_manifest and have_features and pointer and have_fisher and have_baseline:
+        have = {"training_manifest": have_manifest, "training_features": have_features, "checkpoint": pointer is not None,
+                "fisher_diagonal": have_fisher, "baseline_losses": pointer is not None and all(map(baseline_current, SHARD_KEYS))}
+        if all(have.values()):
             self.log(f"==> training side: already materialized (checkpoint {pointer['checkpoint_id']}), skipped")
             return
-        cfg = {"ops": {"training_manifest": {"config": manifest_config}}} if manifest_config else None
-        if not have_manifest:
-            self.phase("training_manifest", lambda: self.run(["training_manifest"], run_config=cfg))
-        if not have_features:
-            self.phase("training_features", lambda: [self.run(["training_features"], s) for s in SHARD_KEYS])
-        if pointer is None:
-            self.phase("checkpoint", lambda: self.run(["checkpoint"]))
-        if pointer is None or not have_fisher:
-            self.phase("fisher_diagonal", lambda: self.run(["fisher_diagonal"]))
-        if pointer is None or not have_baseline:
-            self.phase("baseline_losses", lambda: [self.run(["baseline_losses"], s) for s in SHARD_KEYS])
+        self.training_side(manifest_config, skip=frozenset(name for name, done in have.items() if done))
 
     def sensor_tick(self) -> list[str]:
         """Evaluate the inbox sensor once: add its partitions and return the requested query ids."""

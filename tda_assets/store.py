@@ -6,7 +6,6 @@ import functools
 import hashlib
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -113,16 +112,7 @@ def local_model_folder(storage: Storage, pointer: dict, model_source: ModelSourc
         # the upload's _SUCCESS token keys the local copy: a re-trained folder under the same id is fetched again
         token = storage.read_bytes(f"{key}/{SUCCESS_MARKER}")
         slug = hashlib.sha1(storage.uri(key).encode()).hexdigest()[:10]
-        cache = model_copies_dir(model_source.cache_dir) / f"{pointer['checkpoint_id']}-{slug}"
-        marker = cache / SUCCESS_MARKER
-        if not (token and marker.is_file() and marker.read_bytes() == token):
-            tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            storage.get_dir(key, tmp)
-            (tmp / SUCCESS_MARKER).write_bytes(token)
-            shutil.rmtree(cache, ignore_errors=True)
-            os.replace(tmp, cache)
-        return cache
+        return storage.cached_copy(key, model_copies_dir(model_source.cache_dir) / f"{pointer['checkpoint_id']}-{slug}", token)
     source = pointer["source"]  # what the checkpoint asset recorded, pinned to the resolved hub commit
     if source.startswith("hf://") and pointer.get("revision"):
         source = f"{source.partition('@')[0]}@{pointer['revision']}"
@@ -149,10 +139,14 @@ def read_table(storage: Storage, pattern: str) -> pl.DataFrame:
     return pl.concat([storage.read_parquet(k) for k in keys], how="vertical_relaxed")
 
 
-def baseline_matrix(storage: Storage, item_ids: list[str], draws: int, masked: bool) -> np.ndarray:
-    """`L0` as [N, K] in the order of `item_ids` (raises if any item or draw is missing)."""
-    df = read_table(storage, "baseline_losses/shard=*/part-*.parquet")
-    return loss_matrix(df, item_ids, draws, "loss_masked" if masked else "loss", "baseline_losses")
+def read_baseline(storage: Storage) -> pl.DataFrame:
+    """Every shard's `baseline_losses` rows as one frame."""
+    return read_table(storage, "baseline_losses/shard=*/part-*.parquet")
+
+
+def baseline_matrix(baseline: pl.DataFrame, item_ids: list[str], draws: int, masked: bool) -> np.ndarray:
+    """`L0` as [N, K] in the order of `item_ids` from `read_baseline` rows (raises if any item or draw is missing)."""
+    return loss_matrix(baseline, item_ids, draws, "loss_masked" if masked else "loss", "baseline_losses")
 
 
 def loss_matrix(df: pl.DataFrame, item_ids: list[str], draws: int, column: str, table: str) -> np.ndarray:
@@ -170,7 +164,7 @@ def loss_matrix(df: pl.DataFrame, item_ids: list[str], draws: int, column: str, 
 
 def baseline_item_ids(storage: Storage) -> list[str]:
     """The training items that have baseline losses: the manifest's items minus any skipped as bad (`skip_bad_items`)."""
-    return read_table(storage, "baseline_losses/shard=*/part-*.parquet")["item_id"].unique(maintain_order=True).to_list()
+    return read_baseline(storage)["item_id"].unique(maintain_order=True).to_list()
 
 
 def query_batch(storage: Storage, query_id: str) -> ItemBatch:

@@ -174,3 +174,16 @@ def test_delete_recursive_removes_a_folder(storage):
     storage.write_bytes("a/b/c.txt", b"x")
     storage.delete("a", recursive=True)
     assert not storage.exists("a/b/c.txt") and storage.glob("a/**") == []
+
+
+def test_cached_copy_is_reused_for_the_same_stamp_and_fetched_again_for_a_new_one(tmp_path):
+    storage = Storage(str(tmp_path / "root"))
+    storage.write_bytes("models/m/config.json", b"v1")
+    local = tmp_path / "cache" / "m"
+    assert storage.cached_copy("models/m", local, b"upload-1", require_marker=False) == local
+    storage.write_bytes("models/m/config.json", b"v2")
+    storage.cached_copy("models/m", local, b"upload-1", require_marker=False)
+    assert (local / "config.json").read_bytes() == b"v1"  # same stamp: the copy is kept
+    storage.cached_copy("models/m", local, b"upload-2", require_marker=False)
+    assert (local / "config.json").read_bytes() == b"v2"
+    assert [p.name for p in local.parent.iterdir()] == ["m"]  # no temporary folder left beside it
