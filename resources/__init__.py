@@ -1,14 +1,34 @@
-"""Dagster resources: the storage root, the model source, the compute device, the loss protocol, the DuckDB engine."""
+"""Dagster resources (storage root, model source, compute, loss protocol, DuckDB engine, training data, inbox),
+built from the environment in one place: `build_resources(Env.read())`.
 
-from .compute import ComputeResource, LossProtocolResource
-from .model_source import ModelSourceResource
-from .storage_resource import QueryEngineResource, StorageResource, default_storage_url
+Exports are lazy so that `resources.env` (plain Python) imports without Dagster.
+"""
 
-__all__ = [
-    "ComputeResource",
-    "LossProtocolResource",
-    "ModelSourceResource",
-    "QueryEngineResource",
-    "StorageResource",
-    "default_storage_url",
-]
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ComputeResource": ".compute", "LossProtocolResource": ".compute", "ModelSourceResource": ".model_source",
+    "QueryEngineResource": ".storage", "StorageResource": ".storage", "TrainingDataResource": ".data",
+    "InboxResource": ".data", "build_resources": ".build", "Env": ".env",
+}
+
+if TYPE_CHECKING:
+    from .build import build_resources
+    from .compute import ComputeResource, LossProtocolResource
+    from .env import Env
+    from .data import InboxResource, TrainingDataResource
+    from .model_source import ModelSourceResource
+    from .storage import QueryEngineResource, StorageResource
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'resources' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
+
+
+__all__ = ["ComputeResource", "Env", "InboxResource", "LossProtocolResource", "ModelSourceResource", "QueryEngineResource",
+           "StorageResource", "TrainingDataResource", "build_resources"]

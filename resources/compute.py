@@ -13,7 +13,6 @@ class ComputeResource(ConfigurableResource):
     device: str = "auto"
     autocast_dtype: str | None = None
     batch_size: int = 256
-    item_batch_size: int = 32
     threads: int | None = None
 
     def compute(self) -> Compute:

@@ -1,160 +1,15 @@
-"""Where the checkpoint comes from: `embedded`, a local folder, an `s3://` folder, or `hf://<repo>@<revision>`."""
+"""The checkpoint to attribute, as a Dagster resource over the plain `ModelSource`."""
 
-import hashlib
-import os
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
-
-from dagster import ConfigurableResource
+from dagster import ConfigurableResource, EnvVar
 from pydantic import Field
 
-from tda_assets.attribution.errors import ModelSourceError
-from tda_assets.attribution.model_folder import read_model_info
+from tda_assets.models.sources import ModelSource
 
-
-@dataclass(frozen=True)
-class ResolvedModel:
-    """A checkpoint made concrete: its id, a local diffusers folder, and what it was resolved from."""
-
-    checkpoint_id: str
-    folder: Path
-    source: str
-    revision: str | None = None
-
-
-def _slug(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:10]
-
-
-def parse_hf(source: str) -> tuple[str, str | None]:
-    """`hf://org/name@rev` → (`org/name`, `rev`)."""
-    spec = source[len("hf://") :]
-    repo, _, revision = spec.partition("@")
-    if repo.count("/") != 1 or not all(repo.split("/")):
-        raise ModelSourceError(f"checkpoint {source!r}: write a hub checkpoint as hf://<org>/<name>@<revision>")
-    return repo, revision or None
-
-
-def _env_true(name: str) -> bool:
-    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _hub_cache(cache_dir: str | None) -> str | None:
-    """The hub cache: `cache_dir`, else HF_HUB_CACHE / HF_HOME read now (huggingface_hub reads them at import)."""
-    if cache_dir:
-        return cache_dir
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    if os.environ.get("HF_HOME"):
-        return str(Path(os.environ["HF_HOME"]) / "hub")
-    return None
-
-
-def _cached_revisions(cache: str | None, repo: str) -> list[str] | None:
-    """Branches/tags and commits of `repo` in the local hub cache, or None when the repo is not cached at all."""
-    from huggingface_hub import constants
-
-    folder = Path(cache or constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
-    if not folder.is_dir():
-        return None
-    refs = sorted(p.relative_to(folder / "refs").as_posix() for p in (folder / "refs").rglob("*") if p.is_file())
-    snapshots = sorted(p.name for p in (folder / "snapshots").glob("*") if p.is_dir())
-    return refs + snapshots
-
-
-def resolve_hf(source: str, token: str | None = None, cache_dir: str | None = None) -> ResolvedModel:
-    """Download (or find in the local hub cache, honouring HF_HUB_OFFLINE) a pinned hub snapshot."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import (
-        HFValidationError,
-        IncompleteSnapshotError,
-        LocalEntryNotFoundError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    repo, revision = parse_hf(source)
-    if revision is None:
-        raise ModelSourceError(f"checkpoint {source!r} has no revision: pin one, e.g. hf://{repo}@<commit sha or tag>")
-    cache = _hub_cache(cache_dir)
-    offline = _env_true("HF_HUB_OFFLINE")
-    try:
-        folder = Path(snapshot_download(repo_id=repo, revision=revision, token=token, cache_dir=cache, local_files_only=offline))
-    except RevisionNotFoundError as exc:
-        raise ModelSourceError(f"checkpoint {source!r}: revision {revision!r} does not exist in {repo}; check the tag or commit") from exc
-    except RepositoryNotFoundError as exc:
-        raise ModelSourceError(f"checkpoint {source!r}: repository {repo} not found (or HF_TOKEN lacks access)") from exc
-    except HFValidationError as exc:
-        raise ModelSourceError(f"checkpoint {source!r}: {repo!r} is not a valid hub repository id ({exc})") from exc
-    except IncompleteSnapshotError as exc:
-        raise ModelSourceError(
-            f"checkpoint {source!r}: the cached snapshot of {repo}@{revision} is incomplete; "
-            "download it again with network access (HF_HUB_OFFLINE unset)"
-        ) from exc
-    except LocalEntryNotFoundError as exc:
-        cached = _cached_revisions(cache, repo)
-        where = f"the hub cache {cache or 'at HF_HOME'}"
-        if cached is None:
-            what = f"repository {repo} is not in {where}"
-        else:
-            what = f"revision {revision!r} of {repo} is not in {where} (cached: {', '.join(cached) or 'none'})"
-        reason = "the hub is offline (HF_HUB_OFFLINE=1)" if offline else "the hub cannot be reached"
-        raise ModelSourceError(
-            f"checkpoint {source!r}: {what} and {reason}; download it once with network access "
-            "or point HF_HOME at a cache that has it"
-        ) from exc
-    read_model_info(folder)
-    return ResolvedModel(f"hf-{repo.replace('/', '-')}-{folder.name[:12]}", folder, source, folder.name)
-
-
-def model_copies_dir(cache_dir: str | None) -> Path:
-    """Where local copies of model folders (from S3 or a remote storage root) go: `<cache_dir or tmp>/tda-models`."""
-    return Path(cache_dir or tempfile.gettempdir()) / "tda-models"
-
-
-def _resolve_s3_folder(source: str, cache_dir: str | None) -> ResolvedModel:
-    """Copy an `s3://` model folder to a local cache keyed by its listing (so a re-upload is a new checkpoint)."""
-    from .storage import Storage, StorageError
-
-    try:
-        store = Storage(source)  # endpoint, region and credentials from the AWS variables, S3 errors explained
-        listing = store.listing()
-    except StorageError as exc:
-        raise ModelSourceError(f"checkpoint {source!r}: {exc}") from None
-    if not listing:
-        raise ModelSourceError(f"checkpoint {source!r}: no such folder on S3 (no objects under it); check the bucket and prefix")
-    checkpoint_id = f"s3-{_slug(repr(sorted(listing.items())))}"
-    try:
-        local = store.cached_copy("", model_copies_dir(cache_dir) / checkpoint_id, source.encode(), require_marker=False)
-    except StorageError as exc:
-        raise ModelSourceError(f"checkpoint {source!r}: {exc}") from None
-    read_model_info(local)
-    return ResolvedModel(checkpoint_id, local, source)
-
-
-def resolve_folder(source: str, cache_dir: str | None = None) -> ResolvedModel:
-    """A local folder (path or file://) or an `s3://` folder copied to a local cache."""
-    if source.startswith("s3://"):
-        return _resolve_s3_folder(source, cache_dir)
-    folder = Path(source.removeprefix("file://")).expanduser()
-    if not folder.is_dir():
-        raise ModelSourceError(f"checkpoint {source!r}: folder not found; give a diffusers model folder, s3://…, hf://…@rev or 'embedded'")
-    read_model_info(folder)
-    return ResolvedModel(f"local-{_slug(str(folder.resolve()))}", folder, source)
-
-
-def resolve_source(source: str, token: str | None = None, cache_dir: str | None = None) -> ResolvedModel:
-    """Any non-embedded source to a local model folder (raises ModelSourceError with the fix)."""
-    if source == "embedded":
-        raise ModelSourceError("the embedded checkpoint is trained by the `checkpoint` asset, not resolved")
-    if source.startswith("hf://"):
-        return resolve_hf(source, token, cache_dir)
-    return resolve_folder(source, cache_dir)
+from .env import hub_cache, hub_offline
 
 
 class ModelSourceResource(ConfigurableResource):
-    """The checkpoint to attribute: `embedded` (trained by the `checkpoint` asset), a folder, `s3://…` or `hf://repo@rev`."""
+    """`embedded` (trained by the `checkpoint` asset), a folder, `s3://…` or `hf://repo@rev`."""
 
     source: str = "embedded"
     hf_token: str | None = None
@@ -168,6 +23,8 @@ class ModelSourceResource(ConfigurableResource):
     def is_embedded(self) -> bool:
         return self.source == "embedded"
 
-    def resolve(self, source: str | None = None) -> ResolvedModel:
-        """Resolve this (or a recorded) non-embedded source to a local model folder (ModelSourceError with the fix)."""
-        return resolve_source(source or self.source, self.hf_token, self.cache_dir)
+    def model_source(self) -> ModelSource:
+        """The plain source the lower layers take (the hub's cache variables read now, as huggingface_hub does)."""
+        token = self.hf_token.get_value() if isinstance(self.hf_token, EnvVar) else self.hf_token
+        return ModelSource(self.source, token, self.cache_dir, hub_cache(self.cache_dir), hub_offline(),
+                           self.train_steps, self.train_seed)

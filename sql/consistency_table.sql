@@ -1,10 +1,15 @@
 -- consistency_table: the paper-style table, mean Jaccard@10/50/100 and Spearman over queries per pair of rankings.
 -- One row per pair (left, right; the order of the pair does not matter), also Pearson and n_queries.
 -- Labels: `unlearning:<config_id>` (configurations, seed reruns) or `similarity:<embedding>`.
--- `pair` says what is compared: `seed rerun` (two configurations equal but for their seed), `configurations`
+-- `pair` says what is compared: `seed rerun` (two configurations equal in every field of unlearning_configs but
+-- their seed, and of different seeds: an identical configuration under another name is not a rerun), `configurations`
 -- (two unlearning configurations), `unlearning vs similarity`, or `similarity methods`.
 -- params: (none)
-WITH pairs AS (
+WITH families AS (
+    SELECT config_id, seed, to_json(struct_pack(*COLUMNS(* EXCLUDE (config_id, seed)))) AS family
+    FROM unlearning_configs
+),
+pairs AS (
     SELECT least("left", "right") AS l, greatest("left", "right") AS r, query_id, metric, k, value
     FROM consistency
 ),
@@ -21,10 +26,7 @@ agg AS (
 )
 SELECT a.l AS "left", a.r AS "right",
        CASE
-           WHEN a.l LIKE 'unlearning:%' AND a.r LIKE 'unlearning:%'
-                AND cl.recipe = cr.recipe AND cl.lr = cr.lr AND cl.steps = cr.steps AND cl."lambda" = cr."lambda"
-                AND cl.param_subset = cr.param_subset AND cl.optimizer = cr.optimizer
-                AND cl.query_draws = cr.query_draws AND cl.damping = cr.damping AND cl.mask_padding = cr.mask_padding
+           WHEN a.l LIKE 'unlearning:%' AND a.r LIKE 'unlearning:%' AND cl.family = cr.family AND cl.seed <> cr.seed
                THEN 'seed rerun'
            WHEN a.l LIKE 'unlearning:%' AND a.r LIKE 'unlearning:%' THEN 'configurations'
            WHEN a.l LIKE 'similarity:%' AND a.r LIKE 'similarity:%' THEN 'similarity methods'
@@ -32,6 +34,6 @@ SELECT a.l AS "left", a.r AS "right",
        END AS pair,
        a.jaccard_10, a.jaccard_50, a.jaccard_100, a.spearman, a.pearson, a.n_queries
 FROM agg AS a
-LEFT JOIN unlearning_configs AS cl ON a.l = 'unlearning:' || cl.config_id
-LEFT JOIN unlearning_configs AS cr ON a.r = 'unlearning:' || cr.config_id
+LEFT JOIN families AS cl ON a.l = 'unlearning:' || cl.config_id
+LEFT JOIN families AS cr ON a.r = 'unlearning:' || cr.config_id
 ORDER BY "left", "right";

@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from tda_assets.attribution.adapter import ItemBatch
-from tda_assets.attribution.audio import decode_audio
+from tda_assets.data.audio import decode_audio
 from tda_assets.attribution.devices import Compute
-from tda_assets.attribution.embedded.corpus import generate_corpus
-from tda_assets.attribution.embedded.model import EmbeddedAdapter, TrainingSettings, train_denoiser
+from tda_assets.data.corpus import generate_corpus
+from tda_assets.models.embedded.model import EmbeddedAdapter, TrainingSettings, train_denoiser
 from tda_assets.attribution.fisher import fisher_diagonal
 from tda_assets.attribution.protocol import LossProtocol
 from tests.s3_server import s3_root  # noqa: F401  (fixture)

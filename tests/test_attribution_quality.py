@@ -8,9 +8,9 @@ import torch
 
 from tda_assets.attribution.adapter import ItemBatch, apply_delta
 from tda_assets.attribution.devices import Compute
-from tda_assets.attribution.embedded.corpus import ARTISTS, style_prompt
+from tda_assets.data.corpus import ARTISTS, style_prompt
 from tda_assets.attribution.losses import batch_losses
-from tda_assets.attribution.sampling import generate_latents
+from tda_assets.models.sampling import generate_latents
 from tda_assets.attribution.scores import attribution_scores
 from tda_assets.attribution.unlearn import UnlearningSettings, unlearn
 

@@ -8,10 +8,10 @@ import soundfile as sf
 import torch
 
 from tda_assets.attribution.adapter import ItemBatch
-from tda_assets.attribution.audio import decode_audio
+from tda_assets.data.audio import decode_audio
 from tda_assets.attribution.devices import Compute
-from tda_assets.attribution.embedded.model import EmbeddedAdapter
-from tda_assets.attribution.embedded.text import encode_captions
+from tda_assets.models.embedded.model import EmbeddedAdapter
+from tda_assets.models.embedded.text import encode_captions
 from tda_assets.attribution.errors import AttributionInputError
 from tda_assets.attribution.losses import batch_losses
 from tda_assets.attribution.protocol import LossProtocol

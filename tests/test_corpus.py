@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tda_assets.attribution.embedded.corpus import (
+from tda_assets.data.corpus import (
     ARTISTS,
     CLIP_SECONDS,
     SAMPLE_RATE,

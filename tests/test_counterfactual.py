@@ -6,13 +6,13 @@ import polars as pl
 import pytest
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
-from resources.query_engine import QueryEngine
+from tda_assets.io.query_engine import QueryEngine
 from tda_assets.attribution.adapter import ItemBatch
-from tda_assets.cli import builtin_queries
-from tda_assets.configs import UnlearningConfig
-from tda_assets.evaluation_assets import CHECK, random_items, without
-from tda_assets.plots import PNG_SIGNATURE
-from tda_assets.runner import Runner
+from tda_assets.data.demo import builtin_queries
+from tda_assets.defs.configs import UnlearningConfig
+from tda_assets.defs.assets.evaluation import CHECK, random_items, without
+from tda_assets.defs.plots import PNG_SIGNATURE
+from tda_assets.experiments.runner import Runner
 
 ARTISTS, CLIPS, STEPS, K = 3, 4, 40, 2
 

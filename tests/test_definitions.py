@@ -46,7 +46,7 @@ def test_partitions_are_shards_and_dynamic_queries(tmp_path):
 def test_runner_sets_the_console_log_level_also_for_a_run_config_object():
     from dagster import RunConfig
 
-    from tda_assets.runner import with_console_level
+    from tda_assets.experiments.runner import with_console_level
 
     level = {"console": {"config": {"log_level": "WARNING"}}}
     assert with_console_level(RunConfig(ops={"a": {"config": {}}}), "WARNING")["loggers"] == level

@@ -5,7 +5,7 @@ import torch
 from resources import ComputeResource
 from tda_assets.attribution.adapter import ItemBatch
 from tda_assets.attribution.devices import Compute
-from tda_assets.attribution.embedded.model import EmbeddedAdapter
+from tda_assets.models.embedded.model import EmbeddedAdapter
 from tda_assets.attribution.fisher import fisher_diagonal
 from tda_assets.attribution.losses import batch_losses, stream_losses
 from tda_assets.attribution.protocol import LossProtocol

@@ -8,10 +8,10 @@ import io
 import pytest
 from dagster import DagsterInstance
 
-from resources.query_engine import QueryEngine
-from resources.storage import Storage
+from tda_assets.io.query_engine import QueryEngine
+from tda_assets.io.storage import Storage
 from tda_assets.cli import main
-from tda_assets.runner import Runner
+from tda_assets.experiments.runner import Runner
 
 GRID = """
 configs:

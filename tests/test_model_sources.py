@@ -12,13 +12,14 @@ import pytest
 from dagster import AssetKey, DagsterInstance, EnvVar, materialize
 
 from resources import ComputeResource, ModelSourceResource, StorageResource
-from resources.model_source import resolve_folder, resolve_hf, resolve_source
-from resources.storage import Storage
-from tda_assets.attribution.embedded.model import EmbeddedAdapter
+from tda_assets.models.sources import resolve_folder, resolve_hf, resolve_source
+from tda_assets.io.storage import Storage
+from tda_assets.models.embedded.model import EmbeddedAdapter
 from tda_assets.attribution.errors import ModelSourceError
-from tda_assets.attribution.model_folder import load_model, save_model
-from tda_assets.model_assets import checkpoint
-from tda_assets.store import local_model_folder, read_checkpoint_pointer
+from tda_assets.models.model_folder import load_model, save_model
+from tda_assets.defs.assets.model import checkpoint
+from tda_assets.models.sources import ModelSource
+from tda_assets.io.checkpoints import CheckpointRecord, local_model_folder, read_checkpoint_record
 
 REPO = "tda-test/tiny-embedded"
 COMMIT = hashlib.sha1(b"tiny-embedded v1").hexdigest()
@@ -66,7 +67,7 @@ def hub(tmp_path, model_files, monkeypatch) -> Path:
 
 
 def test_hub_tag_resolves_offline_and_pins_the_commit(hub):
-    resolved = resolve_hf(f"hf://{REPO}@v1", cache_dir=str(hub))
+    resolved = resolve_hf(f"hf://{REPO}@v1", cache_dir=str(hub), offline=True)
     assert resolved.revision == COMMIT
     assert resolved.folder == hub / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
     assert resolved.checkpoint_id == f"hf-tda-test-tiny-embedded-{COMMIT[:12]}"
@@ -74,28 +75,30 @@ def test_hub_tag_resolves_offline_and_pins_the_commit(hub):
 
 
 def test_hub_commit_sha_resolves_offline(hub):
-    assert resolve_hf(f"hf://{REPO}@{COMMIT}", cache_dir=str(hub)).revision == COMMIT
+    assert resolve_hf(f"hf://{REPO}@{COMMIT}", cache_dir=str(hub), offline=True).revision == COMMIT
 
 
-def test_hub_cache_is_found_through_hf_home(hub, monkeypatch):
-    monkeypatch.setenv("HF_HOME", str(hub.parent))  # HF_HOME read when resolving, not at import
+def test_hub_cache_and_offline_mode_are_read_from_the_environment_when_resolving(hub, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(hub.parent))  # read when the resource gives its source, not at import
     monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    assert resolve_source(f"hf://{REPO}@main").revision == COMMIT
+    source = ModelSourceResource(source=f"hf://{REPO}@main").model_source()
+    assert source.hub_cache == str(hub) and source.offline
+    assert source.resolve().revision == COMMIT
 
 
 def test_unknown_hub_repo_names_the_repo(hub):
     with pytest.raises(ModelSourceError, match=r"repository tda-test/no-such-model is not in the hub cache .*HF_HUB_OFFLINE=1"):
-        resolve_hf("hf://tda-test/no-such-model@main", cache_dir=str(hub))
+        resolve_hf("hf://tda-test/no-such-model@main", cache_dir=str(hub), offline=True)
 
 
 def test_unknown_hub_revision_names_it_and_lists_the_cached_ones(hub):
     with pytest.raises(ModelSourceError, match=rf"revision 'v9' of {REPO} is not in the hub cache .*cached: main, v1, {COMMIT}"):
-        resolve_hf(f"hf://{REPO}@v9", cache_dir=str(hub))
+        resolve_hf(f"hf://{REPO}@v9", cache_dir=str(hub), offline=True)
 
 
 def test_hub_source_without_revision_gives_the_fix(hub):
     with pytest.raises(ModelSourceError, match=rf"has no revision: pin one, e.g. hf://{REPO}@<commit sha or tag>"):
-        resolve_hf(f"hf://{REPO}", cache_dir=str(hub))
+        resolve_hf(f"hf://{REPO}", cache_dir=str(hub), offline=True)
 
 
 def test_malformed_hub_source_gives_the_form(hub):
@@ -107,7 +110,7 @@ def test_incomplete_hub_snapshot_says_so(hub):
     snapshot = hub / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
     (snapshot / "tda_model.json").unlink()
     with pytest.raises(ModelSourceError, match=rf"cached snapshot of {REPO}@main is incomplete"):
-        resolve_hf(f"hf://{REPO}@main", cache_dir=str(hub))
+        resolve_hf(f"hf://{REPO}@main", cache_dir=str(hub), offline=True)
 
 
 def test_hub_repo_of_the_wrong_kind_is_refused(tmp_path, monkeypatch):
@@ -117,7 +120,7 @@ def test_hub_repo_of_the_wrong_kind_is_refused(tmp_path, monkeypatch):
     (files / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
     lay_out_snapshot(tmp_path / "hub", "org/sd", COMMIT, files)
     with pytest.raises(ModelSourceError, match="holds a diffusers StableDiffusionPipeline, not a text-to-music model"):
-        resolve_hf("hf://org/sd@main", cache_dir=str(tmp_path / "hub"))
+        resolve_hf("hf://org/sd@main", cache_dir=str(tmp_path / "hub"), offline=True)
 
 
 def test_local_folder_resolves(model_files):
@@ -157,27 +160,27 @@ def test_s3_folder_resolves_to_a_local_copy(s3_root, model_files, tmp_path):
     models = Storage(url)
     for f in sorted(p for p in model_files.rglob("*") if p.is_file()):
         models.write_bytes(f.relative_to(model_files).as_posix(), f.read_bytes())
-    resolved = resolve_source(url, cache_dir=str(tmp_path))
+    resolved = resolve_source(url, copies_dir=str(tmp_path))
     assert resolved.checkpoint_id.startswith("s3-") and resolved.folder.is_relative_to(tmp_path)
     assert (resolved.folder / "transformer" / "config.json").read_bytes() == (model_files / "transformer" / "config.json").read_bytes()
-    assert resolve_source(url, cache_dir=str(tmp_path)).checkpoint_id == resolved.checkpoint_id
+    assert resolve_source(url, copies_dir=str(tmp_path)).checkpoint_id == resolved.checkpoint_id
     models.write_bytes("tda_model.json", (model_files / "tda_model.json").read_bytes() + b"\n")  # a re-upload
-    assert resolve_source(url, cache_dir=str(tmp_path)).checkpoint_id != resolved.checkpoint_id
+    assert resolve_source(url, copies_dir=str(tmp_path)).checkpoint_id != resolved.checkpoint_id
 
 
 def test_hf_token_comes_from_the_environment_as_an_envvar(monkeypatch):
-    from tda_assets.definitions import build_resources
+    from resources import Env, build_resources
 
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")
     monkeypatch.setenv("TDA_CHECKPOINT", f"hf://{REPO}@v1")
-    source = build_resources("/tmp/unused")["model_source"]
+    source = build_resources(Env.read())["model_source"]
     assert source.hf_token == EnvVar("HF_TOKEN") and source.source == f"hf://{REPO}@v1"
 
 
 def test_checkpoint_asset_records_the_pinned_hub_revision(hub, tmp_path, monkeypatch):
     store_url = str(tmp_path / "storage")
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")  # resolved by Dagster at run time; unused offline
-    source = ModelSourceResource(source=f"hf://{REPO}@main", hf_token=EnvVar("HF_TOKEN"), cache_dir=str(hub))
+    source = ModelSourceResource(source=f"hf://{REPO}@main", hf_token=EnvVar("HF_TOKEN"), cache_dir=str(hub), offline=True)
     instance = DagsterInstance.ephemeral()
     result = materialize([checkpoint], instance=instance, resources={
         "storage": StorageResource(url=store_url), "model_source": source, "compute": ComputeResource(device="cpu")})
@@ -185,25 +188,25 @@ def test_checkpoint_asset_records_the_pinned_hub_revision(hub, tmp_path, monkeyp
     meta = instance.get_latest_materialization_event(AssetKey("checkpoint")).asset_materialization.metadata
     assert meta["kind"].value == "external" and meta["source"].value == f"hf://{REPO}@main"
     assert meta["revision"].value == COMMIT and meta["checkpoint_id"].value.endswith(COMMIT[:12])
-    pointer = read_checkpoint_pointer(Storage(store_url))
-    assert pointer["revision"] == COMMIT
+    record = read_checkpoint_record(Storage(store_url))
+    assert record.revision == COMMIT
 
     # `main` moves on in the cache: later steps still load the recorded commit
     lay_out_snapshot(hub, REPO, COMMIT_2, Path(meta["local_folder"].value), refs=("main",))
-    assert resolve_hf(f"hf://{REPO}@main", cache_dir=str(hub)).revision == COMMIT_2
-    folder = local_model_folder(Storage(store_url), pointer, ModelSourceResource(source="embedded", cache_dir=str(hub)))
+    assert resolve_hf(f"hf://{REPO}@main", cache_dir=str(hub), offline=True).revision == COMMIT_2
+    folder = local_model_folder(Storage(store_url), record, ModelSource(hub_cache=str(hub), offline=True))
     assert folder.name == COMMIT
 
 
 def test_a_checkpoint_on_an_s3_storage_root_is_copied_into_the_model_cache(s3_root, model_files, tmp_path, monkeypatch):
-    from tda_assets.definitions import build_resources
-    from tda_assets.store import local_model_folder
+    from resources import Env, build_resources
 
     monkeypatch.setenv("TDA_MODEL_CACHE", str(tmp_path / "models"))
-    source = build_resources(s3_root)["model_source"]
+    source = build_resources(Env.read().with_storage(s3_root))["model_source"]
     assert source.cache_dir == str(tmp_path / "models")
     store = Storage(s3_root)
     store.put_dir(model_files, "checkpoint/abc")
-    folder = local_model_folder(store, {"kind": "embedded", "folder_key": "checkpoint/abc", "checkpoint_id": "abc"}, source)
+    record = CheckpointRecord("abc", "embedded", "embedded", encoder_id="enc", folder_key="checkpoint/abc")
+    folder = local_model_folder(store, record, source.model_source())
     assert folder.parent == tmp_path / "models" / "tda-models"
     assert (folder / "tda_model.json").read_bytes() == (model_files / "tda_model.json").read_bytes()

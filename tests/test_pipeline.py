@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from resources.query_engine import QueryEngine
-from tda_assets.cli import builtin_queries
-from tda_assets.configs import UnlearningConfig
-from tda_assets.inbox import add_query
-from tda_assets.runner import Runner
+from tda_assets.io.query_engine import QueryEngine
+from tda_assets.data.demo import builtin_queries
+from tda_assets.defs.configs import UnlearningConfig
+from tda_assets.data.inbox import add_query
+from tda_assets.experiments.runner import Runner
 
 ARTISTS, CLIPS = 3, 4
 

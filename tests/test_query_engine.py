@@ -5,8 +5,9 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from resources.query_engine import QueryEngine, QueryEngineError
-from resources.storage import TABLES, Storage
+from tda_assets.io.query_engine import QueryEngine, QueryEngineError
+from tda_assets.io.storage import Storage
+from tda_assets.io.tables import write_table
 
 ITEMS = {"i1": "A", "i2": "A", "i3": "B", "i4": "B", "i5": "C", "i6": "C"}
 # unlearning scores per query (configuration `default`), then similarity:audio scores
@@ -20,6 +21,10 @@ CONSISTENCY = [  # query, left, right, metric, k, value
     ("0012", "unlearning:default", "unlearning:seed1", "jaccard", 10, 0.9),
     ("q2", "unlearning:seed1", "unlearning:default", "jaccard", 10, 0.7),
 ]
+
+
+IDENTITY_VALUES = {"checkpoint_id": "c", "protocol_id": "p"}
+IDENTITY = {k: pl.lit(v) for k, v in IDENTITY_VALUES.items()}
 
 
 def ranked(values: list[float]) -> pl.DataFrame:
@@ -53,28 +58,33 @@ def write_tiny_dataset(storage: Storage) -> None:
             "shard": ["s0", "s0", "s0", "s1", "s1", "s1"],
         }
     )
-    storage.write_table("training_manifest", manifest)
+    write_table(storage, "training_manifest", manifest)
     for q, target in [("0012", "A"), ("q2", "B")]:
         run = {"query_id": q, "config_id": "default"}
-        query = row(prompt=f"in the style of {target}", seed=1, audio_uri=f"q/{q}.wav", target_artist=target)
-        storage.write_table("queries", query, query_id=q)
-        unlearning = ranked(UNLEARNING[q]).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score")
-        storage.write_table("attribution_scores", unlearning, **run)
-        storage.write_table("similarity_scores", ranked(SIMILARITY[q]), query_id=q, method="similarity:audio")
-        storage.write_table("unlearning_runs", row(query_loss_before=1.0, query_loss_after=1.5, delta_uri="d", seconds=0.1), **run)
-        losses = pl.DataFrame({"item_id": list(ITEMS), "draw": [0] * 6, "loss": [1.0] * 6})
-        storage.write_table("unlearned_losses", losses, **run)
+        query = row(prompt=f"in the style of {target}", seed=1, audio_uri=f"q/{q}.wav", target_artist=target,
+                    encoder_id="e", generated_by=None)
+        write_table(storage, "queries", query, query_id=q)
+        unlearning = ranked(UNLEARNING[q]).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score",
+                                                        **IDENTITY)
+        write_table(storage, "attribution_scores", unlearning, **run)
+        write_table(storage, "similarity_scores", ranked(SIMILARITY[q]).with_columns(**IDENTITY), query_id=q,
+                    method="similarity:audio")
+        write_table(storage, "unlearning_runs", row(query_loss_before=1.0, query_loss_after=1.5, delta_uri="d", seconds=0.1,
+                                                       **IDENTITY_VALUES), **run)
+        losses = pl.DataFrame({"item_id": list(ITEMS), "draw": [0] * 6, "loss": [1.0] * 6, "loss_masked": [1.0] * 6})
+        write_table(storage, "unlearned_losses", losses, **run, checkpoint_id="c", protocol_id="p")
     config = row(recipe="newton", lr=1e-3, steps=1, param_subset="all", seed=0, optimizer="sgd", query_draws=8,
                  damping=1e-8, mask_padding="unlearning", **{"lambda": 1.0})
-    storage.write_table("unlearning_configs", config, config_id="default")
+    write_table(storage, "unlearning_configs", config, config_id="default")
     for shard in ("s0", "s1"):
-        losses = row(checkpoint_id="c", protocol_id="p", item_id="i1", draw=0, t=0.5, loss=1.0)
-        storage.write_table("baseline_losses", losses, shard=shard)
-    storage.write_table("consistency", pl.DataFrame(CONSISTENCY, schema=list(TABLES["consistency"].columns), orient="row"))
+        losses = row(item_id="i1", draw=0, t=0.5, loss=1.0, loss_masked=1.0)
+        write_table(storage, "baseline_losses", losses, shard=shard, checkpoint_id="c", protocol_id="p")
+    write_table(storage, "consistency", pl.DataFrame(CONSISTENCY, schema=["query_id", "left", "right", "metric", "k", "value"], orient="row")
+                .with_columns(**IDENTITY))
     counterfactual = row(query_id="0012", removal="attributed", k=2, query_loss_full=1.0, query_loss_removed=1.2,
                          loss_rise=0.2, relative_rise=0.2, removed_of_target_artist=2, removed_items="a,b",
-                         config_id="default", train_steps=100, full_model="checkpoint", query_draws=64)
-    storage.write_table("counterfactual", counterfactual)
+                         config_id="default", train_steps=100, full_model="checkpoint", query_draws=64, **IDENTITY_VALUES)
+    write_table(storage, "counterfactual", counterfactual)
 
 
 @pytest.fixture
@@ -109,7 +119,8 @@ def test_fresh_root_has_every_view_with_zero_rows(tmp_path):
     assert set(counts.values()) == {0}
     schema = engine.sql("SELECT * FROM attributions").schema
     assert list(schema) == [
-        "query_id", "config_id", "method", "item_id", "score", "rank", "relative_score", "skew_score", "share"
+        "query_id", "config_id", "method", "item_id", "score", "rank", "relative_score", "skew_score", "share",
+        "checkpoint_id", "protocol_id",
     ]
     assert schema["query_id"] == pl.String and schema["rank"] == pl.Int64 and schema["score"] == pl.Float64
 
@@ -121,7 +132,8 @@ def test_named_queries_run_on_a_fresh_root(tmp_path):
 
 
 def test_new_files_are_seen_by_the_next_query(engine):
-    engine.storage.write_table("queries", row(prompt="p", seed=2, audio_uri="u", target_artist=None), query_id="q3")
+    write_table(engine.storage, "queries", row(prompt="p", seed=2, audio_uri="u", target_artist=None, encoder_id="e",
+                                               generated_by=None), query_id="q3")
     assert engine.sql("SELECT query_id FROM queries ORDER BY 1")["query_id"].to_list() == ["0012", "q2", "q3"]
 
 
@@ -204,9 +216,47 @@ def test_unknown_named_query_or_parameter_is_refused(engine):
         engine.named("top_k", kk=3)
 
 
-def test_sql_dir_from_environment(tmp_path, monkeypatch, engine):
+def test_an_own_sql_dir_reads_tables_through_the_registry(tmp_path, engine):
     (tmp_path / "sql").mkdir()
-    views = "CREATE OR REPLACE VIEW only_items AS SELECT * FROM read_parquet('{root}/training_manifest/part-*.parquet');"
-    (tmp_path / "sql" / "views.sql").write_text(views)
+    (tmp_path / "sql" / "views.sql").write_text("CREATE OR REPLACE VIEW only_items AS SELECT * FROM {table:training_manifest};")
+    assert QueryEngine(engine.storage, tmp_path / "sql").table_counts() == {"only_items": 6}
+
+
+def test_a_view_of_a_table_not_in_the_registry_is_refused(tmp_path, engine):
+    (tmp_path / "sql").mkdir()
+    (tmp_path / "sql" / "views.sql").write_text("CREATE OR REPLACE VIEW x AS SELECT * FROM {table:no_such_table};")
+    with pytest.raises(QueryEngineError, match=r"no_such_table.*not a table of the layout"):
+        QueryEngine(engine.storage, tmp_path / "sql").table_counts()
+
+
+def test_tda_sql_dir_from_the_environment_reaches_the_cli(tmp_path, monkeypatch, engine, capsys):
+    from tda_assets.cli import main
+
+    (tmp_path / "sql").mkdir()
+    (tmp_path / "sql" / "views.sql").write_text("CREATE OR REPLACE VIEW only_items AS SELECT * FROM {table:training_manifest};")
     monkeypatch.setenv("TDA_SQL_DIR", str(tmp_path / "sql"))
-    assert QueryEngine(engine.storage).table_counts() == {"only_items": 6}
+    monkeypatch.setenv("TDA_STORAGE_URL", engine.storage.url)
+    assert main(["sql", "SELECT count(*) AS n FROM only_items"]) == 0
+    assert "6" in capsys.readouterr().out
+
+
+def test_consistency_table_calls_only_other_seeds_of_equal_fields_a_seed_rerun(engine):
+    base = dict(recipe="newton", lr=1e-3, steps=1, param_subset="all", optimizer="sgd", query_draws=8, damping=1e-8,
+                mask_padding="unlearning", **{"lambda": 1.0})
+    write_table(engine.storage, "unlearning_configs", row(**base, seed=1), config_id="seed1")
+    write_table(engine.storage, "unlearning_configs", row(**base, seed=0), config_id="copy")  # the default, renamed
+    consistency = pl.DataFrame([("0012", "unlearning:default", "unlearning:copy", "jaccard", 10, 1.0)],
+                               schema=["query_id", "left", "right", "metric", "k", "value"], orient="row")
+    write_table(engine.storage, "consistency", pl.concat([
+        pl.DataFrame(CONSISTENCY, schema=consistency.columns, orient="row"), consistency]).with_columns(**IDENTITY))
+    pairs = dict(engine.named("consistency_table").select(pl.concat_str("left", "right", separator=" / "), "pair").rows())
+    assert pairs["unlearning:default / unlearning:seed1"] == "seed rerun"
+    assert pairs["unlearning:copy / unlearning:default"] == "configurations"
+
+
+def test_report_seed_reruns_exclude_identical_configurations():
+    from tda_assets.defs.assets.reports import is_seed_rerun
+
+    groups = {"default": ("fields", 0), "seed1": ("fields", 1), "copy": ("fields", 0), "lr100": ("other", 1)}
+    assert is_seed_rerun(groups, "default", "seed1")
+    assert not is_seed_rerun(groups, "default", "copy") and not is_seed_rerun(groups, "seed1", "lr100")

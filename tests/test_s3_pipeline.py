@@ -13,14 +13,16 @@ import polars as pl
 import pytest
 from dagster import AssetKey, DagsterInstance
 
-from resources.query_engine import QueryEngine
-from resources.storage import Storage
+from tda_assets.io.query_engine import QueryEngine
+from tda_assets.io.storage import Storage
 from tda_assets import cli
-from tda_assets.cli import builtin_queries
-from tda_assets.configs import UnlearningConfig
-from tda_assets.partitions import SHARD_KEYS
-from tda_assets.runner import Runner
-from tda_assets.store import read_checkpoint_pointer
+from tda_assets.data.demo import builtin_queries
+from tda_assets.defs.configs import UnlearningConfig
+from tda_assets.defs.partitions import SHARD_KEYS
+from tda_assets.experiments.runner import Runner
+from tda_assets.io.checkpoints import read_checkpoint_record
+from tda_assets.io.registry import key
+from tda_assets.io.tables import read_table, read_tables
 from tests.s3_server import shared_moto_endpoint, use_moto
 
 ARTISTS, CLIPS = 2, 3
@@ -67,8 +69,8 @@ def s3_run(env):
     print(f"\n[s3 run] wall time {time.perf_counter() - start:.1f}s (one query {query_seconds:.1f}s); "
           f"one query added {len(added)} objects, {size} bytes ({size / 1024:.1f} KiB); "
           f"root now {len(after)} objects, {sum(after.values())} bytes")
-    for key, n in sorted(added.items()):
-        print(f"    + {key} ({n} B)")
+    for name, n in sorted(added.items()):
+        print(f"    + {name} ({n} B)")
     return runner, store, qid, added
 
 
@@ -77,14 +79,14 @@ def external_run(env, s3_run):
     """A second storage prefix whose checkpoint source is an s3:// copy of the first run's model folder."""
     mp, root = env
     _, store, _, _ = s3_run
-    pointer = read_checkpoint_pointer(store)
+    record = read_checkpoint_record(store)
     bucket = store.bucket
     model_url = f"s3://{bucket}/models/tiny-embedded"
     models = Storage(model_url)
-    files = store.listing(pointer["folder_key"])
+    files = store.listing(record.folder_key)
     for rel in files:
         if rel != "_SUCCESS":  # as `aws s3 sync` would upload it: plain objects, no marker
-            models.write_bytes(rel, store.read_bytes(f"{pointer['folder_key']}/{rel}"))
+            models.write_bytes(rel, store.read_bytes(f"{record.folder_key}/{rel}"))
     mp.setenv("TDA_CHECKPOINT", model_url)
     runner = Runner.create(DagsterInstance.ephemeral(), f"s3://{bucket}/tda-external", log=lambda _m: None)
     mp.delenv("TDA_CHECKPOINT")
@@ -104,7 +106,7 @@ def test_every_table_and_the_corpus_live_in_the_bucket(s3_run):
     assert tops >= {"corpus", "training_manifest", "training_features", "checkpoint", "fisher_diagonal", "baseline_losses",
                     "inbox", "queries", "query_clips", "unlearning_configs", "unlearned_model", "unlearning_runs",
                     "unlearned_losses", "attribution_scores", "similarity_scores"}
-    manifest = store.read_parquet("training_manifest/part-0.parquet")
+    manifest = read_table(store, "training_manifest")
     assert manifest["audio_uri"].str.starts_with(store.uri("corpus/")).all()  # the corpus clips live in the bucket too
 
 
@@ -149,7 +151,8 @@ def test_tda_query_console_runs_a_named_query_on_s3(s3_run, capsys):
 def test_one_query_adds_only_its_own_partitions(s3_run):
     runner, store, qid, added = s3_run
     params = runner.instance.get_latest_materialization_event(AssetKey("checkpoint")).asset_materialization.metadata
-    delta = added[f"unlearned_model/query_id={qid}/config_id=default/delta.safetensors"]
+    record = read_checkpoint_record(store)
+    delta = added[key("unlearned_delta", checkpoint_id=record.checkpoint_id, protocol_id="s0-k16", query_id=qid, config_id="default")]
     assert 2 * params["parameters"].value <= delta < 4 * params["parameters"].value + 100_000  # fp32, most parameters
     assert len(added) == 12 and sum(added.values()) - delta < 1_000_000  # everything else is small
     shared = [k for k in added if f"query_id={qid}" not in k and f"/{qid}/" not in k]
@@ -160,8 +163,9 @@ def test_one_query_adds_only_its_own_partitions(s3_run):
 
 def test_s3_folder_checkpoint_is_recorded_as_external(external_run):
     runner, store, model_url = external_run
-    pointer = read_checkpoint_pointer(store)
-    assert pointer["kind"] == "external" and pointer["source"] == model_url and pointer["checkpoint_id"].startswith("s3-")
+    record = read_checkpoint_record(store)
+    assert record.kind == "external" and record.source == model_url and record.checkpoint_id.startswith("s3-")
+    assert record.encoder_id == record.checkpoint_id  # an external model's features come from its own encoders
     meta = runner.instance.get_latest_materialization_event(AssetKey("checkpoint")).asset_materialization.metadata
     assert meta["kind"].value == "external" and meta["source"].value == model_url
     assert not store.glob("checkpoint/*/transformer/*")  # no copy of the weights under the second root
@@ -171,19 +175,20 @@ def test_s3_folder_checkpoint_gives_the_same_baseline_losses(s3_run, external_ru
     _, first, _, _ = s3_run
     _, second, _ = external_run
     cols = ["item_id", "draw", "t", "loss"]
-    a = first.read_parquet("baseline_losses/*/part-*.parquet").select(cols).sort("item_id", "draw")
-    b = second.read_parquet("baseline_losses/*/part-*.parquet").select(cols).sort("item_id", "draw")
+    a = read_tables(first, "baseline_losses").select(cols).sort("item_id", "draw")
+    b = read_tables(second, "baseline_losses").select(cols).sort("item_id", "draw")
     assert a.height == N * 16
     assert a.equals(b)
-    assert read_checkpoint_pointer(first)["checkpoint_id"] != read_checkpoint_pointer(second)["checkpoint_id"]
+    assert read_checkpoint_record(first).checkpoint_id != read_checkpoint_record(second).checkpoint_id
 
 
 def test_an_empty_shard_is_an_empty_table_not_a_failure(s3_run):
     _, store, _, _ = s3_run
-    shards = store.read_parquet("training_manifest/part-0.parquet")["shard"].unique().to_list()
+    shards = read_table(store, "training_manifest")["shard"].unique().to_list()
     empty = sorted(set(SHARD_KEYS) - set(shards))
     assert empty  # 6 items over 4 shards leave one empty (hash of the ids)
+    record = read_checkpoint_record(store)
     for shard in empty:
-        assert not store.exists(f"training_features/shard={shard}/features.safetensors")
-        assert store.read_parquet(f"baseline_losses/shard={shard}/part-0.parquet").height == 0
+        assert not store.exists(key("training_features", encoder_id=record.encoder_id, shard=shard))
+        assert read_table(store, "baseline_losses", checkpoint_id=record.checkpoint_id, protocol_id="s0-k16", shard=shard).height == 0
     assert pl.Series(shards).n_unique() == len(SHARD_KEYS) - len(empty)

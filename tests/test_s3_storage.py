@@ -8,12 +8,14 @@ import polars as pl
 import pytest
 import torch
 
-from resources.query_engine import QueryEngine
-from resources.storage import Storage, StorageError
+from tda_assets.io.query_engine import QueryEngine
+from tda_assets.io.storage import Storage, StorageError
+from tda_assets.io.tables import write_table
 from tests.test_query_engine import write_tiny_dataset
 
 KEY = "queries/query_id=0012/part-0.parquet"
-QUERY = pl.DataFrame({"prompt": ["a waltz"], "seed": [7], "audio_uri": ["q.wav"], "target_artist": ["A"]})
+QUERY = pl.DataFrame({"prompt": ["a waltz"], "seed": [7], "audio_uri": ["q.wav"], "target_artist": ["A"], "encoder_id": ["e"],
+                      "generated_by": ["c"]})
 
 
 def test_s3_root_honours_aws_endpoint_url(s3_root):
@@ -34,9 +36,9 @@ def test_parquet_and_tensors_round_trip(s3_root):
 
 def test_glob_right_after_a_write_sees_the_new_object(s3_root):
     storage = Storage(s3_root)
-    storage.write_table("queries", QUERY, query_id="0012")
+    write_table(storage, "queries", QUERY, query_id="0012")
     assert storage.glob("queries/*/part-*.parquet") == [KEY]
-    storage.write_table("queries", QUERY, query_id="q2")
+    write_table(storage, "queries", QUERY, query_id="q2")
     assert storage.glob("queries/*/part-*.parquet") == [KEY, "queries/query_id=q2/part-0.parquet"]
     storage.delete("queries", recursive=True)
     assert storage.glob("queries/*/part-*.parquet") == [] and not storage.exists(KEY)
@@ -45,7 +47,7 @@ def test_glob_right_after_a_write_sees_the_new_object(s3_root):
 def test_a_second_storage_object_sees_writes_of_the_first(s3_root):
     reader = Storage(s3_root)
     assert reader.glob("queries/*/part-*.parquet") == []
-    Storage(s3_root).write_table("queries", QUERY, query_id="0012")
+    write_table(Storage(s3_root), "queries", QUERY, query_id="0012")
     assert reader.glob("queries/*/part-*.parquet") == [KEY]  # no stale listing cache
 
 

@@ -18,9 +18,9 @@ from tda_assets.attribution.devices import Compute  # noqa: E402
 from tda_assets.attribution.errors import AttributionInputError, ModelSourceError  # noqa: E402
 from tda_assets.attribution.fisher import fisher_diagonal  # noqa: E402
 from tda_assets.attribution.losses import batch_losses  # noqa: E402
-from tda_assets.attribution.model_folder import load_model  # noqa: E402
+from tda_assets.models.model_folder import load_model  # noqa: E402
 from tda_assets.attribution.protocol import LossProtocol  # noqa: E402
-from tda_assets.attribution.stable_audio import StableAudioAdapter  # noqa: E402
+from tda_assets.models.stable_audio import StableAudioAdapter  # noqa: E402
 from tda_assets.attribution.unlearn import UnlearningSettings, unlearn  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")

@@ -8,7 +8,9 @@ import polars as pl
 import pytest
 import torch
 
-from resources.storage import TABLES, Storage, StorageError
+from tda_assets.io.registry import TABLES, LayoutError
+from tda_assets.io.storage import Storage, StorageError
+from tda_assets.io.tables import write_table
 
 KEY = "attribution_scores/query_id=q1/config_id=default/part-0.parquet"
 
@@ -23,6 +25,8 @@ def scores(n: int = 3, offset: float = 0.0) -> pl.DataFrame:
             "relative_score": [0.1] * n,
             "skew_score": [0.2] * n,
             "share": [1.0 / n] * n,
+            "checkpoint_id": ["c"] * n,
+            "protocol_id": ["p"] * n,
         }
     )
 
@@ -86,11 +90,11 @@ def test_safetensors_round_trip_with_metadata(storage):
 
 
 def test_rewriting_one_partition_leaves_the_others_untouched(storage):
-    storage.write_table("attribution_scores", scores(offset=0.0), query_id="q1", config_id="default")
-    storage.write_table("attribution_scores", scores(offset=5.0), query_id="q2", config_id="default")
+    write_table(storage, "attribution_scores", scores(offset=0.0), query_id="q1", config_id="default")
+    write_table(storage, "attribution_scores", scores(offset=5.0), query_id="q2", config_id="default")
     q2_key = TABLES["attribution_scores"].key(query_id="q2", config_id="default")
     q2_before = storage.read_bytes(q2_key)
-    storage.write_table("attribution_scores", scores(offset=100.0), query_id="q1", config_id="default")
+    write_table(storage, "attribution_scores", scores(offset=100.0), query_id="q1", config_id="default")
     assert storage.read_bytes(q2_key) == q2_before
     assert storage.read_parquet(KEY)["score"].to_list() == [100.0, 101.0, 102.0]
 
@@ -114,23 +118,23 @@ def test_read_of_an_empty_glob_names_it(storage):
 
 
 def test_glob_read_adds_hive_columns_as_strings(storage):
-    storage.write_table("attribution_scores", scores(), query_id="0012", config_id="default")
+    write_table(storage, "attribution_scores", scores(), query_id="0012", config_id="default")
     df = storage.read_parquet("attribution_scores/*/*/part-*.parquet", hive=True)
     assert df["query_id"].dtype == pl.String and set(df["query_id"]) == {"0012"}
 
 
 def test_write_table_casts_and_drops_partition_columns(storage):
     df = scores().with_columns(pl.col("rank").cast(pl.Int32), pl.lit("q1").alias("query_id"))
-    storage.write_table("attribution_scores", df, query_id="q1", config_id="default")
+    write_table(storage, "attribution_scores", df, query_id="q1", config_id="default")
     got = storage.read_parquet(KEY)
     assert "query_id" not in got.columns and got.schema["rank"] == pl.Int64
 
 
 def test_write_table_refuses_missing_columns_and_unsafe_partition_values(storage):
-    with pytest.raises(StorageError, match="lacks columns"):
-        storage.write_table("attribution_scores", scores().drop("score"), query_id="q1", config_id="default")
-    with pytest.raises(StorageError, match="not a safe folder name"):
-        storage.write_table("attribution_scores", scores(), query_id="a/b", config_id="default")
+    with pytest.raises(LayoutError, match=r"lacks column\(s\) \['score'\]"):
+        write_table(storage, "attribution_scores", scores().drop("score"), query_id="q1", config_id="default")
+    with pytest.raises(LayoutError, match="not a safe folder name"):
+        write_table(storage, "attribution_scores", scores(), query_id="a/b", config_id="default")
 
 
 def test_keys_outside_the_root_are_refused(storage):

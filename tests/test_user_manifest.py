@@ -11,14 +11,21 @@ import pytest
 import soundfile as sf
 from dagster import AssetKey, DagsterInstance
 
-from resources.storage import Storage
-from tda_assets.attribution.embedded.corpus import ARTISTS, SAMPLE_RATE, render_clip, style_caption
+from tda_assets.io.storage import Storage
+from tda_assets.data.corpus import ARTISTS, SAMPLE_RATE, render_clip, style_caption
 from tda_assets.attribution.errors import AttributionInputError
-from tda_assets.partitions import SHARD_KEYS, shard_of
-from tda_assets.configs import UnlearningConfig, unlearning_run_config
-from tda_assets.inbox import add_query
-from tda_assets.runner import QUERY_ASSETS, Runner
-from tda_assets.store import read_features
+from tda_assets.data.manifests import shard_of as shard_of_n
+from tda_assets.defs.partitions import SHARD_KEYS
+from tda_assets.defs.configs import UnlearningConfig, unlearning_run_config
+from tda_assets.data.inbox import add_query
+from tda_assets.experiments.runner import QUERY_ASSETS, Runner
+from tda_assets.io.artifacts import read_features
+from tda_assets.io.registry import entry
+from tda_assets.io.tables import read_table
+
+def shard_of(item_id: str) -> str:
+    return shard_of_n(item_id, len(SHARD_KEYS))
+
 
 ITEMS = ["0012", "song-b", "song-c", "song-d", "song-e", "song-f"]  # "0012" must stay a string, not 12
 BAD = "song-d"
@@ -61,12 +68,14 @@ def run_training_data(root: str, manifest_uri: str | None, shards=SHARD_KEYS, sk
 
 
 def features_files(root: Path) -> dict[str, bytes]:
-    return {p.parent.name: p.read_bytes() for p in sorted(root.glob("training_features/shard=*/features.safetensors"))}
+    store = Storage(str(root))
+    features = entry("training_features")
+    return {f"shard={features.parse(k)['shard']}": store.read_bytes(k) for k in store.glob(features.glob())}
 
 
 def encoded_items(root: str) -> list[str]:
     store = Storage(root)
-    return sorted(i for k in store.glob("training_features/*/features.safetensors") for i in read_features(store, k)[0].item_ids)
+    return sorted(i for k in store.glob(entry("training_features").glob()) for i in read_features(store, k)[0].item_ids)
 
 
 @pytest.fixture(scope="module")
@@ -192,5 +201,5 @@ def test_a_skipped_item_gets_no_attribution_row_and_the_row_check_still_passes(m
     result = runner.run(QUERY_ASSETS, "q1", unlearning_run_config(UnlearningConfig(lr=100.0)))
     rows = {e.check_name: e for e in result.get_asset_check_evaluations()}["one_row_per_training_item"]
     assert rows.passed and rows.metadata["rows"].value == rows.metadata["training_items"].value == len(ITEMS) - 1
-    scored = Storage(str(root)).read_parquet("attribution_scores/query_id=q1/config_id=default/part-0.parquet")
+    scored = read_table(Storage(str(root)), "attribution_scores", query_id="q1", config_id="default")
     assert BAD not in scored["item_id"].to_list() and sorted(scored["rank"]) == list(range(1, len(ITEMS)))

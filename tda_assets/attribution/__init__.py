@@ -1,0 +1,1 @@
+"""The attribution engine, plain Python (torch, diffusers; no Dagster): the method of DESIGN §1."""

@@ -11,8 +11,8 @@ from diffusers import StableAudioDiTModel
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 
 from .objective import DiffusionObjective
+from .settings import PARAM_SUBSETS
 
-PARAM_SUBSETS = ("all", "attention", "self_attention", "cross_attention", "cross_attention_kv")
 
 
 @dataclass

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -14,47 +14,9 @@ from .errors import AttributionInputError
 from .fisher import normalised_fisher
 from .losses import batch_losses, diffusion_loss, expand_draws
 from .protocol import LossProtocol
+from .settings import UnlearningSettings
 
 log = logging.getLogger(__name__)
-RECIPES = ("newton", "ewc_ascent")
-MASK_PADDING = ("unlearning", "losses", "both", "none")
-
-
-@dataclass(frozen=True)
-class UnlearningSettings:
-    """One unlearning configuration (DESIGN §1); `lr`, `lambda_` and damping act on the mean-1 normalised Fisher."""
-
-    recipe: str = "newton"
-    lr: float = 250.0
-    steps: int = 1
-    lambda_: float = 1.0
-    param_subset: str = "all"
-    optimizer: str = "adam"
-    seed: int = 0
-    query_draws: int = 64
-    damping: float = 0.1
-    mask_padding: str = "unlearning"
-
-    def __post_init__(self) -> None:
-        if self.recipe not in RECIPES:
-            raise ValueError(f"unknown recipe {self.recipe!r}: choose one of {RECIPES}")
-        if self.mask_padding not in MASK_PADDING:
-            raise ValueError(f"unknown mask_padding {self.mask_padding!r}: choose one of {MASK_PADDING}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"unknown optimizer {self.optimizer!r}: choose 'adam' or 'sgd'")
-        if self.steps < 1 or self.query_draws < 1:
-            raise ValueError("steps and query_draws must be at least 1")
-
-    @property
-    def masks_unlearning(self) -> bool:
-        return self.mask_padding in ("unlearning", "both")
-
-    @property
-    def masks_losses(self) -> bool:
-        return self.mask_padding in ("losses", "both")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass

@@ -1,0 +1,24 @@
+"""Every resource of the code location, from one `Env` (the only place settings meet Dagster)."""
+
+from dagster import EnvVar
+
+from .compute import ComputeResource, LossProtocolResource
+from .env import Env, has
+from .data import InboxResource, TrainingDataResource
+from .model_source import ModelSourceResource
+from .storage import QueryEngineResource, StorageResource
+
+
+def build_resources(env: Env) -> dict:
+    """The resources: storage root, DuckDB engine, model source, compute, loss protocol, training data, inbox."""
+    storage = StorageResource(url=env.storage_url, endpoint_url=EnvVar("AWS_ENDPOINT_URL") if env.aws_endpoint_url else None)
+    return {
+        "storage": storage,
+        "query_engine": QueryEngineResource(storage=storage, sql_dir=env.sql_dir),
+        "model_source": ModelSourceResource(source=env.checkpoint, hf_token=EnvVar("HF_TOKEN") if has("HF_TOKEN") else None,
+                                            cache_dir=env.model_cache, train_steps=env.train_steps),
+        "compute": ComputeResource(device=env.device, batch_size=env.batch_size),
+        "protocol": LossProtocolResource(draws=env.draws, seed=env.protocol_seed),
+        "training_data": TrainingDataResource(manifest_uri=env.manifest, clips_per_artist=env.clips_per_artist),
+        "inbox": InboxResource(max_queries_per_tick=env.max_queries_per_tick),
+    }

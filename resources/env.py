@@ -1,0 +1,126 @@
+"""The environment, read in one place: every `TDA_*` setting (and the hub's cache variables) with its default.
+
+Plain Python (no Dagster, torch or diffusers), so the fast commands of the CLI can read it too.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _true(value: str | None) -> bool:
+    return (value or "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name, "").strip()
+    if not value:
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"{name}={value!r} is not an integer; unset it or give a number (default {default})") from None
+
+
+def dagster_home() -> Path:
+    """`DAGSTER_HOME`, else `dagster_home/` in the checkout."""
+    return Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / "dagster_home").resolve()
+
+
+def use_dagster_home() -> Path:
+    """The instance folder (created if missing), exported as DAGSTER_HOME for Dagster and its step processes."""
+    home = dagster_home()
+    home.mkdir(parents=True, exist_ok=True)
+    os.environ["DAGSTER_HOME"] = str(home)
+    return home
+
+
+def default_storage_url() -> str:
+    """`TDA_STORAGE_URL`, else `$DAGSTER_HOME/storage`."""
+    return os.environ.get("TDA_STORAGE_URL") or str(dagster_home() / "storage")
+
+
+def hub_cache(cache_dir: str | None = None) -> str | None:
+    """The hub cache: `cache_dir`, else HF_HUB_CACHE, else HF_HOME/hub (read now; huggingface_hub reads them at import)."""
+    if cache_dir:
+        return cache_dir
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.environ["HF_HUB_CACHE"]
+    if os.environ.get("HF_HOME"):
+        return str(Path(os.environ["HF_HOME"]) / "hub")
+    return None
+
+
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE is set."""
+    return _true(os.environ.get("HF_HUB_OFFLINE"))
+
+
+def shard_count() -> int:
+    """`TDA_SHARDS`: how many static shard partitions the training data has (default 4)."""
+    return _int("TDA_SHARDS", 4)
+
+
+@dataclass(frozen=True)
+class Env:
+    """Every `TDA_*` variable, read once by `Env.read()`; the defaults are the product's defaults."""
+
+    storage_url: str
+    aws_endpoint_url: str | None = None
+    checkpoint: str = "embedded"
+    model_cache: str | None = None
+    train_steps: int = 1000
+    device: str = "auto"
+    batch_size: int = 256
+    draws: int = 16
+    protocol_seed: int = 0
+    executor: str = "in_process"
+    manifest: str | None = None
+    clips_per_artist: int = 40
+    max_queries_per_tick: int = 10
+    grid_file: str | None = None
+    sql_dir: str | None = None
+    grid_queries: int = 4
+    cf_queries: int = 2
+    cf_train_steps: int | None = None
+
+    @classmethod
+    def read(cls) -> "Env":
+        """The environment as it is now."""
+        d = {f.name: f.default for f in fields(cls) if f.name != "storage_url"}
+        get = lambda name: os.environ.get(name) or None  # noqa: E731
+        return cls(
+            storage_url=default_storage_url(),
+            aws_endpoint_url=get("AWS_ENDPOINT_URL"),
+            checkpoint=get("TDA_CHECKPOINT") or d["checkpoint"],
+            model_cache=get("TDA_MODEL_CACHE"),
+            train_steps=_int("TDA_TRAIN_STEPS", d["train_steps"]),
+            device=get("TDA_DEVICE") or d["device"],
+            batch_size=_int("TDA_BATCH_SIZE", d["batch_size"]),
+            draws=_int("TDA_DRAWS", d["draws"]),
+            protocol_seed=_int("TDA_PROTOCOL_SEED", d["protocol_seed"]),
+            executor=get("TDA_EXECUTOR") or d["executor"],
+            manifest=get("TDA_MANIFEST"),
+            clips_per_artist=_int("TDA_CLIPS_PER_ARTIST", d["clips_per_artist"]),
+            max_queries_per_tick=_int("TDA_MAX_QUERIES_PER_TICK", d["max_queries_per_tick"]),
+            grid_file=get("TDA_GRID_FILE"),
+            sql_dir=get("TDA_SQL_DIR"),
+            grid_queries=_int("TDA_GRID_QUERIES", d["grid_queries"]),
+            cf_queries=_int("TDA_CF_QUERIES", d["cf_queries"]),
+            cf_train_steps=_int("TDA_CF_TRAIN_STEPS", 0) or None,
+        )
+
+    def with_storage(self, storage_url: str | None) -> "Env":
+        """The same settings on another storage root (tests, `--storage`)."""
+        from dataclasses import replace
+
+        return replace(self, storage_url=storage_url) if storage_url else self
+
+
+def has(name: str) -> bool:
+    """Whether a variable is set (non-empty); secrets are passed to Dagster as EnvVar, never read as values here."""
+    return bool(os.environ.get(name))

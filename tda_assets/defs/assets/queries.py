@@ -1,0 +1,232 @@
+"""Per-query assets: the query clip, the unlearned model, its losses, and the attribution tables.
+
+Every loss and score is pinned to the current checkpoint and loss protocol (`Identity`): a step reads only
+artifacts of that identity and stops with an `IdentityError` naming both identities when one is missing.
+"""
+
+import io
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+import soundfile as sf
+import torch
+from dagster import (
+    AllPartitionMapping,
+    AssetCheckResult,
+    AssetCheckSeverity,
+    AssetCheckSpec,
+    AssetDep,
+    AssetExecutionContext,
+    AssetKey,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
+
+from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
+from tda_assets.attribution.adapter import ItemBatch, apply_delta
+from tda_assets.attribution.losses import stream_losses
+from tda_assets.attribution.scores import attribution_scores as score_items
+from tda_assets.attribution.scores import positive_shares, rank_descending
+from tda_assets.attribution.similarity import audio_embedding, cosine_scores, internal_embedding, text_embedding
+from tda_assets.attribution.unlearn import unlearn
+from tda_assets.data.audio import decode_audio
+from tda_assets.data.inbox import read_query
+from tda_assets.defs.checks import MIN_QUERY_LOSS_RATIO, losses_complete
+from tda_assets.defs.configs import UnlearningConfig
+from tda_assets.defs.partitions import queries
+from tda_assets.defs.plots import attribution_plot
+from tda_assets.defs.progress import Progress
+from tda_assets.defs.tags import GPU
+from tda_assets.io.artifacts import (
+    Identity,
+    baseline_item_ids,
+    iter_training_batches,
+    loss_matrix,
+    losses_frame,
+    query_batch,
+    read_baseline,
+    read_unlearned,
+    require,
+    write_features,
+)
+from tda_assets.io.checkpoints import load_checkpoint, read_checkpoint_record
+from tda_assets.io.registry import key
+from tda_assets.io.tables import read_table, write_table
+from tda_assets.io.uris import read_uri_bytes
+from tda_assets.models.sampling import generate_latents
+
+
+def _top_items(store, scores: pl.DataFrame, n: int = 5) -> list[dict]:
+    manifest = read_table(store, "training_manifest").select("item_id", "artist", "caption")
+    top = scores.sort("rank").head(n).join(manifest, on="item_id", how="left")
+    return top.select("rank", "item_id", "artist", "score", "caption").to_dicts()
+
+
+@asset(group_name="queries", partitions_def=queries, deps=[AssetKey("checkpoint")], **GPU,
+       description="The query: a clip generated from its prompt (or the user's clip), its prompt, seed, latent and conditioning.")
+def query_clips(
+    context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource, compute: ComputeResource
+) -> MaterializeResult:
+    store, cmp = storage.storage(), compute.compute()
+    spec = read_query(store, context.partition_key)
+    adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
+    if spec.audio_uri:  # the user's clip: conditioned on its own duration, as training items are
+        samples = decode_audio(read_uri_bytes(spec.audio_uri, store), spec.query_id, adapter.sample_rate)
+        cond = adapter.encode_text([spec.prompt], [spec.query_id], durations=[len(samples) / adapter.sample_rate])
+        latents, mask = adapter.encode_audio([samples])
+        audio_uri, generated_by = spec.audio_uri, None
+    else:
+        cond = adapter.encode_text([spec.prompt], [spec.query_id])
+        latents = generate_latents(adapter, cond, spec.seed, cmp)
+        mask = torch.ones(1, latents.shape[-1])
+        buf = io.BytesIO()
+        sf.write(buf, adapter.decode(latents)[0].numpy(), adapter.sample_rate, format="WAV", subtype="PCM_16")
+        audio_uri = store.write_bytes(key("query_audio", query_id=spec.query_id), buf.getvalue())
+        generated_by = record.checkpoint_id
+    write_features(store, key("query_features", query_id=spec.query_id), ItemBatch([spec.query_id], latents, cond, mask),
+                   {"encoder_id": record.encoder_id, "checkpoint_id": record.checkpoint_id})
+    row = pl.DataFrame({"prompt": [spec.prompt], "seed": [spec.seed], "audio_uri": [audio_uri],
+                        "target_artist": [spec.target_artist], "encoder_id": [record.encoder_id], "generated_by": [generated_by]},
+                       schema_overrides={"target_artist": pl.String, "generated_by": pl.String})
+    write_table(store, "queries", row, query_id=spec.query_id)
+    return MaterializeResult(metadata={
+        "prompt": spec.prompt, "seed": spec.seed, "target_artist": spec.target_artist or "",
+        "generated": spec.audio_uri is None, "audio": MetadataValue.path(audio_uri), "checkpoint_id": record.checkpoint_id,
+    })
+
+
+@asset(
+    group_name="unlearning", partitions_def=queries, deps=[AssetKey("query_clips"), AssetKey("fisher_diagonal")], **GPU,
+    check_specs=[AssetCheckSpec("query_loss_raised", asset="unlearned_model", blocking=True,
+                                description=f"unlearning raised the query loss by at least {MIN_QUERY_LOSS_RATIO}x")],
+    description="The unlearned model of one query and configuration: a weight delta over the parameter subset, and the query loss before/after.",
+)
+def unlearned_model(
+    context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, model_source: ModelSourceResource,
+    compute: ComputeResource, protocol: LossProtocolResource,
+) -> Iterator:
+    store, cmp, proto = storage.storage(), compute.compute(), protocol.protocol()
+    qid, cid = context.partition_key, config.config_id
+    settings = config.settings()
+    adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
+    identity = Identity(record.checkpoint_id, proto.protocol_id)
+    fisher, _ = store.read_tensors(require(store, "fisher_diagonal", identity, "materialize fisher_diagonal (`tda prepare`, or the UI)"))
+    n_train = len(baseline_item_ids(read_baseline(store, identity, record.encoder_id)))
+    result = unlearn(adapter, query_batch(store, qid, record.encoder_id), fisher, settings, proto, cmp, n_train=n_train)
+    delta_uri = store.write_tensors(key("unlearned_delta", **identity.keys(), query_id=qid, config_id=cid), result.delta,
+                                    {**identity.keys(), "config_id": cid})
+    write_table(store, "unlearning_configs", config.row(), config_id=cid)
+    write_table(store, "unlearning_runs", pl.DataFrame({
+        "query_loss_before": [result.query_loss_before], "query_loss_after": [result.query_loss_after],
+        "delta_uri": [delta_uri], "seconds": [result.seconds], **{k: [v] for k, v in identity.keys().items()},
+    }), query_id=qid, config_id=cid)
+    context.log.info(f"{qid}/{cid}: query loss {result.query_loss_before:.4f} → {result.query_loss_after:.4f} "
+                     f"(×{result.loss_ratio:.2f}) in {result.seconds:.1f}s")
+    meta = {"config_id": cid, "query_loss_before": result.query_loss_before, "query_loss_after": result.query_loss_after,
+            "loss_ratio": result.loss_ratio, "seconds": round(result.seconds, 2), "delta_uri": MetadataValue.path(delta_uri),
+            "delta_parameters": sum(d.numel() for d in result.delta.values()), **identity.keys()}
+    yield MaterializeResult(metadata=meta, check_results=[AssetCheckResult(
+        check_name="query_loss_raised", passed=bool(result.loss_ratio >= MIN_QUERY_LOSS_RATIO), severity=AssetCheckSeverity.ERROR,
+        metadata={"loss_ratio": result.loss_ratio, "config_id": cid},
+        description=None if result.loss_ratio >= MIN_QUERY_LOSS_RATIO else
+        f"query loss only ×{result.loss_ratio:.3f}: raise lr or steps in config {cid!r}; no attribution from a failed unlearning",
+    )])
+
+
+@asset(
+    group_name="unlearning", partitions_def=queries, deps=[AssetKey("unlearned_model")], **GPU,
+    check_specs=[AssetCheckSpec("losses_finite_and_complete", asset="unlearned_losses",
+                                description="every training item has every protocol draw, all finite")],
+    description="ℓ_ik(θ_u): the unlearned model's loss on every training item and fixed draw, keyed by checkpoint and protocol.",
+)
+def unlearned_losses(
+    context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, model_source: ModelSourceResource,
+    compute: ComputeResource, protocol: LossProtocolResource,
+) -> Iterator:
+    store, cmp, proto = storage.storage(), compute.compute(), protocol.protocol()
+    qid, cid = context.partition_key, config.config_id
+    adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
+    identity = Identity(record.checkpoint_id, proto.protocol_id)
+    delta, _ = store.read_tensors(require(store, "unlearned_delta", identity, f"materialize unlearned_model for {qid}/{cid}",
+                                          query_id=qid, config_id=cid))
+    expected = baseline_item_ids(read_baseline(store, identity, record.encoder_id))
+    progress = Progress(context.log, f"{qid}/{cid} unlearned losses", len(expected), proto.draws)
+    frames = []
+    with apply_delta(adapter.denoiser, delta):
+        for ids, losses in stream_losses(adapter, iter_training_batches(store, record.encoder_id, 32), proto, cmp):
+            frames.append(losses_frame(ids, losses.loss, losses.loss_masked))
+            progress.advance(len(ids))
+    df = pl.concat(frames)
+    uri = write_table(store, "unlearned_losses", df, **identity.keys(), query_id=qid, config_id=cid)
+    yield MaterializeResult(metadata={"config_id": cid, "rows": len(df), "items": df["item_id"].n_unique(),
+                                      "item_draws_per_second": progress.rate(), "uri": MetadataValue.path(uri), **identity.keys()},
+                            check_results=[losses_complete("losses_finite_and_complete", df, expected, proto.draws)])
+
+
+@asset(
+    group_name="attribution", partitions_def=queries,
+    deps=[AssetKey("unlearned_losses"), AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping())],
+    check_specs=[AssetCheckSpec("one_row_per_training_item", asset="attribution_scores")],
+    description="Unlearning attribution of one query and configuration: score, rank, relative and skew scores, shares.",
+)
+def attribution_scores(
+    context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, protocol: LossProtocolResource,
+) -> Iterator:
+    store, proto = storage.storage(), protocol.protocol()
+    qid, cid = context.partition_key, config.config_id
+    masked = config.settings().masks_losses
+    record = read_checkpoint_record(store)
+    identity = Identity(record.checkpoint_id, proto.protocol_id)
+    column = "loss_masked" if masked else "loss"
+    after = read_unlearned(store, identity, qid, cid)
+    baseline = read_baseline(store, identity, record.encoder_id)  # the same identity, or an IdentityError: never mixed
+    item_ids = after["item_id"].unique(maintain_order=True).to_list()
+    s = score_items(loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses"),
+                    loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"))
+    df = pl.DataFrame({"method": "unlearning", "item_id": item_ids, "score": s["score"], "rank": s["rank"],
+                       "relative_score": s["relative_score"], "skew_score": s["skew_score"], "share": s["share"],
+                       **identity.keys()})
+    uri = write_table(store, "attribution_scores", df, query_id=qid, config_id=cid)
+    n_train = len(baseline_item_ids(baseline))  # skipped bad items have no losses and no row
+    top = _top_items(store, df)
+    context.log.info(f"{qid}/{cid}: top-5 " + ", ".join(f"{t['item_id']} ({t['artist']})" for t in top))
+    plot = attribution_plot(store, qid, cid, df)  # plots/top_k/<query>/<config>.png, shown in the UI
+    yield MaterializeResult(metadata={"config_id": cid, "rows": len(df), "top_5": MetadataValue.json(top), "uri": MetadataValue.path(uri),
+                                      **identity.keys(), **plot},
+                            check_results=[AssetCheckResult(check_name="one_row_per_training_item", passed=len(df) == n_train,
+                                                            metadata={"rows": len(df), "training_items": n_train})])
+
+
+@asset(group_name="attribution", partitions_def=queries, deps=[AssetKey("query_clips"), AssetKey("checkpoint")], **GPU,
+       description="Similarity attribution of one query: cosine similarity on audio, text and internal (denoiser) embeddings.")
+def similarity_scores(
+    context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource,
+    compute: ComputeResource, protocol: LossProtocolResource,
+) -> MaterializeResult:
+    store, cmp, proto = storage.storage(), compute.compute(), protocol.protocol()
+    qid = context.partition_key
+    adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
+    identity = Identity(record.checkpoint_id, proto.protocol_id)
+    query = query_batch(store, qid, record.encoder_id)
+    embed = {
+        "audio": audio_embedding,
+        "text": text_embedding,
+        "internal": lambda b: internal_embedding(adapter, b, proto, cmp),
+    }
+    item_ids: list[str] = []
+    item_embs: dict[str, list[torch.Tensor]] = {name: [] for name in embed}
+    for batch in iter_training_batches(store, record.encoder_id, 64):
+        item_ids.extend(batch.item_ids)
+        for name, fn in embed.items():
+            item_embs[name].append(fn(batch))
+    meta = {}
+    for name, fn in embed.items():
+        score = cosine_scores(fn(query), torch.cat(item_embs[name])).numpy().astype(np.float64)
+        method = f"similarity:{name}"
+        df = pl.DataFrame({"item_id": item_ids, "score": score, "rank": rank_descending(score), "share": positive_shares(score),
+                           **identity.keys()})
+        write_table(store, "similarity_scores", df, query_id=qid, method=method)
+        meta[f"top_5_{name}"] = MetadataValue.json(_top_items(store, df))
+    return MaterializeResult(metadata={"rows_per_method": len(item_ids), **identity.keys(), **meta})

@@ -1,0 +1,129 @@
+"""Cross-query reports: consistency between configurations, seeds and methods (the paper's grid tables)."""
+
+import itertools
+
+import numpy as np
+import polars as pl
+from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
+
+from resources import LossProtocolResource, StorageResource
+from tda_assets.attribution.metrics import compare
+from tda_assets.defs import plots
+from tda_assets.io.artifacts import Identity
+from tda_assets.io.checkpoints import read_checkpoint_record
+from tda_assets.io.registry import TABLES, key
+from tda_assets.io.tables import read_tables, write_table
+
+
+def score_vectors(store, identity: Identity) -> dict[str, dict[str, pl.DataFrame]]:
+    """query → every attribution of it under `identity`, keyed `unlearning:<config_id>` or `similarity:<name>`."""
+    unlearning = read_tables(store, "attribution_scores").with_columns(label="unlearning:" + pl.col("config_id"))
+    similarity = read_tables(store, "similarity_scores").with_columns(label=pl.col("method"))
+    cols = ["query_id", "label", "item_id", "score"]
+    current = (pl.col("checkpoint_id") == identity.checkpoint_id) & (pl.col("protocol_id") == identity.protocol_id)
+    both = pl.concat([unlearning.filter(current).select(cols), similarity.filter(current).select(cols)])
+    out: dict[str, dict[str, pl.DataFrame]] = {}
+    for (qid, label), df in both.group_by("query_id", "label", maintain_order=True):
+        out.setdefault(qid, {})[label] = df.select("item_id", "score")
+    return out
+
+
+def consistency_rows(query_id: str, vectors: dict[str, pl.DataFrame]) -> list[dict]:
+    """Pairwise Jaccard@10/50/100, Spearman and Pearson between every two attributions of a query."""
+    rows = []
+    for left, right in itertools.combinations(sorted(vectors), 2):
+        joined = vectors[left].join(vectors[right], on="item_id", suffix="_r")
+        a, b = joined["score"].to_numpy(), joined["score_r"].to_numpy()
+        for metric, k, value in compare(a, b):
+            rows.append({"query_id": query_id, "left": left, "right": right, "metric": metric, "k": k, "value": float(value)})
+    return rows
+
+
+UNLEARNING = "unlearning:"
+
+
+def seed_groups(store) -> dict[str, tuple[str, object]]:
+    """config_id → (every field but `seed`, `seed`): its seed reruns share the first and differ in the second."""
+    df = read_tables(store, "unlearning_configs")
+    cols = [c for c in df.columns if c not in ("config_id", "seed")]
+    return {r["config_id"]: (repr(tuple(r[c] for c in cols)), r["seed"]) for r in df.to_dicts()}
+
+
+def jaccard_matrix(df: pl.DataFrame, k: int = 10) -> tuple[list[str], np.ndarray]:
+    """Mean Jaccard@k over queries between every two unlearning configurations (diagonal 1, missing pairs NaN)."""
+    pairs = (df.filter((pl.col("metric") == "jaccard") & (pl.col("k") == k)
+                       & pl.col("left").str.starts_with(UNLEARNING) & pl.col("right").str.starts_with(UNLEARNING))
+             .group_by("left", "right").agg(pl.col("value").mean()))
+    labels = sorted(set(pairs["left"].to_list()) | set(pairs["right"].to_list()))
+    index = {label: i for i, label in enumerate(labels)}
+    m = np.full((len(labels), len(labels)), np.nan)
+    np.fill_diagonal(m, 1.0)
+    for r in pairs.to_dicts():
+        m[index[r["left"]], index[r["right"]]] = m[index[r["right"]], index[r["left"]]] = r["value"]
+    return [label[len(UNLEARNING):] for label in labels], m
+
+
+def is_seed_rerun(groups: dict[str, tuple[str, object]], a: str, b: str) -> bool:
+    """Two configurations equal in every field but the seed, with different seeds (an identical one is not a rerun)."""
+    return a in groups and b in groups and groups[a][0] == groups[b][0] and groups[a][1] != groups[b][1]
+
+
+def config_consistency(df: pl.DataFrame, groups: dict[str, tuple[str, object]], k: int = 10) -> list[dict]:
+    """Per configuration: mean Jaccard@k (over queries) with its seed reruns, with the other configurations, and with all.
+
+    Sorted best first: by the mean with its seed reruns (configurations without reruns last), then with all others.
+    """
+    configs, m = jaccard_matrix(df, k)
+    out = []
+    for i, c in enumerate(configs):
+        others = [j for j in range(len(configs)) if j != i and np.isfinite(m[i, j])]
+        seed = [j for j in others if is_seed_rerun(groups, c, configs[j])]
+        rest = [j for j in others if j not in seed]
+        mean = lambda js: round(float(np.mean(m[i, js])), 4) if js else None  # noqa: E731
+        out.append({"config_id": c, f"jaccard_{k}_seed_reruns": mean(seed), "seed_reruns": len(seed),
+                    f"jaccard_{k}_other_configs": mean(rest), f"jaccard_{k}_all": mean(others)})
+    key = lambda r: (r[f"jaccard_{k}_seed_reruns"] is None, -(r[f"jaccard_{k}_seed_reruns"] or 0.0), -(r[f"jaccard_{k}_all"] or 0.0))  # noqa: E731
+    return sorted(out, key=key)
+
+
+@asset(group_name="reports", deps=[AssetKey("attribution_scores"), AssetKey("similarity_scores")],
+       description="Consistency across configurations, seeds and methods (current checkpoint and protocol): "
+                   "Jaccard@k and rank correlations per query.")
+def consistency_report(context: AssetExecutionContext, storage: StorageResource, protocol: LossProtocolResource) -> MaterializeResult:
+    store = storage.storage()
+    identity = Identity(read_checkpoint_record(store).checkpoint_id, protocol.protocol().protocol_id)
+    vectors = score_vectors(store, identity)
+    query_ids = sorted(q for q, v in vectors.items() if any(label.startswith(UNLEARNING) for label in v))
+    rows = [{**r, **identity.keys()} for q in query_ids for r in consistency_rows(q, vectors[q])]
+    df = pl.DataFrame(rows, schema=TABLES["consistency"].polars_schema())
+    uri = write_table(store, "consistency", df)
+    means = (df.group_by("left", "right", "metric", "k").agg(pl.col("value").mean()).sort("left", "right", "metric", "k")
+             if len(df) else df)
+    per_config = config_consistency(df, seed_groups(store)) if len(df) else []
+    meta: dict = {}
+    if per_config:
+        best = per_config[0]
+        by_all = max(per_config, key=lambda r: r["jaccard_10_all"] if r["jaccard_10_all"] is not None else -1.0)
+        meta.update({
+            "most_consistent_config": best["config_id"],
+            "most_consistent_config_jaccard_10": (best["jaccard_10_seed_reruns"] if best["jaccard_10_seed_reruns"] is not None
+                                                  else best["jaccard_10_all"]),
+            "most_consistent_config_basis": "seed reruns" if best["jaccard_10_seed_reruns"] is not None else "other configurations",
+            "highest_agreement_with_other_configs": by_all["config_id"],
+            "config_consistency": MetadataValue.json(per_config),
+        })
+        labels, matrix = jaccard_matrix(df)
+        if len(labels) > 1:
+            shared = df.filter(pl.col("left").str.starts_with(UNLEARNING) & pl.col("right").str.starts_with(UNLEARNING))
+            title = (f"mean Jaccard@10 between unlearning configurations "
+                     f"(over the queries both ran; {shared['query_id'].n_unique()} queries in all)")
+            meta.update(plots.write_png(store, key("plot", kind="consistency", name="jaccard_10"),
+                                        plots.heatmap(matrix, labels, title), title))
+        context.log.info(f"most consistent configuration: {best['config_id']} ({meta['most_consistent_config_basis']}, "
+                         f"mean Jaccard@10 {meta['most_consistent_config_jaccard_10']})")
+    context.log.info(f"consistency over {len(query_ids)} queries: {len(df)} rows")
+    return MaterializeResult(metadata={
+        "rows": len(df), "queries": len(query_ids), "uri": MetadataValue.path(uri), **identity.keys(), **meta,
+        "mean_by_pair": MetadataValue.json([{**r, "value": round(r["value"], 4) if r["value"] is not None and np.isfinite(r["value"]) else None}
+                                            for r in means.to_dicts()][:200]),
+    })

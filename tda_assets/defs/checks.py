@@ -1,0 +1,37 @@
+"""Asset checks (DESIGN §2): losses finite and complete, a sound manifest."""
+
+import numpy as np
+import polars as pl
+from dagster import AssetCheckResult, AssetKey, asset_check
+
+from resources import StorageResource
+from tda_assets.io.tables import read_table
+
+MIN_QUERY_LOSS_RATIO = 1.05  # unlearning must raise the query loss at least this much (blocking check query_loss_raised)
+
+
+def losses_complete(name: str, df: pl.DataFrame, item_ids: list[str], draws: int) -> AssetCheckResult:
+    """Passed when every loss is finite and every expected item has each draw 0…K−1 exactly once, and nothing else."""
+    finite = bool(np.isfinite(df["loss"].to_numpy()).all()) if len(df) else True
+    expected = pl.DataFrame({"item_id": [i for i in item_ids for _ in range(draws)],
+                             "draw": [d for _ in item_ids for d in range(draws)]}, schema={"item_id": pl.String, "draw": pl.Int32})
+    have = df.select("item_id", pl.col("draw").cast(pl.Int32))
+    missing = expected.join(have, on=["item_id", "draw"], how="anti")
+    unexpected = have.join(expected, on=["item_id", "draw"], how="anti")
+    duplicated = int(have.is_duplicated().sum())
+    passed = finite and missing.is_empty() and unexpected.is_empty() and duplicated == 0
+    return AssetCheckResult(check_name=name, passed=passed, metadata={
+        "rows": len(df), "expected_rows": len(expected), "missing_rows": len(missing), "unexpected_rows": len(unexpected),
+        "duplicated_rows": duplicated, "all_finite": finite,
+        "missing_examples": str(missing.head(5).rows()) if len(missing) else "",
+    })
+
+
+@asset_check(asset=AssetKey("training_manifest"), description="item ids unique, captions and audio URIs present")
+def manifest_is_sound(storage: StorageResource) -> AssetCheckResult:
+    df = read_table(storage.storage(), "training_manifest")
+    dupes = int(df["item_id"].is_duplicated().sum())
+    empty_caption = int((df["caption"].fill_null("").str.strip_chars() == "").sum())
+    no_audio = int(df["audio_uri"].is_null().sum())
+    return AssetCheckResult(passed=dupes == 0 and empty_caption == 0 and no_audio == 0,
+                            metadata={"duplicate_ids": dupes, "empty_captions": empty_caption, "missing_audio_uri": no_audio})

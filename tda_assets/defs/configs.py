@@ -1,0 +1,90 @@
+"""The unlearning configuration as a Dagster `Config` derived from the engine's `UnlearningSettings`, and the grid file."""
+
+from dataclasses import fields
+from pathlib import Path
+from typing import get_type_hints
+
+import polars as pl
+import yaml
+from dagster import Config, RunConfig
+from pydantic import Field
+
+from tda_assets.attribution.settings import UnlearningSettings, settings_from_row, settings_row
+from tda_assets.io.slugs import check_slug
+
+GRID_FILE = Path(__file__).resolve().parents[1] / "experiments" / "unlearning_grid.yaml"
+UNLEARNING_ASSETS = ("unlearned_model", "unlearned_losses", "attribution_scores")
+
+
+class _UnlearningConfigBase(Config):
+    config_id: str = Field(default="default", description="name of this configuration in the tables (a safe slug)")
+
+    def settings(self) -> UnlearningSettings:
+        """The engine's settings; raises ValueError naming a bad field (unknown recipe, subset, optimizer, …)."""
+        check_slug(self.config_id, "config_id")
+        return UnlearningSettings(**{f.name: getattr(self, f.name) for f in fields(UnlearningSettings)})
+
+    def row(self) -> pl.DataFrame:
+        """The `unlearning_configs` row (partition column `config_id` lives in the folder name)."""
+        return pl.DataFrame([settings_row(self.settings())])
+
+
+def _unlearning_config() -> type[_UnlearningConfigBase]:
+    """The Dagster config class with one field per `UnlearningSettings` field (same names, defaults and docs)."""
+    hints = get_type_hints(UnlearningSettings)
+    namespace: dict = {"__module__": __name__, "__annotations__": {},
+                       "__doc__": "One unlearning configuration (DESIGN §1): the engine's UnlearningSettings and a config_id."}
+    for f in fields(UnlearningSettings):
+        namespace["__annotations__"][f.name] = hints[f.name]
+        namespace[f.name] = Field(default=f.default, description=f.metadata.get("doc"))
+    return type("UnlearningConfig", (_UnlearningConfigBase,), namespace)
+
+
+UnlearningConfig = _unlearning_config()
+
+
+def unlearning_run_config(config: UnlearningConfig) -> RunConfig:
+    """Run config that applies one configuration to the three per-configuration assets of a run."""
+    return RunConfig(ops={name: config for name in UNLEARNING_ASSETS})
+
+
+def load_grid(path: str | Path | None = None) -> list[UnlearningConfig]:
+    """The configurations of a grid file (default `tda_assets/experiments/unlearning_grid.yaml`).
+
+    Each entry of `configs:` is one configuration; an entry may list values for several fields
+    (their product is expanded, ids get the values appended).
+    """
+    path = Path(path or GRID_FILE)
+    spec = yaml.safe_load(path.read_text())
+    out: list[UnlearningConfig] = []
+    for n, entry in enumerate((spec or {}).get("configs") or [], 1):
+        if not isinstance(entry, dict) or not entry.get("config_id"):
+            raise ValueError(f"grid file {path}: entry {n} needs a config_id (and the fields that differ from the default)")
+        try:
+            out.extend(_expand(dict(entry)))
+        except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            raise ValueError(f"grid file {path}: configuration {entry['config_id']!r}: {exc}") from None
+    if not out:
+        raise ValueError(f"grid file {path}: no configurations under `configs:`")
+    ids = [c.config_id for c in out]
+    dupes = {i for i in ids if ids.count(i) > 1}
+    if dupes:
+        raise ValueError(f"grid file {path}: duplicate config_id(s) {sorted(dupes)}")
+    return out
+
+
+def _expand(entry: dict) -> list[UnlearningConfig]:
+    base_id = entry.pop("config_id")
+    lists = {k: v for k, v in entry.items() if isinstance(v, list)}
+    if not lists:
+        settings = settings_from_row(entry)  # every value checked now (unknown fields too), not when its run starts
+        config = UnlearningConfig(config_id=base_id, **{f.name: getattr(settings, f.name) for f in fields(UnlearningSettings)})
+        config.settings()
+        return [config]
+    field_name, values = next(iter(lists.items()))
+    out = []
+    for value in values:
+        text = f"{value:g}" if isinstance(value, float) else str(value)
+        rest = {**entry, field_name: value, "config_id": f"{base_id}-{field_name.rstrip('_')}{text}".replace(".", "p")}
+        out.extend(_expand(rest))
+    return out

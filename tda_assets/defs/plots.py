@@ -1,0 +1,121 @@
+"""Pictures of the evaluation (matplotlib, Agg): top-k bars per query, a consistency heatmap, the counterfactual bars.
+
+Every function renders one PNG, writes it under the storage root (`plots/<kind>/<name>.png`) and returns
+the asset metadata that shows it in the Dagster UI: a link to the file and an inline markdown preview.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import polars as pl
+from dagster import MetadataValue
+
+from tda_assets.io.registry import key
+from tda_assets.io.storage import Storage
+from tda_assets.io.tables import read_table, table_exists
+
+DPI = 90
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _png(fig) -> bytes:
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_png(store: Storage, plot_key: str, png: bytes, title: str) -> dict:
+    """Write the PNG atomically and return `{plot: path, plot_preview: markdown image}` metadata."""
+    uri = store.write_bytes(plot_key, png)
+    preview = f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
+    return {"plot": MetadataValue.path(uri), "plot_preview": MetadataValue.md(preview)}
+
+
+def artist_colours(artists: list[str]) -> dict[str, tuple]:
+    """One stable colour per artist (by the artist's position among all artists of the manifest)."""
+    plt = _pyplot()
+    cmap = plt.get_cmap("tab10" if len(artists) <= 10 else "tab20")
+    return {a: cmap(i % cmap.N) for i, a in enumerate(sorted(artists))}
+
+
+def top_k_bars(scores: pl.DataFrame, manifest: pl.DataFrame, title: str, k: int = 10, target_artist: str | None = None) -> bytes:
+    """Horizontal bars of the top-k scores (rank 1 on top), coloured by each item's artist."""
+    plt = _pyplot()
+    artists = manifest["artist"].fill_null("(unknown)").unique().to_list()
+    colours = artist_colours(artists)
+    top = (scores.sort("rank").head(k).join(manifest.select("item_id", "artist"), on="item_id", how="left")
+           .with_columns(pl.col("artist").fill_null("(unknown)")))
+    colours.setdefault("(unknown)", (0.6, 0.6, 0.6, 1.0))
+    fig, ax = plt.subplots(figsize=(6.4, 0.32 * len(top) + 1.4))
+    y = np.arange(len(top))[::-1]
+    ax.barh(y, top["score"].to_numpy(), color=[colours[a] for a in top["artist"]])
+    ax.set_yticks(y, [f"{r}. {i}" for r, i in zip(top["rank"], top["item_id"])], fontsize=8)
+    ax.set_xlabel("score (mean loss rise after unlearning)" if "relative_score" in scores.columns else "score")
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_title(title, fontsize=9)
+    shown = list(dict.fromkeys(top["artist"].to_list()))
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[a]) for a in shown]
+    labels = [f"{a} (target)" if a == target_artist else a for a in shown]
+    ax.legend(handles, labels, fontsize=7, loc="lower right", frameon=False)
+    return _png(fig)
+
+
+def heatmap(matrix: np.ndarray, labels: list[str], title: str, value_label: str = "mean Jaccard@10") -> bytes:
+    """An annotated square heatmap in [0, 1] (NaN cells left blank)."""
+    plt = _pyplot()
+    n = len(labels)
+    size = max(3.5, 0.55 * n + 2.0)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    im = ax.imshow(np.ma.masked_invalid(matrix), vmin=0.0, vmax=1.0, cmap="viridis")
+    ax.set_xticks(range(n), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(n), labels, fontsize=7)
+    for i in range(n):
+        for j in range(n):
+            if np.isfinite(matrix[i, j]):
+                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                        color="white" if matrix[i, j] < 0.6 else "black")
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=value_label)
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def counterfactual_bars(df: pl.DataFrame, title: str) -> bytes:
+    """Per query, the query-loss rise after removing the top-k attributed items vs k random items."""
+    plt = _pyplot()
+    queries = sorted(df["query_id"].unique().to_list())
+    x = np.arange(len(queries))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(queries) + 2.0), 3.4))
+    for offset, removal, colour in ((-0.2, "attributed", "tab:red"), (0.2, "random", "tab:gray")):
+        rows = {r["query_id"]: r["loss_rise"] for r in df.filter(pl.col("removal") == removal).to_dicts()}
+        ax.bar(x + offset, [rows.get(q, np.nan) for q in queries], width=0.4, color=colour, label=f"{removal} removal")
+    ax.axhline(0, color="black", lw=0.6)
+    ax.set_xticks(x, queries, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("query loss rise vs full model")
+    ax.legend(fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=9)
+    return _png(fig)
+
+
+def attribution_plot(store: Storage, query_id: str, config_id: str, scores: pl.DataFrame, k: int = 10) -> dict:
+    """The top-k bar chart of one query and configuration, written to `plots/top_k/<query>/<config>.png`."""
+    manifest = read_table(store, "training_manifest").select("item_id", "artist")
+    target = None
+    if table_exists(store, "queries", query_id=query_id):
+        target = read_table(store, "queries", query_id=query_id)["target_artist"][0]
+    title = f"{query_id} · unlearning:{config_id} · top-{k}" + (f" (target {target})" if target else "")
+    png = top_k_bars(scores, manifest, title, k, target)
+    return write_png(store, key("plot_top_k", query_id=query_id, config_id=config_id), png, title)

@@ -1,0 +1,164 @@
+"""Materializing the graph phase by phase on a Dagster instance: used by the CLI (`tda demo`, `grid`, `evaluate`) and tests."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import polars as pl
+from dagster import DagsterInstance, Definitions, RunConfig, SensorResult, build_sensor_context, materialize
+
+from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, unlearning_run_config
+from tda_assets.defs.partitions import SHARD_KEYS, queries
+from tda_assets.defs.sensors import QUERY_ASSETS, query_inbox_sensor
+from tda_assets.definitions import build_definitions
+from tda_assets.io.artifacts import Identity, manifest_digest, read_features
+from tda_assets.io.checkpoints import embedded_checkpoint_id, read_checkpoint_record
+from tda_assets.io.registry import key
+from tda_assets.io.storage import Storage
+from tda_assets.io.tables import read_table, table_exists
+from tda_assets.models.embedded.model import TrainingSettings
+from tda_assets.models.sources import ModelSource
+
+TRAINING_PHASES = ("training_manifest", "training_features", "checkpoint", "fisher_diagonal", "baseline_losses")
+
+
+def with_console_level(run_config: RunConfig | dict | None, log_level: str) -> dict:
+    """The run config as a dict whose console logger logs at `log_level` unless it sets loggers itself."""
+    config = run_config.to_config_dict() if isinstance(run_config, RunConfig) else dict(run_config or {})
+    if not config.get("loggers"):  # RunConfig.to_config_dict() gives an empty `loggers`: fill that too
+        config["loggers"] = {"console": {"config": {"log_level": log_level}}}
+    return config
+
+
+def current_training_phases(store: Storage, source: ModelSource, protocol_id: str) -> dict[str, bool]:
+    """Which training phases' outputs exist under the storage root *with the identity they would have now*.
+
+    Features must come from the current encoders and the current manifest rows; the checkpoint must be the one
+    the model source names (for the embedded model: trained on these features with these settings); the Fisher
+    and every shard's baseline losses must be of that checkpoint and protocol.
+    """
+    have = dict.fromkeys(TRAINING_PHASES, False)
+    if not table_exists(store, "training_manifest"):
+        return have
+    have["training_manifest"] = True
+    manifest = read_table(store, "training_manifest")
+    encoder_id = source.encoder_id()
+
+    def features_current(shard: str) -> bool:
+        rows = manifest.filter(pl.col("shard") == shard)
+        k = key("training_features", encoder_id=encoder_id, shard=shard)
+        if rows.is_empty():
+            return not store.exists(k)
+        return store.exists(k) and read_features(store, k)[1].get("manifest_digest") == manifest_digest(rows)
+
+    have["training_features"] = all(map(features_current, SHARD_KEYS))
+    if not have["training_features"] or not store.exists(key("checkpoint_record")):
+        return have
+    record = read_checkpoint_record(store)
+    if source.is_embedded:
+        settings = TrainingSettings(steps=source.train_steps, seed=source.train_seed)
+        wanted = embedded_checkpoint_id(store, encoder_id, asdict(settings))
+        have["checkpoint"] = record.kind == "embedded" and record.checkpoint_id == wanted
+    else:
+        have["checkpoint"] = record.kind == "external" and record.checkpoint_id == source.resolve().checkpoint_id
+    if not have["checkpoint"]:
+        return have
+    identity = Identity(record.checkpoint_id, protocol_id)
+    have["fisher_diagonal"] = store.exists(key("fisher_diagonal", **identity.keys()))
+    have["baseline_losses"] = all(table_exists(store, "baseline_losses", **identity.keys(), shard=s) for s in SHARD_KEYS)
+    return have
+
+
+@dataclass
+class Runner:
+    """Runs selections of the asset graph with `materialize()` on one instance and one set of resources."""
+
+    instance: DagsterInstance
+    defs: Definitions
+    log: Callable[[str], None] = print
+    timings: dict[str, float] = field(default_factory=dict)
+    log_level: str = "INFO"
+
+    @classmethod
+    def create(cls, instance: DagsterInstance, storage_url: str | None = None, log: Callable[[str], None] = print) -> "Runner":
+        return cls(instance, build_definitions(storage_url), log)
+
+    @property
+    def resources(self) -> dict:
+        return self.defs.resources
+
+    @property
+    def storage(self) -> Storage:
+        return self.resources["storage"].storage()
+
+    def run(self, selection: list[str], partition_key: str | None = None, run_config: RunConfig | dict | None = None):
+        """Materialize `selection` (asset names) for one partition; raises if the run fails, else returns its result."""
+        config = with_console_level(run_config, self.log_level)
+        result = materialize(
+            [*self.defs.assets, *self.defs.asset_checks], selection=selection, partition_key=partition_key,
+            instance=self.instance, resources=self.resources, run_config=config, raise_on_error=True,
+        )
+        if not result.success:
+            raise RuntimeError(f"run of {selection} ({partition_key}) failed")
+        return result
+
+    def phase(self, name: str, fn: Callable[[], None]) -> None:
+        self.log(f"==> {name}")
+        start = time.perf_counter()
+        fn()
+        self.timings[name] = time.perf_counter() - start
+        self.log(f"    {name}: {self.timings[name]:.1f}s")
+
+    def training_side(self, manifest_config: dict | None = None, skip: frozenset[str] = frozenset()) -> None:
+        """Manifest, features of every shard, checkpoint, Fisher and baseline losses of every shard (minus `skip`)."""
+        cfg = {"ops": {"training_manifest": {"config": manifest_config}}} if manifest_config else None
+        phases = {
+            "training_manifest": lambda: self.run(["training_manifest"], run_config=cfg),
+            "training_features": lambda: [self.run(["training_features"], s) for s in SHARD_KEYS],
+            "checkpoint": lambda: self.run(["checkpoint"]),
+            "fisher_diagonal": lambda: self.run(["fisher_diagonal"]),
+            "baseline_losses": lambda: [self.run(["baseline_losses"], s) for s in SHARD_KEYS],
+        }
+        for name in TRAINING_PHASES:
+            if name not in skip:
+                self.phase(name, phases[name])
+
+    def training_side_if_needed(self, manifest_config: dict | None = None) -> None:
+        """The training side, skipping the phases whose outputs exist with their current identity.
+
+        A given manifest config is always read again (its file may have changed); once a phase must run, every
+        later phase runs too (they depend on it).
+        """
+        if manifest_config:
+            self.training_side(manifest_config, skip=frozenset(TRAINING_PHASES[1:]))
+        source = self.resources["model_source"].model_source()
+        have = current_training_phases(self.storage, source, self.resources["protocol"].protocol().protocol_id)
+        if all(have.values()):
+            self.log(f"==> training side: already materialized (checkpoint {read_checkpoint_record(self.storage).checkpoint_id}), skipped")
+            return
+        first_missing = next(i for i, name in enumerate(TRAINING_PHASES) if not have[name])
+        self.training_side(manifest_config, skip=frozenset(TRAINING_PHASES[:first_missing]))
+
+    def sensor_tick(self) -> list[str]:
+        """Evaluate the inbox sensor once: add its partitions and return the requested query ids."""
+        context = build_sensor_context(instance=self.instance,
+                                       resources={"storage": self.resources["storage"], "inbox": self.resources["inbox"]})
+        result = query_inbox_sensor(context)
+        assert isinstance(result, SensorResult)
+        for request in result.dynamic_partitions_requests or []:
+            self.instance.add_dynamic_partitions(queries.name, list(request.partition_keys))
+        return [r.partition_key for r in result.run_requests or []]
+
+    def attribute(self, query_id: str, config: UnlearningConfig | None = None) -> None:
+        """The sensor's run for one query: clip, unlearning, losses, attribution, similarity."""
+        self.run(list(QUERY_ASSETS), query_id, unlearning_run_config(config) if config else None)
+
+    def attribute_config(self, query_id: str, config: UnlearningConfig) -> None:
+        """Only the per-configuration assets of a query (its clip must exist)."""
+        self.run(list(UNLEARNING_ASSETS), query_id, unlearning_run_config(config))
+
+    def counterfactual(self, **config: object):
+        """The `counterfactual` asset with `CounterfactualConfig` fields (query_ids, k, train_steps, …); returns the run's result."""
+        return self.run(["counterfactual"], run_config={"ops": {"counterfactual": {"config": {k: v for k, v in config.items() if v is not None}}}})

@@ -1,0 +1,176 @@
+"""The commands that materialize (demo, grid, counterfactual, evaluate): each goes through the Dagster instance of
+DAGSTER_HOME with the code location's resources and executor, and prints what a user reads."""
+
+from __future__ import annotations
+
+import time
+
+import polars as pl
+from dagster import AssetKey, DagsterInstance
+
+from resources.env import Env, dagster_home, use_dagster_home
+from tda_assets.data.demo import builtin_queries
+from tda_assets.defs.configs import load_grid
+from tda_assets.io.query_engine import QueryEngine
+from tda_assets.io.artifacts import Identity
+from tda_assets.io.checkpoints import read_checkpoint_record
+from tda_assets.io.registry import entry
+
+from .display import print_frame
+from .grid import GridRun, ensure_query, has_current_attribution, run_grid, select_queries, summary
+from .runner import Runner
+
+
+def instance() -> DagsterInstance:
+    """The instance of DAGSTER_HOME (default: dagster_home/ in the checkout), created if missing."""
+    use_dagster_home()
+    return DagsterInstance.get()
+
+
+def runner(verbose: bool = True) -> Runner:
+    """A Runner on the instance of DAGSTER_HOME; Dagster's INFO logs only when `verbose`."""
+    run = Runner.create(instance())
+    if not verbose:
+        run.log_level = "WARNING"
+    return run
+
+
+def _start(command: str) -> tuple[Runner, float]:
+    run = runner()
+    print(f"tda {command}: storage {run.storage.url}, Dagster instance {dagster_home()}")
+    return run, time.perf_counter()
+
+
+def _print_timings(run: Runner, start: float) -> None:
+    total = time.perf_counter() - start
+    print("\nWall time by phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in run.timings.items()) + f"; total {total:.0f}s")
+
+
+def prepare(manifest: str | None) -> int:
+    """The training side for a manifest (or the embedded corpus), skipping what exists with the same identity."""
+    run, start = _start("prepare")
+    run.training_side_if_needed({"manifest_uri": manifest} if manifest else None)
+    record = read_checkpoint_record(run.storage)
+    protocol = run.resources["protocol"].protocol()
+    items = QueryEngine(run.storage).sql("SELECT count(*) AS n FROM training_items").item()
+    print(f"\ntraining side ready: {items} training items, checkpoint {record.checkpoint_id} ({record.kind}), "
+          f"loss protocol {protocol.protocol_id}")
+    _print_timings(run, start)
+    return 0
+
+
+def demo() -> int:
+    """The whole graph on the embedded default: training side, the built-in queries through the sensor, the report."""
+    run, start = _start("demo")
+    run.training_side()
+    builtin_queries(run.storage)
+    requested = run.sensor_tick()
+    print(f"==> query_inbox_sensor requested {len(requested)} runs")
+    for i, qid in enumerate(requested, 1):
+        run.phase(f"query {i}/{len(requested)} {qid}", lambda q=qid: run.attribute(q))
+    run.phase("consistency_report", lambda: run.run(["consistency_report"]))
+    print("\nTop-5 attributed training items per query (sql/top_k.sql, k = 5, method = unlearning):")
+    engine = QueryEngine(run.storage)
+    top = engine.named("top_k", k=5).filter(pl.col("method") == "unlearning")
+    print_frame(top.select([c for c in ("query_id", "target_artist", "rank", "item_id", "artist", "score", "caption") if c in top.columns]))
+    print("\nShare of the top-10 by the target artist (sql/artist_shares.sql):")
+    print_frame(engine.named("artist_shares", k=10))
+    _print_timings(run, start)
+    return 0
+
+
+def print_grid(results: list[GridRun]) -> None:
+    """The grid's runs per configuration, and every failed (query, configuration)."""
+    print("\nGrid runs per configuration (status of each (query, configuration); seconds_per_run over the runs made now):")
+    print_frame(summary(results))
+    for r in results:
+        if r.status in ("check_failed", "skipped_failed", "error"):
+            ratio = f"×{r.loss_ratio:.3f}" if r.loss_ratio is not None else "—"
+            print(f"  {r.status}: {r.query_id} / {r.config_id} (query loss {ratio}) {r.message}")
+
+
+def grid(queries: str, grid_file: str | None, force: bool, report: bool, verbose: bool) -> int:
+    """Every configuration of the grid file for the queries, then the consistency report."""
+    start = time.perf_counter()
+    configs = load_grid(grid_file or Env.read().grid_file)
+    run = runner(verbose)
+    query_ids = select_queries(run, queries)
+    if not query_ids:
+        raise ValueError("no queries partitions yet: add queries (`tda add-query`) and run them (`tda demo` or the sensor)")
+    print(f"tda grid: {len(configs)} configurations × {len(query_ids)} queries ({', '.join(query_ids)})")
+    results = run_grid(run, configs, query_ids, force=force, report=report)
+    print_grid(results)
+    print(f"\ntotal {time.perf_counter() - start:.0f}s; the table: tda query consistency_table")
+    return 1 if any(r.status == "error" for r in results) else 0
+
+
+def print_counterfactual(engine: QueryEngine) -> None:
+    """The counterfactual table and its verdict."""
+    df = engine.sql("select query_id, removal, k, query_loss_full, query_loss_removed, loss_rise from counterfactual "
+                    "order by query_id, removal")
+    print("\nCounterfactual check (retrained without the top-k attributed items vs k random items; table `counterfactual`):")
+    print_frame(df)
+    verdict = dict(df.group_by("removal").agg(pl.col("loss_rise").mean()).sort("removal").rows())
+    print("mean loss rise: " + ", ".join(f"{k} {v:+.4f}" for k, v in verdict.items())
+          + (" → attributed removal raises the query loss more: PASSED" if verdict.get("attributed", 0) > verdict.get("random", 0)
+             else " → attributed removal does NOT raise the query loss more: FAILED"))
+
+
+def counterfactual(queries: str | None, n_queries: int, k: int, train_steps: int | None, config_id: str, verbose: bool) -> int:
+    """The counterfactual asset for the queries, then its table."""
+    run = runner(verbose)
+    ids = [q.strip() for q in queries.split(",")] if queries else None
+    run.phase("counterfactual", lambda: run.counterfactual(query_ids=ids, n_queries=n_queries, k=k, train_steps=train_steps,
+                                                           config_id=config_id))
+    print_counterfactual(QueryEngine(run.storage))
+    return 0
+
+
+def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: int, cf_k: int,
+             cf_train_steps: int | None, skip_counterfactual: bool) -> int:
+    """The paper's experiments on the embedded default: built-in queries, grid, consistency, similarity, counterfactual."""
+    run, start = _start("evaluate")
+    store = run.storage
+    run.training_side_if_needed()
+    run.log_level = "WARNING"
+    ids = builtin_queries(store)
+    requested = run.sensor_tick()
+    print(f"==> query_inbox_sensor requested {len(requested)} runs")
+    identity = Identity(read_checkpoint_record(store).checkpoint_id, run.resources["protocol"].protocol().protocol_id)
+    todo = [q for q in ids if not has_current_attribution(store, q, "default", identity)]
+
+    def queries_phase() -> None:
+        for q in ids:
+            if q in todo:
+                run.attribute(q)
+            else:
+                ensure_query(run, store, q)
+
+    run.phase(f"built-in queries ({len(todo)} of {len(ids)} to run)", queries_phase)
+    configs = load_grid(grid_file or Env.read().grid_file)
+    grid_ids = sorted(ids)[:grid_queries] if grid_queries else sorted(ids)
+    print(f"==> grid: {len(configs)} configurations × {len(grid_ids)} queries ({', '.join(grid_ids)})")
+    results: list[GridRun] = []
+    run.phase("grid", lambda: results.extend(run_grid(run, configs, grid_ids, force=force)))
+    if not skip_counterfactual:
+        run.phase("counterfactual", lambda: run.counterfactual(n_queries=cf_queries, k=cf_k, train_steps=cf_train_steps))
+    engine = QueryEngine(store)
+    print_grid(results)
+    print("\nConsistency between configurations and seed reruns (sql/consistency_table.sql, mean over queries;"
+          " unlearning-vs-similarity pairs are in the next table):")
+    print_frame(engine.named("consistency_table").filter(pl.col("pair") != "unlearning vs similarity"))
+    report = run.instance.get_latest_materialization_event(AssetKey("consistency_report")).asset_materialization.metadata
+    per_config = report["config_consistency"].value if "config_consistency" in report else []  # as the report computed it
+    if per_config:
+        print("\nMean Jaccard@10 per configuration (with its seed reruns, with the other configurations):")
+        print_frame(pl.DataFrame(per_config))
+        print(f"most consistent configuration: {per_config[0]['config_id']}")
+    print("\nAgreement of unlearning with each similarity method (sql/method_agreement.sql, mean over queries):")
+    print_frame(engine.named("method_agreement").filter(pl.col("query_id") == "(mean)"))
+    if not skip_counterfactual:
+        print_counterfactual(engine)
+    plots = store.glob(entry("plot").glob()) + store.glob(entry("plot_top_k").glob())
+    print(f"\n{len(plots)} plots (top-k bars per query and configuration, the consistency heatmap, the counterfactual "
+          f"bars) under {store.uri(entry('plot').glob())} and {store.uri(entry('plot_top_k').glob())}")
+    _print_timings(run, start)
+    return 1 if any(r.status == "error" for r in results) else 0

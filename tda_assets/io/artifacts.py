@@ -1,0 +1,184 @@
+"""The engine's cached inputs and outputs under the storage root, each pinned to its identity.
+
+Training features by the encoders they came from (`encoder_id`); baseline and unlearned losses by
+`checkpoint_id` and `protocol_id`. A reader asked for one identity never returns another's artifact: it
+raises `IdentityError`, which names the identity asked for, the ones present, and the fix.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import polars as pl
+import torch
+
+from tda_assets.attribution.adapter import ItemBatch
+
+from .registry import key
+from .storage import Storage
+from .tables import list_keys, read_tables
+
+COND_PREFIX = "cond."
+
+
+class IdentityError(FileNotFoundError):
+    """An artifact is missing for the identity a step needs; the message names both identities and the fix."""
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What losses and scores were computed with: the checkpoint and the loss protocol."""
+
+    checkpoint_id: str
+    protocol_id: str
+
+    def keys(self) -> dict[str, str]:
+        return {"checkpoint_id": self.checkpoint_id, "protocol_id": self.protocol_id}
+
+    def __str__(self) -> str:
+        return f"checkpoint {self.checkpoint_id}, protocol {self.protocol_id}"
+
+
+# features --------------------------------------------------------------------------------------------------------
+def write_features(storage: Storage, key_: str, batch: ItemBatch, meta: dict[str, str]) -> str:
+    """Latents, frame mask and conditioning of a batch as one safetensors file; item ids and `meta` in its metadata."""
+    tensors = {"latents": batch.latents.contiguous(), "frame_mask": batch.frame_mask.contiguous()}
+    tensors.update({COND_PREFIX + k: v.contiguous() for k, v in batch.conditioning.items()})
+    return storage.write_tensors(key_, tensors, {"item_ids": json.dumps(batch.item_ids), **meta})
+
+
+def read_features(storage: Storage, key_: str) -> tuple[ItemBatch, dict[str, str]]:
+    """The batch written by `write_features`, and the file's other metadata."""
+    tensors, meta = storage.read_tensors(key_)
+    cond = {k[len(COND_PREFIX):]: v for k, v in tensors.items() if k.startswith(COND_PREFIX)}
+    return ItemBatch(json.loads(meta["item_ids"]), tensors["latents"], cond, tensors["frame_mask"]), meta
+
+
+def manifest_digest(rows: pl.DataFrame) -> str:
+    """A digest of the manifest rows features are made from (id, audio and caption): a changed row changes it."""
+    cols = rows.select("item_id", "audio_uri", "caption").sort("item_id").rows()
+    return hashlib.blake2b(json.dumps(cols).encode(), digest_size=8).hexdigest()
+
+
+def feature_shards(storage: Storage, encoder_id: str) -> list[str]:
+    """The shards that have training features made by `encoder_id`."""
+    return sorted(k["shard"] for k in list_keys(storage, "training_features", encoder_id=encoder_id))
+
+
+def iter_training_batches(storage: Storage, encoder_id: str, size: int, shards: list[str] | None = None) -> Iterator[ItemBatch]:
+    """Training items shard by shard in batches of at most `size` (one shard in memory at a time)."""
+    for shard in feature_shards(storage, encoder_id) if shards is None else shards:
+        k = key("training_features", encoder_id=encoder_id, shard=shard)
+        if not storage.exists(k):
+            continue
+        batch, _ = read_features(storage, k)
+        for lo in range(0, len(batch), size):
+            yield batch.select(slice(lo, lo + size))
+
+
+def all_features(storage: Storage, encoder_id: str) -> ItemBatch:
+    """Every shard's training features as one batch (training and the counterfactual need them all at once)."""
+    parts = [read_features(storage, key("training_features", encoder_id=encoder_id, shard=s))[0]
+             for s in feature_shards(storage, encoder_id)]
+    if not parts:
+        others = sorted({k["encoder_id"] for k in list_keys(storage, "training_features")})
+        raise IdentityError(f"no training_features made by encoders {encoder_id} under {storage.url}"
+                            + (f" (there are features of encoders {others})" if others else "")
+                            + ": materialize training_features for every shard (`tda prepare`, or the UI)")
+    return ItemBatch(
+        [i for p in parts for i in p.item_ids],
+        torch.cat([p.latents for p in parts]),
+        {k: torch.cat([p.conditioning[k] for p in parts]) for k in parts[0].conditioning},
+        torch.cat([p.frame_mask for p in parts]),
+    )
+
+
+def features_digest(storage: Storage, encoder_id: str) -> str:
+    """A digest of every shard's feature file (the embedded checkpoint's id includes it)."""
+    h = hashlib.blake2b(digest_size=8)
+    for shard in feature_shards(storage, encoder_id):
+        h.update(storage.read_bytes(key("training_features", encoder_id=encoder_id, shard=shard)))
+    return h.hexdigest()
+
+
+def query_batch(storage: Storage, query_id: str, encoder_id: str) -> ItemBatch:
+    """The query's latent, frame mask and conditioning; IdentityError when made by other encoders."""
+    batch, meta = read_features(storage, key("query_features", query_id=query_id))
+    if meta.get("encoder_id") != encoder_id:
+        raise IdentityError(f"query {query_id!r} was encoded by encoders {meta.get('encoder_id')}, the checkpoint uses "
+                            f"{encoder_id}: re-materialize query_clips for {query_id!r}")
+    return batch
+
+
+# losses ----------------------------------------------------------------------------------------------------------
+def losses_frame(item_ids: list[str], losses: torch.Tensor, masked: torch.Tensor, t: torch.Tensor | None = None) -> pl.DataFrame:
+    """Long rows `(item_id, draw, loss, loss_masked[, t])` from [b, K] loss matrices."""
+    b, k = losses.shape
+    frame = {
+        "item_id": [i for i in item_ids for _ in range(k)],
+        "draw": np.tile(np.arange(k, dtype=np.int32), b),
+        "loss": losses.reshape(-1).numpy().astype(np.float32),
+        "loss_masked": masked.reshape(-1).numpy().astype(np.float32),
+    }
+    if t is not None:
+        frame["t"] = t.reshape(-1).numpy().astype(np.float32)
+    return pl.DataFrame(frame)
+
+
+def loss_matrix(df: pl.DataFrame, item_ids: list[str], draws: int, column: str, table: str) -> np.ndarray:
+    """Pivot long `(item_id, draw, loss)` rows into [N, K] in `item_ids` order (raises if any draw is missing)."""
+    index = {item: i for i, item in enumerate(item_ids)}
+    out = np.full((len(item_ids), draws), np.nan)
+    rows = df.filter(pl.col("item_id").is_in(item_ids) & (pl.col("draw") < draws))
+    out[[index[i] for i in rows["item_id"].to_list()], rows["draw"].to_numpy()] = rows[column].to_numpy()
+    missing = np.isnan(out).any(axis=1)
+    if missing.any():
+        names = [item_ids[i] for i in np.flatnonzero(missing)[:5]]
+        raise ValueError(f"{table} is missing draws for {int(missing.sum())} item(s), e.g. {names}: re-materialize it")
+    return out
+
+
+def _identities(storage: Storage, table: str, /, **fixed: str) -> list[str]:
+    return sorted({f"checkpoint {k['checkpoint_id']}, protocol {k['protocol_id']}" for k in list_keys(storage, table, **fixed)})
+
+
+def read_baseline(storage: Storage, identity: Identity, encoder_id: str) -> pl.DataFrame:
+    """Every shard's baseline losses of this identity; IdentityError when a shard with features has none."""
+    df = read_tables(storage, "baseline_losses", **identity.keys())
+    have = set(df["shard"].unique().to_list())
+    missing = [s for s in feature_shards(storage, encoder_id) if s not in have]
+    if missing or df.is_empty():
+        present = [i for i in _identities(storage, "baseline_losses") if i != str(identity)]
+        raise IdentityError(
+            f"baseline_losses for {identity} are missing for shard(s) {missing or 'all'}"
+            + (f"; the storage root has them only for {'; '.join(present)}, which is never mixed in" if present else "")
+            + ": materialize baseline_losses for every shard (`tda prepare`, or the UI)"
+        )
+    return df
+
+
+def require(storage: Storage, name: str, identity: Identity, fix: str, /, **keys: str) -> str:
+    """The key of entry `name` under `identity`; IdentityError naming it, the identities present, and `fix`."""
+    k = key(name, **identity.keys(), **keys)
+    if not storage.exists(k):
+        present = [i for i in _identities(storage, name, **keys) if i != str(identity)]
+        what = f"{name}" + (f" of {'/'.join(keys.values())}" if keys else "")
+        raise IdentityError(f"{what} for {identity} is missing"
+                            + (f"; the storage root has it only for {'; '.join(present)}, which is never mixed in" if present else "")
+                            + f": {fix}")
+    return k
+
+
+def read_unlearned(storage: Storage, identity: Identity, query_id: str, config_id: str) -> pl.DataFrame:
+    """The unlearned losses of a query and configuration under this identity (IdentityError naming what exists)."""
+    fix = f"materialize unlearned_model and unlearned_losses for {query_id}/{config_id}"
+    return storage.read_parquet(require(storage, "unlearned_losses", identity, fix, query_id=query_id, config_id=config_id))
+
+
+def baseline_item_ids(baseline: pl.DataFrame) -> list[str]:
+    """The training items that have baseline losses: the manifest's items minus any skipped as bad."""
+    return baseline["item_id"].unique(maintain_order=True).to_list()

@@ -1,0 +1,191 @@
+"""The storage layout (DESIGN §3), declared once: every table and file under the storage root.
+
+Each entry has a key pattern (`{field}` placeholders; `name={name}` folders are hive partitions), the
+columns of its parquet files, and its identity: the fields that say what produced it (`checkpoint_id`,
+`protocol_id`, `encoder_id`). Writers, readers, globs, skip decisions, checks and the DuckDB views
+(`sql/views.sql` names tables as `{table:<name>}`) all derive from these entries; no other module spells
+a storage path.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from tda_assets.attribution.settings import settings_columns
+
+IDENTITY = ("checkpoint_id", "protocol_id")
+_POLARS = {"str": "String", "f64": "Float64", "f32": "Float32", "i64": "Int64", "i32": "Int32", "bool": "Boolean"}
+_DUCKDB = {"str": "VARCHAR", "f64": "DOUBLE", "f32": "FLOAT", "i64": "BIGINT", "i32": "INTEGER", "bool": "BOOLEAN"}
+
+
+class LayoutError(ValueError):
+    """A key value or a frame that does not fit the layout; the message names the entry and the fix."""
+
+
+def check_value(name: str, value: object) -> str:
+    """A key value that is a safe folder name (no '/', '\\', '=', no leading '.', not empty)."""
+    text = str(value)
+    if not text or any(c in text for c in "/\\=*?[]") or text.startswith("."):
+        raise LayoutError(f"{name}={text!r} is not a safe folder name (no '/', '\\', '=', glob characters or leading '.')")
+    return text
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One table (`columns` given: parquet) or file kind of the layout."""
+
+    name: str
+    pattern: str
+    columns: Mapping[str, str] = field(default_factory=dict)
+    identity: tuple[str, ...] = ()
+    description: str = ""
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """The placeholders of the key pattern, in order."""
+        return tuple(f for _, f, _, _ in string.Formatter().parse(self.pattern) if f)
+
+    @property
+    def partitions(self) -> tuple[str, ...]:
+        """The fields that are hive folders (`name={name}`): columns of the table's view."""
+        return tuple(f for f in self.fields if f"{f}={{{f}}}" in self.pattern)
+
+    @property
+    def is_table(self) -> bool:
+        return bool(self.columns)
+
+    def key(self, **values: object) -> str:
+        """The key of one file, e.g. `attribution_scores/query_id=q1/config_id=c1/part-0.parquet`."""
+        if set(values) != set(self.fields):
+            raise LayoutError(f"{self.name}: the key takes {list(self.fields)}, got {sorted(values)}")
+        return self.pattern.format(**{k: check_value(k, v) for k, v in values.items()})
+
+    def glob(self, **fixed: object) -> str:
+        """A glob over the entry's files, with some fields fixed (the others `*`)."""
+        unknown = set(fixed) - set(self.fields)
+        if unknown:
+            raise LayoutError(f"{self.name}: no field(s) {sorted(unknown)}; fields are {list(self.fields)}")
+        return self.pattern.format(**{f: check_value(f, fixed[f]) if f in fixed else "*" for f in self.fields})
+
+    def parse(self, key: str) -> dict[str, str]:
+        """The field values of a key of this entry (LayoutError if it is not one)."""
+        regex = "".join(re.escape(lit) + (f"(?P<{f}>[^/]+)" if f else "")
+                        for lit, f, _, _ in string.Formatter().parse(self.pattern))
+        match = re.fullmatch(regex, key)
+        if not match:
+            raise LayoutError(f"{key!r} is not a key of {self.name} ({self.pattern})")
+        return match.groupdict()
+
+    def schema(self, with_partitions: bool = False) -> dict[str, str]:
+        """Column → type name (`str`, `f64`, …); partition columns (strings) first when asked."""
+        cols = {p: "str" for p in self.partitions} if with_partitions else {}
+        cols.update(self.columns)
+        return cols
+
+    def polars_schema(self, with_partitions: bool = False) -> dict[str, Any]:
+        """The columns as a polars schema."""
+        import polars as pl
+
+        return {c: getattr(pl, _POLARS[t]) for c, t in self.schema(with_partitions).items()}
+
+    def duckdb_read(self, root: str) -> str:
+        """The DuckDB `read_parquet(…)` of every file of the table, hive folders as VARCHAR columns."""
+        path = f"{root}/{self.glob()}".replace("'", "''")
+        if not self.partitions:
+            return f"read_parquet('{path}')"
+        types = ", ".join(f"'{p}': VARCHAR" for p in self.partitions)
+        return f"read_parquet('{path}', hive_partitioning = true, hive_types = {{{types}}})"
+
+    def duckdb_empty(self) -> str:
+        """A typed relation with the table's columns and no rows (a table with no files yet)."""
+        cols = ", ".join(f'CAST(NULL AS {_DUCKDB[t]}) AS "{c}"' for c, t in self.schema(with_partitions=True).items())
+        return f"(SELECT {cols} WHERE false)"
+
+
+PART = "part-0.parquet"
+_RESULT_IDENTITY = {"checkpoint_id": "str", "protocol_id": "str"}
+
+
+def _unlearning_config_columns() -> dict[str, str]:
+    types = {"float": "f64", "int": "i64", "str": "str", "bool": "bool"}
+    return {col: types[t.removesuffix(" | None")] for col, t in settings_columns().items()}
+
+
+_ENTRIES = [
+    # training side
+    Entry("training_manifest", f"training_manifest/{PART}", {
+        "item_id": "str", "audio_uri": "str", "caption": "str", "artist": "str", "duration_s": "f64", "shard": "str"},
+        description="one row per training item"),
+    Entry("corpus_audio", "corpus/{artist}/{item_id}.wav", description="the embedded corpus's clips"),
+    Entry("training_features", "training_features/encoder_id={encoder_id}/shard={shard}/features.safetensors",
+          identity=("encoder_id",), description="latents, frame masks and conditioning of one shard"),
+    Entry("checkpoint_record", "checkpoint/current.json", description="the current checkpoint (a CheckpointRecord)"),
+    Entry("checkpoint_folder", "checkpoint/{checkpoint_id}", identity=("checkpoint_id",),
+          description="a trained model folder (diffusers layout)"),
+    Entry("fisher_diagonal", "fisher_diagonal/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/fisher.safetensors",
+          identity=IDENTITY, description="the diagonal Fisher"),
+    Entry("baseline_losses", f"baseline_losses/checkpoint_id={{checkpoint_id}}/protocol_id={{protocol_id}}/shard={{shard}}/{PART}", {
+        "item_id": "str", "draw": "i32", "t": "f32", "loss": "f32", "loss_masked": "f32"},
+        identity=IDENTITY, description="L0_ik for every item and draw of one shard"),
+    # queries
+    Entry("inbox", "inbox/{name}", description="query files (`<query_id>.txt` or `.json`)"),
+    Entry("queries", f"queries/query_id={{query_id}}/{PART}", {
+        "prompt": "str", "seed": "i64", "audio_uri": "str", "target_artist": "str", "encoder_id": "str",
+        "generated_by": "str"}, identity=("encoder_id",), description="one row per query"),
+    Entry("query_audio", "query_clips/query_id={query_id}/clip.wav", description="a generated query clip"),
+    Entry("query_features", "query_clips/query_id={query_id}/features.safetensors", identity=("encoder_id",),
+          description="the query's latent, frame mask and conditioning"),
+    Entry("unlearning_configs", f"unlearning_configs/config_id={{config_id}}/{PART}", _unlearning_config_columns(),
+          description="one row per unlearning configuration"),
+    Entry("unlearned_delta",
+          "unlearned_model/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/query_id={query_id}/config_id={config_id}"
+          "/delta.safetensors", identity=IDENTITY, description="the unlearned model as a weight delta"),
+    Entry("unlearning_runs", f"unlearning_runs/query_id={{query_id}}/config_id={{config_id}}/{PART}", {
+        "query_loss_before": "f64", "query_loss_after": "f64", "delta_uri": "str", "seconds": "f64", **_RESULT_IDENTITY},
+        identity=IDENTITY, description="query loss before/after unlearning"),
+    Entry("unlearned_losses",
+          f"unlearned_losses/checkpoint_id={{checkpoint_id}}/protocol_id={{protocol_id}}/query_id={{query_id}}"
+          f"/config_id={{config_id}}/{PART}", {"item_id": "str", "draw": "i32", "loss": "f32", "loss_masked": "f32"},
+          identity=IDENTITY, description="the unlearned model's loss on every item and draw"),
+    Entry("attribution_scores", f"attribution_scores/query_id={{query_id}}/config_id={{config_id}}/{PART}", {
+        "method": "str", "item_id": "str", "score": "f64", "rank": "i64", "relative_score": "f64", "skew_score": "f64",
+        "share": "f64", **_RESULT_IDENTITY}, identity=IDENTITY, description="unlearning attribution"),
+    Entry("similarity_scores", f"similarity_scores/query_id={{query_id}}/method={{method}}/{PART}", {
+        "item_id": "str", "score": "f64", "rank": "i64", "share": "f64", **_RESULT_IDENTITY},
+        identity=IDENTITY, description="similarity attribution"),
+    # reports
+    Entry("consistency", f"consistency/{PART}", {
+        "query_id": "str", "left": "str", "right": "str", "metric": "str", "k": "i64", "value": "f64", **_RESULT_IDENTITY},
+        identity=IDENTITY, description="pairwise agreement of rankings"),
+    Entry("counterfactual", f"counterfactual/{PART}", {
+        "query_id": "str", "removal": "str", "k": "i64", "query_loss_full": "f64", "query_loss_removed": "f64",
+        "loss_rise": "f64", "relative_rise": "f64", "removed_of_target_artist": "i64", "removed_items": "str",
+        "config_id": "str", "train_steps": "i64", "full_model": "str", "query_draws": "i64", **_RESULT_IDENTITY},
+        identity=IDENTITY, description="retraining without the top-k vs k random items"),
+    Entry("plot", "plots/{kind}/{name}.png", description="a report's picture"),
+    Entry("plot_top_k", "plots/top_k/{query_id}/{config_id}.png", description="top-k bars of a query and configuration"),
+]
+
+LAYOUT: dict[str, Entry] = {e.name: e for e in _ENTRIES}
+TABLES: dict[str, Entry] = {e.name: e for e in _ENTRIES if e.is_table}
+
+
+def entry(name: str, /) -> Entry:
+    """The layout entry called `name` (LayoutError naming the known ones)."""
+    try:
+        return LAYOUT[name]
+    except KeyError:
+        raise LayoutError(f"no table or file {name!r} in the layout; known: {', '.join(LAYOUT)}") from None
+
+
+def key(name: str, /, **values: object) -> str:
+    """The key of one file of entry `name`."""
+    return entry(name).key(**values)
+
+
+def glob(name: str, /, **fixed: object) -> str:
+    """A glob over the files of entry `name`, some fields fixed."""
+    return entry(name).glob(**fixed)

@@ -1,0 +1,1 @@
+"""The embedded default model: mel front end, MiniLM text encoder, a small StableAudioDiTModel."""

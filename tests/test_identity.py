@@ -1,0 +1,106 @@
+"""Every loss and score is pinned to the checkpoint and loss protocol it came from; no step mixes two identities.
+
+The sensor path (inbox → sensor tick → the query's run) after the checkpoint is retrained, or after the protocol
+seed changes, must not compute an attribution from the old baseline losses: it stops with one error naming both
+identities and the fix, and once the training side is brought up to date the same query attributes under the new one.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from dagster import DagsterInstance
+
+from tda_assets.data.inbox import add_query
+from tda_assets.experiments.runner import Runner, current_training_phases
+from tda_assets.io.checkpoints import read_checkpoint_record
+from tda_assets.io.query_engine import QueryEngine
+from tda_assets.io.tables import read_table, table_exists
+
+MANIFEST = {"clips_per_artist": 3, "artists": 2}
+
+
+@pytest.fixture(scope="module")
+def first(tmp_path_factory):
+    """A root whose training side and one query ran with protocol seed 0 and 20 training steps."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("TDA_TRAIN_STEPS", "20")
+    mp.setenv("TDA_PROTOCOL_SEED", "0")
+    root = str(tmp_path_factory.mktemp("storage"))
+    instance = DagsterInstance.ephemeral()
+    runner = Runner.create(instance, root, log=lambda _m: None)
+    runner.log_level = "WARNING"
+    runner.training_side(MANIFEST)
+    add_query(runner.storage, "a plucked guitar tune", query_id="q0")
+    assert runner.sensor_tick() == ["q0"]
+    runner.attribute("q0")
+    yield root, instance, runner
+    mp.undo()
+
+
+def run_new_query(root: str, instance: DagsterInstance, query_id: str) -> tuple[Runner, Exception | None]:
+    """A Runner built from the environment as it is now; the query goes through the inbox and the sensor."""
+    runner = Runner.create(instance, root, log=lambda _m: None)
+    runner.log_level = "WARNING"
+    add_query(runner.storage, "a plucked guitar tune", query_id=query_id)
+    assert runner.sensor_tick() == [query_id]
+    try:
+        runner.attribute(query_id)
+    except Exception as exc:  # noqa: BLE001 - the run's error is what the test reads
+        return runner, exc
+    return runner, None
+
+
+def test_a_query_after_a_protocol_change_is_not_scored_from_the_old_losses(first, monkeypatch):
+    root, instance, _ = first
+    monkeypatch.setenv("TDA_TRAIN_STEPS", "20")
+    monkeypatch.setenv("TDA_PROTOCOL_SEED", "1")
+    runner, error = run_new_query(root, instance, "q-protocol")
+    assert error is not None
+    assert re.search(r"protocol s1-k16.*missing.*protocol s0-k16", str(error), re.S), str(error)
+    assert "tda prepare" in str(error)
+    assert not table_exists(runner.storage, "attribution_scores", query_id="q-protocol", config_id="default")
+
+
+def test_a_query_after_retraining_is_not_scored_from_the_old_losses_then_attributes_once_prepared(first, monkeypatch):
+    root, instance, old_runner = first
+    old = read_checkpoint_record(old_runner.storage).checkpoint_id
+    monkeypatch.setenv("TDA_TRAIN_STEPS", "25")  # another checkpoint: other training settings
+    runner = Runner.create(instance, root, log=lambda _m: None)
+    runner.log_level = "WARNING"
+    runner.run(["checkpoint"])
+    new = read_checkpoint_record(runner.storage).checkpoint_id
+    assert new != old
+
+    runner, error = run_new_query(root, instance, "q-retrained")
+    assert error is not None
+    message = str(error)
+    assert f"checkpoint {new}" in message and f"checkpoint {old}" in message, message
+    assert not table_exists(runner.storage, "attribution_scores", query_id="q-retrained", config_id="default")
+
+    have = current_training_phases(runner.storage, runner.resources["model_source"].model_source(), "s0-k16")
+    assert have == {"training_manifest": True, "training_features": True, "checkpoint": True,
+                    "fisher_diagonal": False, "baseline_losses": False}
+    runner.training_side_if_needed()
+    runner.attribute("q-retrained")
+    scores = read_table(runner.storage, "attribution_scores", query_id="q-retrained", config_id="default")
+    assert set(scores["checkpoint_id"]) == {new} and set(scores["protocol_id"]) == {"s0-k16"}
+    old_scores = read_table(runner.storage, "attribution_scores", query_id="q0", config_id="default")
+    assert set(old_scores["checkpoint_id"]) == {old}  # the earlier answer keeps saying what produced it
+
+
+def test_the_attributions_view_exposes_both_identity_columns(first):
+    root, _, runner = first
+    df = QueryEngine(runner.storage).sql(
+        "SELECT DISTINCT query_id, method, checkpoint_id, protocol_id FROM attributions WHERE query_id = 'q0' ORDER BY method")
+    assert df["method"].to_list() == ["similarity:audio", "similarity:internal", "similarity:text", "unlearning"]
+    assert df["checkpoint_id"].n_unique() == 1 and df["checkpoint_id"][0].startswith("embedded-")
+    assert set(df["protocol_id"]) == {"s0-k16"}
+
+
+def test_baseline_losses_of_two_checkpoints_live_side_by_side(first):
+    _, _, runner = first
+    counts = QueryEngine(runner.storage).sql(
+        "SELECT checkpoint_id, protocol_id, count(*) AS n FROM baseline_losses GROUP BY ALL ORDER BY ALL")
+    assert counts.height >= 1 and all(n == 6 * 16 for n in counts["n"])
