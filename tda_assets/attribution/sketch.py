@@ -68,3 +68,17 @@ def project(grads: Mapping[str, torch.Tensor] | torch.Tensor, k: int, seed: int 
     """One-shot CountSketch of `{name: [b, *shape]}` or a flat [b, D] into [b, k]; build a `CountSketch` to reuse it."""
     rows = {FLAT: grads} if isinstance(grads, torch.Tensor) else grads
     return CountSketch({n: g[0].numel() for n, g in rows.items()}, k, seed).project(grads)
+
+
+class NoSketch:
+    """The identity "sketch": `{name: [b, *shape]}` flattened and concatenated to [b, D] (a reference for small models)."""
+
+    def __init__(self, sizes: Mapping[str, int]) -> None:
+        self.sizes = dict(sizes)
+        self.k = self.dim = sum(self.sizes.values())
+
+    def project(self, grads: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """[b, D] fp32, tensors in the order the sketch was built with."""
+        if set(grads) != set(self.sizes):
+            raise KeyError("NoSketch built for other tensors")
+        return torch.cat([grads[n].reshape(grads[n].shape[0], -1).float() for n in self.sizes], dim=1)
