@@ -8,9 +8,8 @@ from scipy.stats import spearmanr
 from tda_assets.attribution.adapter import apply_delta
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.gradients import gradient_store, per_item_gradients
-from tda_assets.attribution.losses import diffusion_loss, expand_draws
 from tda_assets.attribution.linearized import linearized_query
-from tda_assets.attribution.losses import batch_losses
+from tda_assets.attribution.losses import batch_losses, diffusion_loss, expand_draws
 from tda_assets.attribution.unlearn import UnlearningSettings
 from tests.tiny_model import PROTOCOL, tiny_trained
 
@@ -42,7 +41,7 @@ def test_per_item_gradients_average_to_the_batch_gradient(model):
         z, cond, tt, ee, m = expand_draws(items, t, eps, adapter.device)
         loss = diffusion_loss(adapter, z, cond, tt, ee, m if masked else None).mean()
         batch = torch.autograd.grad(loss, list(params.values()))
-        for (n, g), b in zip(params.items(), batch):
+        for n, b in zip(params, batch):
             assert torch.allclose(per_item[n].mean(0), b, rtol=1e-4, atol=1e-6 * float(b.abs().max()))
 
 

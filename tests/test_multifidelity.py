@@ -41,7 +41,7 @@ def test_two_stage_halving_ranks_and_draw_accounting():
     after = base + rng.normal(0, 0.1, (n, k)) + np.linspace(0, 1, n)[:, None]
     signal = np.linspace(0, 1, n) + rng.normal(0, 0.05, n)
     calls = []
-    res = two_stage(base, fake_losses(after, calls), {"a": signal, "b": -signal}, top=6, first_draws=2, keep=0.5)
+    res = two_stage(base, fake_losses(after, calls), {"a": signal, "b": -signal}, top=6, first_draws=2, keep=0.5, min_keep=3)
     cand = candidates({"a": signal, "b": -signal}, 6)
     assert len(cand) == 12 and set(np.flatnonzero(res.rescored)) == set(cand)
     assert [c[1:] for c in calls] == [(0, 2), (2, 8)] and len(calls[1][0]) == 6  # no draw evaluated twice

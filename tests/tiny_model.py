@@ -13,7 +13,6 @@ from tda_assets.attribution.embedded.model import EmbeddedAdapter, TrainingSetti
 from tda_assets.attribution.fisher import fisher_diagonal
 from tda_assets.attribution.losses import batch_losses
 from tda_assets.attribution.protocol import LossProtocol
-from tda_assets.attribution.unlearn import UnlearningSettings, unlearn
 
 ARTISTS, PER_ARTIST, TOKENS = 4, 12, 6
 PROTOCOL = LossProtocol(seed=0, draws=8)
@@ -49,9 +48,3 @@ def tiny_trained() -> tuple[EmbeddedAdapter, ItemBatch, ItemBatch, dict[str, tor
     l0 = batch_losses(adapter, train, PROTOCOL, Compute()).loss.numpy().astype(np.float64)
     return adapter, train, queries, fisher, l0
 
-
-def small_step(adapter: EmbeddedAdapter, query: ItemBatch, fisher: dict, n_train: int, ratio: float = 1.01, **kw) -> UnlearningSettings:
-    """Newton settings whose one step raises the query loss by about `ratio` (the loss change is linear at small lr)."""
-    probe = UnlearningSettings(lr=1.0, query_draws=16, **kw)
-    r = unlearn(adapter, query, fisher, probe, PROTOCOL, Compute(), n_train).loss_ratio
-    return UnlearningSettings(lr=(ratio - 1) / max(r - 1, 1e-9), query_draws=16, **kw)

@@ -14,6 +14,7 @@ backward, and per-item weight gradients cost the same FLOPs either way). The vma
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -47,8 +48,9 @@ class GradientStore:
     damping: float | None = None
     seconds: float = 0.0
 
+    @functools.cached_property
     def sketch(self) -> CountSketch | NoSketch:
-        """The sketch the items were projected with (rebuilt from its seed; O(D)); `NoSketch` when k is None."""
+        """The sketch the items were projected with (rebuilt once from its seed; O(D)); `NoSketch` when k is None."""
         return NoSketch(self.sizes) if self.k is None else CountSketch(self.sizes, self.k, self.seed)
 
     @property

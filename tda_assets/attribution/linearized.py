@@ -26,7 +26,7 @@ def linearized_scores(store: GradientStore, delta: dict[str, torch.Tensor]) -> n
     scale = store.scale or {}
     rows = {n: d.detach().float().cpu().reshape(1, -1) for n, d in delta.items()}
     rows = {n: r / scale[n].reshape(1, -1) if n in scale else r for n, r in rows.items()}
-    s_delta = store.sketch().project(rows)
+    s_delta = store.sketch.project(rows)
     return (store.sketched.float() @ s_delta[0]).numpy().astype(np.float64)
 
 

@@ -2,7 +2,8 @@
 with successive halving over the protocol's draws.
 
 Stage 1 evaluates the first `first_draws` draws of every candidate; the top `keep` of them by that partial score get
-the remaining draws, so survivors carry the full-K exact score and no draw is evaluated twice. Ranks: survivors by
+the remaining draws (at least `min_keep`, the headline top-k), so survivors carry the full-K exact score and no draw
+is evaluated twice. Ranks: survivors by
 exact score, then candidates dropped after stage 1 by their partial score, then items never rescored (by their mean
 rank over the cheap signals).
 """
@@ -51,7 +52,7 @@ def _count(size: int | float, n: int) -> int:
 def signal_ranks(signals: Mapping[str, np.ndarray]) -> np.ndarray:
     """[len(signals), N] 0-based descending ranks of each cheap signal (NaN scores last)."""
     out = []
-    for name, s in signals.items():
+    for s in signals.values():
         s = np.asarray(s, dtype=np.float64)
         order = np.argsort(-np.nan_to_num(s, nan=-np.inf), kind="stable")
         r = np.empty(len(s), dtype=np.int64)
@@ -73,8 +74,9 @@ def two_stage(
     top: int | float = 0.25,
     first_draws: int | None = None,
     keep: int | float = 0.5,
+    min_keep: int = 10,
 ) -> TwoStageResult:
-    """Exact scores of the cheap signals' candidates by successive halving; `first_draws=None` is K/4, ≥ K is no halving."""
+    """Exact scores of the signals' candidates by successive halving (`first_draws` None: K/4; ≥ K: no halving)."""
     n, k = baseline.shape
     if any(len(s) != n for s in signals.values()):
         raise ValueError("every cheap signal needs one score per item of the baseline")
@@ -85,7 +87,7 @@ def two_stage(
     partial = unlearned_losses(cand, 0, j) - baseline[cand, :j]
     score[cand], used[cand] = partial.mean(axis=1), j
     if j < k:
-        survivors = cand[np.argsort(-score[cand], kind="stable")[: _count(keep, len(cand))]]
+        survivors = cand[np.argsort(-score[cand], kind="stable")[: max(_count(keep, len(cand)), min_keep)]]
         survivors.sort()
         rest = unlearned_losses(survivors, j, k) - baseline[survivors, j:]
         full = np.concatenate([partial[np.searchsorted(cand, survivors)], rest], axis=1)
