@@ -18,14 +18,25 @@ def draw_seed(protocol_seed: int, item_id: str, k: int) -> int:
 
 @dataclass(frozen=True)
 class LossProtocol:
-    """`draws` fixed draws per item from the objective's timestep distribution, seeded by `seed`."""
+    """`draws` fixed draws per item from the objective's timestep distribution, seeded by `seed`.
+
+    `first_draw` > 0 makes a window of a protocol: draws `first_draw … first_draw + draws − 1` of the same items
+    (multi-fidelity scoring evaluates a few draws first and the rest later, never a draw twice).
+    """
 
     seed: int = 0
     draws: int = 16
+    first_draw: int = 0
 
     @property
     def protocol_id(self) -> str:
-        return f"s{self.seed}-k{self.draws}"
+        return f"s{self.seed}-k{self.draws}" + (f"-from{self.first_draw}" if self.first_draw else "")
+
+    def window(self, start: int, stop: int) -> "LossProtocol":
+        """Draws `start … stop − 1` of this protocol (indices relative to its first draw)."""
+        if not 0 <= start < stop <= self.draws:
+            raise ValueError(f"draw window [{start}, {stop}) is not within the protocol's {self.draws} draws")
+        return LossProtocol(seed=self.seed, draws=stop - start, first_draw=self.first_draw + start)
 
     def draws_for(
         self, item_ids: list[str], latent_shape: tuple[int, ...], objective: DiffusionObjective
@@ -37,7 +48,7 @@ class LossProtocol:
         g = torch.Generator()
         for i, item_id in enumerate(item_ids):
             for j in range(k):
-                g.manual_seed(draw_seed(self.seed, item_id, j))
+                g.manual_seed(draw_seed(self.seed, item_id, self.first_draw + j))
                 t[i, j] = objective.sample_t(1, g)[0]
                 eps[i, j] = torch.randn(latent_shape, generator=g)
         return t, eps

@@ -1,0 +1,122 @@
+"""Multi-fidelity exact scoring (DESIGN §1, `stage: two_stage`): rescore only the cheap signals' candidates, exactly,
+with successive halving over the protocol's draws.
+
+Stage 1 evaluates the first `first_draws` draws of every candidate; the top `keep` of them by that partial score get
+the remaining draws (at least `min_keep`, the headline top-k), so survivors carry the full-K exact score and no draw
+is evaluated twice. Ranks: survivors by
+exact score, then candidates dropped after stage 1 by their partial score, then items never rescored (by their mean
+rank over the cheap signals).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+import torch
+
+from .adapter import DiTAdapter, ItemBatch, apply_delta
+from .devices import Compute
+from .losses import batch_losses
+from .protocol import LossProtocol
+
+# (item indices, first draw, stop draw) -> unlearned per-draw losses [len(indices), stop - first]
+UnlearnedLosses = Callable[[np.ndarray, int, int], np.ndarray]
+
+
+@dataclass
+class TwoStageResult:
+    """Per item: exact score (NaN if not rescored), draws it used (0 = not rescored), 1-based rank."""
+
+    score: np.ndarray
+    draws_used: np.ndarray
+    rank: np.ndarray
+
+    @property
+    def rescored(self) -> np.ndarray:
+        return self.draws_used > 0
+
+    @property
+    def item_draws(self) -> int:
+        """Unlearned-model forward rows (item-draws) the result cost."""
+        return int(self.draws_used.sum())
+
+
+def _count(size: int | float, n: int) -> int:
+    """A count given as an int, or as a fraction (float ≤ 1) of `n`; at least 1, at most `n`."""
+    m = int(np.ceil(size * n)) if isinstance(size, float) else int(size)
+    return max(1, min(n, m))
+
+
+def signal_ranks(signals: Mapping[str, np.ndarray]) -> np.ndarray:
+    """[len(signals), N] 0-based descending ranks of each cheap signal (NaN scores last)."""
+    out = []
+    for s in signals.values():
+        s = np.asarray(s, dtype=np.float64)
+        order = np.argsort(-np.nan_to_num(s, nan=-np.inf), kind="stable")
+        r = np.empty(len(s), dtype=np.int64)
+        r[order] = np.arange(len(s))
+        out.append(r)
+    return np.stack(out)
+
+
+def candidates(signals: Mapping[str, np.ndarray], top: int | float) -> np.ndarray:
+    """Sorted indices in the union of the top `top` (count, or fraction of N) items of every cheap signal."""
+    ranks = signal_ranks(signals)
+    return np.flatnonzero((ranks < _count(top, ranks.shape[1])).any(axis=0))
+
+
+def two_stage(
+    baseline: np.ndarray,
+    unlearned_losses: UnlearnedLosses,
+    signals: Mapping[str, np.ndarray],
+    top: int | float = 0.25,
+    first_draws: int | None = None,
+    keep: int | float = 0.5,
+    min_keep: int = 10,
+) -> TwoStageResult:
+    """Exact scores of the signals' candidates by successive halving (`first_draws` None: K/4; ≥ K: no halving)."""
+    n, k = baseline.shape
+    if any(len(s) != n for s in signals.values()):
+        raise ValueError("every cheap signal needs one score per item of the baseline")
+    cand = candidates(signals, top)
+    j = max(1, k // 4) if first_draws is None else max(1, min(int(first_draws), k))
+    score = np.full(n, np.nan)
+    used = np.zeros(n, dtype=np.int64)
+    partial = unlearned_losses(cand, 0, j) - baseline[cand, :j]
+    score[cand], used[cand] = partial.mean(axis=1), j
+    if j < k:
+        survivors = cand[np.argsort(-score[cand], kind="stable")[: max(_count(keep, len(cand)), min_keep)]]
+        survivors.sort()
+        rest = unlearned_losses(survivors, j, k) - baseline[survivors, j:]
+        full = np.concatenate([partial[np.searchsorted(cand, survivors)], rest], axis=1)
+        score[survivors], used[survivors] = full.mean(axis=1), k
+    fallback = signal_ranks(signals).mean(axis=0)
+    order = np.lexsort((fallback, -np.nan_to_num(score, nan=0.0), -used))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(1, n + 1)
+    return TwoStageResult(score, used, rank)
+
+
+def unlearned_losses_fn(
+    adapter: DiTAdapter,
+    items: ItemBatch,
+    delta: dict[str, torch.Tensor],
+    protocol: LossProtocol,
+    compute: Compute,
+    masked: bool = False,
+    items_per_pass: int = 64,
+) -> UnlearnedLosses:
+    """The exact path for `two_stage`: per-draw losses of `items[indices]` at draws `[start, stop)` under θ0 + delta."""
+
+    def losses(indices: np.ndarray, start: int, stop: int) -> np.ndarray:
+        window = protocol.window(start, stop)
+        out = np.empty((len(indices), stop - start))
+        with apply_delta(adapter.denoiser, delta):
+            for lo in range(0, len(indices), items_per_pass):
+                sub = items.select([int(i) for i in indices[lo : lo + items_per_pass]])
+                out[lo : lo + len(sub)] = batch_losses(adapter, sub, window, compute).select(masked).numpy()
+        return out
+
+    return losses
