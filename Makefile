@@ -48,3 +48,4 @@ clean-storage:
 
 bench: install
 	$(BIN)/python tests/benchmarks/bench_engine.py
+	$(BIN)/python tests/benchmarks/bench_scale.py

@@ -109,3 +109,11 @@ def test_artists_are_distinguishable_by_spectral_nearest_neighbour(small_corpus:
     labels = np.array([r["artist"] for r in small_corpus])
     accuracy = float((labels[sim.argmax(1)] == labels).mean())
     assert accuracy > 0.8, accuracy
+
+
+def test_builtin_prompts_are_held_out_no_training_caption_equals_one(small_corpus: list[dict]) -> None:
+    every_caption = {style_caption(s, random.Random(i)) for s in ARTISTS for i in range(200)}  # all phrasings
+    every_caption |= {row["caption"] for row in small_corpus}
+    prompts = {style_prompt(s) for s in ARTISTS}
+    assert len(every_caption) >= 5 * len(ARTISTS)
+    assert prompts.isdisjoint(every_caption)

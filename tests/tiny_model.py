@@ -9,7 +9,7 @@ import torch
 
 from tda_assets.attribution.adapter import ItemBatch
 from tda_assets.attribution.devices import Compute
-from tda_assets.attribution.embedded.model import EmbeddedAdapter, TrainingSettings, train_denoiser
+from tda_assets.models.embedded.model import EmbeddedAdapter, TrainingSettings, train_denoiser
 from tda_assets.attribution.fisher import fisher_diagonal
 from tda_assets.attribution.losses import batch_losses
 from tda_assets.attribution.protocol import LossProtocol

@@ -98,3 +98,10 @@ def stream_losses(
     for batch in batches:
         yield batch.item_ids, batch_losses(adapter, batch, protocol, compute)
 
+
+
+def rebatch(batches: Iterable[ItemBatch], size: int) -> Iterator[ItemBatch]:
+    """Split batches into sub-batches of at most `size` items."""
+    for batch in batches:
+        for lo in range(0, len(batch), size):
+            yield batch.select(slice(lo, lo + size))

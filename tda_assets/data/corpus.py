@@ -83,9 +83,10 @@ _PHRASINGS = (
 )
 
 
-def _caption(style: ArtistStyle, phrasing: int) -> str:
+def _caption(style: ArtistStyle, phrasing: int | str) -> str:
     adj, inst = style.timbre_words[0], style.timbre_words[-1]
-    return _PHRASINGS[phrasing].format(
+    template = _PHRASINGS[phrasing] if isinstance(phrasing, int) else phrasing
+    return template.format(
         tempo=_tempo_word(style.bpm), mood=style.mood, adj=adj, inst=inst, key=_key_name(style),
         bpm=style.bpm, register=_register_word(style.register),
     )
@@ -96,9 +97,12 @@ def style_caption(style: ArtistStyle, rng: random.Random) -> str:
     return _caption(style, rng.randrange(len(_PHRASINGS)))
 
 
+_PROMPT = "{mood} {tempo} music for {adj} {inst} in {key}, around {bpm} bpm"  # a phrasing no training caption uses
+
+
 def style_prompt(style: ArtistStyle) -> str:
-    """The canonical (deterministic) prompt for a style, used as a built-in query prompt."""
-    return _caption(style, 0)
+    """The built-in query prompt for a style: held out, in a phrasing that no training caption uses."""
+    return _caption(style, _PROMPT)
 
 
 def soundfont_path() -> str:

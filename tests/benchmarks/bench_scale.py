@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from tda_assets.attribution.adapter import ItemBatch
 from tda_assets.attribution.devices import Compute
-from tda_assets.attribution.embedded.model import EmbeddedAdapter
+from tda_assets.models.embedded.model import EmbeddedAdapter
 from tda_assets.attribution.fisher import fisher_diagonal
 from tda_assets.attribution.gradients import GradientStore, gradient_store
 from tda_assets.attribution.linearized import linearized_query, linearized_scores
