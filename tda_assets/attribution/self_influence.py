@@ -15,7 +15,7 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def choose_targets(embeddings: np.ndarray, item_ids: Sequence[str], n_targets: int, seed: int = 0) -> list[str]:
-    """`n_targets` distinct items: seeded k-means (k-means++) on the unit-normalised embeddings, then the item nearest each centroid."""
+    """`n_targets` distinct items: seeded k-means++ on the unit-normalised embeddings, the item nearest each centroid."""
     x = _unit_rows(embeddings)
     if len(x) != len(item_ids):
         raise ValueError(f"{len(x)} embeddings for {len(item_ids)} item ids")
@@ -58,7 +58,7 @@ def summarise(
     target_indices: Sequence[int] | None = None,
     k: int = 10,
 ) -> SelfInfluenceSummary:
-    """R, share ranked first, and (given each target's `rank` array, the embeddings and target rows) the top/bottom-k similarity."""
+    """R and the share ranked first; given each target's `rank` array, embeddings and row, the top/bottom-k similarity."""
     r = np.asarray(ranks_of_self, dtype=np.float64)
     if len(r) == 0:
         raise ValueError("summarise needs at least one target")

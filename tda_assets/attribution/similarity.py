@@ -40,7 +40,7 @@ def shared_draw_bank(
 
 
 def internal_embedding(adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, compute: Compute, draws: int = 2) -> torch.Tensor:
-    """The denoiser's own last-block activations at one shared bank of draws (`shared_draw_bank`), pooled over positions [b, D]."""
+    """The denoiser's last-block activations at one shared bank of draws (`shared_draw_bank`), pooled [b, D]."""
     t, eps = shared_draw_bank(protocol.seed, draws, adapter.latent_shape, adapter.objective)
     b = len(batch)
     z, cond, tt, ee, _ = expand_draws(batch, t.expand(b, draws), eps.expand(b, *eps.shape), adapter.device)

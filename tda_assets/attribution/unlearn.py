@@ -67,7 +67,8 @@ class UnlearningSettings:
             raise ValueError(f"lr_bounds {self.lr_bounds} must be (min, max) with 0 < min < max")
         if self.target_ratio is not None:
             if not self.target_ratio > 1:
-                raise ValueError(f"target_ratio {self.target_ratio} must be > 1 (it is the rise ℓ_q(θ_u)/ℓ_q(θ0)), or None for a fixed lr")
+                raise ValueError(f"target_ratio {self.target_ratio} must be > 1 (it is the rise ℓ_q(θ_u)/ℓ_q(θ0)), "
+                                 "or None for a fixed lr")
             if self.recipe != "newton" or self.steps != 1:
                 raise ValueError(f"target_ratio {self.target_ratio} needs recipe 'newton' with steps=1 "
                                  f"(got {self.recipe!r}, steps={self.steps}): use a fixed lr otherwise")
