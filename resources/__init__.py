@@ -18,8 +18,8 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from .build import build_resources
     from .compute import ComputeResource, LossProtocolResource
-    from .env import Env
     from .data import InboxResource, TrainingDataResource
+    from .env import Env
     from .model_source import ModelSourceResource
     from .storage import QueryEngineResource, StorageResource
 

@@ -3,8 +3,8 @@
 from dagster import EnvVar
 
 from .compute import ComputeResource, LossProtocolResource
-from .env import Env, has
 from .data import InboxResource, TrainingDataResource
+from .env import Env, has
 from .model_source import ModelSourceResource
 from .storage import QueryEngineResource, StorageResource
 

@@ -14,15 +14,18 @@ class ComputeResource(ConfigurableResource):
     autocast_dtype: str | None = None
     batch_size: int = 256
     threads: int | None = None
+    fp32_losses: bool = False  # measure losses without autocast (rescoring in fp32 keeps weak unlearning's ranking)
 
     def compute(self) -> Compute:
         if self.threads:
             torch.set_num_threads(self.threads)
         if self.device == "auto":
             auto = Compute.auto(self.batch_size)
-            return auto if self.autocast_dtype is None else Compute(auto.device, self.autocast_dtype, self.batch_size)
-        dtype = self.autocast_dtype if self.autocast_dtype is not None else ("bfloat16" if self.device.startswith("cuda") else None)
-        return Compute(self.device, dtype, self.batch_size)
+            device, default_dtype = auto.device, auto.autocast_dtype
+        else:
+            device, default_dtype = self.device, ("bfloat16" if self.device.startswith("cuda") else None)
+        dtype = self.autocast_dtype if self.autocast_dtype is not None else default_dtype
+        return Compute(device, dtype, self.batch_size, fp32_losses=self.fp32_losses)
 
 
 class LossProtocolResource(ConfigurableResource):

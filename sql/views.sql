@@ -53,3 +53,14 @@ CREATE OR REPLACE VIEW counterfactual AS
 SELECT query_id, removal, k, query_loss_full, query_loss_removed, loss_rise, relative_rise,
        removed_of_target_artist, removed_items, config_id, train_steps, full_model, checkpoint_id, protocol_id
 FROM {table:counterfactual};
+
+-- The self-influence protocol: one row per configuration and target (a training item unlearned as its own query).
+CREATE OR REPLACE VIEW self_influence AS
+SELECT config_id, target_item_id, rank, score, loss_ratio, lr_used, score_type, top_k_similarity, bottom_k_similarity,
+       others_median_relative_change, checkpoint_id, protocol_id
+FROM {table:self_influence};
+
+-- Replication detection: a training item's audio after a mild transformation, used as a query; the source's rank.
+CREATE OR REPLACE VIEW replication AS
+SELECT config_id, source_item_id, transform, rank, score, loss_ratio, checkpoint_id, protocol_id
+FROM {table:replication};

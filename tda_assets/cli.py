@@ -81,7 +81,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from tda_assets.experiments import workflows
 
     return workflows.evaluate(args.grid_queries, args.grid_file, args.force, args.cf_queries, args.cf_k,
-                              args.cf_train_steps, args.skip_counterfactual)
+                              args.cf_train_steps, args.skip_counterfactual, args.si_configs, args.si_targets,
+                              args.rep_sources)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -138,6 +139,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cf-train-steps", type=int, default=env.cf_train_steps,
                    help="retraining steps of the counterfactual check (default: the checkpoint's; TDA_CF_TRAIN_STEPS)")
     p.add_argument("--skip-counterfactual", action="store_true")
+    p.add_argument("--si-configs", default="default,newton-target",
+                   help="configurations judged by the self-influence protocol (comma-separated; empty to skip)")
+    p.add_argument("--si-targets", type=int, default=8, help="self-influence targets (k-means-chosen training items)")
+    p.add_argument("--rep-sources", type=int, default=4,
+                   help="replication sources: items whose transformed audio is a query (0 to skip)")
     p.set_defaults(fn=cmd_evaluate)
     return top
 

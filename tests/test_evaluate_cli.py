@@ -36,7 +36,7 @@ def evaluated(tmp_path_factory):
     runner.training_side({"clips_per_artist": 4, "artists": 3})
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["evaluate", "--grid-queries", "1", "--cf-queries", "1", "--cf-k", "2"])
+        code = main(["evaluate", "--grid-queries", "1", "--cf-queries", "1", "--cf-k", "2", "--si-targets", "3", "--rep-sources", "1"])
     yield code, out.getvalue(), QueryEngine(Storage(str(root)))
     mp.undo()
 
@@ -51,7 +51,7 @@ def test_evaluate_prints_the_grid_consistency_agreement_and_counterfactual(evalu
     _, out, _ = evaluated
     for heading in ("Grid runs per configuration", "Consistency between configurations and seed reruns",
                     "most consistent configuration:", "Agreement of unlearning with each similarity method",
-                    "Counterfactual check", "Wall time by phase"):
+                    "Counterfactual check", "Self-influence", "Replication detection", "Wall time by phase"):
         assert heading in out, heading
 
 
@@ -63,3 +63,6 @@ def test_evaluate_fills_the_tables(evaluated):
     seed_pairs = table.filter(table["pair"] == "seed rerun").select("left", "right").rows()
     assert seed_pairs == [("unlearning:default", "unlearning:rerun-seed1")]
     assert engine.sql("select count(*) from counterfactual").item() == 2
+    # newton-target is not in this grid: only default is judged, on 3 targets
+    assert engine.sql("select config_id, count(*) from self_influence group by all").rows() == [("default", 3)]
+    assert engine.sql("select count(*) from replication").item() == 4

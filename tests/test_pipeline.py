@@ -105,3 +105,25 @@ def test_query_id_with_a_slash_is_refused_with_the_fix(pipeline):
     _, store, _ = pipeline
     with pytest.raises(ValueError, match=r"not a safe slug.*'a-b'"):
         add_query(store, "a prompt", query_id="a/b")
+
+
+def test_self_influence_ranks_each_k_means_target_among_all_items(pipeline):
+    runner, store, _ = pipeline
+    runner.run(["self_influence"], run_config={"ops": {"self_influence": {"config": {"n_targets": 3, "k": 3}}}})
+    rows = QueryEngine(store).sql("select * from self_influence order by target_item_id")
+    n = ARTISTS * CLIPS
+    assert rows.height == 3 and rows["target_item_id"].n_unique() == 3 and set(rows["config_id"]) == {"default"}
+    assert rows["rank"].is_between(1, n).all() and (rows["loss_ratio"] > 1.0).all()
+    assert (rows["top_k_similarity"] > rows["bottom_k_similarity"]).all()
+    summary = QueryEngine(store).named("self_influence_summary")
+    assert summary["targets"].to_list() == [3]
+    meta = runner.instance.get_latest_materialization_event(AssetKey("self_influence")).asset_materialization.metadata
+    assert meta["per_config"].value["default"]["R"] == pytest.approx(rows["rank"].mean(), abs=1e-3)
+
+
+def test_replication_ranks_the_source_of_each_transformed_clip(pipeline):
+    runner, store, _ = pipeline
+    runner.run(["replication"], run_config={"ops": {"replication": {"config": {"n_sources": 1}}}})
+    rows = QueryEngine(store).sql("select source_item_id, transform, rank from replication order by transform")
+    assert rows["transform"].to_list() == ["gain_-6db", "noise_30db", "resample_22k", "shift_50ms"]
+    assert rows["source_item_id"].n_unique() == 1 and rows["rank"].is_between(1, ARTISTS * CLIPS).all()

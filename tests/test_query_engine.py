@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import polars as pl
 import pytest
+
+from tda_assets.attribution.settings import UnlearningSettings, settings_row
 
 from tda_assets.io.query_engine import QueryEngine, QueryEngineError
 from tda_assets.io.storage import Storage
@@ -65,16 +69,16 @@ def write_tiny_dataset(storage: Storage) -> None:
                     encoder_id="e", generated_by=None)
         write_table(storage, "queries", query, query_id=q)
         unlearning = ranked(UNLEARNING[q]).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score",
-                                                        **IDENTITY)
+                                                        mean_delta="score", score_type=pl.lit("mean_delta"), **IDENTITY)
         write_table(storage, "attribution_scores", unlearning, **run)
         write_table(storage, "similarity_scores", ranked(SIMILARITY[q]).with_columns(**IDENTITY), query_id=q,
                     method="similarity:audio")
         write_table(storage, "unlearning_runs", row(query_loss_before=1.0, query_loss_after=1.5, delta_uri="d", seconds=0.1,
+                                                       lr_used=1e-3, target_ratio=None, search_ratio=None, probes=0,
                                                        **IDENTITY_VALUES), **run)
         losses = pl.DataFrame({"item_id": list(ITEMS), "draw": [0] * 6, "loss": [1.0] * 6, "loss_masked": [1.0] * 6})
         write_table(storage, "unlearned_losses", losses, **run, checkpoint_id="c", protocol_id="p")
-    config = row(recipe="newton", lr=1e-3, steps=1, param_subset="all", seed=0, optimizer="sgd", query_draws=8,
-                 damping=1e-8, mask_padding="unlearning", **{"lambda": 1.0})
+    config = row(**settings_row(UnlearningSettings(lr=1e-3, optimizer="sgd", query_draws=8, damping=1e-8)))
     write_table(storage, "unlearning_configs", config, config_id="default")
     for shard in ("s0", "s1"):
         losses = row(item_id="i1", draw=0, t=0.5, loss=1.0, loss_masked=1.0)
@@ -97,7 +101,8 @@ def engine(tmp_path) -> QueryEngine:
 def test_views_return_the_rows(engine):
     assert engine.table_counts() == {
         "training_items": 6, "baseline_losses": 2, "queries": 2, "unlearning_configs": 1, "unlearning_runs": 2,
-        "unlearned_losses": 12, "attributions": 24, "consistency": 6, "counterfactual": 1,
+        "unlearned_losses": 12, "attributions": 24, "consistency": 6, "counterfactual": 1, "self_influence": 0,
+        "replication": 0,
     }
 
 
@@ -115,7 +120,8 @@ def test_fresh_root_has_every_view_with_zero_rows(tmp_path):
     engine = QueryEngine(Storage(str(tmp_path / "empty")))
     counts = engine.table_counts()
     assert set(counts) == {"training_items", "baseline_losses", "queries", "unlearning_configs", "unlearning_runs",
-                           "unlearned_losses", "attributions", "consistency", "counterfactual"}
+                           "unlearned_losses", "attributions", "consistency", "counterfactual", "self_influence",
+                           "replication"}
     assert set(counts.values()) == {0}
     schema = engine.sql("SELECT * FROM attributions").schema
     assert list(schema) == [
@@ -241,10 +247,9 @@ def test_tda_sql_dir_from_the_environment_reaches_the_cli(tmp_path, monkeypatch,
 
 
 def test_consistency_table_calls_only_other_seeds_of_equal_fields_a_seed_rerun(engine):
-    base = dict(recipe="newton", lr=1e-3, steps=1, param_subset="all", optimizer="sgd", query_draws=8, damping=1e-8,
-                mask_padding="unlearning", **{"lambda": 1.0})
-    write_table(engine.storage, "unlearning_configs", row(**base, seed=1), config_id="seed1")
-    write_table(engine.storage, "unlearning_configs", row(**base, seed=0), config_id="copy")  # the default, renamed
+    base = UnlearningSettings(lr=1e-3, optimizer="sgd", query_draws=8, damping=1e-8)
+    write_table(engine.storage, "unlearning_configs", row(**settings_row(replace(base, seed=1))), config_id="seed1")
+    write_table(engine.storage, "unlearning_configs", row(**settings_row(base)), config_id="copy")  # the default, renamed
     consistency = pl.DataFrame([("0012", "unlearning:default", "unlearning:copy", "jaccard", 10, 1.0)],
                                schema=["query_id", "left", "right", "metric", "k", "value"], orient="row")
     write_table(engine.storage, "consistency", pl.concat([

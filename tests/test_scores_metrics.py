@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from tda_assets.attribution.metrics import compare, jaccard_at_k, self_attribution_rate, spearman
-from tda_assets.attribution.scores import attribution_scores, rank_descending
+from tda_assets.attribution.scores import attribution_scores, rank_descending, ranking_score
 
 
 def test_score_is_mean_loss_change_and_rank_one_is_the_largest():
@@ -57,3 +57,21 @@ def test_self_attribution_rate_counts_rank_one():
 def test_compare_caps_k_at_item_count():
     rows = compare(np.arange(20.0), np.arange(20.0))
     assert ("jaccard", 100, 1.0) in rows and ("spearman", None, pytest.approx(1.0)) in rows
+
+
+@pytest.mark.parametrize("score_type, key, ranks", [
+    ("mean_delta", "mean_delta", [1, 2, 3]), ("relative", "relative_score", [2, 1, 3]), ("skew", "skew_score", [2, 1, 3]),
+])
+def test_score_type_chooses_the_score_and_rank_follows_it(score_type, key, ranks):
+    base = np.array([[10.0, 10.0], [1.0, 1.0], [2.0, 2.0]])
+    after = np.array([[11.0, 11.0], [1.5, 1.5], [2.0, 2.0]])  # item 0 rises most in absolute terms, item 1 relatively
+    s = attribution_scores(base, after, score_type=score_type)
+    np.testing.assert_allclose(s["mean_delta"], [1.0, 0.5, 0.0])
+    assert np.array_equal(s["score"], s[key]) and np.array_equal(ranking_score(s, score_type), s[key])
+    assert s["rank"].tolist() == ranks
+    np.testing.assert_allclose(s["share"], np.clip(s[key], 0, None) / np.clip(s[key], 0, None).sum())
+
+
+def test_unknown_score_type_is_refused():
+    with pytest.raises(ValueError, match="unknown score_type 'median'"):
+        attribution_scores(np.ones((2, 2)), np.ones((2, 2)), score_type="median")

@@ -25,6 +25,8 @@ def scores(n: int = 3, offset: float = 0.0) -> pl.DataFrame:
             "relative_score": [0.1] * n,
             "skew_score": [0.2] * n,
             "share": [1.0 / n] * n,
+            "mean_delta": [offset + i for i in range(n)],
+            "score_type": ["mean_delta"] * n,
             "checkpoint_id": ["c"] * n,
             "protocol_id": ["p"] * n,
         }

@@ -7,3 +7,7 @@ class AttributionInputError(ValueError):
 
 class ModelSourceError(ValueError):
     """A model folder or checkpoint reference that cannot be loaded as a tda model."""
+
+
+class UnlearningStrengthError(AttributionInputError):
+    """The `newton` step-size search could not reach the target query-loss ratio within `lr_min`…`lr_max`."""

@@ -72,7 +72,7 @@ def batch_losses(adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, 
     z, cond, tt, ee, mask = expand_draws(batch, t, eps, adapter.device)
     rows = z.shape[0]
     full, masked = torch.empty(rows), torch.empty(rows)
-    with torch.no_grad(), compute.autocast():
+    with torch.no_grad(), compute.loss_autocast():
         for lo in range(0, rows, compute.batch_size):
             hi = min(rows, lo + compute.batch_size)
             sub_cond = {k: v[lo:hi] for k, v in cond.items()}
@@ -97,7 +97,6 @@ def stream_losses(
     """Yield `(item_ids, DrawLosses)` batch by batch; memory stays bounded by one batch."""
     for batch in batches:
         yield batch.item_ids, batch_losses(adapter, batch, protocol, compute)
-
 
 
 def rebatch(batches: Iterable[ItemBatch], size: int) -> Iterator[ItemBatch]:

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from .settings import SCORE_TYPES
+
+# score_type → the attribution_scores column that ranks (DESIGN §1: a grid dimension, not a belief)
+SCORE_COLUMNS = dict(zip(SCORE_TYPES, ("mean_delta", "relative_score", "skew_score")))
+
 
 def rank_descending(score: np.ndarray) -> np.ndarray:
     """1-based ranks, rank 1 = highest score; ties broken by position (stable)."""
@@ -20,18 +25,29 @@ def positive_shares(score: np.ndarray) -> np.ndarray:
     return pos / total if total > 0 else np.zeros_like(pos)
 
 
-def attribution_scores(baseline: np.ndarray, unlearned: np.ndarray) -> dict[str, np.ndarray]:
-    """Per item (rows of [N, K] loss matrices): `score`, `relative_score`, `skew_score`, `rank`, `share`."""
+def ranking_score(scores: dict[str, np.ndarray], score_type: str = "mean_delta") -> np.ndarray:
+    """The per-item score that ranks items for a `score_type` (one of SCORE_TYPES), from an `attribution_scores` dict."""
+    if score_type not in SCORE_COLUMNS:
+        raise ValueError(f"unknown score_type {score_type!r}: choose one of {SCORE_TYPES}")
+    return scores[SCORE_COLUMNS[score_type]]
+
+
+def attribution_scores(baseline: np.ndarray, unlearned: np.ndarray, score_type: str = "mean_delta") -> dict[str, np.ndarray]:
+    """Per item (rows of [N, K] loss matrices): `mean_delta`, `relative_score`, `skew_score`, and `score`, `rank`, `share`.
+
+    `score` is the ranking score of `score_type` (so `rank` 1 always has the highest `score`, and `share`
+    renormalises its positive part); `mean_delta` (DESIGN §1's `score_i`) is always kept as its own column.
+    """
     if baseline.shape != unlearned.shape:
         raise ValueError(f"loss matrices differ in shape: baseline {baseline.shape}, unlearned {unlearned.shape}")
     if not (np.isfinite(baseline).all() and np.isfinite(unlearned).all()):
         raise ValueError("attribution_scores got non-finite losses")
     diff = unlearned - baseline
-    score = diff.mean(axis=1)
-    return {
-        "score": score,
-        "relative_score": score / baseline.mean(axis=1),
+    mean_delta = diff.mean(axis=1)
+    out = {
+        "mean_delta": mean_delta,
+        "relative_score": mean_delta / baseline.mean(axis=1),
         "skew_score": (diff / (unlearned + baseline + 1e-3)).mean(axis=1),
-        "rank": rank_descending(score),
-        "share": positive_shares(score),
     }
+    score = ranking_score(out, score_type)
+    return {**out, "score": score, "rank": rank_descending(score), "share": positive_shares(score)}

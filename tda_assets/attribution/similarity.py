@@ -7,9 +7,11 @@ import torch
 from .adapter import DiTAdapter, ItemBatch
 from .devices import Compute
 from .losses import expand_draws
+from .objective import DiffusionObjective
 from .protocol import LossProtocol
 
 EMBEDDINGS = ("audio", "text", "internal")
+SHARED_BANK_ID = "#shared-draw-bank"  # seeds the shared bank ('#' is in no safe-slug id)
 
 
 def audio_embedding(batch: ItemBatch) -> torch.Tensor:
@@ -29,11 +31,19 @@ def text_embedding(batch: ItemBatch) -> torch.Tensor:
     return (h * nonzero).sum(1) / nonzero.sum(1).clamp_min(1)
 
 
+def shared_draw_bank(
+    protocol_seed: int, n_draws: int, latent_shape: tuple[int, ...], objective: DiffusionObjective
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One bank of draws `t` [n] and `ε` [n, *latent_shape] shared by every item, seeded by the protocol seed alone."""
+    t, eps = LossProtocol(seed=protocol_seed, draws=n_draws).draws_for([SHARED_BANK_ID], latent_shape, objective)
+    return t[0], eps[0]
+
+
 def internal_embedding(adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, compute: Compute, draws: int = 2) -> torch.Tensor:
-    """The denoiser's own last-block activations at the first fixed protocol draws, pooled over positions [b, D]."""
-    proto = LossProtocol(seed=protocol.seed, draws=draws)
-    t, eps = proto.draws_for(batch.item_ids, adapter.latent_shape, adapter.objective)
-    z, cond, tt, ee, _ = expand_draws(batch, t, eps, adapter.device)
+    """The denoiser's last-block activations at one shared bank of draws (`shared_draw_bank`), pooled [b, D]."""
+    t, eps = shared_draw_bank(protocol.seed, draws, adapter.latent_shape, adapter.objective)
+    b = len(batch)
+    z, cond, tt, ee, _ = expand_draws(batch, t.expand(b, draws), eps.expand(b, *eps.shape), adapter.device)
     captured: list[torch.Tensor] = []
     hook = adapter.denoiser.transformer_blocks[-1].register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
@@ -43,7 +53,7 @@ def internal_embedding(adapter: DiTAdapter, batch: ItemBatch, protocol: LossProt
     finally:
         hook.remove()
     acts = captured[0].float().mean(dim=1)  # [b·draws, D]
-    return acts.view(len(batch), draws, -1).mean(dim=1).cpu()
+    return acts.view(b, draws, -1).mean(dim=1).cpu()
 
 
 def cosine_scores(query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

@@ -3,30 +3,42 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .adapter import DiTAdapter, ItemBatch, apply_delta
 from .devices import Compute
-from .errors import AttributionInputError
+from .errors import AttributionInputError, UnlearningStrengthError
 from .fisher import normalised_fisher
 from .losses import batch_losses, diffusion_loss, expand_draws
 from .protocol import LossProtocol
 from .settings import UnlearningSettings
 
 log = logging.getLogger(__name__)
+MAX_PROBES = 40  # step-size probes of one `target_ratio` search (bracketing, then bisection in log-lr)
+BRACKET_FACTOR = 4.0  # lr is multiplied or divided by this until the target ratio is bracketed
 
 
 @dataclass
 class UnlearningResult:
-    """The weight delta `θ_u − θ0` over the subset, and the query's protocol loss before and after."""
+    """The weight delta `θ_u − θ0` over the subset, the query's protocol loss before and after, and the lr used.
+
+    With a `target_ratio`, `search_ratio` is the ratio the search reached on the query's unlearning draws and
+    `probes` the number of loss evaluations it took; `loss_ratio` (on the fixed protocol draws) can differ slightly.
+    """
 
     delta: dict[str, torch.Tensor]
     query_loss_before: float
     query_loss_after: float
     seconds: float
+    lr_used: float
+    target_ratio: float | None = None
+    search_ratio: float | None = None
+    probes: int = 0
 
     @property
     def loss_ratio(self) -> float:
@@ -44,27 +56,41 @@ def _random_copies(adapter: DiTAdapter, n: int, generator: torch.Generator) -> t
     return t, eps
 
 
-def unlearn(
-    adapter: DiTAdapter,
-    query: ItemBatch,
-    fisher: dict[str, torch.Tensor],
-    settings: UnlearningSettings,
-    protocol: LossProtocol,
-    compute: Compute,
-    n_train: int,
-) -> UnlearningResult:
-    """Fine-tune the model to forget `query` (one item) and return the delta; the model is left unchanged."""
-    if len(query) != 1:
-        raise ValueError(f"unlearn takes one query, got {len(query)}")
-    start = time.perf_counter()
-    before = query_loss(adapter, query, protocol, compute, settings.masks_losses)
-    params = adapter.parameter_subset(settings.param_subset)
-    missing = sorted(set(params) - set(fisher))
-    if missing:
-        raise ValueError(f"the Fisher does not cover parameter subset {settings.param_subset!r} ({missing[0]} …)")
-    f_hat = {n: f.to(adapter.device) for n, f in normalised_fisher({n: fisher[n] for n in params}).items()}
+def search_lr(ratio_at: Callable[[float], float], settings: UnlearningSettings, query_id: str) -> tuple[float, float, int]:
+    """`(lr, ratio, probes)`: bracket the target by factors of 4 from `settings.lr`, then bisect in log-lr."""
+    low, high = settings.ratio_band()
+    lr_min, lr_max = settings.lr_min, settings.lr_max
+    lr = min(max(settings.lr, lr_min), lr_max)
+    below = above = None  # the closest lrs known to give a ratio below / above the band
+    for probes in range(1, MAX_PROBES + 1):
+        ratio = ratio_at(lr)
+        log.debug("query %s: lr %.4g gives query-loss ratio %.4f", query_id, lr, ratio)
+        if low <= ratio <= high:
+            return lr, ratio, probes
+        if ratio < low:  # a NaN or inf ratio counts as too strong
+            below = lr
+        else:
+            above = lr
+        if below is not None and above is not None:
+            lr = math.sqrt(below * above)
+        elif above is None and lr >= lr_max:
+            raise UnlearningStrengthError(
+                f"query {query_id}: the query loss rose only ×{ratio:.4f} at the largest lr {lr_max:g} (target "
+                f"×{settings.target_ratio}): raise lr_max, choose a larger param_subset, or lower target_ratio")
+        elif below is None and lr <= lr_min:
+            raise UnlearningStrengthError(
+                f"query {query_id}: the query loss rose ×{ratio:.4f} already at the smallest lr {lr_min:g} (target "
+                f"×{settings.target_ratio}): lower lr_min or raise target_ratio")
+        else:
+            lr = min(lr * BRACKET_FACTOR, lr_max) if above is None else max(lr / BRACKET_FACTOR, lr_min)
+    raise UnlearningStrengthError(
+        f"query {query_id}: no lr between {below} and {above} gave a query-loss ratio within {low:.4f}–{high:.4f} after "
+        f"{MAX_PROBES} probes (the ratio is not monotone in lr here): widen ratio_tolerance or use a fixed lr")
+
+
+def _fixed_lr_delta(adapter, query, params, f_hat, settings, compute, n_train, gen) -> dict[str, torch.Tensor]:
+    """`settings.steps` steps of the recipe at the fixed `settings.lr`."""
     theta0 = {n: p.detach().clone() for n, p in params.items()}
-    gen = torch.Generator().manual_seed(settings.seed)
     mask = query.frame_mask if settings.masks_unlearning else None
     opt = None
     if settings.recipe == "ewc_ascent":
@@ -91,12 +117,80 @@ def unlearn(
                 objective.backward()
                 opt.step()
             log.debug("unlearn step %d: query loss %.4f", step, float(loss_q.detach()))
-        delta = {n: (p.detach() - theta0[n]).cpu() for n, p in params.items()}
+        return {n: (p.detach() - theta0[n]).cpu() for n, p in params.items()}
     finally:
         with torch.no_grad():
             for n, p in params.items():
                 p.copy_(theta0[n])
         adapter.denoiser.zero_grad(set_to_none=True)
+
+
+def _targeted_newton_delta(adapter, query, params, f_hat, settings, compute, n_train, gen) -> tuple[dict, float, float, int]:
+    """One Newton step whose lr is searched (`search_lr`) on the query's unlearning draws: `(delta, lr, ratio, probes)`.
+
+    The direction `F⁻¹g` is computed once; each probe scales it and evaluates the query loss (padding masked as
+    for the reported loss) on the same random copies that gave the gradient.
+    """
+    t, eps = _random_copies(adapter, settings.query_draws, gen)
+    z, cond, tt, ee, m = expand_draws(query, t, eps, adapter.device)
+    loss_mask = m if settings.masks_losses else None
+
+    def loss_on_draws(mask: torch.Tensor | None) -> torch.Tensor:
+        with compute.autocast():
+            return diffusion_loss(adapter, z, cond, tt, ee, mask).mean()
+
+    loss_q = loss_on_draws(m if settings.masks_unlearning else None)
+    if not torch.isfinite(loss_q):
+        raise AttributionInputError(f"query {query.item_ids[0]}: non-finite loss at unlearning step 0")
+    grads = torch.autograd.grad(loss_q, list(params.values()))
+    direction = {n: g.float() / (f_hat[n] + settings.damping) for n, g in zip(params, grads)}
+    del grads
+    theta0 = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        base = float(loss_on_draws(loss_mask))
+
+        def ratio_at(lr: float) -> float:
+            for n, p in params.items():
+                p.copy_(theta0[n] + (lr / n_train) * direction[n])
+            return float(loss_on_draws(loss_mask)) / base
+
+        try:
+            lr, ratio, probes = search_lr(ratio_at, settings, query.item_ids[0])
+        finally:
+            for n, p in params.items():
+                p.copy_(theta0[n])
+    return {n: ((lr / n_train) * d).cpu() for n, d in direction.items()}, lr, ratio, probes
+
+
+def unlearn(
+    adapter: DiTAdapter,
+    query: ItemBatch,
+    fisher: dict[str, torch.Tensor],
+    settings: UnlearningSettings,
+    protocol: LossProtocol,
+    compute: Compute,
+    n_train: int,
+) -> UnlearningResult:
+    """Fine-tune the model to forget `query` (one item) and return the delta; the model is left unchanged.
+
+    With `settings.target_ratio` the lr is searched per query on its unlearning draws; the reported
+    `loss_ratio` is measured on the fixed protocol draws and can differ slightly from the target.
+    """
+    if len(query) != 1:
+        raise ValueError(f"unlearn takes one query, got {len(query)}")
+    start = time.perf_counter()
+    before = query_loss(adapter, query, protocol, compute, settings.masks_losses)
+    params = adapter.parameter_subset(settings.param_subset)
+    missing = sorted(set(params) - set(fisher))
+    if missing:
+        raise ValueError(f"the Fisher does not cover parameter subset {settings.param_subset!r} ({missing[0]} …)")
+    f_hat = {n: f.to(adapter.device) for n, f in normalised_fisher({n: fisher[n] for n in params}).items()}
+    gen = torch.Generator().manual_seed(settings.seed)
+    lr, search_ratio, probes = settings.lr, None, 0
+    if settings.target_ratio is None:
+        delta = _fixed_lr_delta(adapter, query, params, f_hat, settings, compute, n_train, gen)
+    else:
+        delta, lr, search_ratio, probes = _targeted_newton_delta(adapter, query, params, f_hat, settings, compute, n_train, gen)
     with apply_delta(adapter.denoiser, delta):
         after = query_loss(adapter, query, protocol, compute, settings.masks_losses)
-    return UnlearningResult(delta, before, after, time.perf_counter() - start)
+    return UnlearningResult(delta, before, after, time.perf_counter() - start, lr, settings.target_ratio, search_ratio, probes)

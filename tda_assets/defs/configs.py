@@ -11,6 +11,8 @@ from pydantic import Field
 
 from tda_assets.attribution.settings import UnlearningSettings, settings_from_row, settings_row
 from tda_assets.io.slugs import check_slug
+from tda_assets.io.storage import Storage
+from tda_assets.io.tables import read_table, table_exists
 
 GRID_FILE = Path(__file__).resolve().parents[1] / "experiments" / "unlearning_grid.yaml"
 UNLEARNING_ASSETS = ("unlearned_model", "unlearned_losses", "attribution_scores")
@@ -41,6 +43,15 @@ def _unlearning_config() -> type[_UnlearningConfigBase]:
 
 
 UnlearningConfig = _unlearning_config()
+
+
+def recorded_settings(store: Storage, config_id: str) -> UnlearningSettings:
+    """The recorded settings of `config_id` (the engine's defaults for an unrecorded `default`)."""
+    if table_exists(store, "unlearning_configs", config_id=config_id):
+        return settings_from_row(read_table(store, "unlearning_configs", config_id=config_id).row(0, named=True))
+    if config_id == "default":
+        return UnlearningSettings()
+    raise FileNotFoundError(f"unlearning configuration {config_id!r} is not recorded: run it once (a query, or the grid)")
 
 
 def unlearning_run_config(config: UnlearningConfig) -> RunConfig:

@@ -9,10 +9,10 @@ from typing import Callable
 import polars as pl
 from dagster import DagsterInstance, Definitions, RunConfig, SensorResult, build_sensor_context, materialize
 
+from tda_assets.definitions import build_definitions
 from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, unlearning_run_config
 from tda_assets.defs.partitions import SHARD_KEYS, queries
 from tda_assets.defs.sensors import QUERY_ASSETS, query_inbox_sensor
-from tda_assets.definitions import build_definitions
 from tda_assets.io.artifacts import Identity, manifest_digest, read_features
 from tda_assets.io.checkpoints import embedded_checkpoint_id, read_checkpoint_record
 from tda_assets.io.registry import key
@@ -159,6 +159,10 @@ class Runner:
         """Only the per-configuration assets of a query (its clip must exist)."""
         self.run(list(UNLEARNING_ASSETS), query_id, unlearning_run_config(config))
 
+    def with_config(self, asset: str, **config: object):
+        """One unpartitioned asset with its launch config's fields (unset ones left to their defaults)."""
+        return self.run([asset], run_config={"ops": {asset: {"config": {k: v for k, v in config.items() if v is not None}}}})
+
     def counterfactual(self, **config: object):
         """The `counterfactual` asset with `CounterfactualConfig` fields (query_ids, k, train_steps, …); returns the run's result."""
-        return self.run(["counterfactual"], run_config={"ops": {"counterfactual": {"config": {k: v for k, v in config.items() if v is not None}}}})
+        return self.with_config("counterfactual", **config)

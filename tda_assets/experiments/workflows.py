@@ -11,9 +11,9 @@ from dagster import AssetKey, DagsterInstance
 from resources.env import Env, dagster_home, use_dagster_home
 from tda_assets.data.demo import builtin_queries
 from tda_assets.defs.configs import load_grid
-from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.artifacts import Identity
 from tda_assets.io.checkpoints import read_checkpoint_record
+from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.registry import entry
 
 from .display import print_frame
@@ -127,7 +127,8 @@ def counterfactual(queries: str | None, n_queries: int, k: int, train_steps: int
 
 
 def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: int, cf_k: int,
-             cf_train_steps: int | None, skip_counterfactual: bool) -> int:
+             cf_train_steps: int | None, skip_counterfactual: bool, si_configs: str = "default,newton-target",
+             si_targets: int = 8, rep_sources: int = 4) -> int:
     """The paper's experiments on the embedded default: built-in queries, grid, consistency, similarity, counterfactual."""
     run, start = _start("evaluate")
     store = run.storage
@@ -152,6 +153,15 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
     print(f"==> grid: {len(configs)} configurations × {len(grid_ids)} queries ({', '.join(grid_ids)})")
     results: list[GridRun] = []
     run.phase("grid", lambda: results.extend(run_grid(run, configs, grid_ids, force=force)))
+    attributed = {r.config_id for r in results if r.status in ("done", "skipped")}
+    wanted = [c.strip() for c in si_configs.split(",") if c.strip()]
+    judged = [c for c in wanted if c in attributed]
+    if len(judged) < len(wanted):
+        print(f"    self-influence skips {sorted(set(wanted) - set(judged))}: not in the grid, or no attribution")
+    if judged:
+        run.phase("self_influence", lambda: run.with_config("self_influence", config_ids=judged, n_targets=si_targets))
+    if rep_sources:
+        run.phase("replication", lambda: run.with_config("replication", n_sources=rep_sources))
     if not skip_counterfactual:
         run.phase("counterfactual", lambda: run.counterfactual(n_queries=cf_queries, k=cf_k, train_steps=cf_train_steps))
     engine = QueryEngine(store)
@@ -165,6 +175,14 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
         print("\nMean Jaccard@10 per configuration (with its seed reruns, with the other configurations):")
         print_frame(pl.DataFrame(per_config))
         print(f"most consistent configuration: {per_config[0]['config_id']}")
+    if judged:
+        print(f"\nSelf-influence ({si_targets} k-means-chosen training items unlearned as their own queries; "
+              "sql/self_influence_summary.sql; R = mean rank of the item itself, 1.0 = always first):")
+        print_frame(engine.named("self_influence_summary"))
+    if rep_sources:
+        print(f"\nReplication detection ({rep_sources} sources × 4 transforms, configuration default; "
+              "sql/replication_summary.sql):")
+        print_frame(engine.named("replication_summary"))
     print("\nAgreement of unlearning with each similarity method (sql/method_agreement.sql, mean over queries):")
     print_frame(engine.named("method_agreement").filter(pl.col("query_id") == "(mean)"))
     if not skip_counterfactual:

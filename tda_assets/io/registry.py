@@ -144,15 +144,17 @@ _ENTRIES = [
           "unlearned_model/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/query_id={query_id}/config_id={config_id}"
           "/delta.safetensors", identity=IDENTITY, description="the unlearned model as a weight delta"),
     Entry("unlearning_runs", f"unlearning_runs/query_id={{query_id}}/config_id={{config_id}}/{PART}", {
-        "query_loss_before": "f64", "query_loss_after": "f64", "delta_uri": "str", "seconds": "f64", **_RESULT_IDENTITY},
+        "query_loss_before": "f64", "query_loss_after": "f64", "delta_uri": "str", "seconds": "f64", "lr_used": "f64",
+        "target_ratio": "f64", "search_ratio": "f64", "probes": "i64", **_RESULT_IDENTITY},
         identity=IDENTITY, description="query loss before/after unlearning"),
     Entry("unlearned_losses",
           f"unlearned_losses/checkpoint_id={{checkpoint_id}}/protocol_id={{protocol_id}}/query_id={{query_id}}"
           f"/config_id={{config_id}}/{PART}", {"item_id": "str", "draw": "i32", "loss": "f32", "loss_masked": "f32"},
           identity=IDENTITY, description="the unlearned model's loss on every item and draw"),
     Entry("attribution_scores", f"attribution_scores/query_id={{query_id}}/config_id={{config_id}}/{PART}", {
-        "method": "str", "item_id": "str", "score": "f64", "rank": "i64", "relative_score": "f64", "skew_score": "f64",
-        "share": "f64", **_RESULT_IDENTITY}, identity=IDENTITY, description="unlearning attribution"),
+        "method": "str", "item_id": "str", "score": "f64", "rank": "i64", "mean_delta": "f64", "relative_score": "f64",
+        "skew_score": "f64", "share": "f64", "score_type": "str", **_RESULT_IDENTITY}, identity=IDENTITY,
+        description="unlearning attribution (score = the configuration's score_type; mean_delta always kept)"),
     Entry("similarity_scores", f"similarity_scores/query_id={{query_id}}/method={{method}}/{PART}", {
         "item_id": "str", "score": "f64", "rank": "i64", "share": "f64", **_RESULT_IDENTITY},
         identity=IDENTITY, description="similarity attribution"),
@@ -165,6 +167,14 @@ _ENTRIES = [
         "loss_rise": "f64", "relative_rise": "f64", "removed_of_target_artist": "i64", "removed_items": "str",
         "config_id": "str", "train_steps": "i64", "full_model": "str", "query_draws": "i64", **_RESULT_IDENTITY},
         identity=IDENTITY, description="retraining without the top-k vs k random items"),
+    Entry("self_influence", f"self_influence/{PART}", {
+        "config_id": "str", "target_item_id": "str", "rank": "i64", "score": "f64", "loss_ratio": "f64", "lr_used": "f64",
+        "score_type": "str", "top_k_similarity": "f64", "bottom_k_similarity": "f64",
+        "others_median_relative_change": "f64", **_RESULT_IDENTITY}, identity=IDENTITY,
+        description="training items unlearned as their own queries: the rank of the item itself"),
+    Entry("replication", f"replication/{PART}", {
+        "config_id": "str", "source_item_id": "str", "transform": "str", "rank": "i64", "score": "f64", "loss_ratio": "f64",
+        **_RESULT_IDENTITY}, identity=IDENTITY, description="a training item's transformed audio as a query: its rank"),
     Entry("plot", "plots/{kind}/{name}.png", description="a report's picture"),
     Entry("plot_top_k", "plots/top_k/{query_id}/{config_id}.png", description="top-k bars of a query and configuration"),
 ]

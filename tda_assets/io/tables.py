@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 
-from .registry import LayoutError, TABLES, entry
+from .registry import TABLES, LayoutError, entry
 from .storage import Storage
 
 

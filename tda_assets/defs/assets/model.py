@@ -14,17 +14,17 @@ from resources import ComputeResource, LossProtocolResource, ModelSourceResource
 from tda_assets.attribution.fisher import fisher_diagonal as estimate_fisher
 from tda_assets.attribution.losses import stream_losses
 from tda_assets.defs.checks import losses_complete
+from tda_assets.defs.model_step import model_step
 from tda_assets.defs.partitions import training_shards
 from tda_assets.defs.progress import Progress
 from tda_assets.defs.tags import GPU
 from tda_assets.io.artifacts import (
-    Identity,
     all_features,
     iter_training_batches,
     losses_frame,
     read_features,
 )
-from tda_assets.io.checkpoints import CheckpointRecord, embedded_checkpoint_id, load_checkpoint, write_checkpoint_record
+from tda_assets.io.checkpoints import CheckpointRecord, embedded_checkpoint_id, write_checkpoint_record
 from tda_assets.io.registry import TABLES, key
 from tda_assets.io.tables import write_table
 from tda_assets.models.embedded.model import EmbeddedAdapter, TrainingSettings, train_denoiser
@@ -78,13 +78,12 @@ def fisher_diagonal(
     context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource,
     compute: ComputeResource, protocol: LossProtocolResource,
 ) -> MaterializeResult:
-    store, cmp, proto = storage.storage(), compute.compute(), protocol.protocol()
-    adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
+    step = model_step(storage, model_source, compute, protocol)
+    store, identity = step.store, step.identity
     start = time.perf_counter()
-    batches = iter_training_batches(store, record.encoder_id, 32)
-    fisher = estimate_fisher(adapter, batches, proto, "all", cmp, max_items=FISHER_ITEMS)
+    batches = iter_training_batches(store, step.record.encoder_id, 32)
+    fisher = estimate_fisher(step.adapter, batches, step.protocol, "all", step.compute, max_items=FISHER_ITEMS)
     values = torch.cat([f.flatten() for f in fisher.values()])
-    identity = Identity(record.checkpoint_id, proto.protocol_id)
     uri = store.write_tensors(key("fisher_diagonal", **identity.keys()), fisher,
                               {**identity.keys(), "items": str(FISHER_ITEMS)})
     context.log.info(f"fisher_diagonal over {values.numel()} parameters in {time.perf_counter() - start:.1f}s")
@@ -103,15 +102,15 @@ def baseline_losses(
     context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource,
     compute: ComputeResource, protocol: LossProtocolResource,
 ) -> Iterator:
-    store, cmp, proto = storage.storage(), compute.compute(), protocol.protocol()
-    adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
-    identity = Identity(record.checkpoint_id, proto.protocol_id)
+    step = model_step(storage, model_source, compute, protocol)
+    store, proto, record, identity = step.store, step.protocol, step.record, step.identity
     shard = context.partition_key
     features_key = key("training_features", encoder_id=record.encoder_id, shard=shard)
     item_ids = read_features(store, features_key)[0].item_ids if store.exists(features_key) else []
     progress = Progress(context.log, f"{shard} baseline losses", len(item_ids), proto.draws)
     frames = []
-    for ids, losses in stream_losses(adapter, iter_training_batches(store, record.encoder_id, 32, [shard]), proto, cmp):
+    batches = iter_training_batches(store, record.encoder_id, 32, [shard])
+    for ids, losses in stream_losses(step.adapter, batches, proto, step.compute):
         frames.append(losses_frame(ids, losses.loss, losses.loss_masked, losses.t))
         progress.advance(len(ids))
     empty = pl.DataFrame(schema=TABLES["baseline_losses"].polars_schema())  # an empty shard: a typed, empty table

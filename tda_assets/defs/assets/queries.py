@@ -35,6 +35,7 @@ from tda_assets.data.audio import decode_audio
 from tda_assets.data.inbox import read_query
 from tda_assets.defs.checks import MIN_QUERY_LOSS_RATIO, losses_complete
 from tda_assets.defs.configs import UnlearningConfig
+from tda_assets.defs.model_step import model_step
 from tda_assets.defs.partitions import queries
 from tda_assets.defs.plots import attribution_plot
 from tda_assets.defs.progress import Progress
@@ -107,26 +108,32 @@ def unlearned_model(
     context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, model_source: ModelSourceResource,
     compute: ComputeResource, protocol: LossProtocolResource,
 ) -> Iterator:
-    store, cmp, proto = storage.storage(), compute.compute(), protocol.protocol()
     qid, cid = context.partition_key, config.config_id
     settings = config.settings()
-    adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
-    identity = Identity(record.checkpoint_id, proto.protocol_id)
+    step = model_step(storage, model_source, compute, protocol)
+    store, record, identity = step.store, step.record, step.identity
     fisher, _ = store.read_tensors(require(store, "fisher_diagonal", identity, "materialize fisher_diagonal (`tda prepare`, or the UI)"))
     n_train = len(baseline_item_ids(read_baseline(store, identity, record.encoder_id)))
-    result = unlearn(adapter, query_batch(store, qid, record.encoder_id), fisher, settings, proto, cmp, n_train=n_train)
+    result = unlearn(step.adapter, query_batch(store, qid, record.encoder_id), fisher, settings, step.protocol, step.compute,
+                     n_train=n_train)
     delta_uri = store.write_tensors(key("unlearned_delta", **identity.keys(), query_id=qid, config_id=cid), result.delta,
                                     {**identity.keys(), "config_id": cid})
     write_table(store, "unlearning_configs", config.row(), config_id=cid)
     write_table(store, "unlearning_runs", pl.DataFrame({
         "query_loss_before": [result.query_loss_before], "query_loss_after": [result.query_loss_after],
-        "delta_uri": [delta_uri], "seconds": [result.seconds], **{k: [v] for k, v in identity.keys().items()},
-    }), query_id=qid, config_id=cid)
+        "delta_uri": [delta_uri], "seconds": [result.seconds], "lr_used": [result.lr_used],
+        "target_ratio": [result.target_ratio], "search_ratio": [result.search_ratio], "probes": [result.probes],
+        **{k: [v] for k, v in identity.keys().items()},
+    }, schema_overrides={"target_ratio": pl.Float64, "search_ratio": pl.Float64}), query_id=qid, config_id=cid)
+    target = f", target ×{result.target_ratio} reached ×{result.search_ratio:.3f} in {result.probes} probes" \
+        if result.target_ratio else ""
     context.log.info(f"{qid}/{cid}: query loss {result.query_loss_before:.4f} → {result.query_loss_after:.4f} "
-                     f"(×{result.loss_ratio:.2f}) in {result.seconds:.1f}s")
+                     f"(×{result.loss_ratio:.2f}) at lr {result.lr_used:g}{target} in {result.seconds:.1f}s")
     meta = {"config_id": cid, "query_loss_before": result.query_loss_before, "query_loss_after": result.query_loss_after,
             "loss_ratio": result.loss_ratio, "seconds": round(result.seconds, 2), "delta_uri": MetadataValue.path(delta_uri),
-            "delta_parameters": sum(d.numel() for d in result.delta.values()), **identity.keys()}
+            "delta_parameters": sum(d.numel() for d in result.delta.values()), "lr_used": result.lr_used,
+            **({"target_ratio": result.target_ratio, "search_ratio": result.search_ratio, "probes": result.probes}
+               if result.target_ratio else {}), **identity.keys()}
     yield MaterializeResult(metadata=meta, check_results=[AssetCheckResult(
         check_name="query_loss_raised", passed=bool(result.loss_ratio >= MIN_QUERY_LOSS_RATIO), severity=AssetCheckSeverity.ERROR,
         metadata={"loss_ratio": result.loss_ratio, "config_id": cid},
@@ -145,17 +152,16 @@ def unlearned_losses(
     context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, model_source: ModelSourceResource,
     compute: ComputeResource, protocol: LossProtocolResource,
 ) -> Iterator:
-    store, cmp, proto = storage.storage(), compute.compute(), protocol.protocol()
     qid, cid = context.partition_key, config.config_id
-    adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
-    identity = Identity(record.checkpoint_id, proto.protocol_id)
+    step = model_step(storage, model_source, compute, protocol)
+    store, proto, record, identity = step.store, step.protocol, step.record, step.identity
     delta, _ = store.read_tensors(require(store, "unlearned_delta", identity, f"materialize unlearned_model for {qid}/{cid}",
                                           query_id=qid, config_id=cid))
     expected = baseline_item_ids(read_baseline(store, identity, record.encoder_id))
     progress = Progress(context.log, f"{qid}/{cid} unlearned losses", len(expected), proto.draws)
     frames = []
-    with apply_delta(adapter.denoiser, delta):
-        for ids, losses in stream_losses(adapter, iter_training_batches(store, record.encoder_id, 32), proto, cmp):
+    with apply_delta(step.adapter.denoiser, delta):
+        for ids, losses in stream_losses(step.adapter, iter_training_batches(store, record.encoder_id, 32), proto, step.compute):
             frames.append(losses_frame(ids, losses.loss, losses.loss_masked))
             progress.advance(len(ids))
     df = pl.concat(frames)
@@ -176,7 +182,8 @@ def attribution_scores(
 ) -> Iterator:
     store, proto = storage.storage(), protocol.protocol()
     qid, cid = context.partition_key, config.config_id
-    masked = config.settings().masks_losses
+    settings = config.settings()
+    masked = settings.masks_losses
     record = read_checkpoint_record(store)
     identity = Identity(record.checkpoint_id, proto.protocol_id)
     column = "loss_masked" if masked else "loss"
@@ -184,10 +191,10 @@ def attribution_scores(
     baseline = read_baseline(store, identity, record.encoder_id)  # the same identity, or an IdentityError: never mixed
     item_ids = after["item_id"].unique(maintain_order=True).to_list()
     s = score_items(loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses"),
-                    loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"))
+                    loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"), settings.score_type)
     df = pl.DataFrame({"method": "unlearning", "item_id": item_ids, "score": s["score"], "rank": s["rank"],
-                       "relative_score": s["relative_score"], "skew_score": s["skew_score"], "share": s["share"],
-                       **identity.keys()})
+                       "mean_delta": s["mean_delta"], "relative_score": s["relative_score"], "skew_score": s["skew_score"],
+                       "share": s["share"], "score_type": settings.score_type, **identity.keys()})
     uri = write_table(store, "attribution_scores", df, query_id=qid, config_id=cid)
     n_train = len(baseline_item_ids(baseline))  # skipped bad items have no losses and no row
     top = _top_items(store, df)
@@ -205,15 +212,14 @@ def similarity_scores(
     context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource,
     compute: ComputeResource, protocol: LossProtocolResource,
 ) -> MaterializeResult:
-    store, cmp, proto = storage.storage(), compute.compute(), protocol.protocol()
     qid = context.partition_key
-    adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
-    identity = Identity(record.checkpoint_id, proto.protocol_id)
+    step = model_step(storage, model_source, compute, protocol)
+    store, record, identity = step.store, step.record, step.identity
     query = query_batch(store, qid, record.encoder_id)
     embed = {
         "audio": audio_embedding,
         "text": text_embedding,
-        "internal": lambda b: internal_embedding(adapter, b, proto, cmp),
+        "internal": lambda b: internal_embedding(step.adapter, b, step.protocol, step.compute),
     }
     item_ids: list[str] = []
     item_embs: dict[str, list[torch.Tensor]] = {name: [] for name in embed}

@@ -1,0 +1,34 @@
+"""One query attributed exactly against a set of items held in memory (the self-influence and replication protocols)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .adapter import DiTAdapter, ItemBatch
+from .devices import Compute
+from .multifidelity import unlearned_losses_fn
+from .protocol import LossProtocol
+from .scores import attribution_scores
+from .settings import UnlearningSettings
+from .unlearn import UnlearningResult, unlearn
+
+
+def attribute_exact(
+    adapter: DiTAdapter,
+    query: ItemBatch,
+    items: ItemBatch,
+    baseline: np.ndarray,
+    fisher: dict[str, torch.Tensor],
+    settings: UnlearningSettings,
+    protocol: LossProtocol,
+    compute: Compute,
+) -> tuple[dict[str, np.ndarray], UnlearningResult, np.ndarray]:
+    """Unlearn `query`, rescore every item at every protocol draw, score against `baseline` [N, K].
+
+    Returns the scores (`attribution_scores`), the unlearning result and the unlearned losses [N, K].
+    """
+    result = unlearn(adapter, query, fisher, settings, protocol, compute, n_train=len(items))
+    rescore = unlearned_losses_fn(adapter, items, result.delta, protocol, compute, settings.masks_losses)
+    after = rescore(np.arange(len(items)), 0, protocol.draws)
+    return attribution_scores(baseline, after, settings.score_type), result, after
