@@ -127,3 +127,16 @@ def test_replication_ranks_the_source_of_each_transformed_clip(pipeline):
     rows = QueryEngine(store).sql("select source_item_id, transform, rank from replication order by transform")
     assert rows["transform"].to_list() == ["gain_-6db", "noise_30db", "resample_22k", "shift_50ms"]
     assert rows["source_item_id"].n_unique() == 1 and rows["rank"].is_between(1, ARTISTS * CLIPS).all()
+
+
+def test_a_second_configuration_s_self_influence_lands_beside_the_first(pipeline):
+    runner, store, _ = pipeline
+    runner.run(["self_influence"], run_config={"ops": {"self_influence": {"config": {"n_targets": 3, "k": 3}}}})
+    runner.attribute_config("demo-artist-00", UnlearningConfig(config_id="target", target_ratio=1.2))  # records it
+    runner.run(["self_influence"], run_config={"ops": {"self_influence": {"config": {"config_ids": ["target"], "n_targets": 3,
+                                                                                         "k": 3}}}})
+    df = QueryEngine(store).sql("select config_id, count(*) as n, min(loss_ratio) as lo, max(loss_ratio) as hi "
+                                "from self_influence group by all order by all")
+    assert df.select("config_id", "n").rows() == [("default", 3), ("target", 3)]
+    lo, hi = df.filter(df["config_id"] == "target").select("lo", "hi").row(0)
+    assert 1.1 < lo and hi < 1.3  # the step size was searched per target: 1.2 ± 10% of 0.2, and the protocol draws

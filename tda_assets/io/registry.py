@@ -167,13 +167,13 @@ _ENTRIES = [
         "loss_rise": "f64", "relative_rise": "f64", "removed_of_target_artist": "i64", "removed_items": "str",
         "config_id": "str", "train_steps": "i64", "full_model": "str", "query_draws": "i64", **_RESULT_IDENTITY},
         identity=IDENTITY, description="retraining without the top-k vs k random items"),
-    Entry("self_influence", f"self_influence/{PART}", {
-        "config_id": "str", "target_item_id": "str", "rank": "i64", "score": "f64", "loss_ratio": "f64", "lr_used": "f64",
+    Entry("self_influence", f"self_influence/config_id={{config_id}}/{PART}", {
+        "target_item_id": "str", "rank": "i64", "score": "f64", "loss_ratio": "f64", "lr_used": "f64",
         "score_type": "str", "top_k_similarity": "f64", "bottom_k_similarity": "f64",
         "others_median_relative_change": "f64", **_RESULT_IDENTITY}, identity=IDENTITY,
         description="training items unlearned as their own queries: the rank of the item itself"),
-    Entry("replication", f"replication/{PART}", {
-        "config_id": "str", "source_item_id": "str", "transform": "str", "rank": "i64", "score": "f64", "loss_ratio": "f64",
+    Entry("replication", f"replication/config_id={{config_id}}/{PART}", {
+        "source_item_id": "str", "transform": "str", "rank": "i64", "score": "f64", "loss_ratio": "f64",
         **_RESULT_IDENTITY}, identity=IDENTITY, description="a training item's transformed audio as a query: its rank"),
     Entry("plot", "plots/{kind}/{name}.png", description="a report's picture"),
     Entry("plot_top_k", "plots/top_k/{query_id}/{config_id}.png", description="top-k bars of a query and configuration"),

@@ -44,7 +44,7 @@ def replication(
 ) -> Iterator:
     step = model_step(storage, model_source, compute, protocol)
     store, proto, record, identity, adapter = step.store, step.protocol, step.record, step.identity, step.adapter
-    settings = recorded_settings(store, config.config_id)
+    settings = recorded_settings(store, config.config_id)  # one file per configuration: others stay
     baseline = read_baseline(store, identity, record.encoder_id)
     item_ids = baseline_item_ids(baseline)
     data = all_features(store, record.encoder_id)
@@ -69,8 +69,8 @@ def replication(
                          "rank": int(s["rank"][t]), "score": float(s["score"][t]), "loss_ratio": result.loss_ratio,
                          **identity.keys()})
             progress.advance(1)
-    df = pl.DataFrame(rows, schema=TABLES["replication"].polars_schema())
-    uri = write_table(store, "replication", df)
+    df = pl.DataFrame(rows, schema=TABLES["replication"].polars_schema(with_partitions=True))
+    uri = write_table(store, "replication", df, config_id=config.config_id)
     first = df.group_by("transform").agg((pl.col("rank") == 1).mean().alias("share_first")).sort("transform")
     context.log.info("replication, share ranked first: " + ", ".join(f"{t} {v:.0%}" for t, v in first.rows()))
     yield MaterializeResult(metadata={

@@ -80,10 +80,10 @@ def self_influence(
                                                                                   for r in rows if r["config_id"] == cid])), 5)}
         context.log.info(f"self-influence {cid}: R {summary.mean_rank:.2f}, {summary.share_first:.0%} ranked first "
                          f"over {len(targets)} targets")
-    df = pl.DataFrame(rows, schema=TABLES["self_influence"].polars_schema())
-    uri = write_table(store, "self_influence", df)
+    df = pl.DataFrame(rows, schema=TABLES["self_influence"].polars_schema(with_partitions=True))
+    uris = [write_table(store, "self_influence", df.filter(pl.col("config_id") == cid), config_id=cid) for cid in summaries]
     best = min(summaries, key=lambda c: (summaries[c]["R"], -summaries[c]["share_first"]))
     yield MaterializeResult(metadata={
         "targets": MetadataValue.json(targets), "per_config": MetadataValue.json(summaries), "best_config": best,
-        "uri": MetadataValue.path(uri), **identity.keys(),
+        "uris": MetadataValue.json(uris), **identity.keys(),
     })
