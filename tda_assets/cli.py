@@ -141,8 +141,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--skip-counterfactual", action="store_true")
     p.add_argument("--si-configs", default="default,newton-target",
                    help="configurations judged by the self-influence protocol (comma-separated; empty to skip)")
-    p.add_argument("--si-targets", type=int, default=8, help="self-influence targets (k-means-chosen training items)")
-    p.add_argument("--rep-sources", type=int, default=4,
+    p.add_argument("--si-targets", type=int, default=6, help="self-influence targets (k-means-chosen training items)")
+    p.add_argument("--rep-sources", type=int, default=2,
                    help="replication sources: items whose transformed audio is a query (0 to skip)")
     p.set_defaults(fn=cmd_evaluate)
     return top

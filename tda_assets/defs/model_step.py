@@ -6,10 +6,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
-from tda_assets.attribution.adapter import DiTAdapter
+import polars as pl
+import torch
+
+from tda_assets.attribution.adapter import DiTAdapter, ItemBatch
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.protocol import LossProtocol
-from tda_assets.io.artifacts import Identity
+from tda_assets.io.artifacts import Identity, all_features, baseline_item_ids, read_baseline, require
 from tda_assets.io.checkpoints import CheckpointRecord, load_checkpoint
 from tda_assets.io.storage import Storage
 
@@ -27,6 +30,18 @@ class ModelStep:
     @property
     def identity(self) -> Identity:
         return Identity(self.record.checkpoint_id, self.protocol.protocol_id)
+
+    def fisher(self) -> dict[str, torch.Tensor]:
+        """The Fisher diagonal of this identity (IdentityError with the fix when missing)."""
+        key = require(self.store, "fisher_diagonal", self.identity, "materialize fisher_diagonal (`tda prepare`, or the UI)")
+        return self.store.read_tensors(key)[0]
+
+    def training_set(self) -> tuple[list[str], ItemBatch, pl.DataFrame]:
+        """The items that have baseline losses of this identity, their features in that order, and those losses."""
+        baseline = read_baseline(self.store, self.identity, self.record.encoder_id)
+        item_ids = baseline_item_ids(baseline)
+        data = all_features(self.store, self.record.encoder_id)
+        return item_ids, data.select([data.item_ids.index(i) for i in item_ids]), baseline
 
 
 def model_step(storage: StorageResource, model_source: ModelSourceResource, compute: ComputeResource,

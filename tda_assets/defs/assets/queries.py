@@ -112,7 +112,7 @@ def unlearned_model(
     settings = config.settings()
     step = model_step(storage, model_source, compute, protocol)
     store, record, identity = step.store, step.record, step.identity
-    fisher, _ = store.read_tensors(require(store, "fisher_diagonal", identity, "materialize fisher_diagonal (`tda prepare`, or the UI)"))
+    fisher = step.fisher()
     n_train = len(baseline_item_ids(read_baseline(store, identity, record.encoder_id)))
     result = unlearn(step.adapter, query_batch(store, qid, record.encoder_id), fisher, settings, step.protocol, step.compute,
                      n_train=n_train)

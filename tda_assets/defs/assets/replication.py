@@ -18,7 +18,7 @@ from tda_assets.defs.configs import recorded_settings
 from tda_assets.defs.model_step import model_step
 from tda_assets.defs.progress import Progress
 from tda_assets.defs.tags import GPU
-from tda_assets.io.artifacts import all_features, baseline_item_ids, loss_matrix, read_baseline, require
+from tda_assets.io.artifacts import loss_matrix
 from tda_assets.io.registry import TABLES
 from tda_assets.io.tables import read_table, write_table
 from tda_assets.io.uris import read_uri_bytes
@@ -43,14 +43,11 @@ def replication(
     compute: ComputeResource, protocol: LossProtocolResource,
 ) -> Iterator:
     step = model_step(storage, model_source, compute, protocol)
-    store, proto, record, identity, adapter = step.store, step.protocol, step.record, step.identity, step.adapter
-    settings = recorded_settings(store, config.config_id)  # one file per configuration: others stay
-    baseline = read_baseline(store, identity, record.encoder_id)
-    item_ids = baseline_item_ids(baseline)
-    data = all_features(store, record.encoder_id)
-    data = data.select([data.item_ids.index(i) for i in item_ids])
+    store, proto, identity, adapter = step.store, step.protocol, step.identity, step.adapter
+    settings = recorded_settings(store, config.config_id)
+    item_ids, data, baseline = step.training_set()
     l0 = loss_matrix(baseline, item_ids, proto.draws, "loss_masked" if settings.masks_losses else "loss", "baseline_losses")
-    fisher, _ = store.read_tensors(require(store, "fisher_diagonal", identity, "materialize fisher_diagonal (`tda prepare`)"))
+    fisher = step.fisher()
     sources = choose_targets(audio_embedding(data).numpy(), item_ids, config.n_sources, config.seed)
     manifest = read_table(store, "training_manifest").filter(pl.col("item_id").is_in(sources))
     progress = Progress(context.log, "replication", len(sources) * len(TRANSFORMS), len(item_ids) * proto.draws)

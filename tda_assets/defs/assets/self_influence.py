@@ -16,7 +16,7 @@ from tda_assets.defs.configs import recorded_settings
 from tda_assets.defs.model_step import model_step
 from tda_assets.defs.progress import Progress
 from tda_assets.defs.tags import GPU
-from tda_assets.io.artifacts import all_features, baseline_item_ids, loss_matrix, read_baseline, require
+from tda_assets.io.artifacts import loss_matrix
 from tda_assets.io.registry import TABLES
 from tda_assets.io.tables import write_table
 
@@ -43,14 +43,11 @@ def self_influence(
     compute: ComputeResource, protocol: LossProtocolResource,
 ) -> Iterator:
     step = model_step(storage, model_source, compute, protocol)
-    store, proto, record, identity = step.store, step.protocol, step.record, step.identity
-    data = all_features(store, record.encoder_id)
-    baseline = read_baseline(store, identity, record.encoder_id)
-    item_ids = baseline_item_ids(baseline)
-    data = data.select([data.item_ids.index(i) for i in item_ids])
+    store, proto, identity = step.store, step.protocol, step.identity
+    item_ids, data, baseline = step.training_set()
     embeddings = audio_embedding(data).numpy()
     targets = choose_targets(embeddings, item_ids, config.n_targets, config.seed)
-    fisher, _ = store.read_tensors(require(store, "fisher_diagonal", identity, "materialize fisher_diagonal (`tda prepare`)"))
+    fisher = step.fisher()
     rows, summaries = [], {}
     for cid in config.config_ids:
         settings = recorded_settings(store, cid)
