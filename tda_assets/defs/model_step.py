@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
 import polars as pl
 import torch
 
+from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
 from tda_assets.attribution.adapter import DiTAdapter, ItemBatch
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.protocol import LossProtocol

@@ -4,7 +4,16 @@ its caption, must rank that item first. The memorisation case a rights holder ca
 from typing import Iterator
 
 import polars as pl
-from dagster import AllPartitionMapping, AssetDep, AssetExecutionContext, AssetKey, Config, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AllPartitionMapping,
+    AssetDep,
+    AssetExecutionContext,
+    AssetKey,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from pydantic import Field
 
 from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource

@@ -5,7 +5,16 @@ from typing import Iterator
 
 import numpy as np
 import polars as pl
-from dagster import AllPartitionMapping, AssetDep, AssetExecutionContext, AssetKey, Config, MaterializeResult, MetadataValue, asset
+from dagster import (
+    AllPartitionMapping,
+    AssetDep,
+    AssetExecutionContext,
+    AssetKey,
+    Config,
+    MaterializeResult,
+    MetadataValue,
+    asset,
+)
 from pydantic import Field
 
 from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
