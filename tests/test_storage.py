@@ -10,7 +10,7 @@ import torch
 
 from tda_assets.io.registry import TABLES, LayoutError
 from tda_assets.io.storage import Storage, StorageError
-from tda_assets.io.tables import write_table
+from tda_assets.io.tables import read_tables, write_table
 
 KEY = "attribution_scores/query_id=q1/config_id=default/part-0.parquet"
 
@@ -119,9 +119,9 @@ def test_read_of_an_empty_glob_names_it(storage):
         storage.read_parquet("queries/*/part-*.parquet")
 
 
-def test_glob_read_adds_hive_columns_as_strings(storage):
+def test_table_read_adds_partition_columns_as_strings(storage):
     write_table(storage, "attribution_scores", scores(), query_id="0012", config_id="default")
-    df = storage.read_parquet("attribution_scores/*/*/part-*.parquet", hive=True)
+    df = read_tables(storage, "attribution_scores")
     assert df["query_id"].dtype == pl.String and set(df["query_id"]) == {"0012"}
 
 

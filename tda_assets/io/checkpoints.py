@@ -12,6 +12,7 @@ from tda_assets.attribution.adapter import DiTAdapter
 from tda_assets.models.model_folder import load_model
 from tda_assets.models.sources import ModelSource, model_copies_dir
 
+from .artifacts import features_digest
 from .registry import key
 from .storage import SUCCESS_MARKER, Storage
 
@@ -46,8 +47,6 @@ def embedded_checkpoint_id(storage: Storage, encoder_id: str, training: dict) ->
 
     It pins what the model was trained on: the features' bytes, their encoders and the training settings.
     """
-    from .artifacts import features_digest
-
     fingerprint = json.dumps([features_digest(storage, encoder_id), encoder_id, training], sort_keys=True)
     return "embedded-" + hashlib.blake2b(fingerprint.encode(), digest_size=5).hexdigest()
 

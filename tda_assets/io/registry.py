@@ -9,6 +9,7 @@ a storage path.
 
 from __future__ import annotations
 
+import functools
 import re
 import string
 from dataclasses import dataclass, field
@@ -70,11 +71,14 @@ class Entry:
             raise LayoutError(f"{self.name}: no field(s) {sorted(unknown)}; fields are {list(self.fields)}")
         return self.pattern.format(**{f: check_value(f, fixed[f]) if f in fixed else "*" for f in self.fields})
 
+    @functools.cached_property
+    def _key_regex(self) -> re.Pattern[str]:
+        return re.compile("".join(re.escape(lit) + (f"(?P<{f}>[^/]+)" if f else "")
+                                  for lit, f, _, _ in string.Formatter().parse(self.pattern)))
+
     def parse(self, key: str) -> dict[str, str]:
         """The field values of a key of this entry (LayoutError if it is not one)."""
-        regex = "".join(re.escape(lit) + (f"(?P<{f}>[^/]+)" if f else "")
-                        for lit, f, _, _ in string.Formatter().parse(self.pattern))
-        match = re.fullmatch(regex, key)
+        match = self._key_regex.fullmatch(key)
         if not match:
             raise LayoutError(f"{key!r} is not a key of {self.name} ({self.pattern})")
         return match.groupdict()

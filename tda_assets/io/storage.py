@@ -147,20 +147,14 @@ class Storage:
         df.write_parquet(buf)
         return self.write_bytes(key, buf.getvalue())
 
-    def read_parquet(self, key_or_glob: str, *, hive: bool = False) -> pl.DataFrame:
-        """One file or the concatenation of a glob's files; with hive=True adds `k=v` folder columns (strings)."""
+    def read_parquet(self, key_or_glob: str) -> pl.DataFrame:
+        """One file or the concatenation of a glob's files (partition columns: `tables.read_tables`)."""
         import polars as pl
 
         keys = self.glob(key_or_glob) if _is_glob(key_or_glob) else [key_or_glob]
         if not keys:
             raise StorageError(f"no parquet file matches {self.uri(key_or_glob)!r}: has the asset that writes it run?")
-        frames = []
-        for key in keys:
-            df = pl.read_parquet(io.BytesIO(self.read_bytes(key)))
-            if hive:
-                parts = dict(p.split("=", 1) for p in key.split("/")[:-1] if "=" in p)
-                df = df.with_columns(pl.lit(v, dtype=pl.String).alias(k) for k, v in parts.items())
-            frames.append(df)
+        frames = [pl.read_parquet(io.BytesIO(self.read_bytes(key))) for key in keys]
         return pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
 
     # tensors ---------------------------------------------------------------------------------------------
