@@ -1,7 +1,7 @@
 """`tda`: the command line of the data product. It parses arguments and calls; nothing more.
 
-Commands that only touch files (`sql`, `query`, `add-query`) import neither torch, diffusers nor the Dagster
-definitions; the ones that materialize go through `tda_assets.experiments.workflows`.
+Commands that only touch files (`sql`, `query`, `add-query`, `queries`, `export`) import neither torch, diffusers nor
+the Dagster definitions; the ones that materialize go through `tda_assets.experiments.workflows`.
 """
 
 from __future__ import annotations
@@ -51,6 +51,62 @@ def cmd_add_query(args: argparse.Namespace) -> int:
     spec = add_query(_storage(), args.prompt, args.id, args.seed, args.audio, args.target_artist)
     print(f"added query {spec.query_id!r} to the inbox; the query_inbox_sensor picks it up on its next tick")
     return 0
+
+
+def _running(store) -> set[tuple[str, str]]:
+    """(query, config) pairs with a run in progress on the instance of DAGSTER_HOME for this storage root."""
+    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+
+    from resources.env import use_dagster_home
+    from tda_assets.data.query_state import STORAGE_TAG
+
+    use_dagster_home()
+    statuses = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+    out = set()
+    for record in DagsterInstance.get().get_run_records(RunsFilter(statuses=statuses, tags={STORAGE_TAG: store.url})):
+        tags = record.dagster_run.tags
+        if "dagster/partition/query" in tags:
+            out.add((tags["dagster/partition/query"], tags["dagster/partition/config"]))
+        elif "dagster/partition" in tags:
+            out.add((tags["dagster/partition"], "default"))
+    return out
+
+
+def cmd_queries(args: argparse.Namespace) -> int:
+    from resources.env import Env
+    from tda_assets.attribution.protocol_id import protocol_id
+    from tda_assets.experiments.catalog import query_table
+
+    env, store = Env.read(), _storage()
+    df = query_table(store, protocol_id(env.protocol_seed, env.draws), lambda: _running(store))
+    if df.is_empty():
+        print(f"no queries in the inbox of {store.url}: add one with `tda attribute` or `tda add-query`")
+        return 0
+    _print(df)
+    counts = df.group_by("state").len().sort("state").rows()
+    print(", ".join(f"{n} {state}" for state, n in counts))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from tda_assets.experiments.catalog import export_attributions
+
+    method = None if args.method == "all" else args.method
+    n = export_attributions(_engine(), args.out, args.format, args.query, args.config, method)
+    print(f"wrote {n} rows to {args.out}")
+    return 0
+
+
+def cmd_attribute(args: argparse.Namespace) -> int:
+    from tda_assets.experiments import workflows
+
+    return workflows.attribute(args.audio, args.prompt, args.id, args.config, args.k)
+
+
+def cmd_run_inbox(args: argparse.Namespace) -> int:
+    from tda_assets.experiments import workflows
+
+    return workflows.run_inbox()
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -111,6 +167,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", help="CSV or parquet with item_id, audio_uri, caption, artist (default: TDA_MANIFEST, "
                                       "else the embedded corpus)")
     p.set_defaults(fn=cmd_prepare)
+    p = sub.add_parser("attribute", help="add one query (your clip, or a prompt to generate from) and attribute it now; "
+                                         "prints the top-k with artist and caption")
+    p.add_argument("--audio", help="a clip (local file of any rate/channels: WAV, FLAC, OGG, MP3; or an s3:// or file:// URI)")
+    p.add_argument("--prompt", help="the text the clip answers (with --audio: optional) or to generate from")
+    p.add_argument("--id", help="query id (a safe slug); default: made from the file name or the prompt")
+    p.add_argument("--config", help="configuration id: default, one of the grid file's, or one recorded in the root")
+    p.add_argument("-k", type=int, default=10, help="how many top items to print")
+    p.set_defaults(fn=cmd_attribute)
+    p = sub.add_parser("run-inbox", help="run every inbox query without a result in this storage root, tick by tick")
+    p.set_defaults(fn=cmd_run_inbox)
+    p = sub.add_parser("queries", help="every inbox query and its state per configuration")
+    p.set_defaults(fn=cmd_queries)
+    p = sub.add_parser("export", help="write attribution rows (with artist and caption) to a file")
+    p.add_argument("--query", help="one query id (default: all)")
+    p.add_argument("--config", help="one configuration id (default: all)")
+    p.add_argument("--method", default="unlearning", help="unlearning (default), similarity:audio|text|internal, or all")
+    p.add_argument("--format", choices=["csv", "parquet", "json"], default="csv")
+    p.add_argument("--out", required=True, help="output file path")
+    p.set_defaults(fn=cmd_export)
     p = sub.add_parser("demo", help="materialize the whole graph on the embedded default and print the attributions")
     p.set_defaults(fn=cmd_demo)
     p = sub.add_parser("grid", help="run every configuration of the grid file for the queries, then the consistency report")

@@ -13,7 +13,7 @@ from resources import build_resources
 from resources.env import Env
 from tda_assets.defs import assets as asset_modules
 from tda_assets.defs import checks
-from tda_assets.defs.sensors import attribute_query_job, query_inbox_sensor
+from tda_assets.defs.sensors import attribute_config_job, query_clip_job, query_inbox_sensor
 
 
 def all_assets() -> list:
@@ -45,7 +45,7 @@ def build_definitions(storage_url: str | None = None, executor: str | None = Non
     return Definitions(
         assets=all_assets(),
         asset_checks=all_checks(),
-        jobs=[attribute_query_job],
+        jobs=[query_clip_job, attribute_config_job],
         sensors=[query_inbox_sensor],
         resources=build_resources(env),
         executor=build_executor(executor or env.executor),

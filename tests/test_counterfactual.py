@@ -28,7 +28,7 @@ def evaluated(tmp_path_factory):
     runner.training_side({"clips_per_artist": CLIPS, "artists": ARTISTS})
     store = runner.resources["storage"].storage()
     builtin_queries(store, artists=2)
-    for qid in runner.sensor_tick():
+    for qid in runner.requested_queries():
         runner.attribute(qid, UnlearningConfig(lr=100.0))
     result = runner.counterfactual(k=K, n_queries=2)
     yield runner, store, result

@@ -14,8 +14,8 @@ GPU_ASSETS = ["training_features", "checkpoint", "fisher_diagonal", "baseline_lo
 def test_definitions_load_with_each_executor(executor, tmp_path):
     defs = build_definitions(str(tmp_path), executor)
     Definitions.validate_loadable(defs)
-    job = defs.resolve_job_def("attribute_query")
-    assert job.executor_def.name == {"in_process": "in_process", "multiprocess": "multiprocess", "k8s": "k8s"}[executor]
+    for name in ("query_clip", "attribute_config"):
+        assert defs.resolve_job_def(name).executor_def.name == executor
 
 
 def test_lineage_runs_checkpoint_to_baseline_to_unlearned_to_attribution(tmp_path):
@@ -37,10 +37,13 @@ def test_gpu_assets_carry_the_gpu_pool_and_k8s_gpu_request(tmp_path):
         assert k8s.container_config["resources"]["limits"]["nvidia.com/gpu"] == "1", name
 
 
-def test_partitions_are_shards_and_dynamic_queries(tmp_path):
+def test_partitions_are_shards_queries_and_query_by_config(tmp_path):
     graph = build_definitions(str(tmp_path)).resolve_asset_graph()
     assert graph.get(AssetKey("baseline_losses")).partitions_def.get_partition_keys()[0] == "shard-00"
-    assert graph.get(AssetKey("attribution_scores")).partitions_def.name == "queries"
+    assert graph.get(AssetKey("query_clips")).partitions_def.name == "queries"
+    for name in ("unlearned_model", "unlearned_losses", "attribution_scores"):
+        dims = {d.name: d.partitions_def.name for d in graph.get(AssetKey(name)).partitions_def.partitions_defs}
+        assert dims == {"query": "queries", "config": "configs"}, name
 
 
 def test_runner_sets_the_console_log_level_also_for_a_run_config_object():

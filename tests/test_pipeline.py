@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import polars as pl
 import pytest
 from dagster import AssetKey, DagsterInstance
 
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.data.demo import builtin_queries
-from tda_assets.defs.configs import UnlearningConfig
+from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, record_config, unlearning_run_config
+from tda_assets.defs.partitions import query_config_key
+from tda_assets.io.tables import read_table
 from tda_assets.data.inbox import add_query
+from tda_assets.experiments.catalog import query_table
 from tda_assets.experiments.runner import Runner
+from tda_assets.io.registry import key
 
 ARTISTS, CLIPS = 3, 4
 
@@ -25,21 +30,39 @@ def pipeline(tmp_path_factory):
     runner.training_side({"clips_per_artist": CLIPS, "artists": ARTISTS})
     store = runner.resources["storage"].storage()
     builtin_queries(store, artists=2)
-    requested = runner.sensor_tick()
-    for qid in requested:
-        runner.attribute(qid, UnlearningConfig(lr=100.0))
-    yield runner, store, requested
+    drain = runner.drain_inbox(UnlearningConfig(lr=100.0))
+    yield runner, store, drain
     mp.undo()
 
 
-def test_sensor_adds_one_partition_and_run_per_inbox_query(pipeline):
-    runner, _, requested = pipeline
-    assert requested == ["demo-artist-00", "demo-artist-01"]
-    assert sorted(runner.instance.get_dynamic_partitions("queries")) == requested
+def test_draining_the_inbox_runs_each_query_clip_first_then_its_default_attribution(pipeline):
+    runner, _, drain = pipeline
+    assert drain.ticks == 2 and drain.failed == []
+    assert drain.attributed == ["demo-artist-00", "demo-artist-01"]
+    assert sorted(runner.instance.get_dynamic_partitions("queries")) == drain.attributed
+    assert runner.instance.get_dynamic_partitions("configs") == ["default"]
 
 
-def test_sensor_is_idempotent(pipeline):
+def test_the_sensor_requests_nothing_once_every_query_has_its_result(pipeline):
     runner, _, _ = pipeline
+    assert runner.sensor_tick() == []
+
+
+def test_a_query_whose_results_left_the_root_is_pending_again_whatever_the_instance_knows(pipeline, tmp_path):
+    runner, store, _ = pipeline
+    moved = {}
+    for name in ("unlearning_runs", "attribution_scores"):  # as if the root had lost this query's results
+        k = key(name, query_id="demo-artist-01", config_id="default")
+        moved[k] = store.read_bytes(k)
+        store.delete(k)
+    try:
+        (request,) = runner.sensor_tick()
+        assert request.job_name == "attribute_config"
+        assert request.partition_key == "default|demo-artist-01"
+        assert "demo-artist-01" in runner.instance.get_dynamic_partitions("queries")
+    finally:
+        for k, data in moved.items():
+            store.write_bytes(k, data)
     assert runner.sensor_tick() == []
 
 
@@ -101,6 +124,22 @@ def test_a_second_configuration_lands_beside_the_default(pipeline):
     assert engine.sql("select lr from unlearning_configs where config_id = 'lr10'").item() == 10.0
 
 
+def test_a_config_partition_launched_without_run_config_runs_its_recorded_settings(pipeline):
+    runner, store, _ = pipeline
+    record_config(store, UnlearningConfig(config_id="lr20", lr=20.0))
+    runner.add_partitions("demo-artist-00", "lr20")
+    runner.run(UNLEARNING_ASSETS, query_config_key("demo-artist-00", "lr20"))  # as the UI launches it
+    assert read_table(store, "unlearning_runs", query_id="demo-artist-00", config_id="lr20")["lr_used"].item() == 20.0
+
+
+def test_a_run_config_naming_another_configuration_than_the_partition_is_refused(pipeline):
+    runner, _, _ = pipeline
+    runner.add_partitions("demo-artist-00", "lr30")
+    with pytest.raises(Exception, match=r"run config is configuration 'lr40' but the partition's is 'lr30'"):
+        runner.run(UNLEARNING_ASSETS, query_config_key("demo-artist-00", "lr30"),
+                   unlearning_run_config(UnlearningConfig(config_id="lr40", lr=40.0)))
+
+
 def test_query_id_with_a_slash_is_refused_with_the_fix(pipeline):
     _, store, _ = pipeline
     with pytest.raises(ValueError, match=r"not a safe slug.*'a-b'"):
@@ -140,3 +179,16 @@ def test_a_second_configuration_s_self_influence_lands_beside_the_first(pipeline
     assert df.select("config_id", "n").rows() == [("default", 3), ("target", 3)]
     lo, hi = df.filter(df["config_id"] == "target").select("lo", "hi").row(0)
     assert 1.1 < lo and hi < 1.3  # the step size was searched per target: 1.2 ± 10% of 0.2, and the protocol draws
+
+
+def test_the_query_table_gives_each_query_its_state_per_configuration(pipeline):
+    _, store, _ = pipeline
+    add_query(store, "a later query", query_id="later")
+    try:
+        df = query_table(store, "s0-k16")
+    finally:
+        store.delete(key("inbox", name="later.json"))
+    states = {(q, c): s for q, c, s in df.select("query_id", "config_id", "state").rows()}
+    assert states[("demo-artist-00", "default")] == "attributed"
+    assert states[("later", "default")] == "waiting"
+    assert df.filter(pl.col("state") == "attributed")["loss_ratio"].min() > 1.05

@@ -58,7 +58,7 @@ def s3_run(env):
     runner.training_side(MANIFEST)
     store = runner.resources["storage"].storage()
     builtin_queries(store, artists=1)
-    (qid,) = runner.sensor_tick()
+    (qid,) = runner.requested_queries()
     before = usage(store)
     query_start = time.perf_counter()
     runner.attribute(qid, UnlearningConfig(lr=100.0))

@@ -16,9 +16,9 @@ from tda_assets.data.corpus import ARTISTS, SAMPLE_RATE, render_clip, style_capt
 from tda_assets.attribution.errors import AttributionInputError
 from tda_assets.data.manifests import shard_of as shard_of_n
 from tda_assets.defs.partitions import SHARD_KEYS
-from tda_assets.defs.configs import UnlearningConfig, unlearning_run_config
+from tda_assets.defs.configs import UnlearningConfig
 from tda_assets.data.inbox import add_query
-from tda_assets.experiments.runner import QUERY_ASSETS, Runner
+from tda_assets.experiments.runner import Runner
 from tda_assets.io.artifacts import read_features
 from tda_assets.io.registry import entry
 from tda_assets.io.tables import read_table
@@ -197,8 +197,8 @@ def test_a_skipped_item_gets_no_attribution_row_and_the_row_check_still_passes(m
     for shard in SHARD_KEYS:
         runner.run(["baseline_losses"], shard)
     add_query(Storage(str(root)), "a bright plucked melody", query_id="q1")
-    assert runner.sensor_tick() == ["q1"]
-    result = runner.run(QUERY_ASSETS, "q1", unlearning_run_config(UnlearningConfig(lr=100.0)))
+    assert runner.requested_queries() == ["q1"]
+    result = runner.attribute("q1", UnlearningConfig(lr=100.0))
     rows = {e.check_name: e for e in result.get_asset_check_evaluations()}["one_row_per_training_item"]
     assert rows.passed and rows.metadata["rows"].value == rows.metadata["training_items"].value == len(ITEMS) - 1
     scored = read_table(Storage(str(root)), "attribution_scores", query_id="q1", config_id="default")

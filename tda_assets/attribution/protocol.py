@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from .objective import DiffusionObjective
+from .protocol_id import protocol_id
 
 
 def draw_seed(protocol_seed: int, item_id: str, k: int) -> int:
@@ -30,7 +31,7 @@ class LossProtocol:
 
     @property
     def protocol_id(self) -> str:
-        return f"s{self.seed}-k{self.draws}" + (f"-from{self.first_draw}" if self.first_draw else "")
+        return protocol_id(self.seed, self.draws, self.first_draw)
 
     def window(self, start: int, stop: int) -> "LossProtocol":
         """Draws `start … stop − 1` of this protocol (indices relative to its first draw)."""

@@ -50,10 +50,11 @@ def query_loss(adapter: DiTAdapter, query: ItemBatch, protocol: LossProtocol, co
     return float(batch_losses(adapter, query, protocol, compute).select(mask).mean())
 
 
-def _random_copies(adapter: DiTAdapter, n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_copies(adapter: DiTAdapter, n: int, generator: torch.Generator, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """`n` random `(t, ε)` copies, the same for each of the query's `rows` windows: `t` [rows, n], `ε` [rows, n, …]."""
     t = adapter.objective.sample_t(n, generator).view(1, n)
     eps = torch.randn(1, n, *adapter.latent_shape, generator=generator)
-    return t, eps
+    return t.expand(rows, n), eps.expand(rows, *eps.shape[1:])
 
 
 def search_lr(ratio_at: Callable[[float], float], settings: UnlearningSettings, query_id: str) -> tuple[float, float, int]:
@@ -98,7 +99,7 @@ def _fixed_lr_delta(adapter, query, params, f_hat, settings, compute, n_train, g
         opt = cls(list(params.values()), lr=settings.lr)
     try:
         for step in range(settings.steps):
-            t, eps = _random_copies(adapter, settings.query_draws, gen)
+            t, eps = _random_copies(adapter, settings.query_draws, gen, len(query))
             q = ItemBatch(query.item_ids, query.latents, query.conditioning, mask)
             z, cond, tt, ee, m = expand_draws(q, t, eps, adapter.device)
             with compute.autocast():
@@ -131,7 +132,7 @@ def _targeted_newton_delta(adapter, query, params, f_hat, settings, compute, n_t
     The direction `F⁻¹g` is computed once; each probe scales it and evaluates the query loss (padding masked as
     for the reported loss) on the same random copies that gave the gradient.
     """
-    t, eps = _random_copies(adapter, settings.query_draws, gen)
+    t, eps = _random_copies(adapter, settings.query_draws, gen, len(query))
     z, cond, tt, ee, m = expand_draws(query, t, eps, adapter.device)
     loss_mask = m if settings.masks_losses else None
 
@@ -171,13 +172,15 @@ def unlearn(
     compute: Compute,
     n_train: int,
 ) -> UnlearningResult:
-    """Fine-tune the model to forget `query` (one item) and return the delta; the model is left unchanged.
+    """Fine-tune the model to forget `query` and return the delta; the model is left unchanged.
+
+    `query` is one clip: one row, or the windows of a long clip (all rows share the query's id), whose mean loss rises.
 
     With `settings.target_ratio` the lr is searched per query on its unlearning draws; the reported
     `loss_ratio` is measured on the fixed protocol draws and can differ slightly from the target.
     """
-    if len(query) != 1:
-        raise ValueError(f"unlearn takes one query, got {len(query)}")
+    if len(set(query.item_ids)) != 1:
+        raise ValueError(f"unlearn takes one query (its windows share one id), got ids {sorted(set(query.item_ids))}")
     start = time.perf_counter()
     before = query_loss(adapter, query, protocol, compute, settings.masks_losses)
     params = adapter.parameter_subset(settings.param_subset)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 from tda_assets.io.registry import entry, key
 from tda_assets.io.slugs import check_query_id, slugify
@@ -60,6 +61,20 @@ def read_query(storage: Storage, query_id: str) -> QuerySpec:
     if not spec.prompt:
         raise ValueError(f"query {query_id!r}: the prompt is empty; write a text description in {path}")
     return spec
+
+
+DEFAULT_AUDIO_PROMPT = "music"  # the conditioning of a user's clip given without a prompt
+
+
+def upload_clip(storage: Storage, audio: str, query_id: str) -> str:
+    """The URI a run reads a clip from: a local file is copied into the storage root (`uploads/`), so that runs on
+    other machines (a k8s pod, an S3 root) read it too; a URI (`s3://…`, `file://…`) is kept as it is."""
+    if "://" in audio:
+        return audio
+    path = Path(audio).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"audio file {audio} does not exist: give a path to a WAV/FLAC/OGG/MP3 file or a URI")
+    return storage.write_bytes(key("upload", name=f"{check_query_id(query_id)}{path.suffix.lower()}"), path.read_bytes())
 
 
 def add_query(storage: Storage, prompt: str, query_id: str | None = None, seed: int = 0,

@@ -7,8 +7,6 @@ from dagster import AssetCheckResult, AssetKey, asset_check
 from resources import StorageResource
 from tda_assets.io.tables import read_table
 
-MIN_QUERY_LOSS_RATIO = 1.05  # unlearning must raise the query loss at least this much (blocking check query_loss_raised)
-
 
 def losses_complete(name: str, df: pl.DataFrame, item_ids: list[str], draws: int) -> AssetCheckResult:
     """Passed when every loss is finite and every expected item has each draw 0…K−1 exactly once, and nothing else."""

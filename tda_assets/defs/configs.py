@@ -12,7 +12,7 @@ from pydantic import Field
 from tda_assets.attribution.settings import UnlearningSettings, settings_from_row, settings_row
 from tda_assets.io.slugs import check_slug
 from tda_assets.io.storage import Storage
-from tda_assets.io.tables import read_table, table_exists
+from tda_assets.io.tables import read_table, table_exists, write_table
 
 GRID_FILE = Path(__file__).resolve().parents[1] / "experiments" / "unlearning_grid.yaml"
 UNLEARNING_ASSETS = ("unlearned_model", "unlearned_losses", "attribution_scores")
@@ -51,7 +51,29 @@ def recorded_settings(store: Storage, config_id: str) -> UnlearningSettings:
         return settings_from_row(read_table(store, "unlearning_configs", config_id=config_id).row(0, named=True))
     if config_id == "default":
         return UnlearningSettings()
-    raise FileNotFoundError(f"unlearning configuration {config_id!r} is not recorded: run it once (a query, or the grid)")
+    raise FileNotFoundError(f"unlearning configuration {config_id!r} is not recorded: run it once with its run config "
+                            "(`tda attribute --config`, or the grid), which records it")
+
+
+def as_config(config_id: str, settings: UnlearningSettings) -> UnlearningConfig:
+    """The Dagster config of `settings` under the name `config_id`."""
+    return UnlearningConfig(config_id=config_id, **{f.name: getattr(settings, f.name) for f in fields(UnlearningSettings)})
+
+
+def partition_config(config: UnlearningConfig, store: Storage, config_id: str) -> UnlearningConfig:
+    """What a (query × config) partition runs: the run's config when it names the partition's configuration, else the
+    recorded one (a partition launched from the UI with the untouched default run config)."""
+    if config.config_id == config_id:
+        return config
+    if config.config_id != "default":
+        raise ValueError(f"the run config is configuration {config.config_id!r} but the partition's is {config_id!r}: "
+                         f"launch partition {config.config_id!r} instead, or set config_id to {config_id!r}")
+    return as_config(config_id, recorded_settings(store, config_id))
+
+
+def record_config(store: Storage, config: UnlearningConfig) -> None:
+    """Write the configuration's `unlearning_configs` row (what its config partition runs when launched without config)."""
+    write_table(store, "unlearning_configs", config.row(), config_id=config.config_id)
 
 
 def unlearning_run_config(config: UnlearningConfig) -> RunConfig:
@@ -89,7 +111,7 @@ def _expand(entry: dict) -> list[UnlearningConfig]:
     lists = {k: v for k, v in entry.items() if isinstance(v, list)}
     if not lists:
         settings = settings_from_row(entry)  # every value checked now (unknown fields too), not when its run starts
-        config = UnlearningConfig(config_id=base_id, **{f.name: getattr(settings, f.name) for f in fields(UnlearningSettings)})
+        config = as_config(base_id, settings)
         config.settings()
         return [config]
     field_name, values = next(iter(lists.items()))

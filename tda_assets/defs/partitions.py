@@ -1,8 +1,15 @@
-"""Partitions of DESIGN §2: static training shards and dynamic queries (keys are safe slugs)."""
+"""Partitions of DESIGN §2: static training shards, dynamic queries, and (query × config) for the per-configuration
+assets, so the UI shows each configuration's status for each query (keys are safe slugs)."""
 
 from __future__ import annotations
 
-from dagster import DynamicPartitionsDefinition, StaticPartitionsDefinition
+from dagster import (
+    AssetExecutionContext,
+    DynamicPartitionsDefinition,
+    MultiPartitionKey,
+    MultiPartitionsDefinition,
+    StaticPartitionsDefinition,
+)
 
 from resources.env import shard_count
 from tda_assets.data.manifests import shard_keys
@@ -10,3 +17,16 @@ from tda_assets.data.manifests import shard_keys
 SHARD_KEYS = shard_keys(shard_count())  # the code location's shards, fixed when it loads (TDA_SHARDS)
 training_shards = StaticPartitionsDefinition(SHARD_KEYS)
 queries = DynamicPartitionsDefinition(name="queries")
+configs = DynamicPartitionsDefinition(name="configs")
+query_configs = MultiPartitionsDefinition({"query": queries, "config": configs})
+
+
+def query_config_key(query_id: str, config_id: str) -> MultiPartitionKey:
+    """The (query × config) partition key of one query under one configuration."""
+    return MultiPartitionKey({"query": query_id, "config": config_id})
+
+
+def query_and_config(context: AssetExecutionContext) -> tuple[str, str]:
+    """`(query_id, config_id)` of a per-configuration asset's partition."""
+    keys = context.partition_key.keys_by_dimension
+    return keys["query"], keys["config"]

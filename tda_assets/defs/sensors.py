@@ -1,50 +1,101 @@
-"""The query inbox sensor: new query files become `queries` partitions and runs, in one tick."""
+"""The query inbox sensor: each tick, every inbox query without a result in the storage root gets its runs.
+
+A query is pending when the root holds no attribution of it under the default configuration (DESIGN §2): a new root,
+a failed or interrupted run, all count, whatever partitions the instance already has. Its clip run
+(`query_clip`, partition `query`) comes first; its attribution run (`attribute_config`, partition
+`query|default`) follows on a later tick, once the clip is in the root. Runs in progress are not requested twice; a
+run that failed `MAX_ATTEMPTS` times in this root is given up with a warning.
+"""
+
+from __future__ import annotations
 
 from dagster import (
     AssetKey,
     AssetSelection,
+    DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
+    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
+    SkipReason,
     define_asset_job,
     sensor,
 )
 
-from resources import InboxResource, StorageResource
+from resources import InboxResource, LossProtocolResource, StorageResource
 from tda_assets.data.inbox import inbox_files
-from tda_assets.defs.partitions import queries
+from tda_assets.data.query_state import DEFAULT_CONFIG, MIN_QUERY_LOSS_RATIO, STEP_TAG, STORAGE_TAG, pending_queries
+from tda_assets.defs.configs import UNLEARNING_ASSETS
+from tda_assets.defs.partitions import configs, queries, query_config_key, query_configs
+from tda_assets.io.checkpoints import read_checkpoint_record
+from tda_assets.io.registry import entry, key
 from tda_assets.io.slugs import check_query_id
 
-QUERY_ASSETS = ("query_clips", "unlearned_model", "unlearned_losses", "attribution_scores", "similarity_scores")
+CLIP_ASSETS = ("query_clips", "similarity_scores")
+QUERY_ASSETS = (*CLIP_ASSETS, *UNLEARNING_ASSETS)
+MAX_ATTEMPTS = 2
+IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
 
-attribute_query_job = define_asset_job(
-    "attribute_query",
-    selection=AssetSelection.assets(*(AssetKey(name) for name in QUERY_ASSETS)),
-    partitions_def=queries,
-    description="Generate the query clip, unlearn it, re-measure every training item, and score the attributions.",
+query_clip_job = define_asset_job(
+    "query_clip", selection=AssetSelection.assets(*(AssetKey(n) for n in CLIP_ASSETS)), partitions_def=queries,
+    description="The query's clip (generated from its prompt, or the user's clip) and its similarity attribution.",
+)
+attribute_config_job = define_asset_job(
+    "attribute_config", selection=AssetSelection.assets(*(AssetKey(n) for n in UNLEARNING_ASSETS)), partitions_def=query_configs,
+    description="One query under one configuration: unlearn it, re-measure every training item, score the attributions.",
 )
 
 
-@sensor(job=attribute_query_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
-def query_inbox_sensor(context: SensorEvaluationContext, storage: StorageResource, inbox: InboxResource) -> SensorResult:
-    """Adds new inbox queries as partitions and requests their runs (at most `max_queries_per_tick` per tick)."""
-    known = set(context.instance.get_dynamic_partitions(queries.name))
-    new, skipped = [], []
-    for query_id in sorted(inbox_files(storage.storage())):
+def _partitions_of_runs(context: SensorEvaluationContext, statuses: list[DagsterRunStatus], root: str) -> list[tuple[str, str]]:
+    records = context.instance.get_run_records(RunsFilter(statuses=statuses, tags={STORAGE_TAG: root}))
+    return [(r.dagster_run.tags.get(STEP_TAG, ""), r.dagster_run.tags.get("dagster/partition", "")) for r in records]
+
+
+def run_tags(step: str, storage_root: str) -> dict[str, str]:
+    """Tags of a query run: what it does and in which storage root (the sensor counts runs in progress and failures)."""
+    return {STEP_TAG: step, STORAGE_TAG: storage_root}
+
+
+@sensor(jobs=[query_clip_job, attribute_config_job], minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
+def query_inbox_sensor(
+    context: SensorEvaluationContext, storage: StorageResource, inbox: InboxResource, protocol: LossProtocolResource
+) -> SensorResult | SkipReason:
+    """Requests the runs of every pending inbox query (at most `max_queries_per_tick` per tick)."""
+    store = storage.storage()
+    valid = []
+    for query_id in sorted(inbox_files(store)):
         try:
-            check_query_id(query_id)
+            valid.append(check_query_id(query_id))
         except ValueError as exc:
-            skipped.append(str(exc))
+            context.log.warning(f"inbox file ignored: {exc}")
+    if not valid:
+        return SkipReason(f"the inbox {store.uri(entry('inbox').glob())} has no query files")
+    if not store.exists(key("checkpoint_record")):
+        return SkipReason("no checkpoint in the storage root yet: run `tda prepare` (or materialize the training side)")
+    record = read_checkpoint_record(store)
+    no_clip, no_attribution = pending_queries(store, valid, record.checkpoint_id, protocol.protocol().protocol_id,
+                                              MIN_QUERY_LOSS_RATIO)
+    in_flight = set(_partitions_of_runs(context, IN_PROGRESS, store.url))
+    failures = _partitions_of_runs(context, [DagsterRunStatus.FAILURE], store.url)
+    wanted = [("clip", q, q) for q in no_clip] + [("attribute", q, query_config_key(q, DEFAULT_CONFIG)) for q in no_attribution]
+    jobs = {"clip": query_clip_job.name, "attribute": attribute_config_job.name}
+    requests = []
+    for step, qid, partition in wanted:
+        if (step, str(partition)) in in_flight:
             continue
-        if query_id not in known:
-            new.append(query_id)
-    for message in skipped:
-        context.log.warning(f"inbox file ignored: {message}")
-    batch = new[:inbox.max_queries_per_tick]
-    if len(new) > len(batch):
-        context.log.info(f"{len(new) - len(batch)} more queries wait for the next tick")
-    return SensorResult(
-        run_requests=[RunRequest(partition_key=q, run_key=f"query:{q}") for q in batch],
-        dynamic_partitions_requests=[queries.build_add_request(batch)] if batch else [],
-    )
+        if failures.count((step, str(partition))) >= MAX_ATTEMPTS:
+            context.log.warning(f"query {qid}: its {step} run failed {MAX_ATTEMPTS} times in this storage root; not requested "
+                                "again (see its runs; fix the query, then re-add it with another id or `tda attribute`)")
+            continue
+        requests.append(RunRequest(job_name=jobs[step], partition_key=partition, tags=run_tags(step, store.url)))
+    batch = requests[:inbox.max_queries_per_tick]
+    if len(requests) > len(batch):
+        context.log.info(f"{len(requests) - len(batch)} more query runs wait for the next tick")
+    known = set(context.instance.get_dynamic_partitions(queries.name))
+    new_queries = sorted({r.partition_key if r.job_name == query_clip_job.name else r.partition_key.keys_by_dimension["query"]
+                          for r in batch} - known)
+    partition_requests = [queries.build_add_request(new_queries)] if new_queries else []
+    if DEFAULT_CONFIG not in context.instance.get_dynamic_partitions(configs.name):
+        partition_requests.append(configs.build_add_request([DEFAULT_CONFIG]))
+    return SensorResult(run_requests=batch, dynamic_partitions_requests=partition_requests)

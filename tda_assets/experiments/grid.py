@@ -15,8 +15,8 @@ from typing import Callable
 import polars as pl
 from dagster._core.errors import DagsterAssetCheckFailedError  # raised by a failed blocking check; not in the public API
 
-from tda_assets.defs.checks import MIN_QUERY_LOSS_RATIO
-from tda_assets.defs.configs import UnlearningConfig
+from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO
+from tda_assets.defs.configs import UnlearningConfig, record_config
 from tda_assets.defs.partitions import queries as queries_partitions
 from tda_assets.io.artifacts import Identity
 from tda_assets.io.checkpoints import read_checkpoint_record
@@ -122,6 +122,10 @@ def run_grid(
     stale = set() if force else stale_configs(store, configs)
     for cid in sorted(stale):
         log(f"    configuration {cid!r} changed in the grid file since its last run: its runs are redone")
+    for cfg in configs:  # every (query × config) partition of the grid shows in the UI, launchable without run config
+        record_config(store, cfg)
+        for qid in query_ids:
+            runner.add_partitions(qid, cfg.config_id)
     results: list[GridRun] = []
     total = len(configs) * len(query_ids)
     for qi, qid in enumerate(query_ids):

@@ -7,12 +7,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import polars as pl
-from dagster import DagsterInstance, Definitions, RunConfig, SensorResult, build_sensor_context, materialize
+from dagster import DagsterInstance, Definitions, RunConfig, RunRequest, SensorResult, build_sensor_context, materialize
 
 from tda_assets.definitions import build_definitions
 from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, unlearning_run_config
 from tda_assets.defs.partitions import SHARD_KEYS, queries
-from tda_assets.defs.sensors import QUERY_ASSETS, query_inbox_sensor
+from tda_assets.defs.partitions import configs, query_config_key, query_configs
+from tda_assets.defs.sensors import CLIP_ASSETS, query_clip_job, query_inbox_sensor, run_tags
 from tda_assets.io.artifacts import Identity, manifest_digest, read_features
 from tda_assets.io.checkpoints import embedded_checkpoint_id, read_checkpoint_record
 from tda_assets.io.registry import key
@@ -71,6 +72,24 @@ def current_training_phases(store: Storage, source: ModelSource, protocol_id: st
     return have
 
 
+MAX_TICKS = 1000
+
+
+@dataclass
+class InboxDrain:
+    """What draining the inbox did: ticks, queries attributed, and (query, error) of failed runs."""
+
+    ticks: int = 0
+    attributed: list[str] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+
+
+def _query_of(request: RunRequest) -> str:
+    if request.job_name == query_clip_job.name:
+        return str(request.partition_key)
+    return query_configs.get_partition_key_from_str(str(request.partition_key)).keys_by_dimension["query"]
+
+
 @dataclass
 class Runner:
     """Runs selections of the asset graph with `materialize()` on one instance and one set of resources."""
@@ -93,15 +112,16 @@ class Runner:
     def storage(self) -> Storage:
         return self.resources["storage"].storage()
 
-    def run(self, selection: list[str], partition_key: str | None = None, run_config: RunConfig | dict | None = None):
+    def run(self, selection: list[str] | tuple[str, ...], partition_key: str | None = None,
+            run_config: RunConfig | dict | None = None, tags: dict[str, str] | None = None):
         """Materialize `selection` (asset names) for one partition; raises if the run fails, else returns its result."""
         config = with_console_level(run_config, self.log_level)
         result = materialize(
-            [*self.defs.assets, *self.defs.asset_checks], selection=selection, partition_key=partition_key,
-            instance=self.instance, resources=self.resources, run_config=config, raise_on_error=True,
+            [*self.defs.assets, *self.defs.asset_checks], selection=list(selection), partition_key=partition_key,
+            instance=self.instance, resources=self.resources, run_config=config, raise_on_error=True, tags=tags,
         )
         if not result.success:
-            raise RuntimeError(f"run of {selection} ({partition_key}) failed")
+            raise RuntimeError(f"run of {list(selection)} ({partition_key}) failed")
         return result
 
     def phase(self, name: str, fn: Callable[[], None]) -> None:
@@ -141,23 +161,76 @@ class Runner:
         first_missing = next(i for i, name in enumerate(TRAINING_PHASES) if not have[name])
         self.training_side(manifest_config, skip=frozenset(TRAINING_PHASES[:first_missing]))
 
-    def sensor_tick(self) -> list[str]:
-        """Evaluate the inbox sensor once: add its partitions and return the requested query ids."""
-        context = build_sensor_context(instance=self.instance,
-                                       resources={"storage": self.resources["storage"], "inbox": self.resources["inbox"]})
+    def sensor_tick(self) -> list[RunRequest]:
+        """Evaluate the inbox sensor once: add its partitions and return its run requests."""
+        context = build_sensor_context(instance=self.instance, resources={
+            "storage": self.resources["storage"], "inbox": self.resources["inbox"], "protocol": self.resources["protocol"]})
         result = query_inbox_sensor(context)
-        assert isinstance(result, SensorResult)
+        if not isinstance(result, SensorResult):  # a SkipReason: nothing to do
+            return []
         for request in result.dynamic_partitions_requests or []:
-            self.instance.add_dynamic_partitions(queries.name, list(request.partition_keys))
-        return [r.partition_key for r in result.run_requests or []]
+            self.instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
+        return list(result.run_requests or [])
 
-    def attribute(self, query_id: str, config: UnlearningConfig | None = None) -> None:
-        """The sensor's run for one query: clip, unlearning, losses, attribution, similarity."""
-        self.run(list(QUERY_ASSETS), query_id, unlearning_run_config(config) if config else None)
+    def execute(self, request: RunRequest, config: UnlearningConfig | None = None) -> None:
+        """Run one of the sensor's requests here: a clip, or an attribution (under `config`, which must be `default`)."""
+        if request.job_name == query_clip_job.name:
+            self.run(CLIP_ASSETS, request.partition_key, tags=request.tags)
+        else:
+            self.run(UNLEARNING_ASSETS, request.partition_key, unlearning_run_config(config) if config else None, tags=request.tags)
 
-    def attribute_config(self, query_id: str, config: UnlearningConfig) -> None:
-        """Only the per-configuration assets of a query (its clip must exist)."""
-        self.run(list(UNLEARNING_ASSETS), query_id, unlearning_run_config(config))
+    def drain_inbox(self, config: UnlearningConfig | None = None) -> InboxDrain:
+        """Tick the sensor and run what it requests until a tick requests nothing (every inbox query attributed, failed
+        its check, or given up after repeated failures); a failed run is logged and counted, never fatal."""
+        drain = InboxDrain()
+        while drain.ticks < MAX_TICKS:
+            requests = self.sensor_tick()
+            if not requests:
+                break
+            drain.ticks += 1
+            self.log(f"==> inbox tick {drain.ticks}: {len(requests)} runs "
+                     f"({sum(r.job_name == query_clip_job.name for r in requests)} clips)")
+            for request in requests:
+                qid = _query_of(request)
+                start = time.perf_counter()
+                try:
+                    self.execute(request, config)
+                except Exception as exc:  # noqa: BLE001 - one broken query must not stop the others
+                    drain.failed.append((qid, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"))
+                    self.log(f"    {qid}: {request.tags.get('tda/step')} run failed: {drain.failed[-1][1]}")
+                    continue
+                step = "clip" if request.job_name == query_clip_job.name else "attribution"
+                self.log(f"    {qid}: {step} in {time.perf_counter() - start:.1f}s")
+                if step == "attribution":
+                    drain.attributed.append(qid)
+        return drain
+
+    def add_partitions(self, query_id: str, config_id: str | None = None) -> None:
+        """The query's partition, and the configuration's, on this instance (no-ops when present)."""
+        if not self.instance.has_dynamic_partition(queries.name, query_id):
+            self.instance.add_dynamic_partitions(queries.name, [query_id])
+        if config_id and not self.instance.has_dynamic_partition(configs.name, config_id):
+            self.instance.add_dynamic_partitions(configs.name, [config_id])
+
+    def clip(self, query_id: str) -> None:
+        """The query's clip and similarity scores."""
+        self.add_partitions(query_id)
+        self.run(CLIP_ASSETS, query_id, tags=run_tags("clip", self.storage.url))
+
+    def requested_queries(self) -> list[str]:
+        """The queries one sensor tick requests runs for (and adds as partitions)."""
+        return [_query_of(r) for r in self.sensor_tick()]
+
+    def attribute(self, query_id: str, config: UnlearningConfig | None = None):
+        """A query end to end, as the sensor's runs do: its clip, then its attribution under `config` (default: default)."""
+        self.clip(query_id)
+        return self.attribute_config(query_id, config or UnlearningConfig())
+
+    def attribute_config(self, query_id: str, config: UnlearningConfig):
+        """Only the per-configuration assets of a query (its clip must exist), in its (query × config) partition."""
+        self.add_partitions(query_id, config.config_id)
+        return self.run(UNLEARNING_ASSETS, query_config_key(query_id, config.config_id), unlearning_run_config(config),
+                 tags=run_tags("attribute", self.storage.url))
 
     def with_config(self, asset: str, **config: object):
         """One unpartitioned asset with its launch config's fields (unset ones left to their defaults)."""

@@ -3,18 +3,22 @@ DAGSTER_HOME with the code location's resources and executor, and prints what a 
 
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import polars as pl
 from dagster import AssetKey, DagsterInstance
 
 from resources.env import Env, dagster_home, use_dagster_home
 from tda_assets.data.demo import builtin_queries
-from tda_assets.defs.configs import load_grid
+from tda_assets.data.inbox import DEFAULT_AUDIO_PROMPT, add_query, upload_clip
+from tda_assets.defs.configs import GRID_FILE, UnlearningConfig, as_config, load_grid, recorded_settings
 from tda_assets.io.artifacts import Identity
 from tda_assets.io.checkpoints import read_checkpoint_record
 from tda_assets.io.query_engine import QueryEngine
-from tda_assets.io.registry import entry
+from tda_assets.io.registry import entry, key
+from tda_assets.io.slugs import slugify
 
 from .display import print_frame
 from .grid import GridRun, ensure_query, has_current_attribution, run_grid, select_queries, summary
@@ -59,24 +63,82 @@ def prepare(manifest: str | None) -> int:
     return 0
 
 
-def demo() -> int:
-    """The whole graph on the embedded default: training side, the built-in queries through the sensor, the report."""
-    run, start = _start("demo")
-    run.training_side()
-    builtin_queries(run.storage)
-    requested = run.sensor_tick()
-    print(f"==> query_inbox_sensor requested {len(requested)} runs")
-    for i, qid in enumerate(requested, 1):
-        run.phase(f"query {i}/{len(requested)} {qid}", lambda q=qid: run.attribute(q))
-    run.phase("consistency_report", lambda: run.run(["consistency_report"]))
-    print("\nTop-5 attributed training items per query (sql/top_k.sql, k = 5, method = unlearning):")
+def _print_top(run: Runner, query_ids: list[str], k: int, config_id: str | None = None) -> None:
     engine = QueryEngine(run.storage)
-    top = engine.named("top_k", k=5).filter(pl.col("method") == "unlearning")
-    print_frame(top.select([c for c in ("query_id", "target_artist", "rank", "item_id", "artist", "score", "caption") if c in top.columns]))
-    print("\nShare of the top-10 by the target artist (sql/artist_shares.sql):")
-    print_frame(engine.named("artist_shares", k=10))
+    top = engine.named("top_k", k=k).filter((pl.col("method") == "unlearning") & pl.col("query_id").is_in(query_ids))
+    if config_id:
+        top = top.filter(pl.col("config_id") == config_id)
+    print_frame(top.select([c for c in ("query_id", "target_artist", "config_id", "rank", "item_id", "artist", "score", "caption")
+                            if c in top.columns and not (c == "target_artist" and top[c].null_count() == top.height)]))
+
+
+def resolve_config(config_id: str | None, store) -> UnlearningConfig:
+    """A configuration by id: `default`, one of the grid file's, or one recorded in the root (clear error otherwise)."""
+    if not config_id or config_id == "default":
+        return UnlearningConfig()
+    grid_file = Env.read().grid_file
+    for config in load_grid(grid_file):
+        if config.config_id == config_id:
+            return config
+    try:
+        return as_config(config_id, recorded_settings(store, config_id))
+    except FileNotFoundError:
+        raise ValueError(f"unknown configuration {config_id!r}: not in the grid file {grid_file or GRID_FILE} nor recorded "
+                         "in this storage root; add it to the grid file") from None
+
+
+def attribute(audio: str | None, prompt: str | None, query_id: str | None, config_id: str | None, k: int) -> int:
+    """Add one query (a user's clip, or a prompt to generate from) and attribute it now; prints its top-k."""
+    if not audio and not prompt:
+        raise ValueError("give --audio FILE_OR_URI (optionally with --prompt), or --prompt TEXT to generate a clip")
+    run, start = _start("attribute")
+    run.log_level = "WARNING"
+    store = run.storage
+    if not store.exists(key("checkpoint_record")):
+        raise RuntimeError(f"no checkpoint in {store.url} yet: run `tda prepare --manifest …` first")
+    config = resolve_config(config_id, store)
+    qid = query_id or slugify(Path(audio).stem if audio and not prompt else prompt)[:48].strip("-_")
+    audio_uri = upload_clip(store, audio, qid) if audio else None
+    spec = add_query(store, prompt or DEFAULT_AUDIO_PROMPT, qid, audio_uri=audio_uri)
+    print(f"==> query {spec.query_id!r}" + (f": clip {audio_uri}" if audio_uri else f": generated from {spec.prompt!r}")
+          + f", configuration {config.config_id!r}")
+    try:
+        run.phase("attribution", lambda: run.attribute(spec.query_id, config))
+    except Exception as exc:  # noqa: BLE001 - the command reports what failed and exits non-zero
+        print(f"tda attribute: query {spec.query_id!r} was not attributed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 1
+    print(f"\nTop-{k} training items for {spec.query_id!r} ({config.config_id}):")
+    _print_top(run, [spec.query_id], k, config.config_id)
     _print_timings(run, start)
     return 0
+
+
+def run_inbox() -> int:
+    """Drain the inbox: tick the sensor and run its requests until every query has a result in this root."""
+    run, start = _start("run-inbox")
+    run.log_level = "WARNING"
+    drain = run.drain_inbox()
+    print(f"\n{drain.ticks} ticks: {len(drain.attributed)} queries attributed, {len(drain.failed)} runs failed")
+    for qid, message in drain.failed:
+        print(f"  failed: {qid}: {message}")
+    _print_timings(run, start)
+    return 1 if drain.failed else 0
+
+
+def demo() -> int:
+    """The whole graph on the embedded default: training side, the built-in queries through the inbox, the report."""
+    run, start = _start("demo")
+    run.training_side()
+    ids = builtin_queries(run.storage)
+    drain = run.drain_inbox()
+    print(f"==> inbox drained in {drain.ticks} ticks: {len(drain.attributed)} queries attributed, {len(drain.failed)} failed")
+    run.phase("consistency_report", lambda: run.run(["consistency_report"]))
+    print("\nTop-5 attributed training items per query (sql/top_k.sql, k = 5, method = unlearning):")
+    _print_top(run, ids, 5)
+    print("\nShare of the top-10 by the target artist (sql/artist_shares.sql):")
+    print_frame(QueryEngine(run.storage).named("artist_shares", k=10))
+    _print_timings(run, start)
+    return 1 if drain.failed or not drain.attributed else 0
 
 
 def print_grid(results: list[GridRun]) -> None:
@@ -135,8 +197,6 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
     run.training_side_if_needed()
     run.log_level = "WARNING"
     ids = builtin_queries(store)
-    requested = run.sensor_tick()
-    print(f"==> query_inbox_sensor requested {len(requested)} runs")
     identity = Identity(read_checkpoint_record(store).checkpoint_id, run.resources["protocol"].protocol().protocol_id)
     todo = [q for q in ids if not has_current_attribution(store, q, "default", identity)]
 

@@ -136,9 +136,11 @@ _ENTRIES = [
         identity=IDENTITY, description="L0_ik for every item and draw of one shard"),
     # queries
     Entry("inbox", "inbox/{name}", description="query files (`<query_id>.txt` or `.json`)"),
+    Entry("upload", "uploads/{name}", description="a user's clip copied into the storage root by `tda attribute --audio`"),
     Entry("queries", f"queries/query_id={{query_id}}/{PART}", {
         "prompt": "str", "seed": "i64", "audio_uri": "str", "target_artist": "str", "encoder_id": "str",
-        "generated_by": "str"}, identity=("encoder_id",), description="one row per query"),
+        "generated_by": "str", "source_rate": "i64", "source_channels": "i64", "seconds": "f64", "windows": "i64"},
+          identity=("encoder_id",), description="one row per query (a user's clip: its rate, channels, length and windows)"),
     Entry("query_audio", "query_clips/query_id={query_id}/clip.wav", description="a generated query clip"),
     Entry("query_features", "query_clips/query_id={query_id}/features.safetensors", identity=("encoder_id",),
           description="the query's latent, frame mask and conditioning"),

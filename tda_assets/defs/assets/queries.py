@@ -31,12 +31,13 @@ from tda_assets.attribution.scores import attribution_scores as score_items
 from tda_assets.attribution.scores import positive_shares, rank_descending
 from tda_assets.attribution.similarity import audio_embedding, cosine_scores, internal_embedding, text_embedding
 from tda_assets.attribution.unlearn import unlearn
-from tda_assets.data.audio import decode_audio
+from tda_assets.data.audio import LONG_CLIP_POLICY, MAX_QUERY_WINDOWS, decode_clip, query_windows
 from tda_assets.data.inbox import read_query
-from tda_assets.defs.checks import MIN_QUERY_LOSS_RATIO, losses_complete
-from tda_assets.defs.configs import UnlearningConfig
+from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO
+from tda_assets.defs.checks import losses_complete
+from tda_assets.defs.configs import UnlearningConfig, partition_config, record_config
 from tda_assets.defs.model_step import model_step
-from tda_assets.defs.partitions import queries
+from tda_assets.defs.partitions import queries, query_and_config, query_configs
 from tda_assets.defs.plots import attribution_plot
 from tda_assets.defs.progress import Progress
 from tda_assets.defs.tags import GPU
@@ -65,6 +66,14 @@ def _top_items(store, scores: pl.DataFrame, n: int = 5) -> list[dict]:
     return top.select("rank", "item_id", "artist", "score", "caption").to_dicts()
 
 
+def _top_table(top: list[dict]) -> MetadataValue:
+    """The top-k as a Markdown table, as the UI shows it beside the plot."""
+    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "").replace("|", "/")  # noqa: E731
+    lines = ["| rank | item | artist | score | caption |", "|---:|---|---|---:|---|"]
+    lines += ["| " + " | ".join(cell(t[c]) for c in ("rank", "item_id", "artist", "score", "caption")) + " |" for t in top]
+    return MetadataValue.md("\n".join(lines))
+
+
 @asset(group_name="queries", partitions_def=queries, deps=[AssetKey("checkpoint")], **GPU,
        description="The query: a clip generated from its prompt (or the user's clip), its prompt, seed, latent and conditioning.")
 def query_clips(
@@ -74,10 +83,17 @@ def query_clips(
     spec = read_query(store, context.partition_key)
     adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
     if spec.audio_uri:  # the user's clip: conditioned on its own duration, as training items are
-        samples = decode_audio(read_uri_bytes(spec.audio_uri, store), spec.query_id, adapter.sample_rate)
-        cond = adapter.encode_text([spec.prompt], [spec.query_id], durations=[len(samples) / adapter.sample_rate])
-        latents, mask = adapter.encode_audio([samples])
+        clip = decode_clip(read_uri_bytes(spec.audio_uri, store), spec.query_id, adapter.sample_rate)
+        windows = query_windows(clip.samples, adapter.window_samples)
+        parts = [clip.samples[a:b] for a, b in windows]
+        cond = adapter.encode_text([spec.prompt] * len(parts), [spec.query_id] * len(parts),
+                                   durations=[len(p) / adapter.sample_rate for p in parts])
+        latents, mask = adapter.encode_audio(parts)
         audio_uri, generated_by = spec.audio_uri, None
+        source = {"source_rate": clip.source_rate, "source_channels": clip.source_channels, "seconds": clip.seconds}
+        if len(windows) > 1:
+            context.log.info(f"{spec.query_id}: {clip.seconds:.1f} s clip attributed on {len(windows)} windows of "
+                             f"{adapter.window_samples / adapter.sample_rate:.2f} s")
     else:
         cond = adapter.encode_text([spec.prompt], [spec.query_id])
         latents = generate_latents(adapter, cond, spec.seed, cmp)
@@ -86,20 +102,25 @@ def query_clips(
         sf.write(buf, adapter.decode(latents)[0].numpy(), adapter.sample_rate, format="WAV", subtype="PCM_16")
         audio_uri = store.write_bytes(key("query_audio", query_id=spec.query_id), buf.getvalue())
         generated_by = record.checkpoint_id
-    write_features(store, key("query_features", query_id=spec.query_id), ItemBatch([spec.query_id], latents, cond, mask),
+        source = {"source_rate": adapter.sample_rate, "source_channels": 1, "seconds": adapter.window_samples / adapter.sample_rate}
+    n_windows = latents.shape[0]
+    write_features(store, key("query_features", query_id=spec.query_id),
+                   ItemBatch([spec.query_id] * n_windows, latents, cond, mask),
                    {"encoder_id": record.encoder_id, "checkpoint_id": record.checkpoint_id})
     row = pl.DataFrame({"prompt": [spec.prompt], "seed": [spec.seed], "audio_uri": [audio_uri],
-                        "target_artist": [spec.target_artist], "encoder_id": [record.encoder_id], "generated_by": [generated_by]},
+                        "target_artist": [spec.target_artist], "encoder_id": [record.encoder_id], "generated_by": [generated_by],
+                        **{k: [v] for k, v in source.items()}, "windows": [n_windows]},
                        schema_overrides={"target_artist": pl.String, "generated_by": pl.String})
     write_table(store, "queries", row, query_id=spec.query_id)
     return MaterializeResult(metadata={
         "prompt": spec.prompt, "seed": spec.seed, "target_artist": spec.target_artist or "",
         "generated": spec.audio_uri is None, "audio": MetadataValue.path(audio_uri), "checkpoint_id": record.checkpoint_id,
+        **source, "windows": n_windows, **({"long_clip_policy": LONG_CLIP_POLICY.format(max=MAX_QUERY_WINDOWS)} if n_windows > 1 else {}),
     })
 
 
 @asset(
-    group_name="unlearning", partitions_def=queries, deps=[AssetKey("query_clips"), AssetKey("fisher_diagonal")], **GPU,
+    group_name="unlearning", partitions_def=query_configs, deps=[AssetKey("query_clips"), AssetKey("fisher_diagonal")], **GPU,
     check_specs=[AssetCheckSpec("query_loss_raised", asset="unlearned_model", blocking=True,
                                 description=f"unlearning raised the query loss by at least {MIN_QUERY_LOSS_RATIO}x")],
     description="The unlearned model of one query and configuration: a weight delta over the parameter subset, and the query loss before/after.",
@@ -108,17 +129,18 @@ def unlearned_model(
     context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, model_source: ModelSourceResource,
     compute: ComputeResource, protocol: LossProtocolResource,
 ) -> Iterator:
-    qid, cid = context.partition_key, config.config_id
-    settings = config.settings()
+    qid, cid = query_and_config(context)
     step = model_step(storage, model_source, compute, protocol)
     store, record, identity = step.store, step.record, step.identity
+    config = partition_config(config, store, cid)
+    settings = config.settings()
     fisher = step.fisher()
     n_train = len(baseline_item_ids(read_baseline(store, identity, record.encoder_id)))
     result = unlearn(step.adapter, query_batch(store, qid, record.encoder_id), fisher, settings, step.protocol, step.compute,
                      n_train=n_train)
     delta_uri = store.write_tensors(key("unlearned_delta", **identity.keys(), query_id=qid, config_id=cid), result.delta,
                                     {**identity.keys(), "config_id": cid})
-    write_table(store, "unlearning_configs", config.row(), config_id=cid)
+    record_config(store, config)
     write_table(store, "unlearning_runs", pl.DataFrame({
         "query_loss_before": [result.query_loss_before], "query_loss_after": [result.query_loss_after],
         "delta_uri": [delta_uri], "seconds": [result.seconds], "lr_used": [result.lr_used],
@@ -143,7 +165,7 @@ def unlearned_model(
 
 
 @asset(
-    group_name="unlearning", partitions_def=queries, deps=[AssetKey("unlearned_model")], **GPU,
+    group_name="unlearning", partitions_def=query_configs, deps=[AssetKey("unlearned_model")], **GPU,
     check_specs=[AssetCheckSpec("losses_finite_and_complete", asset="unlearned_losses",
                                 description="every training item has every protocol draw, all finite")],
     description="ℓ_ik(θ_u): the unlearned model's loss on every training item and fixed draw, keyed by checkpoint and protocol.",
@@ -152,9 +174,10 @@ def unlearned_losses(
     context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, model_source: ModelSourceResource,
     compute: ComputeResource, protocol: LossProtocolResource,
 ) -> Iterator:
-    qid, cid = context.partition_key, config.config_id
+    qid, cid = query_and_config(context)
     step = model_step(storage, model_source, compute, protocol)
     store, proto, record, identity = step.store, step.protocol, step.record, step.identity
+    partition_config(config, store, cid)  # a run config naming another configuration is refused
     delta, _ = store.read_tensors(require(store, "unlearned_delta", identity, f"materialize unlearned_model for {qid}/{cid}",
                                           query_id=qid, config_id=cid))
     expected = baseline_item_ids(read_baseline(store, identity, record.encoder_id))
@@ -172,7 +195,7 @@ def unlearned_losses(
 
 
 @asset(
-    group_name="attribution", partitions_def=queries,
+    group_name="attribution", partitions_def=query_configs,
     deps=[AssetKey("unlearned_losses"), AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping())],
     check_specs=[AssetCheckSpec("one_row_per_training_item", asset="attribution_scores")],
     description="Unlearning attribution of one query and configuration: score, rank, relative and skew scores, shares.",
@@ -181,8 +204,8 @@ def attribution_scores(
     context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, protocol: LossProtocolResource,
 ) -> Iterator:
     store, proto = storage.storage(), protocol.protocol()
-    qid, cid = context.partition_key, config.config_id
-    settings = config.settings()
+    qid, cid = query_and_config(context)
+    settings = partition_config(config, store, cid).settings()
     masked = settings.masks_losses
     record = read_checkpoint_record(store)
     identity = Identity(record.checkpoint_id, proto.protocol_id)
@@ -200,7 +223,7 @@ def attribution_scores(
     top = _top_items(store, df)
     context.log.info(f"{qid}/{cid}: top-5 " + ", ".join(f"{t['item_id']} ({t['artist']})" for t in top))
     plot = attribution_plot(store, qid, cid, df)  # plots/top_k/<query>/<config>.png, shown in the UI
-    yield MaterializeResult(metadata={"config_id": cid, "rows": len(df), "top_5": MetadataValue.json(top), "uri": MetadataValue.path(uri),
+    yield MaterializeResult(metadata={"config_id": cid, "rows": len(df), "top_5": _top_table(top), "uri": MetadataValue.path(uri),
                                       **identity.keys(), **plot},
                             check_results=[AssetCheckResult(check_name="one_row_per_training_item", passed=len(df) == n_train,
                                                             metadata={"rows": len(df), "training_items": n_train})])
@@ -229,10 +252,10 @@ def similarity_scores(
             item_embs[name].append(fn(batch))
     meta = {}
     for name, fn in embed.items():
-        score = cosine_scores(fn(query), torch.cat(item_embs[name])).numpy().astype(np.float64)
+        score = cosine_scores(fn(query).mean(0), torch.cat(item_embs[name])).numpy().astype(np.float64)  # windows pooled
         method = f"similarity:{name}"
         df = pl.DataFrame({"item_id": item_ids, "score": score, "rank": rank_descending(score), "share": positive_shares(score),
                            **identity.keys()})
         write_table(store, "similarity_scores", df, query_id=qid, method=method)
-        meta[f"top_5_{name}"] = MetadataValue.json(_top_items(store, df))
+        meta[f"top_5_{name}"] = _top_table(_top_items(store, df))
     return MaterializeResult(metadata={"rows_per_method": len(item_ids), **identity.keys(), **meta})

@@ -61,6 +61,11 @@ class EmbeddedAdapter(DiTAdapter):
         denoiser = StableAudioDiTModel(**denoiser_config(frontend, **arch))
         return cls(denoiser=denoiser, objective=DiffusionObjective("v"), sample_rate=frontend.sample_rate, frontend=frontend)
 
+    @property
+    def window_samples(self) -> int:
+        """Samples of audio the model sees at once."""
+        return self.frontend.window_samples
+
     def encode_audio(self, audio: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents [b, n_mels, frames] and frame masks for mono clips at the model's sample rate."""
         n = self.frontend.window_samples

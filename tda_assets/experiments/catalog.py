@@ -1,0 +1,83 @@
+"""What the file-only commands read (`tda queries`, `tda export`): every query with its state, and attribution rows.
+
+Imports neither torch, diffusers nor the Dagster definitions: these commands answer in about a second.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import polars as pl
+
+from tda_assets.data.inbox import inbox_files, read_query
+from tda_assets.data.query_state import DEFAULT_CONFIG, MIN_QUERY_LOSS_RATIO, config_states, has_clip
+from tda_assets.io.query_engine import QueryEngine
+from tda_assets.io.registry import key
+from tda_assets.io.storage import Storage
+
+EXPORT_FORMATS = ("csv", "parquet", "json")
+FINAL = ("attributed", "failed_check", "invalid")  # states no run in progress can change
+
+
+def current_checkpoint_id(store: Storage) -> str | None:
+    """The checkpoint the root's results must come from (None before `tda prepare`)."""
+    k = key("checkpoint_record")
+    return json.loads(store.read_bytes(k))["checkpoint_id"] if store.exists(k) else None
+
+
+def query_table(store: Storage, protocol_id: str,
+                running: Callable[[], set[tuple[str, str]]] = frozenset) -> pl.DataFrame:
+    """One row per (query, configuration): `waiting` (no clip yet), `clip_ready`, `running`, `attributed`,
+    `failed_check` (with the loss ratio), `stale` (results of another checkpoint or protocol), or `invalid` (its file).
+
+    `running()` gives the (query, config) pairs with a run in progress; it is asked only when a pair is unfinished.
+    """
+    states = config_states(store, current_checkpoint_id(store), protocol_id, MIN_QUERY_LOSS_RATIO)
+    rows = []
+    for qid in sorted(inbox_files(store)):
+        try:
+            prompt = read_query(store, qid).prompt
+        except ValueError as exc:
+            rows.append((qid, DEFAULT_CONFIG, "invalid", None, str(exc)[:80]))
+            continue
+        mine = {c: s for (q, c), s in states.items() if q == qid}
+        for cid in sorted({DEFAULT_CONFIG, *mine}):
+            state = mine[cid].state if cid in mine else ("clip_ready" if has_clip(store, qid) else "waiting")
+            rows.append((qid, cid, state, mine[cid].loss_ratio if cid in mine else None, prompt[:60]))
+    if any(r[2] not in FINAL for r in rows):
+        now = running()
+        rows = [(q, c, "running" if st not in FINAL and (q, c) in now else st, *rest) for q, c, st, *rest in rows]
+    return pl.DataFrame(rows, schema={"query_id": pl.String, "config_id": pl.String, "state": pl.String,
+                                      "loss_ratio": pl.Float64, "prompt": pl.String}, orient="row")
+
+
+def export_attributions(engine: QueryEngine, out: str | Path, fmt: str, query_id: str | None = None,
+                        config_id: str | None = None, method: str | None = "unlearning") -> int:
+    """Write the attribution rows (with artist and caption) to `out` atomically; returns the row count.
+
+    Raises ValueError naming the filter when no row matches, so an export never silently writes nothing.
+    """
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"format {fmt!r}: use one of {', '.join(EXPORT_FORMATS)}")
+    where, params = ["TRUE"], {}
+    for column, value in (("query_id", query_id), ("config_id", config_id), ("method", method)):
+        if value:
+            where.append(f"a.{column} = ${column}")
+            params[column] = value
+    df = engine.sql("SELECT a.query_id, a.config_id, a.method, a.rank, a.item_id, t.artist, t.caption, a.score, "
+                    "a.checkpoint_id, a.protocol_id FROM attributions AS a LEFT JOIN training_items AS t USING (item_id) "
+                    f"WHERE {' AND '.join(where)} ORDER BY a.query_id, a.config_id, a.method, a.rank", params)
+    if df.is_empty():
+        raise ValueError(f"no attribution rows for {params or 'any query'}: see `tda queries` for what is attributed")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    try:
+        {"csv": df.write_csv, "parquet": df.write_parquet, "json": df.write_json}[fmt](tmp)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return df.height
