@@ -12,9 +12,8 @@ from dagster import (
 )
 
 from resources import InboxResource, StorageResource
-from tda_assets.data.inbox import inbox_files
+from tda_assets.data.inbox import inbox_files, read_query_file
 from tda_assets.defs.partitions import queries
-from tda_assets.io.slugs import check_query_id
 
 QUERY_ASSETS = ("query_clips", "unlearned_model", "unlearned_losses", "attribution_scores", "similarity_scores")
 
@@ -28,22 +27,21 @@ attribute_query_job = define_asset_job(
 
 @sensor(job=attribute_query_job, minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
 def query_inbox_sensor(context: SensorEvaluationContext, storage: StorageResource, inbox: InboxResource) -> SensorResult:
-    """Adds new inbox queries as partitions and requests their runs (at most `max_queries_per_tick` per tick)."""
+    """Adds new inbox queries as partitions and requests their runs (at most `max_queries_per_tick`); logs and skips bad files."""
+    store, roots = storage.storage(), inbox.audio_roots()  # a bad TDA_ALLOWED_AUDIO_ROOTS fails the tick, naming it
     known = set(context.instance.get_dynamic_partitions(queries.name))
-    new, skipped = [], []
-    for query_id in sorted(inbox_files(storage.storage())):
-        try:
-            check_query_id(query_id)
-        except ValueError as exc:
-            skipped.append(str(exc))
+    waiting = sorted((q, path) for q, path in inbox_files(store).items() if q not in known)
+    batch: list[str] = []
+    for n, (query_id, path) in enumerate(waiting):
+        if len(batch) == inbox.max_queries_per_tick:
+            context.log.info(f"{len(waiting) - n} more inbox files wait for the next tick")
+            break
+        try:  # a bad file is logged and skipped (every tick, until it is fixed or removed); the others still run
+            read_query_file(store, path, roots)
+        except (ValueError, FileNotFoundError) as exc:
+            context.log.warning(f"inbox file skipped: {exc}")
             continue
-        if query_id not in known:
-            new.append(query_id)
-    for message in skipped:
-        context.log.warning(f"inbox file ignored: {message}")
-    batch = new[:inbox.max_queries_per_tick]
-    if len(new) > len(batch):
-        context.log.info(f"{len(new) - len(batch)} more queries wait for the next tick")
+        batch.append(query_id)
     return SensorResult(
         run_requests=[RunRequest(partition_key=q, run_key=f"query:{q}") for q in batch],
         dynamic_partitions_requests=[queries.build_add_request(batch)] if batch else [],
