@@ -20,5 +20,6 @@ def build_resources(env: Env) -> dict:
         "compute": ComputeResource(device=env.device, batch_size=env.batch_size),
         "protocol": LossProtocolResource(draws=env.draws, seed=env.protocol_seed),
         "training_data": TrainingDataResource(manifest_uri=env.manifest, clips_per_artist=env.clips_per_artist),
-        "inbox": InboxResource(max_queries_per_tick=env.max_queries_per_tick),
+        "inbox": InboxResource(max_queries_per_tick=env.max_queries_per_tick, allowed_audio_roots=list(env.allowed_audio_roots),
+                               manifest_uri=env.manifest),
     }

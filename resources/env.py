@@ -26,6 +26,11 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"{name}={value!r} is not an integer; unset it or give a number (default {default})") from None
 
 
+def _list(name: str) -> tuple[str, ...]:
+    """A comma-separated variable as a tuple of its non-empty items."""
+    return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
+
+
 def dagster_home() -> Path:
     """`DAGSTER_HOME`, else `dagster_home/` in the checkout."""
     return Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / "dagster_home").resolve()
@@ -82,6 +87,7 @@ class Env:
     manifest: str | None = None
     clips_per_artist: int = 40
     max_queries_per_tick: int = 10
+    allowed_audio_roots: tuple[str, ...] = ()
     grid_file: str | None = None
     sql_dir: str | None = None
     grid_queries: int = 4
@@ -107,6 +113,7 @@ class Env:
             manifest=get("TDA_MANIFEST"),
             clips_per_artist=_int("TDA_CLIPS_PER_ARTIST", d["clips_per_artist"]),
             max_queries_per_tick=_int("TDA_MAX_QUERIES_PER_TICK", d["max_queries_per_tick"]),
+            allowed_audio_roots=_list("TDA_ALLOWED_AUDIO_ROOTS"),
             grid_file=get("TDA_GRID_FILE"),
             sql_dir=get("TDA_SQL_DIR"),
             grid_queries=_int("TDA_GRID_QUERIES", d["grid_queries"]),

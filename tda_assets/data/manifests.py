@@ -40,11 +40,23 @@ def _absolute_audio_uri(audio_uri: str | None, manifest_uri: str) -> str | None:
     return os.path.normpath(os.path.join(base, audio_uri))
 
 
+def _check_utf8(data: bytes, uri: str) -> None:
+    """ValueError naming the manifest, the line and the byte when a CSV is not UTF-8 (polars says only "invalid utf-8")."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise ValueError(f"manifest {uri} is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line}; save it as UTF-8 "
+                         "(e.g. `iconv -f latin1 -t utf-8 old.csv > new.csv`)") from None
+
+
 def read_user_manifest(uri: str, store: Storage | None = None) -> pl.DataFrame:
     """A user's manifest (CSV or parquet, local or s3://), checked for the required columns and unique ids."""
     data = read_uri_bytes(uri, store or Storage("."))
     if data is None:
         raise FileNotFoundError(f"manifest {uri} not found: set manifest_uri (or TDA_MANIFEST) to a CSV or parquet file")
+    if not uri.endswith((".parquet", ".pq")):
+        _check_utf8(data, uri)
     try:
         if uri.endswith((".parquet", ".pq")):
             df = pl.read_parquet(data)
@@ -62,7 +74,7 @@ def read_user_manifest(uri: str, store: Storage | None = None) -> pl.DataFrame:
         raise ValueError(f"manifest {uri}: row(s) {(no_id['row'] + 1).to_list()[:5]} have no item_id; give every row a unique id")
     dupes = df.filter(pl.col("item_id").is_duplicated())["item_id"].unique().to_list()
     if dupes:
-        raise ValueError(f"manifest {uri}: duplicate item_id(s) {dupes[:5]}")
+        raise ValueError(f"manifest {uri}: duplicate item_id(s) {dupes[:5]}; give every row a unique item_id")
     if "duration_s" not in df.columns:
         df = df.with_columns(pl.lit(None, pl.Float64).alias("duration_s"))
     df = df.with_columns(pl.col("duration_s").cast(pl.Float64, strict=False),

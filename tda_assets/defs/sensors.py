@@ -24,7 +24,7 @@ from dagster import (
 )
 
 from resources import InboxResource, LossProtocolResource, StorageResource
-from tda_assets.data.inbox import inbox_files
+from tda_assets.data.inbox import inbox_files, read_query_file
 from tda_assets.data.query_state import DEFAULT_CONFIG, MIN_QUERY_LOSS_RATIO, STEP_TAG, STORAGE_TAG, pending_queries
 from tda_assets.defs.configs import UNLEARNING_ASSETS
 from tda_assets.defs.partitions import configs, queries, query_config_key, query_configs
@@ -62,13 +62,13 @@ def query_inbox_sensor(
     context: SensorEvaluationContext, storage: StorageResource, inbox: InboxResource, protocol: LossProtocolResource
 ) -> SensorResult | SkipReason:
     """Requests the runs of every pending inbox query (at most `max_queries_per_tick` per tick)."""
-    store = storage.storage()
-    valid = []
-    for query_id in sorted(inbox_files(store)):
+    store, roots = storage.storage(), inbox.audio_roots()  # a bad TDA_ALLOWED_AUDIO_ROOTS fails the tick, naming it
+    files, valid = inbox_files(store), []
+    for query_id in sorted(files):
         try:
             valid.append(check_query_id(query_id))
         except ValueError as exc:
-            context.log.warning(f"inbox file ignored: {exc}")
+            context.log.warning(f"inbox file skipped: {store.uri(files[query_id])}: {exc}; rename the file")
     if not valid:
         return SkipReason(f"the inbox {store.uri(entry('inbox').glob())} has no query files")
     if not store.exists(key("checkpoint_record")):
@@ -76,6 +76,14 @@ def query_inbox_sensor(
     record = read_checkpoint_record(store)
     no_clip, no_attribution = pending_queries(store, valid, record.checkpoint_id, protocol.protocol().protocol_id,
                                               MIN_QUERY_LOSS_RATIO)
+    checked = []
+    for qid in no_clip:  # a query file is read when its clip is due: a bad one is skipped (and logged) every tick until fixed
+        try:
+            read_query_file(store, files[qid], roots)
+            checked.append(qid)
+        except (ValueError, FileNotFoundError) as exc:
+            context.log.warning(f"inbox file skipped: {exc}")
+    no_clip = checked
     in_flight = set(_partitions_of_runs(context, IN_PROGRESS, store.url))
     failures = _partitions_of_runs(context, [DagsterRunStatus.FAILURE], store.url)
     wanted = [("clip", q, q) for q in no_clip] + [("attribute", q, query_config_key(q, DEFAULT_CONFIG)) for q in no_attribution]

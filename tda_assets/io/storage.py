@@ -26,6 +26,11 @@ class StorageError(RuntimeError):
     """A storage operation failed; the message names the URL or object and the fix."""
 
 
+def temp_name(name: str) -> str:
+    """The hidden name a file is written under before its rename: no table glob and no `Storage.glob` matches it."""
+    return f".{name}.{uuid.uuid4().hex[:12]}.tmp"
+
+
 def _check_key(key: str) -> str:
     parts = key.strip("/").split("/")
     if ".." in parts or "://" in key:
@@ -89,7 +94,7 @@ class Storage:
             if self.protocol == "file":
                 folder, name = os.path.split(path)
                 os.makedirs(folder, exist_ok=True)
-                tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex[:12]}.tmp")
+                tmp = os.path.join(folder, temp_name(name))
                 try:
                     with open(tmp, "wb") as f:
                         f.write(data)
@@ -121,6 +126,11 @@ class Storage:
         """Whether a file or folder exists at the key."""
         with self._errors(key, "check"):
             return self.fs.exists(self._path(key))
+
+    def size(self, key: str) -> int:
+        """The object's size in bytes (without reading it); StorageError naming it when missing."""
+        with self._errors(key, "stat"):
+            return int(self.fs.size(self._path(key)))
 
     def glob(self, pattern: str) -> list[str]:
         """Keys relative to the root matching the pattern, sorted; hidden names (temp files) never match."""
@@ -304,7 +314,8 @@ def _explain_s3(storage: Storage, exc: BaseException, target: str) -> str | None
     if unreachable or "Could not connect" in text or "Connect timeout" in text:
         return (
             f"cannot reach the S3 endpoint {endpoint} for {target}: is the server running? "
-            "Set AWS_ENDPOINT_URL (or the endpoint_url option) to your S3-compatible store."
+            "Set AWS_ENDPOINT_URL (or the endpoint_url option) to your S3-compatible store. "
+            "Once it is up, rerun: what was written before is kept, and no object is half-written."
         )
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return f"no S3 credentials for {target}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."

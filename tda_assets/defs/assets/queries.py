@@ -24,7 +24,7 @@ from dagster import (
     asset,
 )
 
-from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
+from resources import ComputeResource, InboxResource, LossProtocolResource, ModelSourceResource, StorageResource
 from tda_assets.attribution.adapter import ItemBatch, apply_delta
 from tda_assets.attribution.losses import stream_losses
 from tda_assets.attribution.scores import attribution_scores as score_items
@@ -77,10 +77,11 @@ def _top_table(top: list[dict]) -> MetadataValue:
 @asset(group_name="queries", partitions_def=queries, deps=[AssetKey("checkpoint")], **GPU,
        description="The query: a clip generated from its prompt (or the user's clip), its prompt, seed, latent and conditioning.")
 def query_clips(
-    context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource, compute: ComputeResource
+    context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource, compute: ComputeResource,
+    inbox: InboxResource,
 ) -> MaterializeResult:
     store, cmp = storage.storage(), compute.compute()
-    spec = read_query(store, context.partition_key)
+    spec = read_query(store, context.partition_key, inbox.audio_roots())
     adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
     if spec.audio_uri:  # the user's clip: conditioned on its own duration, as training items are
         clip = decode_clip(read_uri_bytes(spec.audio_uri, store), spec.query_id, adapter.sample_rate)
