@@ -51,8 +51,18 @@ def test_evaluate_prints_the_grid_consistency_agreement_and_counterfactual(evalu
     _, out, _ = evaluated
     for heading in ("Grid runs per configuration", "Consistency between configurations and seed reruns",
                     "most consistent configuration:", "Agreement of unlearning with each similarity method",
-                    "Counterfactual check", "Self-influence", "Replication detection", "Wall time by phase"):
+                    "Counterfactual check", "Self-influence", "Replication detection", "Figures per configuration",
+                    "Wall time by phase"):
         assert heading in out, heading
+
+
+def test_evaluate_names_the_configuration_self_influence_chose(evaluated):
+    _, out, engine = evaluated
+    figures = engine.named("config_figures")
+    assert figures["config_id"].to_list() == ["default", "rerun-seed1"]  # only default was judged: it ranks first
+    r = engine.sql("select avg(rank) from self_influence where config_id = 'default'").item()
+    assert f"chosen by self-influence: default (R {r:.3f}, " in out
+    assert figures.row(0, named=True)["replication_queries"] == 4
 
 
 def test_evaluate_fills_the_tables(evaluated):

@@ -66,7 +66,7 @@ def write_tiny_dataset(storage: Storage) -> None:
     for q, target in [("0012", "A"), ("q2", "B")]:
         run = {"query_id": q, "config_id": "default"}
         query = row(prompt=f"in the style of {target}", seed=1, audio_uri=f"q/{q}.wav", target_artist=target,
-                    encoder_id="e", generated_by=None)
+                    encoder_id="e", generated_by=None, source_rate=16000, source_channels=1, seconds=4.096, windows=1)
         write_table(storage, "queries", query, query_id=q)
         unlearning = ranked(UNLEARNING[q]).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score",
                                                         mean_delta="score", score_type=pl.lit("mean_delta"), **IDENTITY)
@@ -139,7 +139,8 @@ def test_named_queries_run_on_a_fresh_root(tmp_path):
 
 def test_new_files_are_seen_by_the_next_query(engine):
     write_table(engine.storage, "queries", row(prompt="p", seed=2, audio_uri="u", target_artist=None, encoder_id="e",
-                                               generated_by=None), query_id="q3")
+                                               generated_by=None, source_rate=16000, source_channels=1, seconds=4.096,
+                                               windows=1), query_id="q3")
     assert engine.sql("SELECT query_id FROM queries ORDER BY 1")["query_id"].to_list() == ["0012", "q2", "q3"]
 
 

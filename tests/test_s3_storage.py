@@ -15,7 +15,8 @@ from tests.test_query_engine import write_tiny_dataset
 
 KEY = "queries/query_id=0012/part-0.parquet"
 QUERY = pl.DataFrame({"prompt": ["a waltz"], "seed": [7], "audio_uri": ["q.wav"], "target_artist": ["A"], "encoder_id": ["e"],
-                      "generated_by": ["c"]})
+                      "generated_by": ["c"], "source_rate": [16000], "source_channels": [1], "seconds": [4.096],
+                      "windows": [1]})
 
 
 def test_s3_root_honours_aws_endpoint_url(s3_root):

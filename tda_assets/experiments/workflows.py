@@ -189,7 +189,7 @@ def counterfactual(queries: str | None, n_queries: int, k: int, train_steps: int
 
 
 def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: int, cf_k: int,
-             cf_train_steps: int | None, skip_counterfactual: bool, si_configs: str = "default,newton-target",
+             cf_train_steps: int | None, skip_counterfactual: bool, si_configs: str = "default,newton-target,newton-target-skew",
              si_targets: int = 6, rep_sources: int = 2) -> int:
     """The paper's experiments on the embedded default: built-in queries, grid, consistency, similarity, counterfactual."""
     run, start = _start("evaluate")
@@ -220,8 +220,8 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
         print(f"    self-influence skips {sorted(set(wanted) - set(judged))}: not in the grid, or no attribution")
     if judged:
         run.phase("self_influence", lambda: run.with_config("self_influence", config_ids=judged, n_targets=si_targets))
-    if rep_sources:
-        run.phase("replication", lambda: run.with_config("replication", n_sources=rep_sources))
+    for cid in (judged or ["default"]) if rep_sources else []:
+        run.phase(f"replication {cid}", lambda c=cid: run.with_config("replication", config_id=c, n_sources=rep_sources))
     if not skip_counterfactual:
         run.phase("counterfactual", lambda: run.counterfactual(n_queries=cf_queries, k=cf_k, train_steps=cf_train_steps))
     engine = QueryEngine(store)
@@ -240,9 +240,17 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
               "sql/self_influence_summary.sql; R = mean rank of the item itself, 1.0 = always first):")
         print_frame(engine.named("self_influence_summary"))
     if rep_sources:
-        print(f"\nReplication detection ({rep_sources} sources × 4 transforms, configuration default; "
+        print(f"\nReplication detection ({rep_sources} sources × 4 transforms per judged configuration; "
               "sql/replication_summary.sql):")
         print_frame(engine.named("replication_summary"))
+    figures = engine.named("config_figures")
+    print("\nFigures per configuration (sql/config_figures.sql; best self-influence first):")
+    print_frame(figures)
+    ranked = figures.filter(pl.col("r_mean_rank").is_not_null())
+    if ranked.height:
+        best = ranked.row(0, named=True)
+        print(f"chosen by self-influence: {best['config_id']} (R {best['r_mean_rank']:.3f}, "
+              f"{best['si_share_first']:.0%} of {best['si_targets']} targets first)")
     print("\nAgreement of unlearning with each similarity method (sql/method_agreement.sql, mean over queries):")
     print_frame(engine.named("method_agreement").filter(pl.col("query_id") == "(mean)"))
     if not skip_counterfactual:
