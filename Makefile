@@ -5,7 +5,9 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 STAMP  := $(VENV)/.installed-$(TORCH_VERSION)
-export DAGSTER_HOME := $(CURDIR)/dagster_home
+# The instance: dagster_home/ (sqlite), or dagster_home/postgres/ with TDA_INSTANCE=postgres; a set DAGSTER_HOME wins.
+DAGSTER_HOME ?= $(CURDIR)/dagster_home$(if $(filter postgres,$(TDA_INSTANCE)),/postgres)
+export DAGSTER_HOME
 
 .PHONY: install demo test ui evaluate bench clean-storage
 

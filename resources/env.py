@@ -31,15 +31,53 @@ def _list(name: str) -> tuple[str, ...]:
     return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
 
 
+INSTANCES = {"sqlite": "dagster_home", "postgres": "dagster_home/postgres"}  # TDA_INSTANCE → default instance folder
+POSTGRES_VARS = ("DAGSTER_PG_HOST", "DAGSTER_PG_PORT", "DAGSTER_PG_USERNAME", "DAGSTER_PG_PASSWORD", "DAGSTER_PG_DB")
+
+
+def instance_kind() -> str:
+    """`TDA_INSTANCE`: `sqlite` (default: files under DAGSTER_HOME) or `postgres` (dagster-postgres, `DAGSTER_PG_*`)."""
+    kind = (os.environ.get("TDA_INSTANCE") or "sqlite").strip().lower()
+    if kind not in INSTANCES:
+        raise ValueError(f"TDA_INSTANCE={kind!r}: use {' or '.join(INSTANCES)} (unset means sqlite)")
+    return kind
+
+
 def dagster_home() -> Path:
-    """`DAGSTER_HOME`, else `dagster_home/` in the checkout."""
-    return Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / "dagster_home").resolve()
+    """`DAGSTER_HOME`, else the checkout's instance folder of `TDA_INSTANCE` (`dagster_home/` or `dagster_home/postgres/`)."""
+    return Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / INSTANCES[instance_kind()]).resolve()
+
+
+def stores_in_postgres(home: Path) -> bool:
+    """Whether the instance file `home/dagster.yaml` keeps runs and events in Postgres (dagster-postgres)."""
+    import yaml
+
+    path = home / "dagster.yaml"
+    config = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
+    parts = [config.get(k) or {} for k in ("run_storage", "event_log_storage", "schedule_storage")]
+    return "postgres" in (config.get("storage") or {}) or any(str(p.get("module", "")).startswith("dagster_postgres")
+                                                              for p in parts)
+
+
+def check_instance(home: Path) -> None:
+    """With TDA_INSTANCE=postgres: the instance at `home` must be a Postgres one and every `DAGSTER_PG_*` must be set."""
+    if instance_kind() != "postgres":
+        return
+    if not stores_in_postgres(home):
+        raise ValueError(f"TDA_INSTANCE=postgres but {home / 'dagster.yaml'} does not store in Postgres: unset DAGSTER_HOME "
+                         f"(then {REPO_ROOT / INSTANCES['postgres']} is used) or copy "
+                         f"{REPO_ROOT / INSTANCES['postgres'] / 'dagster.yaml'} there")
+    missing = [name for name in POSTGRES_VARS if not has(name)]
+    if missing:
+        raise ValueError(f"TDA_INSTANCE=postgres needs {', '.join(missing)} (the Postgres server's host, port, user, "
+                         f"password and database; see README, 'Postgres and Kubernetes')")
 
 
 def use_dagster_home() -> Path:
-    """The instance folder (created if missing), exported as DAGSTER_HOME for Dagster and its step processes."""
+    """The instance folder (created if missing, checked against TDA_INSTANCE), exported as DAGSTER_HOME for Dagster and its steps."""
     home = dagster_home()
     home.mkdir(parents=True, exist_ok=True)
+    check_instance(home)
     os.environ["DAGSTER_HOME"] = str(home)
     return home
 
@@ -84,6 +122,7 @@ class Env:
     draws: int = 16
     protocol_seed: int = 0
     executor: str = "in_process"
+    instance: str = "sqlite"
     manifest: str | None = None
     clips_per_artist: int = 40
     max_queries_per_tick: int = 10
@@ -110,6 +149,7 @@ class Env:
             draws=_int("TDA_DRAWS", d["draws"]),
             protocol_seed=_int("TDA_PROTOCOL_SEED", d["protocol_seed"]),
             executor=get("TDA_EXECUTOR") or d["executor"],
+            instance=instance_kind(),
             manifest=get("TDA_MANIFEST"),
             clips_per_artist=_int("TDA_CLIPS_PER_ARTIST", d["clips_per_artist"]),
             max_queries_per_tick=_int("TDA_MAX_QUERIES_PER_TICK", d["max_queries_per_tick"]),
