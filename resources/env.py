@@ -130,7 +130,7 @@ class Env:
     grid_file: str | None = None
     sql_dir: str | None = None
     grid_queries: int = 4
-    cf_queries: int = 2
+    cf_queries: int = 1
     cf_train_steps: int | None = None
 
     @classmethod

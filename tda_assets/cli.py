@@ -209,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-file")
     p.add_argument("--force", action="store_true")
     p.add_argument("--cf-queries", type=int, default=env.cf_queries,
-                   help="queries of the counterfactual check (two retrains each; default 2 to fit 30 min on 2 cores; TDA_CF_QUERIES)")
+                   help="queries of the counterfactual check (two retrains each; default 1 to fit 30 min on 2 cores; TDA_CF_QUERIES)")
     p.add_argument("--cf-k", type=int, default=10)
     p.add_argument("--cf-train-steps", type=int, default=env.cf_train_steps,
                    help="retraining steps of the counterfactual check (default: the checkpoint's; TDA_CF_TRAIN_STEPS)")

@@ -53,3 +53,9 @@ def build_definitions(storage_url: str | None = None, executor: str | None = Non
 
 
 defs = build_definitions()
+
+
+def from_environment() -> Definitions:
+    """The Definitions rebuilt from the environment as it is now (storage root, executor, …): what the runs of a
+    non-in-process executor load in each of their processes."""
+    return build_definitions()

@@ -7,13 +7,24 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import polars as pl
-from dagster import DagsterInstance, Definitions, RunConfig, RunRequest, SensorResult, build_sensor_context, materialize
+from dagster import (
+    AssetKey,
+    DagsterInstance,
+    Definitions,
+    RunConfig,
+    RunRequest,
+    SensorResult,
+    build_sensor_context,
+    execute_job,
+    materialize,
+)
+from dagster._core.definitions.reconstruct import ReconstructableRepository  # no public equivalent for a module's Definitions
 
 from tda_assets.definitions import build_definitions
 from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, unlearning_run_config
 from tda_assets.defs.partitions import SHARD_KEYS, queries
 from tda_assets.defs.partitions import configs, query_config_key, query_configs
-from tda_assets.defs.sensors import CLIP_ASSETS, query_clip_job, query_inbox_sensor, run_tags
+from tda_assets.defs.sensors import CLIP_ASSETS, attribute_config_job, query_clip_job, query_inbox_sensor, run_tags
 from tda_assets.io.artifacts import Identity, manifest_digest, read_features
 from tda_assets.io.checkpoints import embedded_checkpoint_id, read_checkpoint_record
 from tda_assets.io.registry import key
@@ -22,6 +33,8 @@ from tda_assets.io.tables import read_table, table_exists
 from tda_assets.models.embedded.model import TrainingSettings
 from tda_assets.models.sources import ModelSource
 
+CODE_LOCATION = ReconstructableRepository.for_module("tda_assets.definitions", "from_environment")  # rebuilt per process
+ASSET_JOB = "__ASSET_JOB"  # the code location's implicit job of every asset, subset per run
 TRAINING_PHASES = ("training_manifest", "training_features", "checkpoint", "fisher_diagonal", "baseline_losses")
 
 
@@ -84,6 +97,14 @@ class InboxDrain:
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
+def partition_tags(partition_key: str | None) -> dict[str, str]:
+    """The run tags that name a partition (and each dimension of a multi-partition), as a sensor's run carries them."""
+    if not partition_key:
+        return {}
+    dims = getattr(partition_key, "keys_by_dimension", {})
+    return {"dagster/partition": str(partition_key), **{f"dagster/partition/{d}": v for d, v in dims.items()}}
+
+
 def _query_of(request: RunRequest) -> str:
     if request.job_name == query_clip_job.name:
         return str(request.partition_key)
@@ -112,15 +133,36 @@ class Runner:
     def storage(self) -> Storage:
         return self.resources["storage"].storage()
 
+    @property
+    def executor(self) -> str:
+        """The name of the code location's executor (`in_process`, `multiprocess`, `k8s`)."""
+        return self.defs.resolve_implicit_global_asset_job_def().executor_def.name
+
     def run(self, selection: list[str] | tuple[str, ...], partition_key: str | None = None,
             run_config: RunConfig | dict | None = None, tags: dict[str, str] | None = None):
-        """Materialize `selection` (asset names) for one partition; raises if the run fails, else returns its result."""
+        """Materialize `selection` (asset names) for one partition with the configured executor; raises if the run
+        fails, else returns its result.
+
+        In process: `materialize` with this Runner's resources. Any other executor: the code location's job (the
+        sensor's for a query's clip or attribution, else the implicit asset job, subset), which every process rebuilds
+        from `tda_assets.definitions` and the environment, so steps run where the executor places them (processes,
+        k8s pods); that needs a persistent instance (DAGSTER_HOME).
+        """
         config = with_console_level(run_config, self.log_level)
-        result = materialize(
-            [*self.defs.assets, *self.defs.asset_checks], selection=list(selection), partition_key=partition_key,
-            instance=self.instance, resources=self.resources, run_config=config, raise_on_error=True, tags=tags,
-        )
-        if not result.success:
+        if self.executor == "in_process":
+            result = materialize(
+                [*self.defs.assets, *self.defs.asset_checks], selection=list(selection), partition_key=partition_key,
+                instance=self.instance, resources=self.resources, run_config=config, raise_on_error=True, tags=tags,
+            )
+            success = result.success
+        else:
+            job = {tuple(CLIP_ASSETS): query_clip_job.name, tuple(UNLEARNING_ASSETS): attribute_config_job.name}.get(
+                tuple(selection), ASSET_JOB)
+            with execute_job(CODE_LOCATION.get_reconstructable_job(job), self.instance, run_config=config,
+                             tags={**(tags or {}), **partition_tags(partition_key)}, raise_on_error=True,
+                             asset_selection=None if job != ASSET_JOB else [AssetKey(name) for name in selection]) as result:
+                success = result.success
+        if not success:
             raise RuntimeError(f"run of {list(selection)} ({partition_key}) failed")
         return result
 

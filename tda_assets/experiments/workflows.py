@@ -220,11 +220,12 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
         print(f"    self-influence skips {sorted(set(wanted) - set(judged))}: not in the grid, or no attribution")
     if judged:
         run.phase("self_influence", lambda: run.with_config("self_influence", config_ids=judged, n_targets=si_targets))
-    for cid in (judged or ["default"]) if rep_sources else []:
+    engine = QueryEngine(store)
+    chosen = engine.named("self_influence_summary")["config_id"][0] if judged else "default"
+    for cid in dict.fromkeys(["default", chosen]) if rep_sources else []:  # the default, and the one self-influence chose
         run.phase(f"replication {cid}", lambda c=cid: run.with_config("replication", config_id=c, n_sources=rep_sources))
     if not skip_counterfactual:
         run.phase("counterfactual", lambda: run.counterfactual(n_queries=cf_queries, k=cf_k, train_steps=cf_train_steps))
-    engine = QueryEngine(store)
     print_grid(results)
     print("\nConsistency between configurations and seed reruns (sql/consistency_table.sql, mean over queries;"
           " unlearning-vs-similarity pairs are in the next table):")
@@ -240,7 +241,8 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
               "sql/self_influence_summary.sql; R = mean rank of the item itself, 1.0 = always first):")
         print_frame(engine.named("self_influence_summary"))
     if rep_sources:
-        print(f"\nReplication detection ({rep_sources} sources × 4 transforms per judged configuration; "
+        print(f"\nReplication detection ({rep_sources} sources × 4 transforms; the default and the configuration "
+              "self-influence chose; "
               "sql/replication_summary.sql):")
         print_frame(engine.named("replication_summary"))
     figures = engine.named("config_figures")

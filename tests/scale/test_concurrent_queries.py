@@ -37,7 +37,7 @@ from tda_assets.io.query_engine import QueryEngine
 ARTISTS, CLIPS = 3, 4          # the smallest corpus test_pipeline trains on: 12 items
 QUERIES = 2
 JOBS = ("query_clip", "attribute_config")  # the sensor's jobs, by name: each query's clip, then its default attribution
-CODE_LOCATION = "tests.scale.code_location"  # the run workers and their steps rebuild the Definitions from the environment
+CODE_LOCATION = "tda_assets.definitions"  # the run workers and their steps rebuild the Definitions from the environment
 LOCK_ERROR = re.compile(r"database is locked|deadlock detected|could not (?:obtain|set) lock|conflicting lock|lock timeout"
                         r"|\bLockError\b", re.IGNORECASE)  # sqlite, Postgres, DuckDB, filelock
 # one torch thread per process: two runs share two cores, and on busy cores a second OpenMP thread spins (measured here:
@@ -53,7 +53,7 @@ def trained_root(tmp_path_factory) -> Path:
     """A storage root holding the training side of the tiny corpus (materialized in-process on a throwaway instance)."""
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in TEST_ENV.items():
+        for name, value in {**TEST_ENV, "TDA_EXECUTOR": "in_process"}.items():  # an ephemeral instance runs in process
             mp.setenv(name, value)
         torch.set_num_threads(1)
         try:
@@ -98,7 +98,7 @@ def launch_at_once(instance: DagsterInstance, defs: Definitions, requests: list[
 
     Processes, not threads: two `execute_job` calls in one process deadlock in `logging.config.dictConfig`.
     """
-    recon = ReconstructableRepository.for_module(CODE_LOCATION, "definitions", working_directory=str(REPO_ROOT))
+    recon = ReconstructableRepository.for_module(CODE_LOCATION, "from_environment", working_directory=str(REPO_ROOT))
     origins = {r.job_name: recon.get_reconstructable_job(r.job_name).get_python_origin() for r in requests}
     runs = [instance.create_run_for_job(defs.resolve_job_def(r.job_name), run_config={**(r.run_config or {}), **FORKSERVER},
                                         tags=r.tags, job_code_origin=origins[r.job_name],
