@@ -55,16 +55,14 @@ def cmd_add_query(args: argparse.Namespace) -> int:
 
 def _running(store) -> set[tuple[str, str]]:
     """(query, config) pairs with a run in progress on the instance of DAGSTER_HOME for this storage root."""
-    from dagster import DagsterInstance, DagsterRunStatus, RunsFilter
+    from dagster import DagsterInstance
 
     from resources.env import use_dagster_home
-    from tda_assets.data.query_state import STORAGE_TAG
+    from tda_assets.defs.query_runs import IN_PROGRESS, runs_of_root
 
     use_dagster_home()
-    statuses = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
     out = set()
-    for record in DagsterInstance.get().get_run_records(RunsFilter(statuses=statuses, tags={STORAGE_TAG: store.url})):
-        tags = record.dagster_run.tags
+    for tags in runs_of_root(DagsterInstance.get(), IN_PROGRESS, store.url):
         if "dagster/partition/query" in tags:
             out.add((tags["dagster/partition/query"], tags["dagster/partition/config"]))
         elif "dagster/partition" in tags:

@@ -15,7 +15,6 @@ from dagster import (
     DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
-    RunsFilter,
     SensorEvaluationContext,
     SensorResult,
     SkipReason,
@@ -25,9 +24,10 @@ from dagster import (
 
 from resources import InboxResource, LossProtocolResource, StorageResource
 from tda_assets.data.inbox import inbox_files, read_query_file
-from tda_assets.data.query_state import DEFAULT_CONFIG, MIN_QUERY_LOSS_RATIO, STEP_TAG, STORAGE_TAG, pending_queries
+from tda_assets.data.query_state import DEFAULT_CONFIG, MIN_QUERY_LOSS_RATIO, STEP_TAG, pending_queries
 from tda_assets.defs.configs import UNLEARNING_ASSETS
 from tda_assets.defs.partitions import configs, queries, query_config_key, query_configs
+from tda_assets.defs.query_runs import IN_PROGRESS, run_tags, runs_of_root
 from tda_assets.io.checkpoints import read_checkpoint_record
 from tda_assets.io.registry import entry, key
 from tda_assets.io.slugs import check_query_id
@@ -35,7 +35,6 @@ from tda_assets.io.slugs import check_query_id
 CLIP_ASSETS = ("query_clips", "similarity_scores")
 QUERY_ASSETS = (*CLIP_ASSETS, *UNLEARNING_ASSETS)
 MAX_ATTEMPTS = 2
-IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
 
 query_clip_job = define_asset_job(
     "query_clip", selection=AssetSelection.assets(*(AssetKey(n) for n in CLIP_ASSETS)), partitions_def=queries,
@@ -47,14 +46,16 @@ attribute_config_job = define_asset_job(
 )
 
 
-def _partitions_of_runs(context: SensorEvaluationContext, statuses: list[DagsterRunStatus], root: str) -> list[tuple[str, str]]:
-    records = context.instance.get_run_records(RunsFilter(statuses=statuses, tags={STORAGE_TAG: root}))
-    return [(r.dagster_run.tags.get(STEP_TAG, ""), r.dagster_run.tags.get("dagster/partition", "")) for r in records]
+def _steps_of_runs(context: SensorEvaluationContext, statuses: list[DagsterRunStatus], root: str) -> list[tuple[str, str]]:
+    """`(step, partition)` of the root's query runs in `statuses`."""
+    return [(t.get(STEP_TAG, ""), t.get("dagster/partition", "")) for t in runs_of_root(context.instance, statuses, root)]
 
 
-def run_tags(step: str, storage_root: str) -> dict[str, str]:
-    """Tags of a query run: what it does and in which storage root (the sensor counts runs in progress and failures)."""
-    return {STEP_TAG: step, STORAGE_TAG: storage_root}
+def query_of(request: RunRequest) -> str:
+    """The query a run request of the sensor is for."""
+    if request.job_name == query_clip_job.name:
+        return str(request.partition_key)
+    return query_configs.get_partition_key_from_str(str(request.partition_key)).keys_by_dimension["query"]
 
 
 @sensor(jobs=[query_clip_job, attribute_config_job], minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
@@ -84,8 +85,8 @@ def query_inbox_sensor(
         except (ValueError, FileNotFoundError) as exc:
             context.log.warning(f"inbox file skipped: {exc}")
     no_clip = checked
-    in_flight = set(_partitions_of_runs(context, IN_PROGRESS, store.url))
-    failures = _partitions_of_runs(context, [DagsterRunStatus.FAILURE], store.url)
+    in_flight = set(_steps_of_runs(context, IN_PROGRESS, store.url))
+    failures = _steps_of_runs(context, [DagsterRunStatus.FAILURE], store.url)
     wanted = [("clip", q, q) for q in no_clip] + [("attribute", q, query_config_key(q, DEFAULT_CONFIG)) for q in no_attribution]
     jobs = {"clip": query_clip_job.name, "attribute": attribute_config_job.name}
     requests = []
@@ -101,8 +102,7 @@ def query_inbox_sensor(
     if len(requests) > len(batch):
         context.log.info(f"{len(requests) - len(batch)} more query runs wait for the next tick")
     known = set(context.instance.get_dynamic_partitions(queries.name))
-    new_queries = sorted({r.partition_key if r.job_name == query_clip_job.name else r.partition_key.keys_by_dimension["query"]
-                          for r in batch} - known)
+    new_queries = sorted({query_of(r) for r in batch} - known)
     partition_requests = [queries.build_add_request(new_queries)] if new_queries else []
     if DEFAULT_CONFIG not in context.instance.get_dynamic_partitions(configs.name):
         partition_requests.append(configs.build_add_request([DEFAULT_CONFIG]))

@@ -22,9 +22,9 @@ from dagster._core.definitions.reconstruct import ReconstructableRepository  # n
 
 from tda_assets.definitions import build_definitions
 from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, unlearning_run_config
-from tda_assets.defs.partitions import SHARD_KEYS, queries
-from tda_assets.defs.partitions import configs, query_config_key, query_configs
-from tda_assets.defs.sensors import CLIP_ASSETS, attribute_config_job, query_clip_job, query_inbox_sensor, run_tags
+from tda_assets.defs.partitions import SHARD_KEYS, configs, queries, query_config_key
+from tda_assets.defs.query_runs import run_tags
+from tda_assets.defs.sensors import CLIP_ASSETS, attribute_config_job, query_clip_job, query_inbox_sensor, query_of
 from tda_assets.io.artifacts import Identity, manifest_digest, read_features
 from tda_assets.io.checkpoints import embedded_checkpoint_id, read_checkpoint_record
 from tda_assets.io.registry import key
@@ -104,11 +104,6 @@ def partition_tags(partition_key: str | None) -> dict[str, str]:
     dims = getattr(partition_key, "keys_by_dimension", {})
     return {"dagster/partition": str(partition_key), **{f"dagster/partition/{d}": v for d, v in dims.items()}}
 
-
-def _query_of(request: RunRequest) -> str:
-    if request.job_name == query_clip_job.name:
-        return str(request.partition_key)
-    return query_configs.get_partition_key_from_str(str(request.partition_key)).keys_by_dimension["query"]
 
 
 @dataclass
@@ -233,7 +228,7 @@ class Runner:
             self.log(f"==> inbox tick {drain.ticks}: {len(requests)} runs "
                      f"({sum(r.job_name == query_clip_job.name for r in requests)} clips)")
             for request in requests:
-                qid = _query_of(request)
+                qid = query_of(request)
                 start = time.perf_counter()
                 try:
                     self.execute(request, config)
@@ -261,7 +256,7 @@ class Runner:
 
     def requested_queries(self) -> list[str]:
         """The queries one sensor tick requests runs for (and adds as partitions)."""
-        return [_query_of(r) for r in self.sensor_tick()]
+        return [query_of(r) for r in self.sensor_tick()]
 
     def attribute(self, query_id: str, config: UnlearningConfig | None = None):
         """A query end to end, as the sensor's runs do: its clip, then its attribution under `config` (default: default)."""
