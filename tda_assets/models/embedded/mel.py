@@ -44,6 +44,9 @@ class MelFrontend:
     log_floor: float = 1e-4
     shift: float = 0.9
     scale: float = 4.6
+    # Each clip's window is scaled to this peak before the STFT, so a quieter or louder copy encodes the same latents
+    # (the embedded corpus is rendered at peak 0.9, so its latents are unchanged). None keeps the level as given.
+    peak: float | None = 0.9
 
     @property
     def window_samples(self) -> int:
@@ -51,6 +54,13 @@ class MelFrontend:
 
     def config(self) -> dict:
         return asdict(self)
+
+    def level(self, audio: np.ndarray) -> np.ndarray:
+        """The clip scaled to `peak` (unchanged when `peak` is None or the clip is silent)."""
+        top = float(np.abs(audio).max()) if len(audio) else 0.0
+        if self.peak is None or top == 0.0:
+            return audio
+        return audio * (self.peak / top)
 
     def _fb(self) -> torch.Tensor:
         return torch.from_numpy(mel_filterbank(self.sample_rate, self.n_fft, self.n_mels, self.f_min, self.f_max))

@@ -72,7 +72,7 @@ class EmbeddedAdapter(DiTAdapter):
         padded = torch.zeros(len(audio), n)
         lengths = []
         for i, a in enumerate(audio):
-            a = torch.as_tensor(a[:n], dtype=torch.float32)
+            a = torch.as_tensor(self.frontend.level(np.asarray(a[:n], dtype=np.float32)), dtype=torch.float32)
             padded[i, : len(a)] = a
             lengths.append(len(a))
         latents, _ = self.frontend.encode(padded)
