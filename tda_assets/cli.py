@@ -212,7 +212,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cf-train-steps", type=int, default=env.cf_train_steps,
                    help="retraining steps of the counterfactual check (default: the checkpoint's; TDA_CF_TRAIN_STEPS)")
     p.add_argument("--skip-counterfactual", action="store_true")
-    p.add_argument("--si-configs", default="default,newton-target,newton-target-skew",
+    p.add_argument("--si-configs", default="default,newton-fixed,newton-target",
                    help="configurations judged by the self-influence protocol (comma-separated; empty to skip)")
     p.add_argument("--si-targets", type=int, default=6, help="self-influence targets (k-means-chosen training items)")
     p.add_argument("--rep-sources", type=int, default=2,

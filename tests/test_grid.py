@@ -172,7 +172,7 @@ def test_a_bad_grid_entry_is_refused_naming_the_configuration_and_the_fix(tmp_pa
 
 def test_grid_accepts_the_table_name_lambda_and_names_float_values_plainly(tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text("configs:\n  - config_id: ewc\n    recipe: ewc_ascent\n    lambda: 5\n    lr: [0.001, 100.0]\n")
+    path.write_text("configs:\n  - config_id: ewc\n    recipe: ewc_ascent\n    target_ratio: null\n    lambda: 5\n    lr: [0.001, 100.0]\n")
     configs = load_grid(path)
     assert [c.config_id for c in configs] == ["ewc-lr0p001", "ewc-lr100"]
     assert {c.lambda_ for c in configs} == {5.0}

@@ -53,6 +53,21 @@ def test_two_stage_halving_ranks_and_draw_accounting():
     assert sorted(res.rank) == list(range(1, n + 1))
 
 
+def test_two_stage_ranks_survivors_by_the_configured_score_type():
+    rng = np.random.default_rng(1)
+    n, k = 30, 8
+    base = rng.random((n, k)) * np.linspace(0.2, 5, n)[:, None]  # losses of very different sizes: skew ≠ mean delta
+    after = base * (1 + rng.normal(0.05, 0.05, (n, k)))
+    signal = rng.random(n)
+    for score_type in ("mean_delta", "skew"):
+        everything = two_stage(base, fake_losses(after, []), {"a": signal}, top=1.0, first_draws=k, score_type=score_type)
+        exact = attribution_scores(base, after, score_type)
+        assert np.allclose(everything.score, exact["score"]) and np.array_equal(everything.rank, exact["rank"])
+    skew, mean = (two_stage(base, fake_losses(after, []), {"a": signal}, top=1.0, first_draws=k, score_type=t).rank
+                  for t in ("skew", "mean_delta"))
+    assert not np.array_equal(skew, mean)
+
+
 @pytest.fixture(scope="module")
 def model():
     return tiny_trained()

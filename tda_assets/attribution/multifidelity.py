@@ -20,6 +20,7 @@ from .adapter import DiTAdapter, ItemBatch, apply_delta
 from .devices import Compute
 from .losses import batch_losses
 from .protocol import LossProtocol
+from .scores import attribution_scores
 
 # (item indices, first draw, stop draw) -> unlearned per-draw losses [len(indices), stop - first]
 UnlearnedLosses = Callable[[np.ndarray, int, int], np.ndarray]
@@ -75,8 +76,10 @@ def two_stage(
     first_draws: int | None = None,
     keep: int | float = 0.5,
     min_keep: int = 10,
+    score_type: str = "mean_delta",
 ) -> TwoStageResult:
-    """Exact scores of the signals' candidates by successive halving (`first_draws` None: K/4; ≥ K: no halving)."""
+    """Exact scores (of `score_type`) of the signals' candidates by successive halving (`first_draws` None: K/4;
+    ≥ K: no halving)."""
     n, k = baseline.shape
     if any(len(s) != n for s in signals.values()):
         raise ValueError("every cheap signal needs one score per item of the baseline")
@@ -84,14 +87,14 @@ def two_stage(
     j = max(1, k // 4) if first_draws is None else max(1, min(int(first_draws), k))
     score = np.full(n, np.nan)
     used = np.zeros(n, dtype=np.int64)
-    partial = unlearned_losses(cand, 0, j) - baseline[cand, :j]
-    score[cand], used[cand] = partial.mean(axis=1), j
+    partial = unlearned_losses(cand, 0, j)
+    score[cand], used[cand] = attribution_scores(baseline[cand, :j], partial, score_type)["score"], j
     if j < k:
         survivors = cand[np.argsort(-score[cand], kind="stable")[: max(_count(keep, len(cand)), min_keep)]]
         survivors.sort()
-        rest = unlearned_losses(survivors, j, k) - baseline[survivors, j:]
+        rest = unlearned_losses(survivors, j, k)
         full = np.concatenate([partial[np.searchsorted(cand, survivors)], rest], axis=1)
-        score[survivors], used[survivors] = full.mean(axis=1), k
+        score[survivors], used[survivors] = attribution_scores(baseline[survivors], full, score_type)["score"], k
     fallback = signal_ranks(signals).mean(axis=0)
     order = np.lexsort((fallback, -np.nan_to_num(score, nan=0.0), -used))
     rank = np.empty(n, dtype=np.int64)

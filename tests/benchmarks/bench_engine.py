@@ -53,7 +53,7 @@ def main() -> None:
     secs = timed(lambda: fisher_diagonal(adapter, [batch], proto, "all", Compute(), max_items=32), repeat=1)
     print(f"fisher:           {32 / secs:10.1f} items/s")
     fisher = fisher_diagonal(adapter, [batch], proto, "all", Compute(), max_items=8)
-    for settings in (UnlearningSettings(), UnlearningSettings(recipe="ewc_ascent", lr=3e-4, steps=5, lambda_=10.0)):
+    for settings in (UnlearningSettings(), UnlearningSettings(recipe="ewc_ascent", lr=3e-4, steps=5, lambda_=10.0, target_ratio=None)):
         secs = timed(lambda s=settings: unlearn(adapter, batch.select([0]), fisher, s, proto, Compute(), args.items), repeat=1)
         print(f"unlearn {settings.recipe:10s} {secs:8.2f} s/query (query_draws {settings.query_draws}, steps {settings.steps})")
     fresh = EmbeddedAdapter.new()
