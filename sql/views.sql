@@ -32,15 +32,19 @@ CREATE OR REPLACE VIEW unlearned_losses AS
 SELECT checkpoint_id, protocol_id, query_id, config_id, item_id, draw, loss, loss_masked
 FROM {table:unlearned_losses};
 
--- Unlearning scores (one file per query and configuration) and similarity scores (one file per query and
--- method, e.g. method=similarity:audio; config_id is NULL for them) as one view, each row with the
--- checkpoint and loss protocol it was computed with.
+-- Unlearning scores (one file per query and configuration; method `unlearning` or `linearized`) and similarity
+-- scores (one file per query and method, e.g. method=similarity:audio; config_id is NULL for them) as one view, each
+-- row with the checkpoint and loss protocol it was computed with. `rescored`/`draws_used`: whether and on how many
+-- protocol draws the item's exact score was computed (a two_stage configuration rescores its candidates only: the
+-- others have a NULL score and rank after every rescored item; NULL for similarity).
 CREATE OR REPLACE VIEW attributions AS
-SELECT query_id, config_id, method, item_id, score, rank, relative_score, skew_score, share, checkpoint_id, protocol_id
+SELECT query_id, config_id, method, item_id, score, rank, relative_score, skew_score, share, checkpoint_id, protocol_id,
+       rescored, draws_used
 FROM {table:attribution_scores}
 UNION ALL
 SELECT query_id, CAST(NULL AS VARCHAR) AS config_id, method, item_id, score, rank,
-       CAST(NULL AS DOUBLE) AS relative_score, CAST(NULL AS DOUBLE) AS skew_score, share, checkpoint_id, protocol_id
+       CAST(NULL AS DOUBLE) AS relative_score, CAST(NULL AS DOUBLE) AS skew_score, share, checkpoint_id, protocol_id,
+       CAST(NULL AS BOOLEAN) AS rescored, CAST(NULL AS BIGINT) AS draws_used
 FROM {table:similarity_scores};
 
 -- `left` and `right` label the two rankings compared: `unlearning:<config_id>` or `similarity:<embedding>`.

@@ -180,7 +180,8 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write attribution rows (with artist and caption) to a file")
     p.add_argument("--query", help="one query id (default: all)")
     p.add_argument("--config", help="one configuration id (default: all)")
-    p.add_argument("--method", default="unlearning", help="unlearning (default), similarity:audio|text|internal, or all")
+    p.add_argument("--method", default="unlearning", help="unlearning (default), linearized (a linearized configuration's rows), "
+                                                    "similarity:audio|text|internal, or all")
     p.add_argument("--format", choices=["csv", "parquet", "json"], default="csv")
     p.add_argument("--out", required=True, help="output file path")
     p.set_defaults(fn=cmd_export)

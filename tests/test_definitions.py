@@ -7,7 +7,7 @@ from dagster_k8s.job import get_user_defined_k8s_config
 from tda_assets.definitions import build_definitions
 
 GPU_ASSETS = ["training_features", "checkpoint", "fisher_diagonal", "baseline_losses", "query_clips",
-              "unlearned_model", "unlearned_losses", "similarity_scores"]
+              "unlearned_model", "unlearned_losses", "similarity_scores", "training_gradients"]
 
 
 @pytest.mark.parametrize("executor", ["in_process", "multiprocess", "k8s"])
@@ -25,6 +25,9 @@ def test_lineage_runs_checkpoint_to_baseline_to_unlearned_to_attribution(tmp_pat
     assert {"query_clips", "fisher_diagonal"} <= parents("unlearned_model")
     assert "unlearned_model" in parents("unlearned_losses")
     assert {"unlearned_losses", "baseline_losses"} <= parents("attribution_scores")
+    assert {"checkpoint", "fisher_diagonal", "training_features"} <= parents("training_gradients")
+    assert "training_gradients" in parents("attribution_scores")  # method linearized
+    assert {"similarity_scores", "training_gradients"} <= parents("unlearned_losses")  # two_stage's cheap signals
 
 
 def test_gpu_assets_carry_the_gpu_pool_and_k8s_gpu_request(tmp_path):
@@ -40,6 +43,7 @@ def test_gpu_assets_carry_the_gpu_pool_and_k8s_gpu_request(tmp_path):
 def test_partitions_are_shards_queries_and_query_by_config(tmp_path):
     graph = build_definitions(str(tmp_path)).resolve_asset_graph()
     assert graph.get(AssetKey("baseline_losses")).partitions_def.get_partition_keys()[0] == "shard-00"
+    assert graph.get(AssetKey("training_gradients")).partitions_def == graph.get(AssetKey("baseline_losses")).partitions_def
     assert graph.get(AssetKey("query_clips")).partitions_def.name == "queries"
     for name in ("unlearned_model", "unlearned_losses", "attribution_scores"):
         dims = {d.name: d.partitions_def.name for d in graph.get(AssetKey(name)).partitions_def.partitions_defs}

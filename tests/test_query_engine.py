@@ -70,7 +70,7 @@ def write_tiny_dataset(storage: Storage) -> None:
         write_table(storage, "queries", query, query_id=q)
         unlearning = ranked(UNLEARNING[q]).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score",
                                                         mean_delta="score", score_type=pl.lit("mean_delta"), **IDENTITY)
-        write_table(storage, "attribution_scores", unlearning, **run)
+        write_table(storage, "attribution_scores", unlearning.with_columns(rescored=True, draws_used=1), **run)
         write_table(storage, "similarity_scores", ranked(SIMILARITY[q]).with_columns(**IDENTITY), query_id=q,
                     method="similarity:audio")
         write_table(storage, "unlearning_runs", row(query_loss_before=1.0, query_loss_after=1.5, delta_uri="d", seconds=0.1,
@@ -126,9 +126,10 @@ def test_fresh_root_has_every_view_with_zero_rows(tmp_path):
     schema = engine.sql("SELECT * FROM attributions").schema
     assert list(schema) == [
         "query_id", "config_id", "method", "item_id", "score", "rank", "relative_score", "skew_score", "share",
-        "checkpoint_id", "protocol_id",
+        "checkpoint_id", "protocol_id", "rescored", "draws_used",
     ]
     assert schema["query_id"] == pl.String and schema["rank"] == pl.Int64 and schema["score"] == pl.Float64
+    assert schema["rescored"] == pl.Boolean and schema["draws_used"] == pl.Int64
 
 
 def test_named_queries_run_on_a_fresh_root(tmp_path):

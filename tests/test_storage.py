@@ -29,6 +29,8 @@ def scores(n: int = 3, offset: float = 0.0) -> pl.DataFrame:
             "score_type": ["mean_delta"] * n,
             "checkpoint_id": ["c"] * n,
             "protocol_id": ["p"] * n,
+            "rescored": [True] * n,
+            "draws_used": [16] * n,
         }
     )
 

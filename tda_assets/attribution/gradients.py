@@ -18,7 +18,7 @@ import functools
 import logging
 import time
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 
@@ -27,9 +27,44 @@ from .devices import Compute
 from .fisher import normalised_fisher
 from .losses import diffusion_loss, expand_draws, rebatch
 from .protocol import LossProtocol
+from .settings import PARAM_SUBSETS, UnlearningSettings
 from .sketch import CountSketch, NoSketch
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GradientSpec:
+    """What a stored gradient store is, beside its checkpoint and protocol: the parameter subset, whether its losses
+    mask padding, the CountSketch (k, seed) and the damping of its Fisher preconditioner `(F̂ + d)^(-1/2)`."""
+
+    param_subset: str = "all"
+    masked: bool = False
+    k: int = 4096
+    seed: int = 0
+    damping: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.param_subset not in PARAM_SUBSETS:
+            raise ValueError(f"unknown param_subset {self.param_subset!r}: choose one of {', '.join(PARAM_SUBSETS)}")
+        if self.k < 1 or not self.damping > 0:
+            raise ValueError(f"sketch k ({self.k}) must be at least 1 and damping ({self.damping}) positive")
+
+    @classmethod
+    def for_settings(cls, settings: UnlearningSettings) -> "GradientSpec":
+        """The store a configuration reads: its subset, loss masking and damping, its sketch_k and sketch_seed."""
+        return cls(settings.param_subset, settings.masks_losses, settings.sketch_k, settings.sketch_seed, settings.damping)
+
+    @property
+    def gradient_id(self) -> str:
+        """A safe folder name that says all of it, e.g. `all-unmasked-k4096-s0-d0p1`."""
+        damping = f"{self.damping:g}".replace(".", "p")
+        return f"{self.param_subset}-{'masked' if self.masked else 'unmasked'}-k{self.k}-s{self.seed}-d{damping}"
+
+    def matches(self, store: "GradientStore") -> bool:
+        """Whether `store` was computed with this spec."""
+        return (store.param_subset, store.masked, store.k, store.seed, store.damping) == (
+            self.param_subset, self.masked, self.k, self.seed, self.damping)
 
 
 @dataclass
@@ -88,8 +123,12 @@ def gradient_store(
     items_per_pass: int = 16,
     fisher: dict[str, torch.Tensor] | None = None,
     damping: float = 0.1,
+    progress: Callable[[int], None] | None = None,
 ) -> GradientStore:
-    """Sketched (k=None: full) per-item gradients of every item in `batches`, preconditioned when a Fisher is given."""
+    """Sketched (k=None: full) per-item gradients of every item in `batches`, preconditioned when a Fisher is given.
+
+    `progress(items)` is called after each pass of `items_per_pass` items with the number of items it did.
+    """
     start = time.perf_counter()
     params = adapter.parameter_subset(param_subset)
     sizes = {n: p.numel() for n, p in params.items()}
@@ -103,6 +142,8 @@ def gradient_store(
             grads = {n: g * scale[n].to(g.device) for n, g in grads.items()}
         rows.append(sketch.project(grads).cpu())
         ids += batch.item_ids
+        if progress is not None:
+            progress(len(batch))
     adapter.denoiser.zero_grad(set_to_none=True)
     seconds = time.perf_counter() - start
     log.info("gradient_store: %d items, D=%d → k=%s in %.1fs", len(ids), sketch.dim, k, seconds)

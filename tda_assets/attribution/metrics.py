@@ -7,8 +7,8 @@ from scipy import stats
 
 
 def top_k(score: np.ndarray, k: int) -> set[int]:
-    """Indices of the k highest scores (ties broken by position)."""
-    return set(np.argsort(-score, kind="stable")[:k].tolist())
+    """Indices of the k highest scores (ties broken by position; NaN, an item not rescored, after every score)."""
+    return set(np.argsort(-np.nan_to_num(np.asarray(score, dtype=np.float64), nan=-np.inf), kind="stable")[:k].tolist())
 
 
 def jaccard_at_k(a: np.ndarray, b: np.ndarray, k: int) -> float:
@@ -36,6 +36,8 @@ def self_attribution_rate(ranks_of_self: list[int] | np.ndarray, top: int = 1) -
 def compare(a: np.ndarray, b: np.ndarray, ks: tuple[int, ...] = (10, 50, 100)) -> list[tuple[str, int | None, float]]:
     """All consistency rows `(metric, k, value)` between two score vectors (k capped at the item count)."""
     rows: list[tuple[str, int | None, float]] = [("jaccard", k, jaccard_at_k(a, b, min(k, len(a)))) for k in ks]
-    rows.append(("spearman", None, spearman(a, b)))
-    rows.append(("pearson", None, pearson(a, b)))
+    both = np.isfinite(a) & np.isfinite(b)  # a two_stage attribution scores its rescored items only
+    enough = both.sum() >= 3
+    rows.append(("spearman", None, spearman(a[both], b[both]) if enough else float("nan")))
+    rows.append(("pearson", None, pearson(a[both], b[both]) if enough else float("nan")))
     return rows

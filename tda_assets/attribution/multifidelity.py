@@ -18,7 +18,8 @@ import torch
 
 from .adapter import DiTAdapter, ItemBatch, apply_delta
 from .devices import Compute
-from .losses import batch_losses
+from .losses import DrawLosses, batch_losses
+from .scores import SCORE_COLUMNS, positive_shares
 from .protocol import LossProtocol
 from .scores import attribution_scores
 
@@ -102,6 +103,38 @@ def two_stage(
     return TwoStageResult(score, used, rank)
 
 
+def staged_scores(baseline: np.ndarray, unlearned: np.ndarray, fallback: np.ndarray, score_type: str = "mean_delta") -> dict[str, np.ndarray]:
+    """The `attribution_scores` columns of a two-stage rescore, from its recorded losses.
+
+    `unlearned` [N, K] holds NaN at the draws not evaluated; each item's evaluated draws must be a prefix 0…d−1
+    (d = its `draws_used`, 0 = not rescored). Scores are over the draws used (NaN when none); ranks as `two_stage`:
+    full-K items by score, then partially rescored items by score, then the rest by `fallback` (lower first, e.g. the
+    mean rank over the cheap signals). Shares are over the full-K items only. With every item at K draws this is
+    `scores.attribution_scores` exactly.
+    """
+    n, k = baseline.shape
+    done = ~np.isnan(unlearned)
+    used = done.sum(axis=1)
+    if not (done == (np.arange(k)[None, :] < used[:, None])).all():
+        raise ValueError("two-stage losses must cover a prefix of the draws for every item (draws 0…d−1)")
+    mask = done.astype(np.float64)
+    count = np.where(used > 0, used, 1)
+    diff = np.where(done, unlearned - baseline, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_delta = np.where(used > 0, diff.sum(1) / count, np.nan)
+        out = {
+            "mean_delta": mean_delta,
+            "relative_score": mean_delta / np.where(used > 0, (baseline * mask).sum(1) / count, np.nan),
+            "skew_score": np.where(used > 0, (diff / np.where(done, unlearned + baseline + 1e-3, 1.0)).sum(1) / count, np.nan),
+        }
+    score = out[SCORE_COLUMNS[score_type]]
+    order = np.lexsort((np.asarray(fallback, dtype=np.float64), -np.nan_to_num(score, nan=0.0), -used))
+    rank = np.empty(n, dtype=np.int64)
+    rank[order] = np.arange(1, n + 1)
+    share = positive_shares(np.where(used == k, score, 0.0))
+    return {**out, "score": score, "rank": rank, "share": share, "draws_used": used.astype(np.int64)}
+
+
 def unlearned_losses_fn(
     adapter: DiTAdapter,
     items: ItemBatch,
@@ -110,8 +143,13 @@ def unlearned_losses_fn(
     compute: Compute,
     masked: bool = False,
     items_per_pass: int = 64,
+    record: list[tuple[np.ndarray, int, DrawLosses]] | None = None,
 ) -> UnlearnedLosses:
-    """The exact path for `two_stage`: per-draw losses of `items[indices]` at draws `[start, stop)` under θ0 + delta."""
+    """The exact path for `two_stage`: per-draw losses of `items[indices]` at draws `[start, stop)` under θ0 + delta.
+
+    With `record`, every evaluation is appended as `(indices, start, DrawLosses)` (both loss columns: what the
+    `unlearned_losses` table stores).
+    """
 
     def losses(indices: np.ndarray, start: int, stop: int) -> np.ndarray:
         window = protocol.window(start, stop)
@@ -119,7 +157,10 @@ def unlearned_losses_fn(
         with apply_delta(adapter.denoiser, delta):
             for lo in range(0, len(indices), items_per_pass):
                 sub = items.select([int(i) for i in indices[lo : lo + items_per_pass]])
-                out[lo : lo + len(sub)] = batch_losses(adapter, sub, window, compute).select(masked).numpy()
+                part = batch_losses(adapter, sub, window, compute)
+                out[lo : lo + len(sub)] = part.select(masked).numpy()
+                if record is not None:
+                    record.append((indices[lo : lo + items_per_pass], start, part))
         return out
 
     return losses

@@ -9,6 +9,9 @@ RECIPES = ("newton", "ewc_ascent")
 MASK_PADDING = ("unlearning", "losses", "both", "none")
 PARAM_SUBSETS = ("all", "attention", "self_attention", "cross_attention", "cross_attention_kv")
 SCORE_TYPES = ("mean_delta", "relative", "skew")  # which score ranks the items (scores.ranking_score)
+METHODS = ("unlearning", "linearized")  # exact rescore of the unlearned model, or its first-order estimate (DESIGN §1)
+STAGES = ("full", "two_stage")  # rescore every item at every draw, or the cheap signals' candidates (multi-fidelity)
+TWO_STAGE_KNOBS = ("candidates", "first_draws", "keep", "min_keep")
 
 
 def _field(default: object, doc: str, column: str | None = None) -> Any:
@@ -26,6 +29,11 @@ class UnlearningSettings:
     The defaults are the configuration the self-influence protocol chose on the embedded default (`tda evaluate`,
     2026-11-26: mean self-rank 1.33 against 2.33 for a fixed lr 250 ranked by mean ΔL): one Newton step sized per
     query to raise its loss ×1.1, items ranked by the skew score.
+
+    `method` and `stage` choose the scoring path (DESIGN §1): the exact rescore of every item (`unlearning`, `full`,
+    the default), the exact rescore of the cheap signals' candidates only (`two_stage`, with `candidates`,
+    `first_draws`, `keep`, `min_keep`), or the first-order estimate from the stored training gradients
+    (`linearized`; `sketch_k` and `sketch_seed` name the store, with the subset, loss masking and damping).
 
     `target_ratio` (newton, one step only) replaces the fixed `lr` by a per-query search within `lr_min`…`lr_max`
     for the lr whose query-loss ratio lands in `ratio_band()`: the target ± `ratio_tolerance` × its excess
@@ -49,6 +57,21 @@ class UnlearningSettings:
     ratio_tolerance: float = _field(0.1, "accepted band around target_ratio, as a share of target_ratio − 1")
     lr_min: float = _field(1e-2, "smallest step size the target_ratio search tries")
     lr_max: float = _field(1e6, "largest step size the target_ratio search tries")
+    method: str = _field("unlearning", "'unlearning' (exact rescore of every item under the unlearned model) or "
+                                       "'linearized' (first-order g_iᵀδ from the stored training_gradients)")
+    stage: str = _field("full", "'full' (every item, every draw) or 'two_stage' (only the cheap signals' candidates, "
+                                "with successive halving over draws; method unlearning only)")
+    candidates: float = _field(0.25, "two_stage: items taken from the top of each cheap signal (internal and audio "
+                                     "similarity, linearized when its gradients exist): a fraction of the items (≤ 1) "
+                                     "or a count (> 1)")
+    first_draws: int | None = _field(None, "two_stage: protocol draws every candidate gets first (None: K/4; ≥ K: "
+                                           "no halving)")
+    keep: float = _field(0.5, "two_stage: candidates that get all K draws, by their first-draws score: a fraction "
+                              "(≤ 1) or a count (> 1)")
+    min_keep: int = _field(10, "two_stage: at least this many candidates get all K draws (the headline top-k)")
+    sketch_k: int = _field(4096, "the training_gradients store used (linearized method, two_stage signal): its "
+                                 "CountSketch dimension")
+    sketch_seed: int = _field(0, "the training_gradients store used: its CountSketch seed")
 
     def __post_init__(self) -> None:
         if self.recipe not in RECIPES:
@@ -74,6 +97,46 @@ class UnlearningSettings:
             if self.recipe != "newton" or self.steps != 1:
                 raise ValueError(f"target_ratio {self.target_ratio} needs recipe 'newton' with steps=1 "
                                  f"(got {self.recipe!r}, steps={self.steps}): set target_ratio: null for a fixed lr")
+        self._check_fast_paths()
+
+    def _check_fast_paths(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown method {self.method!r}: choose one of {METHODS}")
+        if self.stage not in STAGES:
+            raise ValueError(f"unknown stage {self.stage!r}: choose one of {STAGES}")
+        if self.stage == "two_stage" and self.method != "unlearning":
+            raise ValueError(f"stage 'two_stage' rescores candidates exactly, so it needs method 'unlearning' (got "
+                             f"{self.method!r}): use stage 'full' with method {self.method!r}")
+        if self.method == "linearized" and self.score_type == "skew":
+            raise ValueError("score_type 'skew' needs the unlearned losses, which method 'linearized' never computes: "
+                             "use score_type 'mean_delta' or 'relative'")
+        if self.stage == "full":
+            changed = [f.name for f in fields(self) if f.name in TWO_STAGE_KNOBS and getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} only act with stage 'two_stage': set stage: two_stage, or drop them")
+        for name in ("candidates", "keep"):
+            value = getattr(self, name)
+            if not value > 0 or (value > 1 and value != int(value)):
+                raise ValueError(f"{name} {value} must be a fraction of the items in (0, 1] or a whole count > 1")
+        if self.first_draws is not None and self.first_draws < 1:
+            raise ValueError(f"first_draws {self.first_draws} must be at least 1, or None for K/4")
+        if self.min_keep < 1 or self.sketch_k < 1:
+            raise ValueError(f"min_keep ({self.min_keep}) and sketch_k ({self.sketch_k}) must be at least 1")
+
+    @property
+    def needs_exact_rescore(self) -> bool:
+        """Whether unlearned_losses rescores items (every one, or the two_stage candidates): not for `linearized`."""
+        return self.method == "unlearning"
+
+    @property
+    def is_full_exact(self) -> bool:
+        """Every item rescored at every draw: what self-influence and replication judge."""
+        return self.method == "unlearning" and self.stage == "full"
+
+    @staticmethod
+    def count_or_fraction(value: float) -> int | float:
+        """A `candidates`/`keep` value as the engine takes it: a fraction (float ≤ 1) or a count (int)."""
+        return float(value) if value <= 1 else int(value)
 
     @property
     def masks_unlearning(self) -> bool:

@@ -1,5 +1,7 @@
 """Asset checks (DESIGN §2): losses finite and complete, a sound manifest."""
 
+from typing import Mapping
+
 import numpy as np
 import polars as pl
 from dagster import AssetCheckResult, AssetKey, asset_check
@@ -8,11 +10,16 @@ from resources import StorageResource
 from tda_assets.io.tables import read_table
 
 
-def losses_complete(name: str, df: pl.DataFrame, item_ids: list[str], draws: int) -> AssetCheckResult:
-    """Passed when every loss is finite and every expected item has each draw 0…K−1 exactly once, and nothing else."""
+def losses_complete(name: str, df: pl.DataFrame, item_ids: list[str], draws: int,
+                    draws_per_item: Mapping[str, int] | None = None) -> AssetCheckResult:
+    """Passed when every loss is finite and every expected item has each draw 0…K−1 exactly once, and nothing else.
+
+    `draws_per_item` (a two_stage rescore): item → the draws it was rescored on (0…d−1 instead of 0…K−1).
+    """
     finite = bool(np.isfinite(df["loss"].to_numpy()).all()) if len(df) else True
-    expected = pl.DataFrame({"item_id": [i for i in item_ids for _ in range(draws)],
-                             "draw": [d for _ in item_ids for d in range(draws)]}, schema={"item_id": pl.String, "draw": pl.Int32})
+    per = {i: draws for i in item_ids} if draws_per_item is None else {i: draws_per_item[i] for i in item_ids}
+    expected = pl.DataFrame({"item_id": [i for i in item_ids for _ in range(per[i])],
+                             "draw": [d for i in item_ids for d in range(per[i])]}, schema={"item_id": pl.String, "draw": pl.Int32})
     have = df.select("item_id", pl.col("draw").cast(pl.Int32))
     missing = expected.join(have, on=["item_id", "draw"], how="anti")
     unexpected = have.join(expected, on=["item_id", "draw"], how="anti")

@@ -55,6 +55,16 @@ def recorded_settings(store: Storage, config_id: str) -> UnlearningSettings:
                             "(`tda attribute --config`, or the grid), which records it")
 
 
+def require_full_exact(settings: UnlearningSettings, config_id: str, what: str) -> UnlearningSettings:
+    """`settings` when they rescore every item exactly; else a ValueError: `what` (self-influence, replication) judges a
+    configuration by its full exact rescore, which a `linearized` or `two_stage` configuration does not compute."""
+    if not settings.is_full_exact:
+        raise ValueError(f"{what} rescores every item exactly, but configuration {config_id!r} is method "
+                         f"{settings.method!r}, stage {settings.stage!r}: judge a method 'unlearning', stage 'full' "
+                         f"configuration (its fast paths are measured against that one), or leave {config_id!r} out")
+    return settings
+
+
 def as_config(config_id: str, settings: UnlearningSettings) -> UnlearningConfig:
     """The Dagster config of `settings` under the name `config_id`."""
     return UnlearningConfig(config_id=config_id, **{f.name: getattr(settings, f.name) for f in fields(UnlearningSettings)})

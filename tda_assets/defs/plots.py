@@ -118,6 +118,7 @@ def attribution_plot(store: Storage, query_id: str, config_id: str, scores: pl.D
     target = None
     if table_exists(store, "queries", query_id=query_id):
         target = read_table(store, "queries", query_id=query_id)["target_artist"][0]
-    title = f"{query_id} · unlearning:{config_id} · top-{k}" + (f" (target {target})" if target else "")
+    method = scores["method"][0] if "method" in scores.columns and len(scores) else "unlearning"
+    title = f"{query_id} · {method}:{config_id} · top-{k}" + (f" (target {target})" if target else "")
     png = top_k_bars(scores, manifest, title, k, target)
     return write_png(store, key("plot_top_k", query_id=query_id, config_id=config_id), png, title)

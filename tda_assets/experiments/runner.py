@@ -25,7 +25,9 @@ from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, unlearn
 from tda_assets.defs.partitions import SHARD_KEYS, configs, queries, query_config_key
 from tda_assets.defs.query_runs import run_tags
 from tda_assets.defs.sensors import CLIP_ASSETS, attribute_config_job, query_clip_job, query_inbox_sensor, query_of
+from tda_assets.attribution.gradients import GradientSpec
 from tda_assets.io.artifacts import Identity, manifest_digest, read_features
+from tda_assets.io.gradients import missing_gradient_shards
 from tda_assets.io.checkpoints import embedded_checkpoint_id, read_checkpoint_record
 from tda_assets.io.registry import key
 from tda_assets.io.storage import Storage
@@ -264,10 +266,31 @@ class Runner:
         return self.attribute_config(query_id, config or UnlearningConfig())
 
     def attribute_config(self, query_id: str, config: UnlearningConfig):
-        """Only the per-configuration assets of a query (its clip must exist), in its (query × config) partition."""
+        """Only the per-configuration assets of a query (its clip must exist), in its (query × config) partition; first
+        the gradient store a `linearized` configuration reads, when missing (`ensure_gradients`)."""
+        self.ensure_gradients(config)
         self.add_partitions(query_id, config.config_id)
         return self.run(UNLEARNING_ASSETS, query_config_key(query_id, config.config_id), unlearning_run_config(config),
                  tags=run_tags("attribute", self.storage.url))
+
+    def ensure_gradients(self, config: UnlearningConfig) -> list[str]:
+        """For a `linearized` configuration, `training_gradients` of its gradient store on every shard that lacks it
+        (an optional phase of the training side: only these configurations need it). Returns the shards run.
+
+        A `two_stage` configuration uses the store as a cheap signal when it exists, and does without otherwise.
+        """
+        settings = config.settings()
+        if settings.method != "linearized":
+            return []
+        spec = GradientSpec.for_settings(settings)
+        record = read_checkpoint_record(self.storage)
+        identity = Identity(record.checkpoint_id, self.resources["protocol"].protocol().protocol_id)
+        missing = missing_gradient_shards(self.storage, identity, spec, record.encoder_id)
+        if missing:
+            run_config = {"ops": {"training_gradients": {"config": vars(spec)}}}
+            self.phase(f"training_gradients {spec.gradient_id}",
+                       lambda: [self.run(["training_gradients"], shard, run_config=run_config) for shard in missing])
+        return missing
 
     def with_config(self, asset: str, **config: object):
         """One unpartitioned asset with its launch config's fields (unset ones left to their defaults)."""

@@ -65,7 +65,8 @@ def prepare(manifest: str | None) -> int:
 
 def _print_top(run: Runner, query_ids: list[str], k: int, config_id: str | None = None) -> None:
     engine = QueryEngine(run.storage)
-    top = engine.named("top_k", k=k).filter((pl.col("method") == "unlearning") & pl.col("query_id").is_in(query_ids))
+    top = engine.named("top_k", k=k).filter(pl.col("method").is_in(["unlearning", "linearized"])
+                                            & pl.col("query_id").is_in(query_ids))
     if config_id:
         top = top.filter(pl.col("config_id") == config_id)
     print_frame(top.select([c for c in ("query_id", "target_artist", "config_id", "rank", "item_id", "artist", "score", "caption")

@@ -115,12 +115,13 @@ def query_batch(storage: Storage, query_id: str, encoder_id: str) -> ItemBatch:
 
 
 # losses ----------------------------------------------------------------------------------------------------------
-def losses_frame(item_ids: list[str], losses: torch.Tensor, masked: torch.Tensor, t: torch.Tensor | None = None) -> pl.DataFrame:
-    """Long rows `(item_id, draw, loss, loss_masked[, t])` from [b, K] loss matrices."""
+def losses_frame(item_ids: list[str], losses: torch.Tensor, masked: torch.Tensor, t: torch.Tensor | None = None,
+                 first_draw: int = 0) -> pl.DataFrame:
+    """Long rows `(item_id, draw, loss, loss_masked[, t])` from [b, K] loss matrices (draws from `first_draw` on)."""
     b, k = losses.shape
     frame = {
         "item_id": [i for i in item_ids for _ in range(k)],
-        "draw": np.tile(np.arange(k, dtype=np.int32), b),
+        "draw": np.tile(np.arange(first_draw, first_draw + k, dtype=np.int32), b),
         "loss": losses.reshape(-1).numpy().astype(np.float32),
         "loss_masked": masked.reshape(-1).numpy().astype(np.float32),
     }
@@ -139,6 +140,15 @@ def loss_matrix(df: pl.DataFrame, item_ids: list[str], draws: int, column: str, 
     if missing.any():
         names = [item_ids[i] for i in np.flatnonzero(missing)[:5]]
         raise ValueError(f"{table} is missing draws for {int(missing.sum())} item(s), e.g. {names}: re-materialize it")
+    return out
+
+
+def partial_loss_matrix(df: pl.DataFrame, item_ids: list[str], draws: int, column: str) -> np.ndarray:
+    """Long `(item_id, draw, loss)` rows as [N, K] in `item_ids` order, NaN where an item has no row for a draw."""
+    index = {item: i for i, item in enumerate(item_ids)}
+    out = np.full((len(item_ids), draws), np.nan)
+    rows = df.filter(pl.col("item_id").is_in(item_ids) & (pl.col("draw") < draws))
+    out[[index[i] for i in rows["item_id"].to_list()], rows["draw"].to_numpy()] = rows[column].to_numpy()
     return out
 
 

@@ -96,12 +96,13 @@ class Entry:
         return {c: getattr(pl, _POLARS[t]) for c, t in self.schema(with_partitions).items()}
 
     def duckdb_read(self, root: str) -> str:
-        """The DuckDB `read_parquet(…)` of every file of the table, hive folders as VARCHAR columns."""
+        """The DuckDB read of every file of the table, hive folders as VARCHAR columns, with every column of the
+        schema: files written before a column was added read it as NULL (`union_by_name`, and the empty typed
+        relation added by name), so a root with older files keeps every view working."""
         path = f"{root}/{self.glob()}".replace("'", "''")
-        if not self.partitions:
-            return f"read_parquet('{path}')"
         types = ", ".join(f"'{p}': VARCHAR" for p in self.partitions)
-        return f"read_parquet('{path}', hive_partitioning = true, hive_types = {{{types}}})"
+        hive = f", hive_partitioning = true, hive_types = {{{types}}}" if self.partitions else ""
+        return f"(SELECT * FROM read_parquet('{path}'{hive}, union_by_name = true) UNION ALL BY NAME {self.duckdb_empty()})"
 
     def duckdb_empty(self) -> str:
         """A typed relation with the table's columns and no rows (a table with no files yet)."""
@@ -131,6 +132,11 @@ _ENTRIES = [
           description="a trained model folder (diffusers layout)"),
     Entry("fisher_diagonal", "fisher_diagonal/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/fisher.safetensors",
           identity=IDENTITY, description="the diagonal Fisher"),
+    Entry("training_gradients",
+          "training_gradients/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/gradient_id={gradient_id}"
+          "/shard={shard}/gradients.safetensors", identity=(*IDENTITY, "gradient_id"),
+          description="sketched, Fisher-preconditioned per-item gradients of one shard (gradient_id: subset, loss "
+                      "masking, sketch k and seed, damping)"),
     Entry("baseline_losses", f"baseline_losses/checkpoint_id={{checkpoint_id}}/protocol_id={{protocol_id}}/shard={{shard}}/{PART}", {
         "item_id": "str", "draw": "i32", "t": "f32", "loss": "f32", "loss_masked": "f32"},
         identity=IDENTITY, description="L0_ik for every item and draw of one shard"),
@@ -159,8 +165,11 @@ _ENTRIES = [
           identity=IDENTITY, description="the unlearned model's loss on every item and draw"),
     Entry("attribution_scores", f"attribution_scores/query_id={{query_id}}/config_id={{config_id}}/{PART}", {
         "method": "str", "item_id": "str", "score": "f64", "rank": "i64", "mean_delta": "f64", "relative_score": "f64",
-        "skew_score": "f64", "share": "f64", "score_type": "str", **_RESULT_IDENTITY}, identity=IDENTITY,
-        description="unlearning attribution (score = the configuration's score_type; mean_delta always kept)"),
+        "skew_score": "f64", "share": "f64", "score_type": "str", "rescored": "bool", "draws_used": "i64",
+        **_RESULT_IDENTITY}, identity=IDENTITY,
+        description="unlearning attribution (score = the configuration's score_type; mean_delta always kept); method "
+                    "`unlearning` or `linearized`; `rescored`/`draws_used`: whether and on how many draws the item was "
+                    "rescored exactly (two_stage leaves most items unrescored: score null, ranked last)"),
     Entry("similarity_scores", f"similarity_scores/query_id={{query_id}}/method={{method}}/{PART}", {
         "item_id": "str", "score": "f64", "rank": "i64", "share": "f64", **_RESULT_IDENTITY},
         identity=IDENTITY, description="similarity attribution"),

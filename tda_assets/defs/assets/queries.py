@@ -5,6 +5,7 @@ artifacts of that identity and stops with an `IdentityError` naming both identit
 """
 
 import io
+import time
 from typing import Iterator
 
 import numpy as np
@@ -28,7 +29,8 @@ from resources import ComputeResource, InboxResource, LossProtocolResource, Mode
 from tda_assets.attribution.adapter import ItemBatch, apply_delta
 from tda_assets.attribution.losses import stream_losses
 from tda_assets.attribution.scores import attribution_scores as score_items
-from tda_assets.attribution.scores import positive_shares, rank_descending
+from tda_assets.attribution.multifidelity import signal_ranks, staged_scores, two_stage, unlearned_losses_fn
+from tda_assets.attribution.scores import positive_shares, rank_descending, ranking_score
 from tda_assets.attribution.similarity import audio_embedding, cosine_scores, internal_embedding, text_embedding
 from tda_assets.attribution.unlearn import unlearn
 from tda_assets.data.audio import LONG_CLIP_POLICY, MAX_QUERY_WINDOWS, decode_clip, query_windows
@@ -36,6 +38,7 @@ from tda_assets.data.inbox import read_query
 from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO
 from tda_assets.defs.checks import losses_complete
 from tda_assets.defs.configs import UnlearningConfig, partition_config, record_config
+from tda_assets.defs.fast_paths import cheap_signals, linearized
 from tda_assets.defs.model_step import model_step
 from tda_assets.defs.partitions import queries, query_and_config, query_configs
 from tda_assets.defs.plots import attribution_plot
@@ -47,6 +50,7 @@ from tda_assets.io.artifacts import (
     iter_training_batches,
     loss_matrix,
     losses_frame,
+    partial_loss_matrix,
     query_batch,
     read_baseline,
     read_unlearned,
@@ -54,7 +58,7 @@ from tda_assets.io.artifacts import (
     write_features,
 )
 from tda_assets.io.checkpoints import load_checkpoint, read_checkpoint_record
-from tda_assets.io.registry import key
+from tda_assets.io.registry import TABLES, key
 from tda_assets.io.tables import read_table, write_table
 from tda_assets.io.uris import read_uri_bytes
 from tda_assets.models.sampling import generate_latents
@@ -166,40 +170,95 @@ def unlearned_model(
 
 
 @asset(
-    group_name="unlearning", partitions_def=query_configs, deps=[AssetKey("unlearned_model")], **GPU,
+    group_name="unlearning", partitions_def=query_configs, **GPU,
+    deps=[AssetKey("unlearned_model"), AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping()),
+          AssetKey("similarity_scores"),  # the query dimension (inferred mapping)
+          AssetDep(AssetKey("training_gradients"), partition_mapping=AllPartitionMapping())],
     check_specs=[AssetCheckSpec("losses_finite_and_complete", asset="unlearned_losses",
-                                description="every training item has every protocol draw, all finite")],
-    description="ℓ_ik(θ_u): the unlearned model's loss on every training item and fixed draw, keyed by checkpoint and protocol.",
+                                description="every training item has every protocol draw, all finite (two_stage: every "
+                                            "rescored item has the draws it was given; linearized: nothing rescored)")],
+    description="ℓ_ik(θ_u): the unlearned model's loss on every training item and fixed draw, keyed by checkpoint and "
+                "protocol (two_stage: only the cheap signals' candidates, with successive halving over draws; "
+                "linearized: nothing, its scores need no exact rescore).",
 )
 def unlearned_losses(
     context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, model_source: ModelSourceResource,
     compute: ComputeResource, protocol: LossProtocolResource,
 ) -> Iterator:
     qid, cid = query_and_config(context)
+    settings = partition_config(config, storage.storage(), cid).settings()  # another configuration's run config is refused
+    if not settings.needs_exact_rescore:
+        yield _no_exact_rescore(storage.storage(), protocol.protocol(), qid, cid, settings)
+        return
     step = model_step(storage, model_source, compute, protocol)
     store, proto, record, identity = step.store, step.protocol, step.record, step.identity
-    partition_config(config, store, cid)  # a run config naming another configuration is refused
     delta, _ = store.read_tensors(require(store, "unlearned_delta", identity, f"materialize unlearned_model for {qid}/{cid}",
                                           query_id=qid, config_id=cid))
-    expected = baseline_item_ids(read_baseline(store, identity, record.encoder_id))
-    progress = Progress(context.log, f"{qid}/{cid} unlearned losses", len(expected), proto.draws)
-    frames = []
-    with apply_delta(step.adapter.denoiser, delta):
-        for ids, losses in stream_losses(step.adapter, iter_training_batches(store, record.encoder_id, 32), proto, step.compute):
-            frames.append(losses_frame(ids, losses.loss, losses.loss_masked))
-            progress.advance(len(ids))
-    df = pl.concat(frames)
+    if settings.stage == "two_stage":
+        df, expected, meta = _two_stage_losses(context, step, qid, settings, delta)
+        check = losses_complete("losses_finite_and_complete", df, list(expected), proto.draws, expected)
+    else:
+        expected = baseline_item_ids(read_baseline(store, identity, record.encoder_id))
+        progress = Progress(context.log, f"{qid}/{cid} unlearned losses", len(expected), proto.draws)
+        frames = []
+        with apply_delta(step.adapter.denoiser, delta):
+            for ids, losses in stream_losses(step.adapter, iter_training_batches(store, record.encoder_id, 32), proto, step.compute):
+                frames.append(losses_frame(ids, losses.loss, losses.loss_masked))
+                progress.advance(len(ids))
+        df = pl.concat(frames)
+        meta = {"item_draws_per_second": progress.rate()}
+        check = losses_complete("losses_finite_and_complete", df, expected, proto.draws)
     uri = write_table(store, "unlearned_losses", df, **identity.keys(), query_id=qid, config_id=cid)
     yield MaterializeResult(metadata={"config_id": cid, "rows": len(df), "items": df["item_id"].n_unique(),
-                                      "item_draws_per_second": progress.rate(), "uri": MetadataValue.path(uri), **identity.keys()},
-                            check_results=[losses_complete("losses_finite_and_complete", df, expected, proto.draws)])
+                                      "uri": MetadataValue.path(uri), **meta, **identity.keys()},
+                            check_results=[check])
+
+
+def _no_exact_rescore(store, proto, qid: str, cid: str, settings) -> MaterializeResult:
+    """`linearized`: no item is rescored, so no losses are written (an older file of the pair is removed, so the table
+    never shows another method's losses under this configuration) and the completeness check expects none."""
+    identity = Identity(read_checkpoint_record(store).checkpoint_id, proto.protocol_id)
+    store.delete(key("unlearned_losses", **identity.keys(), query_id=qid, config_id=cid))
+    empty = pl.DataFrame(schema=TABLES["unlearned_losses"].polars_schema())
+    return MaterializeResult(
+        metadata={"config_id": cid, "rows": 0, "exact_rescore": f"none: method {settings.method!r} scores every item from "
+                  "training_gradients in attribution_scores", **identity.keys()},
+        check_results=[losses_complete("losses_finite_and_complete", empty, [], proto.draws)])
+
+
+def _two_stage_losses(context, step, qid: str, settings, delta) -> tuple[pl.DataFrame, dict[str, int], dict]:
+    """The exact losses of the cheap signals' candidates by successive halving (DESIGN §1, multi-fidelity): the rows,
+    item → draws rescored, and metadata."""
+    store, proto, identity = step.store, step.protocol, step.identity
+    item_ids, data, baseline = step.training_set()
+    l0 = loss_matrix(baseline, item_ids, proto.draws, "loss_masked" if settings.masks_losses else "loss", "baseline_losses")
+    signals = cheap_signals(store, identity, qid, settings, delta, step.fisher(), step.record.encoder_id, item_ids)
+    evaluated: list = []
+    start = time.perf_counter()
+    fn = unlearned_losses_fn(step.adapter, data, delta, proto, step.compute, settings.masks_losses, 32, record=evaluated)
+    result = two_stage(l0, fn, signals, top=settings.count_or_fraction(settings.candidates), first_draws=settings.first_draws,
+                       keep=settings.count_or_fraction(settings.keep), min_keep=settings.min_keep,
+                       score_type=settings.score_type)
+    seconds = time.perf_counter() - start
+    df = pl.concat([losses_frame([item_ids[i] for i in idx], part.loss, part.loss_masked, first_draw=first)
+                    for idx, first, part in evaluated])
+    expected = {item_ids[i]: int(result.draws_used[i]) for i in np.flatnonzero(result.rescored)}
+    full = int((result.draws_used == proto.draws).sum())
+    context.log.info(f"{qid}: two_stage rescored {len(expected)} of {len(item_ids)} items ({full} on all {proto.draws} draws) "
+                     f"from signals {sorted(signals)}: {result.item_draws} item-draws, "
+                     f"{result.item_draws / (len(item_ids) * proto.draws):.0%} of the full rescore, in {seconds:.1f}s")
+    return df, expected, {"signals": MetadataValue.json(sorted(signals)), "candidates": len(expected), "full_draw_items": full,
+                          "item_draws": result.item_draws, "share_of_full_rescore": round(result.item_draws / (len(item_ids) * proto.draws), 4),
+                          "item_draws_per_second": round(result.item_draws / max(seconds, 1e-9), 1)}
 
 
 @asset(
     group_name="attribution", partitions_def=query_configs,
-    deps=[AssetKey("unlearned_losses"), AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping())],
+    deps=[AssetKey("unlearned_losses"), AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping()),
+          AssetDep(AssetKey("training_gradients"), partition_mapping=AllPartitionMapping())],
     check_specs=[AssetCheckSpec("one_row_per_training_item", asset="attribution_scores")],
-    description="Unlearning attribution of one query and configuration: score, rank, relative and skew scores, shares.",
+    description="Attribution of one query and configuration: score, rank, relative and skew scores, shares (method "
+                "unlearning: exact, every item or the two_stage candidates; linearized: from training_gradients).",
 )
 def attribution_scores(
     context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, protocol: LossProtocolResource,
@@ -211,23 +270,49 @@ def attribution_scores(
     record = read_checkpoint_record(store)
     identity = Identity(record.checkpoint_id, proto.protocol_id)
     column = "loss_masked" if masked else "loss"
-    after = read_unlearned(store, identity, qid, cid)
     baseline = read_baseline(store, identity, record.encoder_id)  # the same identity, or an IdentityError: never mixed
-    item_ids = after["item_id"].unique(maintain_order=True).to_list()
-    s = score_items(loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses"),
-                    loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"), settings.score_type)
-    df = pl.DataFrame({"method": "unlearning", "item_id": item_ids, "score": s["score"], "rank": s["rank"],
+    if settings.is_full_exact:
+        after = read_unlearned(store, identity, qid, cid)
+        item_ids = after["item_id"].unique(maintain_order=True).to_list()
+        s = score_items(loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses"),
+                        loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"), settings.score_type)
+        s["draws_used"] = np.full(len(item_ids), proto.draws)
+    else:
+        item_ids = baseline_item_ids(baseline)
+        l0 = loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses")
+        delta, _ = store.read_tensors(require(store, "unlearned_delta", identity,
+                                              f"materialize unlearned_model for {qid}/{cid}", query_id=qid, config_id=cid))
+        fisher = store.read_tensors(require(store, "fisher_diagonal", identity, "materialize fisher_diagonal (`tda prepare`)"))[0]
+        if settings.method == "linearized":
+            s = _linearized_scores(linearized(store, identity, settings, delta, fisher, record.encoder_id, item_ids), l0,
+                                   settings.score_type)
+        else:
+            signals = cheap_signals(store, identity, qid, settings, delta, fisher, record.encoder_id, item_ids)
+            after = partial_loss_matrix(read_unlearned(store, identity, qid, cid), item_ids, proto.draws, column)
+            s = staged_scores(l0, after, signal_ranks(signals).mean(axis=0), settings.score_type)
+    df = pl.DataFrame({"method": settings.method, "item_id": item_ids, "score": s["score"], "rank": s["rank"],
                        "mean_delta": s["mean_delta"], "relative_score": s["relative_score"], "skew_score": s["skew_score"],
-                       "share": s["share"], "score_type": settings.score_type, **identity.keys()})
+                       "share": s["share"], "score_type": settings.score_type, "rescored": s["draws_used"] > 0,
+                       "draws_used": s["draws_used"], **identity.keys()}, nan_to_null=True)
     uri = write_table(store, "attribution_scores", df, query_id=qid, config_id=cid)
     n_train = len(baseline_item_ids(baseline))  # skipped bad items have no losses and no row
     top = _top_items(store, df)
     context.log.info(f"{qid}/{cid}: top-5 " + ", ".join(f"{t['item_id']} ({t['artist']})" for t in top))
     plot = attribution_plot(store, qid, cid, df)  # plots/top_k/<query>/<config>.png, shown in the UI
+    rescored = {} if settings.is_full_exact else {"method": settings.method, "rescored_items": int(df["rescored"].sum())}
     yield MaterializeResult(metadata={"config_id": cid, "rows": len(df), "top_5": _top_table(top), "uri": MetadataValue.path(uri),
-                                      **identity.keys(), **plot},
+                                      **rescored, **identity.keys(), **plot},
                             check_results=[AssetCheckResult(check_name="one_row_per_training_item", passed=len(df) == n_train,
                                                             metadata={"rows": len(df), "training_items": n_train})])
+
+
+def _linearized_scores(lin: np.ndarray, l0: np.ndarray, score_type: str) -> dict[str, np.ndarray]:
+    """The `linearized` columns: `mean_delta` is g_iᵀδ (the first-order mean loss change), `relative_score` divides it
+    by the item's mean baseline loss, `skew_score` is null (it needs the unlearned losses); nothing is rescored."""
+    out = {"mean_delta": lin, "relative_score": lin / l0.mean(axis=1), "skew_score": np.full(len(lin), np.nan)}
+    score = ranking_score(out, score_type)
+    return {**out, "score": score, "rank": rank_descending(score), "share": positive_shares(score),
+            "draws_used": np.zeros(len(lin), dtype=np.int64)}
 
 
 @asset(group_name="attribution", partitions_def=queries, deps=[AssetKey("query_clips"), AssetKey("checkpoint")], **GPU,

@@ -23,7 +23,7 @@ from tda_assets.attribution.replication import TRANSFORMS
 from tda_assets.attribution.self_influence import choose_targets
 from tda_assets.attribution.similarity import audio_embedding
 from tda_assets.data.audio import decode_audio
-from tda_assets.defs.configs import recorded_settings
+from tda_assets.defs.configs import recorded_settings, require_full_exact
 from tda_assets.defs.model_step import model_step
 from tda_assets.defs.progress import Progress
 from tda_assets.defs.tags import GPU
@@ -53,7 +53,7 @@ def replication(
 ) -> Iterator:
     step = model_step(storage, model_source, compute, protocol)
     store, proto, identity, adapter = step.store, step.protocol, step.identity, step.adapter
-    settings = recorded_settings(store, config.config_id)
+    settings = require_full_exact(recorded_settings(store, config.config_id), config.config_id, "replication")
     item_ids, data, baseline = step.training_set()
     l0 = loss_matrix(baseline, item_ids, proto.draws, "loss_masked" if settings.masks_losses else "loss", "baseline_losses")
     fisher = step.fisher()

@@ -21,7 +21,7 @@ from resources import ComputeResource, LossProtocolResource, ModelSourceResource
 from tda_assets.attribution.attribute import attribute_exact
 from tda_assets.attribution.self_influence import choose_targets, neighbour_similarity, summarise
 from tda_assets.attribution.similarity import audio_embedding
-from tda_assets.defs.configs import recorded_settings
+from tda_assets.defs.configs import recorded_settings, require_full_exact
 from tda_assets.defs.model_step import model_step
 from tda_assets.defs.progress import Progress
 from tda_assets.defs.tags import GPU
@@ -53,6 +53,8 @@ def self_influence(
 ) -> Iterator:
     step = model_step(storage, model_source, compute, protocol)
     store, proto, identity = step.store, step.protocol, step.identity
+    for cid in config.config_ids:
+        require_full_exact(recorded_settings(store, cid), cid, "self_influence")
     item_ids, data, baseline = step.training_set()
     embeddings = audio_embedding(data).numpy()
     targets = choose_targets(embeddings, item_ids, config.n_targets, config.seed)

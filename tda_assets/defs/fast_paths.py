@@ -1,0 +1,58 @@
+"""What the per-configuration assets read for the fast paths (DESIGN §1): the `linearized` scores of a query from the
+stored training gradients, and the cheap signals that choose a `two_stage` configuration's candidates."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import torch
+
+from tda_assets.attribution.gradients import GradientSpec
+from tda_assets.attribution.linearized import linearized_scores
+from tda_assets.attribution.settings import UnlearningSettings
+from tda_assets.io.artifacts import Identity, IdentityError
+from tda_assets.io.gradients import missing_gradient_shards, read_gradient_store
+from tda_assets.io.storage import Storage
+from tda_assets.io.tables import read_table, table_exists
+
+SIGNAL_METHODS = ("similarity:internal", "similarity:audio")  # DESIGN §1: the cheap signals besides the linearised score
+
+
+def linearized(store: Storage, identity: Identity, settings: UnlearningSettings, delta: dict[str, torch.Tensor],
+               fisher: dict[str, torch.Tensor], encoder_id: str, item_ids: list[str]) -> np.ndarray:
+    """`g_iᵀ δ` of every item in `item_ids` order from the configuration's gradient store (IdentityError when missing)."""
+    spec = GradientSpec.for_settings(settings)
+    return linearized_scores(read_gradient_store(store, identity, spec, fisher, encoder_id, item_ids), delta)
+
+
+def similarity_signal(store: Storage, identity: Identity, query_id: str, method: str, item_ids: list[str]) -> np.ndarray:
+    """The query's `similarity_scores` of `method` in `item_ids` order, of this identity (IdentityError otherwise)."""
+    fix = f"materialize similarity_scores for query {query_id!r} (it runs with query_clips)"
+    if not table_exists(store, "similarity_scores", query_id=query_id, method=method):
+        raise IdentityError(f"two_stage needs the query's {method} scores, and {query_id!r} has none: {fix}")
+    df = read_table(store, "similarity_scores", query_id=query_id, method=method)
+    got = (df["checkpoint_id"][0], df["protocol_id"][0]) if len(df) else (None, None)
+    if got != (identity.checkpoint_id, identity.protocol_id):
+        raise IdentityError(f"the {method} scores of {query_id!r} are of checkpoint {got[0]}, protocol {got[1]}, not "
+                            f"{identity}: {fix}")
+    scores = dict(zip(df["item_id"].to_list(), df["score"].to_list()))
+    absent = [i for i in item_ids if i not in scores]
+    if absent:
+        raise IdentityError(f"the {method} scores of {query_id!r} lack {len(absent)} training items (e.g. {absent[:3]}): {fix}")
+    return np.array([scores[i] for i in item_ids], dtype=np.float64)
+
+
+def cheap_signals(store: Storage, identity: Identity, query_id: str, settings: UnlearningSettings,
+                  delta: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], encoder_id: str,
+                  item_ids: list[str]) -> dict[str, np.ndarray]:
+    """Internal and audio similarity, plus `linearized` when the configuration's gradient store exists for every shard."""
+    signals = {m: similarity_signal(store, identity, query_id, m, item_ids) for m in SIGNAL_METHODS}
+    if not missing_gradient_shards(store, identity, GradientSpec.for_settings(settings), encoder_id):
+        signals["linearized"] = linearized(store, identity, settings, delta, fisher, encoder_id, item_ids)
+    return signals
+
+
+def draws_used(losses: pl.DataFrame, item_ids: list[str]) -> dict[str, int]:
+    """Per item, the number of protocol draws its unlearned losses hold (0 for an item never rescored)."""
+    counts = dict(losses.group_by("item_id").len().iter_rows())
+    return {i: int(counts.get(i, 0)) for i in item_ids}

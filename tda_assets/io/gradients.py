@@ -1,0 +1,101 @@
+"""The `training_gradients` store under the storage root: one safetensors file per shard, pinned to its identity.
+
+Each file holds the sketched, Fisher-preconditioned per-item gradients `S P g_i` [n, k] of one shard; its key says the
+checkpoint, the loss protocol and the `gradient_id` (subset, loss masking, sketch k and seed, damping), its metadata
+says the same again plus the item ids, the parameter sizes the sketch is rebuilt from, and a digest of the Fisher the
+preconditioner came from. A reader asked for one identity never returns another's rows: it raises `IdentityError`
+naming what it needed, what the root has, and the fix. The preconditioner is not stored (it is D floats): it is
+rebuilt from the Fisher whose digest the file carries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import torch
+
+from tda_assets.attribution.gradients import GradientSpec, GradientStore, preconditioner
+
+from .artifacts import Identity, IdentityError, feature_shards
+from .registry import key
+from .storage import Storage
+from .tables import list_keys
+
+ROWS = "sketched"
+
+
+def fisher_digest(storage: Storage, identity: Identity) -> str:
+    """A digest of the stored Fisher of this identity (a re-estimated Fisher changes the preconditioner)."""
+    return hashlib.blake2b(storage.read_bytes(key("fisher_diagonal", **identity.keys())), digest_size=8).hexdigest()
+
+
+def gradients_key(identity: Identity, spec: GradientSpec, shard: str) -> str:
+    return key("training_gradients", **identity.keys(), gradient_id=spec.gradient_id, shard=shard)
+
+
+def write_gradient_store(storage: Storage, identity: Identity, spec: GradientSpec, shard: str, store: GradientStore,
+                         digest: str) -> str:
+    """One shard's store, atomically; `digest` is `fisher_digest` of the Fisher it was preconditioned with."""
+    if not spec.matches(store) or store.protocol_id != identity.protocol_id:
+        raise ValueError(f"gradient store of subset {store.param_subset!r}, k {store.k}, damping {store.damping}, protocol "
+                         f"{store.protocol_id} is not {spec.gradient_id} under {identity}")
+    meta = {**identity.keys(), "gradient_id": spec.gradient_id, "item_ids": json.dumps(store.item_ids),
+            "param_subset": spec.param_subset, "masked": json.dumps(spec.masked), "k": str(spec.k), "seed": str(spec.seed),
+            "damping": repr(spec.damping), "sizes": json.dumps(store.sizes), "fisher_digest": digest,
+            "seconds": f"{store.seconds:.3f}"}
+    return storage.write_tensors(gradients_key(identity, spec, shard), {ROWS: store.sketched.float().contiguous()}, meta)
+
+
+def missing_gradient_shards(storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str) -> list[str]:
+    """The shards with training features that have no gradient store of this identity and spec."""
+    return [s for s in feature_shards(storage, encoder_id) if not storage.exists(gradients_key(identity, spec, s))]
+
+
+def _fix(spec: GradientSpec) -> str:
+    fields = ", ".join(f"{k}: {json.dumps(v)}" for k, v in vars(spec).items())
+    return (f"materialize training_gradients for every shard with config {{{fields}}} (`tda attribute --config` and "
+            "`tda grid` do it on demand)")
+
+
+def read_gradient_store(storage: Storage, identity: Identity, spec: GradientSpec, fisher: dict[str, torch.Tensor],
+                        encoder_id: str, item_ids: list[str]) -> GradientStore:
+    """Every shard's store of this identity and spec as one `GradientStore`, rows in `item_ids` order.
+
+    IdentityError when a shard is missing (naming the stores the root has), when a file's metadata is of another
+    identity, when the Fisher changed since it was built, or when it lacks some of `item_ids`.
+    """
+    missing = missing_gradient_shards(storage, identity, spec, encoder_id)
+    if missing:
+        have = sorted({f"{k['gradient_id']} (checkpoint {k['checkpoint_id']}, protocol {k['protocol_id']})"
+                       for k in list_keys(storage, "training_gradients")})
+        raise IdentityError(f"training_gradients {spec.gradient_id} for {identity} are missing for shard(s) {missing}"
+                            + (f"; the storage root has {'; '.join(have)}, which is never mixed in" if have else "")
+                            + f": {_fix(spec)}")
+    digest = fisher_digest(storage, identity)
+    ids: list[str] = []
+    rows: list[torch.Tensor] = []
+    sizes: dict[str, int] | None = None
+    for shard in feature_shards(storage, encoder_id):
+        k_ = gradients_key(identity, spec, shard)
+        tensors, meta = storage.read_tensors(k_)
+        got = (meta.get("checkpoint_id"), meta.get("protocol_id"), meta.get("gradient_id"))
+        if got != (identity.checkpoint_id, identity.protocol_id, spec.gradient_id):
+            raise IdentityError(f"{storage.uri(k_)} holds gradients {got[2]} of checkpoint {got[0]}, protocol {got[1]}, "
+                                f"not {spec.gradient_id} of {identity}: {_fix(spec)}")
+        if meta.get("fisher_digest") != digest:
+            raise IdentityError(f"training_gradients {spec.gradient_id} of shard {shard} were preconditioned with another "
+                                f"Fisher than the stored fisher_diagonal of {identity} (re-estimated since): {_fix(spec)}")
+        ids += json.loads(meta["item_ids"])
+        rows.append(tensors[ROWS])
+        sizes = json.loads(meta["sizes"])
+    index = {item: i for i, item in enumerate(ids)}
+    absent = [i for i in item_ids if i not in index]
+    if absent or sizes is None:
+        raise IdentityError(f"training_gradients {spec.gradient_id} of {identity} lack {len(absent)} of the "
+                            f"{len(item_ids)} training items with baseline losses (e.g. {absent[:3]}): the features "
+                            f"changed since they were built; {_fix(spec)}")
+    sketched = torch.cat(rows)[[index[i] for i in item_ids]]
+    scale = preconditioner(fisher, sizes, spec.damping)
+    return GradientStore(list(item_ids), sketched, spec.param_subset, identity.protocol_id, spec.masked, spec.k, spec.seed,
+                         sizes, scale, spec.damping)
