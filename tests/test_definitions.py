@@ -7,7 +7,7 @@ from dagster_k8s.job import get_user_defined_k8s_config
 from tda_assets.definitions import build_definitions
 
 GPU_ASSETS = ["training_features", "checkpoint", "fisher_diagonal", "baseline_losses", "query_clips",
-              "unlearned_model", "unlearned_losses", "similarity_scores"]
+              "unlearned_model", "unlearned_losses", "similarity_scores", "training_embeddings"]
 
 
 @pytest.mark.parametrize("executor", ["in_process", "multiprocess", "k8s"])
@@ -25,6 +25,8 @@ def test_lineage_runs_checkpoint_to_baseline_to_unlearned_to_attribution(tmp_pat
     assert {"query_clips", "fisher_diagonal"} <= parents("unlearned_model")
     assert "unlearned_model" in parents("unlearned_losses")
     assert {"unlearned_losses", "baseline_losses"} <= parents("attribution_scores")
+    assert parents("training_embeddings") == {"checkpoint", "training_features"}
+    assert "training_embeddings" in parents("similarity_scores")
 
 
 def test_gpu_assets_carry_the_gpu_pool_and_k8s_gpu_request(tmp_path):
@@ -39,7 +41,8 @@ def test_gpu_assets_carry_the_gpu_pool_and_k8s_gpu_request(tmp_path):
 
 def test_partitions_are_shards_queries_and_query_by_config(tmp_path):
     graph = build_definitions(str(tmp_path)).resolve_asset_graph()
-    assert graph.get(AssetKey("baseline_losses")).partitions_def.get_partition_keys()[0] == "shard-00"
+    for name in ("training_features", "baseline_losses", "training_embeddings"):
+        assert graph.get(AssetKey(name)).partitions_def.get_partition_keys()[0] == "shard-00", name
     assert graph.get(AssetKey("query_clips")).partitions_def.name == "queries"
     for name in ("unlearned_model", "unlearned_losses", "attribution_scores"):
         dims = {d.name: d.partitions_def.name for d in graph.get(AssetKey(name)).partitions_def.partitions_defs}

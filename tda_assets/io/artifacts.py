@@ -20,7 +20,7 @@ from tda_assets.attribution.adapter import ItemBatch
 
 from .registry import key
 from .storage import Storage
-from .tables import list_keys, read_table, read_tables, table_exists
+from .tables import list_keys, read_tables
 
 COND_PREFIX = "cond."
 EMBEDDING_PREFIX = "embedding."
@@ -206,7 +206,7 @@ def write_embeddings(storage: Storage, key_: str, embeddings: Embeddings, meta: 
     if bad:
         raise ValueError(f"embeddings for {key_}: every matrix must be [{n}, D] (one row per item id), got {bad}")
     tensors = {EMBEDDING_PREFIX + name: m.float().contiguous() for name, m in embeddings.matrices.items()}
-    return storage.write_tensors(key_, tensors, {"item_ids": json.dumps(embeddings.item_ids), **meta})
+    return storage.write_tensors(key_, tensors, {**meta, "item_ids": json.dumps(embeddings.item_ids)})
 
 
 def read_embeddings(storage: Storage, key_: str) -> tuple[Embeddings, dict[str, str]]:
@@ -216,19 +216,18 @@ def read_embeddings(storage: Storage, key_: str) -> tuple[Embeddings, dict[str, 
     return Embeddings(json.loads(meta["item_ids"]), matrices), meta
 
 
-def shard_digests(storage: Storage) -> dict[str, str]:
-    """`manifest_digest` of each shard's rows of the current training manifest (empty when there is none)."""
-    if not table_exists(storage, "training_manifest"):
-        return {}
-    manifest = read_table(storage, "training_manifest")
-    return {shard: manifest_digest(rows) for (shard,), rows in manifest.group_by("shard")}
+def embeddings_match_features(storage: Storage, embeddings_meta: dict[str, str], encoder_id: str, shard: str) -> bool:
+    """Whether embeddings (their file's metadata) were made from the shard's current features: the same items, made from
+    the same manifest rows (reads the features file's header only)."""
+    features = storage.read_tensors_metadata(key("training_features", encoder_id=encoder_id, shard=shard))
+    return all(embeddings_meta.get(k) == features.get(k) for k in ("item_ids", "manifest_digest"))
 
 
 def read_training_embeddings(storage: Storage, identity: Identity, encoder_id: str) -> Embeddings:
     """Every shard's training embeddings of this identity, in shard order.
 
     IdentityError naming the identity, the ones present and the fix when a shard with training features has none, or
-    has some made from other manifest rows than the current manifest's (a changed corpus under the same checkpoint).
+    has some made from other features than its current ones (a changed corpus under the same external checkpoint).
     """
     shards = feature_shards(storage, encoder_id)
     fix = "materialize training_embeddings for every shard (`tda prepare`, or the UI)"
@@ -239,16 +238,14 @@ def read_training_embeddings(storage: Storage, identity: Identity, encoder_id: s
             f"training_embeddings for {identity} (encoders {encoder_id}) are missing for shard(s) {missing or 'all'}"
             + (f"; the storage root has them only for {'; '.join(present)}, which is never mixed in" if present else "")
             + f": {fix}")
-    digests = shard_digests(storage)
     parts, stale = [], []
     for shard in shards:
         part, meta = read_embeddings(storage, embeddings_key(identity, encoder_id, shard))
-        if digests and meta.get("manifest_digest") != digests.get(shard):
+        if not embeddings_match_features(storage, meta, encoder_id, shard):
             stale.append(shard)
         parts.append(part)
     if stale:
-        raise IdentityError(f"training_embeddings for {identity} of shard(s) {stale} were made from other training_manifest "
-                            f"rows than the current ones: re-materialize training_features and training_embeddings for "
-                            f"them (`tda prepare`, or the UI)")
+        raise IdentityError(f"training_embeddings for {identity} of shard(s) {stale} were made from other training_features "
+                            f"than the current ones: re-materialize training_embeddings for them (`tda prepare`, or the UI)")
     return Embeddings([i for p in parts for i in p.item_ids],
                       {name: torch.cat([p.matrices[name] for p in parts]) for name in parts[0].matrices})
