@@ -7,7 +7,7 @@ from dagster_k8s.job import get_user_defined_k8s_config
 from tda_assets.definitions import build_definitions
 
 GPU_ASSETS = ["training_features", "checkpoint", "fisher_diagonal", "baseline_losses", "query_clips",
-              "unlearned_model", "unlearned_losses", "similarity_scores", "training_gradients"]
+              "unlearned_model", "unlearned_losses", "similarity_scores", "training_gradients", "training_embeddings"]
 
 
 @pytest.mark.parametrize("executor", ["in_process", "multiprocess", "k8s"])
@@ -28,6 +28,8 @@ def test_lineage_runs_checkpoint_to_baseline_to_unlearned_to_attribution(tmp_pat
     assert {"checkpoint", "fisher_diagonal", "training_features"} <= parents("training_gradients")
     assert "training_gradients" in parents("attribution_scores")  # method linearized
     assert {"similarity_scores", "training_gradients"} <= parents("unlearned_losses")  # two_stage's cheap signals
+    assert parents("training_embeddings") == {"checkpoint", "training_features"}
+    assert "training_embeddings" in parents("similarity_scores")
 
 
 def test_gpu_assets_carry_the_gpu_pool_and_k8s_gpu_request(tmp_path):
@@ -42,7 +44,8 @@ def test_gpu_assets_carry_the_gpu_pool_and_k8s_gpu_request(tmp_path):
 
 def test_partitions_are_shards_queries_and_query_by_config(tmp_path):
     graph = build_definitions(str(tmp_path)).resolve_asset_graph()
-    assert graph.get(AssetKey("baseline_losses")).partitions_def.get_partition_keys()[0] == "shard-00"
+    for name in ("training_features", "baseline_losses", "training_embeddings"):
+        assert graph.get(AssetKey(name)).partitions_def.get_partition_keys()[0] == "shard-00", name
     assert graph.get(AssetKey("training_gradients")).partitions_def == graph.get(AssetKey("baseline_losses")).partitions_def
     assert graph.get(AssetKey("query_clips")).partitions_def.name == "queries"
     for name in ("unlearned_model", "unlearned_losses", "attribution_scores"):

@@ -30,7 +30,8 @@ ARTISTS, CLIPS, K = 3, 4, 16
 N = ARTISTS * CLIPS
 QUERY = "demo-artist-00"
 LR = 100.0
-FULL = UnlearningConfig(config_id="full", lr=LR)
+FIXED = {"target_ratio": None, "score_type": "mean_delta"}  # a fixed step ranked by mean ΔL: what the linearized score estimates
+FULL = UnlearningConfig(config_id="full", lr=LR, **FIXED)
 TINY = 0.001  # the step scaled to lr 0.1: there the exact score is linear (measured at 12 items, 60 training steps:
 # Spearman of the linearized score with the exact one 0.96 at ×0.001, 0.71 at ×0.01, 0.52 at the step itself; the
 # unsketched store gave the same figures, 0.76 at ×0.01, so the gap is the model's curvature, not the sketch)
@@ -62,7 +63,7 @@ def checks(result) -> dict:
 
 def test_two_stage_with_every_item_a_candidate_at_all_draws_ranks_as_the_full_rescore(product):
     runner, store = product
-    every = UnlearningConfig(config_id="ts-every", lr=LR, stage="two_stage", candidates=1.0, first_draws=K)
+    every = UnlearningConfig(config_id="ts-every", lr=LR, **FIXED, stage="two_stage", candidates=1.0, first_draws=K)
     result = runner.attribute_config(QUERY, every)
     assert all(e.passed for e in checks(result).values())
     full, staged = scores(store, "full"), scores(store, "ts-every")
@@ -74,7 +75,7 @@ def test_two_stage_with_every_item_a_candidate_at_all_draws_ranks_as_the_full_re
 
 def test_two_stage_rescores_the_candidates_marks_its_rows_and_passes_its_checks(product):
     runner, store = product
-    config = UnlearningConfig(config_id="ts", lr=LR, stage="two_stage", candidates=3, first_draws=4, keep=0.5, min_keep=2)
+    config = UnlearningConfig(config_id="ts", lr=LR, **FIXED, stage="two_stage", candidates=3, first_draws=4, keep=0.5, min_keep=2)
     result = runner.attribute_config(QUERY, config)
     evaluations = checks(result)
     assert set(evaluations) == {"query_loss_raised", "losses_finite_and_complete", "one_row_per_training_item"}
@@ -131,7 +132,7 @@ def exact_scores_at(runner, delta: dict, scale: float) -> tuple[list[str], np.nd
 
 def test_a_linearized_configuration_writes_linearized_rows_that_order_items_as_the_exact_score_at_a_tiny_step(product):
     runner, store = product
-    config = UnlearningConfig(config_id="lin", lr=LR, method="linearized")  # sketch k 4096, D ≈ 1.2 M
+    config = UnlearningConfig(config_id="lin", lr=LR, **FIXED, method="linearized")  # sketch k 4096, D ≈ 1.2 M
     result = runner.attribute_config(QUERY, config)  # builds the gradient store on demand, then attributes
     evaluations = checks(result)
     assert all(e.passed for e in evaluations.values())
@@ -157,7 +158,7 @@ def test_a_linearized_configuration_writes_linearized_rows_that_order_items_as_t
 
 def test_a_mismatched_gradient_store_is_refused_naming_what_is_needed_and_the_fix(product):
     runner, store = product
-    other = UnlearningConfig(config_id="lin-k64", lr=LR, method="linearized", sketch_k=64)
+    other = UnlearningConfig(config_id="lin-k64", lr=LR, **FIXED, method="linearized", sketch_k=64)
     runner.add_partitions(QUERY, other.config_id)
     with pytest.raises(Exception, match=r"training_gradients all-unmasked-k64-s0-d0p1 for checkpoint .* are missing for "
                                         r"shard\(s\).*the storage root has all-unmasked-k4096.*materialize "
@@ -165,12 +166,12 @@ def test_a_mismatched_gradient_store_is_refused_naming_what_is_needed_and_the_fi
         runner.run(UNLEARNING_ASSETS, query_config_key(QUERY, other.config_id), unlearning_run_config(other))
     # a store of the right key but built with another Fisher (re-estimated since) is refused too
     ident = identity(runner)
-    spec = GradientSpec.for_settings(UnlearningConfig(method="linearized").settings())
+    spec = GradientSpec.for_settings(UnlearningConfig(method="linearized", **FIXED).settings())
     shard_key = gradients_key(ident, spec, list_keys(store, "training_features")[0]["shard"])
     tensors, meta = store.read_tensors(shard_key)
     try:
         store.write_tensors(shard_key, tensors, {**meta, "fisher_digest": "0000"})
-        lin = UnlearningConfig(config_id="lin", lr=LR, method="linearized")
+        lin = UnlearningConfig(config_id="lin", lr=LR, **FIXED, method="linearized")
         with pytest.raises(Exception, match=r"preconditioned with another Fisher.*materialize training_gradients"):
             runner.run(UNLEARNING_ASSETS, query_config_key(QUERY, "lin"), unlearning_run_config(lin))
     finally:

@@ -105,7 +105,7 @@ def test_every_table_and_the_corpus_live_in_the_bucket(s3_run):
     tops = {key.split("/", 1)[0] for key in store.listing()}
     assert tops >= {"corpus", "training_manifest", "training_features", "checkpoint", "fisher_diagonal", "baseline_losses",
                     "inbox", "queries", "query_clips", "unlearning_configs", "unlearned_model", "unlearning_runs",
-                    "unlearned_losses", "attribution_scores", "similarity_scores"}
+                    "unlearned_losses", "attribution_scores", "similarity_scores", "training_embeddings"}
     manifest = read_table(store, "training_manifest")
     assert manifest["audio_uri"].str.starts_with(store.uri("corpus/")).all()  # the corpus clips live in the bucket too
 

@@ -32,6 +32,7 @@ def test_parquet_and_tensors_round_trip(s3_root):
     storage.write_tensors("deltas/q.safetensors", {"w": torch.ones(2, 2)}, metadata={"config_id": "default"})
     tensors, meta = storage.read_tensors("deltas/q.safetensors")
     assert torch.equal(tensors["w"], torch.ones(2, 2)) and meta == {"config_id": "default"}
+    assert storage.read_tensors_metadata("deltas/q.safetensors") == {"config_id": "default"}  # ranged reads of the header
     assert storage.local_path(KEY) is None
 
 

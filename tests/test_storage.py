@@ -91,6 +91,7 @@ def test_safetensors_round_trip_with_metadata(storage):
     assert uri == storage.local_path("deltas/q1/default.safetensors")
     assert meta == {"param_subset": "all"}
     assert set(got) == {"w", "b"} and torch.equal(got["w"], tensors["w"]) and torch.equal(got["b"], tensors["b"])
+    assert storage.read_tensors_metadata("deltas/q1/default.safetensors") == {"param_subset": "all"}  # the header only
 
 
 def test_rewriting_one_partition_leaves_the_others_untouched(storage):

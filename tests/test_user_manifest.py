@@ -196,6 +196,7 @@ def test_a_skipped_item_gets_no_attribution_row_and_the_row_check_still_passes(m
     runner.run(["fisher_diagonal"])
     for shard in SHARD_KEYS:
         runner.run(["baseline_losses"], shard)
+        runner.run(["training_embeddings"], shard)
     add_query(Storage(str(root)), "a bright plucked melody", query_id="q1")
     assert runner.requested_queries() == ["q1"]
     result = runner.attribute("q1", UnlearningConfig(lr=100.0))
@@ -203,3 +204,5 @@ def test_a_skipped_item_gets_no_attribution_row_and_the_row_check_still_passes(m
     assert rows.passed and rows.metadata["rows"].value == rows.metadata["training_items"].value == len(ITEMS) - 1
     scored = read_table(Storage(str(root)), "attribution_scores", query_id="q1", config_id="default")
     assert BAD not in scored["item_id"].to_list() and sorted(scored["rank"]) == list(range(1, len(ITEMS)))
+    similar = read_table(Storage(str(root)), "similarity_scores", query_id="q1", method="similarity:internal")
+    assert sorted(similar["item_id"]) == sorted(scored["item_id"])  # the stored embeddings skip it too

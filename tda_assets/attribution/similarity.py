@@ -56,6 +56,17 @@ def internal_embedding(adapter: DiTAdapter, batch: ItemBatch, protocol: LossProt
     return acts.view(b, draws, -1).mean(dim=1).cpu()
 
 
+def embeddings(adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, compute: Compute) -> dict[str, torch.Tensor]:
+    """Every similarity embedding of a batch, by name (`EMBEDDINGS`): audio, text and internal, each [b, D] float32 on CPU."""
+    return {"audio": audio_embedding(batch), "text": text_embedding(batch),
+            "internal": internal_embedding(adapter, batch, protocol, compute)}
+
+
+def embedding_scores(query: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Cosine scores [N] per embedding of a query's embeddings [w, D] (its windows pooled by the mean) against items' [N, D]."""
+    return {name: cosine_scores(query[name].mean(0), items[name]) for name in EMBEDDINGS}
+
+
 def cosine_scores(query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
     """Cosine similarity of one query embedding [D] (or [1, D]) with item embeddings [N, D]."""
     q = torch.nn.functional.normalize(query.reshape(1, -1).float(), dim=1)

@@ -26,7 +26,7 @@ from tda_assets.defs.partitions import SHARD_KEYS, configs, queries, query_confi
 from tda_assets.defs.query_runs import run_tags
 from tda_assets.defs.sensors import CLIP_ASSETS, attribute_config_job, query_clip_job, query_inbox_sensor, query_of
 from tda_assets.attribution.gradients import GradientSpec
-from tda_assets.io.artifacts import Identity, manifest_digest, read_features
+from tda_assets.io.artifacts import Identity, embeddings_key, embeddings_match_features, manifest_digest, read_features
 from tda_assets.io.gradients import missing_gradient_shards
 from tda_assets.io.checkpoints import embedded_checkpoint_id, read_checkpoint_record
 from tda_assets.io.registry import key
@@ -37,7 +37,24 @@ from tda_assets.models.sources import ModelSource
 
 CODE_LOCATION = ReconstructableRepository.for_module("tda_assets.definitions", "from_environment")  # rebuilt per process
 ASSET_JOB = "__ASSET_JOB"  # the code location's implicit job of every asset, subset per run
-TRAINING_PHASES = ("training_manifest", "training_features", "checkpoint", "fisher_diagonal", "baseline_losses")
+TRAINING_PHASES = ("training_manifest", "training_features", "checkpoint", "fisher_diagonal", "baseline_losses",
+                   "training_embeddings")
+
+
+PHASE_NEEDS = {  # the training phases each phase reads: it runs again whenever one of them does
+    "training_manifest": (), "training_features": ("training_manifest",), "checkpoint": ("training_features",),
+    "fisher_diagonal": ("checkpoint",), "baseline_losses": ("training_features", "checkpoint"),
+    "training_embeddings": ("training_features", "checkpoint"),
+}
+
+
+def phases_to_run(have: dict[str, bool]) -> set[str]:
+    """The training phases to run: those not current (`have`) and every phase downstream of one that runs."""
+    run: set[str] = set()
+    for name in TRAINING_PHASES:  # in dependency order
+        if not have[name] or any(need in run for need in PHASE_NEEDS[name]):
+            run.add(name)
+    return run
 
 
 def with_console_level(run_config: RunConfig | dict | None, log_level: str) -> dict:
@@ -52,8 +69,9 @@ def current_training_phases(store: Storage, source: ModelSource, protocol_id: st
     """Which training phases' outputs exist under the storage root *with the identity they would have now*.
 
     Features must come from the current encoders and the current manifest rows; the checkpoint must be the one
-    the model source names (for the embedded model: trained on these features with these settings); the Fisher
-    and every shard's baseline losses must be of that checkpoint and protocol.
+    the model source names (for the embedded model: trained on these features with these settings); the Fisher,
+    every shard's baseline losses and every shard's training embeddings (made from its current features) must be of
+    that checkpoint and protocol.
     """
     have = dict.fromkeys(TRAINING_PHASES, False)
     if not table_exists(store, "training_manifest"):
@@ -84,6 +102,14 @@ def current_training_phases(store: Storage, source: ModelSource, protocol_id: st
     identity = Identity(record.checkpoint_id, protocol_id)
     have["fisher_diagonal"] = store.exists(key("fisher_diagonal", **identity.keys()))
     have["baseline_losses"] = all(table_exists(store, "baseline_losses", **identity.keys(), shard=s) for s in SHARD_KEYS)
+
+    def embeddings_current(shard: str) -> bool:
+        k = embeddings_key(identity, encoder_id, shard)
+        if not store.exists(key("training_features", encoder_id=encoder_id, shard=shard)):  # empty: nothing to embed
+            return not store.exists(k)
+        return store.exists(k) and embeddings_match_features(store, store.read_tensors_metadata(k), encoder_id, shard)
+
+    have["training_embeddings"] = all(map(embeddings_current, SHARD_KEYS))
     return have
 
 
@@ -171,7 +197,8 @@ class Runner:
         self.log(f"    {name}: {self.timings[name]:.1f}s")
 
     def training_side(self, manifest_config: dict | None = None, skip: frozenset[str] = frozenset()) -> None:
-        """Manifest, features of every shard, checkpoint, Fisher and baseline losses of every shard (minus `skip`)."""
+        """Manifest, features of every shard, checkpoint, Fisher, baseline losses and training embeddings of every shard
+        (minus `skip`)."""
         cfg = {"ops": {"training_manifest": {"config": manifest_config}}} if manifest_config else None
         phases = {
             "training_manifest": lambda: self.run(["training_manifest"], run_config=cfg),
@@ -179,6 +206,7 @@ class Runner:
             "checkpoint": lambda: self.run(["checkpoint"]),
             "fisher_diagonal": lambda: self.run(["fisher_diagonal"]),
             "baseline_losses": lambda: [self.run(["baseline_losses"], s) for s in SHARD_KEYS],
+            "training_embeddings": lambda: [self.run(["training_embeddings"], s) for s in SHARD_KEYS],
         }
         for name in TRAINING_PHASES:
             if name not in skip:
@@ -188,7 +216,7 @@ class Runner:
         """The training side, skipping the phases whose outputs exist with their current identity.
 
         A given manifest config is always read again (its file may have changed); once a phase must run, every
-        later phase runs too (they depend on it).
+        phase that depends on it runs too (`PHASE_NEEDS`), and no other.
         """
         if manifest_config:
             self.training_side(manifest_config, skip=frozenset(TRAINING_PHASES[1:]))
@@ -197,8 +225,7 @@ class Runner:
         if all(have.values()):
             self.log(f"==> training side: already materialized (checkpoint {read_checkpoint_record(self.storage).checkpoint_id}), skipped")
             return
-        first_missing = next(i for i, name in enumerate(TRAINING_PHASES) if not have[name])
-        self.training_side(manifest_config, skip=frozenset(TRAINING_PHASES[:first_missing]))
+        self.training_side(manifest_config, skip=frozenset(TRAINING_PHASES) - phases_to_run(have))
 
     def sensor_tick(self) -> list[RunRequest]:
         """Evaluate the inbox sensor once: add its partitions and return its run requests."""

@@ -1,7 +1,7 @@
 """The engine's cached inputs and outputs under the storage root, each pinned to its identity.
 
 Training features by the encoders they came from (`encoder_id`); baseline and unlearned losses by
-`checkpoint_id` and `protocol_id`. A reader asked for one identity never returns another's artifact: it
+`checkpoint_id` and `protocol_id`; training embeddings by all three. A reader asked for one identity never returns another's artifact: it
 raises `IdentityError`, which names the identity asked for, the ones present, and the fix.
 """
 
@@ -23,6 +23,7 @@ from .storage import Storage
 from .tables import list_keys, read_tables
 
 COND_PREFIX = "cond."
+EMBEDDING_PREFIX = "embedding."
 
 
 class IdentityError(FileNotFoundError):
@@ -192,3 +193,69 @@ def read_unlearned(storage: Storage, identity: Identity, query_id: str, config_i
 def baseline_item_ids(baseline: pl.DataFrame) -> list[str]:
     """The training items that have baseline losses: the manifest's items minus any skipped as bad."""
     return baseline["item_id"].unique(maintain_order=True).to_list()
+
+
+# embeddings ------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Embeddings:
+    """Training items' similarity embeddings: their ids and one [N, D] matrix per embedding name, rows in id order."""
+
+    item_ids: list[str]
+    matrices: dict[str, torch.Tensor]
+
+
+def embeddings_key(identity: Identity, encoder_id: str, shard: str) -> str:
+    """The key of one shard's training embeddings under this identity and these encoders."""
+    return key("training_embeddings", **identity.keys(), encoder_id=encoder_id, shard=shard)
+
+
+def write_embeddings(storage: Storage, key_: str, embeddings: Embeddings, meta: dict[str, str]) -> str:
+    """One shard's embeddings as one safetensors file (a float32 matrix per name); item ids and `meta` in its metadata."""
+    n = len(embeddings.item_ids)
+    bad = {name: tuple(m.shape) for name, m in embeddings.matrices.items() if m.ndim != 2 or m.shape[0] != n}
+    if bad:
+        raise ValueError(f"embeddings for {key_}: every matrix must be [{n}, D] (one row per item id), got {bad}")
+    tensors = {EMBEDDING_PREFIX + name: m.float().contiguous() for name, m in embeddings.matrices.items()}
+    return storage.write_tensors(key_, tensors, {**meta, "item_ids": json.dumps(embeddings.item_ids)})
+
+
+def read_embeddings(storage: Storage, key_: str) -> tuple[Embeddings, dict[str, str]]:
+    """The embeddings written by `write_embeddings`, and the file's other metadata."""
+    tensors, meta = storage.read_tensors(key_)
+    matrices = {k[len(EMBEDDING_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMBEDDING_PREFIX)}
+    return Embeddings(json.loads(meta["item_ids"]), matrices), meta
+
+
+def embeddings_match_features(storage: Storage, embeddings_meta: dict[str, str], encoder_id: str, shard: str) -> bool:
+    """Whether embeddings (their file's metadata) were made from the shard's current features: the same items, made from
+    the same manifest rows (reads the features file's header only)."""
+    features = storage.read_tensors_metadata(key("training_features", encoder_id=encoder_id, shard=shard))
+    return all(embeddings_meta.get(k) == features.get(k) for k in ("item_ids", "manifest_digest"))
+
+
+def read_training_embeddings(storage: Storage, identity: Identity, encoder_id: str) -> Embeddings:
+    """Every shard's training embeddings of this identity, in shard order.
+
+    IdentityError naming the identity, the ones present and the fix when a shard with training features has none, or
+    has some made from other features than its current ones (a changed corpus under the same external checkpoint).
+    """
+    shards = feature_shards(storage, encoder_id)
+    fix = "materialize training_embeddings for every shard (`tda prepare`, or the UI)"
+    missing = [s for s in shards if not storage.exists(embeddings_key(identity, encoder_id, s))]
+    if missing or not shards:
+        present = [i for i in _identities(storage, "training_embeddings", encoder_id=encoder_id) if i != str(identity)]
+        raise IdentityError(
+            f"training_embeddings for {identity} (encoders {encoder_id}) are missing for shard(s) {missing or 'all'}"
+            + (f"; the storage root has them only for {'; '.join(present)}, which is never mixed in" if present else "")
+            + f": {fix}")
+    parts, stale = [], []
+    for shard in shards:
+        part, meta = read_embeddings(storage, embeddings_key(identity, encoder_id, shard))
+        if not embeddings_match_features(storage, meta, encoder_id, shard):
+            stale.append(shard)
+        parts.append(part)
+    if stale:
+        raise IdentityError(f"training_embeddings for {identity} of shard(s) {stale} were made from other training_features "
+                            f"than the current ones: re-materialize training_embeddings for them (`tda prepare`, or the UI)")
+    return Embeddings([i for p in parts for i in p.item_ids],
+                      {name: torch.cat([p.matrices[name] for p in parts]) for name in parts[0].matrices})

@@ -140,6 +140,10 @@ _ENTRIES = [
     Entry("baseline_losses", f"baseline_losses/checkpoint_id={{checkpoint_id}}/protocol_id={{protocol_id}}/shard={{shard}}/{PART}", {
         "item_id": "str", "draw": "i32", "t": "f32", "loss": "f32", "loss_masked": "f32"},
         identity=IDENTITY, description="L0_ik for every item and draw of one shard"),
+    Entry("training_embeddings",
+          "training_embeddings/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/encoder_id={encoder_id}/shard={shard}"
+          "/embeddings.safetensors", identity=(*IDENTITY, "encoder_id"),
+          description="item ids and the audio, text and internal (denoiser at the protocol's shared draws) embeddings of one shard"),
     # queries
     Entry("inbox", "inbox/{name}", description="query files (`<query_id>.txt` or `.json`)"),
     Entry("upload", "uploads/{name}", description="a user's clip copied into the storage root by `tda attribute --audio`"),

@@ -184,6 +184,13 @@ class Storage:
         metadata = json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
         return load(data), metadata
 
+    def read_tensors_metadata(self, key: str) -> dict[str, str]:
+        """The metadata of a safetensors file, reading only its header (StorageError naming it when missing)."""
+        path = self._path(key)
+        with self._errors(key, "read"):
+            (n,) = struct.unpack("<Q", self.fs.cat_file(path, start=0, end=8))
+            return json.loads(self.fs.cat_file(path, start=8, end=8 + n)).get("__metadata__", {}) or {}
+
     # folders ---------------------------------------------------------------------------------------------
     def put_dir(self, local_dir: str | Path, key: str) -> str:
         """Copy a local folder to the key (replacing it); `_SUCCESS` is written last. Returns the URI."""

@@ -31,7 +31,7 @@ from tda_assets.attribution.losses import stream_losses
 from tda_assets.attribution.scores import attribution_scores as score_items
 from tda_assets.attribution.multifidelity import signal_ranks, staged_scores, two_stage, unlearned_losses_fn
 from tda_assets.attribution.scores import positive_shares, rank_descending, ranking_score
-from tda_assets.attribution.similarity import audio_embedding, cosine_scores, internal_embedding, text_embedding
+from tda_assets.attribution.similarity import embedding_scores, embeddings
 from tda_assets.attribution.unlearn import unlearn
 from tda_assets.data.audio import LONG_CLIP_POLICY, MAX_QUERY_WINDOWS, decode_clip, query_windows
 from tda_assets.data.inbox import read_query
@@ -53,6 +53,7 @@ from tda_assets.io.artifacts import (
     partial_loss_matrix,
     query_batch,
     read_baseline,
+    read_training_embeddings,
     read_unlearned,
     require,
     write_features,
@@ -315,8 +316,11 @@ def _linearized_scores(lin: np.ndarray, l0: np.ndarray, score_type: str) -> dict
             "draws_used": np.zeros(len(lin), dtype=np.int64)}
 
 
-@asset(group_name="attribution", partitions_def=queries, deps=[AssetKey("query_clips"), AssetKey("checkpoint")], **GPU,
-       description="Similarity attribution of one query: cosine similarity on audio, text and internal (denoiser) embeddings.")
+@asset(group_name="attribution", partitions_def=queries, **GPU,
+       deps=[AssetKey("query_clips"), AssetKey("checkpoint"),
+             AssetDep(AssetKey("training_embeddings"), partition_mapping=AllPartitionMapping())],
+       description="Similarity attribution of one query: cosine similarity on audio, text and internal (denoiser) embeddings, "
+                   "against the stored training_embeddings of the current checkpoint and protocol.")
 def similarity_scores(
     context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource,
     compute: ComputeResource, protocol: LossProtocolResource,
@@ -324,24 +328,13 @@ def similarity_scores(
     qid = context.partition_key
     step = model_step(storage, model_source, compute, protocol)
     store, record, identity = step.store, step.record, step.identity
-    query = query_batch(store, qid, record.encoder_id)
-    embed = {
-        "audio": audio_embedding,
-        "text": text_embedding,
-        "internal": lambda b: internal_embedding(step.adapter, b, step.protocol, step.compute),
-    }
-    item_ids: list[str] = []
-    item_embs: dict[str, list[torch.Tensor]] = {name: [] for name in embed}
-    for batch in iter_training_batches(store, record.encoder_id, 64):
-        item_ids.extend(batch.item_ids)
-        for name, fn in embed.items():
-            item_embs[name].append(fn(batch))
+    items = read_training_embeddings(store, identity, record.encoder_id)  # this identity's, or an IdentityError with the fix
+    query = embeddings(step.adapter, query_batch(store, qid, record.encoder_id), step.protocol, step.compute)
     meta = {}
-    for name, fn in embed.items():
-        score = cosine_scores(fn(query).mean(0), torch.cat(item_embs[name])).numpy().astype(np.float64)  # windows pooled
-        method = f"similarity:{name}"
-        df = pl.DataFrame({"item_id": item_ids, "score": score, "rank": rank_descending(score), "share": positive_shares(score),
-                           **identity.keys()})
-        write_table(store, "similarity_scores", df, query_id=qid, method=method)
+    for name, score in embedding_scores(query, items.matrices).items():  # the query's windows pooled
+        score = score.numpy().astype(np.float64)
+        df = pl.DataFrame({"item_id": items.item_ids, "score": score, "rank": rank_descending(score),
+                           "share": positive_shares(score), **identity.keys()})
+        write_table(store, "similarity_scores", df, query_id=qid, method=f"similarity:{name}")
         meta[f"top_5_{name}"] = _top_table(_top_items(store, df))
-    return MaterializeResult(metadata={"rows_per_method": len(item_ids), **identity.keys(), **meta})
+    return MaterializeResult(metadata={"rows_per_method": len(items.item_ids), **identity.keys(), **meta})
