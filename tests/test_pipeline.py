@@ -126,7 +126,7 @@ def test_a_second_configuration_lands_beside_the_default(pipeline):
 
 def test_a_config_partition_launched_without_run_config_runs_its_recorded_settings(pipeline):
     runner, store, _ = pipeline
-    record_config(store, UnlearningConfig(config_id="lr20", lr=20.0))
+    record_config(store, UnlearningConfig(config_id="lr20", lr=20.0, target_ratio=None))  # a fixed step
     runner.add_partitions("demo-artist-00", "lr20")
     runner.run(UNLEARNING_ASSETS, query_config_key("demo-artist-00", "lr20"))  # as the UI launches it
     assert read_table(store, "unlearning_runs", query_id="demo-artist-00", config_id="lr20")["lr_used"].item() == 20.0
