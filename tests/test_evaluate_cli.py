@@ -51,7 +51,8 @@ def test_evaluate_prints_the_grid_consistency_agreement_and_counterfactual(evalu
     _, out, _ = evaluated
     for heading in ("Grid runs per configuration", "Consistency between configurations and seed reruns",
                     "most consistent configuration:", "Agreement of unlearning with each similarity method",
-                    "Counterfactual check", "Self-influence", "Replication detection", "Figures per configuration",
+                    "Counterfactual check", "Verdict per query", "Self-influence",
+                    "Replication detection", "Figures per configuration",
                     "Wall time by phase"):
         assert heading in out, heading
 
@@ -72,7 +73,10 @@ def test_evaluate_fills_the_tables(evaluated):
     table = engine.named("consistency_table")
     seed_pairs = table.filter(table["pair"] == "seed rerun").select("left", "right").rows()
     assert seed_pairs == [("unlearning:default", "unlearning:rerun-seed1")]
-    assert engine.sql("select count(*) from counterfactual").item() == 2
+    # one query: its top-2 and 3 random removals, retrained the checkpoint's 60 steps (under the 400 cap: no full retrain)
+    assert engine.sql("select removal, count(*) from counterfactual group by all order by 1").rows() == [
+        ("attributed", 1), ("random", 3)]
+    assert engine.sql("select distinct train_steps, full_model from counterfactual").rows() == [(60, "checkpoint")]
     # newton-target is not in this grid: only default is judged, on 3 targets
     assert engine.sql("select config_id, count(*) from self_influence group by all").rows() == [("default", 3)]
     assert engine.sql("select count(*) from replication").item() == 4

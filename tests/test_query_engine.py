@@ -85,9 +85,16 @@ def write_tiny_dataset(storage: Storage) -> None:
         write_table(storage, "baseline_losses", losses, shard=shard, checkpoint_id="c", protocol_id="p")
     write_table(storage, "consistency", pl.DataFrame(CONSISTENCY, schema=["query_id", "left", "right", "metric", "k", "value"], orient="row")
                 .with_columns(**IDENTITY))
-    counterfactual = row(query_id="0012", removal="attributed", k=2, query_loss_full=1.0, query_loss_removed=1.2,
-                         loss_rise=0.2, relative_rise=0.2, removed_of_target_artist=2, removed_items="a,b",
-                         config_id="default", train_steps=100, full_model="checkpoint", query_draws=64, **IDENTITY_VALUES)
+    # query 0012: the attributed removal raised its loss by 0.2; three random ones by 0.01, 0.02, 0.03 (mean 0.02,
+    # sd 0.01, floor 0.04): it passes. Query q2: 0.03 against the same random rises: it does not.
+    removals = [("attributed", None, 0.2), ("random", 0, 0.01), ("random", 1, 0.02), ("random", 2, 0.03)]
+    counterfactual = pl.concat([
+        row(query_id=q, removal=removal, removal_seed=seed, k=2, query_loss_full=1.0, query_loss_removed=1.0 + rise,
+            loss_rise=rise, relative_rise=rise, removed_of_target_artist=2, removed_items="a,b", config_id="default",
+            train_steps=100, full_model="checkpoint", query_draws=64, random_rise_mean=0.02, random_rise_sd=0.01,
+            noise_floor=0.04, floor_sds=2.0, passed=q == "0012", **IDENTITY_VALUES)
+        for q, attributed in (("0012", 0.2), ("q2", 0.03))
+        for removal, seed, rise in [("attributed", None, attributed), *removals[1:]]], how="diagonal_relaxed")
     write_table(storage, "counterfactual", counterfactual)
 
 
@@ -101,7 +108,7 @@ def engine(tmp_path) -> QueryEngine:
 def test_views_return_the_rows(engine):
     assert engine.table_counts() == {
         "training_items": 6, "baseline_losses": 2, "queries": 2, "unlearning_configs": 1, "unlearning_runs": 2,
-        "unlearned_losses": 12, "attributions": 24, "consistency": 6, "counterfactual": 1, "self_influence": 0,
+        "unlearned_losses": 12, "attributions": 24, "consistency": 6, "counterfactual": 8, "self_influence": 0,
         "replication": 0,
     }
 
@@ -211,6 +218,14 @@ def test_consistency_table_one_row_per_unordered_pair(engine):
     assert df["spearman"].to_list()[0] == pytest.approx(0.3) and df["spearman"].to_list()[1] is None
 
 
+def test_counterfactual_verdicts_one_row_per_query_and_the_share(engine):
+    df = engine.named("counterfactual_verdicts")
+    assert df.select("query_id", "random_removals", "passed", "share_passing").rows() == [
+        ("0012", 3, True, 1.0), ("q2", 3, False, 0.0), ("(all)", 6, False, 0.5)]  # half is not a majority
+    assert df["attributed_rise"].to_list()[:2] == pytest.approx([0.2, 0.03])
+    assert df["noise_floor"].to_list()[:2] == pytest.approx([0.04, 0.04])
+
+
 def test_bad_sql_raises_query_engine_error_naming_the_query(engine):
     with pytest.raises(QueryEngineError, match=r"(?s)nosuchcolumn.*SELECT nosuchcolumn FROM queries"):
         engine.sql("SELECT nosuchcolumn FROM queries")
@@ -266,3 +281,4 @@ def test_report_seed_reruns_exclude_identical_configurations():
     groups = {"default": ("fields", 0), "seed1": ("fields", 1), "copy": ("fields", 0), "lr100": ("other", 1)}
     assert is_seed_rerun(groups, "default", "seed1")
     assert not is_seed_rerun(groups, "default", "copy") and not is_seed_rerun(groups, "seed1", "lr100")
+
