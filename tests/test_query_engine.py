@@ -282,3 +282,33 @@ def test_report_seed_reruns_exclude_identical_configurations():
     assert is_seed_rerun(groups, "default", "seed1")
     assert not is_seed_rerun(groups, "default", "copy") and not is_seed_rerun(groups, "seed1", "lr100")
 
+
+def add_query_with_unlearning(storage: Storage, q: str, target: str | None, scores: list[float]) -> None:
+    query = row(prompt="p", seed=1, audio_uri=f"q/{q}.wav", target_artist=target, encoder_id="e", generated_by=None,
+                source_rate=16000, source_channels=1, seconds=4.096, windows=1)
+    write_table(storage, "queries", query, query_id=q)
+    unlearning = ranked(scores).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score",
+                                             mean_delta="score", score_type=pl.lit("mean_delta"), **IDENTITY)
+    write_table(storage, "attribution_scores", unlearning, query_id=q, config_id="default")
+
+
+def test_cross_query_overlap_known_values_in_sql_and_in_the_report(engine):
+    from tda_assets.defs.assets.reports import cross_query_rows, score_vectors
+    from tda_assets.io.artifacts import Identity
+
+    # top-3 of `default`: 0012 (A) {i1, i2, i3}, q2 (B) {i3, i4, i6}; q3 (A, like 0012) {i4, i5, i6};
+    # u (a user's query, no target artist) {i1, i2, i3}: left out, else it would pair with q2 and q3
+    add_query_with_unlearning(engine.storage, "q3", "A", [0.0, 0.0, 0.0, 0.9, 0.8, 0.7])
+    add_query_with_unlearning(engine.storage, "u", None, UNLEARNING["0012"])
+    # pairs of different artists: 0012–q2 1/5, q2–q3 2/4 (0012–q3 share artist A): mean 0.35 over 2 pairs.
+    # similarity:audio (0012 and q2 only): {i3, i1, i6} vs {i4, i5, i3} = 1/5 over 1 pair
+    df = engine.named("cross_query_overlap", k=3)
+    assert df.select("ranking", "k", "query_pairs", "queries").rows() == [
+        ("similarity:audio", 3, 1, 2), ("unlearning:default", 3, 2, 3)]
+    assert df["cross_query_jaccard"].to_list() == pytest.approx([0.2, 0.35])
+    rows = cross_query_rows(score_vectors(engine.storage, Identity("c", "p")),
+                            {"0012": "A", "q2": "B", "q3": "A", "u": None}, k=3)
+    assert rows == [{"ranking": "similarity:audio", "cross_query_jaccard_3": 0.2, "query_pairs": 1, "queries": 2},
+                    {"ranking": "unlearning:default", "cross_query_jaccard_3": 0.35, "query_pairs": 2, "queries": 3}]
+    # at the default k = 10 every one of the 6 items is in every top-10: the overlap is total
+    assert engine.named("cross_query_overlap")["cross_query_jaccard"].to_list() == pytest.approx([1.0, 1.0])

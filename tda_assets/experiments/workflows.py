@@ -253,6 +253,9 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
         print("\nMean Jaccard@10 per configuration (with its seed reruns, with the other configurations):")
         print_frame(pl.DataFrame(per_config))
         print(f"most consistent configuration: {per_config[0]['config_id']}")
+    print("\nCross-query overlap (sql/cross_query_overlap.sql: mean Jaccard@10 between the top-10s of queries with different "
+          "target artists; high = the same items whatever the query):")
+    print_frame(engine.named("cross_query_overlap").drop("checkpoint_id", "protocol_id"))
     if judged:
         print(f"\nSelf-influence ({si_targets} k-means-chosen training items unlearned as their own queries; "
               "sql/self_influence_summary.sql; R = mean rank of the item itself, 1.0 = always first):")
