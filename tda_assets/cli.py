@@ -196,9 +196,11 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_grid)
     p = sub.add_parser("counterfactual", help="retrain without the top-k attributed / k random items (embedded default)")
     p.add_argument("--queries", help="comma-separated query ids (default: the first --n-queries with a target artist)")
-    p.add_argument("--n-queries", type=int, default=3)
+    p.add_argument("--n-queries", type=int, default=3,
+                   help="queries to check (default 3); each costs 1 + --random-removals retrains of --train-steps")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--train-steps", type=int, help="retraining steps (default: the checkpoint's TDA_TRAIN_STEPS)")
+    p.add_argument("--train-steps", type=int, help="retraining steps (default: the checkpoint's TDA_TRAIN_STEPS, so the "
+                                                   "checkpoint is the full model; fewer: one more retrain for it)")
     p.add_argument("--config-id", default="default")
     p.add_argument("--random-removals", type=int, help="random removals per query, each a retrain (default 3; their spread "
                                                        "is the noise floor the attributed removal must clear)")
