@@ -4,7 +4,7 @@ the overlap of one ranking's top-k across queries."""
 from __future__ import annotations
 
 import itertools
-from typing import Collection, Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 from scipy import stats
