@@ -53,9 +53,13 @@ CREATE OR REPLACE VIEW consistency AS
 SELECT query_id, "left", "right", metric, k, value, checkpoint_id, protocol_id
 FROM {table:consistency};
 
+-- One row per retrain: `removal` is `attributed` (the query's top-k) or `random` (k other items, `removal_seed`).
+-- Every row of a query carries its verdict: `noise_floor` = random_rise_mean + floor_sds · random_rise_sd, and
+-- `passed` = the attributed loss_rise is above it (sql/counterfactual_verdicts.sql: one row per query).
 CREATE OR REPLACE VIEW counterfactual AS
-SELECT query_id, removal, k, query_loss_full, query_loss_removed, loss_rise, relative_rise,
-       removed_of_target_artist, removed_items, config_id, train_steps, full_model, checkpoint_id, protocol_id
+SELECT query_id, removal, removal_seed, k, query_loss_full, query_loss_removed, loss_rise, relative_rise,
+       removed_of_target_artist, removed_items, config_id, train_steps, full_model, random_rise_mean, random_rise_sd,
+       noise_floor, floor_sds, passed, checkpoint_id, protocol_id
 FROM {table:counterfactual};
 
 -- The self-influence protocol: one row per configuration and target (a training item unlearned as its own query).

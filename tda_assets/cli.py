@@ -128,7 +128,8 @@ def cmd_grid(args: argparse.Namespace) -> int:
 def cmd_counterfactual(args: argparse.Namespace) -> int:
     from tda_assets.experiments import workflows
 
-    return workflows.counterfactual(args.queries, args.n_queries, args.k, args.train_steps, args.config_id, args.verbose)
+    return workflows.counterfactual(args.queries, args.n_queries, args.k, args.train_steps, args.config_id, args.verbose,
+                                    args.random_removals)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -196,10 +197,14 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_grid)
     p = sub.add_parser("counterfactual", help="retrain without the top-k attributed / k random items (embedded default)")
     p.add_argument("--queries", help="comma-separated query ids (default: the first --n-queries with a target artist)")
-    p.add_argument("--n-queries", type=int, default=3)
+    p.add_argument("--n-queries", type=int, default=3,
+                   help="queries to check (default 3); each costs 1 + --random-removals retrains of --train-steps")
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--train-steps", type=int, help="retraining steps (default: the checkpoint's TDA_TRAIN_STEPS)")
+    p.add_argument("--train-steps", type=int, help="retraining steps (default: the checkpoint's TDA_TRAIN_STEPS, so the "
+                                                   "checkpoint is the full model; fewer: one more retrain for it)")
     p.add_argument("--config-id", default="default")
+    p.add_argument("--random-removals", type=int, help="random removals per query, each a retrain (default 3; their spread "
+                                                       "is the noise floor the attributed removal must clear)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=cmd_counterfactual)
     p = sub.add_parser("evaluate", help="the paper's experiments on the embedded default: grid, consistency, similarity, counterfactual")
@@ -208,10 +213,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-file")
     p.add_argument("--force", action="store_true")
     p.add_argument("--cf-queries", type=int, default=env.cf_queries,
-                   help="queries of the counterfactual check (two retrains each; default 1 to fit 30 min on 2 cores; TDA_CF_QUERIES)")
+                   help="queries of the counterfactual check (four retrains each: top-k and 3 random removals; default 1 "
+                        "to fit 30 min on 2 cores; TDA_CF_QUERIES)")
     p.add_argument("--cf-k", type=int, default=10)
     p.add_argument("--cf-train-steps", type=int, default=env.cf_train_steps,
-                   help="retraining steps of the counterfactual check (default: the checkpoint's; TDA_CF_TRAIN_STEPS)")
+                   help="retraining steps of the counterfactual check (default: the checkpoint's, at most 400, to fit 30 "
+                        "min on 2 cores; TDA_CF_TRAIN_STEPS)")
     p.add_argument("--skip-counterfactual", action="store_true")
     p.add_argument("--si-configs", default="default,newton-fixed,newton-target",
                    help="configurations judged by the self-influence protocol (comma-separated; empty to skip)")

@@ -1,88 +1,176 @@
-"""The counterfactual check on a tiny embedded corpus: retrain without attributed / random items, table and check."""
+"""The counterfactual check on a tiny embedded corpus, with answers known in advance.
+
+The corpus holds an exact duplicate of one query: the query `planted-copy` is a training item's own audio and caption.
+Its attribution must put that item first, and retraining without its top-k (the duplicate among them) must raise its
+loss above the noise floor of random removals: verdict pass. The same query with a deliberately wrong "attribution"
+(its bottom-k, the least attributed items) must not pass, and with it the check must fail.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import polars as pl
 import pytest
 from dagster import AssetCheckKey, AssetKey, DagsterInstance
 
-from tda_assets.io.query_engine import QueryEngine
 from tda_assets.attribution.adapter import ItemBatch
+from tda_assets.attribution.counterfactual import noise_floor
 from tda_assets.data.demo import builtin_queries
+from tda_assets.data.inbox import add_query
+from tda_assets.defs.assets.evaluation import CHECK, without
 from tda_assets.defs.configs import UnlearningConfig
-from tda_assets.defs.assets.evaluation import CHECK, random_items, without
 from tda_assets.defs.plots import PNG_SIGNATURE
 from tda_assets.experiments.runner import Runner
+from tda_assets.io.query_engine import QueryEngine
+from tda_assets.io.tables import read_table, write_table
 
-ARTISTS, CLIPS, STEPS, K = 3, 4, 40, 2
+ARTISTS, CLIPS, STEPS, K, RANDOM = 3, 4, 60, 2, 3
+PLANTED, DEMO = "planted-copy", "demo-artist-00"
+
+
+def counterfactual_run(runner: Runner, **config) -> tuple[pl.DataFrame, pl.DataFrame, object, dict]:
+    """Run the asset; its table, verdicts (named query), check evaluation and materialization metadata, read at once
+    (the next run overwrites the table)."""
+    result = runner.counterfactual(**config)
+    engine = QueryEngine(runner.storage)
+    table = engine.sql("select * from counterfactual order by query_id, removal, removal_seed")
+    verdicts = engine.named("counterfactual_verdicts")
+    (evaluation,) = result.get_asset_check_evaluations()
+    (materialization,) = result.asset_materializations_for_node("counterfactual")
+    return table, verdicts, evaluation, materialization.metadata
 
 
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory):
-    """Training side (STEPS steps), two built-in queries with the default configuration, then `counterfactual`."""
+    """Training side (STEPS steps); a built-in query and the planted copy of item `copied`, attributed with the default
+    configuration; then `counterfactual` on both (the first two queries with a target artist)."""
     mp = pytest.MonkeyPatch()
     mp.setenv("TDA_TRAIN_STEPS", str(STEPS))
     root = tmp_path_factory.mktemp("storage")
     runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
     runner.log_level = "ERROR"
     runner.training_side({"clips_per_artist": CLIPS, "artists": ARTISTS})
-    store = runner.resources["storage"].storage()
-    builtin_queries(store, artists=2)
+    store = runner.storage
+    builtin_queries(store, artists=1)
+    copied = read_table(store, "training_manifest").filter(pl.col("artist") == "artist_01").sort("item_id").row(0, named=True)
+    add_query(store, copied["caption"], PLANTED, audio_uri=copied["audio_uri"], target_artist=copied["artist"])
     for qid in runner.requested_queries():
         runner.attribute(qid, UnlearningConfig(lr=100.0))
-    result = runner.counterfactual(k=K, n_queries=2)
-    yield runner, store, result
+    run = counterfactual_run(runner, k=K, n_queries=2)
+    yield runner, store, copied["item_id"], run
     mp.undo()
 
 
-def test_table_has_both_removals_per_query(evaluated):
-    _, store, _ = evaluated
-    df = QueryEngine(store).sql("select * from counterfactual order by query_id, removal")
-    assert df.select("query_id", "removal", "k").rows() == [
-        ("demo-artist-00", "attributed", K), ("demo-artist-00", "random", K),
-        ("demo-artist-01", "attributed", K), ("demo-artist-01", "random", K)]
-    assert (df["loss_rise"] - (df["query_loss_removed"] - df["query_loss_full"])).abs().max() < 1e-12
-    assert df["query_loss_full"].is_finite().all() and (df["query_loss_full"] > 0).all()
-    assert df.group_by("query_id").agg(pl.col("query_loss_full").n_unique())["query_loss_full"].to_list() == [1, 1]
+@pytest.fixture(scope="module")
+def bottom_k(evaluated):
+    """The planted copy again, its "attribution" replaced by the reverse ranking (config `bottom-k`): the removed items
+    are the k least attributed."""
+    runner, store, _, _ = evaluated
+    scores = read_table(store, "attribution_scores", query_id=PLANTED, config_id="default")
+    write_table(store, "attribution_scores", scores.with_columns(rank=len(scores) + 1 - pl.col("rank")),
+                query_id=PLANTED, config_id="bottom-k")
+    write_table(store, "unlearning_configs", read_table(store, "unlearning_configs", config_id="default"), config_id="bottom-k")
+    return counterfactual_run(runner, query_ids=[PLANTED], k=K, config_id="bottom-k")
 
 
-def test_attributed_removal_is_the_top_k_and_the_full_model_is_the_checkpoint(evaluated):
-    _, store, _ = evaluated
-    raw = store.read_parquet("counterfactual/part-0.parquet")
-    assert set(raw["full_model"]) == {"checkpoint"}  # same steps and seed as the checkpoint: no full retrain
+def rises(table: pl.DataFrame, qid: str) -> tuple[float, list[float]]:
+    rows = table.filter(pl.col("query_id") == qid)
+    return (rows.filter(pl.col("removal") == "attributed")["loss_rise"].item(),
+            rows.filter(pl.col("removal") == "random")["loss_rise"].to_list())
+
+
+def test_the_planted_duplicate_is_in_the_attributed_top_k(evaluated):
+    _, store, copied, _ = evaluated
+    top = QueryEngine(store).sql(f"select item_id from attributions where query_id = '{PLANTED}' and method = 'unlearning' "
+                                 f"and config_id = 'default' order by rank limit {K}")["item_id"].to_list()
+    assert copied in top
+
+
+def test_removing_the_planted_duplicate_passes_well_above_the_noise_floor(evaluated):
+    _, _, copied, (table, verdicts, _, _) = evaluated
+    attributed, random = rises(table, PLANTED)
+    row = verdicts.filter(pl.col("query_id") == PLANTED).row(0, named=True)
+    assert row["passed"] is True and row["random_removals"] == RANDOM
+    assert copied in table.filter((pl.col("query_id") == PLANTED) & (pl.col("removal") == "attributed"))["removed_items"].item()
+    # the model saw the query's exact audio and caption; without it the loss must rise far more than any random removal
+    assert attributed > row["noise_floor"] and attributed > 2 * max(max(random), row["noise_floor"], 0.0)
+    assert attributed > 0.02 and attributed / table.filter(pl.col("query_id") == PLANTED)["query_loss_full"][0] > 0.05
+
+
+def test_the_least_attributed_items_do_not_pass_and_the_check_fails(evaluated, bottom_k):
+    _, _, copied, (main, *_) = evaluated
+    table, verdicts, evaluation, meta = bottom_k
+    removed = table.filter(pl.col("removal") == "attributed")["removed_items"].item().split(",")
+    assert copied not in removed and len(removed) == K
+    attributed, random = rises(table, PLANTED)
+    floor = noise_floor(random)[2]
+    assert attributed <= floor and verdicts.filter(pl.col("query_id") == PLANTED)["passed"].item() is False
+    assert attributed < rises(main, PLANTED)[0] / 2  # the true top-k raised the loss at least twice as much
+    assert evaluation.check_name == CHECK and evaluation.passed is False
+    assert meta["share_passing"].value == 0.0 and meta["queries_passing"].value == 0
+    assert "0 of 1 queries" in evaluation.description and "'bottom-k'" in evaluation.description
+
+
+def test_each_query_has_one_attributed_and_three_distinct_random_removals_outside_the_top_k(evaluated):
+    _, store, _, (table, *_) = evaluated
+    assert table.select("query_id", "removal").rows() == [
+        (DEMO, "attributed"), *[(DEMO, "random")] * RANDOM, (PLANTED, "attributed"), *[(PLANTED, "random")] * RANDOM]
     engine = QueryEngine(store)
-    for row in raw.filter(pl.col("removal") == "attributed").to_dicts():
-        top = engine.sql(f"select item_id from attributions where query_id = '{row['query_id']}' and method = 'unlearning' "
+    for (qid,), rows in table.group_by("query_id"):
+        top = engine.sql(f"select item_id from attributions where query_id = '{qid}' and method = 'unlearning' "
                          f"and config_id = 'default' and rank <= {K} order by rank")["item_id"].to_list()
-        assert sorted(row["removed_items"].split(",")) == sorted(top)
+        attributed = rows.filter(pl.col("removal") == "attributed")
+        assert sorted(attributed["removed_items"].item().split(",")) == sorted(top)
+        assert attributed["removal_seed"].item() is None
+        random = rows.filter(pl.col("removal") == "random")
+        sets = [frozenset(s.split(",")) for s in random["removed_items"]]
+        assert len(set(sets)) == RANDOM and all(len(s) == K and not s & set(top) for s in sets)
+        assert random["removal_seed"].to_list() == sorted(set(random["removal_seed"].to_list()))
+    assert (table["loss_rise"] - (table["query_loss_removed"] - table["query_loss_full"])).abs().max() < 1e-12
+    assert table["query_loss_full"].is_finite().all() and (table["query_loss_full"] > 0).all()
+    assert set(table["full_model"]) == {"checkpoint"}  # same steps and seed as the checkpoint: no full retrain
 
 
-def test_check_result_and_plot_are_recorded(evaluated):
-    runner, store, result = evaluated
-    (evaluation,) = result.get_asset_check_evaluations()
-    assert evaluation.check_name == CHECK and isinstance(evaluation.passed, bool)
+def test_every_row_of_a_query_carries_its_floor_and_verdict(evaluated):
+    _, _, _, (table, verdicts, _, _) = evaluated
+    for qid in (DEMO, PLANTED):
+        rows = table.filter(pl.col("query_id") == qid)
+        attributed, random = rises(table, qid)
+        _, sd, floor = noise_floor(random)
+        assert rows["noise_floor"].to_list() == pytest.approx([floor] * (RANDOM + 1))
+        assert rows["random_rise_sd"][0] == pytest.approx(np.std(random, ddof=1)) and sd > 0
+        assert rows["passed"].n_unique() == 1 and rows["passed"][0] == (attributed > floor)
+        assert verdicts.filter(pl.col("query_id") == qid)["attributed_rise"].item() == pytest.approx(attributed)
+
+
+def test_check_is_a_majority_of_query_verdicts_with_the_share_in_its_metadata(evaluated):
+    runner, store, _, (_, verdicts, evaluation, meta) = evaluated
+    passing = verdicts.filter(pl.col("query_id") != "(all)")["passed"].to_list()
+    assert len(passing) == 2 and passing[1] is True  # PLANTED (sorted after DEMO) passes
+    assert evaluation.check_name == CHECK and evaluation.passed is all(passing)  # 2 queries: more than half is both
+    assert meta["share_passing"].value == pytest.approx(sum(passing) / 2) and meta["queries_checked"].value == 2
+    assert {v["query_id"]: v["passed"] for v in meta["verdicts"].value} == dict(zip([DEMO, PLANTED], passing))
+    overall = verdicts.filter(pl.col("query_id") == "(all)").row(0, named=True)
+    assert overall["share_passing"] == pytest.approx(sum(passing) / 2) and overall["passed"] is all(passing)
     latest = runner.instance.event_log_storage.get_latest_asset_check_execution_by_key(
         [AssetCheckKey(AssetKey("counterfactual"), CHECK)])
     assert latest  # the instance records it (shown in the UI)
-    meta = runner.instance.get_latest_materialization_event(AssetKey("counterfactual")).asset_materialization.metadata
-    assert meta["retrains"].value == 4 and meta["full_model"].value == "checkpoint"
+    assert meta["retrains"].value == 2 * (1 + RANDOM) and meta["full_model"].value == "checkpoint"
     png = store.read_bytes("plots/counterfactual/loss_rise.png")
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1024
 
 
-def test_fewer_steps_retrain_the_full_model_too(evaluated):
-    runner, store, _ = evaluated
-    runner.counterfactual(query_ids=["demo-artist-01"], k=K, train_steps=10)
-    raw = store.read_parquet("counterfactual/part-0.parquet")
-    assert set(raw["full_model"]) == {"retrained"} and set(raw["train_steps"]) == {10}
-    assert raw["query_id"].to_list() == ["demo-artist-01", "demo-artist-01"]
+def test_fewer_steps_retrain_the_full_model_too(evaluated, bottom_k):
+    runner, _, _, _ = evaluated
+    table, _, _, meta = counterfactual_run(runner, query_ids=[PLANTED], k=K, train_steps=10)
+    assert set(table["full_model"]) == {"retrained"} and set(table["train_steps"]) == {10}
+    assert table["query_id"].to_list() == [PLANTED] * (1 + RANDOM) and meta["retrains"].value == 2 + RANDOM
 
 
-def test_random_removal_is_seeded_per_query():
-    ids = [f"i{n}" for n in range(50)]
-    assert random_items(ids, 5, 0, "q1") == random_items(ids, 5, 0, "q1")
-    assert random_items(ids, 5, 0, "q1") != random_items(ids, 5, 0, "q2")
-    assert len(set(random_items(ids, 5, 1, "q1"))) == 5
+def test_fewer_than_three_random_removals_are_refused(evaluated):
+    runner, _, _, _ = evaluated
+    with pytest.raises(Exception, match="random_removals"):
+        runner.counterfactual(query_ids=[PLANTED], k=K, random_removals=2)
 
 
 def test_without_keeps_order_and_drops_items():

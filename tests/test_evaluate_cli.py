@@ -5,8 +5,9 @@ from __future__ import annotations
 import contextlib
 import io
 
+import polars as pl
 import pytest
-from dagster import DagsterInstance
+from dagster import AssetKey, DagsterInstance
 
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.storage import Storage
@@ -51,7 +52,8 @@ def test_evaluate_prints_the_grid_consistency_agreement_and_counterfactual(evalu
     _, out, _ = evaluated
     for heading in ("Grid runs per configuration", "Consistency between configurations and seed reruns",
                     "most consistent configuration:", "Agreement of unlearning with each similarity method",
-                    "Counterfactual check", "Self-influence", "Replication detection", "Figures per configuration",
+                    "Counterfactual check", "Verdict per query", "Cross-query overlap", "Self-influence",
+                    "Replication detection", "Figures per configuration",
                     "Wall time by phase"):
         assert heading in out, heading
 
@@ -72,7 +74,19 @@ def test_evaluate_fills_the_tables(evaluated):
     table = engine.named("consistency_table")
     seed_pairs = table.filter(table["pair"] == "seed rerun").select("left", "right").rows()
     assert seed_pairs == [("unlearning:default", "unlearning:rerun-seed1")]
-    assert engine.sql("select count(*) from counterfactual").item() == 2
+    # one query: its top-2 and 3 random removals, retrained the checkpoint's 60 steps (under the 400 cap: no full retrain)
+    assert engine.sql("select removal, count(*) from counterfactual group by all order by 1").rows() == [
+        ("attributed", 1), ("random", 3)]
+    assert engine.sql("select distinct train_steps, full_model from counterfactual").rows() == [(60, "checkpoint")]
+    # 8 built-in queries, each of its own target artist: every pair of them counts, C(8, 2) = 28
+    overlap = engine.named("cross_query_overlap").filter(pl.col("ranking") == "unlearning:default").row(0, named=True)
+    assert overlap["query_pairs"] == 28 and overlap["queries"] == 8
+    # the report's metadata holds the same figure, per ranking, as the named query computes from the views
+    report = DagsterInstance.get().get_latest_materialization_event(AssetKey("consistency_report")).asset_materialization
+    recorded = {r["ranking"]: r for r in report.metadata["cross_query_overlap"].value}
+    assert recorded["unlearning:default"]["query_pairs"] == 28
+    for row in engine.named("cross_query_overlap").to_dicts():
+        assert recorded[row["ranking"]]["cross_query_jaccard_10"] == pytest.approx(row["cross_query_jaccard"], abs=1e-4)
     # newton-target is not in this grid: only default is judged, on 3 targets
     assert engine.sql("select config_id, count(*) from self_influence group by all").rows() == [("default", 3)]
     assert engine.sql("select count(*) from replication").item() == 4

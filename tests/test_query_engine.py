@@ -85,9 +85,16 @@ def write_tiny_dataset(storage: Storage) -> None:
         write_table(storage, "baseline_losses", losses, shard=shard, checkpoint_id="c", protocol_id="p")
     write_table(storage, "consistency", pl.DataFrame(CONSISTENCY, schema=["query_id", "left", "right", "metric", "k", "value"], orient="row")
                 .with_columns(**IDENTITY))
-    counterfactual = row(query_id="0012", removal="attributed", k=2, query_loss_full=1.0, query_loss_removed=1.2,
-                         loss_rise=0.2, relative_rise=0.2, removed_of_target_artist=2, removed_items="a,b",
-                         config_id="default", train_steps=100, full_model="checkpoint", query_draws=64, **IDENTITY_VALUES)
+    # query 0012: the attributed removal raised its loss by 0.2; three random ones by 0.01, 0.02, 0.03 (mean 0.02,
+    # sd 0.01, floor 0.04): it passes. Query q2: 0.03 against the same random rises: it does not.
+    removals = [("attributed", None, 0.2), ("random", 0, 0.01), ("random", 1, 0.02), ("random", 2, 0.03)]
+    counterfactual = pl.concat([
+        row(query_id=q, removal=removal, removal_seed=seed, k=2, query_loss_full=1.0, query_loss_removed=1.0 + rise,
+            loss_rise=rise, relative_rise=rise, removed_of_target_artist=2, removed_items="a,b", config_id="default",
+            train_steps=100, full_model="checkpoint", query_draws=64, random_rise_mean=0.02, random_rise_sd=0.01,
+            noise_floor=0.04, floor_sds=2.0, passed=q == "0012", **IDENTITY_VALUES)
+        for q, attributed in (("0012", 0.2), ("q2", 0.03))
+        for removal, seed, rise in [("attributed", None, attributed), *removals[1:]]], how="diagonal_relaxed")
     write_table(storage, "counterfactual", counterfactual)
 
 
@@ -101,7 +108,7 @@ def engine(tmp_path) -> QueryEngine:
 def test_views_return_the_rows(engine):
     assert engine.table_counts() == {
         "training_items": 6, "baseline_losses": 2, "queries": 2, "unlearning_configs": 1, "unlearning_runs": 2,
-        "unlearned_losses": 12, "attributions": 24, "consistency": 6, "counterfactual": 1, "self_influence": 0,
+        "unlearned_losses": 12, "attributions": 24, "consistency": 6, "counterfactual": 8, "self_influence": 0,
         "replication": 0,
     }
 
@@ -212,6 +219,14 @@ def test_consistency_table_one_row_per_unordered_pair(engine):
     assert df["spearman"].to_list()[0] == pytest.approx(0.3) and df["spearman"].to_list()[1] is None
 
 
+def test_counterfactual_verdicts_one_row_per_query_and_the_share(engine):
+    df = engine.named("counterfactual_verdicts")
+    assert df.select("query_id", "random_removals", "passed", "share_passing").rows() == [
+        ("0012", 3, True, 1.0), ("q2", 3, False, 0.0), ("(all)", 6, False, 0.5)]  # half is not a majority
+    assert df["attributed_rise"].to_list()[:2] == pytest.approx([0.2, 0.03])
+    assert df["noise_floor"].to_list()[:2] == pytest.approx([0.04, 0.04])
+
+
 def test_bad_sql_raises_query_engine_error_naming_the_query(engine):
     with pytest.raises(QueryEngineError, match=r"(?s)nosuchcolumn.*SELECT nosuchcolumn FROM queries"):
         engine.sql("SELECT nosuchcolumn FROM queries")
@@ -267,3 +282,34 @@ def test_report_seed_reruns_exclude_identical_configurations():
     groups = {"default": ("fields", 0), "seed1": ("fields", 1), "copy": ("fields", 0), "lr100": ("other", 1)}
     assert is_seed_rerun(groups, "default", "seed1")
     assert not is_seed_rerun(groups, "default", "copy") and not is_seed_rerun(groups, "seed1", "lr100")
+
+
+def add_query_with_unlearning(storage: Storage, q: str, target: str | None, scores: list[float]) -> None:
+    query = row(prompt="p", seed=1, audio_uri=f"q/{q}.wav", target_artist=target, encoder_id="e", generated_by=None,
+                source_rate=16000, source_channels=1, seconds=4.096, windows=1)
+    write_table(storage, "queries", query, query_id=q)
+    unlearning = ranked(scores).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score",
+                                             mean_delta="score", score_type=pl.lit("mean_delta"), **IDENTITY)
+    write_table(storage, "attribution_scores", unlearning, query_id=q, config_id="default")
+
+
+def test_cross_query_overlap_known_values_in_sql_and_in_the_report(engine):
+    from tda_assets.defs.assets.reports import cross_query_rows, score_vectors
+    from tda_assets.io.artifacts import Identity
+
+    # top-3 of `default`: 0012 (A) {i1, i2, i3}, q2 (B) {i3, i4, i6}; q3 (A, like 0012) {i4, i5, i6};
+    # u (a user's query, no target artist) {i1, i2, i3}: left out, else it would pair with q2 and q3
+    add_query_with_unlearning(engine.storage, "q3", "A", [0.0, 0.0, 0.0, 0.9, 0.8, 0.7])
+    add_query_with_unlearning(engine.storage, "u", None, UNLEARNING["0012"])
+    # pairs of different artists: 0012–q2 1/5, q2–q3 2/4 (0012–q3 share artist A): mean 0.35 over 2 pairs.
+    # similarity:audio (0012 and q2 only): {i3, i1, i6} vs {i4, i5, i3} = 1/5 over 1 pair
+    df = engine.named("cross_query_overlap", k=3)
+    assert df.select("ranking", "k", "query_pairs", "queries").rows() == [
+        ("similarity:audio", 3, 1, 2), ("unlearning:default", 3, 2, 3)]
+    assert df["cross_query_jaccard"].to_list() == pytest.approx([0.2, 0.35])
+    rows = cross_query_rows(score_vectors(engine.storage, Identity("c", "p")),
+                            {"0012": "A", "q2": "B", "q3": "A", "u": None}, k=3)
+    assert rows == [{"ranking": "similarity:audio", "cross_query_jaccard_3": 0.2, "query_pairs": 1, "queries": 2},
+                    {"ranking": "unlearning:default", "cross_query_jaccard_3": 0.35, "query_pairs": 2, "queries": 3}]
+    # at the default k = 10 every one of the 6 items is in every top-10: the overlap is total
+    assert engine.named("cross_query_overlap")["cross_query_jaccard"].to_list() == pytest.approx([1.0, 1.0])

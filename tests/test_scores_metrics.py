@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from tda_assets.attribution.metrics import compare, jaccard_at_k, self_attribution_rate, spearman
+from tda_assets.attribution.metrics import (
+    compare, cross_query_overlap, jaccard, jaccard_at_k, self_attribution_rate, spearman)
 from tda_assets.attribution.scores import attribution_scores, rank_descending, ranking_score
 
 
@@ -75,3 +76,22 @@ def test_score_type_chooses_the_score_and_rank_follows_it(score_type, key, ranks
 def test_unknown_score_type_is_refused():
     with pytest.raises(ValueError, match="unknown score_type 'median'"):
         attribution_scores(np.ones((2, 2)), np.ones((2, 2)), score_type="median")
+
+
+def test_cross_query_overlap_averages_only_pairs_of_different_target_artists():
+    top = {"qa1": ["i1", "i2", "i3", "i4"], "qa2": ["i1", "i2", "i3", "i4"],  # artist A twice: identical, not counted
+           "qb": ["i3", "i4", "i5", "i6"],  # vs each A query: 2 shared of 6 → 1/3
+           "qc": ["i7", "i8", "i9", "i10"],  # shares nothing: 0 with every other
+           "user": ["i1", "i2", "i3", "i4"]}  # no target artist: left out
+    group = {"qa1": "A", "qa2": "A", "qb": "B", "qc": "C", "user": None}
+    mean, pairs = cross_query_overlap(top, group)
+    # pairs: qa1-qb 1/3, qa2-qb 1/3, qa1-qc 0, qa2-qc 0, qb-qc 0 → mean 2/15
+    assert pairs == 5 and mean == pytest.approx(2 / 15)
+    same = cross_query_overlap({q: ["x", "y"] for q in top}, group)
+    assert same == (pytest.approx(1.0), 5)  # every query gets the same items: the "generally influential" case
+
+
+def test_cross_query_overlap_without_a_pair_is_nan():
+    mean, pairs = cross_query_overlap({"q1": ["a"], "q2": ["b"]}, {"q1": "A", "q2": "A"})
+    assert np.isnan(mean) and pairs == 0
+    assert jaccard(["a", "b"], ["b", "c"]) == pytest.approx(1 / 3) and jaccard([], []) == 1.0

@@ -96,18 +96,28 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, value_label: str 
 
 
 def counterfactual_bars(df: pl.DataFrame, title: str) -> bytes:
-    """Per query, the query-loss rise after removing the top-k attributed items vs k random items."""
+    """Per query, the query-loss rise after removing the top-k attributed items (bar, green when it passes), each random
+    removal's rise (grey dots, their mean a grey bar) and the noise floor (black tick)."""
     plt = _pyplot()
     queries = sorted(df["query_id"].unique().to_list())
     x = np.arange(len(queries))
     fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(queries) + 2.0), 3.4))
-    for offset, removal, colour in ((-0.2, "attributed", "tab:red"), (0.2, "random", "tab:gray")):
-        rows = {r["query_id"]: r["loss_rise"] for r in df.filter(pl.col("removal") == removal).to_dicts()}
-        ax.bar(x + offset, [rows.get(q, np.nan) for q in queries], width=0.4, color=colour, label=f"{removal} removal")
+    attributed = {r["query_id"]: r for r in df.filter(pl.col("removal") == "attributed").to_dicts()}
+    randoms = {q: df.filter((pl.col("removal") == "random") & (pl.col("query_id") == q))["loss_rise"].to_list() for q in queries}
+    colours = ["tab:green" if attributed.get(q, {}).get("passed") else "tab:red" for q in queries]
+    ax.bar(x - 0.2, [attributed.get(q, {}).get("loss_rise", np.nan) for q in queries], width=0.4, color=colours,
+           label="attributed removal (green: above the floor)")
+    ax.bar(x + 0.2, [np.mean(randoms[q]) if randoms[q] else np.nan for q in queries], width=0.4, color="lightgray",
+           label="random removals (mean, dots)")
+    for i, q in enumerate(queries):
+        ax.plot([x[i] + 0.2] * len(randoms[q]), randoms[q], "o", color="dimgray", ms=3)
+    floors = [attributed.get(q, {}).get("noise_floor", np.nan) for q in queries]
+    sds = df["floor_sds"][0] if "floor_sds" in df.columns and len(df) else 2.0
+    ax.hlines(floors, x - 0.45, x + 0.45, color="black", lw=1.2, label=f"noise floor (random mean + {sds:g} sd)")
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(x, queries, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("query loss rise vs full model")
-    ax.legend(fontsize=8, frameon=False)
+    ax.legend(fontsize=7, frameon=False)
     ax.set_title(title, fontsize=9)
     return _png(fig)
 

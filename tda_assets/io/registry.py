@@ -182,10 +182,13 @@ _ENTRIES = [
         "query_id": "str", "left": "str", "right": "str", "metric": "str", "k": "i64", "value": "f64", **_RESULT_IDENTITY},
         identity=IDENTITY, description="pairwise agreement of rankings"),
     Entry("counterfactual", f"counterfactual/{PART}", {
-        "query_id": "str", "removal": "str", "k": "i64", "query_loss_full": "f64", "query_loss_removed": "f64",
-        "loss_rise": "f64", "relative_rise": "f64", "removed_of_target_artist": "i64", "removed_items": "str",
-        "config_id": "str", "train_steps": "i64", "full_model": "str", "query_draws": "i64", **_RESULT_IDENTITY},
-        identity=IDENTITY, description="retraining without the top-k vs k random items"),
+        "query_id": "str", "removal": "str", "removal_seed": "i64", "k": "i64", "query_loss_full": "f64",
+        "query_loss_removed": "f64", "loss_rise": "f64", "relative_rise": "f64", "removed_of_target_artist": "i64",
+        "removed_items": "str", "config_id": "str", "train_steps": "i64", "full_model": "str", "query_draws": "i64",
+        "random_rise_mean": "f64", "random_rise_sd": "f64", "noise_floor": "f64", "floor_sds": "f64", "passed": "bool",
+        **_RESULT_IDENTITY},
+        identity=IDENTITY, description="retraining without the top-k vs k random items (several random removals per "
+                                       "query; the query's noise floor and verdict on each of its rows)"),
     Entry("self_influence", f"self_influence/config_id={{config_id}}/{PART}", {
         "target_item_id": "str", "rank": "i64", "score": "f64", "loss_ratio": "f64", "lr_used": "f64",
         "score_type": "str", "top_k_similarity": "f64", "bottom_k_similarity": "f64",

@@ -1,9 +1,12 @@
 """Evaluation assets: the counterfactual ground-truth check, possible only on the embedded default (DESIGN §1).
 
 For a few queries, retrain the embedded model from scratch (same seed, same `TrainingSettings`) on the
-cached training features without the query's top-k attributed items, and without k random items, and
-measure the query's protocol loss under each. Attribution is right when the attributed removal raises
-the query loss more than the random one.
+cached training features without the query's top-k attributed items, and `random_removals` times (distinct
+seeded sets) without k random items that are not among them, and measure the query's protocol loss under
+each. A query passes when its attributed rise is above the noise floor of its random rises (mean + 2 sd,
+`tda_assets.attribution.counterfactual`); the check passes when a majority of the checked queries pass.
+Cost: `1 + random_removals` retrains per query, plus one for the full model when the steps differ from the
+checkpoint's.
 
 The full model. `query_loss_full` is the loss under a model trained with exactly the same settings on all
 items. When the retraining settings equal the checkpoint's own (steps, seed and the other
@@ -12,7 +15,6 @@ and deterministic); otherwise (e.g. fewer retraining steps to fit a time budget)
 retrained too, so the three models of a comparison differ only in their data. `full_model` says which.
 """
 
-import hashlib
 import time
 from dataclasses import asdict
 from typing import Iterator, List, Optional
@@ -35,6 +37,7 @@ from pydantic import Field
 
 from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
 from tda_assets.attribution.adapter import ItemBatch
+from tda_assets.attribution.counterfactual import FLOOR_SDS, majority_passes, random_removals, share_passing, verdict
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.errors import ModelSourceError
 from tda_assets.attribution.protocol import LossProtocol
@@ -63,7 +66,11 @@ class CounterfactualConfig(Config):
     config_id: str = Field(default="default", description="the unlearning configuration whose top-k is removed")
     train_steps: Optional[int] = Field(default=None, description="retraining steps; default: the model source's train_steps "
                                                               "(the checkpoint's own, so the checkpoint is the full model)")
-    seed: int = Field(default=0, description="seed of the random removal (mixed with the query id)")
+    random_removals: int = Field(default=3, ge=3, description="random removals per query (distinct sets, seeds `seed`, "
+                                                               "`seed + 1`, …): their spread is the noise floor; each is a retrain")
+    floor_sds: float = Field(default=FLOOR_SDS, description="the noise floor is the random rises' mean + floor_sds "
+                                                            "sample standard deviations")
+    seed: int = Field(default=0, description="seed of the first random removal (mixed with the query id)")
     query_draws: int = Field(default=64, description="protocol draws of the query loss (the first ones are the protocol's own)")
 
 
@@ -75,13 +82,6 @@ def default_queries(store, config_id: str, n: int) -> list[str]:
                 and read_table(store, "queries", query_id=qid)["target_artist"][0]):
             out.append(qid)
     return out[:n]
-
-
-def random_items(item_ids: list[str], k: int, seed: int, query_id: str) -> list[str]:
-    """k items drawn without replacement, seeded by `(seed, query_id)` (the same on every machine)."""
-    mix = int.from_bytes(hashlib.blake2b(query_id.encode(), digest_size=8).digest(), "little")
-    rng = np.random.default_rng([seed, mix])
-    return [item_ids[i] for i in sorted(rng.choice(len(item_ids), size=min(k, len(item_ids)), replace=False))]
 
 
 def without(data: ItemBatch, removed: set[str]) -> ItemBatch:
@@ -115,10 +115,12 @@ def checkpoint_is_full_model(info: dict, settings: TrainingSettings, n_items: in
     group_name="evaluation", **GPU,
     deps=[AssetDep(AssetKey("attribution_scores"), partition_mapping=AllPartitionMapping()), AssetKey("checkpoint")],
     check_specs=[AssetCheckSpec(CHECK, asset="counterfactual",
-                                description="removing the top-k attributed items raises the query loss more than removing k random "
-                                            "items (mean over the checked queries)")],
-    description="Counterfactual ground truth (embedded default only): retrain without the top-k attributed items and "
-                "without k random items; the query loss must rise more for the attributed removal.",
+                                description="per query, removing the top-k attributed items raises the query loss above the noise "
+                                            "floor of removing k random items (mean + 2 sd of `random_removals` retrains); passes "
+                                            "when more than half of the checked queries pass (one query: it must pass)")],
+    description="Counterfactual ground truth (embedded default only): retrain without the top-k attributed items and, "
+                "several times, without k random other items; per query, the attributed rise must clear the random "
+                "rises' noise floor.",
 )
 def counterfactual(
     context: AssetExecutionContext, config: CounterfactualConfig, storage: StorageResource, model_source: ModelSourceResource,
@@ -148,6 +150,19 @@ def counterfactual(
     manifest = read_table(store, "training_manifest").select("item_id", "artist")
     artist_of = dict(zip(manifest["item_id"], manifest["artist"]))
     queries = {q: query_batch(store, q, record.encoder_id) for q in query_ids}
+    plan = {}  # query → its removals, every attribution checked before the first (expensive) retrain
+    for qid in query_ids:
+        if not table_exists(store, "attribution_scores", query_id=qid, config_id=config.config_id):
+            raise FileNotFoundError(f"query {qid!r} has no attribution of config {config.config_id!r}: run it first")
+        scores = read_table(store, "attribution_scores", query_id=qid, config_id=config.config_id).sort("rank")
+        if (scores["checkpoint_id"][0], scores["protocol_id"][0]) != (identity.checkpoint_id, identity.protocol_id):
+            raise FileNotFoundError(f"the attribution of {qid!r}/{config.config_id!r} was computed under checkpoint "
+                                    f"{scores['checkpoint_id'][0]}, protocol {scores['protocol_id'][0]}, not the current "
+                                    f"{identity}: run the query again")
+        attributed = scores.head(config.k)["item_id"].to_list()
+        plan[qid] = [("attributed", None, attributed)] + [
+            ("random", seed, items) for seed, items in
+            random_removals(data.item_ids, config.k, config.random_removals, config.seed, qid, exclude=attributed)]
 
     retrain_seconds: list[float] = []
 
@@ -164,55 +179,59 @@ def counterfactual(
         full_model, full_kind = trained_without(set(), "full model"), "retrained"
     full_loss = {q: query_loss(full_model, b, q_proto, cmp, masked) for q, b in queries.items()}
 
-    rows = []
+    rows, verdicts = [], {}
     for qid, qbatch in queries.items():
-        if not table_exists(store, "attribution_scores", query_id=qid, config_id=config.config_id):
-            raise FileNotFoundError(f"query {qid!r} has no attribution of config {config.config_id!r}: run it first")
-        scores = read_table(store, "attribution_scores", query_id=qid, config_id=config.config_id).sort("rank")
-        if (scores["checkpoint_id"][0], scores["protocol_id"][0]) != (identity.checkpoint_id, identity.protocol_id):
-            raise FileNotFoundError(f"the attribution of {qid!r}/{config.config_id!r} was computed under checkpoint "
-                                    f"{scores['checkpoint_id'][0]}, protocol {scores['protocol_id'][0]}, not the current "
-                                    f"{identity}: run the query again")
         target = (read_table(store, "queries", query_id=qid)["target_artist"][0]
                   if table_exists(store, "queries", query_id=qid) else None)
-        removals = {"attributed": scores.head(config.k)["item_id"].to_list(),
-                    "random": random_items(data.item_ids, config.k, config.seed, qid)}
-        for removal, items in removals.items():
-            model = trained_without(set(items), f"{qid} without {config.k} {removal} items")
+        query_rows = []
+        for removal, seed, items in plan[qid]:
+            label = f"{qid} without {config.k} {removal} items" + (f" (seed {seed})" if seed is not None else "")
+            model = trained_without(set(items), label)
             removed_loss = query_loss(model, qbatch, q_proto, cmp, masked)
-            rows.append({
-                "query_id": qid, "removal": removal, "k": config.k, "query_loss_full": full_loss[qid],
+            query_rows.append({
+                "query_id": qid, "removal": removal, "removal_seed": seed, "k": config.k, "query_loss_full": full_loss[qid],
                 "query_loss_removed": removed_loss, "loss_rise": removed_loss - full_loss[qid],
                 "relative_rise": (removed_loss - full_loss[qid]) / full_loss[qid],
                 "removed_of_target_artist": sum(artist_of.get(i) == target for i in items) if target else None,
                 "removed_items": ",".join(items), "config_id": config.config_id, "train_steps": settings.steps,
                 "full_model": full_kind, "query_draws": q_proto.draws, **identity.keys(),
             })
-            context.log.info(f"{qid}: removing {config.k} {removal} items: query loss {full_loss[qid]:.4f} → {removed_loss:.4f}")
-    df = pl.DataFrame(rows)
+            context.log.info(f"{label}: query loss {full_loss[qid]:.4f} → {removed_loss:.4f}")
+        v = verdict(query_rows[0]["loss_rise"], [r["loss_rise"] for r in query_rows[1:]], config.floor_sds)
+        verdicts[qid] = v
+        rows += [{**r, "random_rise_mean": v.random_mean, "random_rise_sd": v.random_sd, "noise_floor": v.floor,
+                  "floor_sds": config.floor_sds, "passed": v.passed} for r in query_rows]
+        context.log.info(f"{qid}: attributed rise {v.attributed_rise:+.4f} vs noise floor {v.floor:+.4f} (random "
+                         f"{v.random_mean:+.4f} ± {v.random_sd:.4f}): {'PASS' if v.passed else 'FAIL'}")
+    df = pl.DataFrame(rows, schema_overrides={"removal_seed": pl.Int64})
     uri = write_table(store, "counterfactual", df)
     means = {r: float(df.filter(pl.col("removal") == r)["loss_rise"].mean()) for r in ("attributed", "random")}
-    wins = sum(
-        a > r for a, r in zip(df.filter(pl.col("removal") == "attributed").sort("query_id")["loss_rise"],
-                              df.filter(pl.col("removal") == "random").sort("query_id")["loss_rise"]))
+    share, passed = share_passing(verdicts.values()), majority_passes(verdicts.values())
+    per_query = [{"query_id": q, "attributed_rise": round(v.attributed_rise, 6), "random_rise_mean": round(v.random_mean, 6),
+                  "random_rise_sd": round(v.random_sd, 6), "noise_floor": round(v.floor, 6), "passed": v.passed}
+                 for q, v in verdicts.items()]
     seconds = time.perf_counter() - start
-    title = f"counterfactual: query loss rise after removing k={config.k} items ({settings.steps} training steps)"
+    title = (f"counterfactual: query loss rise after removing k={config.k} items ({settings.steps} training steps; "
+             f"floor = random mean + {config.floor_sds:g} sd)")
     plot = plots.write_png(store, key("plot", kind="counterfactual", name="loss_rise"), plots.counterfactual_bars(df, title), title)
-    passed = means["attributed"] > means["random"]
+    verdict_meta = {"queries_passing": sum(v.passed for v in verdicts.values()), "queries_checked": len(verdicts),
+                    "share_passing": share, "random_removals": config.random_removals, "floor_sds": config.floor_sds,
+                    "verdicts": MetadataValue.json(per_query),
+                    "mean_loss_rise_attributed": means["attributed"], "mean_loss_rise_random": means["random"]}
     yield MaterializeResult(
         metadata={
             "queries": MetadataValue.json(list(query_ids)), "k": config.k, "config_id": config.config_id,
             "train_steps": settings.steps, "full_model": full_kind, "retrains": len(retrain_seconds),
             "seconds": round(seconds, 1), "seconds_per_retrain": round(float(np.mean(retrain_seconds)), 1),
-            "mean_loss_rise_attributed": means["attributed"], "mean_loss_rise_random": means["random"],
-            "queries_where_attributed_rises_more": wins, "uri": MetadataValue.path(uri), **plot,
-            "table": MetadataValue.md(markdown_table(df.select("query_id", "removal", "k", "query_loss_full",
-                                                                 "query_loss_removed", "loss_rise"))),
+            **verdict_meta, "uri": MetadataValue.path(uri), **plot,
+            "table": MetadataValue.md(markdown_table(df.select("query_id", "removal", "removal_seed", "k", "query_loss_full",
+                                                                 "query_loss_removed", "loss_rise", "noise_floor", "passed"))),
         },
         check_results=[AssetCheckResult(
-            check_name=CHECK, passed=bool(passed),
-            metadata={"mean_loss_rise_attributed": means["attributed"], "mean_loss_rise_random": means["random"],
-                      "queries": len(query_ids), "queries_where_attributed_rises_more": wins},
-            description=None if passed else "removing the attributed items did not raise the query loss more than random removal",
+            check_name=CHECK, passed=passed, metadata=verdict_meta,
+            description=None if passed else (
+                f"{verdict_meta['queries_passing']} of {len(verdicts)} queries' attributed removal raised the query loss above "
+                f"the noise floor of {config.random_removals} random removals; more than half must: the attribution of "
+                f"{config.config_id!r} does not find the items the query depends on (or retrain longer: train_steps)"),
         )],
     )

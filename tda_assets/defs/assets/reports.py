@@ -7,7 +7,7 @@ import polars as pl
 from dagster import AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
 from resources import LossProtocolResource, StorageResource
-from tda_assets.attribution.metrics import compare
+from tda_assets.attribution.metrics import compare, cross_query_overlap
 from tda_assets.defs import plots
 from tda_assets.io.artifacts import Identity
 from tda_assets.io.checkpoints import read_checkpoint_record
@@ -16,15 +16,31 @@ from tda_assets.io.tables import read_tables, write_table
 
 
 def score_vectors(store, identity: Identity) -> dict[str, dict[str, pl.DataFrame]]:
-    """query → every attribution of it under `identity`, keyed `unlearning:<config_id>` or `similarity:<name>`."""
+    """query → every attribution of it under `identity` (item_id, score, rank), keyed `unlearning:<config_id>` or
+    `similarity:<name>`."""
     unlearning = read_tables(store, "attribution_scores").with_columns(label="unlearning:" + pl.col("config_id"))
     similarity = read_tables(store, "similarity_scores").with_columns(label=pl.col("method"))
-    cols = ["query_id", "label", "item_id", "score"]
+    cols = ["query_id", "label", "item_id", "score", "rank"]
     current = (pl.col("checkpoint_id") == identity.checkpoint_id) & (pl.col("protocol_id") == identity.protocol_id)
     both = pl.concat([unlearning.filter(current).select(cols), similarity.filter(current).select(cols)])
     out: dict[str, dict[str, pl.DataFrame]] = {}
     for (qid, label), df in both.group_by("query_id", "label", maintain_order=True):
-        out.setdefault(qid, {})[label] = df.select("item_id", "score")
+        out.setdefault(qid, {})[label] = df.select("item_id", "score", "rank")
+    return out
+
+
+def cross_query_rows(vectors: dict[str, dict[str, pl.DataFrame]], target_artist: dict[str, str | None],
+                     k: int = 10) -> list[dict]:
+    """Per ranking (label): the mean Jaccard@k between the top-k of every two queries with different target artists
+    (`sql/cross_query_overlap.sql` computes the same from the views); rankings without such a pair are left out."""
+    labels = sorted({label for v in vectors.values() for label in v})
+    out = []
+    for label in labels:
+        top = {q: v[label].filter(pl.col("rank") <= k)["item_id"].to_list() for q, v in vectors.items() if label in v}
+        mean, pairs = cross_query_overlap(top, target_artist)
+        if pairs:
+            queries = sum(target_artist.get(q) is not None for q in top)
+            out.append({"ranking": label, f"cross_query_jaccard_{k}": round(mean, 4), "query_pairs": pairs, "queries": queries})
     return out
 
 
@@ -32,7 +48,8 @@ def consistency_rows(query_id: str, vectors: dict[str, pl.DataFrame]) -> list[di
     """Pairwise Jaccard@10/50/100, Spearman and Pearson between every two attributions of a query."""
     rows = []
     for left, right in itertools.combinations(sorted(vectors), 2):
-        joined = vectors[left].join(vectors[right], on="item_id", suffix="_r")
+        joined = vectors[left].select("item_id", "score").join(vectors[right].select("item_id", "score"), on="item_id",
+                                                               suffix="_r")
         a, b = joined["score"].to_numpy(), joined["score_r"].to_numpy()
         for metric, k, value in compare(a, b):
             rows.append({"query_id": query_id, "left": left, "right": right, "metric": metric, "k": k, "value": float(value)})
@@ -88,7 +105,8 @@ def config_consistency(df: pl.DataFrame, groups: dict[str, tuple[str, object]], 
 
 @asset(group_name="reports", deps=[AssetKey("attribution_scores"), AssetKey("similarity_scores")],
        description="Consistency across configurations, seeds and methods (current checkpoint and protocol): "
-                   "Jaccard@k and rank correlations per query.")
+                   "Jaccard@k and rank correlations per query; and per ranking, the cross-query overlap (mean Jaccard@10 "
+                   "between the top-10s of queries with different target artists: high = the same items for every query).")
 def consistency_report(context: AssetExecutionContext, storage: StorageResource, protocol: LossProtocolResource) -> MaterializeResult:
     store = storage.storage()
     identity = Identity(read_checkpoint_record(store).checkpoint_id, protocol.protocol().protocol_id)
@@ -100,7 +118,17 @@ def consistency_report(context: AssetExecutionContext, storage: StorageResource,
     means = (df.group_by("left", "right", "metric", "k").agg(pl.col("value").mean()).sort("left", "right", "metric", "k")
              if len(df) else df)
     per_config = config_consistency(df, seed_groups(store)) if len(df) else []
+    queries_table = read_tables(store, "queries")
+    target_artist = dict(zip(queries_table["query_id"], queries_table["target_artist"])) if len(queries_table) else {}
+    cross = cross_query_rows(vectors, target_artist)
+    cross_of = {r["ranking"]: r["cross_query_jaccard_10"] for r in cross}
+    for r in per_config:
+        r["cross_query_jaccard_10"] = cross_of.get(UNLEARNING + r["config_id"])
     meta: dict = {}
+    if cross:
+        meta["cross_query_overlap"] = MetadataValue.json(cross)
+        context.log.info("cross-query overlap (mean Jaccard@10, different target artists): "
+                         + ", ".join(f"{r['ranking']} {r['cross_query_jaccard_10']:.3f}" for r in cross))
     if per_config:
         best = per_config[0]
         by_all = max(per_config, key=lambda r: r["jaccard_10_all"] if r["jaccard_10_all"] is not None else -1.0)
