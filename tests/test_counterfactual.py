@@ -55,7 +55,7 @@ def evaluated(tmp_path_factory):
     copied = read_table(store, "training_manifest").filter(pl.col("artist") == "artist_01").sort("item_id").row(0, named=True)
     add_query(store, copied["caption"], PLANTED, audio_uri=copied["audio_uri"], target_artist=copied["artist"])
     for qid in runner.requested_queries():
-        runner.attribute(qid, UnlearningConfig(lr=100.0))
+        runner.attribute(qid, UnlearningConfig(lr=100.0, target_ratio=None, score_type="mean_delta"))
     run = counterfactual_run(runner, k=K, n_queries=2)
     yield runner, store, copied["item_id"], run
     mp.undo()

@@ -27,16 +27,23 @@ GRID = """
 configs:
   - config_id: base             # 8 copies of the query per step (default 64): another seed moves the ranking a little
     lr: 100.0
+    target_ratio: null          # a fixed step, ranked by mean delta-L (the values measured below)
+    score_type: mean_delta
     query_draws: 8
   - config_id: base-again       # the same settings and seed: must rank exactly like `base`
     lr: 100.0
+    target_ratio: null          # a fixed step, ranked by mean delta-L (the values measured below)
+    score_type: mean_delta
     query_draws: 8
   - config_id: base-seed
     lr: 100.0
+    target_ratio: null          # a fixed step, ranked by mean delta-L (the values measured below)
+    score_type: mean_delta
     query_draws: 8
     seed: [1]
   - config_id: too-weak         # fails the blocking query_loss_raised check
     lr: 0.001
+    target_ratio: null
 """
 QUERY = "demo-artist-00"
 
