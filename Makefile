@@ -48,6 +48,10 @@ ui: install
 clean-storage:
 	rm -rf dagster_home/storage
 
+# bench_demo_agreement needs the demo's storage root (make demo or make evaluate first); it is skipped without one.
 bench: install
 	$(BIN)/python tests/benchmarks/bench_engine.py
 	$(BIN)/python tests/benchmarks/bench_scale.py
+	if [ -f dagster_home/storage/checkpoint/current.json ]; then \
+	  $(BIN)/python tests/benchmarks/bench_demo_agreement.py --root dagster_home/storage; \
+	else echo "bench_demo_agreement skipped: no demo root under dagster_home/storage (make demo first)"; fi
