@@ -14,8 +14,9 @@ from tda_assets.models.sampling import generate_latents
 from tda_assets.attribution.scores import attribution_scores
 from tda_assets.attribution.unlearn import UnlearningSettings, unlearn
 
-# lr 100 on this 128-item corpus is the step of the default lr 250 on the 320-item demo corpus (the step is lr / N).
-DEFAULT = UnlearningSettings(lr=100.0)
+# `newton-fixed`, the earlier default, at this corpus's size: lr 100 on 128 items is lr 250 on the 320-item demo (the step
+# is lr / N); the quality figures below were measured with it
+FIXED = UnlearningSettings(lr=100.0, target_ratio=None, score_type="mean_delta")
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +25,7 @@ def baseline(trained, protocol) -> np.ndarray:
     return batch_losses(adapter, batch, protocol, Compute()).loss.numpy()
 
 
-def attribute(trained, fisher, protocol, query: ItemBatch, settings: UnlearningSettings = DEFAULT):
+def attribute(trained, fisher, protocol, query: ItemBatch, settings: UnlearningSettings = FIXED):
     adapter, batch = trained
     result = unlearn(adapter, query, fisher, settings, protocol, Compute(), n_train=len(batch))
     with apply_delta(adapter.denoiser, result.delta):
@@ -32,20 +33,22 @@ def attribute(trained, fisher, protocol, query: ItemBatch, settings: UnlearningS
     return result, after
 
 
-def test_unlearning_raises_query_loss_while_median_item_moves_far_less(trained, fisher, protocol, baseline):
+@pytest.mark.parametrize("settings, low, high", [(FIXED, 1.25, np.inf), (UnlearningSettings(), 1.09, 1.11)],
+                         ids=["fixed-lr", "default-target-1.1"])
+def test_unlearning_raises_query_loss_while_median_item_moves_far_less(trained, fisher, protocol, baseline, settings, low, high):
     _, batch = trained
-    result, after = attribute(trained, fisher, protocol, batch.select([5]))
+    result, after = attribute(trained, fisher, protocol, batch.select([5]), settings)
     query_rise = result.query_loss_after / result.query_loss_before - 1
     item_rise = after.mean(axis=1) / baseline.mean(axis=1) - 1
     print(f"query loss x{result.loss_ratio:.2f}; median item relative change {np.median(item_rise):+.4f}")
-    assert result.loss_ratio > 1.25
+    assert low < result.loss_ratio < high
     assert abs(np.median(item_rise)) < 0.1 * query_rise
 
 
 def test_unlearning_leaves_the_model_unchanged(trained, fisher, protocol):
     adapter, batch = trained
     before = {n: p.detach().clone() for n, p in adapter.denoiser.named_parameters()}
-    unlearn(adapter, batch.select([0]), fisher, DEFAULT, protocol, Compute(), n_train=len(batch))
+    unlearn(adapter, batch.select([0]), fisher, FIXED, protocol, Compute(), n_train=len(batch))
     assert all(torch.equal(before[n], p) for n, p in adapter.denoiser.named_parameters())
 
 
