@@ -33,7 +33,9 @@ def attribute(trained, fisher, protocol, query: ItemBatch, settings: UnlearningS
     return result, after
 
 
-@pytest.mark.parametrize("settings, low, high", [(FIXED, 1.25, np.inf), (UnlearningSettings(), 1.09, 1.11)],
+# the default's search lands ×1.09–×1.11 on its own unlearning draws; measured on the protocol's draws the ratio moves
+# a little around it (a target of ×1.3 gave ×1.19–×1.38 over 8 queries)
+@pytest.mark.parametrize("settings, low, high", [(FIXED, 1.25, np.inf), (UnlearningSettings(), 1.05, 1.2)],
                          ids=["fixed-lr", "default-target-1.1"])
 def test_unlearning_raises_query_loss_while_median_item_moves_far_less(trained, fisher, protocol, baseline, settings, low, high):
     _, batch = trained
