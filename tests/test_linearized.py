@@ -13,7 +13,7 @@ from tda_assets.attribution.losses import batch_losses, diffusion_loss, expand_d
 from tda_assets.attribution.unlearn import UnlearningSettings
 from tests.tiny_model import PROTOCOL, tiny_trained
 
-TINY_STEP = UnlearningSettings(lr=3.0, query_draws=16)  # raises the tiny model's query losses ×1.0003–×1.0005
+TINY_STEP = UnlearningSettings(lr=3.0, query_draws=16, target_ratio=None, score_type="mean_delta")  # raises the tiny model's query losses ×1.0003–×1.0005
 
 
 def jaccard10(a: np.ndarray, b: np.ndarray) -> float:
@@ -71,5 +71,5 @@ def test_store_and_settings_must_match(model):
     with pytest.raises(ValueError, match="subset"):
         linearized_query(adapter, queries.select([0]), fisher, TINY_STEP, PROTOCOL, Compute(), 2, store)
     with pytest.raises(ValueError, match="damping"):
-        other = UnlearningSettings(lr=3.0, param_subset="cross_attention_kv", damping=0.5)
+        other = UnlearningSettings(lr=3.0, param_subset="cross_attention_kv", damping=0.5, target_ratio=None)
         linearized_query(adapter, queries.select([0]), fisher, other, PROTOCOL, Compute(), 2, store)

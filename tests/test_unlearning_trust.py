@@ -20,7 +20,7 @@ from tda_assets.attribution.self_influence import choose_targets, summarise
 from tda_assets.attribution.similarity import audio_embedding
 from tda_assets.attribution.unlearn import UnlearningSettings, unlearn
 
-DEFAULT = UnlearningSettings(lr=100.0)  # the 320-item demo's lr 250 at this corpus's N = 128 (step lr / N)
+DEFAULT = UnlearningSettings(lr=100.0, target_ratio=None, score_type="mean_delta")  # newton-fixed: the 320-item demo's lr 250 at this corpus's N = 128 (step lr / N)
 TARGETED = UnlearningSettings(lr=100.0, target_ratio=1.3)
 RESCORE = LossProtocol(seed=0, draws=4)  # the protocol's first 4 draws: rescoring all 128 items stays affordable
 BF16 = Compute(device="cpu", autocast_dtype="bfloat16")
@@ -98,7 +98,7 @@ def test_targeted_step_is_the_fixed_step_at_the_lr_found_and_leaves_the_model_un
     before = {n: p.detach().clone() for n, p in adapter.denoiser.named_parameters()}
     found = unlearn(adapter, query, fisher, TARGETED, protocol, Compute(), n_train=len(batch))
     assert all(torch.equal(before[n], p) for n, p in adapter.denoiser.named_parameters())
-    at_lr = UnlearningSettings(lr=found.lr_used)
+    at_lr = UnlearningSettings(lr=found.lr_used, target_ratio=None)
     fixed = unlearn(adapter, query, fisher, at_lr, protocol, Compute(), n_train=len(batch))
     a, b = (torch.cat([d[n].flatten() for n in sorted(d)]) for d in (found.delta, fixed.delta))
     assert float((a - b).norm() / b.norm()) < 1e-5  # same draws, same F⁻¹g: only the scale was searched

@@ -173,7 +173,7 @@ def agreement_figures(queries_n: int, k: int) -> dict:
     for q in range(queries_n):
         query = queries.select([q])
         for step, lr in (("tiny", 3.0), ("moderate", 50.0)):
-            settings = UnlearningSettings(lr=lr, query_draws=16)
+            settings = UnlearningSettings(lr=lr, query_draws=16, target_ratio=None, score_type="mean_delta")
             lin, result = linearized_query(adapter, query, fisher, settings, PROTOCOL, compute, n, stores["sketched"])
             fn = unlearned_losses_fn(adapter, train, result.delta, PROTOCOL, compute)
             exact = attribution_scores(l0, fn(np.arange(n), 0, PROTOCOL.draws))["score"]
