@@ -289,7 +289,8 @@ def add_query_with_unlearning(storage: Storage, q: str, target: str | None, scor
                 source_rate=16000, source_channels=1, seconds=4.096, windows=1)
     write_table(storage, "queries", query, query_id=q)
     unlearning = ranked(scores).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score",
-                                             mean_delta="score", score_type=pl.lit("mean_delta"), **IDENTITY)
+                                             mean_delta="score", score_type=pl.lit("mean_delta"), rescored=True,
+                                             draws_used=1, **IDENTITY)
     write_table(storage, "attribution_scores", unlearning, query_id=q, config_id="default")
 
 

@@ -97,12 +97,15 @@ class Entry:
 
     def duckdb_read(self, root: str) -> str:
         """The DuckDB read of every file of the table, hive folders as VARCHAR columns, with every column of the
-        schema: files written before a column was added read it as NULL (`union_by_name`, and the empty typed
-        relation added by name), so a root with older files keeps every view working."""
+        schema (the empty typed relation added by name: a column no file has yet reads as NULL).
+
+        Not `union_by_name`: it opens every file to unify schemas before the hive filter prunes, so a query on one
+        `query_id` would read the footer of every query's file (tests/test_s3_storage.py guards the pruning). Files
+        written before a column was added to a table are re-materialized, not unified."""
         path = f"{root}/{self.glob()}".replace("'", "''")
         types = ", ".join(f"'{p}': VARCHAR" for p in self.partitions)
         hive = f", hive_partitioning = true, hive_types = {{{types}}}" if self.partitions else ""
-        return f"(SELECT * FROM read_parquet('{path}'{hive}, union_by_name = true) UNION ALL BY NAME {self.duckdb_empty()})"
+        return f"(SELECT * FROM read_parquet('{path}'{hive}) UNION ALL BY NAME {self.duckdb_empty()})"
 
     def duckdb_empty(self) -> str:
         """A typed relation with the table's columns and no rows (a table with no files yet)."""
