@@ -3,7 +3,7 @@
 import torch
 from dagster import ConfigurableResource
 
-from tda_assets.attribution.devices import Compute
+from tda_assets.attribution.devices import DEFAULT_BATCH_ROWS, Compute
 from tda_assets.attribution.protocol import LossProtocol
 
 
@@ -12,7 +12,7 @@ class ComputeResource(ConfigurableResource):
 
     device: str = "auto"
     autocast_dtype: str | None = None
-    batch_size: int = 256
+    batch_size: int | None = None  # None: the engine's DEFAULT_BATCH_ROWS
     threads: int | None = None
     fp32_losses: bool = False  # measure losses without autocast (rescoring in fp32 keeps weak unlearning's ranking)
 
@@ -20,12 +20,12 @@ class ComputeResource(ConfigurableResource):
         if self.threads:
             torch.set_num_threads(self.threads)
         if self.device == "auto":
-            auto = Compute.auto(self.batch_size)
+            auto = Compute.auto(self.batch_size or DEFAULT_BATCH_ROWS)
             device, default_dtype = auto.device, auto.autocast_dtype
         else:
             device, default_dtype = self.device, ("bfloat16" if self.device.startswith("cuda") else None)
         dtype = self.autocast_dtype if self.autocast_dtype is not None else default_dtype
-        return Compute(device, dtype, self.batch_size, fp32_losses=self.fp32_losses)
+        return Compute(device, dtype, self.batch_size or DEFAULT_BATCH_ROWS, fp32_losses=self.fp32_losses)
 
 
 class LossProtocolResource(ConfigurableResource):

@@ -118,7 +118,7 @@ class Env:
     model_cache: str | None = None
     train_steps: int = 1000
     device: str = "auto"
-    batch_size: int = 256
+    batch_size: int | None = None  # None: the engine's default rows per forward pass (attribution/devices.py)
     draws: int = 16
     protocol_seed: int = 0
     executor: str = "in_process"
