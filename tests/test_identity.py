@@ -17,25 +17,18 @@ from tda_assets.experiments.runner import Runner, current_training_phases
 from tda_assets.io.checkpoints import read_checkpoint_record
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.tables import read_table, table_exists
+from tests.small_root import small_root
 
-MANIFEST = {"clips_per_artist": 3, "artists": 2}
 
 
 @pytest.fixture(scope="module")
 def first(tmp_path_factory):
     """A root whose training side and one query ran with protocol seed 0 and 20 training steps."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("TDA_TRAIN_STEPS", "20")
-    mp.setenv("TDA_PROTOCOL_SEED", "0")
-    root = str(tmp_path_factory.mktemp("storage"))
-    instance = DagsterInstance.ephemeral()
-    runner = Runner.create(instance, root, log=lambda _m: None)
-    runner.log_level = "WARNING"
-    runner.training_side(MANIFEST)
-    add_query(runner.storage, "a plucked guitar tune", query_id="q0")
+    root, runner = small_root(tmp_path_factory, mp)
     assert runner.requested_queries() == ["q0"]
     runner.attribute("q0")
-    yield root, instance, runner
+    yield root, runner.instance, runner
     mp.undo()
 
 

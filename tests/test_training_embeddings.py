@@ -10,12 +10,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from dagster import AssetKey, AssetRecordsFilter, DagsterInstance
+from dagster import AssetKey, AssetRecordsFilter
 
 from tda_assets.attribution import similarity
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.scores import rank_descending
-from tda_assets.data.inbox import add_query
 from tda_assets.defs.partitions import SHARD_KEYS
 from tda_assets.experiments.runner import TRAINING_PHASES, Runner, current_training_phases, phases_to_run
 from tda_assets.io.artifacts import (
@@ -34,8 +33,8 @@ from tda_assets.io.artifacts import (
 from tda_assets.io.checkpoints import load_checkpoint, read_checkpoint_record
 from tda_assets.io.registry import key
 from tda_assets.io.tables import read_table
+from tests.small_root import small_root
 
-MANIFEST = {"clips_per_artist": 3, "artists": 2}  # 6 items over 4 shards: shard-01 is empty
 PROTOCOL = "s0-k16"
 
 
@@ -43,14 +42,7 @@ PROTOCOL = "s0-k16"
 def prepared(tmp_path_factory):
     """The training side (with training_embeddings) and one query's clip and similarity scores."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("TDA_TRAIN_STEPS", "20")
-    mp.setenv("TDA_PROTOCOL_SEED", "0")
-    root = str(tmp_path_factory.mktemp("storage"))
-    instance = DagsterInstance.ephemeral()
-    runner = Runner.create(instance, root, log=lambda _m: None)
-    runner.log_level = "WARNING"
-    runner.training_side(MANIFEST)
-    add_query(runner.storage, "a plucked guitar tune", query_id="q0")
+    _, runner = small_root(tmp_path_factory, mp)
     runner.clip("q0")
     record = read_checkpoint_record(runner.storage)
     yield runner, Identity(record.checkpoint_id, PROTOCOL), record.encoder_id
