@@ -12,7 +12,7 @@ from resources import ComputeResource, LossProtocolResource, ModelSourceResource
 from tda_assets.attribution.adapter import DiTAdapter, ItemBatch
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.protocol import LossProtocol
-from tda_assets.io.artifacts import Identity, all_features, baseline_item_ids, read_baseline, require
+from tda_assets.io.artifacts import Identity, all_features, baseline_item_ids, read_baseline, read_fisher
 from tda_assets.io.checkpoints import CheckpointRecord, load_checkpoint
 from tda_assets.io.storage import Storage
 
@@ -33,8 +33,7 @@ class ModelStep:
 
     def fisher(self) -> dict[str, torch.Tensor]:
         """The Fisher diagonal of this identity (IdentityError with the fix when missing)."""
-        key = require(self.store, "fisher_diagonal", self.identity, "materialize fisher_diagonal (`tda prepare`, or the UI)")
-        return self.store.read_tensors(key)[0]
+        return read_fisher(self.store, self.identity)
 
     def training_set(self) -> tuple[list[str], ItemBatch, pl.DataFrame]:
         """The items that have baseline losses of this identity, their features in that order, and those losses."""

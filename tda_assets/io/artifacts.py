@@ -184,6 +184,12 @@ def require(storage: Storage, name: str, identity: Identity, fix: str, /, **keys
     return k
 
 
+def read_fisher(storage: Storage, identity: Identity) -> dict[str, torch.Tensor]:
+    """The Fisher diagonal of this identity (IdentityError naming the identities present and the fix when missing)."""
+    return storage.read_tensors(require(storage, "fisher_diagonal", identity,
+                                        "materialize fisher_diagonal (`tda prepare`, or the UI)"))[0]
+
+
 def read_unlearned(storage: Storage, identity: Identity, query_id: str, config_id: str) -> pl.DataFrame:
     """The unlearned losses of a query and configuration under this identity (IdentityError naming what exists)."""
     fix = f"materialize unlearned_model and unlearned_losses for {query_id}/{config_id}"

@@ -29,7 +29,7 @@ from tda_assets.attribution.protocol import LossProtocol
 from tda_assets.attribution.scores import attribution_scores
 from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.attribution.unlearn import unlearn
-from tda_assets.io.artifacts import Identity, all_features, baseline_item_ids, loss_matrix, query_batch, read_baseline, require
+from tda_assets.io.artifacts import Identity, all_features, baseline_item_ids, loss_matrix, query_batch, read_baseline, read_fisher
 from tda_assets.io.checkpoints import load_checkpoint
 from tda_assets.io.storage import Storage
 from tda_assets.io.tables import read_tables
@@ -51,7 +51,7 @@ def demo_agreement(root: str, n_queries: int = 8, draws: int = 16, k: int = 4096
     protocol = LossProtocol(seed=0, draws=draws)
     adapter, record = load_checkpoint(store, ModelSource(), compute.device)
     identity = Identity(record.checkpoint_id, protocol.protocol_id)
-    fisher = store.read_tensors(require(store, "fisher_diagonal", identity, "run `make demo` first"))[0]
+    fisher = read_fisher(store, identity)
     baseline = read_baseline(store, identity, record.encoder_id)
     item_ids = baseline_item_ids(baseline)
     data = all_features(store, record.encoder_id)

@@ -53,6 +53,7 @@ from tda_assets.io.artifacts import (
     partial_loss_matrix,
     query_batch,
     read_baseline,
+    read_fisher,
     read_training_embeddings,
     read_unlearned,
     require,
@@ -283,7 +284,7 @@ def attribution_scores(
         l0 = loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses")
         delta, _ = store.read_tensors(require(store, "unlearned_delta", identity,
                                               f"materialize unlearned_model for {qid}/{cid}", query_id=qid, config_id=cid))
-        fisher = store.read_tensors(require(store, "fisher_diagonal", identity, "materialize fisher_diagonal (`tda prepare`)"))[0]
+        fisher = read_fisher(store, identity)
         if settings.method == "linearized":
             s = _linearized_scores(linearized(store, identity, settings, delta, fisher, record.encoder_id, item_ids), l0,
                                    settings.score_type)
