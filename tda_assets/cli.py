@@ -220,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
                    help="retraining steps of the counterfactual check (default: the checkpoint's, at most 400, to fit 30 "
                         "min on 2 cores; TDA_CF_TRAIN_STEPS)")
     p.add_argument("--skip-counterfactual", action="store_true")
-    p.add_argument("--si-configs", default="default,newton-fixed,newton-target",
+    p.add_argument("--si-configs", default="default,skew,newton-fixed,newton-target",
                    help="configurations judged by the self-influence protocol (comma-separated; empty to skip)")
     p.add_argument("--si-targets", type=int, default=6, help="self-influence targets (k-means-chosen training items)")
     p.add_argument("--rep-sources", type=int, default=2,

@@ -18,10 +18,10 @@ from tda_assets.defs.checks import losses_complete
 from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, load_grid, unlearning_run_config
 from tda_assets.defs.partitions import query_config_key
 from tda_assets.experiments.grid import run_grid
-from tda_assets.experiments.runner import Runner
-from tda_assets.io.artifacts import Identity, all_features, baseline_item_ids, loss_matrix, read_baseline
+from tda_assets.experiments.runner import Runner, current_training_phases
+from tda_assets.io.artifacts import Identity, all_features, baseline_item_ids, loss_matrix, read_baseline, read_fisher
 from tda_assets.io.checkpoints import load_checkpoint, read_checkpoint_record
-from tda_assets.io.gradients import gradients_key
+from tda_assets.io.gradients import gradients_key, read_gradient_store
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.registry import key
 from tda_assets.io.tables import list_keys, read_table, table_exists
@@ -207,3 +207,34 @@ def test_the_shipped_grid_entries_run_through_the_grid_and_the_reports(product):
     with pytest.raises(Exception, match=r"self_influence rescores every item exactly, but configuration 'linearized' is "
                                         r"method 'linearized'"):
         runner.with_config("self_influence", config_ids=["linearized"], n_targets=2)
+
+
+def test_the_default_configuration_ranks_by_mean_delta_over_the_stored_item_norms(product):
+    runner, store = product
+    runner.attribute_config(QUERY, UnlearningConfig())  # the training side built the default's gradient store
+    df = scores(store, "default")
+    assert df["score_type"].unique().to_list() == ["normalized"] and len(df) == N
+    record = read_checkpoint_record(store)
+    grads = read_gradient_store(store, identity(runner), GradientSpec.for_settings(UnlearningSettings()),
+                                read_fisher(store, identity(runner)), record.encoder_id, df["item_id"].to_list())
+    np.testing.assert_allclose(df["score"].to_numpy(), df["mean_delta"].to_numpy() / grads.item_norms, rtol=1e-9)
+    assert df.sort("score", descending=True)["rank"].to_list() == list(range(1, N + 1))
+    assert not np.allclose(np.argsort(-df["score"].to_numpy()), np.argsort(-df["mean_delta"].to_numpy()))
+
+
+def test_a_missing_default_gradient_shard_is_a_training_phase_that_prepare_rebuilds_alone(product):
+    runner, store = product
+    source = runner.resources["model_source"].model_source()
+    protocol_id = identity(runner).protocol_id
+    assert all(current_training_phases(store, source, protocol_id).values())
+    shard = list_keys(store, "training_features")[0]["shard"]
+    shard_key = gradients_key(identity(runner), GradientSpec.for_settings(UnlearningSettings()), shard)
+    kept, meta = store.read_tensors(shard_key)
+    store.write_tensors(shard_key, kept, {**meta, "fisher_digest": "0000"})  # as if built before the Fisher was re-estimated
+    have = current_training_phases(store, source, protocol_id)
+    assert have == {**dict.fromkeys(have, True), "training_gradients": False}
+    runner.timings.clear()
+    runner.training_side_if_needed()
+    assert list(runner.timings) == ["training_gradients"]
+    remade, remade_meta = store.read_tensors(shard_key)
+    assert remade_meta["fisher_digest"] == meta["fisher_digest"] and np.allclose(remade["sketched"], kept["sketched"], atol=1e-6)

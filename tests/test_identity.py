@@ -76,7 +76,8 @@ def test_a_query_after_retraining_is_not_scored_from_the_old_losses_then_attribu
 
     have = current_training_phases(runner.storage, runner.resources["model_source"].model_source(), "s0-k16")
     assert have == {"training_manifest": True, "training_features": True, "checkpoint": True,
-                    "fisher_diagonal": False, "baseline_losses": False, "training_embeddings": False}
+                    "fisher_diagonal": False, "baseline_losses": False, "training_embeddings": False,
+                    "training_gradients": False}
     runner.training_side_if_needed()
     runner.attribute("q-retrained")
     scores = read_table(runner.storage, "attribution_scores", query_id="q-retrained", config_id="default")

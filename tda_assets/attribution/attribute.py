@@ -23,12 +23,14 @@ def attribute_exact(
     settings: UnlearningSettings,
     protocol: LossProtocol,
     compute: Compute,
+    item_norms: np.ndarray | None = None,
 ) -> tuple[dict[str, np.ndarray], UnlearningResult, np.ndarray]:
-    """Unlearn `query`, rescore every item at every protocol draw, score against `baseline` [N, K].
+    """Unlearn `query`, rescore every item at every protocol draw, score against `baseline` [N, K] (`item_norms`: the
+    items' gradient norms, needed by score_type `normalized`).
 
     Returns the scores (`attribution_scores`), the unlearning result and the unlearned losses [N, K].
     """
     result = unlearn(adapter, query, fisher, settings, protocol, compute, n_train=len(items))
     rescore = unlearned_losses_fn(adapter, items, result.delta, protocol, compute, settings.masks_losses)
     after = rescore(np.arange(len(items)), 0, protocol.draws)
-    return attribution_scores(baseline, after, settings.score_type), result, after
+    return attribution_scores(baseline, after, settings.score_type, item_norms), result, after

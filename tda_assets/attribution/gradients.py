@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 
 from .adapter import DiTAdapter, ItemBatch
@@ -87,6 +88,12 @@ class GradientStore:
     def sketch(self) -> CountSketch | NoSketch:
         """The sketch the items were projected with (rebuilt once from its seed; O(D)); `NoSketch` when k is None."""
         return NoSketch(self.sizes) if self.k is None else CountSketch(self.sizes, self.k, self.seed)
+
+    @functools.cached_property
+    def item_norms(self) -> np.ndarray:
+        """`‖S P g_i‖` per item: the gradient norms score_type `normalized` divides by. A CountSketch keeps squared norms
+        in expectation with a relative sd of at most sqrt(2/k) (2.2% at k = 4096, so about 1.1% on the norm)."""
+        return self.sketched.double().norm(dim=1).numpy()
 
     @property
     def bytes_per_item(self) -> int:

@@ -19,9 +19,8 @@ import torch
 from .adapter import DiTAdapter, ItemBatch, apply_delta
 from .devices import Compute
 from .losses import DrawLosses, batch_losses
-from .scores import SCORE_COLUMNS, positive_shares
 from .protocol import LossProtocol
-from .scores import attribution_scores
+from .scores import SCORE_COLUMNS, attribution_scores, normalized_score, positive_shares
 
 # (item indices, first draw, stop draw) -> unlearned per-draw losses [len(indices), stop - first]
 UnlearnedLosses = Callable[[np.ndarray, int, int], np.ndarray]
@@ -78,9 +77,10 @@ def two_stage(
     keep: int | float = 0.5,
     min_keep: int = 10,
     score_type: str = "mean_delta",
+    item_norms: np.ndarray | None = None,
 ) -> TwoStageResult:
     """Exact scores (of `score_type`) of the signals' candidates by successive halving (`first_draws` None: K/4;
-    ≥ K: no halving)."""
+    ≥ K: no halving); `item_norms` [N] for score_type `normalized`."""
     n, k = baseline.shape
     if any(len(s) != n for s in signals.values()):
         raise ValueError("every cheap signal needs one score per item of the baseline")
@@ -89,13 +89,14 @@ def two_stage(
     score = np.full(n, np.nan)
     used = np.zeros(n, dtype=np.int64)
     partial = unlearned_losses(cand, 0, j)
-    score[cand], used[cand] = attribution_scores(baseline[cand, :j], partial, score_type)["score"], j
+    norms = (lambda idx: None) if item_norms is None else (lambda idx: np.asarray(item_norms)[idx])
+    score[cand], used[cand] = attribution_scores(baseline[cand, :j], partial, score_type, norms(cand))["score"], j
     if j < k:
         survivors = cand[np.argsort(-score[cand], kind="stable")[: max(_count(keep, len(cand)), min_keep)]]
         survivors.sort()
         rest = unlearned_losses(survivors, j, k)
         full = np.concatenate([partial[np.searchsorted(cand, survivors)], rest], axis=1)
-        score[survivors], used[survivors] = attribution_scores(baseline[survivors], full, score_type)["score"], k
+        score[survivors], used[survivors] = attribution_scores(baseline[survivors], full, score_type, norms(survivors))["score"], k
     fallback = signal_ranks(signals).mean(axis=0)
     order = np.lexsort((fallback, -np.nan_to_num(score, nan=0.0), -used))
     rank = np.empty(n, dtype=np.int64)
@@ -103,7 +104,8 @@ def two_stage(
     return TwoStageResult(score, used, rank)
 
 
-def staged_scores(baseline: np.ndarray, unlearned: np.ndarray, fallback: np.ndarray, score_type: str = "mean_delta") -> dict[str, np.ndarray]:
+def staged_scores(baseline: np.ndarray, unlearned: np.ndarray, fallback: np.ndarray, score_type: str = "mean_delta",
+                  item_norms: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """The `attribution_scores` columns of a two-stage rescore, from its recorded losses.
 
     `unlearned` [N, K] holds NaN at the draws not evaluated; each item's evaluated draws must be a prefix 0…d−1
@@ -127,6 +129,7 @@ def staged_scores(baseline: np.ndarray, unlearned: np.ndarray, fallback: np.ndar
             "relative_score": mean_delta / np.where(used > 0, (baseline * mask).sum(1) / count, np.nan),
             "skew_score": np.where(used > 0, (diff / np.where(done, unlearned + baseline + 1e-3, 1.0)).sum(1) / count, np.nan),
         }
+        out["normalized_score"] = normalized_score(mean_delta, item_norms, score_type)
     score = out[SCORE_COLUMNS[score_type]]
     order = np.lexsort((np.asarray(fallback, dtype=np.float64), -np.nan_to_num(score, nan=0.0), -used))
     rank = np.empty(n, dtype=np.int64)

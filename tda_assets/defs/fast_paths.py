@@ -7,7 +7,7 @@ import numpy as np
 import polars as pl
 import torch
 
-from tda_assets.attribution.gradients import GradientSpec
+from tda_assets.attribution.gradients import GradientSpec, GradientStore
 from tda_assets.attribution.linearized import linearized_scores
 from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.io.artifacts import Identity, IdentityError
@@ -18,11 +18,24 @@ from tda_assets.io.tables import read_table, table_exists
 SIGNAL_METHODS = ("similarity:internal", "similarity:audio")  # DESIGN §1: the cheap signals besides the linearised score
 
 
+def configured_gradients(store: Storage, identity: Identity, settings: UnlearningSettings, fisher: dict[str, torch.Tensor],
+                         encoder_id: str, item_ids: list[str]) -> GradientStore:
+    """The configuration's training_gradients store, rows in `item_ids` order (IdentityError naming the fix when missing)."""
+    return read_gradient_store(store, identity, GradientSpec.for_settings(settings), fisher, encoder_id, item_ids)
+
+
 def linearized(store: Storage, identity: Identity, settings: UnlearningSettings, delta: dict[str, torch.Tensor],
                fisher: dict[str, torch.Tensor], encoder_id: str, item_ids: list[str]) -> np.ndarray:
     """`g_iᵀ δ` of every item in `item_ids` order from the configuration's gradient store (IdentityError when missing)."""
-    spec = GradientSpec.for_settings(settings)
-    return linearized_scores(read_gradient_store(store, identity, spec, fisher, encoder_id, item_ids), delta)
+    return linearized_scores(configured_gradients(store, identity, settings, fisher, encoder_id, item_ids), delta)
+
+
+def item_norms(store: Storage, identity: Identity, settings: UnlearningSettings, fisher: dict[str, torch.Tensor],
+               encoder_id: str, item_ids: list[str]) -> np.ndarray | None:
+    """The items' gradient norms score_type `normalized` divides by, from the configuration's store (None otherwise)."""
+    if settings.score_type != "normalized":
+        return None
+    return configured_gradients(store, identity, settings, fisher, encoder_id, item_ids).item_norms
 
 
 def similarity_signal(store: Storage, identity: Identity, query_id: str, method: str, item_ids: list[str]) -> np.ndarray:

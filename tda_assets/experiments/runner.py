@@ -26,8 +26,9 @@ from tda_assets.defs.partitions import SHARD_KEYS, configs, queries, query_confi
 from tda_assets.defs.query_runs import run_tags
 from tda_assets.defs.sensors import CLIP_ASSETS, attribute_config_job, query_clip_job, query_inbox_sensor, query_of
 from tda_assets.attribution.gradients import GradientSpec
+from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.io.artifacts import Identity, embeddings_key, embeddings_match_features, manifest_digest, read_features
-from tda_assets.io.gradients import missing_gradient_shards
+from tda_assets.io.gradients import stale_gradient_shards
 from tda_assets.io.checkpoints import embedded_checkpoint_id, read_checkpoint_record
 from tda_assets.io.registry import key
 from tda_assets.io.storage import Storage
@@ -38,14 +39,21 @@ from tda_assets.models.sources import ModelSource
 CODE_LOCATION = ReconstructableRepository.for_module("tda_assets.definitions", "from_environment")  # rebuilt per process
 ASSET_JOB = "__ASSET_JOB"  # the code location's implicit job of every asset, subset per run
 TRAINING_PHASES = ("training_manifest", "training_features", "checkpoint", "fisher_diagonal", "baseline_losses",
-                   "training_embeddings")
+                   "training_embeddings", "training_gradients")
+DEFAULT_GRADIENTS = GradientSpec.for_settings(UnlearningSettings())  # the store the default configuration's score reads
 
 
 PHASE_NEEDS = {  # the training phases each phase reads: it runs again whenever one of them does
     "training_manifest": (), "training_features": ("training_manifest",), "checkpoint": ("training_features",),
     "fisher_diagonal": ("checkpoint",), "baseline_losses": ("training_features", "checkpoint"),
     "training_embeddings": ("training_features", "checkpoint"),
+    "training_gradients": ("training_features", "checkpoint", "fisher_diagonal"),
 }
+
+
+def gradients_run_config(spec: GradientSpec) -> dict:
+    """The run config of a training_gradients run that builds the store `spec` names."""
+    return {"ops": {"training_gradients": {"config": vars(spec)}}}
 
 
 def phases_to_run(have: dict[str, bool]) -> set[str]:
@@ -71,7 +79,7 @@ def current_training_phases(store: Storage, source: ModelSource, protocol_id: st
     Features must come from the current encoders and the current manifest rows; the checkpoint must be the one
     the model source names (for the embedded model: trained on these features with these settings); the Fisher,
     every shard's baseline losses and every shard's training embeddings (made from its current features) must be of
-    that checkpoint and protocol.
+    that checkpoint and protocol, and so must the default configuration's gradient store (built with the stored Fisher).
     """
     have = dict.fromkeys(TRAINING_PHASES, False)
     if not table_exists(store, "training_manifest"):
@@ -110,6 +118,7 @@ def current_training_phases(store: Storage, source: ModelSource, protocol_id: st
         return store.exists(k) and embeddings_match_features(store, store.read_tensors_metadata(k), encoder_id, shard)
 
     have["training_embeddings"] = all(map(embeddings_current, SHARD_KEYS))
+    have["training_gradients"] = not stale_gradient_shards(store, identity, DEFAULT_GRADIENTS, encoder_id)
     return have
 
 
@@ -197,8 +206,8 @@ class Runner:
         self.log(f"    {name}: {self.timings[name]:.1f}s")
 
     def training_side(self, manifest_config: dict | None = None, skip: frozenset[str] = frozenset()) -> None:
-        """Manifest, features of every shard, checkpoint, Fisher, baseline losses and training embeddings of every shard
-        (minus `skip`)."""
+        """Manifest, features of every shard, checkpoint, Fisher, baseline losses, training embeddings and the default
+        configuration's training gradients of every shard (minus `skip`)."""
         cfg = {"ops": {"training_manifest": {"config": manifest_config}}} if manifest_config else None
         phases = {
             "training_manifest": lambda: self.run(["training_manifest"], run_config=cfg),
@@ -207,6 +216,8 @@ class Runner:
             "fisher_diagonal": lambda: self.run(["fisher_diagonal"]),
             "baseline_losses": lambda: [self.run(["baseline_losses"], s) for s in SHARD_KEYS],
             "training_embeddings": lambda: [self.run(["training_embeddings"], s) for s in SHARD_KEYS],
+            "training_gradients": lambda: [self.run(["training_gradients"], s, run_config=gradients_run_config(DEFAULT_GRADIENTS))
+                                           for s in SHARD_KEYS],
         }
         for name in TRAINING_PHASES:
             if name not in skip:
@@ -294,29 +305,29 @@ class Runner:
 
     def attribute_config(self, query_id: str, config: UnlearningConfig):
         """Only the per-configuration assets of a query (its clip must exist), in its (query × config) partition; first
-        the gradient store a `linearized` configuration reads, when missing (`ensure_gradients`)."""
+        the gradient store the configuration reads, when missing (`ensure_gradients`)."""
         self.ensure_gradients(config)
         self.add_partitions(query_id, config.config_id)
         return self.run(UNLEARNING_ASSETS, query_config_key(query_id, config.config_id), unlearning_run_config(config),
                  tags=run_tags("attribute", self.storage.url))
 
     def ensure_gradients(self, config: UnlearningConfig) -> list[str]:
-        """For a `linearized` configuration, `training_gradients` of its gradient store on every shard that lacks it
-        (an optional phase of the training side: only these configurations need it). Returns the shards run.
+        """For a configuration that reads a gradient store (`linearized`, score_type `normalized`), `training_gradients`
+        of its store on every shard that lacks it or whose store predates the Fisher (the training side builds the
+        default configuration's). Returns the shards run.
 
         A `two_stage` configuration uses the store as a cheap signal when it exists, and does without otherwise.
         """
         settings = config.settings()
-        if settings.method != "linearized":
+        if not settings.needs_gradients:
             return []
         spec = GradientSpec.for_settings(settings)
         record = read_checkpoint_record(self.storage)
         identity = Identity(record.checkpoint_id, self.resources["protocol"].protocol().protocol_id)
-        missing = missing_gradient_shards(self.storage, identity, spec, record.encoder_id)
+        missing = stale_gradient_shards(self.storage, identity, spec, record.encoder_id)
         if missing:
-            run_config = {"ops": {"training_gradients": {"config": vars(spec)}}}
-            self.phase(f"training_gradients {spec.gradient_id}",
-                       lambda: [self.run(["training_gradients"], shard, run_config=run_config) for shard in missing])
+            self.phase(f"training_gradients {spec.gradient_id}", lambda: [
+                self.run(["training_gradients"], shard, run_config=gradients_run_config(spec)) for shard in missing])
         return missing
 
     def with_config(self, asset: str, **config: object):

@@ -205,8 +205,7 @@ def counterfactual(queries: str | None, n_queries: int, k: int, train_steps: int
 
 
 def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: int, cf_k: int,
-             cf_train_steps: int | None, skip_counterfactual: bool, si_configs: str = "default,newton-fixed,newton-target",
-             si_targets: int = 6, rep_sources: int = 2) -> int:
+             cf_train_steps: int | None, skip_counterfactual: bool, si_configs: str, si_targets: int, rep_sources: int) -> int:
     """The paper's experiments on the embedded default: built-in queries, grid, consistency, similarity, counterfactual."""
     run, start = _start("evaluate")
     store = run.storage

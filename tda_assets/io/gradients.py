@@ -52,6 +52,15 @@ def missing_gradient_shards(storage: Storage, identity: Identity, spec: Gradient
     return [s for s in feature_shards(storage, encoder_id) if not storage.exists(gradients_key(identity, spec, s))]
 
 
+def stale_gradient_shards(storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str) -> list[str]:
+    """The shards whose gradient store of this identity and spec is missing or was preconditioned with another Fisher
+    than the stored one (headers only: no store is read)."""
+    digest = fisher_digest(storage, identity) if storage.exists(key("fisher_diagonal", **identity.keys())) else None
+    missing = set(missing_gradient_shards(storage, identity, spec, encoder_id))
+    return [s for s in feature_shards(storage, encoder_id) if s in missing
+            or storage.read_tensors_metadata(gradients_key(identity, spec, s)).get("fisher_digest") != digest]
+
+
 def _fix(spec: GradientSpec) -> str:
     fields = ", ".join(f"{k}: {json.dumps(v)}" for k, v in vars(spec).items())
     return (f"materialize training_gradients for every shard with config {{{fields}}} (`tda attribute --config` and "

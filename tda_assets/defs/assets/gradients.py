@@ -15,6 +15,7 @@ from resources import ComputeResource, LossProtocolResource, ModelSourceResource
 from tda_assets.attribution.gradients import GradientSpec, gradient_store
 from tda_assets.attribution.settings import PARAM_SUBSETS
 from tda_assets.defs.model_step import model_step
+from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.defs.partitions import training_shards
 from tda_assets.defs.progress import Progress
 from tda_assets.defs.tags import GPU
@@ -22,7 +23,7 @@ from tda_assets.io.artifacts import iter_training_batches, read_features
 from tda_assets.io.gradients import fisher_digest, gradients_key, write_gradient_store
 from tda_assets.io.registry import key
 
-_DEFAULT = GradientSpec()
+_DEFAULT = GradientSpec.for_settings(UnlearningSettings())  # the product default configuration's store
 
 
 class TrainingGradientsConfig(Config):

@@ -30,7 +30,8 @@ from tda_assets.attribution.adapter import ItemBatch, apply_delta
 from tda_assets.attribution.losses import stream_losses
 from tda_assets.attribution.scores import attribution_scores as score_items
 from tda_assets.attribution.multifidelity import signal_ranks, staged_scores, two_stage, unlearned_losses_fn
-from tda_assets.attribution.scores import positive_shares, rank_descending, ranking_score
+from tda_assets.attribution.linearized import linearized_scores
+from tda_assets.attribution.scores import normalized_score, positive_shares, rank_descending, ranking_score
 from tda_assets.attribution.similarity import embedding_scores, embeddings
 from tda_assets.attribution.unlearn import unlearn
 from tda_assets.data.audio import LONG_CLIP_POLICY, MAX_QUERY_WINDOWS, decode_clip, query_windows
@@ -38,7 +39,7 @@ from tda_assets.data.inbox import read_query
 from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO
 from tda_assets.defs.checks import losses_complete
 from tda_assets.defs.configs import UnlearningConfig, partition_config, record_config
-from tda_assets.defs.fast_paths import cheap_signals, linearized
+from tda_assets.defs.fast_paths import cheap_signals, configured_gradients, item_norms
 from tda_assets.defs.model_step import model_step
 from tda_assets.defs.partitions import queries, query_and_config, query_configs
 from tda_assets.defs.plots import attribution_plot
@@ -240,7 +241,7 @@ def _two_stage_losses(context, step, qid: str, settings, delta) -> tuple[pl.Data
     fn = unlearned_losses_fn(step.adapter, data, delta, proto, step.compute, settings.masks_losses, 32, record=evaluated)
     result = two_stage(l0, fn, signals, top=settings.count_or_fraction(settings.candidates), first_draws=settings.first_draws,
                        keep=settings.count_or_fraction(settings.keep), min_keep=settings.min_keep,
-                       score_type=settings.score_type)
+                       score_type=settings.score_type, item_norms=step.item_norms(settings, item_ids))
     seconds = time.perf_counter() - start
     df = pl.concat([losses_frame([item_ids[i] for i in idx], part.loss, part.loss_masked, first_draw=first)
                     for idx, first, part in evaluated])
@@ -273,25 +274,28 @@ def attribution_scores(
     identity = Identity(record.checkpoint_id, proto.protocol_id)
     column = "loss_masked" if masked else "loss"
     baseline = read_baseline(store, identity, record.encoder_id)  # the same identity, or an IdentityError: never mixed
+    fisher = read_fisher(store, identity) if settings.needs_gradients or not settings.is_full_exact else None
     if settings.is_full_exact:
         after = read_unlearned(store, identity, qid, cid)
         item_ids = after["item_id"].unique(maintain_order=True).to_list()
+        norms = item_norms(store, identity, settings, fisher, record.encoder_id, item_ids)
         s = score_items(loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses"),
-                        loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"), settings.score_type)
+                        loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"), settings.score_type, norms)
         s["draws_used"] = np.full(len(item_ids), proto.draws)
     else:
         item_ids = baseline_item_ids(baseline)
         l0 = loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses")
         delta, _ = store.read_tensors(require(store, "unlearned_delta", identity,
                                               f"materialize unlearned_model for {qid}/{cid}", query_id=qid, config_id=cid))
-        fisher = read_fisher(store, identity)
         if settings.method == "linearized":
-            s = _linearized_scores(linearized(store, identity, settings, delta, fisher, record.encoder_id, item_ids), l0,
-                                   settings.score_type)
+            grads = configured_gradients(store, identity, settings, fisher, record.encoder_id, item_ids)
+            s = _linearized_scores(linearized_scores(grads, delta), l0, settings.score_type,
+                                   grads.item_norms if settings.score_type == "normalized" else None)
         else:
             signals = cheap_signals(store, identity, qid, settings, delta, fisher, record.encoder_id, item_ids)
             after = partial_loss_matrix(read_unlearned(store, identity, qid, cid), item_ids, proto.draws, column)
-            s = staged_scores(l0, after, signal_ranks(signals).mean(axis=0), settings.score_type)
+            s = staged_scores(l0, after, signal_ranks(signals).mean(axis=0), settings.score_type,
+                              item_norms(store, identity, settings, fisher, record.encoder_id, item_ids))
     df = pl.DataFrame({"method": settings.method, "item_id": item_ids, "score": s["score"], "rank": s["rank"],
                        "mean_delta": s["mean_delta"], "relative_score": s["relative_score"], "skew_score": s["skew_score"],
                        "share": s["share"], "score_type": settings.score_type, "rescored": s["draws_used"] > 0,
@@ -308,10 +312,12 @@ def attribution_scores(
                                                             metadata={"rows": len(df), "training_items": n_train})])
 
 
-def _linearized_scores(lin: np.ndarray, l0: np.ndarray, score_type: str) -> dict[str, np.ndarray]:
+def _linearized_scores(lin: np.ndarray, l0: np.ndarray, score_type: str, norms: np.ndarray | None) -> dict[str, np.ndarray]:
     """The `linearized` columns: `mean_delta` is g_iᵀδ (the first-order mean loss change), `relative_score` divides it
-    by the item's mean baseline loss, `skew_score` is null (it needs the unlearned losses); nothing is rescored."""
-    out = {"mean_delta": lin, "relative_score": lin / l0.mean(axis=1), "skew_score": np.full(len(lin), np.nan)}
+    by the item's mean baseline loss, `normalized_score` by the item's gradient norm (the cosine of g_i and δ in the
+    Newton metric), `skew_score` is null (it needs the unlearned losses); nothing is rescored."""
+    out = {"mean_delta": lin, "relative_score": lin / l0.mean(axis=1), "skew_score": np.full(len(lin), np.nan),
+           "normalized_score": normalized_score(lin, norms, score_type)}
     score = ranking_score(out, score_type)
     return {**out, "score": score, "rank": rank_descending(score), "share": positive_shares(score),
             "draws_used": np.zeros(len(lin), dtype=np.int64)}

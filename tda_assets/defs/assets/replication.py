@@ -43,7 +43,8 @@ class ReplicationConfig(Config):
 
 @asset(
     group_name="evaluation", **GPU,
-    deps=[AssetKey("fisher_diagonal"), AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping())],
+    deps=[AssetKey("fisher_diagonal"), AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping()),
+          AssetDep(AssetKey("training_gradients"), partition_mapping=AllPartitionMapping())],
     description="Replication detection: each source item's audio after gain −6 dB, a 50 ms shift, a 22.05 kHz round trip "
                 "and 30 dB SNR noise, used as a query with its caption; the rank of the source among all items.",
 )
@@ -59,6 +60,7 @@ def replication(
     fisher = step.fisher()
     sources = choose_targets(audio_embedding(data).numpy(), item_ids, config.n_sources, config.seed)
     manifest = read_table(store, "training_manifest").filter(pl.col("item_id").is_in(sources))
+    norms = step.item_norms(settings, item_ids)
     progress = Progress(context.log, "replication", len(sources) * len(TRANSFORMS), len(item_ids) * proto.draws)
     rows = []
     for row in manifest.sort("item_id").iter_rows(named=True):
@@ -69,7 +71,7 @@ def replication(
             latents, mask = adapter.encode_audio([clip])
             cond = adapter.encode_text([row["caption"]], [query_id], durations=[len(clip) / adapter.sample_rate])
             query = ItemBatch([query_id], latents, cond, mask)
-            s, result, _ = attribute_exact(adapter, query, data, l0, fisher, settings, proto, step.compute)
+            s, result, _ = attribute_exact(adapter, query, data, l0, fisher, settings, proto, step.compute, norms)
             t = item_ids.index(row["item_id"])
             rows.append({"config_id": config.config_id, "source_item_id": row["item_id"], "transform": name,
                          "rank": int(s["rank"][t]), "score": float(s["score"][t]), "loss_ratio": result.loss_ratio,

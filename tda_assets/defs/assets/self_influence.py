@@ -42,7 +42,8 @@ class SelfInfluenceConfig(Config):
 
 @asset(
     group_name="evaluation", **GPU,
-    deps=[AssetKey("fisher_diagonal"), AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping())],
+    deps=[AssetKey("fisher_diagonal"), AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping()),
+          AssetDep(AssetKey("training_gradients"), partition_mapping=AllPartitionMapping())],
     description="Self-influence (the paper's grid protocol): k-means-chosen training items unlearned as their own queries; "
                 "per configuration the mean rank R of the item itself, the share ranked first, the embedding similarity "
                 "of its top-k and bottom-k, and the median relative loss change of the other items.",
@@ -64,11 +65,13 @@ def self_influence(
         settings = recorded_settings(store, cid)
         column = "loss_masked" if settings.masks_losses else "loss"
         l0 = loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses")
+        norms = step.item_norms(settings, item_ids)
         progress = Progress(context.log, f"self-influence {cid}", len(targets), len(item_ids) * proto.draws)
         ranks, rankings, indices = [], [], []
         for target in targets:
             t = item_ids.index(target)
-            s, result, lu = attribute_exact(step.adapter, data.select([t]), data, l0, fisher, settings, proto, step.compute)
+            s, result, lu = attribute_exact(step.adapter, data.select([t]), data, l0, fisher, settings, proto, step.compute,
+                                           norms)
             others = np.arange(len(item_ids)) != t
             rel = (lu.mean(1) - l0.mean(1)) / l0.mean(1)
             top, bottom = neighbour_similarity(s["rank"], embeddings, t, config.k)
