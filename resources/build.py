@@ -18,7 +18,7 @@ def build_resources(env: Env) -> dict:
         "model_source": ModelSourceResource(source=env.checkpoint, hf_token=EnvVar("HF_TOKEN") if has("HF_TOKEN") else None,
                                             cache_dir=env.model_cache, train_steps=env.train_steps),
         "compute": ComputeResource(device=env.device, batch_size=env.batch_size),
-        "protocol": LossProtocolResource(draws=env.draws, seed=env.protocol_seed),
+        "protocol": LossProtocolResource(draws=env.draws, seed=env.protocol_seed, precision=env.loss_precision),
         "training_data": TrainingDataResource(manifest_uri=env.manifest, clips_per_artist=env.clips_per_artist),
         "inbox": InboxResource(max_queries_per_tick=env.max_queries_per_tick, allowed_audio_roots=list(env.allowed_audio_roots),
                                manifest_uri=env.manifest),

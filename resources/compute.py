@@ -14,7 +14,6 @@ class ComputeResource(ConfigurableResource):
     autocast_dtype: str | None = None
     batch_size: int | None = None  # None: the engine's DEFAULT_BATCH_ROWS
     threads: int | None = None
-    fp32_losses: bool = False  # measure losses without autocast (rescoring in fp32 keeps weak unlearning's ranking)
 
     def compute(self) -> Compute:
         if self.threads:
@@ -25,14 +24,15 @@ class ComputeResource(ConfigurableResource):
         else:
             device, default_dtype = self.device, ("bfloat16" if self.device.startswith("cuda") else None)
         dtype = self.autocast_dtype if self.autocast_dtype is not None else default_dtype
-        return Compute(device, dtype, self.batch_size or DEFAULT_BATCH_ROWS, fp32_losses=self.fp32_losses)
+        return Compute(device, dtype, self.batch_size or DEFAULT_BATCH_ROWS)
 
 
 class LossProtocolResource(ConfigurableResource):
-    """The fixed loss protocol: `draws` draws per item, seeded by `seed` (DESIGN §1)."""
+    """The fixed loss protocol: `draws` draws per item, seeded by `seed`, losses measured in `precision` (DESIGN §1)."""
 
     seed: int = 0
     draws: int = 16
+    precision: str = "fp32"  # `fp32` or `bf16`: part of the protocol's id (TDA_LOSS_PRECISION)
 
     def protocol(self) -> LossProtocol:
-        return LossProtocol(seed=self.seed, draws=self.draws)
+        return LossProtocol(seed=self.seed, draws=self.draws, precision=self.precision)

@@ -9,6 +9,8 @@ import os
 from dataclasses import dataclass, fields
 from pathlib import Path
 
+from tda_assets.attribution.protocol_id import check_precision, protocol_id
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -121,6 +123,7 @@ class Env:
     batch_size: int | None = None  # None: the engine's default rows per forward pass (attribution/devices.py)
     draws: int = 16
     protocol_seed: int = 0
+    loss_precision: str = "fp32"  # what per-draw losses are measured in: part of the protocol's id
     executor: str = "in_process"
     instance: str = "sqlite"
     manifest: str | None = None
@@ -148,6 +151,7 @@ class Env:
             batch_size=_int("TDA_BATCH_SIZE", d["batch_size"]),
             draws=_int("TDA_DRAWS", d["draws"]),
             protocol_seed=_int("TDA_PROTOCOL_SEED", d["protocol_seed"]),
+            loss_precision=check_precision((get("TDA_LOSS_PRECISION") or d["loss_precision"]).strip().lower()),
             executor=get("TDA_EXECUTOR") or d["executor"],
             instance=instance_kind(),
             manifest=get("TDA_MANIFEST"),
@@ -160,6 +164,11 @@ class Env:
             cf_queries=_int("TDA_CF_QUERIES", d["cf_queries"]),
             cf_train_steps=_int("TDA_CF_TRAIN_STEPS", 0) or None,
         )
+
+    @property
+    def protocol_id(self) -> str:
+        """The id of the loss protocol these settings give (`LossProtocolResource` builds the same protocol)."""
+        return protocol_id(self.protocol_seed, self.draws, precision=self.loss_precision)
 
     def with_storage(self, storage_url: str | None) -> "Env":
         """The same settings on another storage root (tests, `--storage`)."""

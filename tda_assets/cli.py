@@ -72,11 +72,10 @@ def _running(store) -> set[tuple[str, str]]:
 
 def cmd_queries(args: argparse.Namespace) -> int:
     from resources.env import Env
-    from tda_assets.attribution.protocol_id import protocol_id
     from tda_assets.experiments.catalog import query_table
 
-    env, store = Env.read(), _storage()
-    df = query_table(store, protocol_id(env.protocol_seed, env.draws), lambda: _running(store))
+    store = _storage()
+    df = query_table(store, Env.read().protocol_id, lambda: _running(store))
     if df.is_empty():
         print(f"no queries in the inbox of {store.url}: add one with `tda attribute` or `tda add-query`")
         return 0

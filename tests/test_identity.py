@@ -14,6 +14,7 @@ from dagster import DagsterInstance
 
 from tda_assets.data.inbox import add_query
 from tda_assets.experiments.runner import Runner, current_training_phases
+from tda_assets.io.artifacts import Identity, IdentityError, read_baseline
 from tda_assets.io.checkpoints import read_checkpoint_record
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.tables import read_table, table_exists
@@ -56,6 +57,28 @@ def test_a_query_after_a_protocol_change_is_not_scored_from_the_old_losses(first
     assert re.search(r"protocol s1-k16.*missing.*protocol s0-k16", str(error), re.S), str(error)
     assert "tda prepare" in str(error)
     assert not table_exists(runner.storage, "attribution_scores", query_id="q-protocol", config_id="default")
+
+
+def test_a_query_under_the_other_loss_precision_is_not_scored_from_the_fp32_losses(first, monkeypatch):
+    root, instance, first_runner = first
+    record = read_checkpoint_record(first_runner.storage)
+    bf16 = Identity(record.checkpoint_id, "s0-k16-bf16")
+    with pytest.raises(IdentityError) as caught:  # the reader: fp32 baseline losses are not bf16 ones
+        read_baseline(first_runner.storage, bf16, record.encoder_id)
+    assert f"the storage root has them only for checkpoint {record.checkpoint_id}, protocol s0-k16," in str(caught.value)
+    assert "TDA_LOSS_PRECISION is part of the protocol" in str(caught.value)
+    assert "TDA_LOSS_PRECISION" not in str(  # the hint is for a precision twin only
+        pytest.raises(IdentityError, read_baseline, first_runner.storage, Identity(record.checkpoint_id, "s1-k16-bf16"),
+                      record.encoder_id).value)
+    monkeypatch.setenv("TDA_TRAIN_STEPS", "20")
+    monkeypatch.setenv("TDA_LOSS_PRECISION", "bf16")
+    runner, error = run_new_query(root, instance, "q-bf16")  # the product: the environment → the protocol → the error
+    assert error is not None
+    message = str(error)
+    assert re.search(r"protocol s0-k16-bf16.*missing.*protocol s0-k16, .*TDA_LOSS_PRECISION is part of the protocol",
+                     message, re.S), message
+    assert "tda prepare" in message
+    assert not table_exists(runner.storage, "attribution_scores", query_id="q-bf16", config_id="default")
 
 
 def test_a_query_after_retraining_is_not_scored_from_the_old_losses_then_attributes_once_prepared(first, monkeypatch):

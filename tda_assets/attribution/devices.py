@@ -8,6 +8,8 @@ from typing import Iterator
 
 import torch
 
+from .protocol_id import check_precision
+
 # Rows (item-draws) per forward pass. On CPU the embedded denoiser is fastest at small batches: its feed-forward
 # intermediate leaves L2 beyond ~64 rows (tests/benchmarks/bench_scale.py, 2026-11-26: 1 thread, bare forward 63 GFLOP/s
 # = 62% of the fp32 matmul peak at 64 rows against 45% at 256; the loss pipeline at 2 threads 649 item-draws/s at 32
@@ -17,16 +19,15 @@ DEFAULT_BATCH_ROWS = 32
 
 @dataclass(frozen=True)
 class Compute:
-    """Device placement: forward passes may autocast (bf16 on GPU); weights that unlearning changes stay fp32."""
+    """Device placement: forward passes may autocast (bf16 on GPU); weights that unlearning changes stay fp32.
+
+    `autocast_dtype` governs the unlearning step, the Fisher, training and sampling; the protocol's per-draw losses
+    are measured at the protocol's own precision (`loss_autocast`), which is part of their identity.
+    """
 
     device: str = "cpu"
     autocast_dtype: str | None = None  # "bfloat16" | "float16" | None
     batch_size: int = DEFAULT_BATCH_ROWS  # rows (item-draws) per forward pass
-    # Per-draw losses (baseline, unlearned: the scores) without autocast. bf16 rescoring agrees with fp32 at the
-    # default strength but not at a weak one: on the embedded test model, query loss ×1.02, Spearman 0.76–0.85
-    # (Jaccard@10 0.82) against fp32, while a bf16 unlearning rescored in fp32 gave ≥ 0.998 (Jaccard@10 1.0).
-    # Baseline and unlearned losses must be computed with the same setting.
-    fp32_losses: bool = False
 
     @classmethod
     def auto(cls, batch_size: int = DEFAULT_BATCH_ROWS) -> "Compute":
@@ -49,6 +50,9 @@ class Compute:
         with torch.autocast(device_type=self.torch_device.type, dtype=dtype):
             yield
 
-    def loss_autocast(self) -> contextlib.AbstractContextManager:
-        """Autocast context for per-draw loss measurement: `autocast()`, or none when `fp32_losses`."""
-        return contextlib.nullcontext() if self.fp32_losses else self.autocast()
+    def loss_autocast(self, precision: str) -> contextlib.AbstractContextManager:
+        """Context for measuring protocol losses at `precision` (LossProtocol.precision) on this device, whatever
+        `autocast_dtype`: bf16 autocast for `bf16`, autocast switched off (even inside an outer one) for `fp32`."""
+        if check_precision(precision) == "bf16":
+            return torch.autocast(device_type=self.torch_device.type, dtype=torch.bfloat16)
+        return torch.autocast(device_type=self.torch_device.type, enabled=False)

@@ -35,7 +35,7 @@ def fisher_diagonal(
                 break
             item = batch.select([i])
             z, cond, tt, ee, _ = expand_draws(item, t[i : i + 1], eps[i : i + 1], adapter.device)
-            with compute.autocast():
+            with compute.autocast():  # the unlearning step's curvature: the compute's precision, as the step itself
                 loss = diffusion_loss(adapter, z, cond, tt, ee).mean()
             grads = torch.autograd.grad(loss, [params[n] for n in names])
             for n, g in zip(names, grads):

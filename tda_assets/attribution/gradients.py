@@ -111,7 +111,7 @@ def per_item_gradients(
     for i in range(len(batch)):
         item = batch.select([i])
         z, cond, tt, ee, m = expand_draws(item, t[i : i + 1], eps[i : i + 1], adapter.device)
-        with compute.autocast():
+        with compute.loss_autocast(protocol.precision):  # the store stands for the protocol losses' change
             loss = diffusion_loss(adapter, z, cond, tt, ee, m if masked else None).mean()
         for n, g in zip(names, torch.autograd.grad(loss, [params[n] for n in names])):
             out[n][i] = g.float()

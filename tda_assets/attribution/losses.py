@@ -67,12 +67,13 @@ class DrawLosses(NamedTuple):
 
 
 def batch_losses(adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, compute: Compute) -> DrawLosses:
-    """Per-draw losses of one batch of items in large forward passes; raises on a non-finite loss, naming the item."""
+    """Per-draw losses of one batch of items in large forward passes, at the protocol's precision (not the compute's
+    autocast); raises on a non-finite loss, naming the item."""
     t, eps = protocol.draws_for(batch.item_ids, adapter.latent_shape, adapter.objective)
     z, cond, tt, ee, mask = expand_draws(batch, t, eps, adapter.device)
     rows = z.shape[0]
     full, masked = torch.empty(rows), torch.empty(rows)
-    with torch.no_grad(), compute.loss_autocast():
+    with torch.no_grad(), compute.loss_autocast(protocol.precision):
         for lo in range(0, rows, compute.batch_size):
             hi = min(rows, lo + compute.batch_size)
             sub_cond = {k: v[lo:hi] for k, v in cond.items()}

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .objective import DiffusionObjective
-from .protocol_id import protocol_id
+from .protocol_id import check_precision, protocol_id
 
 
 def draw_seed(protocol_seed: int, item_id: str, k: int) -> int:
@@ -23,21 +23,27 @@ class LossProtocol:
 
     `first_draw` > 0 makes a window of a protocol: draws `first_draw … first_draw + draws − 1` of the same items
     (multi-fidelity scoring evaluates a few draws first and the rest later, never a draw twice).
+    `precision` (one of `protocol_id.LOSS_PRECISIONS`) is what the losses are measured in, whatever the compute's
+    autocast: `bf16` is another protocol (its id ends in `-bf16`), so losses of two precisions are never compared.
     """
 
     seed: int = 0
     draws: int = 16
     first_draw: int = 0
+    precision: str = "fp32"
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
 
     @property
     def protocol_id(self) -> str:
-        return protocol_id(self.seed, self.draws, self.first_draw)
+        return protocol_id(self.seed, self.draws, self.first_draw, self.precision)
 
     def window(self, start: int, stop: int) -> "LossProtocol":
         """Draws `start … stop − 1` of this protocol (indices relative to its first draw)."""
         if not 0 <= start < stop <= self.draws:
             raise ValueError(f"draw window [{start}, {stop}) is not within the protocol's {self.draws} draws")
-        return LossProtocol(seed=self.seed, draws=stop - start, first_draw=self.first_draw + start)
+        return replace(self, draws=stop - start, first_draw=self.first_draw + start)
 
     def draws_for(
         self, item_ids: list[str], latent_shape: tuple[int, ...], objective: DiffusionObjective

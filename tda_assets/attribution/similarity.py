@@ -47,7 +47,7 @@ def internal_embedding(adapter: DiTAdapter, batch: ItemBatch, protocol: LossProt
     captured: list[torch.Tensor] = []
     hook = adapter.denoiser.transformer_blocks[-1].register_forward_hook(lambda _m, _i, out: captured.append(out))
     try:
-        with torch.no_grad(), compute.autocast():
+        with torch.no_grad(), compute.loss_autocast(protocol.precision):  # stored per protocol, compared with queries'
             x_t, _, _ = adapter.objective.make(z, ee, tt)
             adapter.predict(x_t, tt, cond)
     finally:

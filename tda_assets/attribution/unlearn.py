@@ -46,7 +46,7 @@ class UnlearningResult:
 
 
 def query_loss(adapter: DiTAdapter, query: ItemBatch, protocol: LossProtocol, compute: Compute, mask: bool) -> float:
-    """The query's mean loss over its fixed protocol draws."""
+    """The query's mean loss over its fixed protocol draws, at the protocol's precision."""
     return float(batch_losses(adapter, query, protocol, compute).select(mask).mean())
 
 
@@ -137,6 +137,7 @@ def _targeted_newton_delta(adapter, query, params, f_hat, settings, compute, n_t
     loss_mask = m if settings.masks_losses else None
 
     def loss_on_draws(mask: torch.Tensor | None) -> torch.Tensor:
+        # the step and its search on the query's own random copies: the compute's autocast (not protocol losses)
         with compute.autocast():
             return diffusion_loss(adapter, z, cond, tt, ee, mask).mean()
 

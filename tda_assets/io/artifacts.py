@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import polars as pl
 import torch
 
 from tda_assets.attribution.adapter import ItemBatch
+from tda_assets.attribution.protocol_id import precision_twin
 
 from .registry import key
 from .storage import Storage
@@ -153,8 +154,23 @@ def partial_loss_matrix(df: pl.DataFrame, item_ids: list[str], draws: int, colum
     return out
 
 
-def _identities(storage: Storage, table: str, /, **fixed: str) -> list[str]:
-    return sorted({f"checkpoint {k['checkpoint_id']}, protocol {k['protocol_id']}" for k in list_keys(storage, table, **fixed)})
+def precision_hint(identity: Identity, others: Iterable[Identity]) -> str:
+    """A note that TDA_LOSS_PRECISION is part of the protocol when one of `others` differs from `identity` only by it."""
+    if any(o.checkpoint_id == identity.checkpoint_id and precision_twin(o.protocol_id, identity.protocol_id) for o in others):
+        return (" (TDA_LOSS_PRECISION is part of the protocol: ids ending in -bf16 were measured in bf16, the others in "
+                "fp32; set it back to use those)")
+    return ""
+
+
+def root_has(storage: Storage, identity: Identity, table: str, pronoun: str = "them", /, **fixed: str) -> str:
+    """`; the storage root has <pronoun> only for …, which is never mixed in` (and `precision_hint`), or "" when the root has
+    `table` (under `fixed`) for no other identity."""
+    others = sorted({Identity(k["checkpoint_id"], k["protocol_id"]) for k in list_keys(storage, table, **fixed)} - {identity},
+                    key=str)
+    if not others:
+        return ""
+    return (f"; the storage root has {pronoun} only for {'; '.join(map(str, others))}, which is never mixed in"
+            + precision_hint(identity, others))
 
 
 def read_baseline(storage: Storage, identity: Identity, encoder_id: str) -> pl.DataFrame:
@@ -163,10 +179,9 @@ def read_baseline(storage: Storage, identity: Identity, encoder_id: str) -> pl.D
     have = set(df["shard"].unique().to_list())
     missing = [s for s in feature_shards(storage, encoder_id) if s not in have]
     if missing or df.is_empty():
-        present = [i for i in _identities(storage, "baseline_losses") if i != str(identity)]
         raise IdentityError(
             f"baseline_losses for {identity} are missing for shard(s) {missing or 'all'}"
-            + (f"; the storage root has them only for {'; '.join(present)}, which is never mixed in" if present else "")
+            + root_has(storage, identity, "baseline_losses")
             + ": materialize baseline_losses for every shard (`tda prepare`, or the UI)"
         )
     return df
@@ -176,11 +191,8 @@ def require(storage: Storage, name: str, identity: Identity, fix: str, /, **keys
     """The key of entry `name` under `identity`; IdentityError naming it, the identities present, and `fix`."""
     k = key(name, **identity.keys(), **keys)
     if not storage.exists(k):
-        present = [i for i in _identities(storage, name, **keys) if i != str(identity)]
         what = f"{name}" + (f" of {'/'.join(keys.values())}" if keys else "")
-        raise IdentityError(f"{what} for {identity} is missing"
-                            + (f"; the storage root has it only for {'; '.join(present)}, which is never mixed in" if present else "")
-                            + f": {fix}")
+        raise IdentityError(f"{what} for {identity} is missing" + root_has(storage, identity, name, "it", **keys) + f": {fix}")
     return k
 
 
@@ -249,10 +261,9 @@ def read_training_embeddings(storage: Storage, identity: Identity, encoder_id: s
     fix = "materialize training_embeddings for every shard (`tda prepare`, or the UI)"
     missing = [s for s in shards if not storage.exists(embeddings_key(identity, encoder_id, s))]
     if missing or not shards:
-        present = [i for i in _identities(storage, "training_embeddings", encoder_id=encoder_id) if i != str(identity)]
         raise IdentityError(
             f"training_embeddings for {identity} (encoders {encoder_id}) are missing for shard(s) {missing or 'all'}"
-            + (f"; the storage root has them only for {'; '.join(present)}, which is never mixed in" if present else "")
+            + root_has(storage, identity, "training_embeddings", encoder_id=encoder_id)
             + f": {fix}")
     parts, stale = [], []
     for shard in shards:

@@ -17,7 +17,7 @@ import torch
 
 from tda_assets.attribution.gradients import GradientSpec, GradientStore, preconditioner
 
-from .artifacts import Identity, IdentityError, feature_shards
+from .artifacts import Identity, IdentityError, feature_shards, precision_hint
 from .registry import key
 from .storage import Storage
 from .tables import list_keys
@@ -76,10 +76,11 @@ def read_gradient_store(storage: Storage, identity: Identity, spec: GradientSpec
     """
     missing = missing_gradient_shards(storage, identity, spec, encoder_id)
     if missing:
-        have = sorted({f"{k['gradient_id']} (checkpoint {k['checkpoint_id']}, protocol {k['protocol_id']})"
-                       for k in list_keys(storage, "training_gradients")})
+        stored = list_keys(storage, "training_gradients")
+        have = sorted({f"{k['gradient_id']} (checkpoint {k['checkpoint_id']}, protocol {k['protocol_id']})" for k in stored})
         raise IdentityError(f"training_gradients {spec.gradient_id} for {identity} are missing for shard(s) {missing}"
                             + (f"; the storage root has {'; '.join(have)}, which is never mixed in" if have else "")
+                            + precision_hint(identity, [Identity(k["checkpoint_id"], k["protocol_id"]) for k in stored])
                             + f": {_fix(spec)}")
     digest = fisher_digest(storage, identity)
     ids: list[str] = []

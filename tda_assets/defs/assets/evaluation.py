@@ -16,7 +16,7 @@ retrained too, so the three models of a comparison differ only in their data. `f
 """
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import Iterator, List, Optional
 
 import numpy as np
@@ -40,7 +40,6 @@ from tda_assets.attribution.adapter import ItemBatch
 from tda_assets.attribution.counterfactual import FLOOR_SDS, majority_passes, random_removals, share_passing, verdict
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.errors import ModelSourceError
-from tda_assets.attribution.protocol import LossProtocol
 from tda_assets.attribution.settings import settings_from_row
 from tda_assets.attribution.unlearn import query_loss
 from tda_assets.defs import plots
@@ -139,7 +138,7 @@ def counterfactual(
     has_config = table_exists(store, "unlearning_configs", config_id=config.config_id)
     masked = has_config and settings_from_row(
         read_table(store, "unlearning_configs", config_id=config.config_id).row(0, named=True)).masks_losses
-    q_proto = LossProtocol(seed=proto.seed, draws=max(config.query_draws, proto.draws))
+    q_proto = replace(proto, draws=max(config.query_draws, proto.draws))  # the protocol's seed and precision, more draws
 
     ckpt, record = load_checkpoint(store, source, cmp.device)
     identity = Identity(record.checkpoint_id, proto.protocol_id)
