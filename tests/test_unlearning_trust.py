@@ -14,6 +14,7 @@ import torch
 from tda_assets.attribution.adapter import apply_delta
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.fisher import normalised_fisher
+from tda_assets.attribution.gradients import gradient_store
 from tda_assets.attribution.losses import batch_losses, diffusion_loss, expand_draws
 from tda_assets.attribution.metrics import jaccard_at_k, spearman
 from tda_assets.attribution.protocol import LossProtocol
@@ -133,16 +134,17 @@ def test_bf16_rankings_match_fp32_at_the_default_configuration(trained, fisher, 
     autocast."""
     adapter, batch = trained
     settings = UnlearningSettings()
-    assert (settings.target_ratio, settings.score_type) == (1.1, "skew")
+    assert (settings.target_ratio, settings.score_type) == (1.1, "normalized")
+    norms = gradient_store(adapter, [batch], RESCORE, "all", Compute(), k=4096, fisher=fisher).item_norms  # fp32, both arms
     bf16, rescore_bf16 = replace(protocol, precision="bf16"), replace(RESCORE, precision="bf16")
     base_bf16 = rescore(trained, None, BF16, rescore_bf16)
     for j in (0, 1):
         query = batch.select([targets[j]])
         r_fp = unlearn(adapter, query, fisher, settings, protocol, Compute(), n_train=len(batch))
         r_bf = unlearn(adapter, query, fisher, settings, bf16, BF16, n_train=len(batch))
-        fp = attribution_scores(baseline4, rescore(trained, r_fp.delta), settings.score_type)["score"]
-        bf = attribution_scores(base_bf16, rescore(trained, r_bf.delta, BF16, rescore_bf16), settings.score_type)["score"]
-        mixed = attribution_scores(baseline4, rescore(trained, r_bf.delta), settings.score_type)["score"]
+        fp = attribution_scores(baseline4, rescore(trained, r_fp.delta), settings.score_type, norms)["score"]
+        bf = attribution_scores(base_bf16, rescore(trained, r_bf.delta, BF16, rescore_bf16), settings.score_type, norms)["score"]
+        mixed = attribution_scores(baseline4, rescore(trained, r_bf.delta), settings.score_type, norms)["score"]
         print(f"query {batch.item_ids[targets[j]]} (ratio fp32 {r_fp.loss_ratio:.3f}, bf16 {r_bf.loss_ratio:.3f}): bf16 vs "
               f"fp32 Spearman {spearman(fp, bf):.4f}, Jaccard@10 {jaccard_at_k(fp, bf, 10):.2f}; bf16 unlearning rescored "
               f"in fp32 Spearman {spearman(fp, mixed):.4f}, Jaccard@10 {jaccard_at_k(fp, mixed, 10):.2f}")

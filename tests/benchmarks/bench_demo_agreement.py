@@ -70,7 +70,7 @@ def demo_agreement(root: str, n_queries: int = 8, draws: int = 16, k: int = 4096
     for qid in qids:
         result = unlearn(adapter, query_batch(store, qid, record.encoder_id), fisher, settings, protocol, compute, n)
         after = unlearned_losses_fn(adapter, items, result.delta, protocol, compute)(np.arange(n), 0, protocol.draws)
-        exact = attribution_scores(l0, after, settings.score_type)
+        exact = attribution_scores(l0, after, settings.score_type, grads.item_norms)
         cached = lambda idx, a, b: after[idx, a:b]  # noqa: E731  (the losses two-stage would compute: the same function)
         lin = linearized_scores(grads, result.delta)
         q = sims.filter(pl.col("query_id") == qid)
@@ -88,7 +88,8 @@ def demo_agreement(root: str, n_queries: int = 8, draws: int = 16, k: int = 4096
         for name, sig in signals.items():
             row[f"recall_{name}"] = float(np.mean(np.argsort(np.argsort(-sig))[top10] < 0.25 * n))
         for top, first, keep in SETTINGS:
-            staged = two_stage(l0, cached, signals, top=top, first_draws=first, keep=keep, score_type=settings.score_type)
+            staged = two_stage(l0, cached, signals, top=top, first_draws=first, keep=keep, score_type=settings.score_type,
+                               item_norms=grads.item_norms)
             full = staged.draws_used == protocol.draws
             row[(top, first, keep)] = (jaccard10(staged.rank, exact["rank"]), spearmanr(staged.score[full], exact["score"][full])[0],
                                        staged.item_draws / (n * protocol.draws))
