@@ -190,9 +190,11 @@ def test_an_embedding_matrix_without_one_row_per_item_is_refused(tmp_path):
 @pytest.mark.parametrize("missing, runs", [
     ({"training_embeddings"}, {"training_embeddings"}),
     ({"baseline_losses"}, {"baseline_losses"}),  # a killed baseline shard: the embeddings are not rewritten
-    ({"fisher_diagonal"}, {"fisher_diagonal"}),
-    ({"fisher_diagonal", "baseline_losses", "training_embeddings"}, {"fisher_diagonal", "baseline_losses", "training_embeddings"}),
-    ({"checkpoint"}, {"checkpoint", "fisher_diagonal", "baseline_losses", "training_embeddings"}),
+    ({"fisher_diagonal"}, {"fisher_diagonal", "training_gradients"}),  # the default's store is preconditioned with it
+    ({"training_gradients"}, {"training_gradients"}),
+    ({"fisher_diagonal", "baseline_losses", "training_embeddings"},
+     {"fisher_diagonal", "baseline_losses", "training_embeddings", "training_gradients"}),
+    ({"checkpoint"}, {"checkpoint", "fisher_diagonal", "baseline_losses", "training_embeddings", "training_gradients"}),
     ({"training_features"}, set(TRAINING_PHASES) - {"training_manifest"}),
     (set(), set()),
 ])
