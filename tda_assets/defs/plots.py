@@ -65,7 +65,8 @@ def top_k_bars(scores: pl.DataFrame, manifest: pl.DataFrame, title: str, k: int 
     ax.barh(y, top["score"].to_numpy(), color=[colours[a] for a in top["artist"]])
     ax.set_yticks(y, [f"{r}. {i}" for r, i in zip(top["rank"], top["item_id"])], fontsize=8)
     labels = {"mean_delta": "score (mean loss rise after unlearning)", "relative": "score (relative loss rise)",
-              "skew": "score (normalised skew of the loss rise)"}
+              "skew": "score (normalised skew of the loss rise)",
+              "normalized": "score (loss rise per unit gradient norm)"}
     ax.set_xlabel(labels.get(scores["score_type"][0], "score") if "score_type" in scores.columns else "score")
     ax.axvline(0, color="black", lw=0.6)
     ax.set_title(title, fontsize=9)
