@@ -63,7 +63,7 @@ class UnlearningSettings:
                                        "'linearized' (first-order g_iᵀδ from the stored training_gradients)")
     stage: str = _field("full", "'full' (every item, every draw) or 'two_stage' (only the cheap signals' candidates, "
                                 "with successive halving over draws; method unlearning only)")
-    candidates: float = _field(0.1, "two_stage: items taken from the top of each cheap signal (internal and audio "
+    candidates: float = _field(0.15, "two_stage: items taken from the top of each cheap signal (internal and audio "
                                      "similarity, linearized when its gradients exist): a fraction of the items (≤ 1) "
                                      "or a count (> 1)")
     first_draws: int | None = _field(None, "two_stage: protocol draws every candidate gets first (None: K/4; ≥ K: "

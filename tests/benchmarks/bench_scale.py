@@ -47,7 +47,7 @@ from tda_assets.attribution.scores import attribution_scores
 from tda_assets.attribution.similarity import audio_embedding, cosine_scores, internal_embedding
 from tda_assets.attribution.unlearn import UnlearningSettings, unlearn
 
-TOP, FIRST_DRAWS_DIV, KEEP = 0.1, 4, 0.5  # two-stage as the grid's `two-stage` entry: top 10% of each signal, K/4 draws, keep half
+TOP, FIRST_DRAWS_DIV, KEEP = 0.15, 4, 0.5  # two-stage as the grid's `two-stage` entry: top 15% of each signal, K/4 draws, keep half
 SHIPPED_TWO_STAGE = "0.1/4/0.5"  # the same, as bench_demo_agreement.SETTINGS names it
 
 
