@@ -10,7 +10,7 @@ import torch
 from tda_assets.attribution.gradients import GradientSpec, GradientStore
 from tda_assets.attribution.linearized import linearized_scores
 from tda_assets.attribution.settings import UnlearningSettings
-from tda_assets.io.artifacts import Identity, IdentityError
+from tda_assets.io.artifacts import Identity, IdentityError, read_fisher
 from tda_assets.io.gradients import missing_gradient_shards, read_gradient_store
 from tda_assets.io.storage import Storage
 from tda_assets.io.tables import read_table, table_exists
@@ -18,24 +18,22 @@ from tda_assets.io.tables import read_table, table_exists
 SIGNAL_METHODS = ("similarity:internal", "similarity:audio")  # DESIGN §1: the cheap signals besides the linearised score
 
 
-def configured_gradients(store: Storage, identity: Identity, settings: UnlearningSettings, fisher: dict[str, torch.Tensor],
-                         encoder_id: str, item_ids: list[str]) -> GradientStore:
-    """The configuration's training_gradients store, rows in `item_ids` order (IdentityError naming the fix when missing)."""
-    return read_gradient_store(store, identity, GradientSpec.for_settings(settings), fisher, encoder_id, item_ids)
-
-
-def linearized(store: Storage, identity: Identity, settings: UnlearningSettings, delta: dict[str, torch.Tensor],
-               fisher: dict[str, torch.Tensor], encoder_id: str, item_ids: list[str]) -> np.ndarray:
-    """`g_iᵀ δ` of every item in `item_ids` order from the configuration's gradient store (IdentityError when missing)."""
-    return linearized_scores(configured_gradients(store, identity, settings, fisher, encoder_id, item_ids), delta)
-
-
-def item_norms(store: Storage, identity: Identity, settings: UnlearningSettings, fisher: dict[str, torch.Tensor],
-               encoder_id: str, item_ids: list[str]) -> np.ndarray | None:
-    """The items' gradient norms score_type `normalized` divides by, from the configuration's store (None otherwise)."""
-    if settings.score_type != "normalized":
+def scoring_gradients(store: Storage, identity: Identity, settings: UnlearningSettings, encoder_id: str,
+                      item_ids: list[str]) -> GradientStore | None:
+    """The configuration's training_gradients store, rows in `item_ids` order, read once per step: when its scoring
+    reads it (`needs_gradients`: IdentityError naming the fix when missing), or for `two_stage` when it exists (the
+    linearized signal); else None."""
+    spec = GradientSpec.for_settings(settings)
+    optional = settings.stage == "two_stage" and not missing_gradient_shards(store, identity, spec, encoder_id)
+    if not (settings.needs_gradients or optional):
         return None
-    return configured_gradients(store, identity, settings, fisher, encoder_id, item_ids).item_norms
+    return read_gradient_store(store, identity, spec, read_fisher(store, identity), encoder_id, item_ids)
+
+
+def item_norms(settings: UnlearningSettings, grads: GradientStore | None) -> np.ndarray | None:
+    """The items' gradient norms score_type `normalized` divides by (None otherwise, and without a store, which the
+    normalized score then refuses naming the fix)."""
+    return grads.item_norms if grads is not None and settings.score_type == "normalized" else None
 
 
 def similarity_signal(store: Storage, identity: Identity, query_id: str, method: str, item_ids: list[str]) -> np.ndarray:
@@ -55,13 +53,12 @@ def similarity_signal(store: Storage, identity: Identity, query_id: str, method:
     return np.array([scores[i] for i in item_ids], dtype=np.float64)
 
 
-def cheap_signals(store: Storage, identity: Identity, query_id: str, settings: UnlearningSettings,
-                  delta: dict[str, torch.Tensor], fisher: dict[str, torch.Tensor], encoder_id: str,
-                  item_ids: list[str]) -> dict[str, np.ndarray]:
-    """Internal and audio similarity, plus `linearized` when the configuration's gradient store exists for every shard."""
+def cheap_signals(store: Storage, identity: Identity, query_id: str, delta: dict[str, torch.Tensor], item_ids: list[str],
+                  grads: GradientStore | None) -> dict[str, np.ndarray]:
+    """Internal and audio similarity, plus `linearized` when the configuration's gradient store was read (`grads`)."""
     signals = {m: similarity_signal(store, identity, query_id, m, item_ids) for m in SIGNAL_METHODS}
-    if not missing_gradient_shards(store, identity, GradientSpec.for_settings(settings), encoder_id):
-        signals["linearized"] = linearized(store, identity, settings, delta, fisher, encoder_id, item_ids)
+    if grads is not None:
+        signals["linearized"] = linearized_scores(grads, delta)
     return signals
 
 

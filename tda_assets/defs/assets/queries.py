@@ -39,7 +39,7 @@ from tda_assets.data.inbox import read_query
 from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO
 from tda_assets.defs.checks import losses_complete
 from tda_assets.defs.configs import UnlearningConfig, partition_config, record_config
-from tda_assets.defs.fast_paths import cheap_signals, configured_gradients, item_norms
+from tda_assets.defs.fast_paths import cheap_signals, item_norms, scoring_gradients
 from tda_assets.defs.model_step import model_step
 from tda_assets.defs.partitions import queries, query_and_config, query_configs
 from tda_assets.defs.plots import attribution_plot
@@ -54,7 +54,6 @@ from tda_assets.io.artifacts import (
     partial_loss_matrix,
     query_batch,
     read_baseline,
-    read_fisher,
     read_training_embeddings,
     read_unlearned,
     require,
@@ -235,13 +234,14 @@ def _two_stage_losses(context, step, qid: str, settings, delta) -> tuple[pl.Data
     store, proto, identity = step.store, step.protocol, step.identity
     item_ids, data, baseline = step.training_set()
     l0 = loss_matrix(baseline, item_ids, proto.draws, "loss_masked" if settings.masks_losses else "loss", "baseline_losses")
-    signals = cheap_signals(store, identity, qid, settings, delta, step.fisher(), step.record.encoder_id, item_ids)
+    grads = scoring_gradients(store, identity, settings, step.record.encoder_id, item_ids)
+    signals = cheap_signals(store, identity, qid, delta, item_ids, grads)
     evaluated: list = []
     start = time.perf_counter()
     fn = unlearned_losses_fn(step.adapter, data, delta, proto, step.compute, settings.masks_losses, 32, record=evaluated)
     result = two_stage(l0, fn, signals, top=settings.count_or_fraction(settings.candidates), first_draws=settings.first_draws,
                        keep=settings.count_or_fraction(settings.keep), min_keep=settings.min_keep,
-                       score_type=settings.score_type, item_norms=step.item_norms(settings, item_ids))
+                       score_type=settings.score_type, item_norms=item_norms(settings, grads))
     seconds = time.perf_counter() - start
     df = pl.concat([losses_frame([item_ids[i] for i in idx], part.loss, part.loss_masked, first_draw=first)
                     for idx, first, part in evaluated])
@@ -274,28 +274,23 @@ def attribution_scores(
     identity = Identity(record.checkpoint_id, proto.protocol_id)
     column = "loss_masked" if masked else "loss"
     baseline = read_baseline(store, identity, record.encoder_id)  # the same identity, or an IdentityError: never mixed
-    fisher = read_fisher(store, identity) if settings.needs_gradients or not settings.is_full_exact else None
+    after = read_unlearned(store, identity, qid, cid) if settings.needs_exact_rescore else None
+    item_ids = after["item_id"].unique(maintain_order=True).to_list() if settings.is_full_exact else baseline_item_ids(baseline)
+    grads = scoring_gradients(store, identity, settings, record.encoder_id, item_ids)  # the one read of the store
+    norms = item_norms(settings, grads)
+    l0 = loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses")
     if settings.is_full_exact:
-        after = read_unlearned(store, identity, qid, cid)
-        item_ids = after["item_id"].unique(maintain_order=True).to_list()
-        norms = item_norms(store, identity, settings, fisher, record.encoder_id, item_ids)
-        s = score_items(loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses"),
-                        loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"), settings.score_type, norms)
+        s = score_items(l0, loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"), settings.score_type, norms)
         s["draws_used"] = np.full(len(item_ids), proto.draws)
     else:
-        item_ids = baseline_item_ids(baseline)
-        l0 = loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses")
         delta, _ = store.read_tensors(require(store, "unlearned_delta", identity,
                                               f"materialize unlearned_model for {qid}/{cid}", query_id=qid, config_id=cid))
         if settings.method == "linearized":
-            grads = configured_gradients(store, identity, settings, fisher, record.encoder_id, item_ids)
-            s = _linearized_scores(linearized_scores(grads, delta), l0, settings.score_type,
-                                   grads.item_norms if settings.score_type == "normalized" else None)
+            s = _linearized_scores(linearized_scores(grads, delta), l0, settings.score_type, norms)
         else:
-            signals = cheap_signals(store, identity, qid, settings, delta, fisher, record.encoder_id, item_ids)
-            after = partial_loss_matrix(read_unlearned(store, identity, qid, cid), item_ids, proto.draws, column)
-            s = staged_scores(l0, after, signal_ranks(signals).mean(axis=0), settings.score_type,
-                              item_norms(store, identity, settings, fisher, record.encoder_id, item_ids))
+            signals = cheap_signals(store, identity, qid, delta, item_ids, grads)
+            s = staged_scores(l0, partial_loss_matrix(after, item_ids, proto.draws, column), signal_ranks(signals).mean(axis=0),
+                              settings.score_type, norms)
     df = pl.DataFrame({"method": settings.method, "item_id": item_ids, "score": s["score"], "rank": s["rank"],
                        "mean_delta": s["mean_delta"], "relative_score": s["relative_score"], "skew_score": s["skew_score"],
                        "share": s["share"], "score_type": settings.score_type, "rescored": s["draws_used"] > 0,
