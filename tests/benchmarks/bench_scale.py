@@ -46,9 +46,12 @@ from tda_assets.attribution.protocol import LossProtocol
 from tda_assets.attribution.scores import attribution_scores
 from tda_assets.attribution.similarity import audio_embedding, cosine_scores, internal_embedding
 from tda_assets.attribution.unlearn import UnlearningSettings, unlearn
+from tda_assets.defs.configs import load_grid
 
-TOP, FIRST_DRAWS_DIV, KEEP = 0.15, 4, 0.5  # two-stage as the grid's `two-stage` entry: top 15% of each signal, K/4 draws, keep half
-SHIPPED_TWO_STAGE = "0.1/4/0.5"  # the same, as bench_demo_agreement.SETTINGS names it
+SHIPPED = next(c for c in load_grid() if c.config_id == "two-stage").settings()  # the grid's `two-stage` entry
+TOP, KEEP = SHIPPED.count_or_fraction(SHIPPED.candidates), SHIPPED.count_or_fraction(SHIPPED.keep)
+FIRST_DRAWS_DIV = 16 // SHIPPED.first_draws  # its first draws as a share of K (4 of 16), for protocols of other K
+SHIPPED_TWO_STAGE = f"{TOP}/{SHIPPED.first_draws}/{KEEP}"  # the same, as bench_demo_agreement.SETTINGS names it
 
 
 def median_s(fn, repeat: int = 5) -> float:
