@@ -56,9 +56,8 @@ def stale_gradient_shards(storage: Storage, identity: Identity, spec: GradientSp
     """The shards whose gradient store of this identity and spec is missing or was preconditioned with another Fisher
     than the stored one (headers only: no store is read)."""
     digest = fisher_digest(storage, identity) if storage.exists(key("fisher_diagonal", **identity.keys())) else None
-    missing = set(missing_gradient_shards(storage, identity, spec, encoder_id))
-    return [s for s in feature_shards(storage, encoder_id) if s in missing
-            or storage.read_tensors_metadata(gradients_key(identity, spec, s)).get("fisher_digest") != digest]
+    stored = lambda k: storage.exists(k) and storage.read_tensors_metadata(k).get("fisher_digest") == digest  # noqa: E731
+    return [s for s in feature_shards(storage, encoder_id) if not stored(gradients_key(identity, spec, s))]
 
 
 def _fix(spec: GradientSpec) -> str:
