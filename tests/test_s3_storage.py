@@ -33,6 +33,8 @@ def test_parquet_and_tensors_round_trip(s3_root):
     tensors, meta = storage.read_tensors("deltas/q.safetensors")
     assert torch.equal(tensors["w"], torch.ones(2, 2)) and meta == {"config_id": "default"}
     assert storage.read_tensors_metadata("deltas/q.safetensors") == {"config_id": "default"}  # ranged reads of the header
+    storage.write_tensors("g.safetensors", {"rows": torch.ones(64, 8), "norms": torch.tensor([3.0, 4.0])})
+    assert storage.read_tensor("g.safetensors", "norms")[0].tolist() == [3.0, 4.0]  # by range: not the rows
     assert storage.local_path(KEY) is None
 
 

@@ -94,6 +94,17 @@ def test_safetensors_round_trip_with_metadata(storage):
     assert storage.read_tensors_metadata("deltas/q1/default.safetensors") == {"param_subset": "all"}  # the header only
 
 
+def test_one_tensor_is_read_alone_with_the_metadata(storage):
+    tensors = {"rows": torch.arange(12, dtype=torch.float32).reshape(4, 3), "norms": torch.tensor([0.5, 2.0], dtype=torch.float64),
+               "empty": torch.zeros(0)}
+    storage.write_tensors("g/shard.safetensors", tensors, metadata={"k": "3"})
+    norms, meta = storage.read_tensor("g/shard.safetensors", "norms")
+    assert norms.dtype == torch.float64 and norms.tolist() == [0.5, 2.0] and meta == {"k": "3"}
+    assert torch.equal(storage.read_tensor("g/shard.safetensors", "rows")[0], tensors["rows"])
+    assert storage.read_tensor("g/shard.safetensors", "empty")[0].shape == (0,)
+    assert storage.read_tensor("g/shard.safetensors", "absent") == (None, {"k": "3"})
+
+
 def test_rewriting_one_partition_leaves_the_others_untouched(storage):
     write_table(storage, "attribution_scores", scores(offset=0.0), query_id="q1", config_id="default")
     write_table(storage, "attribution_scores", scores(offset=5.0), query_id="q2", config_id="default")

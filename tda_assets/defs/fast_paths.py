@@ -11,7 +11,7 @@ from tda_assets.attribution.gradients import GradientSpec, GradientStore
 from tda_assets.attribution.linearized import linearized_scores
 from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.io.artifacts import Identity, IdentityError, read_fisher
-from tda_assets.io.gradients import missing_gradient_shards, read_gradient_store
+from tda_assets.io.gradients import missing_gradient_shards, read_gradient_norms, read_gradient_store
 from tda_assets.io.storage import Storage
 from tda_assets.io.tables import read_table, table_exists
 
@@ -20,20 +20,25 @@ SIGNAL_METHODS = ("similarity:internal", "similarity:audio")  # DESIGN §1: the 
 
 def scoring_gradients(store: Storage, identity: Identity, settings: UnlearningSettings, encoder_id: str,
                       item_ids: list[str]) -> GradientStore | None:
-    """The configuration's training_gradients store, rows in `item_ids` order, read once per step: when its scoring
-    reads it (`needs_gradients`: IdentityError naming the fix when missing), or for `two_stage` when it exists (the
-    linearized signal); else None."""
+    """The configuration's training_gradients store with its rows, in `item_ids` order, read once per step: for the
+    `linearized` method (IdentityError naming the fix when missing) and for `two_stage` when it exists (the linearized
+    signal); else None (the normalized score alone reads only the stored norms: `item_norms`)."""
     spec = GradientSpec.for_settings(settings)
     optional = settings.stage == "two_stage" and not missing_gradient_shards(store, identity, spec, encoder_id)
-    if not (settings.needs_gradients or optional):
+    if not (settings.method == "linearized" or optional):
         return None
     return read_gradient_store(store, identity, spec, read_fisher(store, identity), encoder_id, item_ids)
 
 
-def item_norms(settings: UnlearningSettings, grads: GradientStore | None) -> np.ndarray | None:
-    """The items' gradient norms score_type `normalized` divides by (None otherwise, and without a store, which the
-    normalized score then refuses naming the fix)."""
-    return grads.item_norms if grads is not None and settings.score_type == "normalized" else None
+def item_norms(store: Storage, identity: Identity, settings: UnlearningSettings, encoder_id: str, item_ids: list[str],
+               grads: GradientStore | None = None) -> np.ndarray | None:
+    """The items' gradient norms score_type `normalized` divides by, from the rows already read (`grads`) or else the
+    store's stored norms (IdentityError naming the fix when the store is missing); None for the other score types."""
+    if settings.score_type != "normalized":
+        return None
+    if grads is not None:
+        return grads.item_norms
+    return read_gradient_norms(store, identity, GradientSpec.for_settings(settings), encoder_id, item_ids)
 
 
 def similarity_signal(store: Storage, identity: Identity, query_id: str, method: str, item_ids: list[str]) -> np.ndarray:

@@ -14,7 +14,7 @@ from tda_assets.attribution.adapter import DiTAdapter, ItemBatch
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.protocol import LossProtocol
 from tda_assets.attribution.settings import UnlearningSettings
-from tda_assets.defs.fast_paths import item_norms, scoring_gradients
+from tda_assets.defs.fast_paths import item_norms
 from tda_assets.io.artifacts import Identity, all_features, baseline_item_ids, read_baseline, read_fisher
 from tda_assets.io.checkpoints import CheckpointRecord, load_checkpoint
 from tda_assets.io.storage import Storage
@@ -41,7 +41,7 @@ class ModelStep:
     def item_norms(self, settings: UnlearningSettings, item_ids: list[str]) -> np.ndarray | None:
         """The items' gradient norms for score_type `normalized` (None for other score types; IdentityError with the fix
         when the configuration's training_gradients store is missing)."""
-        return item_norms(settings, scoring_gradients(self.store, self.identity, settings, self.record.encoder_id, item_ids))
+        return item_norms(self.store, self.identity, settings, self.record.encoder_id, item_ids)
 
     def training_set(self) -> tuple[list[str], ItemBatch, pl.DataFrame]:
         """The items that have baseline losses of this identity, their features in that order, and those losses."""

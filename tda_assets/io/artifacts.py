@@ -196,6 +196,26 @@ def require(storage: Storage, name: str, identity: Identity, fix: str, /, **keys
     return k
 
 
+FISHER_DIGEST = "digest"  # the Fisher file's metadata field holding `tensors_digest` of its tensors
+
+
+def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of named tensors' values (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.blake2b(digest_size=8)
+    for name in sorted(tensors):
+        t = tensors[name].detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def write_fisher(storage: Storage, identity: Identity, fisher: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """The Fisher diagonal of this identity, atomically, with its `tensors_digest` in the header: what a gradient store
+    was preconditioned with is then checked from headers alone."""
+    meta = {**metadata, **identity.keys(), FISHER_DIGEST: tensors_digest(fisher)}
+    return storage.write_tensors(key("fisher_diagonal", **identity.keys()), fisher, meta)
+
+
 def read_fisher(storage: Storage, identity: Identity) -> dict[str, torch.Tensor]:
     """The Fisher diagonal of this identity (IdentityError naming the identities present and the fix when missing)."""
     return storage.read_tensors(require(storage, "fisher_diagonal", identity,

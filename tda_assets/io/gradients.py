@@ -5,7 +5,9 @@ checkpoint, the loss protocol and the `gradient_id` (subset, loss masking, sketc
 says the same again plus the item ids, the parameter sizes the sketch is rebuilt from, and a digest of the Fisher the
 preconditioner came from. A reader asked for one identity never returns another's rows: it raises `IdentityError`
 naming what it needed, what the root has, and the fix. The preconditioner is not stored (it is D floats): it is
-rebuilt from the Fisher whose digest the file carries.
+rebuilt from the Fisher whose digest the file carries. Beside the rows each file holds their norms `‖S P g_i‖`
+(`NORMS`, 8 bytes an item), which is all the normalized score reads: `read_gradient_norms` fetches them and the
+headers by range, not the rows nor the Fisher.
 """
 
 from __future__ import annotations
@@ -13,21 +15,26 @@ from __future__ import annotations
 import hashlib
 import json
 
+import numpy as np
 import torch
 
 from tda_assets.attribution.gradients import GradientSpec, GradientStore, preconditioner
 
-from .artifacts import Identity, IdentityError, feature_shards, precision_hint
+from .artifacts import FISHER_DIGEST, Identity, IdentityError, feature_shards, precision_hint
 from .registry import key
 from .storage import Storage
 from .tables import list_keys
 
 ROWS = "sketched"
+NORMS = "norms"
 
 
 def fisher_digest(storage: Storage, identity: Identity) -> str:
-    """A digest of the stored Fisher of this identity (a re-estimated Fisher changes the preconditioner)."""
-    return hashlib.blake2b(storage.read_bytes(key("fisher_diagonal", **identity.keys())), digest_size=8).hexdigest()
+    """A digest of the stored Fisher of this identity (a re-estimated Fisher changes the preconditioner): the one its
+    header carries (`write_fisher`), else, for a Fisher written without one, a digest of the file's bytes."""
+    k = key("fisher_diagonal", **identity.keys())
+    stored = storage.read_tensors_metadata(k).get(FISHER_DIGEST)
+    return stored or hashlib.blake2b(storage.read_bytes(k), digest_size=8).hexdigest()
 
 
 def gradients_key(identity: Identity, spec: GradientSpec, shard: str) -> str:
@@ -44,12 +51,20 @@ def write_gradient_store(storage: Storage, identity: Identity, spec: GradientSpe
             "param_subset": spec.param_subset, "masked": json.dumps(spec.masked), "k": str(spec.k), "seed": str(spec.seed),
             "damping": repr(spec.damping), "sizes": json.dumps(store.sizes), "fisher_digest": digest,
             "seconds": f"{store.seconds:.3f}"}
-    return storage.write_tensors(gradients_key(identity, spec, shard), {ROWS: store.sketched.float().contiguous()}, meta)
+    tensors = {ROWS: store.sketched.float().contiguous(), NORMS: torch.from_numpy(store.item_norms)}
+    return storage.write_tensors(gradients_key(identity, spec, shard), tensors, meta)
 
 
-def missing_gradient_shards(storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str) -> list[str]:
+def _shard_keys(storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str) -> list[tuple[str, str]]:
+    """`(shard, key)` of this identity and spec's store for every shard with training features (one listing)."""
+    return [(s, gradients_key(identity, spec, s)) for s in feature_shards(storage, encoder_id)]
+
+
+def missing_gradient_shards(storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str,
+                            shards: list[tuple[str, str]] | None = None) -> list[str]:
     """The shards with training features that have no gradient store of this identity and spec."""
-    return [s for s in feature_shards(storage, encoder_id) if not storage.exists(gradients_key(identity, spec, s))]
+    keys = _shard_keys(storage, identity, spec, encoder_id) if shards is None else shards
+    return [s for s, k in keys if not storage.exists(k)]
 
 
 def stale_gradient_shards(storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str) -> list[str]:
@@ -66,14 +81,10 @@ def _fix(spec: GradientSpec) -> str:
             "`tda grid` do it on demand)")
 
 
-def read_gradient_store(storage: Storage, identity: Identity, spec: GradientSpec, fisher: dict[str, torch.Tensor],
-                        encoder_id: str, item_ids: list[str]) -> GradientStore:
-    """Every shard's store of this identity and spec as one `GradientStore`, rows in `item_ids` order.
-
-    IdentityError when a shard is missing (naming the stores the root has), when a file's metadata is of another
-    identity, when the Fisher changed since it was built, or when it lacks some of `item_ids`.
-    """
-    missing = missing_gradient_shards(storage, identity, spec, encoder_id)
+def _present_shard_keys(storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str) -> list[tuple[str, str]]:
+    """`(shard, key)` of every shard's store; IdentityError naming the stores the root has when one is missing."""
+    shards = _shard_keys(storage, identity, spec, encoder_id)
+    missing = missing_gradient_shards(storage, identity, spec, encoder_id, shards)
     if missing:
         stored = list_keys(storage, "training_gradients")
         have = sorted({f"{k['gradient_id']} (checkpoint {k['checkpoint_id']}, protocol {k['protocol_id']})" for k in stored})
@@ -81,30 +92,65 @@ def read_gradient_store(storage: Storage, identity: Identity, spec: GradientSpec
                             + (f"; the storage root has {'; '.join(have)}, which is never mixed in" if have else "")
                             + precision_hint(identity, [Identity(k["checkpoint_id"], k["protocol_id"]) for k in stored])
                             + f": {_fix(spec)}")
-    digest = fisher_digest(storage, identity)
-    ids: list[str] = []
-    rows: list[torch.Tensor] = []
-    sizes: dict[str, int] | None = None
-    for shard in feature_shards(storage, encoder_id):
-        k_ = gradients_key(identity, spec, shard)
-        tensors, meta = storage.read_tensors(k_)
-        got = (meta.get("checkpoint_id"), meta.get("protocol_id"), meta.get("gradient_id"))
-        if got != (identity.checkpoint_id, identity.protocol_id, spec.gradient_id):
-            raise IdentityError(f"{storage.uri(k_)} holds gradients {got[2]} of checkpoint {got[0]}, protocol {got[1]}, "
-                                f"not {spec.gradient_id} of {identity}: {_fix(spec)}")
-        if meta.get("fisher_digest") != digest:
-            raise IdentityError(f"training_gradients {spec.gradient_id} of shard {shard} were preconditioned with another "
-                                f"Fisher than the stored fisher_diagonal of {identity} (re-estimated since): {_fix(spec)}")
-        ids += json.loads(meta["item_ids"])
-        rows.append(tensors[ROWS])
-        sizes = json.loads(meta["sizes"])
+    return shards
+
+
+def _check_shard(storage: Storage, k_: str, shard: str, meta: dict[str, str], identity: Identity, spec: GradientSpec,
+                 digest: str) -> list[str]:
+    """The shard file's item ids, after checking its metadata is of this identity and spec and of the stored Fisher."""
+    got = (meta.get("checkpoint_id"), meta.get("protocol_id"), meta.get("gradient_id"))
+    if got != (identity.checkpoint_id, identity.protocol_id, spec.gradient_id):
+        raise IdentityError(f"{storage.uri(k_)} holds gradients {got[2]} of checkpoint {got[0]}, protocol {got[1]}, "
+                            f"not {spec.gradient_id} of {identity}: {_fix(spec)}")
+    if meta.get("fisher_digest") != digest:
+        raise IdentityError(f"training_gradients {spec.gradient_id} of shard {shard} were preconditioned with another "
+                            f"Fisher than the stored fisher_diagonal of {identity} (re-estimated since): {_fix(spec)}")
+    return json.loads(meta["item_ids"])
+
+
+def _order(ids: list[str], item_ids: list[str], identity: Identity, spec: GradientSpec) -> list[int]:
+    """The stored rows of `item_ids`, in their order; IdentityError when some are not stored."""
     index = {item: i for i, item in enumerate(ids)}
     absent = [i for i in item_ids if i not in index]
-    if absent or sizes is None:
+    if absent or not ids:
         raise IdentityError(f"training_gradients {spec.gradient_id} of {identity} lack {len(absent)} of the "
                             f"{len(item_ids)} training items with baseline losses (e.g. {absent[:3]}): the features "
                             f"changed since they were built; {_fix(spec)}")
-    sketched = torch.cat(rows)[[index[i] for i in item_ids]]
+    return [index[i] for i in item_ids]
+
+
+def read_gradient_norms(storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str,
+                        item_ids: list[str]) -> np.ndarray:
+    """The items' stored gradient norms `‖S P g_i‖` [N] in `item_ids` order, checked as `read_gradient_store` checks
+    the rows, from the files' headers and norms only (a store written before norms were stored: from its rows)."""
+    digest = fisher_digest(storage, identity)
+    ids: list[str] = []
+    norms: list[torch.Tensor] = []
+    for shard, k_ in _present_shard_keys(storage, identity, spec, encoder_id):
+        stored, meta = storage.read_tensor(k_, NORMS)
+        ids += _check_shard(storage, k_, shard, meta, identity, spec, digest)
+        norms.append(stored if stored is not None else storage.read_tensors(k_)[0][ROWS].double().norm(dim=1))
+    return torch.cat(norms).double().numpy()[_order(ids, item_ids, identity, spec)]
+
+
+def read_gradient_store(storage: Storage, identity: Identity, spec: GradientSpec, fisher: dict[str, torch.Tensor],
+                        encoder_id: str, item_ids: list[str]) -> GradientStore:
+    """Every shard's store of this identity and spec as one `GradientStore`, rows in `item_ids` order.
+
+    IdentityError when a shard is missing (naming the stores the root has), when a file's metadata is of another
+    identity, when the Fisher changed since it was built, or when it lacks some of `item_ids`.
+    """
+    shards = _present_shard_keys(storage, identity, spec, encoder_id)
+    digest = fisher_digest(storage, identity)
+    ids: list[str] = []
+    rows: list[torch.Tensor] = []
+    sizes: dict[str, int] = {}
+    for shard, k_ in shards:
+        tensors, meta = storage.read_tensors(k_)
+        ids += _check_shard(storage, k_, shard, meta, identity, spec, digest)
+        rows.append(tensors[ROWS])
+        sizes = json.loads(meta["sizes"])
+    sketched = torch.cat(rows)[_order(ids, item_ids, identity, spec)]
     scale = preconditioner(fisher, sizes, spec.damping)
     return GradientStore(list(item_ids), sketched, spec.param_subset, identity.protocol_id, spec.masked, spec.k, spec.seed,
                          sizes, scale, spec.damping)

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     import torch
 
 SUCCESS_MARKER = "_SUCCESS"
+HEADER_GUESS = 1 << 16  # bytes read at once for a safetensors header (most fit: one request on S3)
 CACHE_STAMP = "_COMPLETE"  # in a local copy made by `cached_copy`: what it was copied from
 
 
@@ -184,12 +185,36 @@ class Storage:
         metadata = json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
         return load(data), metadata
 
-    def read_tensors_metadata(self, key: str) -> dict[str, str]:
-        """The metadata of a safetensors file, reading only its header (StorageError naming it when missing)."""
+    def _tensors_header(self, key: str) -> tuple[dict, int]:
+        """A safetensors file's header (tensor entries and `__metadata__`) and where its data starts, by ranged reads:
+        one request when the header fits in the first HEADER_GUESS bytes, else a second for the rest."""
         path = self._path(key)
         with self._errors(key, "read"):
-            (n,) = struct.unpack("<Q", self.fs.cat_file(path, start=0, end=8))
-            return json.loads(self.fs.cat_file(path, start=8, end=8 + n)).get("__metadata__", {}) or {}
+            head = self.fs.cat_file(path, start=0, end=HEADER_GUESS)
+            (n,) = struct.unpack("<Q", head[:8])
+            if 8 + n > len(head):
+                head += self.fs.cat_file(path, start=len(head), end=8 + n)
+            return json.loads(head[8:8 + n]), 8 + n
+
+    def read_tensors_metadata(self, key: str) -> dict[str, str]:
+        """The metadata of a safetensors file, reading only its header (StorageError naming it when missing)."""
+        return self._tensors_header(key)[0].get("__metadata__", {}) or {}
+
+    def read_tensor(self, key: str, name: str) -> tuple[torch.Tensor | None, dict[str, str]]:
+        """One tensor of a safetensors file (None when the file has no tensor `name`) and the file's metadata, reading
+        only the header and that tensor's bytes: a small tensor beside a large one costs its own size, also on S3."""
+        from safetensors.torch import load
+
+        header, start = self._tensors_header(key)
+        metadata = header.get("__metadata__", {}) or {}
+        entry = header.get(name)
+        if entry is None:
+            return None, metadata
+        begin, end = entry["data_offsets"]
+        with self._errors(key, "read"):
+            data = self.fs.cat_file(self._path(key), start=start + begin, end=start + end) if end > begin else b""
+        own = json.dumps({name: {**entry, "data_offsets": [0, end - begin]}}).encode()
+        return load(struct.pack("<Q", len(own)) + own + data)[name], metadata
 
     # folders ---------------------------------------------------------------------------------------------
     def put_dir(self, local_dir: str | Path, key: str) -> str:

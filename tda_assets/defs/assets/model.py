@@ -23,6 +23,7 @@ from tda_assets.io.artifacts import (
     iter_training_batches,
     losses_frame,
     read_features,
+    write_fisher,
 )
 from tda_assets.io.checkpoints import CheckpointRecord, embedded_checkpoint_id, write_checkpoint_record
 from tda_assets.io.registry import TABLES, key
@@ -84,8 +85,7 @@ def fisher_diagonal(
     batches = iter_training_batches(store, step.record.encoder_id, 32)
     fisher = estimate_fisher(step.adapter, batches, step.protocol, "all", step.compute, max_items=FISHER_ITEMS)
     values = torch.cat([f.flatten() for f in fisher.values()])
-    uri = store.write_tensors(key("fisher_diagonal", **identity.keys()), fisher,
-                              {**identity.keys(), "items": str(FISHER_ITEMS)})
+    uri = write_fisher(store, identity, fisher, {"items": str(FISHER_ITEMS)})
     context.log.info(f"fisher_diagonal over {values.numel()} parameters in {time.perf_counter() - start:.1f}s")
     return MaterializeResult(metadata={
         "parameters": values.numel(), "mean": float(values.mean()), "median": float(values.median()),

@@ -241,7 +241,8 @@ def _two_stage_losses(context, step, qid: str, settings, delta) -> tuple[pl.Data
     fn = unlearned_losses_fn(step.adapter, data, delta, proto, step.compute, settings.masks_losses, 32, record=evaluated)
     result = two_stage(l0, fn, signals, top=settings.count_or_fraction(settings.candidates), first_draws=settings.first_draws,
                        keep=settings.count_or_fraction(settings.keep), min_keep=settings.min_keep,
-                       score_type=settings.score_type, item_norms=item_norms(settings, grads))
+                       score_type=settings.score_type,
+                       item_norms=item_norms(store, identity, settings, step.record.encoder_id, item_ids, grads))
     seconds = time.perf_counter() - start
     df = pl.concat([losses_frame([item_ids[i] for i in idx], part.loss, part.loss_masked, first_draw=first)
                     for idx, first, part in evaluated])
@@ -276,8 +277,8 @@ def attribution_scores(
     baseline = read_baseline(store, identity, record.encoder_id)  # the same identity, or an IdentityError: never mixed
     after = read_unlearned(store, identity, qid, cid) if settings.needs_exact_rescore else None
     item_ids = after["item_id"].unique(maintain_order=True).to_list() if settings.is_full_exact else baseline_item_ids(baseline)
-    grads = scoring_gradients(store, identity, settings, record.encoder_id, item_ids)  # the one read of the store
-    norms = item_norms(settings, grads)
+    grads = scoring_gradients(store, identity, settings, record.encoder_id, item_ids)  # the one read of the rows
+    norms = item_norms(store, identity, settings, record.encoder_id, item_ids, grads)
     l0 = loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses")
     if settings.is_full_exact:
         s = score_items(l0, loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"), settings.score_type, norms)
