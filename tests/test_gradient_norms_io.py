@@ -95,6 +95,9 @@ def test_the_fisher_header_carries_a_digest_of_its_values(storage):
     changed["w"][3] += 1e-6
     assert tensors_digest(changed) != tensors_digest(fisher())
     assert tensors_digest({"w": fisher()["w"].double()}) != tensors_digest(fisher())  # the dtype is part of it
+    # a scalar, a bf16 and an empty tensor are digested too, and the scalar's value counts
+    mixed = lambda scale: {"scale": torch.tensor(scale), "w": fisher()["w"].bfloat16(), "none": torch.zeros(0)}  # noqa: E731
+    assert tensors_digest(mixed(2.0)) != tensors_digest(mixed(3.0))
 
 
 def test_a_fisher_written_without_a_digest_keeps_the_digest_of_its_bytes(storage):
