@@ -222,7 +222,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--si-configs", default="default,skew,newton-fixed,newton-target",
                    help="configurations judged by the self-influence protocol (comma-separated; empty to skip)")
     p.add_argument("--si-targets", type=int, default=6, help="self-influence targets (k-means-chosen training items)")
-    p.add_argument("--rep-sources", type=int, default=2,
+    p.add_argument("--rep-sources", type=int, default=4,
                    help="replication sources: items whose transformed audio is a query (0 to skip)")
     p.set_defaults(fn=cmd_evaluate)
     return top
