@@ -52,6 +52,7 @@ clean-storage:
 bench: install
 	$(BIN)/python tests/benchmarks/bench_engine.py
 	$(BIN)/python tests/benchmarks/bench_scale.py
+	$(BIN)/python -m tests.benchmarks.bench_norms_read
 	if [ -f dagster_home/storage/checkpoint/current.json ]; then \
 	  $(BIN)/python tests/benchmarks/bench_demo_agreement.py --root dagster_home/storage; \
 	else echo "bench_demo_agreement skipped: no demo root under dagster_home/storage (make demo first)"; fi

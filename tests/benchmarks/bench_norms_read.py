@@ -1,7 +1,9 @@
 """What a query of the default configuration (score_type `normalized`) reads for its item norms (run on demand): the
 whole training_gradients store plus the Fisher (`read_gradient_store(...).item_norms`, what it read before the norms
-were stored) against the stored norms alone (`read_gradient_norms`), on a synthetic store of N items × k written
-through the product's writers, on a local root and on a moto S3 server on 127.0.0.1. The last line is one JSON object.
+were stored; the code before also read the Fisher's bytes a second time for its digest, which this path now reads
+from the header, so the old cost was higher still) against the stored norms alone (`read_gradient_norms`), on a
+synthetic store of N items × k written through the product's writers, on a local root and on a moto S3 server on
+127.0.0.1. The last line is one JSON object.
 
     python -m tests.benchmarks.bench_norms_read --items 20000 --k 4096 --shards 8 --parameters 20000000
 """
