@@ -27,6 +27,7 @@ from .tables import list_keys
 
 ROWS = "sketched"
 NORMS = "norms"
+STORE_DIGEST = "fisher_digest"  # a store's metadata field: `fisher_digest` of the Fisher it was preconditioned with
 
 
 def fisher_digest(storage: Storage, identity: Identity) -> str:
@@ -49,7 +50,7 @@ def write_gradient_store(storage: Storage, identity: Identity, spec: GradientSpe
                          f"{store.protocol_id} is not {spec.gradient_id} under {identity}")
     meta = {**identity.keys(), "gradient_id": spec.gradient_id, "item_ids": json.dumps(store.item_ids),
             "param_subset": spec.param_subset, "masked": json.dumps(spec.masked), "k": str(spec.k), "seed": str(spec.seed),
-            "damping": repr(spec.damping), "sizes": json.dumps(store.sizes), "fisher_digest": digest,
+            "damping": repr(spec.damping), "sizes": json.dumps(store.sizes), STORE_DIGEST: digest,
             "seconds": f"{store.seconds:.3f}"}
     tensors = {ROWS: store.sketched.float().contiguous(), NORMS: torch.from_numpy(store.item_norms)}
     return storage.write_tensors(gradients_key(identity, spec, shard), tensors, meta)
@@ -71,8 +72,8 @@ def stale_gradient_shards(storage: Storage, identity: Identity, spec: GradientSp
     """The shards whose gradient store of this identity and spec is missing or was preconditioned with another Fisher
     than the stored one (headers only: no store is read)."""
     digest = fisher_digest(storage, identity) if storage.exists(key("fisher_diagonal", **identity.keys())) else None
-    stored = lambda k: storage.exists(k) and storage.read_tensors_metadata(k).get("fisher_digest") == digest  # noqa: E731
-    return [s for s in feature_shards(storage, encoder_id) if not stored(gradients_key(identity, spec, s))]
+    stored = lambda k: storage.exists(k) and storage.read_tensors_metadata(k).get(STORE_DIGEST) == digest  # noqa: E731
+    return [s for s, k in _shard_keys(storage, identity, spec, encoder_id) if not stored(k)]
 
 
 def _fix(spec: GradientSpec) -> str:
@@ -102,7 +103,7 @@ def _check_shard(storage: Storage, k_: str, shard: str, meta: dict[str, str], id
     if got != (identity.checkpoint_id, identity.protocol_id, spec.gradient_id):
         raise IdentityError(f"{storage.uri(k_)} holds gradients {got[2]} of checkpoint {got[0]}, protocol {got[1]}, "
                             f"not {spec.gradient_id} of {identity}: {_fix(spec)}")
-    if meta.get("fisher_digest") != digest:
+    if meta.get(STORE_DIGEST) != digest:
         raise IdentityError(f"training_gradients {spec.gradient_id} of shard {shard} were preconditioned with another "
                             f"Fisher than the stored fisher_diagonal of {identity} (re-estimated since): {_fix(spec)}")
     return json.loads(meta["item_ids"])
