@@ -11,6 +11,7 @@ from dagster import AssetKey, DagsterInstance
 
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.storage import Storage
+from tda_assets.io.tables import write_table
 from tda_assets.cli import main
 from tda_assets.experiments.runner import Runner
 
@@ -20,6 +21,13 @@ configs:
   - config_id: rerun
     seed: [1]
 """
+
+
+# a perfect self-influence result of a configuration this evaluate does not judge (left by an earlier run on the root)
+STALE_SELF_INFLUENCE = pl.DataFrame({
+    "target_item_id": ["a00-0000"], "rank": [1], "score": [1.0], "loss_ratio": [1.1], "lr_used": [1.0],
+    "score_type": ["normalized"], "top_k_similarity": [0.5], "bottom_k_similarity": [0.1],
+    "others_median_relative_change": [0.0], "checkpoint_id": ["old"], "protocol_id": ["s0-k16"]})
 
 
 @pytest.fixture(scope="module")
@@ -35,6 +43,7 @@ def evaluated(tmp_path_factory):
     runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
     runner.log_level = "ERROR"
     runner.training_side({"clips_per_artist": 4, "artists": 3})
+    write_table(runner.storage, "self_influence", STALE_SELF_INFLUENCE, config_id="a-stale")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(["evaluate", "--grid-queries", "1", "--cf-queries", "1", "--cf-k", "2", "--si-targets", "3", "--rep-sources", "1"])
@@ -67,6 +76,13 @@ def test_evaluate_names_the_configuration_self_influence_chose(evaluated):
     assert figures.row(0, named=True)["replication_queries"] == 4
 
 
+def test_evaluate_chooses_among_the_configurations_it_judged(evaluated):
+    _, out, engine = evaluated
+    assert engine.named("self_influence_summary")["config_id"][0] == "a-stale"  # R 1.0 from an earlier run ranks first
+    assert "chosen by self-influence: default" in out
+    assert engine.sql("select distinct config_id from replication").rows() == [("default",)]
+
+
 def test_evaluate_fills_the_tables(evaluated):
     _, _, engine = evaluated
     assert engine.sql("select count(distinct query_id) from queries").item() == 8
@@ -87,6 +103,7 @@ def test_evaluate_fills_the_tables(evaluated):
     assert recorded["unlearning:default"]["query_pairs"] == 28
     for row in engine.named("cross_query_overlap").to_dicts():
         assert recorded[row["ranking"]]["cross_query_jaccard_10"] == pytest.approx(row["cross_query_jaccard"], abs=1e-4)
-    # newton-target is not in this grid: only default is judged, on 3 targets
-    assert engine.sql("select config_id, count(*) from self_influence group by all").rows() == [("default", 3)]
+    # newton-target is not in this grid: only default is judged, on 3 targets (a-stale is the fixture's earlier result)
+    assert engine.sql("select config_id, count(*) from self_influence group by all order by 1").rows() == [
+        ("a-stale", 1), ("default", 3)]
     assert engine.sql("select count(*) from replication").item() == 4

@@ -314,3 +314,22 @@ def test_cross_query_overlap_known_values_in_sql_and_in_the_report(engine):
                     {"ranking": "unlearning:default", "cross_query_jaccard_3": 0.35, "query_pairs": 2, "queries": 3}]
     # at the default k = 10 every one of the 6 items is in every top-10: the overlap is total
     assert engine.named("cross_query_overlap")["cross_query_jaccard"].to_list() == pytest.approx([1.0, 1.0])
+
+
+def test_share_lower_is_the_95_percent_wilson_bound(engine):
+    got = engine.sql("SELECT share_lower(4, 4) AS a, share_lower(19, 20) AS b, share_lower(0, 5) AS c, "
+                     "share_lower(2, 4) AS d").row(0)
+    # k = n gives n / (n + z²); the others worked by hand from the Wilson formula with z = 1.959964
+    assert got == pytest.approx((4 / (4 + 1.959964**2), 0.763869, 0.0, 0.150037), abs=1e-5)
+
+
+def test_replication_summary_gives_share_first_and_its_lower_bound(engine):
+    ranks = {"gain_-6db": [1, 1, 1, 1], "noise_30db": [1, 3, 1, 62]}
+    rows = pl.DataFrame([{"source_item_id": f"i{s + 1}", "transform": t, "rank": r, "score": 0.0, "loss_ratio": 1.1}
+                         for t, rs in ranks.items() for s, r in enumerate(rs)]).with_columns(**IDENTITY)
+    write_table(engine.storage, "replication", rows, config_id="default")
+    got = {r["transform"]: r for r in engine.named("replication_summary").iter_rows(named=True)}
+    assert (got["gain_-6db"]["share_first"], got["noise_30db"]["share_first"]) == (1.0, 0.5)
+    assert got["gain_-6db"]["share_first_low"] == pytest.approx(0.51011, abs=1e-5)
+    assert got["noise_30db"]["share_first_low"] == pytest.approx(0.150037, abs=1e-5)
+    assert (got["noise_30db"]["worst_rank"], got["noise_30db"]["mean_rank"]) == (62, 16.75)

@@ -204,6 +204,11 @@ def counterfactual(queries: str | None, n_queries: int, k: int, train_steps: int
     return 0
 
 
+def _latest_metadata(run: Runner, asset: str) -> dict:
+    """The metadata of `asset`'s latest materialization on the run's instance."""
+    return run.instance.get_latest_materialization_event(AssetKey(asset)).asset_materialization.metadata
+
+
 def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: int, cf_k: int,
              cf_train_steps: int | None, skip_counterfactual: bool, si_configs: str, si_targets: int, rep_sources: int) -> int:
     """The paper's experiments on the embedded default: built-in queries, grid, consistency, similarity, counterfactual."""
@@ -236,7 +241,7 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
     if judged:
         run.phase("self_influence", lambda: run.with_config("self_influence", config_ids=judged, n_targets=si_targets))
     engine = QueryEngine(store)
-    chosen = engine.named("self_influence_summary")["config_id"][0] if judged else "default"
+    chosen = _latest_metadata(run, "self_influence")["best_config"].value if judged else "default"  # of this run's configs
     for cid in dict.fromkeys(["default", chosen]) if rep_sources else []:  # the default, and the one self-influence chose
         run.phase(f"replication {cid}", lambda c=cid: run.with_config("replication", config_id=c, n_sources=rep_sources))
     if not skip_counterfactual:
@@ -247,7 +252,7 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
     print("\nConsistency between configurations and seed reruns (sql/consistency_table.sql, mean over queries;"
           " unlearning-vs-similarity pairs are in the next table):")
     print_frame(engine.named("consistency_table").filter(pl.col("pair") != "unlearning vs similarity"))
-    report = run.instance.get_latest_materialization_event(AssetKey("consistency_report")).asset_materialization.metadata
+    report = _latest_metadata(run, "consistency_report")
     per_config = report["config_consistency"].value if "config_consistency" in report else []  # as the report computed it
     if per_config:
         print("\nMean Jaccard@10 per configuration (with its seed reruns, with the other configurations):")
@@ -258,18 +263,20 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
     print_frame(engine.named("cross_query_overlap").drop("checkpoint_id", "protocol_id"))
     if judged:
         print(f"\nSelf-influence ({si_targets} k-means-chosen training items unlearned as their own queries; "
-              "sql/self_influence_summary.sql; R = mean rank of the item itself, 1.0 = always first):")
+              "sql/self_influence_summary.sql; R = mean rank of the item itself, 1.0 = always first; share_first_low = the "
+              "lower end of share_first's 95% interval):")
         print_frame(engine.named("self_influence_summary"))
     if rep_sources:
         print(f"\nReplication detection ({rep_sources} sources × 4 transforms; the default and the configuration "
               "self-influence chose; "
-              "sql/replication_summary.sql):")
+              "sql/replication_summary.sql; share_first_low = the lower end of share_first's 95% interval, so 4 of 4 "
+              "first shows at least 0.51 and the goal's 0.95 needs 73 of 73):")
         print_frame(engine.named("replication_summary"))
     figures = engine.named("config_figures")
     print("\nFigures per configuration (sql/config_figures.sql; best self-influence first):")
     print_frame(figures)
-    ranked = figures.filter(pl.col("r_mean_rank").is_not_null())
-    if ranked.height:
+    ranked = figures.filter(pl.col("config_id") == chosen, pl.col("r_mean_rank").is_not_null())
+    if judged and ranked.height:
         best = ranked.row(0, named=True)
         print(f"chosen by self-influence: {best['config_id']} (R {best['r_mean_rank']:.3f}, "
               f"{best['si_share_first']:.0%} of {best['si_targets']} targets first)")
