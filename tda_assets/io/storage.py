@@ -182,8 +182,7 @@ class Storage:
 
         data = self.read_bytes(key)
         (n,) = struct.unpack("<Q", data[:8])
-        metadata = json.loads(data[8:8 + n]).get("__metadata__", {}) or {}
-        return load(data), metadata
+        return load(data), _metadata(json.loads(data[8:8 + n]))
 
     def _tensors_header(self, key: str) -> tuple[dict, int]:
         """A safetensors file's header (tensor entries and `__metadata__`) and where its data starts, by ranged reads:
@@ -198,7 +197,7 @@ class Storage:
 
     def read_tensors_metadata(self, key: str) -> dict[str, str]:
         """The metadata of a safetensors file, reading only its header (StorageError naming it when missing)."""
-        return self._tensors_header(key)[0].get("__metadata__", {}) or {}
+        return _metadata(self._tensors_header(key)[0])
 
     def read_tensor(self, key: str, name: str) -> tuple[torch.Tensor | None, dict[str, str]]:
         """One tensor of a safetensors file (None when the file has no tensor `name`) and the file's metadata, reading
@@ -206,7 +205,7 @@ class Storage:
         from safetensors.torch import load
 
         header, start = self._tensors_header(key)
-        metadata = header.get("__metadata__", {}) or {}
+        metadata = _metadata(header)
         entry = header.get(name)
         if entry is None:
             return None, metadata
@@ -299,6 +298,11 @@ class Storage:
             raise
         except Exception as exc:  # noqa: BLE001 - every backend error becomes one clear StorageError
             raise StorageError(_explain(self, exc, key, action)) from None
+
+
+def _metadata(header: dict) -> dict[str, str]:
+    """The `__metadata__` of a parsed safetensors header ({} when the file has none)."""
+    return header.get("__metadata__", {}) or {}
 
 
 def _is_glob(key: str) -> bool:
