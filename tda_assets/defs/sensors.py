@@ -4,10 +4,13 @@ A query is pending when the root holds no attribution of it under the default co
 a failed or interrupted run, all count, whatever partitions the instance already has. Its clip run
 (`query_clip`, partition `query`) comes first; its attribution run (`attribute_config`, partition
 `query|default`) follows on a later tick, once the clip is in the root. Runs in progress are not requested twice; a
-run that failed `MAX_ATTEMPTS` times in this root is given up with a warning.
+run that failed `MAX_ATTEMPTS` times in this root is given up with a warning. Each tick first releases the runs whose
+process is gone (`run_health`): their queries are pending again, and a released run is no failed attempt.
 """
 
 from __future__ import annotations
+
+from collections import Counter, defaultdict
 
 from dagster import (
     AssetKey,
@@ -23,14 +26,19 @@ from dagster import (
 )
 
 from resources import InboxResource, LossProtocolResource, StorageResource
-from tda_assets.data.inbox import inbox_files, read_query_file
+from resources.env import Env
+from tda_assets.data.inbox import inbox_files, judge_query
 from tda_assets.data.query_state import DEFAULT_CONFIG, MIN_QUERY_LOSS_RATIO, STEP_TAG, pending_queries
 from tda_assets.defs.configs import UNLEARNING_ASSETS
 from tda_assets.defs.partitions import configs, queries, query_config_key, query_configs
 from tda_assets.defs.query_runs import IN_PROGRESS, run_tags, runs_of_root
+from tda_assets.defs.run_health import RELEASED_TAG, release_dead_runs
+from tda_assets.attribution.similarity import EMBEDDINGS
 from tda_assets.io.checkpoints import read_checkpoint_record
 from tda_assets.io.registry import entry, key
 from tda_assets.io.slugs import check_query_id
+from tda_assets.io.storage import Storage
+from tda_assets.io.tables import list_keys
 
 CLIP_ASSETS = ("query_clips", "similarity_scores")
 QUERY_ASSETS = (*CLIP_ASSETS, *UNLEARNING_ASSETS)
@@ -46,9 +54,21 @@ attribute_config_job = define_asset_job(
 )
 
 
-def _steps_of_runs(context: SensorEvaluationContext, statuses: list[DagsterRunStatus], root: str) -> list[tuple[str, str]]:
-    """`(step, partition)` of the root's query runs in `statuses`."""
-    return [(t.get(STEP_TAG, ""), t.get("dagster/partition", "")) for t in runs_of_root(context.instance, statuses, root)]
+def _steps_of_runs(context: SensorEvaluationContext, statuses: list[DagsterRunStatus], root: str,
+                   attempts_only: bool = False) -> list[tuple[str, str]]:
+    """`(step, partition)` of the root's query runs in `statuses` (with `attempts_only`, not those released because
+    their process was killed or stopped: that is no failure of the query)."""
+    runs = [t for t in runs_of_root(context.instance, statuses, root) if not (attempts_only and RELEASED_TAG in t)]
+    return [(t.get(STEP_TAG, ""), t.get("dagster/partition", "")) for t in runs]
+
+
+def _with_similarity(store: Storage) -> set[str]:
+    """The queries whose clip run wrote the similarity scores of every embedding, its last output: a clip run killed
+    after writing the clip but before these is run again."""
+    methods, found = {f"similarity:{name}" for name in EMBEDDINGS}, defaultdict(set)
+    for k in list_keys(store, "similarity_scores"):
+        found[k["query_id"]].add(k["method"])
+    return {qid for qid, have in found.items() if methods <= have}
 
 
 def query_of(request: RunRequest) -> str:
@@ -63,7 +83,9 @@ def query_inbox_sensor(
     context: SensorEvaluationContext, storage: StorageResource, inbox: InboxResource, protocol: LossProtocolResource
 ) -> SensorResult | SkipReason:
     """Requests the runs of every pending inbox query (at most `max_queries_per_tick` per tick)."""
-    store, roots = storage.storage(), inbox.audio_roots()  # a bad TDA_ALLOWED_AUDIO_ROOTS fails the tick, naming it
+    store = storage.storage()
+    release_dead_runs(context.instance, Env.read().run_stale_s, context.log.warning)  # a killed command's runs
+    roots = inbox.allowed_roots(store)  # a bad TDA_ALLOWED_AUDIO_ROOTS fails the tick, naming it
     files, valid = inbox_files(store), []
     for query_id in sorted(files):
         try:
@@ -77,30 +99,33 @@ def query_inbox_sensor(
     record = read_checkpoint_record(store)
     no_clip, no_attribution = pending_queries(store, valid, record.checkpoint_id, protocol.protocol().protocol_id,
                                               MIN_QUERY_LOSS_RATIO)
-    checked = []
-    for qid in no_clip:  # a query file is read when its clip is due: a bad one is skipped (and logged) every tick until fixed
-        try:
-            read_query_file(store, files[qid], roots)
-            checked.append(qid)
-        except (ValueError, FileNotFoundError) as exc:
-            context.log.warning(f"inbox file skipped: {exc}")
-    no_clip = checked
+    done = _with_similarity(store)
+    unfinished = [q for q in no_attribution if q not in done]  # its clip run was killed between clip and similarity
+    no_clip, no_attribution = sorted(no_clip + unfinished), [q for q in no_attribution if q not in unfinished]
     in_flight = set(_steps_of_runs(context, IN_PROGRESS, store.url))
-    failures = _steps_of_runs(context, [DagsterRunStatus.FAILURE], store.url)
+    failures = _steps_of_runs(context, [DagsterRunStatus.FAILURE], store.url, attempts_only=True)
     wanted = [("clip", q, q) for q in no_clip] + [("attribute", q, query_config_key(q, DEFAULT_CONFIG)) for q in no_attribution]
     jobs = {"clip": query_clip_job.name, "attribute": attribute_config_job.name}
-    requests = []
+    attempts, batch, more = Counter(failures), [], 0
     for step, qid, partition in wanted:
         if (step, str(partition)) in in_flight:
             continue
-        if failures.count((step, str(partition))) >= MAX_ATTEMPTS:
+        if attempts[(step, str(partition))] >= MAX_ATTEMPTS:
             context.log.warning(f"query {qid}: its {step} run failed {MAX_ATTEMPTS} times in this storage root; not requested "
                                 "again (see its runs; fix the query, then re-add it with another id or `tda attribute`)")
             continue
-        requests.append(RunRequest(job_name=jobs[step], partition_key=partition, tags=run_tags(step, store.url)))
-    batch = requests[:inbox.max_queries_per_tick]
-    if len(requests) > len(batch):
-        context.log.info(f"{len(requests) - len(batch)} more query runs wait for the next tick")
+        if len(batch) == inbox.max_queries_per_tick:
+            more += 1  # judged on a later tick: a tick reads the files of the queries it requests, not of every pending one
+            continue
+        if step == "clip":  # judged when its clip is due (`judge_query`): a bad one is skipped and logged until fixed
+            try:
+                judge_query(store, files[qid], roots)
+            except (ValueError, FileNotFoundError) as exc:
+                context.log.warning(f"inbox file skipped: {exc}")
+                continue
+        batch.append(RunRequest(job_name=jobs[step], partition_key=partition, tags=run_tags(step, store.url)))
+    if more:
+        context.log.info(f"{more} more query runs wait for the next tick")
     known = set(context.instance.get_dynamic_partitions(queries.name))
     new_queries = sorted({query_of(r) for r in batch} - known)
     partition_requests = [queries.build_add_request(new_queries)] if new_queries else []

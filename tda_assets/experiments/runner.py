@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
@@ -20,21 +21,34 @@ from dagster import (
 )
 from dagster._core.definitions.reconstruct import ReconstructableRepository  # no public equivalent for a module's Definitions
 
+from resources.env import Env
 from tda_assets.definitions import build_definitions
+from tda_assets.defs.run_health import process_tags, release_dead_runs
 from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, unlearning_run_config
 from tda_assets.defs.partitions import SHARD_KEYS, configs, queries, query_config_key
 from tda_assets.defs.query_runs import run_tags
 from tda_assets.defs.sensors import CLIP_ASSETS, attribute_config_job, query_clip_job, query_inbox_sensor, query_of
 from tda_assets.attribution.gradients import GradientSpec
 from tda_assets.attribution.settings import UnlearningSettings
-from tda_assets.io.artifacts import Identity, embeddings_key, embeddings_match_features, manifest_digest, read_features
+from tda_assets.io.artifacts import (
+    COMPUTE_PRECISION,
+    Identity,
+    embeddings_key,
+    embeddings_match_features,
+    manifest_digest,
+    read_features,
+    stale_baseline_shards,
+)
 from tda_assets.io.gradients import stale_gradient_shards
 from tda_assets.io.checkpoints import embedded_checkpoint_id, read_checkpoint_record
 from tda_assets.io.registry import key
 from tda_assets.io.storage import Storage
-from tda_assets.io.tables import read_table, table_exists
+from tda_assets.io.legacy_layout import migrate_legacy_results
+from tda_assets.io.tables import read_table, read_tables, table_exists
 from tda_assets.models.embedded.model import TrainingSettings
 from tda_assets.models.sources import ModelSource
+
+from .supervise import SlotWaitTimeout, supervised
 
 CODE_LOCATION = ReconstructableRepository.for_module("tda_assets.definitions", "from_environment")  # rebuilt per process
 ASSET_JOB = "__ASSET_JOB"  # the code location's implicit job of every asset, subset per run
@@ -73,7 +87,8 @@ def with_console_level(run_config: RunConfig | dict | None, log_level: str) -> d
     return config
 
 
-def current_training_phases(store: Storage, source: ModelSource, protocol_id: str) -> dict[str, bool]:
+def current_training_phases(store: Storage, source: ModelSource, protocol_id: str,
+                            compute_precision: str | None = None) -> dict[str, bool]:
     """Which training phases' outputs exist under the storage root *with the identity they would have now*.
 
     Features must come from the current encoders and the current manifest rows; the checkpoint must be the one
@@ -108,8 +123,13 @@ def current_training_phases(store: Storage, source: ModelSource, protocol_id: st
     if not have["checkpoint"]:
         return have
     identity = Identity(record.checkpoint_id, protocol_id)
-    have["fisher_diagonal"] = store.exists(key("fisher_diagonal", **identity.keys()))
-    have["baseline_losses"] = all(table_exists(store, "baseline_losses", **identity.keys(), shard=s) for s in SHARD_KEYS)
+    fisher_key = key("fisher_diagonal", **identity.keys())
+    # a Fisher estimated in another compute precision than this step's is re-estimated (read_fisher refuses it)
+    have["fisher_diagonal"] = store.exists(fisher_key) and (
+        not compute_precision
+        or store.read_tensors_metadata(fisher_key).get(COMPUTE_PRECISION) in (None, compute_precision))
+    have["baseline_losses"] = all(table_exists(store, "baseline_losses", **identity.keys(), shard=s) for s in SHARD_KEYS) \
+        and not stale_baseline_shards(store, read_tables(store, "baseline_losses", **identity.keys()), encoder_id)
 
     def embeddings_current(shard: str) -> bool:
         k = embeddings_key(identity, encoder_id, shard)
@@ -181,20 +201,30 @@ class Runner:
         k8s pods); that needs a persistent instance (DAGSTER_HOME).
         """
         config = with_console_level(run_config, self.log_level)
-        if self.executor == "in_process":
-            result = materialize(
-                [*self.defs.assets, *self.defs.asset_checks], selection=list(selection), partition_key=partition_key,
-                instance=self.instance, resources=self.resources, run_config=config, raise_on_error=True, tags=tags,
-            )
-            success = result.success
-        else:
+        launch_id = uuid.uuid4().hex
+        tags = {**process_tags(launch_id), **(tags or {})}
+
+        def execute():
+            if self.executor == "in_process":
+                return materialize(
+                    [*self.defs.assets, *self.defs.asset_checks], selection=list(selection),
+                    partition_key=partition_key, instance=self.instance, resources=self.resources, run_config=config,
+                    raise_on_error=True, tags=tags,
+                )
             job = {tuple(CLIP_ASSETS): query_clip_job.name, tuple(UNLEARNING_ASSETS): attribute_config_job.name}.get(
                 tuple(selection), ASSET_JOB)
             with execute_job(CODE_LOCATION.get_reconstructable_job(job), self.instance, run_config=config,
-                             tags={**(tags or {}), **partition_tags(partition_key)}, raise_on_error=True,
+                             tags={**tags, **partition_tags(partition_key)}, raise_on_error=True,
                              asset_selection=None if job != ASSET_JOB else [AssetKey(name) for name in selection]) as result:
-                success = result.success
-        if not success:
+                return result
+
+        if self.instance.is_persistent:  # a run that outlives its process can wedge only a persistent instance
+            env = Env.read()
+            release_dead_runs(self.instance, env.run_stale_s, self.log)
+            result = supervised(self.instance, launch_id, execute, self.log, env.slot_wait_s, env.run_stale_s)
+        else:
+            result = execute()
+        if not result.success:
             raise RuntimeError(f"run of {list(selection)} ({partition_key}) failed")
         return result
 
@@ -227,12 +257,16 @@ class Runner:
         """The training side, skipping the phases whose outputs exist with their current identity.
 
         A given manifest config is always read again (its file may have changed); once a phase must run, every
-        phase that depends on it runs too (`PHASE_NEEDS`), and no other.
+        phase that depends on it runs too (`PHASE_NEEDS`), and no other. Result files of the layout before identity keys
+        are first moved under the identity their rows record (`tda prepare` is the fix their error names).
         """
+        for table, n in migrate_legacy_results(self.storage).items():
+            self.log(f"==> moved {n} {table} file(s) of the layout before identity keys under their checkpoint and protocol")
         if manifest_config:
             self.training_side(manifest_config, skip=frozenset(TRAINING_PHASES[1:]))
         source = self.resources["model_source"].model_source()
-        have = current_training_phases(self.storage, source, self.resources["protocol"].protocol().protocol_id)
+        have = current_training_phases(self.storage, source, self.resources["protocol"].protocol().protocol_id,
+                                       self.resources["compute"].compute().precision)
         if all(have.values()):
             self.log(f"==> training side: already materialized (checkpoint {read_checkpoint_record(self.storage).checkpoint_id}), skipped")
             return
@@ -272,6 +306,8 @@ class Runner:
                 start = time.perf_counter()
                 try:
                     self.execute(request, config)
+                except SlotWaitTimeout:  # the pool stays blocked for every other query too
+                    raise
                 except Exception as exc:  # noqa: BLE001 - one broken query must not stop the others
                     drain.failed.append((qid, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"))
                     self.log(f"    {qid}: {request.tags.get('tda/step')} run failed: {drain.failed[-1][1]}")
