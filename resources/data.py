@@ -2,7 +2,8 @@
 
 from dagster import ConfigurableResource
 
-from tda_assets.data.inbox import audio_roots
+from tda_assets.data.inbox import allowed_audio_roots, audio_roots
+from tda_assets.io.storage import Storage
 
 
 class TrainingDataResource(ConfigurableResource):
@@ -26,3 +27,7 @@ class InboxResource(ConfigurableResource):
     def audio_roots(self) -> list[str]:
         """The roots besides the storage root a query's clip may come from."""
         return audio_roots(self.manifest_uri, self.allowed_audio_roots)
+
+    def allowed_roots(self, storage: Storage) -> list[str]:
+        """Every root a query's clip may come from in `storage`: these and the root's own (`allowed_audio_roots`)."""
+        return allowed_audio_roots(storage, self.audio_roots())

@@ -69,6 +69,15 @@ def decode_clip(data: bytes | None, item_id: str, sample_rate: int) -> Clip:
     return Clip(mono, sample_rate, rate, samples.shape[1])
 
 
+def check_clip(data: bytes | None, item_id: str) -> Clip:
+    """A clip decoded at its own rate (no resampling): refused at once for what `decode_clip` would refuse in a run."""
+    try:
+        rate = sf.info(io.BytesIO(data)).samplerate if data is not None else 1
+    except Exception:  # noqa: BLE001 - undecodable: decode_clip names it
+        rate = 1
+    return decode_clip(data, item_id, rate)
+
+
 def decode_audio(data: bytes | None, item_id: str, sample_rate: int) -> np.ndarray:
     """Mono float32 samples at `sample_rate` (see `decode_clip`)."""
     return decode_clip(data, item_id, sample_rate).samples

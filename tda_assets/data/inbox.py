@@ -15,9 +15,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
+from tda_assets.data.manifests import manifest_origin
+from tda_assets.data.query_state import has_clip
 from tda_assets.io.registry import entry, key
 from tda_assets.io.slugs import check_query_id, slugify
 from tda_assets.io.storage import Storage
+from tda_assets.io.uris import read_uri_bytes, uri_exists
 
 MAX_PROMPT_CHARS = 2000  # a prompt longer than this is refused: the text encoder reads far fewer tokens
 MAX_QUERY_FILE_BYTES = 64 * 1024  # a query file is read whole: bigger ones are refused unread
@@ -92,7 +95,7 @@ def read_query_file(storage: Storage, path: str, audio_roots: Sequence[str] = ()
         raise QueryFileError(f"query file {uri}: the prompt is {len(spec.prompt):,} characters; at most {MAX_PROMPT_CHARS:,} "
                              "are allowed: shorten it")
     if spec.audio_uri is not None:
-        check_audio_uri(spec.audio_uri, [storage.uri(""), *audio_roots], f"query file {uri}")
+        check_audio_uri(spec.audio_uri, list(dict.fromkeys([storage.uri(""), *audio_roots])), f"query file {uri}")
     return spec
 
 
@@ -167,26 +170,79 @@ def audio_roots(manifest_uri: str | None, extra: Sequence[str] = ()) -> list[str
     return [folder, *extra]
 
 
-def add_query(storage: Storage, prompt: str, query_id: str | None = None, seed: int = 0,
-              audio_uri: str | None = None, target_artist: str | None = None) -> QuerySpec:
-    """Drop a query file into the inbox (atomically) and return its spec."""
+def allowed_audio_roots(storage: Storage, configured: Sequence[str] = ()) -> list[str]:
+    """Every root a query's clip may come from: the storage root, the folder of the manifest the root was prepared from
+    (recorded by `tda prepare --manifest`) and the `configured` ones (`InboxResource.audio_roots()`)."""
+    return list(dict.fromkeys([storage.uri(""), *audio_roots(manifest_origin(storage)), *configured]))
+
+
+def judge_query(storage: Storage, path: str, roots: Sequence[str]) -> QuerySpec:
+    """The one rule by which the inbox sensor, `tda run-inbox` and `tda queries` judge a query file: parsed and checked
+    (`read_query_file`, its clip under `roots`) and, until the query's clip is in the root, that clip present."""
+    spec = read_query_file(storage, path, roots)
+    if spec.audio_uri and not has_clip(storage, spec.query_id) and not uri_exists(spec.audio_uri, storage):
+        raise QueryFileError(f"query file {storage.uri(path)}: its clip {spec.audio_uri} does not exist; put the clip "
+                             "there, or add the query again with `tda add-query --audio FILE` (it copies the clip into "
+                             "the storage root)")
+    return spec
+
+
+def judge_files(storage: Storage, files: dict[str, str],
+                roots: Sequence[str]) -> tuple[dict[str, QuerySpec], dict[str, str]]:
+    """Query files (`query_id → key`, as `inbox_files` gives them) judged by `judge_query`: (spec of each valid
+    query, reason of each invalid one)."""
+    valid, invalid = {}, {}
+    for qid, path in sorted(files.items()):
+        try:
+            valid[qid] = judge_query(storage, path, roots)
+        except (ValueError, FileNotFoundError) as exc:
+            invalid[qid] = str(exc)
+    return valid, invalid
+
+
+def _checked_prompt(prompt: str | None) -> str:
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: describe the music to attribute")
     if len(prompt.strip()) > MAX_PROMPT_CHARS:
         raise ValueError(f"the prompt is {len(prompt.strip()):,} characters; at most {MAX_PROMPT_CHARS:,} are allowed: shorten it")
+    return prompt.strip()
+
+
+def add_clip_query(storage: Storage, audio: str, prompt: str | None = None, query_id: str | None = None,
+                   roots: Sequence[str] = (), seed: int = 0, target_artist: str | None = None) -> QuerySpec:
+    """A query of a user's clip (`tda attribute --audio`, `tda add-query --audio`), refused at once unless its clip
+    decodes and a URI lies under `roots` (`allowed_audio_roots`); a local file is copied into the root
+    (`upload_clip`)."""
+    text = _checked_prompt(DEFAULT_AUDIO_PROMPT if prompt is None else prompt)
+    qid = check_query_id(query_id or slugify(prompt or Path(audio).stem)[:48].strip("-_"))
+    if "://" in audio:
+        check_audio_uri(audio, roots, f"--audio {audio}")
+        data = read_uri_bytes(audio, storage)
+    else:
+        path = Path(audio).expanduser()
+        data = path.read_bytes() if path.is_file() else None
+    if data is None:
+        raise FileNotFoundError(f"audio file {audio} does not exist: give a path to a WAV/FLAC/OGG/MP3 file or a URI")
+    from tda_assets.data.audio import check_clip  # soundfile and scipy: only when a clip is added
+
+    check_clip(data, audio)
+    return add_query(storage, text, qid, seed, upload_clip(storage, audio, qid, data), target_artist)
+
+
+def add_query(storage: Storage, prompt: str, query_id: str | None = None, seed: int = 0,
+              audio_uri: str | None = None, target_artist: str | None = None) -> QuerySpec:
+    """Drop a query file into the inbox (atomically) and return its spec."""
+    prompt = _checked_prompt(prompt)
     qid = check_query_id(query_id) if query_id else slugify(prompt)[:48].strip("-_")
-    spec = QuerySpec(qid, prompt.strip(), seed, audio_uri, target_artist)
+    spec = QuerySpec(qid, prompt, seed, audio_uri, target_artist)
     body = {k: v for k, v in asdict(spec).items() if k != "query_id" and v is not None}
     storage.write_bytes(key("inbox", name=f"{qid}.json"), json.dumps(body, indent=1).encode())
     return spec
 
 
-def upload_clip(storage: Storage, audio: str, query_id: str) -> str:
-    """The URI a run reads a clip from: a local file is copied into the storage root (`uploads/`), so that runs on
-    other machines (a k8s pod, an S3 root) read it too; a URI (`s3://…`, `file://…`) is kept as it is."""
+def upload_clip(storage: Storage, audio: str, query_id: str, data: bytes) -> str:
+    """The URI a run reads a clip from: a local file (its bytes `data`) is copied into the storage root (`uploads/`), so
+    that runs on other machines (a k8s pod, an S3 root) read it too; a URI (`s3://…`, `file://…`) is kept as it is."""
     if "://" in audio:
         return audio
-    path = Path(audio).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"audio file {audio} does not exist: give a path to a WAV/FLAC/OGG/MP3 file or a URI")
-    return storage.write_bytes(key("upload", name=f"{check_query_id(query_id)}{path.suffix.lower()}"), path.read_bytes())
+    return storage.write_bytes(key("upload", name=f"{check_query_id(query_id)}{Path(audio).suffix.lower()}"), data)

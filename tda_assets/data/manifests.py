@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 
 import polars as pl
 
+from tda_assets.io.registry import key
 from tda_assets.io.storage import Storage
 from tda_assets.io.uris import read_uri_bytes
 
@@ -80,3 +82,17 @@ def read_user_manifest(uri: str, store: Storage | None = None) -> pl.DataFrame:
     df = df.with_columns(pl.col("duration_s").cast(pl.Float64, strict=False),
                          pl.col("audio_uri").map_elements(lambda u: _absolute_audio_uri(u, uri), return_dtype=pl.Utf8))
     return df.select(*MANIFEST_COLUMNS, "duration_s")
+
+
+def record_manifest_origin(store: Storage, manifest_uri: str | None) -> None:
+    """Record in the root which manifest it was prepared from (None: the embedded corpus), so that every reader of the
+    inbox (the sensor, `tda queries`, `tda add-query`) allows query clips from that manifest's folder."""
+    if manifest_uri and "://" not in manifest_uri:  # a local path, as the process that prepared the root saw it
+        manifest_uri = os.path.abspath(os.path.expanduser(manifest_uri))
+    store.write_bytes(key("manifest_origin"), json.dumps({"manifest_uri": manifest_uri}).encode())
+
+
+def manifest_origin(store: Storage) -> str | None:
+    """The manifest the root was prepared from (`record_manifest_origin`); None for the embedded corpus or an older root."""
+    data = store.read_if_exists(key("manifest_origin"))
+    return json.loads(data).get("manifest_uri") if data else None

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import polars as pl
 
-from tda_assets.data.inbox import inbox_files, read_query
-from tda_assets.data.query_state import DEFAULT_CONFIG, MIN_QUERY_LOSS_RATIO, config_states, has_clip
+from tda_assets.data.inbox import inbox_files, judge_files
+from tda_assets.data.query_state import DEFAULT_CONFIG, MIN_QUERY_LOSS_RATIO, ConfigState, config_states, has_clip
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.registry import key
 from tda_assets.io.storage import Storage
@@ -29,21 +29,23 @@ def current_checkpoint_id(store: Storage) -> str | None:
 
 
 def query_table(store: Storage, protocol_id: str,
-                running: Callable[[], set[tuple[str, str]]] = frozenset) -> pl.DataFrame:
+                running: Callable[[], set[tuple[str, str]]] = frozenset, roots: Sequence[str] = ()) -> pl.DataFrame:
     """One row per (query, configuration): `waiting` (no clip yet), `clip_ready`, `running`, `attributed`,
-    `failed_check` (with the loss ratio), `stale` (results of another checkpoint or protocol), or `invalid` (its file).
+    `failed_check` (with the loss ratio), `stale` (results of another checkpoint or protocol), or `invalid` (its file,
+    judged as the inbox sensor judges it under `roots`: `judge_query`; the reason in `prompt`).
 
     `running()` gives the (query, config) pairs with a run in progress; it is asked only when a pair is unfinished.
     """
-    states = config_states(store, current_checkpoint_id(store), protocol_id, MIN_QUERY_LOSS_RATIO)
+    by_query: dict[str, dict[str, ConfigState]] = {}
+    for (q, c), state in config_states(store, current_checkpoint_id(store), protocol_id, MIN_QUERY_LOSS_RATIO).items():
+        by_query.setdefault(q, {})[c] = state
+    valid, invalid = judge_files(store, inbox_files(store), roots)
     rows = []
-    for qid in sorted(inbox_files(store)):
-        try:
-            prompt = read_query(store, qid).prompt
-        except ValueError as exc:
-            rows.append((qid, DEFAULT_CONFIG, "invalid", None, str(exc)[:80]))
+    for qid in sorted({*valid, *invalid}):
+        if qid in invalid:
+            rows.append((qid, DEFAULT_CONFIG, "invalid", None, invalid[qid]))
             continue
-        mine = {c: s for (q, c), s in states.items() if q == qid}
+        prompt, mine = valid[qid].prompt, by_query.get(qid, {})
         for cid in sorted({DEFAULT_CONFIG, *mine}):
             state = mine[cid].state if cid in mine else ("clip_ready" if has_clip(store, qid) else "waiting")
             rows.append((qid, cid, state, mine[cid].loss_ratio if cid in mine else None, prompt[:60]))

@@ -31,3 +31,13 @@ def read_uri_bytes(uri: str | None, storage: Storage) -> bytes | None:
         return fs.cat_file(path)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         return None
+
+
+def uri_exists(uri: str, storage: Storage) -> bool:
+    """Whether a file exists at a URI (plain path, file://, s3://), without reading it."""
+    if uri.startswith(("s3://", "s3a://")):
+        bucket, _, key = uri.split("://", 1)[1].partition("/")
+        endpoint = storage.endpoint_url if storage.protocol == "s3" else None
+        return _bucket_storage(bucket, endpoint, s3_settings()).exists(key)
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.isfile(path)

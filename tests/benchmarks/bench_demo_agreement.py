@@ -26,7 +26,7 @@ from tda_assets.attribution.gradients import gradient_store
 from tda_assets.attribution.linearized import linearized_scores
 from tda_assets.attribution.multifidelity import two_stage, unlearned_losses_fn
 from tda_assets.attribution.protocol import LossProtocol
-from tda_assets.attribution.scores import attribution_scores
+from tda_assets.attribution.scores import attribution_scores, score_columns
 from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.attribution.unlearn import unlearn
 from tda_assets.io.artifacts import Identity, all_features, baseline_item_ids, loss_matrix, query_batch, read_baseline, read_fisher
@@ -81,7 +81,11 @@ def demo_agreement(root: str, n_queries: int = 8, draws: int = 16, k: int = 4096
             out[[position[i] for i in df["item_id"].to_list()]] = df["score"].to_numpy()
             return out
 
-        signals = {"internal": signal("similarity:internal"), "audio": signal("similarity:audio"), "linearized": lin}
+        # as the product's two-stage: the linearised signal scored as the configuration's score (normalized: over the
+        # same floored item norms), the similarities as they are (fast_paths.cheap_signals)
+        lin_scored = score_columns(l0, settings.score_type, grads.item_norms, mean_delta=lin)["score"]
+        signals = {"internal": signal("similarity:internal"), "audio": signal("similarity:audio"),
+                   "linearized": lin_scored}
         row = {"ratio": result.loss_ratio, "lin_spearman": spearmanr(lin, exact["mean_delta"])[0],
                "lin_jaccard10": jaccard10(np.argsort(np.argsort(-lin)) + 1, rank_of(exact["mean_delta"]))}
         top10 = np.argsort(exact["rank"])[:10]

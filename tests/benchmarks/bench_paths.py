@@ -21,7 +21,7 @@ from scipy.stats import spearmanr
 from tda_assets.data.demo import builtin_queries
 from tda_assets.defs.configs import UnlearningConfig, load_grid
 from tda_assets.experiments.runner import Runner
-from tda_assets.io.tables import read_table
+from tda_assets.io.tables import read_tables
 
 
 def step_seconds(runner: Runner, run_id: str) -> dict[str, float]:
@@ -35,9 +35,10 @@ def main() -> None:
     p.add_argument("--clips-per-artist", type=int, default=16)
     p.add_argument("--queries", type=int, default=3)
     p.add_argument("--train-steps", default="300")
+    p.add_argument("--root", help="the storage root to build (default: a new temporary folder)")
     args = p.parse_args()
     os.environ["TDA_TRAIN_STEPS"] = args.train_steps
-    runner = Runner.create(DagsterInstance.ephemeral(), tempfile.mkdtemp(prefix="bench-paths-"), log=lambda _m: None)
+    runner = Runner.create(DagsterInstance.ephemeral(), args.root or tempfile.mkdtemp(prefix="bench-paths-"), log=lambda _m: None)
     runner.log_level = "ERROR"
     runner.training_side({"clips_per_artist": args.clips_per_artist, "artists": args.artists})
     store = runner.storage
@@ -67,8 +68,8 @@ def main() -> None:
     for name in ("two-stage", "linearized"):
         rows = []
         for q in ids:
-            full = read_table(store, "attribution_scores", query_id=q, config_id="default").sort("item_id")
-            fast = read_table(store, "attribution_scores", query_id=q, config_id=name).sort("item_id")
+            full = read_tables(store, "attribution_scores", query_id=q, config_id="default").sort("item_id")
+            fast = read_tables(store, "attribution_scores", query_id=q, config_id=name).sort("item_id")
             a, b = full["score"].to_numpy(), fast["score"].to_numpy()
             top_full = set(full.sort("rank").head(10)["item_id"]), set(fast.sort("rank").head(10)["item_id"])
             ok = np.isfinite(b)

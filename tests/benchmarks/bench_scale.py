@@ -75,9 +75,8 @@ def jaccard10(a: np.ndarray, b_rank: np.ndarray) -> float:
     return len(x & y) / len(x | y)
 
 
-def forward_figures(adapter: EmbeddedAdapter, batch_sizes: list[int]) -> dict:
-    """Matmul peak, bare forward GFLOP/s per batch size, pipeline (batch_losses) throughput and its ratio to bare."""
-    n = 2048
+def forward_figures(adapter: EmbeddedAdapter, batch_sizes: list[int], rounds: int = 5, n: int = 2048) -> dict:
+    """Matmul peak (n² mm), bare forward GFLOP/s per batch size, pipeline (batch_losses) throughput and its ratio to bare."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     matmul = 2 * n**3 / median_s(lambda: torch.mm(a, b)) / 1e9
@@ -95,7 +94,7 @@ def forward_figures(adapter: EmbeddedAdapter, batch_sizes: list[int]) -> dict:
         flops = counter.get_total_flops() / bs
     bare_t: dict[int, list[float]] = {bs: [] for bs in batch_sizes}
     pipe_t: dict[int, list[float]] = {bs: [] for bs in batch_sizes}
-    for _ in range(5):  # round-robin over batch sizes, so load from other jobs hits every size alike
+    for _ in range(rounds):  # round-robin over batch sizes, so load from other jobs hits every size alike
         for bs in batch_sizes:
             with torch.no_grad():
                 bare_t[bs].append(median_s(lambda bs=bs: adapter.predict(*inputs[bs]), 1))
@@ -219,6 +218,9 @@ def main() -> None:
     parser.add_argument("--root", default="dagster_home/storage",
                         help="a storage root where `make demo` ran: agreement is then measured on its queries (N = 320)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is the stable figure on shared cores)")
+    parser.add_argument("--batch-sizes", default="32,64,128,256", help="forward batch sizes timed (comma-separated)")
+    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds of the forward timings")
+    parser.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmul of the fp32 peak")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -229,7 +231,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     adapter = EmbeddedAdapter.new()
     adapter.denoiser.eval()
-    fwd = forward_figures(adapter, [32, 64, 128, 256])
+    fwd = forward_figures(adapter, [int(b) for b in args.batch_sizes.split(",")], args.rounds, args.matmul_n)
     cost = cost_figures(adapter, args.demo_items, args.big_items, fwd["best_bs"], args.k)
     agree = agreement_figures(args.queries, args.k)
     demo = None

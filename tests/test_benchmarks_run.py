@@ -1,0 +1,88 @@
+"""Every benchmark's entry point runs, at its smallest size, as `make bench` runs it
+(`python -m tests.benchmarks.<name>` from the checkout), so none can break unseen; the last line of `make bench` carries
+the headline figures."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+BENCHMARKS = REPO / "tests" / "benchmarks"
+# the keys `make bench`'s last line must carry (issue 22)
+HEADLINE = ("matmul_gflops", "forward_gflops", "pipeline_over_bare", "exact_s_per_query_10k",
+            "two_stage_s_per_query_10k", "linearized_s_per_query_10k", "two_stage_top10_jaccard", "linearized_spearman")
+SMALLEST = {  # benchmark → the arguments of its smallest run (bench_paths and bench_demo_agreement: test_paths_…)
+    "bench_engine": ["--items", "8", "--draws", "2"],
+    "bench_norms_read": ["--items", "64", "--k", "16", "--shards", "2", "--parameters", "1000", "--repeats", "1"],
+    "bench_scale": ["--demo-items", "16", "--big-items", "32", "--k", "16", "--queries", "1", "--batch-sizes", "16",
+                    "--rounds", "1", "--matmul-n", "256", "--root", "no-demo-root"],
+    "bench_catalogue": ["--items", "400", "--queries", "3", "--inbox", "30", "--shards", "4"],
+    "bench_gpu": ["--tiny"],  # run by tests/test_bench_gpu.py
+    "bench_norm_floor": ["--clips-per-artist", "2", "--steps", "2", "--targets", "2", "--draws", "4"],
+}
+SLOW = ("bench_paths", "bench_demo_agreement", "bench_real_size")  # bench_real_size: tests/test_bench_gpu.py, tiny folder
+
+
+def bench(name: str, *argv: str, timeout: int = 300) -> list[str]:
+    """Run one benchmark as `make bench` does; its output lines (the test fails with its stderr on a non-zero exit)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-m", f"tests.benchmarks.{name}", *argv], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.strip().splitlines()
+
+
+NO_SMALL_SIZE: tuple[str, ...] = ()  # a benchmark with no smallest size yet: only its import is checked here
+
+
+def test_every_benchmark_has_a_smallest_run_here():
+    assert {p.stem for p in BENCHMARKS.glob("bench_*.py")} == set(SMALLEST) | set(SLOW) | set(NO_SMALL_SIZE)
+
+
+@pytest.mark.parametrize("name", NO_SMALL_SIZE)
+def test_a_benchmark_without_a_smallest_size_at_least_imports_as_a_module(name):
+    assert callable(importlib.import_module(f"tests.benchmarks.{name}").main)
+
+
+def test_make_bench_runs_each_benchmark_as_a_module_and_bench_scale_last():
+    makefile = (REPO / "Makefile").read_text()
+    recipe = re.search(r"^bench: .*\n((?:\t.*\n)+)", makefile, re.MULTILINE).group(1).splitlines()
+    assert all(re.search(r"python -m tests\.benchmarks\.bench_\w+", line) for line in recipe), recipe
+    assert "tests.benchmarks.bench_scale" in recipe[-1]
+
+
+@pytest.mark.parametrize("name", ["bench_engine", "bench_norms_read", "bench_norm_floor"])
+def test_the_benchmark_runs_at_its_smallest_size(name):
+    lines = bench(name, *SMALLEST[name])
+    assert lines, f"{name} printed nothing"
+
+
+def test_bench_scale_ends_with_the_headline_figures():
+    figures = json.loads(bench("bench_scale", *SMALLEST["bench_scale"])[-1])
+    assert all(isinstance(figures[k], (int, float)) for k in HEADLINE), {k: figures.get(k) for k in HEADLINE}
+    assert figures["agreement_on"] == "tiny model"
+
+
+def test_bench_catalogue_ends_with_its_figures_at_the_asked_counts():
+    figures = json.loads(bench("bench_catalogue", *SMALLEST["bench_catalogue"])[-1])
+    assert (figures["n_items"], figures["n_queries"], figures["n_inbox"]) == (400, 3, 30)
+    assert figures["attribution_rows"] == 400 * 3
+    for k in ("topk_ms", "artist_shares_s", "export_s", "queries_cli_s", "sensor_tick_s", "peak_rss_gb"):
+        assert figures[k] > 0, k
+
+
+def test_paths_and_demo_agreement_run_on_a_tiny_root(tmp_path):
+    root = str(tmp_path / "root")
+    paths = json.loads(bench("bench_paths", "--artists", "2", "--clips-per-artist", "2", "--queries", "1",
+                             "--train-steps", "10", "--root", root, timeout=600)[-1])
+    assert set(paths["paths"]) == {"full", "two-stage", "linearized"}
+    agreement = json.loads(bench("bench_demo_agreement", "--root", root, "--queries", "1", "--k", "16")[-1])
+    assert (agreement["items"], agreement["queries"]) == (4, 1)
