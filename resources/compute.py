@@ -13,18 +13,19 @@ class ComputeResource(ConfigurableResource):
     device: str = "auto"
     autocast_dtype: str | None = None
     batch_size: int | None = None  # None: the engine's DEFAULT_BATCH_ROWS
+    grad_rows: int | None = None  # rows per gradient pass (TDA_GRAD_ROWS); None: all of an item's draws at once
     threads: int | None = None
 
     def compute(self) -> Compute:
         if self.threads:
             torch.set_num_threads(self.threads)
         if self.device == "auto":
-            auto = Compute.auto(self.batch_size or DEFAULT_BATCH_ROWS)
+            auto = Compute.auto(self.batch_size or DEFAULT_BATCH_ROWS, self.grad_rows)
             device, default_dtype = auto.device, auto.autocast_dtype
         else:
             device, default_dtype = self.device, ("bfloat16" if self.device.startswith("cuda") else None)
         dtype = self.autocast_dtype if self.autocast_dtype is not None else default_dtype
-        return Compute(device, dtype, self.batch_size or DEFAULT_BATCH_ROWS)
+        return Compute(device, dtype, self.batch_size or DEFAULT_BATCH_ROWS, self.grad_rows)
 
 
 class LossProtocolResource(ConfigurableResource):

@@ -28,13 +28,32 @@ class Compute:
     device: str = "cpu"
     autocast_dtype: str | None = None  # "bfloat16" | "float16" | None
     batch_size: int = DEFAULT_BATCH_ROWS  # rows (item-draws) per forward pass
+    grad_rows: int | None = None  # rows per pass of a gradient (accumulated over passes); None: all in one pass
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or (self.grad_rows is not None and self.grad_rows < 1):
+            raise ValueError(f"rows per pass must be at least 1 (batch_size {self.batch_size}, grad_rows "
+                             f"{self.grad_rows}): set TDA_BATCH_SIZE / TDA_GRAD_ROWS to a positive number")
 
     @classmethod
-    def auto(cls, batch_size: int = DEFAULT_BATCH_ROWS) -> "Compute":
+    def auto(cls, batch_size: int = DEFAULT_BATCH_ROWS, grad_rows: int | None = None) -> "Compute":
         """`cuda` with bf16 autocast when a GPU is present, else fp32 on CPU."""
         if torch.cuda.is_available():
-            return cls(device="cuda", autocast_dtype="bfloat16", batch_size=batch_size)
-        return cls(device="cpu", autocast_dtype=None, batch_size=batch_size)
+            return cls(device="cuda", autocast_dtype="bfloat16", batch_size=batch_size, grad_rows=grad_rows)
+        return cls(device="cpu", autocast_dtype=None, batch_size=batch_size, grad_rows=grad_rows)
+
+    @property
+    def precision(self) -> str:
+        """What the unlearning step, the Fisher and training compute in (the autocast dtype, or `fp32`): it changes their
+        numbers, so the Fisher and each delta record it."""
+        return self.autocast_dtype or "fp32"
+
+    @property
+    def backward_rows(self) -> int | None:
+        """Rows per pass of the gradients (an item's protocol draws for the Fisher and the gradient store, the query's
+        random copies for the unlearning step and its search); None: all of them in one pass. A backward pass holds
+        every row's activations: ≈ 2 GB a row at Stable Audio Open's shapes in fp32 (TDA_GRAD_ROWS lowers it)."""
+        return self.grad_rows
 
     @property
     def torch_device(self) -> torch.device:

@@ -30,6 +30,9 @@ from tda_assets.attribution.objective import DiffusionObjective
 from tda_assets.models.embedded.text import check_captions
 
 PIPELINE_CLASS = "StableAudioPipeline"
+# Audio samples per VAE pass: one Stable Audio Open window (2^21 samples, 47.5 s at 44.1 kHz). The Oobleck encoder's
+# first stage holds 128 channels × samples × 4 bytes per tensor (1 GB a window): 3 windows at once took over 12 GB.
+VAE_PASS_SAMPLES = 2**21
 COMPONENTS = ("vae", "text_encoder", "tokenizer", "projection_model", "transformer")
 TINY_WORDS = (
     "a an the and with of in at slow fast calm loud soft bright dark warm piano guitar drums bass synth strings "
@@ -137,6 +140,11 @@ class StableAudioAdapter(DiTAdapter):
     def window_samples(self) -> int:
         """Audio samples the latent window covers (`sample_size × hop_length`, as the pipeline computes it)."""
         return int(self.denoiser.config.sample_size) * self.hop_length
+
+    @property
+    def vae_batch(self) -> int:
+        """Clips per VAE pass: `encode_batch_size`, fewer when the window is long (VAE_PASS_SAMPLES, at least one)."""
+        return max(1, min(self.encode_batch_size, VAE_PASS_SAMPLES // self.window_samples))
 
     @property
     def clip_seconds(self) -> float:
@@ -252,8 +260,8 @@ class StableAudioAdapter(DiTAdapter):
         frames, hop = int(self.denoiser.config.sample_size), self.hop_length
         device = self._component_device(self.vae)
         latents, masks = [], []
-        for lo in range(0, len(audio), self.encode_batch_size):
-            clips = [self._audio_tensor(a, names[lo + i]) for i, a in enumerate(audio[lo : lo + self.encode_batch_size])]
+        for lo in range(0, len(audio), self.vae_batch):
+            clips = [self._audio_tensor(a, names[lo + i]) for i, a in enumerate(audio[lo : lo + self.vae_batch])]
             wave = torch.stack([c for c, _ in clips]).to(device)
             with torch.no_grad():
                 z = self.vae.encode(wave).latent_dist.mean.float().cpu()
@@ -337,9 +345,9 @@ class StableAudioAdapter(DiTAdapter):
         """Mono audio [b, samples] from latents [b, C, T] via `vae.decode` (channels averaged), on CPU."""
         device = self._component_device(self.vae)
         out = []
-        for lo in range(0, latents.shape[0], self.encode_batch_size):
+        for lo in range(0, latents.shape[0], self.vae_batch):
             with torch.no_grad():
-                wave = self.vae.decode(latents[lo : lo + self.encode_batch_size].to(device, torch.float32)).sample
+                wave = self.vae.decode(latents[lo : lo + self.vae_batch].to(device, torch.float32)).sample
             out.append(wave.float().mean(dim=1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.window_samples)
 

@@ -7,11 +7,11 @@ from typing import Iterator
 
 import numpy as np
 import polars as pl
-import torch
 from dagster import AssetCheckSpec, AssetExecutionContext, AssetKey, MaterializeResult, MetadataValue, asset
 
 from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
 from tda_assets.attribution.fisher import fisher_diagonal as estimate_fisher
+from tda_assets.attribution.fisher import fisher_summary
 from tda_assets.attribution.losses import stream_losses
 from tda_assets.defs.checks import losses_complete
 from tda_assets.defs.model_step import model_step
@@ -19,10 +19,13 @@ from tda_assets.defs.partitions import training_shards
 from tda_assets.defs.progress import Progress
 from tda_assets.defs.tags import GPU
 from tda_assets.io.artifacts import (
+    COMPUTE_PRECISION,
+    FEATURES_DIGEST,
     all_features,
     iter_training_batches,
     losses_frame,
     read_features,
+    shard_features_digest,
     write_fisher,
 )
 from tda_assets.io.checkpoints import CheckpointRecord, embedded_checkpoint_id, write_checkpoint_record
@@ -84,13 +87,10 @@ def fisher_diagonal(
     start = time.perf_counter()
     batches = iter_training_batches(store, step.record.encoder_id, 32)
     fisher = estimate_fisher(step.adapter, batches, step.protocol, "all", step.compute, max_items=FISHER_ITEMS)
-    values = torch.cat([f.flatten() for f in fisher.values()])
-    uri = write_fisher(store, identity, fisher, {"items": str(FISHER_ITEMS)})
-    context.log.info(f"fisher_diagonal over {values.numel()} parameters in {time.perf_counter() - start:.1f}s")
-    return MaterializeResult(metadata={
-        "parameters": values.numel(), "mean": float(values.mean()), "median": float(values.median()),
-        "max": float(values.max()), "uri": MetadataValue.path(uri), **identity.keys(),
-    })
+    summary = fisher_summary(fisher)  # per tensor: no concatenated copy (4.2 GB at 1 B parameters)
+    uri = write_fisher(store, identity, fisher, {"items": str(FISHER_ITEMS), COMPUTE_PRECISION: step.compute.precision})
+    context.log.info(f"fisher_diagonal over {summary['parameters']} parameters in {time.perf_counter() - start:.1f}s")
+    return MaterializeResult(metadata={**summary, "uri": MetadataValue.path(uri), **identity.keys()})
 
 
 @asset(group_name="model", partitions_def=training_shards, deps=[AssetKey("checkpoint"), AssetKey("training_features")], **GPU,
@@ -114,7 +114,8 @@ def baseline_losses(
         frames.append(losses_frame(ids, losses.loss, losses.loss_masked, losses.t))
         progress.advance(len(ids))
     empty = pl.DataFrame(schema=TABLES["baseline_losses"].polars_schema())  # an empty shard: a typed, empty table
-    df = pl.concat(frames) if frames else empty
+    df = (pl.concat(frames) if frames else empty).with_columns(  # the features they were measured on (DESIGN §3)
+        pl.lit(shard_features_digest(store, record.encoder_id, shard), dtype=pl.String).alias(FEATURES_DIGEST))
     uri = write_table(store, "baseline_losses", df, **identity.keys(), shard=shard)
     per_item = df.group_by("item_id").agg(pl.col("loss").mean())["loss"]
     yield MaterializeResult(metadata={
