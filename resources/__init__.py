@@ -1,4 +1,4 @@
-"""Dagster resources (storage root, model source, compute, loss protocol, DuckDB engine, training data, inbox),
+"""Dagster resources (storage root, model source, compute, loss protocol, training data, inbox),
 built from the environment in one place: `build_resources(Env.read())`.
 
 Exports are lazy so that `resources.env` (plain Python) imports without Dagster.
@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "ComputeResource": ".compute", "LossProtocolResource": ".compute", "ModelSourceResource": ".model_source",
-    "QueryEngineResource": ".storage", "StorageResource": ".storage", "TrainingDataResource": ".data",
+    "StorageResource": ".storage", "TrainingDataResource": ".data",
     "InboxResource": ".data", "build_resources": ".build", "Env": ".env",
 }
 
@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from .data import InboxResource, TrainingDataResource
     from .env import Env
     from .model_source import ModelSourceResource
-    from .storage import QueryEngineResource, StorageResource
+    from .storage import StorageResource
 
 
 def __getattr__(name: str) -> Any:
@@ -30,5 +30,5 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
 
 
-__all__ = ["ComputeResource", "Env", "InboxResource", "LossProtocolResource", "ModelSourceResource", "QueryEngineResource",
+__all__ = ["ComputeResource", "Env", "InboxResource", "LossProtocolResource", "ModelSourceResource",
            "StorageResource", "TrainingDataResource", "build_resources"]

@@ -19,10 +19,6 @@ class ModelSourceResource(ConfigurableResource):
     train_steps: int = 1000
     train_seed: int = 0
 
-    @property
-    def is_embedded(self) -> bool:
-        return self.source == "embedded"
-
     def model_source(self) -> ModelSource:
         """The plain source the lower layers take (the hub's cache variables read now, as huggingface_hub does)."""
         token = self.hf_token.get_value() if isinstance(self.hf_token, EnvVar) else self.hf_token

@@ -1,8 +1,7 @@
-"""Dagster resources over the storage root and the DuckDB query engine."""
+"""The Dagster resource over the storage root."""
 
-from dagster import ConfigurableResource, EnvVar, ResourceDependency
+from dagster import ConfigurableResource, EnvVar
 
-from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.storage import Storage
 
 
@@ -16,13 +15,3 @@ class StorageResource(ConfigurableResource):
         # outside a run (sensor code, the CLI, tests) the fields may still be unresolved EnvVars
         url, endpoint = (v.get_value() if isinstance(v, EnvVar) else v for v in (self.url, self.endpoint_url))
         return Storage(url, endpoint_url=endpoint or None)
-
-
-class QueryEngineResource(ConfigurableResource):
-    """DuckDB views over the storage root's parquet tables (in-memory connection; steps never hold a write lock)."""
-
-    storage: ResourceDependency[StorageResource]
-    sql_dir: str | None = None
-
-    def engine(self) -> QueryEngine:
-        return QueryEngine(self.storage.storage(), self.sql_dir)

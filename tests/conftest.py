@@ -24,6 +24,31 @@ torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_cou
 CLIPS_PER_ARTIST = 16
 TRAIN_STEPS = int(os.environ.get("TDA_TEST_TRAIN_STEPS", "500"))
 
+# The test tiers (`make test-fast` = `pytest -m "not slow"`; `make test` runs all). A test is `slow` when it needs a
+# trained model, a Runner root or a server: it uses one of SLOW_FIXTURES (directly or through another fixture) or its
+# body calls one of SLOW_CALLS. A new fixture or helper that trains, builds a root or starts a server goes here.
+SLOW_FIXTURES = frozenset({
+    "trained", "model",  # a trained model: conftest's embedded model, tiny_model.tiny_trained
+    "prepared", "materialized", "pipeline", "evaluated", "product", "own_corpus", "first", "grid",  # Runner roots
+    "reference", "trained_root", "scenario", "jobs", "env", "s3_run", "external_run", "drained_inbox",
+    "s3_root", "server", "webserver", "postgres",  # servers: moto S3, dagster-webserver, PostgreSQL
+})
+SLOW_CALLS = frozenset({"tiny_trained", "small_root", "Runner", "bench"})  # bench: tests/test_benchmarks_run.py
+
+
+def is_slow(item: pytest.Item) -> bool:
+    """Whether the test needs a trained model, a Runner root or a server (the one rule of the `slow` marker)."""
+    function = getattr(item, "function", None)
+    calls = set(function.__code__.co_names) if function is not None else set()
+    return bool(SLOW_FIXTURES.intersection(getattr(item, "fixturenames", ())) or SLOW_CALLS & calls)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test `is_slow` names, so `-m "not slow"` is the fast tier; no test is marked by hand."""
+    for item in items:
+        if is_slow(item):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(scope="session")
 def corpus_rows(tmp_path_factory) -> list[dict]:
