@@ -6,18 +6,17 @@ from .compute import ComputeResource, LossProtocolResource
 from .data import InboxResource, TrainingDataResource
 from .env import Env, has
 from .model_source import ModelSourceResource
-from .storage import QueryEngineResource, StorageResource
+from .storage import StorageResource
 
 
 def build_resources(env: Env) -> dict:
-    """The resources: storage root, DuckDB engine, model source, compute, loss protocol, training data, inbox."""
+    """The resources: storage root, model source, compute, loss protocol, training data, inbox."""
     storage = StorageResource(url=env.storage_url, endpoint_url=EnvVar("AWS_ENDPOINT_URL") if env.aws_endpoint_url else None)
     return {
         "storage": storage,
-        "query_engine": QueryEngineResource(storage=storage, sql_dir=env.sql_dir),
         "model_source": ModelSourceResource(source=env.checkpoint, hf_token=EnvVar("HF_TOKEN") if has("HF_TOKEN") else None,
                                             cache_dir=env.model_cache, train_steps=env.train_steps),
-        "compute": ComputeResource(device=env.device, batch_size=env.batch_size),
+        "compute": ComputeResource(device=env.device, batch_size=env.batch_size, grad_rows=env.grad_rows),
         "protocol": LossProtocolResource(draws=env.draws, seed=env.protocol_seed, precision=env.loss_precision),
         "training_data": TrainingDataResource(manifest_uri=env.manifest, clips_per_artist=env.clips_per_artist),
         "inbox": InboxResource(max_queries_per_tick=env.max_queries_per_tick, allowed_audio_roots=list(env.allowed_audio_roots),

@@ -28,6 +28,15 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"{name}={value!r} is not an integer; unset it or give a number (default {default})") from None
 
 
+def _seconds(name: str, default: int, minimum: int) -> int:
+    """An integer variable of seconds, at least `minimum`."""
+    value = _int(name, default)
+    if value < minimum:
+        raise ValueError(f"{name}={value} is below {minimum} s; unset it (default {default}) or give at least "
+                         f"{minimum}")
+    return value
+
+
 def _list(name: str) -> tuple[str, ...]:
     """A comma-separated variable as a tuple of its non-empty items."""
     return tuple(item.strip() for item in os.environ.get(name, "").split(",") if item.strip())
@@ -121,6 +130,7 @@ class Env:
     train_steps: int = 1000
     device: str = "auto"
     batch_size: int | None = None  # None: the engine's default rows per forward pass (attribution/devices.py)
+    grad_rows: int | None = None  # rows per pass of a gradient; None: all of an item's (or query's) draws at once
     draws: int = 16
     protocol_seed: int = 0
     loss_precision: str = "fp32"  # what per-draw losses are measured in: part of the protocol's id
@@ -133,8 +143,10 @@ class Env:
     grid_file: str | None = None
     sql_dir: str | None = None
     grid_queries: int = 4
-    cf_queries: int = 1
+    cf_queries: int = 4  # the counterfactual's goal is stated on 4 queries (3 of 4 item level)
     cf_train_steps: int | None = None
+    slot_wait_s: int = 1800  # a step waiting longer for a pool slot gives up, naming the holder
+    run_stale_s: int = 300  # a run of another host with no heartbeat (every 30 s) for this long is released as dead
 
     @classmethod
     def read(cls) -> "Env":
@@ -149,6 +161,7 @@ class Env:
             train_steps=_int("TDA_TRAIN_STEPS", d["train_steps"]),
             device=get("TDA_DEVICE") or d["device"],
             batch_size=_int("TDA_BATCH_SIZE", d["batch_size"]),
+            grad_rows=_int("TDA_GRAD_ROWS", 0) or None,
             draws=_int("TDA_DRAWS", d["draws"]),
             protocol_seed=_int("TDA_PROTOCOL_SEED", d["protocol_seed"]),
             loss_precision=check_precision((get("TDA_LOSS_PRECISION") or d["loss_precision"]).strip().lower()),
@@ -163,6 +176,8 @@ class Env:
             grid_queries=_int("TDA_GRID_QUERIES", d["grid_queries"]),
             cf_queries=_int("TDA_CF_QUERIES", d["cf_queries"]),
             cf_train_steps=_int("TDA_CF_TRAIN_STEPS", 0) or None,
+            slot_wait_s=_seconds("TDA_SLOT_WAIT_S", d["slot_wait_s"], 1),
+            run_stale_s=_seconds("TDA_RUN_STALE_S", d["run_stale_s"], 60),  # two heartbeats (every 30 s) at least
         )
 
     @property

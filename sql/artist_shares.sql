@@ -1,10 +1,11 @@
 -- artist_shares: per query, method and configuration, each artist's share of the top $k items.
 -- share = the artist's fraction of the top-k items; credit = the sum of their `share` (credit) weights;
 -- artist_rank 1 = the top artist; top_artist_is_target = whether it is the query's target artist.
+-- Rows of the current checkpoint and protocol only (current_identity).
 -- params: k = 10
 WITH top AS (
     SELECT a.query_id, a.method, a.config_id, coalesce(t.artist, '(unknown)') AS artist, a.share
-    FROM attributions AS a
+    FROM attributions AS a SEMI JOIN current_identity USING (checkpoint_id, protocol_id)
     LEFT JOIN training_items AS t ON t.item_id = a.item_id
     WHERE a.rank <= $k
 ),

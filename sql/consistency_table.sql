@@ -4,6 +4,8 @@
 -- `pair` says what is compared: `seed rerun` (two configurations equal in every field of unlearning_configs but
 -- their seed, and of different seeds: an identical configuration under another name is not a rerun), `configurations`
 -- (two unlearning configurations), `unlearning vs similarity`, or `similarity methods`.
+-- Rows of the current checkpoint and protocol only (current_identity), over the queries every pair was measured on, so
+-- the pairs are compared on the same queries (a default run on 8 queries and a grid on 4 of them: those 4).
 -- params: (none)
 WITH families AS (
     SELECT config_id, seed, to_json(struct_pack(*COLUMNS(* EXCLUDE (config_id, seed)))) AS family
@@ -11,7 +13,11 @@ WITH families AS (
 ),
 pairs AS (
     SELECT least("left", "right") AS l, greatest("left", "right") AS r, query_id, metric, k, value
-    FROM consistency
+    FROM consistency SEMI JOIN current_identity USING (checkpoint_id, protocol_id)
+),
+common AS (
+    SELECT query_id FROM pairs GROUP BY query_id
+    HAVING count(DISTINCT (l, r)) = (SELECT count(DISTINCT (l, r)) FROM pairs)
 ),
 agg AS (
     SELECT l, r,
@@ -21,7 +27,7 @@ agg AS (
            avg(value) FILTER (WHERE metric = 'spearman') AS spearman,
            avg(value) FILTER (WHERE metric = 'pearson') AS pearson,
            count(DISTINCT query_id) AS n_queries
-    FROM pairs
+    FROM pairs SEMI JOIN common USING (query_id)
     GROUP BY l, r
 )
 SELECT a.l AS "left", a.r AS "right",

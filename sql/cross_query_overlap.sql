@@ -2,11 +2,12 @@
 -- the top-k items of every two queries with different target artists (queries without a target artist, i.e. users'
 -- queries, are left out). Low: each query gets its own items; high: the ranking returns the same "generally
 -- influential" items whatever the query. consistency_report records the same figure (k = 10) in its metadata.
+-- Rows of the current checkpoint and protocol only (current_identity).
 -- params: k = 10
 WITH top AS (
     SELECT CASE WHEN a.config_id IS NOT NULL THEN 'unlearning:' || a.config_id ELSE a.method END AS ranking,
            a.query_id, q.target_artist, a.item_id, a.checkpoint_id, a.protocol_id
-    FROM attributions AS a
+    FROM attributions AS a SEMI JOIN current_identity USING (checkpoint_id, protocol_id)
     JOIN queries AS q ON q.query_id = a.query_id
     WHERE a.rank <= $k AND q.target_artist IS NOT NULL
 ),

@@ -5,6 +5,11 @@
 -- no files yet, by an empty relation with its columns: every view exists on a fresh root. Partition columns
 -- live only in the hive folder names and stay VARCHAR (a query id like 0012 is a string, not a number).
 -- No path is written here: the registry is the one place that spells the storage layout.
+--
+-- The views hold every identity (checkpoint_id, protocol_id: the first hive folders of each result table). The engine
+-- also creates the one-row table `current_identity` (the checkpoint of checkpoint/current.json and the loss protocol
+-- it was given): every named query keeps only its rows, `... SEMI JOIN current_identity USING (checkpoint_id,
+-- protocol_id)`.
 
 CREATE OR REPLACE VIEW training_items AS
 SELECT item_id, audio_uri, caption, artist, duration_s, shard
@@ -16,7 +21,8 @@ SELECT checkpoint_id, protocol_id, shard, item_id, draw, t, loss, loss_masked
 FROM {table:baseline_losses};
 
 CREATE OR REPLACE VIEW queries AS
-SELECT query_id, prompt, seed, audio_uri, target_artist, encoder_id, generated_by
+SELECT query_id, prompt, seed, audio_uri, target_artist, encoder_id, generated_by, source_rate, source_channels, seconds,
+       windows
 FROM {table:queries};
 
 -- Every column of the engine's UnlearningSettings (the table's schema is derived from it).
@@ -25,7 +31,8 @@ SELECT * FROM {table:unlearning_configs};
 
 CREATE OR REPLACE VIEW unlearning_runs AS
 SELECT query_id, config_id, query_loss_before, query_loss_after,
-       query_loss_after / query_loss_before AS loss_ratio, delta_uri, seconds, checkpoint_id, protocol_id
+       query_loss_after / query_loss_before AS loss_ratio, delta_uri, seconds, lr_used, target_ratio, search_ratio, probes,
+       checkpoint_id, protocol_id
 FROM {table:unlearning_runs};
 
 CREATE OR REPLACE VIEW unlearned_losses AS
@@ -53,24 +60,32 @@ CREATE OR REPLACE VIEW consistency AS
 SELECT query_id, "left", "right", metric, k, value, checkpoint_id, protocol_id
 FROM {table:consistency};
 
--- One row per retrain: `removal` is `attributed` (the query's top-k) or `random` (k other items, `removal_seed`).
--- Every row of a query carries its verdict: `noise_floor` = random_rise_mean + floor_sds · random_rise_sd, and
--- `passed` = the attributed loss_rise is above it (sql/counterfactual_verdicts.sql: one row per query).
+-- One row per (query, removal): `removal` is `attributed` (the query's top-k), `random` (k items outside every checked
+-- query's top-k, `removal_seed`; the same retrained models for every query) or `same_artist` (k items of the query's
+-- target artist outside its top-k: the item-level control). Every row of a query carries its verdicts: `noise_floor`
+-- = random_rise_mean + floor_sds · random_rise_sd, `passed` = the attributed loss_rise is above it; `item_floor` =
+-- same_artist_rise + floor_sds · random_rise_sd, `passed_item_level` = passed and above that too
+-- (sql/counterfactual_verdicts.sql: one row per query).
 CREATE OR REPLACE VIEW counterfactual AS
 SELECT query_id, removal, removal_seed, k, query_loss_full, query_loss_removed, loss_rise, relative_rise,
        removed_of_target_artist, removed_items, config_id, train_steps, full_model, random_rise_mean, random_rise_sd,
-       noise_floor, floor_sds, passed, checkpoint_id, protocol_id
+       noise_floor, floor_sds, passed, same_artist_rise, item_floor, passed_item_level, checkpoint_id, protocol_id
 FROM {table:counterfactual};
 
 -- The self-influence protocol: one row per configuration and target (a training item unlearned as its own query).
+-- `target_set`: `development` (the targets that tuned the defaults) or `reporting` (chosen outside them; the figures'
+-- set); NULL for rows written before the two were kept apart.
 CREATE OR REPLACE VIEW self_influence AS
-SELECT config_id, target_item_id, rank, score, loss_ratio, lr_used, score_type, top_k_similarity, bottom_k_similarity,
-       others_median_relative_change, checkpoint_id, protocol_id
+SELECT config_id, target_set, target_item_id, rank, score, loss_ratio, lr_used, score_type, top_k_similarity,
+       bottom_k_similarity, others_median_relative_change, checkpoint_id, protocol_id
 FROM {table:self_influence};
 
--- Replication detection: a training item's audio after a mild transformation, used as a query; the source's rank.
+-- Replication detection: a training item's audio after a mild transformation (at the file's own rate), used as a
+-- query; the source's rank, `target_set` as for self_influence, `snr_db` of the transformed audio against the source in
+-- the model's band and `latent_change` (relative RMS change of the latents): a transform that changes nothing shows.
 CREATE OR REPLACE VIEW replication AS
-SELECT config_id, source_item_id, transform, rank, score, loss_ratio, checkpoint_id, protocol_id
+SELECT config_id, target_set, source_item_id, transform, snr_db, latent_change, rank, score, loss_ratio, checkpoint_id,
+       protocol_id
 FROM {table:replication};
 
 -- The lower end of the 95% Wilson score interval of a share `k / n`: what a share measured on few cases shows.

@@ -7,6 +7,7 @@ the Dagster definitions; the ones that materialize go through `tda_assets.experi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -22,7 +23,8 @@ def _engine():
     from resources.env import Env
     from tda_assets.io.query_engine import QueryEngine
 
-    return QueryEngine(_storage(), Env.read().sql_dir)
+    env = Env.read()
+    return QueryEngine(_storage(), env.sql_dir, protocol_id=env.protocol_id)  # named queries report this identity
 
 
 def _print(df) -> None:
@@ -45,11 +47,25 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_add_query(args: argparse.Namespace) -> int:
-    from tda_assets.data.inbox import add_query
+def _audio_roots(store) -> list[str]:
+    """Where a query's clip may come from, as the inbox sensor allows it (`allowed_audio_roots`)."""
+    from resources.env import Env
+    from tda_assets.data.inbox import allowed_audio_roots, audio_roots
 
-    spec = add_query(_storage(), args.prompt, args.id, args.seed, args.audio, args.target_artist)
-    print(f"added query {spec.query_id!r} to the inbox; the query_inbox_sensor picks it up on its next tick")
+    env = Env.read()
+    return allowed_audio_roots(store, audio_roots(env.manifest, env.allowed_audio_roots))
+
+
+def cmd_add_query(args: argparse.Namespace) -> int:
+    from tda_assets.data.inbox import add_clip_query, add_query
+
+    store = _storage()
+    if args.audio:
+        spec = add_clip_query(store, args.audio, args.prompt, args.id, _audio_roots(store), args.seed, args.target_artist)
+    else:
+        spec = add_query(store, args.prompt, args.id, args.seed, None, args.target_artist)
+    clip = f" with its clip {spec.audio_uri}" if spec.audio_uri else ""
+    print(f"added query {spec.query_id!r} to the inbox{clip}; the query_inbox_sensor picks it up on its next tick")
     return 0
 
 
@@ -75,13 +91,15 @@ def cmd_queries(args: argparse.Namespace) -> int:
     from tda_assets.experiments.catalog import query_table
 
     store = _storage()
-    df = query_table(store, Env.read().protocol_id, lambda: _running(store))
+    df = query_table(store, Env.read().protocol_id, lambda: _running(store), _audio_roots(store))
     if df.is_empty():
         print(f"no queries in the inbox of {store.url}: add one with `tda attribute` or `tda add-query`")
         return 0
     _print(df)
     counts = df.group_by("state").len().sort("state").rows()
     print(", ".join(f"{n} {state}" for state, n in counts))
+    for qid, reason in df.filter(df["state"] == "invalid").select("query_id", "prompt").rows():
+        print(f"  invalid: {qid}: {reason}")
     return 0
 
 
@@ -157,7 +175,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--id", help="query id (a safe slug); default: made from the prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--audio", help="URI of a clip to attribute instead of generating one")
+    p.add_argument("--audio", help="a clip to attribute instead of generating one: a local file (copied into the storage "
+                                   "root) or a URI under an allowed root; refused unless it decodes")
     p.add_argument("--target-artist")
     p.set_defaults(fn=cmd_add_query)
     p = sub.add_parser("prepare", help="the training side (manifest, features, checkpoint, Fisher, baseline losses), "
@@ -196,45 +215,62 @@ def parser() -> argparse.ArgumentParser:
     p.set_defaults(fn=cmd_grid)
     p = sub.add_parser("counterfactual", help="retrain without the top-k attributed / k random items (embedded default)")
     p.add_argument("--queries", help="comma-separated query ids (default: the first --n-queries with a target artist)")
-    p.add_argument("--n-queries", type=int, default=3,
-                   help="queries to check (default 3); each costs 1 + --random-removals retrains of --train-steps")
+    p.add_argument("--n-queries", type=int, default=4,
+                   help="queries to check (default 4); each costs 2 retrains of --train-steps (its top-k and its "
+                        "same-artist control), plus --random-removals retrains shared by all")
     p.add_argument("--k", type=int, default=10)
     p.add_argument("--train-steps", type=int, help="retraining steps (default: the checkpoint's TDA_TRAIN_STEPS, so the "
                                                    "checkpoint is the full model; fewer: one more retrain for it)")
     p.add_argument("--config-id", default="default")
-    p.add_argument("--random-removals", type=int, help="random removals per query, each a retrain (default 3; their spread "
-                                                       "is the noise floor the attributed removal must clear)")
+    p.add_argument("--random-removals", type=int, help="random removals, shared by every query, each a retrain (default 3; "
+                                                       "their spread is the noise floor the attributed removal must clear)")
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=cmd_counterfactual)
     p = sub.add_parser("evaluate", help="the paper's experiments on the embedded default: grid, consistency, similarity, counterfactual")
     p.add_argument("--grid-queries", type=int, default=env.grid_queries,
-                   help="run the grid on the first N built-in queries (0 = all; default 4 to fit 30 min on 2 cores; TDA_GRID_QUERIES)")
+                   help="run the grid on the first N built-in queries (0 = all; default 4 to fit 45 min on 2 cores; TDA_GRID_QUERIES)")
     p.add_argument("--grid-file")
     p.add_argument("--force", action="store_true")
     p.add_argument("--cf-queries", type=int, default=env.cf_queries,
-                   help="queries of the counterfactual check (four retrains each: top-k and 3 random removals; default 1 "
-                        "to fit 30 min on 2 cores; TDA_CF_QUERIES)")
+                   help="queries of the counterfactual check (two retrains each: top-k and the same-artist control, "
+                        "plus 3 random removals shared by all; default 4, ~21 min on 2 cores; TDA_CF_QUERIES)")
     p.add_argument("--cf-k", type=int, default=10)
     p.add_argument("--cf-train-steps", type=int, default=env.cf_train_steps,
-                   help="retraining steps of the counterfactual check (default: the checkpoint's, at most 400, to fit 30 "
+                   help="retraining steps of the counterfactual check (default: the checkpoint's, at most 400, to fit 45 "
                         "min on 2 cores; TDA_CF_TRAIN_STEPS)")
     p.add_argument("--skip-counterfactual", action="store_true")
     p.add_argument("--si-configs", default="default,skew,newton-fixed,newton-target",
                    help="configurations judged by the self-influence protocol (comma-separated; empty to skip)")
-    p.add_argument("--si-targets", type=int, default=6, help="self-influence targets (k-means-chosen training items)")
+    p.add_argument("--si-targets", type=int, default=6, help="self-influence reporting targets (k-means-chosen training "
+                                                             "items outside the 16 development targets)")
     p.add_argument("--rep-sources", type=int, default=4,
-                   help="replication sources: items whose transformed audio is a query (0 to skip)")
+                   help="replication reporting sources: items (outside the development targets) whose transformed "
+                        "audio is a query (0 to skip)")
     p.set_defaults(fn=cmd_evaluate)
     return top
+
+
+MATERIALIZING = ("prepare", "attribute", "run-inbox", "demo", "grid", "counterfactual", "evaluate")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
+        if args.command in MATERIALIZING:  # SIGTERM/SIGINT stop its run within seconds: marked failed, its slots freed
+            from tda_assets.experiments.supervise import stop_on_signals
+
+            with stop_on_signals():
+                return args.fn(args)
         return args.fn(args)
     except (ValueError, FileNotFoundError, RuntimeError) as exc:
         print(f"tda {args.command}: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt as stop:  # supervise.CommandStopped: its run is released already
+        print(f"tda {args.command}: {stop or 'interrupted'}; its run (if one was running) is marked failed and its "
+              "pool slots are free: run the command again to go on", file=sys.stderr)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(128 + getattr(stop, "signum", 2))  # now: finalizing under the run's interrupted thread can abort
 
 
 if __name__ == "__main__":

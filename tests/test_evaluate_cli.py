@@ -27,7 +27,8 @@ configs:
 STALE_SELF_INFLUENCE = pl.DataFrame({
     "target_item_id": ["a00-0000"], "rank": [1], "score": [1.0], "loss_ratio": [1.1], "lr_used": [1.0],
     "score_type": ["normalized"], "top_k_similarity": [0.5], "bottom_k_similarity": [0.1],
-    "others_median_relative_change": [0.0], "checkpoint_id": ["old"], "protocol_id": ["s0-k16"]})
+    "others_median_relative_change": [0.0], "checkpoint_id": ["old"], "protocol_id": ["s0-k16"],
+    "target_set": ["reporting"]})
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,8 @@ def evaluated(tmp_path_factory):
     runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
     runner.log_level = "ERROR"
     runner.training_side({"clips_per_artist": 4, "artists": 3})
-    write_table(runner.storage, "self_influence", STALE_SELF_INFLUENCE, config_id="a-stale")
+    write_table(runner.storage, "self_influence", STALE_SELF_INFLUENCE, checkpoint_id="old", protocol_id="s0-k16",
+                config_id="a-stale")
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         code = main(["evaluate", "--grid-queries", "1", "--cf-queries", "1", "--cf-k", "2", "--si-targets", "3", "--rep-sources", "1"])
@@ -78,7 +80,9 @@ def test_evaluate_names_the_configuration_self_influence_chose(evaluated):
 
 def test_evaluate_chooses_among_the_configurations_it_judged(evaluated):
     _, out, engine = evaluated
-    assert engine.named("self_influence_summary")["config_id"][0] == "a-stale"  # R 1.0 from an earlier run ranks first
+    # R 1.0 of another checkpoint from an earlier run: kept beside this run's, never in the current summary
+    assert "a-stale" not in engine.named("self_influence_summary")["config_id"].to_list()
+    assert engine.sql("select count(*) from self_influence where config_id = 'a-stale'").item() == 1
     assert "chosen by self-influence: default" in out
     assert engine.sql("select distinct config_id from replication").rows() == [("default",)]
 
@@ -90,9 +94,10 @@ def test_evaluate_fills_the_tables(evaluated):
     table = engine.named("consistency_table")
     seed_pairs = table.filter(table["pair"] == "seed rerun").select("left", "right").rows()
     assert seed_pairs == [("unlearning:default", "unlearning:rerun-seed1")]
-    # one query: its top-2 and 3 random removals, retrained the checkpoint's 60 steps (under the 400 cap: no full retrain)
+    # one query: its top-2, 3 random removals and its same-artist control, retrained the checkpoint's 60 steps (under
+    # the 400 cap: no full retrain)
     assert engine.sql("select removal, count(*) from counterfactual group by all order by 1").rows() == [
-        ("attributed", 1), ("random", 3)]
+        ("attributed", 1), ("random", 3), ("same_artist", 1)]
     assert engine.sql("select distinct train_steps, full_model from counterfactual").rows() == [(60, "checkpoint")]
     # 8 built-in queries, each of its own target artist: every pair of them counts, C(8, 2) = 28
     overlap = engine.named("cross_query_overlap").filter(pl.col("ranking") == "unlearning:default").row(0, named=True)
@@ -107,3 +112,8 @@ def test_evaluate_fills_the_tables(evaluated):
     assert engine.sql("select config_id, count(*) from self_influence group by all order by 1").rows() == [
         ("a-stale", 1), ("default", 3)]
     assert engine.sql("select count(*) from replication").item() == 4
+    # reporting targets and sources only, none of the development targets (at most half of the 12 items: 6)
+    assert engine.sql("select distinct target_set from self_influence where config_id = 'default'").rows() == [
+        ("reporting",)]
+    assert engine.sql("select distinct target_set from replication").rows() == [("reporting",)]
+    assert engine.sql("select count(*) from replication where snr_db is null or latent_change is null").item() == 0

@@ -17,7 +17,7 @@ from tda_assets.experiments.runner import Runner, current_training_phases
 from tda_assets.io.artifacts import Identity, IdentityError, read_baseline
 from tda_assets.io.checkpoints import read_checkpoint_record
 from tda_assets.io.query_engine import QueryEngine
-from tda_assets.io.tables import read_table, table_exists
+from tda_assets.io.tables import list_keys, read_tables
 from tests.small_root import small_root
 
 
@@ -56,7 +56,7 @@ def test_a_query_after_a_protocol_change_is_not_scored_from_the_old_losses(first
     assert error is not None
     assert re.search(r"protocol s1-k16.*missing.*protocol s0-k16", str(error), re.S), str(error)
     assert "tda prepare" in str(error)
-    assert not table_exists(runner.storage, "attribution_scores", query_id="q-protocol", config_id="default")
+    assert not list_keys(runner.storage, "attribution_scores", query_id="q-protocol")  # under no identity
 
 
 def test_a_query_under_the_other_loss_precision_is_not_scored_from_the_fp32_losses(first, monkeypatch):
@@ -78,7 +78,7 @@ def test_a_query_under_the_other_loss_precision_is_not_scored_from_the_fp32_loss
     assert re.search(r"protocol s0-k16-bf16.*missing.*protocol s0-k16, .*TDA_LOSS_PRECISION is part of the protocol",
                      message, re.S), message
     assert "tda prepare" in message
-    assert not table_exists(runner.storage, "attribution_scores", query_id="q-bf16", config_id="default")
+    assert not list_keys(runner.storage, "attribution_scores", query_id="q-bf16")  # under no identity
 
 
 def test_a_query_after_retraining_is_not_scored_from_the_old_losses_then_attributes_once_prepared(first, monkeypatch):
@@ -95,7 +95,7 @@ def test_a_query_after_retraining_is_not_scored_from_the_old_losses_then_attribu
     assert error is not None
     message = str(error)
     assert f"checkpoint {new}" in message and f"checkpoint {old}" in message, message
-    assert not table_exists(runner.storage, "attribution_scores", query_id="q-retrained", config_id="default")
+    assert not list_keys(runner.storage, "attribution_scores", query_id="q-retrained")  # under no identity
 
     have = current_training_phases(runner.storage, runner.resources["model_source"].model_source(), "s0-k16")
     assert have == {"training_manifest": True, "training_features": True, "checkpoint": True,
@@ -103,10 +103,10 @@ def test_a_query_after_retraining_is_not_scored_from_the_old_losses_then_attribu
                     "training_gradients": False}
     runner.training_side_if_needed()
     runner.attribute("q-retrained")
-    scores = read_table(runner.storage, "attribution_scores", query_id="q-retrained", config_id="default")
+    scores = read_tables(runner.storage, "attribution_scores", query_id="q-retrained", config_id="default")
     assert set(scores["checkpoint_id"]) == {new} and set(scores["protocol_id"]) == {"s0-k16"}
-    old_scores = read_table(runner.storage, "attribution_scores", query_id="q0", config_id="default")
-    assert set(old_scores["checkpoint_id"]) == {old}  # the earlier answer keeps saying what produced it
+    old_scores = read_tables(runner.storage, "attribution_scores", query_id="q0", config_id="default")
+    assert set(old_scores["checkpoint_id"]) == {old}  # the earlier answer lives beside the new one, under its identity
 
 
 def test_the_attributions_view_exposes_both_identity_columns(first):

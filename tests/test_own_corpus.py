@@ -16,7 +16,7 @@ from scipy.signal import resample_poly
 
 from tda_assets.cli import main
 from tda_assets.io.storage import Storage
-from tda_assets.io.tables import read_table
+from tda_assets.io.tables import read_table, read_tables
 
 RATE, ARTISTS, PER_ARTIST = 44100, 4, 6
 COPIED = "rec-a2-03"
@@ -91,7 +91,7 @@ def test_recordings_of_any_length_and_rate_become_training_items(own_corpus):
 
 def test_the_48k_copy_at_another_gain_ranks_its_training_item_first(own_corpus):
     store, _, results = own_corpus
-    scores = read_table(store, "attribution_scores", query_id="the-copy", config_id="default")
+    scores = read_tables(store, "attribution_scores", query_id="the-copy", config_id="default")
     assert scores.sort("rank")["item_id"][0] == COPIED
     table = results["attribute"][1].split("Top-5")[1].splitlines()
     first_row = table[next(i for i, line in enumerate(table) if line.startswith("╞")) + 1]

@@ -10,11 +10,11 @@ from tda_assets.io.query_engine import QueryEngine
 from tda_assets.data.demo import builtin_queries
 from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, record_config, unlearning_run_config
 from tda_assets.defs.partitions import query_config_key
-from tda_assets.io.tables import read_table
+from tda_assets.io.tables import read_tables
 from tda_assets.data.inbox import add_query
 from tda_assets.experiments.catalog import query_table
 from tda_assets.experiments.runner import Runner
-from tda_assets.io.registry import key
+from tda_assets.io.registry import glob, key
 
 ARTISTS, CLIPS = 3, 4
 
@@ -52,7 +52,7 @@ def test_a_query_whose_results_left_the_root_is_pending_again_whatever_the_insta
     runner, store, _ = pipeline
     moved = {}
     for name in ("unlearning_runs", "attribution_scores"):  # as if the root had lost this query's results
-        k = key(name, query_id="demo-artist-01", config_id="default")
+        (k,) = store.glob(glob(name, query_id="demo-artist-01", config_id="default"))  # the root's one identity
         moved[k] = store.read_bytes(k)
         store.delete(k)
     try:
@@ -109,9 +109,10 @@ def test_named_top_k_query_prints_artist_and_caption(pipeline):
 
 def test_rematerializing_one_query_leaves_the_other_untouched(pipeline):
     runner, store, _ = pipeline
-    other = store.read_bytes("attribution_scores/query_id=demo-artist-01/config_id=default/part-0.parquet")
+    (other_key,) = store.glob(glob("attribution_scores", query_id="demo-artist-01", config_id="default"))
+    other = store.read_bytes(other_key)
     runner.attribute_config("demo-artist-00", UnlearningConfig(lr=100.0))
-    assert store.read_bytes("attribution_scores/query_id=demo-artist-01/config_id=default/part-0.parquet") == other
+    assert store.read_bytes(other_key) == other
 
 
 def test_a_second_configuration_lands_beside_the_default(pipeline):
@@ -129,7 +130,8 @@ def test_a_config_partition_launched_without_run_config_runs_its_recorded_settin
     record_config(store, UnlearningConfig(config_id="lr20", lr=20.0, target_ratio=None))  # a fixed step
     runner.add_partitions("demo-artist-00", "lr20")
     runner.run(UNLEARNING_ASSETS, query_config_key("demo-artist-00", "lr20"))  # as the UI launches it
-    assert read_table(store, "unlearning_runs", query_id="demo-artist-00", config_id="lr20")["lr_used"].item() == 20.0
+    runs = read_tables(store, "unlearning_runs", query_id="demo-artist-00", config_id="lr20")  # one identity: the root's
+    assert runs["lr_used"].item() == 20.0
 
 
 def test_a_run_config_naming_another_configuration_than_the_partition_is_refused(pipeline):
@@ -164,7 +166,7 @@ def test_replication_ranks_the_source_of_each_transformed_clip(pipeline):
     runner, store, _ = pipeline
     runner.run(["replication"], run_config={"ops": {"replication": {"config": {"n_sources": 1}}}})
     rows = QueryEngine(store).sql("select source_item_id, transform, rank from replication order by transform")
-    assert rows["transform"].to_list() == ["gain_-6db", "noise_30db", "resample_22k", "shift_50ms"]
+    assert rows["transform"].to_list() == ["fade_-6db", "noise_30db", "resample_22k", "shift_50ms"]
     assert rows["source_item_id"].n_unique() == 1 and rows["rank"].is_between(1, ARTISTS * CLIPS).all()
 
 

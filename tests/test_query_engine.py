@@ -10,6 +10,7 @@ import pytest
 from tda_assets.attribution.settings import UnlearningSettings, settings_row
 
 from tda_assets.io.query_engine import QueryEngine, QueryEngineError
+from tda_assets.io.registry import TABLES
 from tda_assets.io.storage import Storage
 from tda_assets.io.tables import write_table
 
@@ -70,45 +71,49 @@ def write_tiny_dataset(storage: Storage) -> None:
         write_table(storage, "queries", query, query_id=q)
         unlearning = ranked(UNLEARNING[q]).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score",
                                                         mean_delta="score", score_type=pl.lit("mean_delta"), **IDENTITY)
-        write_table(storage, "attribution_scores", unlearning.with_columns(rescored=True, draws_used=1), **run)
+        write_table(storage, "attribution_scores", unlearning.with_columns(rescored=True, draws_used=1), **run,
+                    **IDENTITY_VALUES)
         write_table(storage, "similarity_scores", ranked(SIMILARITY[q]).with_columns(**IDENTITY), query_id=q,
                     method="similarity:audio")
         write_table(storage, "unlearning_runs", row(query_loss_before=1.0, query_loss_after=1.5, delta_uri="d", seconds=0.1,
                                                        lr_used=1e-3, target_ratio=None, search_ratio=None, probes=0,
-                                                       **IDENTITY_VALUES), **run)
+                                                       **IDENTITY_VALUES), **run, **IDENTITY_VALUES)
         losses = pl.DataFrame({"item_id": list(ITEMS), "draw": [0] * 6, "loss": [1.0] * 6, "loss_masked": [1.0] * 6})
         write_table(storage, "unlearned_losses", losses, **run, checkpoint_id="c", protocol_id="p")
     config = row(**settings_row(UnlearningSettings(lr=1e-3, optimizer="sgd", query_draws=8, damping=1e-8)))
     write_table(storage, "unlearning_configs", config, config_id="default")
     for shard in ("s0", "s1"):
-        losses = row(item_id="i1", draw=0, t=0.5, loss=1.0, loss_masked=1.0)
+        losses = row(item_id="i1", draw=0, t=0.5, loss=1.0, loss_masked=1.0, features_digest="f")
         write_table(storage, "baseline_losses", losses, shard=shard, checkpoint_id="c", protocol_id="p")
     write_table(storage, "consistency", pl.DataFrame(CONSISTENCY, schema=["query_id", "left", "right", "metric", "k", "value"], orient="row")
-                .with_columns(**IDENTITY))
-    # query 0012: the attributed removal raised its loss by 0.2; three random ones by 0.01, 0.02, 0.03 (mean 0.02,
-    # sd 0.01, floor 0.04): it passes. Query q2: 0.03 against the same random rises: it does not.
-    removals = [("attributed", None, 0.2), ("random", 0, 0.01), ("random", 1, 0.02), ("random", 2, 0.03)]
+                .with_columns(**IDENTITY), **IDENTITY_VALUES)
+    # Three shared random removals raised both queries' loss by 0.01, 0.02, 0.03 (mean 0.02, sd 0.01, floor 0.04).
+    # Query 0012: its top-k by 0.2, its artist's other items by 0.1 (item floor 0.12): it passes both. Query q2: its
+    # top-k by 0.06 (above the floor), its artist's other items by 0.08 (item floor 0.10): artist level only.
+    random = [("random", 0, 0.01), ("random", 1, 0.02), ("random", 2, 0.03)]
     counterfactual = pl.concat([
         row(query_id=q, removal=removal, removal_seed=seed, k=2, query_loss_full=1.0, query_loss_removed=1.0 + rise,
             loss_rise=rise, relative_rise=rise, removed_of_target_artist=2, removed_items="a,b", config_id="default",
             train_steps=100, full_model="checkpoint", query_draws=64, random_rise_mean=0.02, random_rise_sd=0.01,
-            noise_floor=0.04, floor_sds=2.0, passed=q == "0012", **IDENTITY_VALUES)
-        for q, attributed in (("0012", 0.2), ("q2", 0.03))
-        for removal, seed, rise in [("attributed", None, attributed), *removals[1:]]], how="diagonal_relaxed")
-    write_table(storage, "counterfactual", counterfactual)
+            noise_floor=0.04, floor_sds=2.0, passed=True, same_artist_rise=same, item_floor=same + 0.02,
+            passed_item_level=q == "0012", **IDENTITY_VALUES)
+        for q, attributed, same in (("0012", 0.2, 0.1), ("q2", 0.06, 0.08))
+        for removal, seed, rise in [("attributed", None, attributed), *random, ("same_artist", 0, same)]],
+        how="diagonal_relaxed")
+    write_table(storage, "counterfactual", counterfactual, **IDENTITY_VALUES)
 
 
 @pytest.fixture
 def engine(tmp_path) -> QueryEngine:
     storage = Storage(str(tmp_path / "root"))
     write_tiny_dataset(storage)
-    return QueryEngine(storage)
+    return QueryEngine(storage, protocol_id="p", checkpoint_id="c")  # the identity the named queries report
 
 
 def test_views_return_the_rows(engine):
     assert engine.table_counts() == {
         "training_items": 6, "baseline_losses": 2, "queries": 2, "unlearning_configs": 1, "unlearning_runs": 2,
-        "unlearned_losses": 12, "attributions": 24, "consistency": 6, "counterfactual": 8, "self_influence": 0,
+        "unlearned_losses": 12, "attributions": 24, "consistency": 6, "counterfactual": 10, "self_influence": 0,
         "replication": 0,
     }
 
@@ -219,12 +224,18 @@ def test_consistency_table_one_row_per_unordered_pair(engine):
     assert df["spearman"].to_list()[0] == pytest.approx(0.3) and df["spearman"].to_list()[1] is None
 
 
-def test_counterfactual_verdicts_one_row_per_query_and_the_share(engine):
+def test_counterfactual_verdicts_one_row_per_query_and_both_shares(engine):
     df = engine.named("counterfactual_verdicts")
-    assert df.select("query_id", "random_removals", "passed", "share_passing").rows() == [
-        ("0012", 3, True, 1.0), ("q2", 3, False, 0.0), ("(all)", 6, False, 0.5)]  # half is not a majority
-    assert df["attributed_rise"].to_list()[:2] == pytest.approx([0.2, 0.03])
-    assert df["noise_floor"].to_list()[:2] == pytest.approx([0.04, 0.04])
+    assert df.select("query_id", "random_removals", "passed", "passed_item_level", "share_passing",
+                     "share_item_level").rows() == [
+        ("0012", 3, True, True, 1.0, 1.0), ("q2", 3, True, False, 1.0, 0.0),
+        ("(all)", 3, True, False, 1.0, 0.5)]  # the random removals are shared: 3, not 6; half is not a majority
+    assert df["attributed_rise"].to_list()[:2] == pytest.approx([0.2, 0.06])
+    assert df["same_artist_rise"].to_list()[:2] == pytest.approx([0.1, 0.08])
+    assert df["item_floor"].to_list()[:2] == pytest.approx([0.12, 0.10])
+    # Wilson 95% lower ends by hand: 2 of 2 → 1 / (1 + 1.96²/2) = 0.3424; 1 of 2 → 0.0945
+    overall = df.filter(pl.col("query_id") == "(all)").row(0, named=True)
+    assert (overall["share_passing_low"], overall["share_item_level_low"]) == pytest.approx((0.3424, 0.0945), abs=1e-4)
 
 
 def test_bad_sql_raises_query_engine_error_naming_the_query(engine):
@@ -270,7 +281,8 @@ def test_consistency_table_calls_only_other_seeds_of_equal_fields_a_seed_rerun(e
     consistency = pl.DataFrame([("0012", "unlearning:default", "unlearning:copy", "jaccard", 10, 1.0)],
                                schema=["query_id", "left", "right", "metric", "k", "value"], orient="row")
     write_table(engine.storage, "consistency", pl.concat([
-        pl.DataFrame(CONSISTENCY, schema=consistency.columns, orient="row"), consistency]).with_columns(**IDENTITY))
+        pl.DataFrame(CONSISTENCY, schema=consistency.columns, orient="row"), consistency]).with_columns(**IDENTITY),
+        **IDENTITY_VALUES)
     pairs = dict(engine.named("consistency_table").select(pl.concat_str("left", "right", separator=" / "), "pair").rows())
     assert pairs["unlearning:default / unlearning:seed1"] == "seed rerun"
     assert pairs["unlearning:copy / unlearning:default"] == "configurations"
@@ -291,7 +303,7 @@ def add_query_with_unlearning(storage: Storage, q: str, target: str | None, scor
     unlearning = ranked(scores).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score",
                                              mean_delta="score", score_type=pl.lit("mean_delta"), rescored=True,
                                              draws_used=1, **IDENTITY)
-    write_table(storage, "attribution_scores", unlearning, query_id=q, config_id="default")
+    write_table(storage, "attribution_scores", unlearning, **IDENTITY_VALUES, query_id=q, config_id="default")
 
 
 def test_cross_query_overlap_known_values_in_sql_and_in_the_report(engine):
@@ -325,11 +337,22 @@ def test_share_lower_is_the_95_percent_wilson_bound(engine):
 
 def test_replication_summary_gives_share_first_and_its_lower_bound(engine):
     ranks = {"gain_-6db": [1, 1, 1, 1], "noise_30db": [1, 3, 1, 62]}
-    rows = pl.DataFrame([{"source_item_id": f"i{s + 1}", "transform": t, "rank": r, "score": 0.0, "loss_ratio": 1.1}
+    rows = pl.DataFrame([{"source_item_id": f"i{s + 1}", "transform": t, "rank": r, "score": 0.0, "loss_ratio": 1.1,
+                          "target_set": "reporting", "snr_db": 30.0, "latent_change": 0.4}
                          for t, rs in ranks.items() for s, r in enumerate(rs)]).with_columns(**IDENTITY)
-    write_table(engine.storage, "replication", rows, config_id="default")
+    write_table(engine.storage, "replication", rows, **IDENTITY_VALUES, config_id="default")
     got = {r["transform"]: r for r in engine.named("replication_summary").iter_rows(named=True)}
     assert (got["gain_-6db"]["share_first"], got["noise_30db"]["share_first"]) == (1.0, 0.5)
     assert got["gain_-6db"]["share_first_low"] == pytest.approx(0.51011, abs=1e-5)
     assert got["noise_30db"]["share_first_low"] == pytest.approx(0.150037, abs=1e-5)
     assert (got["noise_30db"]["worst_rank"], got["noise_30db"]["mean_rank"]) == (62, 16.75)
+
+
+def test_a_source_whose_unlearning_failed_is_counted_as_failed_and_not_first(engine):
+    rows = pl.DataFrame([{"source_item_id": f"i{s}", "transform": "fade", "rank": r, "score": sc, "loss_ratio": lr,
+                          "target_set": "reporting", **IDENTITY_VALUES}
+                         for s, (r, sc, lr) in enumerate([(1, 0.3, 1.1), (1, 0.2, 1.1), (None, None, 1.02)])],
+                        schema=TABLES["replication"].polars_schema())  # the table's other columns null
+    write_table(engine.storage, "replication", rows, **IDENTITY_VALUES, config_id="default")
+    got = engine.named("replication_summary").row(0, named=True)
+    assert (got["sources"], got["failed"], got["share_first"], got["mean_rank"]) == (3, 1, pytest.approx(2 / 3), 1.0)

@@ -73,7 +73,7 @@ def test_missing_object_names_it(s3_root):
 def test_views_over_s3_through_the_registered_filesystem(s3_root):
     storage = Storage(s3_root)
     write_tiny_dataset(storage)
-    engine = QueryEngine(storage)
+    engine = QueryEngine(storage, protocol_id="p", checkpoint_id="c")  # the tiny dataset's identity
     top = engine.named("top_k", k=1).filter(pl.col("method") == "unlearning")
     assert top.select("query_id", "item_id", "artist").rows() == [("0012", "i1", "A"), ("q2", "i3", "B")]
     con = engine.connect()
@@ -105,7 +105,7 @@ def test_filter_on_query_id_reads_only_that_partition(s3_root):
     assert df.height == 12  # 6 unlearning + 6 similarity rows
     score_files = {p.removeprefix(f"{s3_root}/") for p in opened if "_scores/" in p}
     assert score_files == {
-        "attribution_scores/query_id=0012/config_id=default/part-0.parquet",
+        "attribution_scores/checkpoint_id=c/protocol_id=p/query_id=0012/config_id=default/part-0.parquet",
         "similarity_scores/query_id=0012/method=similarity:audio/part-0.parquet",
     }  # the files of query q2 were never opened
 

@@ -12,7 +12,8 @@ from tda_assets.io.registry import TABLES, LayoutError
 from tda_assets.io.storage import Storage, StorageError
 from tda_assets.io.tables import read_tables, write_table
 
-KEY = "attribution_scores/query_id=q1/config_id=default/part-0.parquet"
+ID = {"checkpoint_id": "c", "protocol_id": "p"}  # a result's identity, first in its key
+KEY = "attribution_scores/checkpoint_id=c/protocol_id=p/query_id=q1/config_id=default/part-0.parquet"
 
 
 def scores(n: int = 3, offset: float = 0.0) -> pl.DataFrame:
@@ -106,11 +107,11 @@ def test_one_tensor_is_read_alone_with_the_metadata(storage):
 
 
 def test_rewriting_one_partition_leaves_the_others_untouched(storage):
-    write_table(storage, "attribution_scores", scores(offset=0.0), query_id="q1", config_id="default")
-    write_table(storage, "attribution_scores", scores(offset=5.0), query_id="q2", config_id="default")
-    q2_key = TABLES["attribution_scores"].key(query_id="q2", config_id="default")
+    write_table(storage, "attribution_scores", scores(offset=0.0), **ID, query_id="q1", config_id="default")
+    write_table(storage, "attribution_scores", scores(offset=5.0), **ID, query_id="q2", config_id="default")
+    q2_key = TABLES["attribution_scores"].key(**ID, query_id="q2", config_id="default")
     q2_before = storage.read_bytes(q2_key)
-    write_table(storage, "attribution_scores", scores(offset=100.0), query_id="q1", config_id="default")
+    write_table(storage, "attribution_scores", scores(offset=100.0), **ID, query_id="q1", config_id="default")
     assert storage.read_bytes(q2_key) == q2_before
     assert storage.read_parquet(KEY)["score"].to_list() == [100.0, 101.0, 102.0]
 
@@ -119,8 +120,8 @@ def test_glob_ignores_temp_files_of_killed_writes(storage, tmp_path):
     storage.write_parquet(KEY, scores())
     folder = tmp_path / "root" / os.path.dirname(KEY)
     (folder / ".part-0.parquet.0123abcd.tmp").write_bytes(b"half")  # a write killed before its rename
-    assert storage.glob("attribution_scores/*/*/*") == [KEY]
-    assert storage.read_parquet("attribution_scores/*/*/part-*.parquet").height == 3
+    assert storage.glob("attribution_scores/*/*/*/*/*") == [KEY]
+    assert storage.read_parquet("attribution_scores/*/*/*/*/part-*.parquet").height == 3
 
 
 def test_read_of_a_missing_key_names_it(storage):
@@ -134,23 +135,23 @@ def test_read_of_an_empty_glob_names_it(storage):
 
 
 def test_table_read_adds_partition_columns_as_strings(storage):
-    write_table(storage, "attribution_scores", scores(), query_id="0012", config_id="default")
+    write_table(storage, "attribution_scores", scores(), **ID, query_id="0012", config_id="default")
     df = read_tables(storage, "attribution_scores")
     assert df["query_id"].dtype == pl.String and set(df["query_id"]) == {"0012"}
 
 
 def test_write_table_casts_and_drops_partition_columns(storage):
     df = scores().with_columns(pl.col("rank").cast(pl.Int32), pl.lit("q1").alias("query_id"))
-    write_table(storage, "attribution_scores", df, query_id="q1", config_id="default")
+    write_table(storage, "attribution_scores", df, **ID, query_id="q1", config_id="default")
     got = storage.read_parquet(KEY)
     assert "query_id" not in got.columns and got.schema["rank"] == pl.Int64
 
 
 def test_write_table_refuses_missing_columns_and_unsafe_partition_values(storage):
     with pytest.raises(LayoutError, match=r"lacks column\(s\) \['score'\]"):
-        write_table(storage, "attribution_scores", scores().drop("score"), query_id="q1", config_id="default")
+        write_table(storage, "attribution_scores", scores().drop("score"), **ID, query_id="q1", config_id="default")
     with pytest.raises(LayoutError, match="not a safe folder name"):
-        write_table(storage, "attribution_scores", scores(), query_id="a/b", config_id="default")
+        write_table(storage, "attribution_scores", scores(), **ID, query_id="a/b", config_id="default")
 
 
 def test_keys_outside_the_root_are_refused(storage):

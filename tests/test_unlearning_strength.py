@@ -1,13 +1,22 @@
-"""Unlearning-strength settings and the step-size search (`search_lr`) on synthetic ratio curves."""
+"""Unlearning-strength settings, the step-size search (`search_lr`) on synthetic ratio curves, the search decided out of
+sample on the tiny model, and the one minimum ratio (`attribute_exact` reports a weak unlearning as failed)."""
 
 from __future__ import annotations
 
 import math
 
 import pytest
+import torch
 
+from tda_assets.attribution.adapter import apply_delta
+from tda_assets.attribution.attribute import attribute_exact
+from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.errors import AttributionInputError, UnlearningStrengthError
-from tda_assets.attribution.unlearn import UnlearningSettings, search_lr
+from tda_assets.attribution.losses import diffusion_loss, expand_draws
+from tda_assets.attribution.settings import MIN_QUERY_LOSS_RATIO
+from tda_assets.attribution.unlearn import UnlearningSettings, random_copies, search_lr, unlearn, unlearning_passed
+from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO as STATE_MINIMUM
+from tests.tiny_model import PROTOCOL, tiny_trained
 
 
 def counted(curve):
@@ -69,3 +78,54 @@ def test_an_unreachable_target_names_the_ratio_at_the_bound_and_the_fix():
     with pytest.raises(UnlearningStrengthError, match=r"×5\.0000 already at the smallest lr 1 .*lower lr_min"):
         search_lr(lambda lr: 5.0, weak, "q7")
     assert issubclass(UnlearningStrengthError, AttributionInputError)
+
+
+def test_the_minimum_ratio_is_one_value_tested_in_one_place():
+    assert MIN_QUERY_LOSS_RATIO == 1.05 and STATE_MINIMUM is MIN_QUERY_LOSS_RATIO  # the check and the sensors reuse it
+    assert unlearning_passed(1.05) and not unlearning_passed(1.0499) and not unlearning_passed(math.nan)
+
+
+def ratio_curve(adapter, query, delta, lr_used: float, copies) -> callable:
+    """The query-loss ratio on `copies` (expanded draws) at any lr along the Newton direction of `delta` (found at
+    `lr_used`: the step is linear in lr)."""
+    z, cond, t, eps, _ = copies
+    with torch.no_grad():
+        base = float(diffusion_loss(adapter, z, cond, t, eps, None).mean())
+
+    def at(lr: float) -> float:
+        with apply_delta(adapter.denoiser, {n: d * (lr / lr_used) for n, d in delta.items()}), torch.no_grad():
+            return float(diffusion_loss(adapter, z, cond, t, eps, None).mean()) / base
+
+    return at
+
+
+def test_the_search_decides_on_fresh_copies_where_the_in_sample_ratio_would_pass_a_weak_step():
+    """Tiny model, query 0, 2 copies a step. Measured: the lr the in-sample ratio accepts (×1.095 on the step's copies,
+    lr 119) gives ×1.032 on fresh copies, below even the ×1.05 minimum; the search's lr 238 gives ×1.099 on the fresh
+    copies and ×1.138 on the protocol draws."""
+    adapter, train, queries, fisher, _ = tiny_trained()
+    settings = UnlearningSettings(lr=50.0, query_draws=2, target_ratio=1.1)
+    query = queries.select([0])
+    result = unlearn(adapter, query, fisher, settings, PROTOCOL, Compute(), n_train=len(train))
+    gen = torch.Generator().manual_seed(settings.seed)  # the copies unlearn draws: the step's first, then fresh ones
+    step, fresh = (expand_draws(query, *random_copies(adapter, 2, gen, 1), adapter.device) for _ in range(2))
+    in_sample, out_of_sample = (ratio_curve(adapter, query, result.delta, result.lr_used, c) for c in (step, fresh))
+    low, high = settings.ratio_band()
+    assert result.search_ratio == pytest.approx(out_of_sample(result.lr_used), rel=1e-6)
+    assert low <= result.search_ratio <= high and result.passed
+    lr_in, ratio_in, _ = search_lr(in_sample, settings, "q")  # what a search on the step's own copies would accept
+    assert low <= ratio_in <= high and lr_in < 0.75 * result.lr_used
+    assert out_of_sample(lr_in) < MIN_QUERY_LOSS_RATIO  # in sample ×1.1, out of sample a failed unlearning
+
+
+def test_attribute_exact_reports_an_unlearning_below_the_minimum_as_failed_and_ranks_nothing():
+    adapter, train, queries, fisher, l0 = tiny_trained()
+    weak = UnlearningSettings(lr=1e-3, target_ratio=None, score_type="mean_delta")
+    scores, result, after = attribute_exact(adapter, queries.select([1]), train, l0, fisher, weak, PROTOCOL, Compute())
+    assert scores is None and after is None and not result.passed
+    assert 0.99 < result.loss_ratio < 1.01  # the ratio is kept: a failure is reported with it
+    strong = UnlearningSettings(lr=50.0, target_ratio=1.3, score_type="mean_delta")
+    scores, result, after = attribute_exact(adapter, queries.select([1]), train, l0, fisher, strong, PROTOCOL,
+                                            Compute())
+    assert result.passed and result.loss_ratio >= 1.05 and after.shape == l0.shape
+    assert sorted(scores["rank"]) == list(range(1, len(train) + 1))

@@ -83,8 +83,9 @@ def test_fixed_lr_newton_delta_is_the_previous_formula_bit_for_bit(trained, fish
 
 
 def test_target_ratio_evens_out_the_query_loss_rise(runs):
-    """Measured over 8 k-means targets: fixed lr 100 gave protocol ratios ×1.13–×2.70 (spread 2.38); target 1.3 gave
-    ×1.19–×1.38 (spread 1.15), search ratios on the unlearning draws within 1.27–1.33, 3–6 probes, lr 30–200."""
+    """Measured over 8 k-means targets (2026-12-06): fixed lr 100 gave protocol ratios ×1.14–×1.57 (spread 1.38);
+    target 1.3 gave ×1.21–×1.34 (spread 1.11), search ratios on fresh copies of the query within 1.27–1.33, 1–6
+    probes, lr 55–183."""
     fixed = np.array([r.loss_ratio for r in runs[None]])
     targeted = np.array([r.loss_ratio for r in runs[1.3]])
     print(f"protocol ratios fixed lr: {np.round(fixed, 3)}; target 1.3: {np.round(targeted, 3)}; "
@@ -110,7 +111,8 @@ def test_targeted_step_is_the_fixed_step_at_the_lr_found_and_leaves_the_model_un
 
 def test_self_influence_of_k_means_targets(trained, targets, scored):
     """Measured (these 6 targets, 4 draws): fixed lr self ranks [5, 6, 6, 1, 1, 1] (R 3.33, 3/6 first, top-10
-    similarity 0.957 vs bottom-10 0.471), target 1.3 [5, 7, 7, 1, 1, 1] (R 3.67, 3/6, 0.958 vs 0.405). With all 16
+    similarity 0.957 vs bottom-10 0.471), target 1.3 [6, 7, 7, 1, 1, 1] (R 3.83, 3/6, 0.958 vs 0.373; the step size
+    searched on fresh copies of the query since 2026-12-06, before on the step's own: [5, 7, 7, 1, 1, 1]). With all 16
     draws and all 8 targets: fixed lr R 1.62 and 5/8 first, target 1.3 R 1.88 and 5/8 (target 1.1: R 1.38, 6/8)."""
     _, batch = trained
     emb = audio_embedding(batch).numpy()
@@ -120,6 +122,17 @@ def test_self_influence_of_k_means_targets(trained, targets, scored):
         print(f"target_ratio {key}: self ranks {ranks}, {summary}")
         assert summary.mean_rank <= 5.0 and summary.share_first >= 2 / 6  # chance: R ≈ 64.5, share 1/128
         assert summary.top_k_similarity > summary.bottom_k_similarity + 0.3
+
+
+# Jaccard@10 moves in steps of one item: 10 shared items 1.00, 9 shared 0.82, 8 shared 0.67, 7 shared 0.54. Measured
+# (docstring below): 10 and 9 shared. The bound sits one item below the worst measured, not at it (0.8 would fail on
+# the next near-tie at the 10th place that bf16 rounding swaps), and still fails at 3 of 10 items swapped, which is no
+# longer the same answer. The mixed arm's Spearman (measured 0.997-0.9996) keeps a margin of 0.007 and stays above
+# the bf16 arm's 0.983-0.989, so the test still tells the two apart; the bf16 arm's 0.97 is 0.013 below its lowest.
+# Last measured (`pytest -s tests/test_unlearning_trust.py -k bf16`): bf16 arm Spearman 0.989 / 0.986, Jaccard@10
+# 1.00 / 0.82; mixed arm 0.9996 / 0.9973, 1.00 / 1.00.
+TOP10_JACCARD_MIN = 8 / 12
+MIXED_SPEARMAN_MIN = 0.99
 
 
 def test_bf16_rankings_match_fp32_at_the_default_configuration(trained, fisher, protocol, targets, baseline4):
@@ -149,8 +162,8 @@ def test_bf16_rankings_match_fp32_at_the_default_configuration(trained, fisher, 
         print(f"query {batch.item_ids[targets[j]]} (ratio fp32 {r_fp.loss_ratio:.3f}, bf16 {r_bf.loss_ratio:.3f}): bf16 vs "
               f"fp32 Spearman {spearman(fp, bf):.4f}, Jaccard@10 {jaccard_at_k(fp, bf, 10):.2f}; bf16 unlearning rescored "
               f"in fp32 Spearman {spearman(fp, mixed):.4f}, Jaccard@10 {jaccard_at_k(fp, mixed, 10):.2f}")
-        assert spearman(fp, bf) >= 0.97 and jaccard_at_k(fp, bf, 10) >= 0.8
-        assert spearman(fp, mixed) >= 0.995 and jaccard_at_k(fp, mixed, 10) >= 0.8
+        assert spearman(fp, bf) >= 0.97 and jaccard_at_k(fp, bf, 10) >= TOP10_JACCARD_MIN
+        assert spearman(fp, mixed) >= MIXED_SPEARMAN_MIN and jaccard_at_k(fp, mixed, 10) >= TOP10_JACCARD_MIN
     few = batch.select([0, 1])
     fp32 = batch_losses(adapter, few, RESCORE, Compute()).loss
     assert torch.equal(batch_losses(adapter, few, RESCORE, BF16).loss, fp32)  # the compute's autocast does not leak in

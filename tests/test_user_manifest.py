@@ -21,7 +21,7 @@ from tda_assets.data.inbox import add_query
 from tda_assets.experiments.runner import Runner
 from tda_assets.io.artifacts import read_features
 from tda_assets.io.registry import entry
-from tda_assets.io.tables import read_table
+from tda_assets.io.tables import read_table, read_tables
 
 def shard_of(item_id: str) -> str:
     return shard_of_n(item_id, len(SHARD_KEYS))
@@ -202,7 +202,7 @@ def test_a_skipped_item_gets_no_attribution_row_and_the_row_check_still_passes(m
     result = runner.attribute("q1", UnlearningConfig(lr=100.0))
     rows = {e.check_name: e for e in result.get_asset_check_evaluations()}["one_row_per_training_item"]
     assert rows.passed and rows.metadata["rows"].value == rows.metadata["training_items"].value == len(ITEMS) - 1
-    scored = read_table(Storage(str(root)), "attribution_scores", query_id="q1", config_id="default")
+    scored = read_tables(Storage(str(root)), "attribution_scores", query_id="q1", config_id="default")
     assert BAD not in scored["item_id"].to_list() and sorted(scored["rank"]) == list(range(1, len(ITEMS)))
     similar = read_table(Storage(str(root)), "similarity_scores", query_id="q1", method="similarity:internal")
     assert sorted(similar["item_id"]) == sorted(scored["item_id"])  # the stored embeddings skip it too

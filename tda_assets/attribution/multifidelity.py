@@ -20,7 +20,7 @@ from .adapter import DiTAdapter, ItemBatch, apply_delta
 from .devices import Compute
 from .losses import DrawLosses, batch_losses
 from .protocol import LossProtocol
-from .scores import SCORE_COLUMNS, attribution_scores, normalized_score, positive_shares
+from .scores import score_columns
 
 # (item indices, first draw, stop draw) -> unlearned per-draw losses [len(indices), stop - first]
 UnlearnedLosses = Callable[[np.ndarray, int, int], np.ndarray]
@@ -68,6 +68,16 @@ def candidates(signals: Mapping[str, np.ndarray], top: int | float) -> np.ndarra
     return np.flatnonzero((ranks < _count(top, ranks.shape[1])).any(axis=0))
 
 
+def first_stage_draws(draws: int, first_draws: int | None) -> int:
+    """The draws every candidate gets first (`first_draws` None: K/4; at most K)."""
+    return max(1, draws // 4) if first_draws is None else max(1, min(int(first_draws), draws))
+
+
+def survivor_count(n_candidates: int, keep: int | float, min_keep: int) -> int:
+    """How many candidates get all K draws after the first stage: `keep` of them, at least `min_keep`, at most all."""
+    return min(n_candidates, max(_count(keep, n_candidates), min_keep))
+
+
 def two_stage(
     baseline: np.ndarray,
     unlearned_losses: UnlearnedLosses,
@@ -80,62 +90,31 @@ def two_stage(
     item_norms: np.ndarray | None = None,
 ) -> TwoStageResult:
     """Exact scores (of `score_type`) of the signals' candidates by successive halving (`first_draws` None: K/4;
-    ≥ K: no halving); `item_norms` [N] for score_type `normalized`."""
+    ≥ K: no halving); `item_norms` [N] for score_type `normalized`. Scores are `score_columns` of the draws evaluated,
+    over all N items, so the normalized score's floor is the same fraction of the same median as the full rescore's."""
     n, k = baseline.shape
     if any(len(s) != n for s in signals.values()):
         raise ValueError("every cheap signal needs one score per item of the baseline")
     cand = candidates(signals, top)
-    j = max(1, k // 4) if first_draws is None else max(1, min(int(first_draws), k))
-    score = np.full(n, np.nan)
-    used = np.zeros(n, dtype=np.int64)
-    partial = unlearned_losses(cand, 0, j)
-    norms = (lambda idx: None) if item_norms is None else (lambda idx: np.asarray(item_norms)[idx])
-    score[cand], used[cand] = attribution_scores(baseline[cand, :j], partial, score_type, norms(cand))["score"], j
+    j = first_stage_draws(k, first_draws)
+    after = np.full((n, k), np.nan)
+    after[cand, :j] = unlearned_losses(cand, 0, j)
     if j < k:
-        survivors = cand[np.argsort(-score[cand], kind="stable")[: max(_count(keep, len(cand)), min_keep)]]
+        partial = score_columns(baseline[:, :j], score_type, item_norms, unlearned=after[:, :j])["score"]
+        survivors = cand[np.argsort(-partial[cand], kind="stable")[: survivor_count(len(cand), keep, min_keep)]]
         survivors.sort()
-        rest = unlearned_losses(survivors, j, k)
-        full = np.concatenate([partial[np.searchsorted(cand, survivors)], rest], axis=1)
-        score[survivors], used[survivors] = attribution_scores(baseline[survivors], full, score_type, norms(survivors))["score"], k
-    fallback = signal_ranks(signals).mean(axis=0)
-    order = np.lexsort((fallback, -np.nan_to_num(score, nan=0.0), -used))
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(1, n + 1)
-    return TwoStageResult(score, used, rank)
+        after[survivors, j:] = unlearned_losses(survivors, j, k)
+    s = score_columns(baseline, score_type, item_norms, unlearned=after, fallback=signal_ranks(signals).mean(axis=0))
+    return TwoStageResult(s["score"], s["draws_used"], s["rank"])
 
 
 def staged_scores(baseline: np.ndarray, unlearned: np.ndarray, fallback: np.ndarray, score_type: str = "mean_delta",
                   item_norms: np.ndarray | None = None) -> dict[str, np.ndarray]:
-    """The `attribution_scores` columns of a two-stage rescore, from its recorded losses.
-
-    `unlearned` [N, K] holds NaN at the draws not evaluated; each item's evaluated draws must be a prefix 0…d−1
-    (d = its `draws_used`, 0 = not rescored). Scores are over the draws used (NaN when none); ranks as `two_stage`:
-    full-K items by score, then partially rescored items by score, then the rest by `fallback` (lower first, e.g. the
-    mean rank over the cheap signals). Shares are over the full-K items only. With every item at K draws this is
-    `scores.attribution_scores` exactly.
-    """
-    n, k = baseline.shape
-    done = ~np.isnan(unlearned)
-    used = done.sum(axis=1)
-    if not (done == (np.arange(k)[None, :] < used[:, None])).all():
-        raise ValueError("two-stage losses must cover a prefix of the draws for every item (draws 0…d−1)")
-    mask = done.astype(np.float64)
-    count = np.where(used > 0, used, 1)
-    diff = np.where(done, unlearned - baseline, 0.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_delta = np.where(used > 0, diff.sum(1) / count, np.nan)
-        out = {
-            "mean_delta": mean_delta,
-            "relative_score": mean_delta / np.where(used > 0, (baseline * mask).sum(1) / count, np.nan),
-            "skew_score": np.where(used > 0, (diff / np.where(done, unlearned + baseline + 1e-3, 1.0)).sum(1) / count, np.nan),
-        }
-        out["normalized_score"] = normalized_score(mean_delta, item_norms, score_type)
-    score = out[SCORE_COLUMNS[score_type]]
-    order = np.lexsort((np.asarray(fallback, dtype=np.float64), -np.nan_to_num(score, nan=0.0), -used))
-    rank = np.empty(n, dtype=np.int64)
-    rank[order] = np.arange(1, n + 1)
-    share = positive_shares(np.where(used == k, score, 0.0))
-    return {**out, "score": score, "rank": rank, "share": share, "draws_used": used.astype(np.int64)}
+    """The `attribution_scores` columns of a two-stage rescore, from its recorded losses: `score_columns` with the
+    NaN draws of `unlearned` [N, K] as not evaluated (a prefix 0…d−1 per item) and `fallback` ranking the items never
+    rescored (lower first, e.g. the mean rank over the cheap signals). With every item at K draws this is
+    `scores.attribution_scores` exactly."""
+    return score_columns(baseline, score_type, item_norms, unlearned=unlearned, fallback=fallback)
 
 
 def unlearned_losses_fn(

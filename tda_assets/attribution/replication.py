@@ -1,4 +1,11 @@
-"""Mild audio transformations for the replication test (DESIGN §1): a transformed training clip must rank itself first."""
+"""Mild audio transformations for the replication test (DESIGN §1): a transformed training clip must rank itself first.
+
+Each transform takes mono audio at the source file's own rate (a 22.05 kHz round trip of a 44.1 kHz file really drops
+its content above 11 kHz); the query is then decoded and resampled to the model's rate like any clip. `snr_db` measures
+what a transform changed in the model's band, so one that changes nothing there (that round trip, ~55 dB on a 16 kHz
+model) is visible as such. A plain gain is not among
+them: the embedded front end levels every clip to one peak, so a gain copy encodes to its source's own latents; the
+fade (a gain that changes over the clip) survives that levelling."""
 
 from __future__ import annotations
 
@@ -19,6 +26,13 @@ def _mono(audio: np.ndarray) -> np.ndarray:
 def gain(audio: np.ndarray, sample_rate: int, db: float = -6.0) -> np.ndarray:
     """The clip scaled by `db` decibels (amplitude factor 10^(db/20))."""
     return (_mono(audio) * np.float32(10 ** (db / 20))).astype(np.float32)
+
+
+def fade(audio: np.ndarray, sample_rate: int, db: float = -6.0) -> np.ndarray:
+    """The clip under a gain ramping linearly in decibels from 0 dB at its start to `db` at its end."""
+    a = _mono(audio)
+    ramp = np.linspace(0.0, db, len(a)) if len(a) > 1 else np.zeros(len(a))
+    return (a * (10 ** (ramp / 20))).astype(np.float32)
 
 
 def time_shift(audio: np.ndarray, sample_rate: int, seconds: float = 0.05) -> np.ndarray:
@@ -47,8 +61,34 @@ def add_noise(audio: np.ndarray, sample_rate: int, snr_db: float = 30.0, seed: i
     return (a + noise).astype(np.float32)
 
 
+def snr_db(source: np.ndarray, transformed: np.ndarray, sample_rate: int, band: tuple[float, float]) -> float:
+    """The transformed clip's SNR against its source in `band` Hz (both at `sample_rate`, same length): the source's
+    power over the difference's, from their spectra's bins in the band; +inf when they agree there."""
+    x, y = _mono(source).astype(np.float64), _mono(transformed).astype(np.float64)
+    if len(x) != len(y):
+        raise ValueError(f"snr_db compares clips of one length, got {len(x)} and {len(y)} samples")
+    freqs = np.fft.rfftfreq(len(x), 1.0 / sample_rate)
+    keep = (freqs >= band[0]) & (freqs <= band[1])
+    sx, sd = np.fft.rfft(x)[keep], np.fft.rfft(y - x)[keep]
+    signal, noise = float(np.sum(np.abs(sx) ** 2)), float(np.sum(np.abs(sd) ** 2))
+    if signal == 0.0:
+        raise ValueError(f"snr_db: the source has no power in the band {band[0]:g}–{band[1]:g} Hz")
+    return float("inf") if noise == 0.0 else 10 * np.log10(signal / noise)
+
+
+def latent_change(source: np.ndarray, query: np.ndarray, frames: np.ndarray | None = None) -> float:
+    """The relative RMS change `‖query − source‖ / ‖source‖` of a query's latents [C, T] against its source's, over the
+    frames `frames` [T] marks (all when None): 0 when the model sees the source itself."""
+    x, y = np.asarray(source, dtype=np.float64), np.asarray(query, dtype=np.float64)
+    if x.shape != y.shape:
+        raise ValueError(f"latent_change compares latents of one shape, got {x.shape} and {y.shape}")
+    keep = np.ones(x.shape[-1], bool) if frames is None else np.asarray(frames) > 0
+    x, y = x[..., keep], y[..., keep]
+    return float(np.sqrt(np.sum((y - x) ** 2) / max(np.sum(x**2), 1e-30)))
+
+
 TRANSFORMS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
-    "gain_-6db": gain,
+    "fade_-6db": fade,
     "shift_50ms": time_shift,
     "resample_22k": resample_round_trip,
     "noise_30db": add_noise,

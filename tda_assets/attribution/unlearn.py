@@ -13,10 +13,10 @@ import torch
 from .adapter import DiTAdapter, ItemBatch, apply_delta
 from .devices import Compute
 from .errors import AttributionInputError, UnlearningStrengthError
-from .fisher import normalised_fisher
-from .losses import batch_losses, diffusion_loss, expand_draws
+from .fisher import NormalisedFisher
+from .losses import batch_losses, diffusion_loss, expand_draws, mean_loss, mean_loss_grads
 from .protocol import LossProtocol
-from .settings import UnlearningSettings
+from .settings import MIN_QUERY_LOSS_RATIO, UnlearningSettings
 
 log = logging.getLogger(__name__)
 MAX_PROBES = 40  # step-size probes of one `target_ratio` search (bracketing, then bisection in log-lr)
@@ -27,8 +27,9 @@ BRACKET_FACTOR = 4.0  # lr is multiplied or divided by this until the target rat
 class UnlearningResult:
     """The weight delta `θ_u − θ0` over the subset, the query's protocol loss before and after, and the lr used.
 
-    With a `target_ratio`, `search_ratio` is the ratio the search reached on the query's unlearning draws and
-    `probes` the number of loss evaluations it took; `loss_ratio` (on the fixed protocol draws) can differ slightly.
+    With a `target_ratio`, `search_ratio` is the ratio the search reached on fresh copies of the query (not the copies
+    the gradient was averaged over) and `probes` the number of loss evaluations it took; `loss_ratio` (on the fixed
+    protocol draws) can differ slightly. `passed`: `loss_ratio` reached `MIN_QUERY_LOSS_RATIO` (else no attribution).
     """
 
     delta: dict[str, torch.Tensor]
@@ -44,13 +45,23 @@ class UnlearningResult:
     def loss_ratio(self) -> float:
         return self.query_loss_after / self.query_loss_before
 
+    @property
+    def passed(self) -> bool:
+        """Whether the unlearning is strong enough to attribute from (DESIGN §1: one minimum, every path)."""
+        return unlearning_passed(self.loss_ratio)
+
+
+def unlearning_passed(loss_ratio: float) -> bool:
+    """The one test of the minimum: a query-loss ratio on the protocol draws of at least `MIN_QUERY_LOSS_RATIO`."""
+    return bool(loss_ratio >= MIN_QUERY_LOSS_RATIO)
+
 
 def query_loss(adapter: DiTAdapter, query: ItemBatch, protocol: LossProtocol, compute: Compute, mask: bool) -> float:
     """The query's mean loss over its fixed protocol draws, at the protocol's precision."""
     return float(batch_losses(adapter, query, protocol, compute).select(mask).mean())
 
 
-def _random_copies(adapter: DiTAdapter, n: int, generator: torch.Generator, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def random_copies(adapter: DiTAdapter, n: int, generator: torch.Generator, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` random `(t, ε)` copies, the same for each of the query's `rows` windows: `t` [rows, n], `ε` [rows, n, …]."""
     t = adapter.objective.sample_t(n, generator).view(1, n)
     eps = torch.randn(1, n, *adapter.latent_shape, generator=generator)
@@ -99,15 +110,18 @@ def _fixed_lr_delta(adapter, query, params, f_hat, settings, compute, n_train, g
         opt = cls(list(params.values()), lr=settings.lr)
     try:
         for step in range(settings.steps):
-            t, eps = _random_copies(adapter, settings.query_draws, gen, len(query))
+            t, eps = random_copies(adapter, settings.query_draws, gen, len(query))
             q = ItemBatch(query.item_ids, query.latents, query.conditioning, mask)
             z, cond, tt, ee, m = expand_draws(q, t, eps, adapter.device)
-            with compute.autocast():
-                loss_q = diffusion_loss(adapter, z, cond, tt, ee, m).mean()
+            if settings.recipe == "newton":
+                loss_q, grads = mean_loss_grads(adapter, (z, cond, tt, ee, m), m, list(params.values()),
+                                                compute.backward_rows, compute.autocast)
+            else:
+                with compute.autocast():
+                    loss_q = diffusion_loss(adapter, z, cond, tt, ee, m).mean()
             if not torch.isfinite(loss_q):
                 raise AttributionInputError(f"query {query.item_ids[0]}: non-finite loss at unlearning step {step}")
             if settings.recipe == "newton":
-                grads = torch.autograd.grad(loss_q, list(params.values()))
                 with torch.no_grad():
                     for (n, p), g in zip(params.items(), grads):
                         p.add_((settings.lr / n_train) * g.float() / (f_hat[n] + settings.damping))
@@ -127,41 +141,44 @@ def _fixed_lr_delta(adapter, query, params, f_hat, settings, compute, n_train, g
 
 
 def _targeted_newton_delta(adapter, query, params, f_hat, settings, compute, n_train, gen) -> tuple[dict, float, float, int]:
-    """One Newton step whose lr is searched (`search_lr`) on the query's unlearning draws: `(delta, lr, ratio, probes)`.
+    """One Newton step whose lr is searched (`search_lr`) on fresh copies of the query: `(delta, lr, ratio, probes)`.
 
-    The direction `F⁻¹g` is computed once; each probe scales it and evaluates the query loss (padding masked as
-    for the reported loss) on the same random copies that gave the gradient.
+    The direction `F⁻¹g` is computed once, on `query_draws` random copies; each probe scales it and evaluates the query
+    loss (padding masked as for the reported loss) on `query_draws` further copies drawn after them, so the ratio that
+    decides a probe is out of sample (an in-sample ratio is optimistic: DESIGN §1).
     """
-    t, eps = _random_copies(adapter, settings.query_draws, gen, len(query))
-    z, cond, tt, ee, m = expand_draws(query, t, eps, adapter.device)
-    loss_mask = m if settings.masks_losses else None
+    step = expand_draws(query, *random_copies(adapter, settings.query_draws, gen, len(query)), adapter.device)
+    fresh = expand_draws(query, *random_copies(adapter, settings.query_draws, gen, len(query)), adapter.device)
+    loss_mask = fresh[4] if settings.masks_losses else None
 
-    def loss_on_draws(mask: torch.Tensor | None) -> torch.Tensor:
-        # the step and its search on the query's own random copies: the compute's autocast (not protocol losses)
-        with compute.autocast():
-            return diffusion_loss(adapter, z, cond, tt, ee, mask).mean()
+    def loss_on(draws: tuple, mask: torch.Tensor | None) -> torch.Tensor:
+        # the step and its search on random copies of the query: the compute's autocast (not protocol losses)
+        return mean_loss(adapter, draws, mask, compute.backward_rows, compute.autocast)
 
-    loss_q = loss_on_draws(m if settings.masks_unlearning else None)
+    # the gradient in passes of compute.backward_rows rows, divided by F̂ + d in place (no second copy of the subset)
+    loss_q, grads = mean_loss_grads(adapter, step, step[4] if settings.masks_unlearning else None, list(params.values()),
+                                    compute.backward_rows, compute.autocast)
     if not torch.isfinite(loss_q):
         raise AttributionInputError(f"query {query.item_ids[0]}: non-finite loss at unlearning step 0")
-    grads = torch.autograd.grad(loss_q, list(params.values()))
-    direction = {n: g.float() / (f_hat[n] + settings.damping) for n, g in zip(params, grads)}
+    direction = {n: g.float().div_(f_hat[n] + settings.damping) for n, g in zip(params, grads)}
     del grads
+    f_hat.release()  # the Fisher is not needed for the search: freed here when the caller passed it without keeping it
     theta0 = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
-        base = float(loss_on_draws(loss_mask))
+        base = float(loss_on(fresh, loss_mask))
 
         def ratio_at(lr: float) -> float:
             for n, p in params.items():
                 p.copy_(theta0[n] + (lr / n_train) * direction[n])
-            return float(loss_on_draws(loss_mask)) / base
+            return float(loss_on(fresh, loss_mask)) / base
 
         try:
             lr, ratio, probes = search_lr(ratio_at, settings, query.item_ids[0])
         finally:
             for n, p in params.items():
                 p.copy_(theta0[n])
-    return {n: ((lr / n_train) * d).cpu() for n, d in direction.items()}, lr, ratio, probes
+    theta0.clear()  # the saved weights go before the delta is made (in place, from the direction)
+    return {n: d.mul_(lr / n_train).cpu() for n, d in direction.items()}, lr, ratio, probes
 
 
 def unlearn(
@@ -177,8 +194,9 @@ def unlearn(
 
     `query` is one clip: one row, or the windows of a long clip (all rows share the query's id), whose mean loss rises.
 
-    With `settings.target_ratio` the lr is searched per query on its unlearning draws; the reported
-    `loss_ratio` is measured on the fixed protocol draws and can differ slightly from the target.
+    With `settings.target_ratio` the lr is searched per query on fresh random copies of it; the reported
+    `loss_ratio` is measured on the fixed protocol draws and can differ slightly from the target (`passed` says whether
+    it reached the minimum every path applies).
     """
     if len(set(query.item_ids)) != 1:
         raise ValueError(f"unlearn takes one query (its windows share one id), got ids {sorted(set(query.item_ids))}")
@@ -188,7 +206,8 @@ def unlearn(
     missing = sorted(set(params) - set(fisher))
     if missing:
         raise ValueError(f"the Fisher does not cover parameter subset {settings.param_subset!r} ({missing[0]} …)")
-    f_hat = {n: f.to(adapter.device) for n, f in normalised_fisher({n: fisher[n] for n in params}).items()}
+    f_hat = NormalisedFisher({n: fisher[n] for n in params}, adapter.device)  # per tensor when read: no second copy
+    del fisher  # only f_hat refers to it now (a caller that passes `step.fisher()` inline lets the search free it)
     gen = torch.Generator().manual_seed(settings.seed)
     lr, search_ratio, probes = settings.lr, None, 0
     if settings.target_ratio is None:

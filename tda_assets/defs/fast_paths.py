@@ -9,6 +9,7 @@ import torch
 
 from tda_assets.attribution.gradients import GradientSpec, GradientStore
 from tda_assets.attribution.linearized import linearized_scores
+from tda_assets.attribution.scores import score_columns
 from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.io.artifacts import Identity, IdentityError, read_fisher
 from tda_assets.io.gradients import missing_gradient_shards, read_gradient_norms, read_gradient_store
@@ -59,11 +60,18 @@ def similarity_signal(store: Storage, identity: Identity, query_id: str, method:
 
 
 def cheap_signals(store: Storage, identity: Identity, query_id: str, delta: dict[str, torch.Tensor], item_ids: list[str],
-                  grads: GradientStore | None) -> dict[str, np.ndarray]:
-    """Internal and audio similarity, plus `linearized` when the configuration's gradient store was read (`grads`)."""
+                  grads: GradientStore | None, baseline: np.ndarray, score_type: str,
+                  norms: np.ndarray | None) -> dict[str, np.ndarray]:
+    """Internal and audio similarity, plus `linearized` when the configuration's gradient store was read (`grads`).
+
+    The linearised `g_iᵀδ` estimates `mean_delta`, so it enters as the configuration's own score of it (`score_columns`:
+    for `normalized`, divided by the same floored item norms), and the candidates are the items the final score can
+    lift. The similarities are cosines already, scale-free in the item, and enter as they are.
+    """
     signals = {m: similarity_signal(store, identity, query_id, m, item_ids) for m in SIGNAL_METHODS}
     if grads is not None:
-        signals["linearized"] = linearized_scores(grads, delta)
+        first_order = linearized_scores(grads, delta)
+        signals["linearized"] = score_columns(baseline, score_type, norms, mean_delta=first_order)["score"]
     return signals
 
 

@@ -36,7 +36,7 @@ class ModelStep:
 
     def fisher(self) -> dict[str, torch.Tensor]:
         """The Fisher diagonal of this identity (IdentityError with the fix when missing)."""
-        return read_fisher(self.store, self.identity)
+        return read_fisher(self.store, self.identity, self.compute.precision)
 
     def item_norms(self, settings: UnlearningSettings, item_ids: list[str]) -> np.ndarray | None:
         """The items' gradient norms for score_type `normalized` (None for other score types; IdentityError with the fix

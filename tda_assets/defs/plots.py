@@ -97,28 +97,38 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, value_label: str 
 
 
 def counterfactual_bars(df: pl.DataFrame, title: str) -> bytes:
-    """Per query, the query-loss rise after removing the top-k attributed items (bar, green when it passes), each random
-    removal's rise (grey dots, their mean a grey bar) and the noise floor (black tick)."""
+    """Per query, the query-loss rise after removing the top-k attributed items (bar, green when it passes both
+    controls, orange when only the random one), each random removal's rise (grey dots, their mean a grey bar), the
+    same-artist control's rise (blue bar), the noise floor (black tick) and the item floor (blue tick)."""
     plt = _pyplot()
     queries = sorted(df["query_id"].unique().to_list())
     x = np.arange(len(queries))
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.3 * len(queries) + 2.0), 3.4))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.5 * len(queries) + 2.0), 3.4))
     attributed = {r["query_id"]: r for r in df.filter(pl.col("removal") == "attributed").to_dicts()}
+    same = {r["query_id"]: r["loss_rise"] for r in df.filter(pl.col("removal") == "same_artist").to_dicts()}
     randoms = {q: df.filter((pl.col("removal") == "random") & (pl.col("query_id") == q))["loss_rise"].to_list() for q in queries}
-    colours = ["tab:green" if attributed.get(q, {}).get("passed") else "tab:red" for q in queries]
-    ax.bar(x - 0.2, [attributed.get(q, {}).get("loss_rise", np.nan) for q in queries], width=0.4, color=colours,
-           label="attributed removal (green: above the floor)")
-    ax.bar(x + 0.2, [np.mean(randoms[q]) if randoms[q] else np.nan for q in queries], width=0.4, color="lightgray",
+
+    def colour(q: str) -> str:
+        row = attributed.get(q, {})
+        return "tab:green" if row.get("passed_item_level") else "tab:orange" if row.get("passed") else "tab:red"
+
+    ax.bar(x - 0.27, [attributed.get(q, {}).get("loss_rise", np.nan) for q in queries], width=0.27,
+           color=[colour(q) for q in queries], label="attributed (green: both controls, orange: random only)")
+    ax.bar(x, [np.mean(randoms[q]) if randoms[q] else np.nan for q in queries], width=0.27, color="lightgray",
            label="random removals (mean, dots)")
+    ax.bar(x + 0.27, [same.get(q, np.nan) for q in queries], width=0.27, color="tab:blue", alpha=0.6,
+           label="same artist, outside the top-k")
     for i, q in enumerate(queries):
-        ax.plot([x[i] + 0.2] * len(randoms[q]), randoms[q], "o", color="dimgray", ms=3)
-    floors = [attributed.get(q, {}).get("noise_floor", np.nan) for q in queries]
+        ax.plot([x[i]] * len(randoms[q]), randoms[q], "o", color="dimgray", ms=3)
     sds = df["floor_sds"][0] if "floor_sds" in df.columns and len(df) else 2.0
-    ax.hlines(floors, x - 0.45, x + 0.45, color="black", lw=1.2, label=f"noise floor (random mean + {sds:g} sd)")
+    ax.hlines([attributed.get(q, {}).get("noise_floor", np.nan) for q in queries], x - 0.45, x + 0.15, color="black",
+              lw=1.2, label=f"noise floor (random mean + {sds:g} sd)")
+    ax.hlines([attributed.get(q, {}).get("item_floor", np.nan) for q in queries], x + 0.1, x + 0.45, color="tab:blue",
+              lw=1.2, label=f"item floor (same artist + {sds:g} sd)")
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(x, queries, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("query loss rise vs full model")
-    ax.legend(fontsize=7, frameon=False)
+    ax.legend(fontsize=6, frameon=False)
     ax.set_title(title, fontsize=9)
     return _png(fig)
 

@@ -62,11 +62,12 @@ def stale_configs(store: Storage, configs: list[UnlearningConfig]) -> set[str]:
     return stale
 
 
-def recorded_run(store: Storage, query_id: str, config_id: str) -> dict | None:
-    """The pair's `unlearning_runs` row, or None when it has not run."""
-    if not table_exists(store, "unlearning_runs", query_id=query_id, config_id=config_id):
+def recorded_run(store: Storage, query_id: str, config_id: str, identity: Identity) -> dict | None:
+    """The pair's `unlearning_runs` row under `identity`, or None when it has not run under it."""
+    keys = {**identity.keys(), "query_id": query_id, "config_id": config_id}
+    if not table_exists(store, "unlearning_runs", **keys):
         return None
-    return read_table(store, "unlearning_runs", query_id=query_id, config_id=config_id).row(0, named=True)
+    return {**read_table(store, "unlearning_runs", **keys).row(0, named=True), **identity.keys()}
 
 
 def loss_ratio(run: dict | None) -> float | None:
@@ -76,10 +77,7 @@ def loss_ratio(run: dict | None) -> float | None:
 
 def has_current_attribution(store: Storage, query_id: str, config_id: str, identity: Identity) -> bool:
     """Whether the query has an attribution of this configuration computed under `identity`."""
-    if not table_exists(store, "attribution_scores", query_id=query_id, config_id=config_id):
-        return False
-    row = read_table(store, "attribution_scores", query_id=query_id, config_id=config_id).row(0, named=True)
-    return (row.get("checkpoint_id"), row.get("protocol_id")) == (identity.checkpoint_id, identity.protocol_id)
+    return table_exists(store, "attribution_scores", **identity.keys(), query_id=query_id, config_id=config_id)
 
 
 def recorded_status(store: Storage, query_id: str, config_id: str, identity: Identity, run: dict | None) -> str | None:
@@ -102,9 +100,9 @@ def ensure_query(runner: Runner, store: Storage, query_id: str) -> None:
         runner.run(["similarity_scores"], query_id)
 
 
-def _forget_attribution(store: Storage, query_id: str, config_id: str) -> None:
-    """After a failed unlearning, drop an older attribution of the pair so no table mixes the two."""
-    store.delete(key("attribution_scores", query_id=query_id, config_id=config_id))
+def _forget_attribution(store: Storage, query_id: str, config_id: str, identity: Identity) -> None:
+    """After a failed unlearning, drop an older attribution of the pair under `identity` so no table mixes the two."""
+    store.delete(key("attribution_scores", **identity.keys(), query_id=query_id, config_id=config_id))
 
 
 def run_grid(
@@ -139,22 +137,23 @@ def run_grid(
         for ci, cfg in enumerate(configs):
             n = qi * len(configs) + ci + 1
             cid = cfg.config_id
-            recorded = recorded_run(store, qid, cid)
+            recorded = recorded_run(store, qid, cid, identity)
             status = None if force or cid in stale else recorded_status(store, qid, cid, identity, recorded)
             if status:
                 results.append(GridRun(qid, cid, status, 0.0, loss_ratio(recorded)))
                 continue
             start = time.perf_counter()
+            ratio_now = lambda q=qid, c=cid: loss_ratio(recorded_run(store, q, c, identity))  # noqa: E731
             try:
                 runner.attribute_config(qid, cfg)
-                run = GridRun(qid, cid, "done", time.perf_counter() - start, loss_ratio(recorded_run(store, qid, cid)))
+                run = GridRun(qid, cid, "done", time.perf_counter() - start, ratio_now())
             except DagsterAssetCheckFailedError:
-                _forget_attribution(store, qid, cid)
-                run = GridRun(qid, cid, "check_failed", time.perf_counter() - start, loss_ratio(recorded_run(store, qid, cid)),
+                _forget_attribution(store, qid, cid, identity)
+                run = GridRun(qid, cid, "check_failed", time.perf_counter() - start, ratio_now(),
                               "unlearning did not raise the query loss enough (blocking check query_loss_raised)")
             except Exception as exc:  # noqa: BLE001 - one broken configuration must not stop the grid
-                _forget_attribution(store, qid, cid)
-                run = GridRun(qid, cid, "error", time.perf_counter() - start, loss_ratio(recorded_run(store, qid, cid)),
+                _forget_attribution(store, qid, cid, identity)
+                run = GridRun(qid, cid, "error", time.perf_counter() - start, ratio_now(),
                               f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
             results.append(run)
             ratio = f"×{run.loss_ratio:.2f}" if run.loss_ratio is not None else "—"

@@ -20,7 +20,15 @@ import torch
 
 from tda_assets.attribution.gradients import GradientSpec, GradientStore, preconditioner
 
-from .artifacts import FISHER_DIGEST, Identity, IdentityError, feature_shards, precision_hint
+from .artifacts import (
+    FEATURES_DIGEST,
+    FISHER_DIGEST,
+    Identity,
+    IdentityError,
+    feature_shards,
+    precision_hint,
+    shard_features_digest,
+)
 from .registry import key
 from .storage import Storage
 from .tables import list_keys
@@ -43,14 +51,16 @@ def gradients_key(identity: Identity, spec: GradientSpec, shard: str) -> str:
 
 
 def write_gradient_store(storage: Storage, identity: Identity, spec: GradientSpec, shard: str, store: GradientStore,
-                         digest: str) -> str:
-    """One shard's store, atomically; `digest` is `fisher_digest` of the Fisher it was preconditioned with."""
+                         digest: str, features: str | None = None) -> str:
+    """One shard's store, atomically; `digest` is `fisher_digest` of the Fisher it was preconditioned with, `features`
+    `shard_features_digest` of the training features its rows came from."""
     if not spec.matches(store) or store.protocol_id != identity.protocol_id:
         raise ValueError(f"gradient store of subset {store.param_subset!r}, k {store.k}, damping {store.damping}, protocol "
                          f"{store.protocol_id} is not {spec.gradient_id} under {identity}")
     meta = {**identity.keys(), "gradient_id": spec.gradient_id, "item_ids": json.dumps(store.item_ids),
             "param_subset": spec.param_subset, "masked": json.dumps(spec.masked), "k": str(spec.k), "seed": str(spec.seed),
             "damping": repr(spec.damping), "sizes": json.dumps(store.sizes), STORE_DIGEST: digest,
+            **({FEATURES_DIGEST: features} if features else {}),
             "seconds": f"{store.seconds:.3f}"}
     tensors = {ROWS: store.sketched.float().contiguous(), NORMS: torch.from_numpy(store.item_norms)}
     return storage.write_tensors(gradients_key(identity, spec, shard), tensors, meta)
@@ -72,8 +82,21 @@ def stale_gradient_shards(storage: Storage, identity: Identity, spec: GradientSp
     """The shards whose gradient store of this identity and spec is missing or was preconditioned with another Fisher
     than the stored one (headers only: no store is read)."""
     digest = fisher_digest(storage, identity) if storage.exists(key("fisher_diagonal", **identity.keys())) else None
-    stored = lambda k: storage.exists(k) and storage.read_tensors_metadata(k).get(STORE_DIGEST) == digest  # noqa: E731
-    return [s for s, k in _shard_keys(storage, identity, spec, encoder_id) if not stored(k)]
+
+    def current(shard: str, k: str) -> bool:
+        if not storage.exists(k):
+            return False
+        meta = storage.read_tensors_metadata(k)
+        return meta.get(STORE_DIGEST) == digest and _features_match(storage, meta, encoder_id, shard)
+
+    return [s for s, k in _shard_keys(storage, identity, spec, encoder_id) if not current(s, k)]
+
+
+def _features_match(storage: Storage, meta: dict[str, str], encoder_id: str, shard: str) -> bool:
+    """Whether a store (its header) was built from the shard's current training features; a store written before the
+    features digest was recorded passes (its items are still checked against the ones asked for)."""
+    recorded = meta.get(FEATURES_DIGEST)
+    return recorded is None or recorded == shard_features_digest(storage, encoder_id, shard)
 
 
 def _fix(spec: GradientSpec) -> str:
@@ -97,8 +120,9 @@ def _present_shard_keys(storage: Storage, identity: Identity, spec: GradientSpec
 
 
 def _check_shard(storage: Storage, k_: str, shard: str, meta: dict[str, str], identity: Identity, spec: GradientSpec,
-                 digest: str) -> list[str]:
-    """The shard file's item ids, after checking its metadata is of this identity and spec and of the stored Fisher."""
+                 digest: str, encoder_id: str) -> list[str]:
+    """The shard file's item ids, after checking its metadata is of this identity and spec, of the stored Fisher and of
+    the shard's current training features."""
     got = (meta.get("checkpoint_id"), meta.get("protocol_id"), meta.get("gradient_id"))
     if got != (identity.checkpoint_id, identity.protocol_id, spec.gradient_id):
         raise IdentityError(f"{storage.uri(k_)} holds gradients {got[2]} of checkpoint {got[0]}, protocol {got[1]}, "
@@ -106,6 +130,9 @@ def _check_shard(storage: Storage, k_: str, shard: str, meta: dict[str, str], id
     if meta.get(STORE_DIGEST) != digest:
         raise IdentityError(f"training_gradients {spec.gradient_id} of shard {shard} were preconditioned with another "
                             f"Fisher than the stored fisher_diagonal of {identity} (re-estimated since): {_fix(spec)}")
+    if not _features_match(storage, meta, encoder_id, shard):
+        raise IdentityError(f"training_gradients {spec.gradient_id} of shard {shard} under {identity} were built from "
+                            f"other training_features than the current ones (the corpus changed): {_fix(spec)}")
     return json.loads(meta["item_ids"])
 
 
@@ -129,7 +156,7 @@ def read_gradient_norms(storage: Storage, identity: Identity, spec: GradientSpec
     norms: list[torch.Tensor] = []
     for shard, k_ in _present_shard_keys(storage, identity, spec, encoder_id):
         stored, meta = storage.read_tensor(k_, NORMS)
-        ids += _check_shard(storage, k_, shard, meta, identity, spec, digest)
+        ids += _check_shard(storage, k_, shard, meta, identity, spec, digest, encoder_id)
         norms.append(stored if stored is not None else storage.read_tensors(k_)[0][ROWS].double().norm(dim=1))
     return torch.cat(norms).double().numpy()[_order(ids, item_ids, identity, spec)]
 
@@ -148,7 +175,7 @@ def read_gradient_store(storage: Storage, identity: Identity, spec: GradientSpec
     sizes: dict[str, int] = {}
     for shard, k_ in shards:
         tensors, meta = storage.read_tensors(k_)
-        ids += _check_shard(storage, k_, shard, meta, identity, spec, digest)
+        ids += _check_shard(storage, k_, shard, meta, identity, spec, digest, encoder_id)
         rows.append(tensors[ROWS])
         sizes = json.loads(meta["sizes"])
     sketched = torch.cat(rows)[_order(ids, item_ids, identity, spec)]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -9,7 +10,8 @@ from typing import Any
 import duckdb
 import polars as pl
 
-from .registry import TABLES
+from .legacy_layout import require_current_layout
+from .registry import IDENTITY, TABLES, LayoutError, key
 from .storage import Storage
 
 DEFAULT_SQL_DIR = Path(__file__).resolve().parents[2] / "sql"
@@ -24,11 +26,32 @@ class QueryEngineError(RuntimeError):
 
 
 class QueryEngine:
-    """An in-memory DuckDB connection with the storage root's views; never holds a write lock on a database file."""
+    """An in-memory DuckDB connection with the storage root's views; never holds a write lock on a database file.
 
-    def __init__(self, storage: Storage, sql_dir: str | Path | None = None):
+    The named queries report the current identity only (the one-row table `current_identity`): the checkpoint that
+    `checkpoint/current.json` records (or `checkpoint_id`) and the loss protocol `protocol_id` (the CLI passes the
+    environment's; without one, the only protocol under which the root has results of that checkpoint)."""
+
+    def __init__(self, storage: Storage, sql_dir: str | Path | None = None, protocol_id: str | None = None,
+                 checkpoint_id: str | None = None):
         self.storage = storage
         self.sql_dir = Path(sql_dir or DEFAULT_SQL_DIR)
+        self.protocol_id, self.checkpoint_id = protocol_id, checkpoint_id
+
+    def current_identity(self) -> tuple[str | None, str | None]:
+        """(checkpoint_id, protocol_id) the named queries filter on; None where the root has no checkpoint yet.
+
+        Without a given protocol: the one protocol the root has results of the checkpoint under (QueryEngineError naming
+        them when there are several: set TDA_DRAWS / TDA_PROTOCOL_SEED / TDA_LOSS_PRECISION to pick one)."""
+        checkpoint_id = self._checkpoint_id()
+        if self.protocol_id is not None or checkpoint_id is None:
+            return checkpoint_id, self.protocol_id
+        protocols = sorted({spec.parse(k)["protocol_id"] for spec in TABLES.values() if spec.partitions[:2] == IDENTITY
+                            for k in self.storage.glob(spec.glob(checkpoint_id=checkpoint_id))})
+        if len(protocols) > 1:
+            raise QueryEngineError(f"the storage root has results of checkpoint {checkpoint_id} under protocols "
+                                   f"{protocols}: say which (TDA_DRAWS, TDA_PROTOCOL_SEED, TDA_LOSS_PRECISION)")
+        return checkpoint_id, (protocols[0] if protocols else None)
 
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A new in-memory connection with every view; a table without files yet gives an empty, typed view."""
@@ -42,9 +65,16 @@ class QueryEngine:
             if name not in TABLES:
                 raise QueryEngineError(f"views.sql reads {{table:{name}}}, not a table of the layout {sorted(TABLES)}")
             spec = TABLES[name]
-            return spec.duckdb_read(root) if self.storage.glob(spec.glob()) else spec.duckdb_empty()
+            return spec.duckdb_read(root) if self.storage.has_match(spec.glob()) else spec.duckdb_empty()
 
         try:
+            require_current_layout(self.storage)
+        except LayoutError as exc:
+            con.close()
+            raise QueryEngineError(str(exc)) from None
+        try:
+            con.execute("CREATE OR REPLACE TABLE current_identity AS SELECT CAST($c AS VARCHAR) AS checkpoint_id, "
+                        "CAST($p AS VARCHAR) AS protocol_id", dict(zip("cp", self._identity_or_none())))
             views = _LINE_COMMENT.sub("", self._read("views"))
             con.execute(_TABLE_REF.sub(table, views))
         except (duckdb.Error, QueryEngineError) as exc:
@@ -54,6 +84,19 @@ class QueryEngine:
             con.close()
             raise
         return con
+
+    def _checkpoint_id(self) -> str | None:
+        if self.checkpoint_id is not None:
+            return self.checkpoint_id
+        record = self.storage.read_if_exists(key("checkpoint_record"))
+        return json.loads(record)["checkpoint_id"] if record is not None else None
+
+    def _identity_or_none(self) -> tuple[str | None, str | None]:
+        """The current identity, with protocol None where it is ambiguous (`named` raises that error instead)."""
+        try:
+            return self.current_identity()
+        except QueryEngineError:
+            return self._checkpoint_id(), None
 
     def sql(self, query: str, params: dict[str, Any] | None = None) -> pl.DataFrame:
         """Run a query against the views (a fresh connection, so new files are seen)."""
@@ -69,6 +112,8 @@ class QueryEngine:
     def named(self, name: str, **params: Any) -> pl.DataFrame:
         """Run `sql/<name>.sql`, binding `$param`s: the file's `-- params:` defaults, overridden by keywords."""
         query = self._read(name)
+        if "current_identity" in _LINE_COMMENT.sub("", query):
+            self.current_identity()  # an ambiguous protocol is an error naming the fix, not an empty answer
         declared = parse_params(query)
         unknown = sorted(set(params) - set(declared))
         if unknown:

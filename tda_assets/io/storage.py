@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import io
 import json
 import os
@@ -142,6 +143,14 @@ class Storage:
         keys = (self._key(p) for p in paths)
         return sorted(k for k in keys if not any(part.startswith(".") for part in k.split("/")))
 
+    def has_match(self, pattern: str) -> bool:
+        """Whether any key matches the glob (as `glob` matches). On a local root it stops at the first match, so its
+        cost does not grow with the number of files (a table of one file per query); on S3 it lists (`glob`)."""
+        if self.protocol != "file":
+            return bool(self.glob(pattern))
+        with self._errors(pattern, "list"):
+            return _first_match(self._path(""), pattern.split("/"))
+
     def delete(self, key: str, recursive: bool = False) -> None:
         """Remove a file (or a folder with recursive=True); a missing key is not an error."""
         path = self._path(key)
@@ -170,11 +179,27 @@ class Storage:
 
     # tensors ---------------------------------------------------------------------------------------------
     def write_tensors(self, key: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-        """Safetensors, serialized in memory then written atomically. Returns the URI."""
-        from safetensors.torch import save
+        """Safetensors written atomically: on a local root streamed to a temp file then renamed (in memory, safetensors
+        holds the bytes twice: 8.4 GB for a 1 B-parameter Fisher); elsewhere serialized in memory, one PUT."""
+        from safetensors.torch import save, save_file
 
-        data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-        return self.write_bytes(key, data)
+        tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+        if self.protocol != "file":
+            return self.write_bytes(key, save(tensors, metadata=metadata))
+        path = self._path(key)
+        with self._errors(key, "write"):
+            folder, name = os.path.split(path)
+            os.makedirs(folder, exist_ok=True)
+            tmp = os.path.join(folder, temp_name(name))
+            try:
+                save_file(tensors, tmp, metadata=metadata)
+                with open(tmp, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            finally:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+        return self.uri(key)
 
     def read_tensors(self, key: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         """The tensors and the metadata of a safetensors file."""
@@ -307,6 +332,25 @@ def _metadata(header: dict) -> dict[str, str]:
 
 def _is_glob(key: str) -> bool:
     return any(c in key for c in "*?[")
+
+
+def _first_match(folder: str, parts: list[str]) -> bool:
+    """Whether a file under local `folder` matches the glob segments `parts` (hidden names never match)."""
+    head, rest = parts[0], parts[1:]
+    if not _is_glob(head):
+        path = os.path.join(folder, head)
+        return not head.startswith(".") and (_first_match(path, rest) if rest else os.path.isfile(path))
+    try:
+        entries = os.scandir(folder)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    with entries:
+        for e in entries:
+            if e.name.startswith(".") or not fnmatch.fnmatchcase(e.name, head):
+                continue
+            if (e.is_dir() and _first_match(e.path, rest)) if rest else e.is_file():
+                return True
+    return False
 
 
 _S3_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")

@@ -11,7 +11,7 @@ from moto.server import ThreadedMotoServer
 
 import tda_assets.defs.assets.queries as query_assets
 from tda_assets.io.storage import Storage, StorageError
-from tda_assets.io.tables import read_table
+from tda_assets.io.tables import read_table, read_tables
 from tests.faults.conftest import CONFIG, runner_on
 from tests.s3_server import use_moto
 
@@ -77,9 +77,9 @@ def test_s3_stopped_mid_run_names_the_endpoint_and_the_rerun_loses_nothing(refer
     assert {k: after.get(k) for k in before} == before
     local = Storage(str(reference.root))
     keys = {"query_id": reference.query_id, "config_id": CONFIG.config_id}
-    identity = read_table(local, "attribution_scores", **keys).select("checkpoint_id", "protocol_id").row(0, named=True)
-    for table, table_keys in [("unlearned_losses", {**keys, **identity}), ("attribution_scores", keys),
-                              ("unlearning_runs", keys), ("similarity_scores", {"query_id": reference.query_id,
+    identity = read_tables(local, "attribution_scores", **keys).select("checkpoint_id", "protocol_id").row(0, named=True)
+    for table, table_keys in [("unlearned_losses", {**keys, **identity}), ("attribution_scores", {**keys, **identity}),
+                              ("unlearning_runs", {**keys, **identity}), ("similarity_scores", {"query_id": reference.query_id,
                                                                                 "method": "similarity:internal"})]:
         got, want = read_table(store, table, **table_keys), read_table(local, table, **table_keys)
         if table == "unlearning_runs":  # where the delta lives and how long it took differ by nature

@@ -19,7 +19,7 @@ from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.defs.partitions import training_shards
 from tda_assets.defs.progress import Progress
 from tda_assets.defs.tags import GPU
-from tda_assets.io.artifacts import iter_training_batches, read_features
+from tda_assets.io.artifacts import iter_training_batches, read_features, shard_features_digest
 from tda_assets.io.gradients import fisher_digest, gradients_key, write_gradient_store
 from tda_assets.io.registry import key
 
@@ -40,10 +40,6 @@ class TrainingGradientsConfig(Config):
 
     def spec(self) -> GradientSpec:
         return GradientSpec(self.param_subset, self.masked, self.k, self.seed, self.damping)
-
-    @classmethod
-    def of(cls, spec: GradientSpec) -> "TrainingGradientsConfig":
-        return cls(**vars(spec))
 
 
 @asset(
@@ -76,7 +72,8 @@ def training_gradients(
                            spec.param_subset, step.compute, k=spec.k, seed=spec.seed, masked=spec.masked,
                            items_per_pass=config.items_per_pass, fisher=fisher, damping=spec.damping,
                            progress=progress.advance)
-    uri = write_gradient_store(store, identity, spec, shard, grads, digest)
+    uri = write_gradient_store(store, identity, spec, shard, grads, digest,
+                               shard_features_digest(store, step.record.encoder_id, shard))
     seconds = time.perf_counter() - start
     context.log.info(f"{shard}: {n} items' gradients (D = {sum(grads.sizes.values())}) sketched to k = {spec.k} "
                      f"in {seconds:.1f}s")

@@ -28,16 +28,29 @@ from dagster import (
 from resources import ComputeResource, InboxResource, LossProtocolResource, ModelSourceResource, StorageResource
 from tda_assets.attribution.adapter import ItemBatch, apply_delta
 from tda_assets.attribution.losses import stream_losses
-from tda_assets.attribution.scores import attribution_scores as score_items
-from tda_assets.attribution.multifidelity import signal_ranks, staged_scores, two_stage, unlearned_losses_fn
+from tda_assets.attribution.multifidelity import (
+    candidates,
+    first_stage_draws,
+    signal_ranks,
+    staged_scores,
+    survivor_count,
+    two_stage,
+    unlearned_losses_fn,
+)
 from tda_assets.attribution.linearized import linearized_scores
-from tda_assets.attribution.scores import normalized_score, positive_shares, rank_descending, ranking_score
+from tda_assets.attribution.scores import (
+    attribution_scores as score_items,
+    low_norm_share,
+    positive_shares,
+    rank_descending,
+    score_columns,
+)
 from tda_assets.attribution.similarity import embedding_scores, embeddings
 from tda_assets.attribution.unlearn import unlearn
 from tda_assets.data.audio import LONG_CLIP_POLICY, MAX_QUERY_WINDOWS, decode_clip, query_windows
 from tda_assets.data.inbox import read_query
 from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO
-from tda_assets.defs.checks import losses_complete
+from tda_assets.defs.checks import TwoStagePlan, losses_complete, rows_per_item, two_stage_losses_complete
 from tda_assets.defs.configs import UnlearningConfig, partition_config, record_config
 from tda_assets.defs.fast_paths import cheap_signals, item_norms, scoring_gradients
 from tda_assets.defs.model_step import model_step
@@ -46,8 +59,10 @@ from tda_assets.defs.plots import attribution_plot
 from tda_assets.defs.progress import Progress
 from tda_assets.defs.tags import GPU
 from tda_assets.io.artifacts import (
+    COMPUTE_PRECISION,
     Identity,
     baseline_item_ids,
+    encoded_item_ids,
     iter_training_batches,
     loss_matrix,
     losses_frame,
@@ -56,9 +71,9 @@ from tda_assets.io.artifacts import (
     read_baseline,
     read_training_embeddings,
     read_unlearned,
-    require,
     write_features,
 )
+from tda_assets.io.deltas import read_delta, write_delta
 from tda_assets.io.checkpoints import load_checkpoint, read_checkpoint_record
 from tda_assets.io.registry import TABLES, key
 from tda_assets.io.tables import read_table, write_table
@@ -87,7 +102,7 @@ def query_clips(
     inbox: InboxResource,
 ) -> MaterializeResult:
     store, cmp = storage.storage(), compute.compute()
-    spec = read_query(store, context.partition_key, inbox.audio_roots())
+    spec = read_query(store, context.partition_key, inbox.allowed_roots(store))
     adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
     if spec.audio_uri:  # the user's clip: conditioned on its own duration, as training items are
         clip = decode_clip(read_uri_bytes(spec.audio_uri, store), spec.query_id, adapter.sample_rate)
@@ -141,19 +156,18 @@ def unlearned_model(
     store, record, identity = step.store, step.record, step.identity
     config = partition_config(config, store, cid)
     settings = config.settings()
-    fisher = step.fisher()
     n_train = len(baseline_item_ids(read_baseline(store, identity, record.encoder_id)))
-    result = unlearn(step.adapter, query_batch(store, qid, record.encoder_id), fisher, settings, step.protocol, step.compute,
+    # the Fisher passed inline, not kept here: unlearn frees it before its step-size search (4.2 GB at 1 B parameters)
+    result = unlearn(step.adapter, query_batch(store, qid, record.encoder_id, record.checkpoint_id), step.fisher(), settings, step.protocol, step.compute,
                      n_train=n_train)
-    delta_uri = store.write_tensors(key("unlearned_delta", **identity.keys(), query_id=qid, config_id=cid), result.delta,
-                                    {**identity.keys(), "config_id": cid})
+    delta_uri = write_delta(store, identity, qid, cid, result.delta, {COMPUTE_PRECISION: step.compute.precision})
     record_config(store, config)
     write_table(store, "unlearning_runs", pl.DataFrame({
         "query_loss_before": [result.query_loss_before], "query_loss_after": [result.query_loss_after],
         "delta_uri": [delta_uri], "seconds": [result.seconds], "lr_used": [result.lr_used],
         "target_ratio": [result.target_ratio], "search_ratio": [result.search_ratio], "probes": [result.probes],
         **{k: [v] for k, v in identity.keys().items()},
-    }, schema_overrides={"target_ratio": pl.Float64, "search_ratio": pl.Float64}), query_id=qid, config_id=cid)
+    }, schema_overrides={"target_ratio": pl.Float64, "search_ratio": pl.Float64}), **identity.keys(), query_id=qid, config_id=cid)
     target = f", target ×{result.target_ratio} reached ×{result.search_ratio:.3f} in {result.probes} probes" \
         if result.target_ratio else ""
     context.log.info(f"{qid}/{cid}: query loss {result.query_loss_before:.4f} → {result.query_loss_after:.4f} "
@@ -164,9 +178,9 @@ def unlearned_model(
             **({"target_ratio": result.target_ratio, "search_ratio": result.search_ratio, "probes": result.probes}
                if result.target_ratio else {}), **identity.keys()}
     yield MaterializeResult(metadata=meta, check_results=[AssetCheckResult(
-        check_name="query_loss_raised", passed=bool(result.loss_ratio >= MIN_QUERY_LOSS_RATIO), severity=AssetCheckSeverity.ERROR,
+        check_name="query_loss_raised", passed=result.passed, severity=AssetCheckSeverity.ERROR,
         metadata={"loss_ratio": result.loss_ratio, "config_id": cid},
-        description=None if result.loss_ratio >= MIN_QUERY_LOSS_RATIO else
+        description=None if result.passed else
         f"query loss only ×{result.loss_ratio:.3f}: raise lr or steps in config {cid!r}; no attribution from a failed unlearning",
     )])
 
@@ -194,11 +208,10 @@ def unlearned_losses(
         return
     step = model_step(storage, model_source, compute, protocol)
     store, proto, record, identity = step.store, step.protocol, step.record, step.identity
-    delta, _ = store.read_tensors(require(store, "unlearned_delta", identity, f"materialize unlearned_model for {qid}/{cid}",
-                                          query_id=qid, config_id=cid))
+    delta = read_delta(store, identity, qid, cid)  # of the stored Fisher, or an IdentityError with the fix
     if settings.stage == "two_stage":
-        df, expected, meta = _two_stage_losses(context, step, qid, settings, delta)
-        check = losses_complete("losses_finite_and_complete", df, list(expected), proto.draws, expected)
+        df, plan, meta = _two_stage_losses(context, step, qid, settings, delta)
+        check = two_stage_losses_complete("losses_finite_and_complete", df, plan)
     else:
         expected = baseline_item_ids(read_baseline(store, identity, record.encoder_id))
         progress = Progress(context.log, f"{qid}/{cid} unlearned losses", len(expected), proto.draws)
@@ -228,30 +241,34 @@ def _no_exact_rescore(store, proto, qid: str, cid: str, settings) -> Materialize
         check_results=[losses_complete("losses_finite_and_complete", empty, [], proto.draws)])
 
 
-def _two_stage_losses(context, step, qid: str, settings, delta) -> tuple[pl.DataFrame, dict[str, int], dict]:
+def _two_stage_losses(context, step, qid: str, settings, delta) -> tuple[pl.DataFrame, TwoStagePlan, dict]:
     """The exact losses of the cheap signals' candidates by successive halving (DESIGN §1, multi-fidelity): the rows,
-    item → draws rescored, and metadata."""
+    the plan they must follow (fixed from the signals and settings before any rescore), and metadata."""
     store, proto, identity = step.store, step.protocol, step.identity
     item_ids, data, baseline = step.training_set()
     l0 = loss_matrix(baseline, item_ids, proto.draws, "loss_masked" if settings.masks_losses else "loss", "baseline_losses")
     grads = scoring_gradients(store, identity, settings, step.record.encoder_id, item_ids)
-    signals = cheap_signals(store, identity, qid, delta, item_ids, grads)
+    norms = item_norms(store, identity, settings, step.record.encoder_id, item_ids, grads)
+    signals = cheap_signals(store, identity, qid, delta, item_ids, grads, l0, settings.score_type, norms)
+    top = settings.count_or_fraction(settings.candidates)
+    picked = [item_ids[i] for i in candidates(signals, top)]
+    plan = TwoStagePlan(picked, proto.draws, first_stage_draws(proto.draws, settings.first_draws),
+                        survivor_count(len(picked), settings.count_or_fraction(settings.keep), settings.min_keep))
     evaluated: list = []
     start = time.perf_counter()
     fn = unlearned_losses_fn(step.adapter, data, delta, proto, step.compute, settings.masks_losses, 32, record=evaluated)
-    result = two_stage(l0, fn, signals, top=settings.count_or_fraction(settings.candidates), first_draws=settings.first_draws,
+    result = two_stage(l0, fn, signals, top=top, first_draws=settings.first_draws,
                        keep=settings.count_or_fraction(settings.keep), min_keep=settings.min_keep,
-                       score_type=settings.score_type,
-                       item_norms=item_norms(store, identity, settings, step.record.encoder_id, item_ids, grads))
+                       score_type=settings.score_type, item_norms=norms)
     seconds = time.perf_counter() - start
     df = pl.concat([losses_frame([item_ids[i] for i in idx], part.loss, part.loss_masked, first_draw=first)
                     for idx, first, part in evaluated])
-    expected = {item_ids[i]: int(result.draws_used[i]) for i in np.flatnonzero(result.rescored)}
+    rescored = int(result.rescored.sum())
     full = int((result.draws_used == proto.draws).sum())
-    context.log.info(f"{qid}: two_stage rescored {len(expected)} of {len(item_ids)} items ({full} on all {proto.draws} draws) "
+    context.log.info(f"{qid}: two_stage rescored {rescored} of {len(item_ids)} items ({full} on all {proto.draws} draws) "
                      f"from signals {sorted(signals)}: {result.item_draws} item-draws, "
                      f"{result.item_draws / (len(item_ids) * proto.draws):.0%} of the full rescore, in {seconds:.1f}s")
-    return df, expected, {"signals": MetadataValue.json(sorted(signals)), "candidates": len(expected), "full_draw_items": full,
+    return df, plan, {"signals": MetadataValue.json(sorted(signals)), "candidates": rescored, "full_draw_items": full,
                           "item_draws": result.item_draws, "share_of_full_rescore": round(result.item_draws / (len(item_ids) * proto.draws), 4),
                           "item_draws_per_second": round(result.item_draws / max(seconds, 1e-9), 1)}
 
@@ -282,41 +299,33 @@ def attribution_scores(
     l0 = loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses")
     if settings.is_full_exact:
         s = score_items(l0, loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"), settings.score_type, norms)
-        s["draws_used"] = np.full(len(item_ids), proto.draws)
     else:
-        delta, _ = store.read_tensors(require(store, "unlearned_delta", identity,
-                                              f"materialize unlearned_model for {qid}/{cid}", query_id=qid, config_id=cid))
+        delta = read_delta(store, identity, qid, cid)
         if settings.method == "linearized":
-            s = _linearized_scores(linearized_scores(grads, delta), l0, settings.score_type, norms)
+            s = score_columns(l0, settings.score_type, norms, mean_delta=linearized_scores(grads, delta))
         else:
-            signals = cheap_signals(store, identity, qid, delta, item_ids, grads)
+            signals = cheap_signals(store, identity, qid, delta, item_ids, grads, l0, settings.score_type, norms)
             s = staged_scores(l0, partial_loss_matrix(after, item_ids, proto.draws, column), signal_ranks(signals).mean(axis=0),
                               settings.score_type, norms)
     df = pl.DataFrame({"method": settings.method, "item_id": item_ids, "score": s["score"], "rank": s["rank"],
                        "mean_delta": s["mean_delta"], "relative_score": s["relative_score"], "skew_score": s["skew_score"],
                        "share": s["share"], "score_type": settings.score_type, "rescored": s["draws_used"] > 0,
                        "draws_used": s["draws_used"], **identity.keys()}, nan_to_null=True)
-    uri = write_table(store, "attribution_scores", df, query_id=qid, config_id=cid)
-    n_train = len(baseline_item_ids(baseline))  # skipped bad items have no losses and no row
+    uri = write_table(store, "attribution_scores", df, **identity.keys(), query_id=qid, config_id=cid)
+    # one row per item the training side encoded (skipped bad items have no features and no row): read from the feature
+    # files' headers, not from the baseline losses every non-exact path takes its items from
+    check = rows_per_item("one_row_per_training_item", df, encoded_item_ids(store, record.encoder_id))
     top = _top_items(store, df)
     context.log.info(f"{qid}/{cid}: top-5 " + ", ".join(f"{t['item_id']} ({t['artist']})" for t in top))
+    low = low_norm_share(s["rank"], norms, 10)  # DESIGN §1: the share of the top-10 in the lowest-norm decile
+    if low is not None:
+        context.log.info(f"{qid}/{cid}: {low:.0%} of the top-10 lie in the lowest-norm decile")
     plot = attribution_plot(store, qid, cid, df)  # plots/top_k/<query>/<config>.png, shown in the UI
     rescored = {} if settings.is_full_exact else {"method": settings.method, "rescored_items": int(df["rescored"].sum())}
     yield MaterializeResult(metadata={"config_id": cid, "rows": len(df), "top_5": _top_table(top), "uri": MetadataValue.path(uri),
-                                      **rescored, **identity.keys(), **plot},
-                            check_results=[AssetCheckResult(check_name="one_row_per_training_item", passed=len(df) == n_train,
-                                                            metadata={"rows": len(df), "training_items": n_train})])
-
-
-def _linearized_scores(lin: np.ndarray, l0: np.ndarray, score_type: str, norms: np.ndarray | None) -> dict[str, np.ndarray]:
-    """The `linearized` columns: `mean_delta` is g_iᵀδ (the first-order mean loss change), `relative_score` divides it
-    by the item's mean baseline loss, `normalized_score` by the item's gradient norm (the cosine of g_i and δ in the
-    Newton metric), `skew_score` is null (it needs the unlearned losses); nothing is rescored."""
-    out = {"mean_delta": lin, "relative_score": lin / l0.mean(axis=1), "skew_score": np.full(len(lin), np.nan),
-           "normalized_score": normalized_score(lin, norms, score_type)}
-    score = ranking_score(out, score_type)
-    return {**out, "score": score, "rank": rank_descending(score), "share": positive_shares(score),
-            "draws_used": np.zeros(len(lin), dtype=np.int64)}
+                                      **rescored, **identity.keys(), **plot,
+                                      **({} if low is None else {"top_10_low_norm_share": low})},
+                            check_results=[check])
 
 
 @asset(group_name="attribution", partitions_def=queries, **GPU,
@@ -332,7 +341,8 @@ def similarity_scores(
     step = model_step(storage, model_source, compute, protocol)
     store, record, identity = step.store, step.record, step.identity
     items = read_training_embeddings(store, identity, record.encoder_id)  # this identity's, or an IdentityError with the fix
-    query = embeddings(step.adapter, query_batch(store, qid, record.encoder_id), step.protocol, step.compute)
+    query = embeddings(step.adapter, query_batch(store, qid, record.encoder_id, record.checkpoint_id), step.protocol,
+                       step.compute)
     meta = {}
     for name, score in embedding_scores(query, items.matrices).items():  # the query's windows pooled
         score = score.numpy().astype(np.float64)

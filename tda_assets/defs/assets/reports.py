@@ -18,7 +18,8 @@ from tda_assets.io.tables import read_tables, write_table
 def score_vectors(store, identity: Identity) -> dict[str, dict[str, pl.DataFrame]]:
     """query → every attribution of it under `identity` (item_id, score, rank), keyed `unlearning:<config_id>` or
     `similarity:<name>`."""
-    unlearning = read_tables(store, "attribution_scores").with_columns(label="unlearning:" + pl.col("config_id"))
+    unlearning = read_tables(store, "attribution_scores", **identity.keys()).with_columns(
+        label="unlearning:" + pl.col("config_id"))
     similarity = read_tables(store, "similarity_scores").with_columns(label=pl.col("method"))
     cols = ["query_id", "label", "item_id", "score", "rank"]
     current = (pl.col("checkpoint_id") == identity.checkpoint_id) & (pl.col("protocol_id") == identity.protocol_id)
@@ -114,7 +115,7 @@ def consistency_report(context: AssetExecutionContext, storage: StorageResource,
     query_ids = sorted(q for q, v in vectors.items() if any(label.startswith(UNLEARNING) for label in v))
     rows = [{**r, **identity.keys()} for q in query_ids for r in consistency_rows(q, vectors[q])]
     df = pl.DataFrame(rows, schema=TABLES["consistency"].polars_schema())
-    uri = write_table(store, "consistency", df)
+    uri = write_table(store, "consistency", df, **identity.keys())
     means = (df.group_by("left", "right", "metric", "k").agg(pl.col("value").mean()).sort("left", "right", "metric", "k")
              if len(df) else df)
     per_config = config_consistency(df, seed_groups(store)) if len(df) else []

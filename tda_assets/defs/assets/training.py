@@ -11,7 +11,7 @@ from tda_assets.attribution.adapter import DiTAdapter, ItemBatch
 from tda_assets.attribution.errors import AttributionInputError
 from tda_assets.data.audio import decode_audio
 from tda_assets.data.corpus import generate_corpus
-from tda_assets.data.manifests import MANIFEST_COLUMNS, read_user_manifest, with_shards
+from tda_assets.data.manifests import MANIFEST_COLUMNS, read_user_manifest, record_manifest_origin, with_shards
 from tda_assets.defs.partitions import SHARD_KEYS, training_shards
 from tda_assets.defs.tags import GPU
 from tda_assets.io.artifacts import manifest_digest, write_features
@@ -55,6 +55,7 @@ def training_manifest(
         origin = f"embedded synthetic corpus (seed {config.corpus_seed}, {clips_per_artist} clips per artist)"
     df = with_shards(df, len(SHARD_KEYS))
     uri = write_table(store, "training_manifest", df)
+    record_manifest_origin(store, manifest_uri)
     counts = df.group_by("artist").len().sort("artist")
     return MaterializeResult(metadata={
         "rows": len(df), "artists": df["artist"].n_unique(), "origin": origin, "uri": MetadataValue.path(uri),
