@@ -10,9 +10,14 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "ComputeResource": ".compute", "LossProtocolResource": ".compute", "ModelSourceResource": ".model_source",
-    "StorageResource": ".storage", "TrainingDataResource": ".data",
-    "InboxResource": ".data", "build_resources": ".build", "Env": ".env",
+    "ComputeResource": ".compute",
+    "LossProtocolResource": ".compute",
+    "ModelSourceResource": ".model_source",
+    "StorageResource": ".storage",
+    "TrainingDataResource": ".data",
+    "InboxResource": ".data",
+    "build_resources": ".build",
+    "Env": ".env",
 }
 
 if TYPE_CHECKING:
@@ -30,5 +35,13 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(_EXPORTS[name], __name__), name)
 
 
-__all__ = ["ComputeResource", "Env", "InboxResource", "LossProtocolResource", "ModelSourceResource",
-           "StorageResource", "TrainingDataResource", "build_resources"]
+__all__ = [
+    "ComputeResource",
+    "Env",
+    "InboxResource",
+    "LossProtocolResource",
+    "ModelSourceResource",
+    "StorageResource",
+    "TrainingDataResource",
+    "build_resources",
+]

@@ -8,7 +8,8 @@ from tda_assets.attribution.protocol import LossProtocol
 
 
 class ComputeResource(ConfigurableResource):
-    """`device`: `auto` (cuda when present, else cpu), `cpu` or `cuda[:n]`; bf16 autocast on GPU; rows per forward pass."""
+    """`device`: `auto` (cuda when present, else cpu), `cpu` or `cuda[:n]`; bf16 autocast on GPU; rows per forward
+    pass."""
 
     device: str = "auto"
     autocast_dtype: str | None = None

@@ -1,4 +1,5 @@
-"""What comes in: where the training manifest comes from, and how fast the query inbox is drained (Dagster resources)."""
+"""What comes in: where the training manifest comes from, and how fast the query inbox is drained (Dagster
+resources)."""
 
 from dagster import ConfigurableResource
 

@@ -32,8 +32,9 @@ def _seconds(name: str, default: int, minimum: int) -> int:
     """An integer variable of seconds, at least `minimum`."""
     value = _int(name, default)
     if value < minimum:
-        raise ValueError(f"{name}={value} is below {minimum} s; unset it (default {default}) or give at least "
-                         f"{minimum}")
+        raise ValueError(
+            f"{name}={value} is below {minimum} s; unset it (default {default}) or give at least {minimum}"
+        )
     return value
 
 
@@ -55,7 +56,8 @@ def instance_kind() -> str:
 
 
 def dagster_home() -> Path:
-    """`DAGSTER_HOME`, else the checkout's instance folder of `TDA_INSTANCE` (`dagster_home/` or `dagster_home/postgres/`)."""
+    """`DAGSTER_HOME`, else the checkout's instance folder of `TDA_INSTANCE` (`dagster_home/` or
+    `dagster_home/postgres/`)."""
     return Path(os.environ.get("DAGSTER_HOME") or REPO_ROOT / INSTANCES[instance_kind()]).resolve()
 
 
@@ -66,26 +68,33 @@ def stores_in_postgres(home: Path) -> bool:
     path = home / "dagster.yaml"
     config = (yaml.safe_load(path.read_text()) if path.is_file() else None) or {}
     parts = [config.get(k) or {} for k in ("run_storage", "event_log_storage", "schedule_storage")]
-    return "postgres" in (config.get("storage") or {}) or any(str(p.get("module", "")).startswith("dagster_postgres")
-                                                              for p in parts)
+    return "postgres" in (config.get("storage") or {}) or any(
+        str(p.get("module", "")).startswith("dagster_postgres") for p in parts
+    )
 
 
 def check_instance(home: Path) -> None:
-    """With TDA_INSTANCE=postgres: the instance at `home` must be a Postgres one and every `DAGSTER_PG_*` must be set."""
+    """With TDA_INSTANCE=postgres: the instance at `home` must be a Postgres one and every `DAGSTER_PG_*` must be
+    set."""
     if instance_kind() != "postgres":
         return
     if not stores_in_postgres(home):
-        raise ValueError(f"TDA_INSTANCE=postgres but {home / 'dagster.yaml'} does not store in Postgres: unset DAGSTER_HOME "
-                         f"(then {REPO_ROOT / INSTANCES['postgres']} is used) or copy "
-                         f"{REPO_ROOT / INSTANCES['postgres'] / 'dagster.yaml'} there")
+        raise ValueError(
+            f"TDA_INSTANCE=postgres but {home / 'dagster.yaml'} does not store in Postgres: unset DAGSTER_HOME "
+            f"(then {REPO_ROOT / INSTANCES['postgres']} is used) or copy "
+            f"{REPO_ROOT / INSTANCES['postgres'] / 'dagster.yaml'} there"
+        )
     missing = [name for name in POSTGRES_VARS if not has(name)]
     if missing:
-        raise ValueError(f"TDA_INSTANCE=postgres needs {', '.join(missing)} (the Postgres server's host, port, user, "
-                         f"password and database; see README, 'Postgres and Kubernetes')")
+        raise ValueError(
+            f"TDA_INSTANCE=postgres needs {', '.join(missing)} (the Postgres server's host, port, user, "
+            f"password and database; see README, 'Postgres and Kubernetes')"
+        )
 
 
 def use_dagster_home() -> Path:
-    """The instance folder (created if missing, checked against TDA_INSTANCE), exported as DAGSTER_HOME for Dagster and its steps."""
+    """The instance folder (created if missing, checked against TDA_INSTANCE), exported as DAGSTER_HOME for Dagster
+    and its steps."""
     home = dagster_home()
     home.mkdir(parents=True, exist_ok=True)
     check_instance(home)
@@ -99,7 +108,8 @@ def default_storage_url() -> str:
 
 
 def hub_cache(cache_dir: str | None = None) -> str | None:
-    """The hub cache: `cache_dir`, else HF_HUB_CACHE, else HF_HOME/hub (read now; huggingface_hub reads them at import)."""
+    """The hub cache: `cache_dir`, else HF_HUB_CACHE, else HF_HOME/hub (read now; huggingface_hub reads them at
+    import)."""
     if cache_dir:
         return cache_dir
     if os.environ.get("HF_HUB_CACHE"):

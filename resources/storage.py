@@ -6,7 +6,8 @@ from tda_assets.io.storage import Storage
 
 
 class StorageResource(ConfigurableResource):
-    """One storage root URL: a local folder or `s3://bucket/prefix` (endpoint and credentials from the AWS variables)."""
+    """One storage root URL: a local folder or `s3://bucket/prefix` (endpoint and credentials from the AWS
+    variables)."""
 
     url: str
     endpoint_url: str | None = None

@@ -61,7 +61,9 @@ def cmd_add_query(args: argparse.Namespace) -> int:
 
     store = _storage()
     if args.audio:
-        spec = add_clip_query(store, args.audio, args.prompt, args.id, _audio_roots(store), args.seed, args.target_artist)
+        spec = add_clip_query(
+            store, args.audio, args.prompt, args.id, _audio_roots(store), args.seed, args.target_artist
+        )
     else:
         spec = add_query(store, args.prompt, args.id, args.seed, None, args.target_artist)
     clip = f" with its clip {spec.audio_uri}" if spec.audio_uri else ""
@@ -145,16 +147,26 @@ def cmd_grid(args: argparse.Namespace) -> int:
 def cmd_counterfactual(args: argparse.Namespace) -> int:
     from tda_assets.experiments import workflows
 
-    return workflows.counterfactual(args.queries, args.n_queries, args.k, args.train_steps, args.config_id, args.verbose,
-                                    args.random_removals)
+    return workflows.counterfactual(
+        args.queries, args.n_queries, args.k, args.train_steps, args.config_id, args.verbose, args.random_removals
+    )
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from tda_assets.experiments import workflows
 
-    return workflows.evaluate(args.grid_queries, args.grid_file, args.force, args.cf_queries, args.cf_k,
-                              args.cf_train_steps, args.skip_counterfactual, args.si_configs, args.si_targets,
-                              args.rep_sources)
+    return workflows.evaluate(
+        args.grid_queries,
+        args.grid_file,
+        args.force,
+        args.cf_queries,
+        args.cf_k,
+        args.cf_train_steps,
+        args.skip_counterfactual,
+        args.si_configs,
+        args.si_targets,
+        args.rep_sources,
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -175,18 +187,32 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("prompt")
     p.add_argument("--id", help="query id (a safe slug); default: made from the prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--audio", help="a clip to attribute instead of generating one: a local file (copied into the storage "
-                                   "root) or a URI under an allowed root; refused unless it decodes")
+    p.add_argument(
+        "--audio",
+        help="a clip to attribute instead of generating one: a local file (copied into the storage "
+        "root) or a URI under an allowed root; refused unless it decodes",
+    )
     p.add_argument("--target-artist")
     p.set_defaults(fn=cmd_add_query)
-    p = sub.add_parser("prepare", help="the training side (manifest, features, checkpoint, Fisher, baseline losses), "
-                                       "skipping what exists with the same identity")
-    p.add_argument("--manifest", help="CSV or parquet with item_id, audio_uri, caption, artist (default: TDA_MANIFEST, "
-                                      "else the embedded corpus)")
+    p = sub.add_parser(
+        "prepare",
+        help="the training side (manifest, features, checkpoint, Fisher, baseline losses), "
+        "skipping what exists with the same identity",
+    )
+    p.add_argument(
+        "--manifest",
+        help="CSV or parquet with item_id, audio_uri, caption, artist (default: TDA_MANIFEST, "
+        "else the embedded corpus)",
+    )
     p.set_defaults(fn=cmd_prepare)
-    p = sub.add_parser("attribute", help="add one query (your clip, or a prompt to generate from) and attribute it now; "
-                                         "prints the top-k with artist and caption")
-    p.add_argument("--audio", help="a clip (local file of any rate/channels: WAV, FLAC, OGG, MP3; or an s3:// or file:// URI)")
+    p = sub.add_parser(
+        "attribute",
+        help="add one query (your clip, or a prompt to generate from) and attribute it now; "
+        "prints the top-k with artist and caption",
+    )
+    p.add_argument(
+        "--audio", help="a clip (local file of any rate/channels: WAV, FLAC, OGG, MP3; or an s3:// or file:// URI)"
+    )
     p.add_argument("--prompt", help="the text the clip answers (with --audio: optional) or to generate from")
     p.add_argument("--id", help="query id (a safe slug); default: made from the file name or the prompt")
     p.add_argument("--config", help="configuration id: default, one of the grid file's, or one recorded in the root")
@@ -199,53 +225,102 @@ def parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write attribution rows (with artist and caption) to a file")
     p.add_argument("--query", help="one query id (default: all)")
     p.add_argument("--config", help="one configuration id (default: all)")
-    p.add_argument("--method", default="unlearning", help="unlearning (default), linearized (a linearized configuration's rows), "
-                                                    "similarity:audio|text|internal, or all")
+    p.add_argument(
+        "--method",
+        default="unlearning",
+        help="unlearning (default), linearized (a linearized configuration's rows), "
+        "similarity:audio|text|internal, or all",
+    )
     p.add_argument("--format", choices=["csv", "parquet", "json"], default="csv")
     p.add_argument("--out", required=True, help="output file path")
     p.set_defaults(fn=cmd_export)
     p = sub.add_parser("demo", help="materialize the whole graph on the embedded default and print the attributions")
     p.set_defaults(fn=cmd_demo)
-    p = sub.add_parser("grid", help="run every configuration of the grid file for the queries, then the consistency report")
+    p = sub.add_parser(
+        "grid", help="run every configuration of the grid file for the queries, then the consistency report"
+    )
     p.add_argument("--queries", default="all", help="comma-separated query ids, or 'all' (every queries partition)")
-    p.add_argument("--grid-file", help="grid YAML (default: TDA_GRID_FILE or tda_assets/experiments/unlearning_grid.yaml)")
+    p.add_argument(
+        "--grid-file", help="grid YAML (default: TDA_GRID_FILE or tda_assets/experiments/unlearning_grid.yaml)"
+    )
     p.add_argument("--force", action="store_true", help="re-run (query, configuration) pairs already recorded")
     p.add_argument("--no-report", action="store_true", help="do not materialize consistency_report afterwards")
     p.add_argument("-v", "--verbose", action="store_true", help="Dagster INFO logs of every run")
     p.set_defaults(fn=cmd_grid)
-    p = sub.add_parser("counterfactual", help="retrain without the top-k attributed / k random items (embedded default)")
+    p = sub.add_parser(
+        "counterfactual", help="retrain without the top-k attributed / k random items (embedded default)"
+    )
     p.add_argument("--queries", help="comma-separated query ids (default: the first --n-queries with a target artist)")
-    p.add_argument("--n-queries", type=int, default=4,
-                   help="queries to check (default 4); each costs 2 retrains of --train-steps (its top-k and its "
-                        "same-artist control), plus --random-removals retrains shared by all")
+    p.add_argument(
+        "--n-queries",
+        type=int,
+        default=4,
+        help="queries to check (default 4); each costs 2 retrains of --train-steps (its top-k and its "
+        "same-artist control), plus --random-removals retrains shared by all",
+    )
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--train-steps", type=int, help="retraining steps (default: the checkpoint's TDA_TRAIN_STEPS, so the "
-                                                   "checkpoint is the full model; fewer: one more retrain for it)")
+    p.add_argument(
+        "--train-steps",
+        type=int,
+        help="retraining steps (default: the checkpoint's TDA_TRAIN_STEPS, so the "
+        "checkpoint is the full model; fewer: one more retrain for it)",
+    )
     p.add_argument("--config-id", default="default")
-    p.add_argument("--random-removals", type=int, help="random removals, shared by every query, each a retrain (default 3; "
-                                                       "their spread is the noise floor the attributed removal must clear)")
+    p.add_argument(
+        "--random-removals",
+        type=int,
+        help="random removals, shared by every query, each a retrain (default 3; "
+        "their spread is the noise floor the attributed removal must clear)",
+    )
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(fn=cmd_counterfactual)
-    p = sub.add_parser("evaluate", help="the paper's experiments on the embedded default: grid, consistency, similarity, counterfactual")
-    p.add_argument("--grid-queries", type=int, default=env.grid_queries,
-                   help="run the grid on the first N built-in queries (0 = all; default 4 to fit 45 min on 2 cores; TDA_GRID_QUERIES)")
+    p = sub.add_parser(
+        "evaluate",
+        help="the paper's experiments on the embedded default: grid, consistency, similarity, counterfactual",
+    )
+    p.add_argument(
+        "--grid-queries",
+        type=int,
+        default=env.grid_queries,
+        help="run the grid on the first N built-in queries (0 = all; default 4 to fit 45 min on 2 cores; "
+        "TDA_GRID_QUERIES)",
+    )
     p.add_argument("--grid-file")
     p.add_argument("--force", action="store_true")
-    p.add_argument("--cf-queries", type=int, default=env.cf_queries,
-                   help="queries of the counterfactual check (two retrains each: top-k and the same-artist control, "
-                        "plus 3 random removals shared by all; default 4, ~21 min on 2 cores; TDA_CF_QUERIES)")
+    p.add_argument(
+        "--cf-queries",
+        type=int,
+        default=env.cf_queries,
+        help="queries of the counterfactual check (two retrains each: top-k and the same-artist control, "
+        "plus 3 random removals shared by all; default 4, ~21 min on 2 cores; TDA_CF_QUERIES)",
+    )
     p.add_argument("--cf-k", type=int, default=10)
-    p.add_argument("--cf-train-steps", type=int, default=env.cf_train_steps,
-                   help="retraining steps of the counterfactual check (default: the checkpoint's, at most 400, to fit 45 "
-                        "min on 2 cores; TDA_CF_TRAIN_STEPS)")
+    p.add_argument(
+        "--cf-train-steps",
+        type=int,
+        default=env.cf_train_steps,
+        help="retraining steps of the counterfactual check (default: the checkpoint's, at most 400, to fit 45 "
+        "min on 2 cores; TDA_CF_TRAIN_STEPS)",
+    )
     p.add_argument("--skip-counterfactual", action="store_true")
-    p.add_argument("--si-configs", default="default,skew,newton-fixed,newton-target",
-                   help="configurations judged by the self-influence protocol (comma-separated; empty to skip)")
-    p.add_argument("--si-targets", type=int, default=6, help="self-influence reporting targets (k-means-chosen training "
-                                                             "items outside the 16 development targets)")
-    p.add_argument("--rep-sources", type=int, default=4,
-                   help="replication reporting sources: items (outside the development targets) whose transformed "
-                        "audio is a query (0 to skip)")
+    p.add_argument(
+        "--si-configs",
+        default="default,skew,newton-fixed,newton-target",
+        help="configurations judged by the self-influence protocol (comma-separated; empty to skip)",
+    )
+    p.add_argument(
+        "--si-targets",
+        type=int,
+        default=6,
+        help="self-influence reporting targets (k-means-chosen training items outside the 16 development targets)",
+    )
+    p.add_argument(
+        "--rep-sources",
+        type=int,
+        default=4,
+        help="replication reporting sources: items (outside the development targets) whose transformed "
+        "audio is a query (0 to skip)",
+    )
     p.set_defaults(fn=cmd_evaluate)
     return top
 
@@ -266,8 +341,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tda {args.command}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:  # supervise.CommandStopped: its run is released already
-        print(f"tda {args.command}: {stop or 'interrupted'}; its run (if one was running) is marked failed and its "
-              "pool slots are free: run the command again to go on", file=sys.stderr)
+        print(
+            f"tda {args.command}: {stop or 'interrupted'}; its run (if one was running) is marked failed and its "
+            "pool slots are free: run the command again to go on",
+            file=sys.stderr,
+        )
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(128 + getattr(stop, "signum", 2))  # now: finalizing under the run's interrupted thread can abort

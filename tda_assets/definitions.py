@@ -39,7 +39,9 @@ def build_executor(kind: str) -> ExecutorDefinition:
     raise ValueError(f"TDA_EXECUTOR={kind!r}: use in_process, multiprocess or k8s")
 
 
-def build_definitions(storage_url: str | None = None, executor: str | None = None, env: Env | None = None) -> Definitions:
+def build_definitions(
+    storage_url: str | None = None, executor: str | None = None, env: Env | None = None
+) -> Definitions:
     """The full Definitions from the environment (tests pass a temporary storage root and each executor)."""
     env = (env or Env.read()).with_storage(storage_url)
     return Definitions(

@@ -27,12 +27,32 @@ TRAIN_STEPS = int(os.environ.get("TDA_TEST_TRAIN_STEPS", "500"))
 # The test tiers (`make test-fast` = `pytest -m "not slow"`; `make test` runs all). A test is `slow` when it needs a
 # trained model, a Runner root or a server: it uses one of SLOW_FIXTURES (directly or through another fixture) or its
 # body calls one of SLOW_CALLS. A new fixture or helper that trains, builds a root or starts a server goes here.
-SLOW_FIXTURES = frozenset({
-    "trained", "model",  # a trained model: conftest's embedded model, tiny_model.tiny_trained
-    "prepared", "materialized", "pipeline", "evaluated", "product", "own_corpus", "first", "grid",  # Runner roots
-    "reference", "trained_root", "scenario", "jobs", "env", "s3_run", "external_run", "drained_inbox",
-    "s3_root", "server", "webserver", "postgres",  # servers: moto S3, dagster-webserver, PostgreSQL
-})
+SLOW_FIXTURES = frozenset(
+    {
+        "trained",
+        "model",  # a trained model: conftest's embedded model, tiny_model.tiny_trained
+        "prepared",
+        "materialized",
+        "pipeline",
+        "evaluated",
+        "product",
+        "own_corpus",
+        "first",
+        "grid",  # Runner roots
+        "reference",
+        "trained_root",
+        "scenario",
+        "jobs",
+        "env",
+        "s3_run",
+        "external_run",
+        "drained_inbox",
+        "s3_root",
+        "server",
+        "webserver",
+        "postgres",  # servers: moto S3, dagster-webserver, PostgreSQL
+    }
+)
 SLOW_CALLS = frozenset({"tiny_trained", "small_root", "Runner", "bench"})  # bench: tests/test_benchmarks_run.py
 
 

@@ -48,7 +48,7 @@ def test_missing_audio_is_refused():
 
 def test_truncated_audio_is_refused_with_its_length():
     data = wav_bytes(TONE)
-    truncated = data[:44 + 2 * 800]  # the header and the first 800 samples (50 ms) of a 1 s file
+    truncated = data[: 44 + 2 * 800]  # the header and the first 800 samples (50 ms) of a 1 s file
     with pytest.raises(AttributionInputError, match=r"item a00-0006: audio is only 50 ms long .* may be truncated"):
         decode_audio(truncated, "a00-0006", 16000)
 

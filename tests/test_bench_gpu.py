@@ -15,9 +15,23 @@ import pytest
 from tests.benchmarks.bench_gpu import two_stage_item_draws
 
 REPO = Path(__file__).resolve().parent.parent
-REQUIRED = ("device", "params", "rows_per_pass", "item_draws_per_s", "tflops", "peak_share", "peak_mem_gb",
-            "fisher_items_per_s", "unlearn_s", "gradient_items_per_s", "exact_h_per_query_115k",
-            "two_stage_h_per_query_115k", "bf16_spearman", "bf16_top10_jaccard", "bf16_vanished_share")
+REQUIRED = (
+    "device",
+    "params",
+    "rows_per_pass",
+    "item_draws_per_s",
+    "tflops",
+    "peak_share",
+    "peak_mem_gb",
+    "fisher_items_per_s",
+    "unlearn_s",
+    "gradient_items_per_s",
+    "exact_h_per_query_115k",
+    "two_stage_h_per_query_115k",
+    "bf16_spearman",
+    "bf16_top10_jaccard",
+    "bf16_vanished_share",
+)
 
 
 def numbers(value) -> list[float]:
@@ -32,8 +46,15 @@ def numbers(value) -> list[float]:
 
 def test_bench_gpu_tiny_prints_every_figure_finite_in_one_json_line():
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_gpu", "--tiny"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=240, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.benchmarks.bench_gpu", "--tiny"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     lines = done.stdout.strip().splitlines()
     assert len(lines) == 1, lines
@@ -63,9 +84,25 @@ def test_bench_real_size_runs_the_users_commands_on_a_pipeline_folder(tmp_path):
 
     folder = StableAudioAdapter.tiny().save_pretrained(tmp_path / "model")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "tests.benchmarks.bench_real_size", "--folder", str(folder), "--work",
-                           str(tmp_path / "run"), "--threads", "1"], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600, check=False)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.benchmarks.bench_real_size",
+            "--folder",
+            str(folder),
+            "--work",
+            str(tmp_path / "run"),
+            "--threads",
+            "1",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     assert figures["params"] == 11876 and figures["settings"]["TDA_GRAD_ROWS"] == "1"

@@ -17,25 +17,60 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 BENCHMARKS = REPO / "tests" / "benchmarks"
 # the keys `make bench`'s last line must carry (issue 22)
-HEADLINE = ("matmul_gflops", "forward_gflops", "pipeline_over_bare", "exact_s_per_query_10k",
-            "two_stage_s_per_query_10k", "linearized_s_per_query_10k", "two_stage_top10_jaccard", "linearized_spearman")
+HEADLINE = (
+    "matmul_gflops",
+    "forward_gflops",
+    "pipeline_over_bare",
+    "exact_s_per_query_10k",
+    "two_stage_s_per_query_10k",
+    "linearized_s_per_query_10k",
+    "two_stage_top10_jaccard",
+    "linearized_spearman",
+)
 SMALLEST = {  # benchmark → the arguments of its smallest run (bench_paths and bench_demo_agreement: test_paths_…)
     "bench_engine": ["--items", "8", "--draws", "2"],
     "bench_norms_read": ["--items", "64", "--k", "16", "--shards", "2", "--parameters", "1000", "--repeats", "1"],
-    "bench_scale": ["--demo-items", "16", "--big-items", "32", "--k", "16", "--queries", "1", "--batch-sizes", "16",
-                    "--rounds", "1", "--matmul-n", "256", "--root", "no-demo-root"],
+    "bench_scale": [
+        "--demo-items",
+        "16",
+        "--big-items",
+        "32",
+        "--k",
+        "16",
+        "--queries",
+        "1",
+        "--batch-sizes",
+        "16",
+        "--rounds",
+        "1",
+        "--matmul-n",
+        "256",
+        "--root",
+        "no-demo-root",
+    ],
     "bench_catalogue": ["--items", "400", "--queries", "3", "--inbox", "30", "--shards", "4"],
     "bench_gpu": ["--tiny"],  # run by tests/test_bench_gpu.py
     "bench_norm_floor": ["--clips-per-artist", "2", "--steps", "2", "--targets", "2", "--draws", "4"],
 }
-SLOW = ("bench_paths", "bench_demo_agreement", "bench_real_size")  # bench_real_size: tests/test_bench_gpu.py, tiny folder
+SLOW = (
+    "bench_paths",
+    "bench_demo_agreement",
+    "bench_real_size",
+)  # bench_real_size: tests/test_bench_gpu.py, tiny folder
 
 
 def bench(name: str, *argv: str, timeout: int = 300) -> list[str]:
     """Run one benchmark as `make bench` does; its output lines (the test fails with its stderr on a non-zero exit)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", f"tests.benchmarks.{name}", *argv], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+    done = subprocess.run(
+        [sys.executable, "-m", f"tests.benchmarks.{name}", *argv],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.strip().splitlines()
 
@@ -81,8 +116,22 @@ def test_bench_catalogue_ends_with_its_figures_at_the_asked_counts():
 
 def test_paths_and_demo_agreement_run_on_a_tiny_root(tmp_path):
     root = str(tmp_path / "root")
-    paths = json.loads(bench("bench_paths", "--artists", "2", "--clips-per-artist", "2", "--queries", "1",
-                             "--train-steps", "10", "--root", root, timeout=600)[-1])
+    paths = json.loads(
+        bench(
+            "bench_paths",
+            "--artists",
+            "2",
+            "--clips-per-artist",
+            "2",
+            "--queries",
+            "1",
+            "--train-steps",
+            "10",
+            "--root",
+            root,
+            timeout=600,
+        )[-1]
+    )
     assert set(paths["paths"]) == {"full", "two-stage", "linearized"}
     agreement = json.loads(bench("bench_demo_agreement", "--root", root, "--queries", "1", "--k", "16")[-1])
     assert (agreement["items"], agreement["queries"]) == (4, 1)

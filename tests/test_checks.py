@@ -11,8 +11,10 @@ ITEMS, DRAWS = ["a", "b", "c"], 4
 
 
 def losses(rows: list[tuple[str, int]], value: float = 1.0) -> pl.DataFrame:
-    return pl.DataFrame({"item_id": [i for i, _ in rows], "draw": [d for _, d in rows], "loss": [value] * len(rows)},
-                        schema={"item_id": pl.String, "draw": pl.Int32, "loss": pl.Float32})
+    return pl.DataFrame(
+        {"item_id": [i for i, _ in rows], "draw": [d for _, d in rows], "loss": [value] * len(rows)},
+        schema={"item_id": pl.String, "draw": pl.Int32, "loss": pl.Float32},
+    )
 
 
 FULL = [(i, d) for i in ITEMS for d in range(DRAWS)]
@@ -32,7 +34,11 @@ def test_removed_rows_fail_the_check_and_are_named():
 def test_a_missing_item_fails_even_when_the_row_count_matches():
     rows = [r for r in FULL if r[0] != "c"] + [("d", d) for d in range(DRAWS)]  # 12 rows, but d instead of c
     result = losses_complete("c", losses(rows), ITEMS, DRAWS)
-    assert not result.passed and result.metadata["missing_rows"].value == 4 and result.metadata["unexpected_rows"].value == 4
+    assert (
+        not result.passed
+        and result.metadata["missing_rows"].value == 4
+        and result.metadata["unexpected_rows"].value == 4
+    )
 
 
 def test_duplicated_rows_and_non_finite_losses_fail():
@@ -52,16 +58,23 @@ def test_a_two_stage_rescore_that_follows_its_plan_passes():
     assert (result.metadata["expected_rows"].value, result.metadata["full_draw_items"].value) == (8, 1)
 
 
-@pytest.mark.parametrize("broken, why", [
-    ([r for r in STAGED if r != ("c", 1)], "a candidate's first-stage draw missing"),
-    ([r for r in STAGED if r != ("a", 3)], "a survivor's later draw missing"),
-    (STAGED + [("b", 2), ("b", 3)], "two survivors where the plan keeps one"),
-    ([r for r in STAGED if r[0] != "a" or r[1] < 2], "no survivor at all"),
-    (STAGED + [("d", 0), ("d", 1)], "rows of an item that is no candidate"),
-    ([r for r in STAGED if r[0] != "c"] + [("d", 0), ("d", 1)], "another item instead of a candidate, same row count"),
-    (STAGED + [("b", 1)], "a duplicated row"),
-    (STAGED + [("a", 4)], "a draw beyond the protocol's"),
-], ids=lambda v: v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "broken, why",
+    [
+        ([r for r in STAGED if r != ("c", 1)], "a candidate's first-stage draw missing"),
+        ([r for r in STAGED if r != ("a", 3)], "a survivor's later draw missing"),
+        (STAGED + [("b", 2), ("b", 3)], "two survivors where the plan keeps one"),
+        ([r for r in STAGED if r[0] != "a" or r[1] < 2], "no survivor at all"),
+        (STAGED + [("d", 0), ("d", 1)], "rows of an item that is no candidate"),
+        (
+            [r for r in STAGED if r[0] != "c"] + [("d", 0), ("d", 1)],
+            "another item instead of a candidate, same row count",
+        ),
+        (STAGED + [("b", 1)], "a duplicated row"),
+        (STAGED + [("a", 4)], "a draw beyond the protocol's"),
+    ],
+    ids=lambda v: v if isinstance(v, str) else "",
+)
 def test_a_two_stage_rescore_off_its_plan_fails(broken, why):
     assert not two_stage_losses_complete("c", losses(broken), PLAN).passed, why
 
@@ -105,8 +118,12 @@ def test_an_item_lost_from_the_baseline_losses_fails_the_check_read_from_the_fea
     for shard, ids in [("s0", ["a", "b"]), ("s1", ["c"])]:  # shard s1 also had a bad item, skipped by the encoder
         n = len(ids)
         batch = ItemBatch(ids, torch.zeros(n, 2, 3), {"h": torch.zeros(n, 4)}, torch.ones(n, 3))
-        write_features(store, key("training_features", encoder_id="e", shard=shard), batch,
-                       {"skipped": "bad" if shard == "s1" else "", "encoder_id": "e"})
+        write_features(
+            store,
+            key("training_features", encoder_id="e", shard=shard),
+            batch,
+            {"skipped": "bad" if shard == "s1" else "", "encoder_id": "e"},
+        )
     expected = encoded_item_ids(store, "e")
     assert expected == ["a", "b", "c"]
     baseline_items = ["a", "b"]  # c's baseline losses lost: every non-exact path's scores then lack c too

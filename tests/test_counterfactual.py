@@ -54,7 +54,12 @@ def evaluated(tmp_path_factory):
     runner.training_side({"clips_per_artist": CLIPS, "artists": ARTISTS})
     store = runner.storage
     builtin_queries(store, artists=1)
-    copied = read_table(store, "training_manifest").filter(pl.col("artist") == "artist_01").sort("item_id").row(0, named=True)
+    copied = (
+        read_table(store, "training_manifest")
+        .filter(pl.col("artist") == "artist_01")
+        .sort("item_id")
+        .row(0, named=True)
+    )
     add_query(store, copied["caption"], PLANTED, audio_uri=copied["audio_uri"], target_artist=copied["artist"])
     for qid in runner.requested_queries():
         runner.attribute(qid, UnlearningConfig(lr=100.0, target_ratio=None, score_type="mean_delta"))
@@ -70,10 +75,17 @@ def bottom_k(evaluated):
     runner, store, _, _ = evaluated
     scores = read_tables(store, "attribution_scores", query_id=PLANTED, config_id="default")  # one identity: the root's
     identity = scores.select("checkpoint_id", "protocol_id").unique().row(0, named=True)
-    write_table(store, "attribution_scores", scores.with_columns(rank=len(scores) + 1 - pl.col("rank"),
-                                                                 config_id=pl.lit("bottom-k")),
-                **identity, query_id=PLANTED, config_id="bottom-k")
-    write_table(store, "unlearning_configs", read_table(store, "unlearning_configs", config_id="default"), config_id="bottom-k")
+    write_table(
+        store,
+        "attribution_scores",
+        scores.with_columns(rank=len(scores) + 1 - pl.col("rank"), config_id=pl.lit("bottom-k")),
+        **identity,
+        query_id=PLANTED,
+        config_id="bottom-k",
+    )
+    write_table(
+        store, "unlearning_configs", read_table(store, "unlearning_configs", config_id="default"), config_id="bottom-k"
+    )
     return counterfactual_run(runner, query_ids=[PLANTED], k=K, config_id="bottom-k")
 
 
@@ -86,8 +98,10 @@ def floor_by_definition(random: list[float]) -> tuple[float, float]:
 
 def rises(table: pl.DataFrame, qid: str) -> tuple[float, list[float]]:
     rows = table.filter(pl.col("query_id") == qid)
-    return (rows.filter(pl.col("removal") == "attributed")["loss_rise"].item(),
-            rows.filter(pl.col("removal") == "random")["loss_rise"].to_list())
+    return (
+        rows.filter(pl.col("removal") == "attributed")["loss_rise"].item(),
+        rows.filter(pl.col("removal") == "random")["loss_rise"].to_list(),
+    )
 
 
 def same_artist_rise(table: pl.DataFrame, qid: str) -> float:
@@ -96,8 +110,14 @@ def same_artist_rise(table: pl.DataFrame, qid: str) -> float:
 
 def test_the_planted_duplicate_is_in_the_attributed_top_k(evaluated):
     _, store, copied, _ = evaluated
-    top = QueryEngine(store).sql(f"select item_id from attributions where query_id = '{PLANTED}' and method = 'unlearning' "
-                                 f"and config_id = 'default' order by rank limit {K}")["item_id"].to_list()
+    top = (
+        QueryEngine(store)
+        .sql(
+            f"select item_id from attributions where query_id = '{PLANTED}' and method = 'unlearning' "
+            f"and config_id = 'default' order by rank limit {K}"
+        )["item_id"]
+        .to_list()
+    )
     assert copied in top
 
 
@@ -108,7 +128,10 @@ def test_removing_the_planted_duplicate_passes_well_above_the_noise_floor(evalua
     assert row["passed"] is True and row["random_removals"] == RANDOM
     # item level: the duplicate matters more than any two other clips of its artist
     assert row["passed_item_level"] is True and attributed > row["item_floor"] > same_artist_rise(table, PLANTED)
-    assert copied in table.filter((pl.col("query_id") == PLANTED) & (pl.col("removal") == "attributed"))["removed_items"].item()
+    assert (
+        copied
+        in table.filter((pl.col("query_id") == PLANTED) & (pl.col("removal") == "attributed"))["removed_items"].item()
+    )
     # the model saw the query's exact audio and caption; without it the loss must rise far more than any random removal
     assert attributed > row["noise_floor"] and attributed > 2 * max(max(random), row["noise_floor"], 0.0)
     assert attributed > 0.02 and attributed / table.filter(pl.col("query_id") == PLANTED)["query_loss_full"][0] > 0.05
@@ -133,19 +156,28 @@ def test_the_least_attributed_items_do_not_pass_and_the_check_fails(evaluated, b
 def test_each_query_has_its_top_k_a_same_artist_control_and_the_shared_random_removals(evaluated):
     _, store, _, (table, *_) = evaluated
     assert table.select("query_id", "removal").rows() == [
-        (DEMO, "attributed"), *[(DEMO, "random")] * RANDOM, (DEMO, "same_artist"),
-        (PLANTED, "attributed"), *[(PLANTED, "random")] * RANDOM, (PLANTED, "same_artist")]
+        (DEMO, "attributed"),
+        *[(DEMO, "random")] * RANDOM,
+        (DEMO, "same_artist"),
+        (PLANTED, "attributed"),
+        *[(PLANTED, "random")] * RANDOM,
+        (PLANTED, "same_artist"),
+    ]
     engine = QueryEngine(store)
-    random_sets = {q: table.filter((pl.col("query_id") == q) & (pl.col("removal") == "random"))["removed_items"].to_list()
-                   for q in (DEMO, PLANTED)}
+    random_sets = {
+        q: table.filter((pl.col("query_id") == q) & (pl.col("removal") == "random"))["removed_items"].to_list()
+        for q in (DEMO, PLANTED)
+    }
     assert random_sets[DEMO] == random_sets[PLANTED]  # one set of retrained models for every query
     artist_of = dict(engine.sql("select item_id, artist from training_items").rows())
     for (qid,), rows in table.group_by("query_id"):
         target = engine.sql(f"select target_artist from queries where query_id = '{qid}'").item()
         same = rows.filter(pl.col("removal") == "same_artist")["removed_items"].item().split(",")
         assert len(same) == K and {artist_of[i] for i in same} == {target}
-        top = engine.sql(f"select item_id from attributions where query_id = '{qid}' and method = 'unlearning' "
-                         f"and config_id = 'default' and rank <= {K} order by rank")["item_id"].to_list()
+        top = engine.sql(
+            f"select item_id from attributions where query_id = '{qid}' and method = 'unlearning' "
+            f"and config_id = 'default' and rank <= {K} order by rank"
+        )["item_id"].to_list()
         attributed = rows.filter(pl.col("removal") == "attributed")
         assert sorted(attributed["removed_items"].item().split(",")) == sorted(top)
         assert attributed["removal_seed"].item() is None
@@ -182,11 +214,16 @@ def test_check_is_a_majority_of_item_level_verdicts_with_both_shares_in_its_meta
     assert evaluation.check_name == CHECK and evaluation.passed is all(passing)  # 2 queries: more than half is both
     assert meta["share_passing_item_level"].value == pytest.approx(sum(passing) / 2)
     assert meta["queries_checked"].value == 2
-    assert {v["query_id"]: v["passed_item_level"] for v in meta["verdicts"].value} == dict(zip([DEMO, PLANTED], passing))
+    assert {v["query_id"]: v["passed_item_level"] for v in meta["verdicts"].value} == dict(
+        zip([DEMO, PLANTED], passing)
+    )
     overall = verdicts.filter(pl.col("query_id") == "(all)").row(0, named=True)
-    assert overall["share_item_level"] == pytest.approx(sum(passing) / 2) and overall["passed_item_level"] is all(passing)
+    assert overall["share_item_level"] == pytest.approx(sum(passing) / 2) and overall["passed_item_level"] is all(
+        passing
+    )
     latest = runner.instance.event_log_storage.get_latest_asset_check_execution_by_key(
-        [AssetCheckKey(AssetKey("counterfactual"), CHECK)])
+        [AssetCheckKey(AssetKey("counterfactual"), CHECK)]
+    )
     assert latest  # the instance records it (shown in the UI)
     assert meta["retrains"].value == RANDOM + 2 * 2 and meta["full_model"].value == "checkpoint"  # random ones shared
     png = store.read_bytes("plots/counterfactual/loss_rise.png")
@@ -209,6 +246,8 @@ def test_fewer_than_three_random_removals_are_refused(evaluated):
 def test_without_keeps_order_and_drops_items():
     import torch
 
-    batch = ItemBatch(["a", "b", "c"], torch.arange(3.0).view(3, 1, 1), {"h": torch.arange(3.0).view(3, 1)}, torch.ones(3, 1))
+    batch = ItemBatch(
+        ["a", "b", "c"], torch.arange(3.0).view(3, 1, 1), {"h": torch.arange(3.0).view(3, 1)}, torch.ones(3, 1)
+    )
     kept = without(batch, {"b"})
     assert kept.item_ids == ["a", "c"] and kept.latents.flatten().tolist() == [0.0, 2.0]

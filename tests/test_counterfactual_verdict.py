@@ -8,7 +8,15 @@ import math
 import pytest
 
 from tda_assets.attribution.counterfactual import (
-    Verdict, majority_passes, noise_floor, random_items, random_removals, same_artist_items, share_passing, verdict)
+    Verdict,
+    majority_passes,
+    noise_floor,
+    random_items,
+    random_removals,
+    same_artist_items,
+    share_passing,
+    verdict,
+)
 
 
 def test_noise_floor_is_mean_plus_two_sample_sds():
@@ -33,8 +41,9 @@ def test_verdict_passes_only_strictly_above_the_floor():
 def test_a_wide_noise_floor_fails_a_rise_that_beats_the_mean():
     # the old check (attributed rise > mean random rise) would pass this; the noise says it is not distinguishable
     random = [0.0, 0.1, -0.1]  # mean 0, sd 0.1, floor 0.2
-    assert verdict(0.15, random, 0.0) == Verdict(0.15, 0.0, pytest.approx(0.1), pytest.approx(0.2), False,
-                                                 0.0, pytest.approx(0.2), False)
+    assert verdict(0.15, random, 0.0) == Verdict(
+        0.15, 0.0, pytest.approx(0.1), pytest.approx(0.2), False, 0.0, pytest.approx(0.2), False
+    )
 
 
 def test_a_same_artist_removal_that_beats_the_attributed_one_fails_item_level_only():
@@ -110,8 +119,11 @@ def test_random_removals_are_one_set_for_every_query_outside_every_top_k():
 
 
 def test_random_removals_refuse_a_pool_too_small_for_distinct_sets():
-    with pytest.raises(ValueError, match=r"2 items outside the 2 attributed to the checked queries cannot make 3 distinct "
-                                         r"random removals of 2: lower k"):
+    with pytest.raises(
+        ValueError,
+        match=r"2 items outside the 2 attributed to the checked queries cannot make 3 distinct "
+        r"random removals of 2: lower k",
+    ):
         random_removals(["a", "b", "c", "d"], 2, 3, seed=0, exclude=["a", "b"])
 
 
@@ -126,6 +138,9 @@ def test_same_artist_control_takes_k_of_the_target_artist_outside_the_top_k():
 
 def test_same_artist_control_refuses_an_artist_with_too_few_other_items():
     ids, artists = ["a", "b", "c"], ["A", "A", "B"]
-    with pytest.raises(ValueError, match=r"query 'q': artist 'A' has 1 items outside the query's top-2, the same-artist "
-                                         r"control needs 2: lower k"):
+    with pytest.raises(
+        ValueError,
+        match=r"query 'q': artist 'A' has 1 items outside the query's top-2, the same-artist "
+        r"control needs 2: lower k",
+    ):
         same_artist_items(ids, artists, "A", 2, seed=0, query_id="q", exclude=["a"])

@@ -6,8 +6,18 @@ from dagster_k8s.job import get_user_defined_k8s_config
 
 from tda_assets.definitions import build_definitions
 
-GPU_ASSETS = ["training_features", "checkpoint", "fisher_diagonal", "baseline_losses", "query_clips",
-              "unlearned_model", "unlearned_losses", "similarity_scores", "training_gradients", "training_embeddings"]
+GPU_ASSETS = [
+    "training_features",
+    "checkpoint",
+    "fisher_diagonal",
+    "baseline_losses",
+    "query_clips",
+    "unlearned_model",
+    "unlearned_losses",
+    "similarity_scores",
+    "training_gradients",
+    "training_embeddings",
+]
 
 
 @pytest.mark.parametrize("executor", ["in_process", "multiprocess", "k8s"])
@@ -46,7 +56,10 @@ def test_partitions_are_shards_queries_and_query_by_config(tmp_path):
     graph = build_definitions(str(tmp_path)).resolve_asset_graph()
     for name in ("training_features", "baseline_losses", "training_embeddings"):
         assert graph.get(AssetKey(name)).partitions_def.get_partition_keys()[0] == "shard-00", name
-    assert graph.get(AssetKey("training_gradients")).partitions_def == graph.get(AssetKey("baseline_losses")).partitions_def
+    assert (
+        graph.get(AssetKey("training_gradients")).partitions_def
+        == graph.get(AssetKey("baseline_losses")).partitions_def
+    )
     assert graph.get(AssetKey("query_clips")).partitions_def.name == "queries"
     for name in ("unlearned_model", "unlearned_losses", "attribution_scores"):
         dims = {d.name: d.partitions_def.name for d in graph.get(AssetKey(name)).partitions_def.partitions_defs}

@@ -19,7 +19,10 @@ BF16 = Compute(device="cpu", autocast_dtype="bfloat16", batch_size=16)
 def small_batch(adapter: EmbeddedAdapter, n: int = 4) -> ItemBatch:
     g = torch.Generator().manual_seed(0)
     c, t = adapter.latent_shape
-    cond = {"encoder_hidden_states": torch.randn(n, 6, 384, generator=g), "global_hidden_states": torch.randn(n, 1, 384, generator=g)}
+    cond = {
+        "encoder_hidden_states": torch.randn(n, 6, 384, generator=g),
+        "global_hidden_states": torch.randn(n, 1, 384, generator=g),
+    }
     return ItemBatch([f"i{k}" for k in range(n)], torch.randn(n, c, t, generator=g), cond, torch.ones(n, t))
 
 
@@ -60,8 +63,15 @@ def test_unlearning_under_autocast_keeps_fp32_weights_and_delta():
     adapter = EmbeddedAdapter.new()
     batch = small_batch(adapter)
     fisher = fisher_diagonal(adapter, [batch], LossProtocol(draws=2), "attention", BF16)
-    result = unlearn(adapter, batch.select([0]), fisher, UnlearningSettings(lr=50.0, param_subset="attention", query_draws=4),
-                     LossProtocol(draws=2), BF16, n_train=4)
+    result = unlearn(
+        adapter,
+        batch.select([0]),
+        fisher,
+        UnlearningSettings(lr=50.0, param_subset="attention", query_draws=4),
+        LossProtocol(draws=2),
+        BF16,
+        n_train=4,
+    )
     assert all(d.dtype == torch.float32 for d in result.delta.values())
     assert all(p.dtype == torch.float32 for p in adapter.denoiser.parameters())
     assert result.query_loss_after > result.query_loss_before

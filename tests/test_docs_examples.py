@@ -23,7 +23,9 @@ FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<body>.*?)^```", re.MULTILINE | r
 def runnable_blocks(path: Path) -> list[tuple[int, str]]:
     """(line, body) of every block of `path` whose info string is MARKER."""
     text = path.read_text()
-    return [(text.count("\n", 0, m.start()) + 1, m["body"]) for m in FENCE.finditer(text) if m["info"].strip() == MARKER]
+    return [
+        (text.count("\n", 0, m.start()) + 1, m["body"]) for m in FENCE.finditer(text) if m["info"].strip() == MARKER
+    ]
 
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -40,8 +42,9 @@ def test_the_readme_has_runnable_examples():
     assert sum(page.name == "README.md" for page, _, _ in BLOCKS) >= 2
 
 
-@pytest.mark.parametrize(("page", "line", "body"), BLOCKS,
-                         ids=[f"{p.relative_to(ROOT)}:{line}" for p, line, _ in BLOCKS])
+@pytest.mark.parametrize(
+    ("page", "line", "body"), BLOCKS, ids=[f"{p.relative_to(ROOT)}:{line}" for p, line, _ in BLOCKS]
+)
 def test_a_runnable_block_exits_zero(page: Path, line: int, body: str, tmp_path: Path):
     (tmp_path / ".venv").mkdir()
     (tmp_path / ".venv" / "bin").symlink_to(Path(sys.executable).parent, target_is_directory=True)
@@ -49,11 +52,18 @@ def test_a_runnable_block_exits_zero(page: Path, line: int, body: str, tmp_path:
     home.mkdir()
     (home / "dagster.yaml").write_text("")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TDA_", "DAGSTER_", "AWS_"))}
-    env.update(DAGSTER_HOME=str(home), TDA_STORAGE_URL=str(tmp_path / "storage"), HF_HUB_OFFLINE="1",
-               PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}")
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", body], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, f"{page.relative_to(ROOT)}:{line} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+    env.update(
+        DAGSTER_HOME=str(home),
+        TDA_STORAGE_URL=str(tmp_path / "storage"),
+        HF_HUB_OFFLINE="1",
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", body], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, (
+        f"{page.relative_to(ROOT)}:{line} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
+    )
 
 
 def view_columns(sql: str) -> dict[str, list[str]]:
@@ -68,8 +78,10 @@ def view_columns(sql: str) -> dict[str, list[str]]:
 def test_the_storage_page_lists_every_view_with_its_columns():
     section = (ROOT / "docs" / "storage.md").read_text().split("## The views")[1].split("\n## ")[0]
     rows = [line.split("|") for line in section.splitlines() if line.startswith("| `")]
-    listed = {cells[1].strip(" `"): [c.strip(' "…') for c in re.findall(r"`([^`]*)`", cells[2])[-1].split(",")]
-              for cells in rows}
+    listed = {
+        cells[1].strip(" `"): [c.strip(' "…') for c in re.findall(r"`([^`]*)`", cells[2])[-1].split(",")]
+        for cells in rows
+    }
     for name, columns in view_columns((ROOT / "sql" / "views.sql").read_text()).items():
         assert name in listed, f"docs/storage.md does not list the view {name}"
         if columns != ["*"]:

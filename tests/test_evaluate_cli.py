@@ -24,11 +24,22 @@ configs:
 
 
 # a perfect self-influence result of a configuration this evaluate does not judge (left by an earlier run on the root)
-STALE_SELF_INFLUENCE = pl.DataFrame({
-    "target_item_id": ["a00-0000"], "rank": [1], "score": [1.0], "loss_ratio": [1.1], "lr_used": [1.0],
-    "score_type": ["normalized"], "top_k_similarity": [0.5], "bottom_k_similarity": [0.1],
-    "others_median_relative_change": [0.0], "checkpoint_id": ["old"], "protocol_id": ["s0-k16"],
-    "target_set": ["reporting"]})
+STALE_SELF_INFLUENCE = pl.DataFrame(
+    {
+        "target_item_id": ["a00-0000"],
+        "rank": [1],
+        "score": [1.0],
+        "loss_ratio": [1.1],
+        "lr_used": [1.0],
+        "score_type": ["normalized"],
+        "top_k_similarity": [0.5],
+        "bottom_k_similarity": [0.1],
+        "others_median_relative_change": [0.0],
+        "checkpoint_id": ["old"],
+        "protocol_id": ["s0-k16"],
+        "target_set": ["reporting"],
+    }
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,17 +49,41 @@ def evaluated(tmp_path_factory):
     root, home = tmp_path_factory.mktemp("storage"), tmp_path_factory.mktemp("home")
     grid_file = tmp_path_factory.mktemp("grid") / "grid.yaml"
     grid_file.write_text(GRID)
-    for name, value in {"DAGSTER_HOME": str(home), "TDA_STORAGE_URL": str(root), "TDA_TRAIN_STEPS": "60",
-                        "TDA_GRID_FILE": str(grid_file)}.items():
+    for name, value in {
+        "DAGSTER_HOME": str(home),
+        "TDA_STORAGE_URL": str(root),
+        "TDA_TRAIN_STEPS": "60",
+        "TDA_GRID_FILE": str(grid_file),
+    }.items():
         mp.setenv(name, value)
     runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
     runner.log_level = "ERROR"
     runner.training_side({"clips_per_artist": 4, "artists": 3})
-    write_table(runner.storage, "self_influence", STALE_SELF_INFLUENCE, checkpoint_id="old", protocol_id="s0-k16",
-                config_id="a-stale")
+    write_table(
+        runner.storage,
+        "self_influence",
+        STALE_SELF_INFLUENCE,
+        checkpoint_id="old",
+        protocol_id="s0-k16",
+        config_id="a-stale",
+    )
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        code = main(["evaluate", "--grid-queries", "1", "--cf-queries", "1", "--cf-k", "2", "--si-targets", "3", "--rep-sources", "1"])
+        code = main(
+            [
+                "evaluate",
+                "--grid-queries",
+                "1",
+                "--cf-queries",
+                "1",
+                "--cf-k",
+                "2",
+                "--si-targets",
+                "3",
+                "--rep-sources",
+                "1",
+            ]
+        )
     yield code, out.getvalue(), QueryEngine(Storage(str(root)))
     mp.undo()
 
@@ -61,11 +96,19 @@ def test_evaluate_reuses_the_training_side_and_exits_zero(evaluated):
 
 def test_evaluate_prints_the_grid_consistency_agreement_and_counterfactual(evaluated):
     _, out, _ = evaluated
-    for heading in ("Grid runs per configuration", "Consistency between configurations and seed reruns",
-                    "most consistent configuration:", "Agreement of unlearning with each similarity method",
-                    "Counterfactual check", "Verdict per query", "Cross-query overlap", "Self-influence",
-                    "Replication detection", "Figures per configuration",
-                    "Wall time by phase"):
+    for heading in (
+        "Grid runs per configuration",
+        "Consistency between configurations and seed reruns",
+        "most consistent configuration:",
+        "Agreement of unlearning with each similarity method",
+        "Counterfactual check",
+        "Verdict per query",
+        "Cross-query overlap",
+        "Self-influence",
+        "Replication detection",
+        "Figures per configuration",
+        "Wall time by phase",
+    ):
         assert heading in out, heading
 
 
@@ -97,23 +140,31 @@ def test_evaluate_fills_the_tables(evaluated):
     # one query: its top-2, 3 random removals and its same-artist control, retrained the checkpoint's 60 steps (under
     # the 400 cap: no full retrain)
     assert engine.sql("select removal, count(*) from counterfactual group by all order by 1").rows() == [
-        ("attributed", 1), ("random", 3), ("same_artist", 1)]
+        ("attributed", 1),
+        ("random", 3),
+        ("same_artist", 1),
+    ]
     assert engine.sql("select distinct train_steps, full_model from counterfactual").rows() == [(60, "checkpoint")]
     # 8 built-in queries, each of its own target artist: every pair of them counts, C(8, 2) = 28
     overlap = engine.named("cross_query_overlap").filter(pl.col("ranking") == "unlearning:default").row(0, named=True)
     assert overlap["query_pairs"] == 28 and overlap["queries"] == 8
     # the report's metadata holds the same figure, per ranking, as the named query computes from the views
-    report = DagsterInstance.get().get_latest_materialization_event(AssetKey("consistency_report")).asset_materialization
+    report = (
+        DagsterInstance.get().get_latest_materialization_event(AssetKey("consistency_report")).asset_materialization
+    )
     recorded = {r["ranking"]: r for r in report.metadata["cross_query_overlap"].value}
     assert recorded["unlearning:default"]["query_pairs"] == 28
     for row in engine.named("cross_query_overlap").to_dicts():
         assert recorded[row["ranking"]]["cross_query_jaccard_10"] == pytest.approx(row["cross_query_jaccard"], abs=1e-4)
     # newton-target is not in this grid: only default is judged, on 3 targets (a-stale is the fixture's earlier result)
     assert engine.sql("select config_id, count(*) from self_influence group by all order by 1").rows() == [
-        ("a-stale", 1), ("default", 3)]
+        ("a-stale", 1),
+        ("default", 3),
+    ]
     assert engine.sql("select count(*) from replication").item() == 4
     # reporting targets and sources only, none of the development targets (at most half of the 12 items: 6)
     assert engine.sql("select distinct target_set from self_influence where config_id = 'default'").rows() == [
-        ("reporting",)]
+        ("reporting",)
+    ]
     assert engine.sql("select distinct target_set from replication").rows() == [("reporting",)]
     assert engine.sql("select count(*) from replication where snr_db is null or latent_change is null").item() == 0

@@ -29,7 +29,10 @@ ARTISTS, CLIPS, K = 3, 4, 16
 N = ARTISTS * CLIPS
 QUERY = "demo-artist-00"
 LR = 100.0
-FIXED = {"target_ratio": None, "score_type": "mean_delta"}  # a fixed step ranked by mean ΔL: what the linearized score estimates
+FIXED = {
+    "target_ratio": None,
+    "score_type": "mean_delta",
+}  # a fixed step ranked by mean ΔL: what the linearized score estimates
 FULL = UnlearningConfig(config_id="full", lr=LR, **FIXED)
 TINY = 0.001  # the step scaled to lr 0.1: there the exact score is linear (measured at 12 items, 60 training steps:
 # Spearman of the linearized score with the exact one 0.96 at ×0.001, 0.71 at ×0.01, 0.52 at the step itself; the
@@ -74,7 +77,9 @@ def test_two_stage_with_every_item_a_candidate_at_all_draws_ranks_as_the_full_re
 
 def test_two_stage_rescores_the_candidates_marks_its_rows_and_passes_its_checks(product):
     runner, store = product
-    config = UnlearningConfig(config_id="ts", lr=LR, **FIXED, stage="two_stage", candidates=3, first_draws=4, keep=0.5, min_keep=2)
+    config = UnlearningConfig(
+        config_id="ts", lr=LR, **FIXED, stage="two_stage", candidates=3, first_draws=4, keep=0.5, min_keep=2
+    )
     result = runner.attribute_config(QUERY, config)
     evaluations = checks(result)
     assert set(evaluations) == {"query_loss_raised", "losses_finite_and_complete", "one_row_per_training_item"}
@@ -96,13 +101,17 @@ def test_two_stage_rescores_the_candidates_marks_its_rows_and_passes_its_checks(
     losses = read_table(store, "unlearned_losses", **identity(runner).keys(), query_id=QUERY, config_id="ts")
     assert len(losses) == candidates * 4 + survivors * (K - 4)
     assert evaluations["losses_finite_and_complete"].metadata["expected_rows"].value == len(losses)
-    view = QueryEngine(store).sql("select count(*) filter (where rescored) n, count(*) filter (where score is null) nulls "
-                                  "from attributions where config_id = 'ts'")
+    view = QueryEngine(store).sql(
+        "select count(*) filter (where rescored) n, count(*) filter (where score is null) nulls "
+        "from attributions where config_id = 'ts'"
+    )
     assert view.rows() == [(candidates, N - candidates)]
 
 
 def identity(runner) -> Identity:
-    return Identity(read_checkpoint_record(runner.storage).checkpoint_id, runner.resources["protocol"].protocol().protocol_id)
+    return Identity(
+        read_checkpoint_record(runner.storage).checkpoint_id, runner.resources["protocol"].protocol().protocol_id
+    )
 
 
 def exact_scores_at(runner, delta: dict, scale: float) -> tuple[list[str], np.ndarray]:
@@ -143,16 +152,21 @@ def test_a_linearized_configuration_writes_linearized_rows_that_order_items_as_t
     assert spearmanr(lin, tiny)[0] >= 0.9, spearmanr(lin, tiny)[0]
     # first order in the step: the linearized score of the full step is 1/TINY × the tiny step's exact loss rise
     assert np.corrcoef(lin, tiny / TINY)[0, 1] >= 0.95
-    assert 0.5 <= np.linalg.norm(lin) / np.linalg.norm(tiny / TINY) <= 2.0, np.linalg.norm(lin) / np.linalg.norm(tiny / TINY)
+    assert 0.5 <= np.linalg.norm(lin) / np.linalg.norm(tiny / TINY) <= 2.0, np.linalg.norm(lin) / np.linalg.norm(
+        tiny / TINY
+    )
 
 
 def test_a_mismatched_gradient_store_is_refused_naming_what_is_needed_and_the_fix(product):
     runner, store = product
     other = UnlearningConfig(config_id="lin-k64", lr=LR, **FIXED, method="linearized", sketch_k=64)
     runner.add_partitions(QUERY, other.config_id)
-    with pytest.raises(Exception, match=r"training_gradients all-unmasked-k64-s0-d0p1 for checkpoint .* are missing for "
-                                        r"shard\(s\).*the storage root has all-unmasked-k4096.*materialize "
-                                        r"training_gradients for every shard with config \{param_subset: \"all\", .*k: 64"):
+    with pytest.raises(
+        Exception,
+        match=r"training_gradients all-unmasked-k64-s0-d0p1 for checkpoint .* are missing for "
+        r"shard\(s\).*the storage root has all-unmasked-k4096.*materialize "
+        r"training_gradients for every shard with config \{param_subset: \"all\", .*k: 64",
+    ):
         runner.run(UNLEARNING_ASSETS, query_config_key(QUERY, other.config_id), unlearning_run_config(other))
     # a store of the right key but built with another Fisher (re-estimated since) is refused too
     ident = identity(runner)
@@ -187,19 +201,28 @@ def test_the_shipped_grid_entries_run_through_the_grid_and_the_reports(product):
     results = run_grid(runner, configs, [QUERY])  # then consistency_report, as `tda grid` and `tda evaluate` do
     assert {r.config_id: r.status for r in results} == {"two-stage": "done", "linearized": "done"}
     engine = QueryEngine(store)
-    methods = dict(engine.sql("select config_id, any_value(method) from attributions where config_id in "
-                              "('two-stage', 'linearized') group by 1").rows())
+    methods = dict(
+        engine.sql(
+            "select config_id, any_value(method) from attributions where config_id in "
+            "('two-stage', 'linearized') group by 1"
+        ).rows()
+    )
     assert methods == {"two-stage": "unlearning", "linearized": "linearized"}
-    pair = engine.sql("select value from consistency where metric = 'spearman' and "
-                      "\"left\" = 'unlearning:full' and \"right\" = 'unlearning:two-stage'")["value"].item()
+    pair = engine.sql(
+        "select value from consistency where metric = 'spearman' and "
+        "\"left\" = 'unlearning:full' and \"right\" = 'unlearning:two-stage'"
+    )["value"].item()
     # the report's figure is scipy's Spearman of the two score columns over the items two-stage rescored (the others
     # have no exact score; lr 250 vs 100), computed here from the attribution tables themselves
     joined = scores(store, "full").join(scores(store, "two-stage"), on="item_id", suffix="_2").drop_nulls("score_2")
     assert 3 <= joined.height < N
     assert pair == pytest.approx(spearmanr(joined["score"], joined["score_2"]).statistic, abs=1e-9)
     assert engine.named("config_figures").filter(pl.col("config_id") == "linearized").height == 1
-    with pytest.raises(Exception, match=r"self_influence rescores every item exactly, but configuration 'linearized' is "
-                                        r"method 'linearized'"):
+    with pytest.raises(
+        Exception,
+        match=r"self_influence rescores every item exactly, but configuration 'linearized' is "
+        r"method 'linearized'",
+    ):
         runner.with_config("self_influence", config_ids=["linearized"], n_targets=2)
 
 
@@ -209,8 +232,14 @@ def test_the_default_configuration_ranks_by_mean_delta_over_the_floored_stored_i
     df = scores(store, "default")
     assert df["score_type"].unique().to_list() == ["normalized"] and len(df) == N
     record = read_checkpoint_record(store)
-    grads = read_gradient_store(store, identity(runner), GradientSpec.for_settings(UnlearningSettings()),
-                                read_fisher(store, identity(runner)), record.encoder_id, df["item_id"].to_list())
+    grads = read_gradient_store(
+        store,
+        identity(runner),
+        GradientSpec.for_settings(UnlearningSettings()),
+        read_fisher(store, identity(runner)),
+        record.encoder_id,
+        df["item_id"].to_list(),
+    )
     floored = np.maximum(grads.item_norms, NORM_FLOOR * np.median(grads.item_norms))  # DESIGN §1: the divisor's floor
     np.testing.assert_allclose(df["score"].to_numpy(), df["mean_delta"].to_numpy() / floored, rtol=1e-9)
     assert df.sort("score", descending=True)["rank"].to_list() == list(range(1, N + 1))
@@ -225,11 +254,15 @@ def test_a_missing_default_gradient_shard_is_a_training_phase_that_prepare_rebui
     shard = list_keys(store, "training_features")[0]["shard"]
     shard_key = gradients_key(identity(runner), GradientSpec.for_settings(UnlearningSettings()), shard)
     kept, meta = store.read_tensors(shard_key)
-    store.write_tensors(shard_key, kept, {**meta, "fisher_digest": "0000"})  # as if built before the Fisher was re-estimated
+    store.write_tensors(
+        shard_key, kept, {**meta, "fisher_digest": "0000"}
+    )  # as if built before the Fisher was re-estimated
     have = current_training_phases(store, source, protocol_id)
     assert have == {**dict.fromkeys(have, True), "training_gradients": False}
     runner.timings.clear()
     runner.training_side_if_needed()
     assert list(runner.timings) == ["training_gradients"]
     remade, remade_meta = store.read_tensors(shard_key)
-    assert remade_meta["fisher_digest"] == meta["fisher_digest"] and np.allclose(remade["sketched"], kept["sketched"], atol=1e-6)
+    assert remade_meta["fisher_digest"] == meta["fisher_digest"] and np.allclose(
+        remade["sketched"], kept["sketched"], atol=1e-6
+    )

@@ -13,7 +13,13 @@ import torch
 from tda_assets.attribution.gradients import GradientSpec, GradientStore
 from tda_assets.io.artifacts import FISHER_DIGEST, Identity, IdentityError, read_fisher, tensors_digest, write_fisher
 from tda_assets.io.gradients import (
-    NORMS, ROWS, fisher_digest, gradients_key, read_gradient_norms, read_gradient_store, write_gradient_store,
+    NORMS,
+    ROWS,
+    fisher_digest,
+    gradients_key,
+    read_gradient_norms,
+    read_gradient_store,
+    write_gradient_store,
 )
 from tda_assets.io.registry import key
 from tda_assets.io.storage import Storage
@@ -41,8 +47,17 @@ def storage(tmp_path) -> Storage:
     digest = fisher_digest(s, IDENTITY)
     for shard, (ids, rows) in SHARDS.items():
         s.write_tensors(key("training_features", encoder_id=ENCODER, shard=shard), {"x": torch.zeros(1)})
-        store = GradientStore(ids, torch.tensor(rows, dtype=torch.float32), "all", IDENTITY.protocol_id, False, 4, 0,
-                              {"w": D}, damping=0.1)
+        store = GradientStore(
+            ids,
+            torch.tensor(rows, dtype=torch.float32),
+            "all",
+            IDENTITY.protocol_id,
+            False,
+            4,
+            0,
+            {"w": D},
+            damping=0.1,
+        )
         write_gradient_store(s, IDENTITY, SPEC, shard, store, digest)
     return s
 
@@ -60,10 +75,12 @@ def test_the_norms_are_read_without_the_rows(storage):
         path = storage.local_path(gradients_key(IDENTITY, SPEC, shard))
         data = bytearray(open(path, "rb").read())
         (n,) = np.frombuffer(data[:8], dtype="<u8")
-        begin, end = json.loads(data[8:8 + n])[ROWS]["data_offsets"]
-        data[8 + n + begin:8 + n + end] = np.full((end - begin) // 4, np.nan, dtype="<f4").tobytes()
+        begin, end = json.loads(data[8 : 8 + n])[ROWS]["data_offsets"]
+        data[8 + n + begin : 8 + n + end] = np.full((end - begin) // 4, np.nan, dtype="<f4").tobytes()
         open(path, "wb").write(bytes(data))
-    assert read_gradient_norms(storage, IDENTITY, SPEC, ENCODER, list(NORMS_BY_ID)).tolist() == list(NORMS_BY_ID.values())
+    assert read_gradient_norms(storage, IDENTITY, SPEC, ENCODER, list(NORMS_BY_ID)).tolist() == list(
+        NORMS_BY_ID.values()
+    )
 
 
 def test_a_store_written_before_norms_were_stored_gives_the_norms_from_its_rows(storage):
@@ -76,15 +93,22 @@ def test_a_store_written_before_norms_were_stored_gives_the_norms_from_its_rows(
 
 def test_norms_of_a_store_preconditioned_with_a_fisher_since_re_estimated_are_refused(storage):
     write_fisher(storage, IDENTITY, fisher(scale=2.0), {"items": "6"})
-    with pytest.raises(IdentityError, match=r"shard-00 were preconditioned with another Fisher.*materialize training_gradients"):
+    with pytest.raises(
+        IdentityError, match=r"shard-00 were preconditioned with another Fisher.*materialize training_gradients"
+    ):
         read_gradient_norms(storage, IDENTITY, SPEC, ENCODER, ["a"])
 
 
 def test_norms_of_items_the_store_lacks_or_of_a_missing_spec_are_refused_naming_the_fix(storage):
-    with pytest.raises(IdentityError, match=r"lack 1 of the 2 training items.*\['zz'\].*materialize training_gradients"):
+    with pytest.raises(
+        IdentityError, match=r"lack 1 of the 2 training items.*\['zz'\].*materialize training_gradients"
+    ):
         read_gradient_norms(storage, IDENTITY, SPEC, ENCODER, ["a", "zz"])
-    with pytest.raises(IdentityError, match=r"all-unmasked-k8-s0-d0p1 .* missing for shard\(s\) \['shard-00', 'shard-01'\]"
-                                            r".*the storage root has all-unmasked-k4-s0-d0p1"):
+    with pytest.raises(
+        IdentityError,
+        match=r"all-unmasked-k8-s0-d0p1 .* missing for shard\(s\) \['shard-00', 'shard-01'\]"
+        r".*the storage root has all-unmasked-k4-s0-d0p1",
+    ):
         read_gradient_norms(storage, IDENTITY, GradientSpec(k=8), ENCODER, ["a"])
 
 

@@ -1,4 +1,5 @@
-"""The grid search on a tiny embedded corpus: every configuration for a query, a failing one recorded, the consistency table."""
+"""The grid search on a tiny embedded corpus: every configuration for a query, a failing one recorded, the
+consistency table."""
 
 from __future__ import annotations
 
@@ -97,8 +98,14 @@ def test_every_configuration_ran_and_the_weak_one_was_recorded_not_fatal(grid):
 def test_consistency_holds_every_pair_with_valid_values(grid):
     _, store, _, _ = grid
     df = QueryEngine(store).sql("select * from consistency where query_id = 'demo-artist-00'")
-    labels = {"unlearning:base", "unlearning:base-again", "unlearning:base-seed-seed1",
-              "similarity:audio", "similarity:text", "similarity:internal"}
+    labels = {
+        "unlearning:base",
+        "unlearning:base-again",
+        "unlearning:base-seed-seed1",
+        "similarity:audio",
+        "similarity:text",
+        "similarity:internal",
+    }
     pairs = {frozenset(p) for p in df.select("left", "right").unique().rows()}
     assert len(pairs) == 15 and set().union(*pairs) == labels
     jac = df.filter(df["metric"] == "jaccard")
@@ -107,7 +114,8 @@ def test_consistency_holds_every_pair_with_valid_values(grid):
     assert df.filter(df["metric"] == "spearman")["value"].is_between(-1.0, 1.0).all()
     same = df.filter((df["left"] == "unlearning:base") & (df["right"] == "unlearning:base-again"))
     assert dict(zip(same["metric"] + same["k"].cast(str).fill_null(""), same["value"])) == pytest.approx(
-        {"jaccard10": 1.0, "jaccard50": 1.0, "jaccard100": 1.0, "spearman": 1.0, "pearson": 1.0})
+        {"jaccard10": 1.0, "jaccard50": 1.0, "jaccard100": 1.0, "spearman": 1.0, "pearson": 1.0}
+    )
 
 
 def test_consistency_table_sql_labels_seed_reruns(grid):
@@ -123,8 +131,10 @@ def test_consistency_table_sql_labels_seed_reruns(grid):
 
 
 def scores_of(store, config_id: str) -> pl.DataFrame:
-    return QueryEngine(store).sql(f"select item_id, score, rank from attributions where query_id = '{QUERY}' "
-                                  f"and method = 'unlearning' and config_id = '{config_id}' order by item_id")
+    return QueryEngine(store).sql(
+        f"select item_id, score, rank from attributions where query_id = '{QUERY}' "
+        f"and method = 'unlearning' and config_id = '{config_id}' order by item_id"
+    )
 
 
 def test_base_again_ranks_exactly_like_base(grid):
@@ -142,9 +152,11 @@ def test_seed_rerun_agrees_within_a_bound_that_a_shuffled_ranking_breaks(grid):
     measured, rho = jaccard_at_k(a, b, 10), spearman(a, b)
     # measured here: Jaccard@10 1.0 (the top-10 holds), Spearman 0.995 (the seed does move the ranking below it)
     assert measured >= SEED_RERUN_JACCARD_10 and SEED_RERUN_SPEARMAN <= rho < 1.0
-    table = QueryEngine(store).sql("select metric, k, value from consistency where query_id = 'demo-artist-00' and "
-                                   "least(\"left\", \"right\") = 'unlearning:base' and "
-                                   "greatest(\"left\", \"right\") = 'unlearning:base-seed-seed1'")
+    table = QueryEngine(store).sql(
+        "select metric, k, value from consistency where query_id = 'demo-artist-00' and "
+        'least("left", "right") = \'unlearning:base\' and '
+        'greatest("left", "right") = \'unlearning:base-seed-seed1\''
+    )
     recorded = {(m, k): v for m, k, v in table.rows()}
     assert recorded[("jaccard", 10)] == pytest.approx(measured)
     # a broken pipeline (ranks shuffled against the items) falls below both bounds: 100 shuffles of base's scores
@@ -157,17 +169,22 @@ def test_seed_rerun_agrees_within_a_bound_that_a_shuffled_ranking_breaks(grid):
 
 def test_report_counts_only_the_other_seed_as_a_rerun_and_draws_the_heatmap(grid):
     runner, store, _, _ = grid
-    meta = runner.instance.get_latest_materialization_event(AssetKey("consistency_report")).asset_materialization.metadata
+    meta = runner.instance.get_latest_materialization_event(
+        AssetKey("consistency_report")
+    ).asset_materialization.metadata
     assert meta["most_consistent_config_basis"].value == "seed reruns"
     per_config = {r["config_id"]: r for r in meta["config_consistency"].value}
     # base-seed-seed1 is a seed rerun of base; base-again (identical, seed included) is not
     # (counted as one, base would have 2 and base-again 2; base-seed-seed1 has both as reruns)
     assert per_config["base"]["seed_reruns"] == 1 and per_config["base-again"]["seed_reruns"] == 1
     assert per_config["base-seed-seed1"]["seed_reruns"] == 2
-    measured = jaccard_at_k(scores_of(store, "base")["score"].to_numpy(), scores_of(store, "base-seed-seed1")["score"].to_numpy(), 10)
+    measured = jaccard_at_k(
+        scores_of(store, "base")["score"].to_numpy(), scores_of(store, "base-seed-seed1")["score"].to_numpy(), 10
+    )
     assert per_config["base"]["jaccard_10_seed_reruns"] == pytest.approx(measured, abs=1e-4)
     assert per_config["base"]["jaccard_10_other_configs"] == pytest.approx(1.0)  # base-again, the only other one
-    # every configuration's reruns agree at `measured`; base and base-again also agree with each other (1.0): one of them
+    # every configuration's reruns agree at `measured`; base and base-again also agree with each other (1.0):
+    # one of them
     assert meta["most_consistent_config"].value in {"base", "base-again"}
     png = store.read_bytes("plots/consistency/jaccard_10.png")
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1024
@@ -180,7 +197,9 @@ def test_attribution_scores_draws_top_k_bars_per_configuration(grid):
         png = store.read_bytes(f"plots/top_k/{QUERY}/{cid}.png")
         assert png.startswith(PNG_SIGNATURE) and len(png) > 1024
     assert not store.exists(f"plots/top_k/{QUERY}/too-weak.png")
-    meta = runner.instance.get_latest_materialization_event(AssetKey("attribution_scores")).asset_materialization.metadata
+    meta = runner.instance.get_latest_materialization_event(
+        AssetKey("attribution_scores")
+    ).asset_materialization.metadata
     assert meta["plot"].value.endswith(".png")
 
 
@@ -188,7 +207,11 @@ def test_second_grid_run_skips_what_is_recorded(grid):
     runner, _, configs, _ = grid
     again = run_grid(runner, configs, [QUERY], report=False)
     assert {r.config_id: r.status for r in again} == {
-        "base": "skipped", "base-again": "skipped", "base-seed-seed1": "skipped", "too-weak": "skipped_failed"}
+        "base": "skipped",
+        "base-again": "skipped",
+        "base-seed-seed1": "skipped",
+        "too-weak": "skipped_failed",
+    }
 
 
 def test_unknown_query_is_refused_with_the_known_ones(grid):
@@ -213,13 +236,19 @@ def test_changed_configuration_is_rerun(grid):
     assert QueryEngine(store).sql("select lr from unlearning_configs where config_id = 'base-again'").item() == 120.0
 
 
-@pytest.mark.parametrize("entry, message", [
-    ("  - config_id: a\n    lrr: 3\n", r"configuration 'a': unknown field\(s\) \['lrr'\]: the fields are recipe, lr"),
-    ("  - config_id: a\n    recipe: sgd_ascent\n", r"configuration 'a': unknown recipe 'sgd_ascent'"),
-    ("  - config_id: a\n    param_subset: [all, mlp]\n", r"configuration 'a': unknown param_subset 'mlp'"),
-    ("  - config_id: runs/a\n", r"config_id 'runs/a' is not a safe slug.*'runs-a'"),
-    ("  - lr: 3.0\n", r"entry 1 needs a config_id"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (
+            "  - config_id: a\n    lrr: 3\n",
+            r"configuration 'a': unknown field\(s\) \['lrr'\]: the fields are recipe, lr",
+        ),
+        ("  - config_id: a\n    recipe: sgd_ascent\n", r"configuration 'a': unknown recipe 'sgd_ascent'"),
+        ("  - config_id: a\n    param_subset: [all, mlp]\n", r"configuration 'a': unknown param_subset 'mlp'"),
+        ("  - config_id: runs/a\n", r"config_id 'runs/a' is not a safe slug.*'runs-a'"),
+        ("  - lr: 3.0\n", r"entry 1 needs a config_id"),
+    ],
+)
 def test_a_bad_grid_entry_is_refused_naming_the_configuration_and_the_fix(tmp_path, entry, message):
     path = tmp_path / "grid.yaml"
     path.write_text("configs:\n" + entry)
@@ -229,7 +258,10 @@ def test_a_bad_grid_entry_is_refused_naming_the_configuration_and_the_fix(tmp_pa
 
 def test_grid_accepts_the_table_name_lambda_and_names_float_values_plainly(tmp_path):
     path = tmp_path / "grid.yaml"
-    path.write_text("configs:\n  - config_id: ewc\n    recipe: ewc_ascent\n    target_ratio: null\n    lambda: 5\n    lr: [0.001, 100.0]\n")
+    path.write_text(
+        "configs:\n  - config_id: ewc\n    recipe: ewc_ascent\n    target_ratio: null\n    lambda: 5\n"
+        "    lr: [0.001, 100.0]\n"
+    )
     configs = load_grid(path)
     assert [c.config_id for c in configs] == ["ewc-lr0p001", "ewc-lr100"]
     assert {c.lambda_ for c in configs} == {5.0}

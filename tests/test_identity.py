@@ -21,7 +21,6 @@ from tda_assets.io.tables import list_keys, read_tables
 from tests.small_root import small_root
 
 
-
 @pytest.fixture(scope="module")
 def first(tmp_path_factory):
     """A root whose training side and one query ran with protocol seed 0 and 20 training steps."""
@@ -65,18 +64,27 @@ def test_a_query_under_the_other_loss_precision_is_not_scored_from_the_fp32_loss
     bf16 = Identity(record.checkpoint_id, "s0-k16-bf16")
     with pytest.raises(IdentityError) as caught:  # the reader: fp32 baseline losses are not bf16 ones
         read_baseline(first_runner.storage, bf16, record.encoder_id)
-    assert f"the storage root has them only for checkpoint {record.checkpoint_id}, protocol s0-k16," in str(caught.value)
+    assert f"the storage root has them only for checkpoint {record.checkpoint_id}, protocol s0-k16," in str(
+        caught.value
+    )
     assert "TDA_LOSS_PRECISION is part of the protocol" in str(caught.value)
     assert "TDA_LOSS_PRECISION" not in str(  # the hint is for a precision twin only
-        pytest.raises(IdentityError, read_baseline, first_runner.storage, Identity(record.checkpoint_id, "s1-k16-bf16"),
-                      record.encoder_id).value)
+        pytest.raises(
+            IdentityError,
+            read_baseline,
+            first_runner.storage,
+            Identity(record.checkpoint_id, "s1-k16-bf16"),
+            record.encoder_id,
+        ).value
+    )
     monkeypatch.setenv("TDA_TRAIN_STEPS", "20")
     monkeypatch.setenv("TDA_LOSS_PRECISION", "bf16")
     runner, error = run_new_query(root, instance, "q-bf16")  # the product: the environment → the protocol → the error
     assert error is not None
     message = str(error)
-    assert re.search(r"protocol s0-k16-bf16.*missing.*protocol s0-k16, .*TDA_LOSS_PRECISION is part of the protocol",
-                     message, re.S), message
+    assert re.search(
+        r"protocol s0-k16-bf16.*missing.*protocol s0-k16, .*TDA_LOSS_PRECISION is part of the protocol", message, re.S
+    ), message
     assert "tda prepare" in message
     assert not list_keys(runner.storage, "attribution_scores", query_id="q-bf16")  # under no identity
 
@@ -98,9 +106,15 @@ def test_a_query_after_retraining_is_not_scored_from_the_old_losses_then_attribu
     assert not list_keys(runner.storage, "attribution_scores", query_id="q-retrained")  # under no identity
 
     have = current_training_phases(runner.storage, runner.resources["model_source"].model_source(), "s0-k16")
-    assert have == {"training_manifest": True, "training_features": True, "checkpoint": True,
-                    "fisher_diagonal": False, "baseline_losses": False, "training_embeddings": False,
-                    "training_gradients": False}
+    assert have == {
+        "training_manifest": True,
+        "training_features": True,
+        "checkpoint": True,
+        "fisher_diagonal": False,
+        "baseline_losses": False,
+        "training_embeddings": False,
+        "training_gradients": False,
+    }
     runner.training_side_if_needed()
     runner.attribute("q-retrained")
     scores = read_tables(runner.storage, "attribution_scores", query_id="q-retrained", config_id="default")
@@ -112,7 +126,9 @@ def test_a_query_after_retraining_is_not_scored_from_the_old_losses_then_attribu
 def test_the_attributions_view_exposes_both_identity_columns(first):
     root, _, runner = first
     df = QueryEngine(runner.storage).sql(
-        "SELECT DISTINCT query_id, method, checkpoint_id, protocol_id FROM attributions WHERE query_id = 'q0' ORDER BY method")
+        "SELECT DISTINCT query_id, method, checkpoint_id, protocol_id FROM attributions "
+        "WHERE query_id = 'q0' ORDER BY method"
+    )
     assert df["method"].to_list() == ["similarity:audio", "similarity:internal", "similarity:text", "unlearning"]
     assert df["checkpoint_id"].n_unique() == 1 and df["checkpoint_id"][0].startswith("embedded-")
     assert set(df["protocol_id"]) == {"s0-k16"}
@@ -121,5 +137,6 @@ def test_the_attributions_view_exposes_both_identity_columns(first):
 def test_baseline_losses_of_two_checkpoints_live_side_by_side(first):
     _, _, runner = first
     counts = QueryEngine(runner.storage).sql(
-        "SELECT checkpoint_id, protocol_id, count(*) AS n FROM baseline_losses GROUP BY ALL ORDER BY ALL")
+        "SELECT checkpoint_id, protocol_id, count(*) AS n FROM baseline_losses GROUP BY ALL ORDER BY ALL"
+    )
     assert counts.height >= 1 and all(n == 6 * 16 for n in counts["n"])

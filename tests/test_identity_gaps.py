@@ -55,11 +55,23 @@ def store(tmp_path) -> Storage:
 
 def write_baseline(store: Storage) -> None:
     for shard, ids in SHARDS.items():
-        rows = pl.DataFrame({"item_id": ids, "draw": [0] * len(ids), "t": [0.5] * len(ids), "loss": [1.0] * len(ids),
-                             "loss_masked": [1.0] * len(ids)})
+        rows = pl.DataFrame(
+            {
+                "item_id": ids,
+                "draw": [0] * len(ids),
+                "t": [0.5] * len(ids),
+                "loss": [1.0] * len(ids),
+                "loss_masked": [1.0] * len(ids),
+            }
+        )
         digest = shard_features_digest(store, ENCODER, shard)
-        write_table(store, "baseline_losses", rows.with_columns(pl.lit(digest).alias(FEATURES_DIGEST)),
-                    **IDENTITY.keys(), shard=shard)
+        write_table(
+            store,
+            "baseline_losses",
+            rows.with_columns(pl.lit(digest).alias(FEATURES_DIGEST)),
+            **IDENTITY.keys(),
+            shard=shard,
+        )
 
 
 def test_baseline_losses_of_a_changed_corpus_under_the_same_checkpoint_are_refused(store):

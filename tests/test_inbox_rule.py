@@ -40,7 +40,11 @@ def drop(store: Storage, qid: str, body: dict) -> str:
 
 def test_the_folder_of_the_manifest_the_root_was_prepared_from_is_an_allowed_root(store, tmp_path):
     record_manifest_origin(store, str(tmp_path / "corpus" / "manifest.csv"))
-    assert allowed_audio_roots(store, ["s3://clips/uploads"]) == [store.uri(""), str(tmp_path / "corpus"), "s3://clips/uploads"]
+    assert allowed_audio_roots(store, ["s3://clips/uploads"]) == [
+        store.uri(""),
+        str(tmp_path / "corpus"),
+        "s3://clips/uploads",
+    ]
 
 
 def test_the_embedded_corpus_records_no_manifest_folder(store):
@@ -51,8 +55,11 @@ def test_the_embedded_corpus_records_no_manifest_folder(store):
 def test_a_query_whose_clip_is_missing_is_invalid_until_its_clip_is_in_the_root(store, tmp_path):
     record_manifest_origin(store, str(tmp_path / "corpus" / "manifest.csv"))
     path = drop(store, "gone", {"prompt": "a flute", "audio_uri": str(tmp_path / "corpus" / "clips" / "gone.wav")})
-    with pytest.raises(QueryFileError, match=r"its clip .*gone\.wav does not exist; put the clip there, or add the "
-                                             r"query again with `tda add-query --audio FILE`"):
+    with pytest.raises(
+        QueryFileError,
+        match=r"its clip .*gone\.wav does not exist; put the clip there, or add the "
+        r"query again with `tda add-query --audio FILE`",
+    ):
         judge_query(store, path, allowed_audio_roots(store))
     store.write_bytes(key("query_features", query_id="gone"), b"features")  # its clip run already read the clip
     assert judge_query(store, path, allowed_audio_roots(store)).query_id == "gone"
@@ -74,12 +81,19 @@ def test_a_local_clip_is_copied_into_the_root(store, tmp_path):
     assert json.loads(store.read_bytes(key("inbox", name="cello-take.json")))["audio_uri"] == spec.audio_uri
 
 
-@pytest.mark.parametrize("make, says", [
-    (lambda d: str(d / "nowhere.wav"), r"audio file .*nowhere\.wav does not exist: give a path"),
-    (lambda d: (d / "bad.wav").write_bytes(b"RIFF junk") and str(d / "bad.wav"), r"cannot be decoded .*re-export it"),
-    (lambda d: clip(d / "short.wav", 0.1), r"only 100 ms long"),
-    (lambda d: f"file://{clip(d / 'elsewhere.wav')}", r"outside the allowed roots; .*TDA_ALLOWED_AUDIO_ROOTS"),
-], ids=["missing", "corrupt", "too-short", "outside-roots"])
+@pytest.mark.parametrize(
+    "make, says",
+    [
+        (lambda d: str(d / "nowhere.wav"), r"audio file .*nowhere\.wav does not exist: give a path"),
+        (
+            lambda d: (d / "bad.wav").write_bytes(b"RIFF junk") and str(d / "bad.wav"),
+            r"cannot be decoded .*re-export it",
+        ),
+        (lambda d: clip(d / "short.wav", 0.1), r"only 100 ms long"),
+        (lambda d: f"file://{clip(d / 'elsewhere.wav')}", r"outside the allowed roots; .*TDA_ALLOWED_AUDIO_ROOTS"),
+    ],
+    ids=["missing", "corrupt", "too-short", "outside-roots"],
+)
 def test_a_bad_clip_is_refused_before_anything_is_written(store, tmp_path, make, says):
     audio = make(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=says):
@@ -88,13 +102,16 @@ def test_a_bad_clip_is_refused_before_anything_is_written(store, tmp_path, make,
 
 
 def test_add_query_with_a_clip_imports_neither_torch_nor_the_definitions(tmp_path):
-    code = ("import json, sys\nfrom tda_assets.cli import main\nrc = main(sys.argv[1:])\n"
-            "print(json.dumps([m for m in ('torch', 'diffusers', 'tda_assets.definitions') if m in sys.modules]))\n"
-            "sys.exit(rc)")
+    code = (
+        "import json, sys\nfrom tda_assets.cli import main\nrc = main(sys.argv[1:])\n"
+        "print(json.dumps([m for m in ('torch', 'diffusers', 'tda_assets.definitions') if m in sys.modules]))\n"
+        "sys.exit(rc)"
+    )
     env = {**os.environ, "TDA_STORAGE_URL": str(tmp_path / "storage"), "DAGSTER_HOME": str(tmp_path / "home")}
     argv = ["add-query", "a tune", "--audio", clip(tmp_path / "a.wav")]
-    done = subprocess.run([sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=120,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code, *argv], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout.strip().splitlines()[-1]) == []
     assert "with its clip " + str(tmp_path / "storage" / "uploads" / "a-tune.wav") in done.stdout
@@ -113,9 +130,14 @@ def test_a_sensor_tick_fills_its_runs_with_valid_queries_past_the_invalid_ones(s
     for i in range(12):
         drop(store, f"q-{i:02d}", {"prompt": f"tune {i}"})
     with DagsterInstance.ephemeral() as instance:
-        context = build_sensor_context(instance=instance, resources={
-            "storage": StorageResource(url=store.url), "inbox": InboxResource(allowed_audio_roots=[str(tmp_path)]),
-            "protocol": LossProtocolResource()})
+        context = build_sensor_context(
+            instance=instance,
+            resources={
+                "storage": StorageResource(url=store.url),
+                "inbox": InboxResource(allowed_audio_roots=[str(tmp_path)]),
+                "protocol": LossProtocolResource(),
+            },
+        )
         context.log.addHandler(caplog.handler)  # the sensor's own logger (it does not propagate to the root logger)
         result = query_inbox_sensor(context)
     assert [r.partition_key for r in result.run_requests] == [f"q-{i:02d}" for i in range(10)]

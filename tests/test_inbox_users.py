@@ -53,17 +53,24 @@ def drained_inbox(tmp_path_factory):
     for i in range(LOCAL + URIS):
         sf.write(clips / f"q-{i:02d}.wav", recording(i % ARTISTS, i % 4, 1.0, rng), RATE, subtype="PCM_16")
     (clips / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio at all")
-    for name, value in {"DAGSTER_HOME": str(home), "TDA_STORAGE_URL": str(root), "TDA_TRAIN_STEPS": "20",
-                        "TDA_DRAWS": "4", "TDA_ALLOWED_AUDIO_ROOTS": str(other)}.items():
+    for name, value in {
+        "DAGSTER_HOME": str(home),
+        "TDA_STORAGE_URL": str(root),
+        "TDA_TRAIN_STEPS": "20",
+        "TDA_DRAWS": "4",
+        "TDA_ALLOWED_AUDIO_ROOTS": str(other),
+    }.items():
         mp.setenv(name, value)
     mp.delenv("TDA_MANIFEST", raising=False)  # the manifest's folder is allowed because the root was prepared from it
     results = {"prepare": run("prepare", "--manifest", str(data / "manifest.csv"))}
     for i in range(LOCAL):
-        results[f"add-{i}"] = run("add-query", f"take {i} of a band", "--id", f"local-{i:02d}",
-                                  "--audio", str(clips / f"q-{i:02d}.wav"))
+        results[f"add-{i}"] = run(
+            "add-query", f"take {i} of a band", "--id", f"local-{i:02d}", "--audio", str(clips / f"q-{i:02d}.wav")
+        )
     for i in range(LOCAL, LOCAL + URIS):
-        results[f"add-{i}"] = run("add-query", f"take {i} of a band", "--id", f"uri-{i:02d}",
-                                  "--audio", f"file://{clips}/q-{i:02d}.wav")
+        results[f"add-{i}"] = run(
+            "add-query", f"take {i} of a band", "--id", f"uri-{i:02d}", "--audio", f"file://{clips}/q-{i:02d}.wav"
+        )
     results["refused-missing"] = run("add-query", "a harp", "--id", "missing", "--audio", str(clips / "nowhere.wav"))
     results["refused-corrupt"] = run("add-query", "a harp", "--id", "corrupt", "--audio", str(clips / "corrupt.wav"))
     results["refused-prompt"] = run("add-query", " ", "--id", "blank", "--audio", str(clips / "q-00.wav"))
@@ -93,11 +100,14 @@ def test_a_local_clip_is_copied_into_the_root_and_a_uri_beside_the_manifest_is_k
     assert json.loads(store.read_bytes("inbox/uri-21.json"))["audio_uri"] == f"file://{clips}/q-21.wav"
 
 
-@pytest.mark.parametrize("case, query_id, says", [
-    ("refused-missing", "missing", "nowhere.wav does not exist: give a path"),
-    ("refused-corrupt", "corrupt", "cannot be decoded"),
-    ("refused-prompt", "blank", "the prompt is empty"),
-])
+@pytest.mark.parametrize(
+    "case, query_id, says",
+    [
+        ("refused-missing", "missing", "nowhere.wav does not exist: give a path"),
+        ("refused-corrupt", "corrupt", "cannot be decoded"),
+        ("refused-prompt", "blank", "the prompt is empty"),
+    ],
+)
 def test_a_bad_clip_or_prompt_is_refused_at_once_naming_the_fix(drained_inbox, case, query_id, says):
     store, _, results = drained_inbox
     code, _, err = results[case]

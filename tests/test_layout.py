@@ -15,8 +15,18 @@ from tda_assets.io.storage import Storage
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("tda_assets", "resources")
-KEY_FRAGMENTS = ("query_id=", "config_id=", "shard=", "checkpoint_id=", "protocol_id=", "encoder_id=", "method=",
-                 "part-0.parquet", "part-*.parquet", ".safetensors")
+KEY_FRAGMENTS = (
+    "query_id=",
+    "config_id=",
+    "shard=",
+    "checkpoint_id=",
+    "protocol_id=",
+    "encoder_id=",
+    "method=",
+    "part-0.parquet",
+    "part-*.parquet",
+    ".safetensors",
+)
 REGISTRY = "tda_assets.io.registry"
 PLAIN_LAYERS = ("tda_assets.attribution", "tda_assets.models", "tda_assets.data", "tda_assets.io", "resources.env")
 # the AWS SDK's and the hub's own variables where their clients are made; a write (setdefault) is not a read
@@ -63,8 +73,11 @@ def strings(tree: ast.Module) -> list[str]:
 
 
 def test_no_module_but_the_registry_spells_a_storage_key():
-    offenders = {name: [f for f in KEY_FRAGMENTS if any(f in s for s in strings(tree))]
-                 for name, tree in modules().items() if name != REGISTRY}
+    offenders = {
+        name: [f for f in KEY_FRAGMENTS if any(f in s for s in strings(tree))]
+        for name, tree in modules().items()
+        if name != REGISTRY
+    }
     assert {n: f for n, f in offenders.items() if f} == {}
 
 
@@ -87,7 +100,7 @@ def test_no_import_cycle_at_module_level():
         state[m] = 1
         for n in sorted(graph[m]):
             if state.get(n) == 1:
-                cycle.extend(stack[stack.index(n):] + [m, n] if n in stack else [m, n])
+                cycle.extend(stack[stack.index(n) :] + [m, n] if n in stack else [m, n])
                 return True
             if n not in state and visit(n, stack + [m]):
                 return True
@@ -114,9 +127,14 @@ def test_the_engine_and_storage_layers_import_no_dagster():
 def test_lower_layers_never_import_the_orchestration():
     for m, tree in modules().items():
         if m.startswith(PLAIN_LAYERS):
-            upward = {i for i in imports(m, tree, top_level_only=False)
-                      if i.startswith(("tda_assets.defs", "tda_assets.experiments", "tda_assets.definitions", "tda_assets.cli"))
-                      or (i.startswith("resources") and not i.startswith("resources.env"))}
+            upward = {
+                i
+                for i in imports(m, tree, top_level_only=False)
+                if i.startswith(
+                    ("tda_assets.defs", "tda_assets.experiments", "tda_assets.definitions", "tda_assets.cli")
+                )
+                or (i.startswith("resources") and not i.startswith("resources.env"))
+            }
             assert not upward, (m, upward)
 
 
@@ -137,18 +155,26 @@ def test_unlearning_configs_columns_are_the_engine_settings_fields():
 
     names = [f.name for f in fields(UnlearningSettings)]
     assert list(UnlearningConfig.model_fields) == ["config_id", *names]
-    assert list(TABLES["unlearning_configs"].columns) == [f.metadata.get("column", f.name) for f in fields(UnlearningSettings)]
+    assert list(TABLES["unlearning_configs"].columns) == [
+        f.metadata.get("column", f.name) for f in fields(UnlearningSettings)
+    ]
 
 
-@pytest.mark.parametrize("view, keys", [
-    ("training_items", ["item_id", "audio_uri", "caption", "artist", "duration_s", "shard"]),
-    ("baseline_losses", ["checkpoint_id", "protocol_id", "item_id", "draw", "t", "loss"]),
-    ("queries", ["query_id", "prompt", "seed", "audio_uri", "target_artist"]),
-    ("unlearning_configs", ["config_id", "recipe", "lr", "steps", "lambda", "param_subset", "seed"]),
-    ("unlearning_runs", ["query_id", "config_id", "query_loss_before", "query_loss_after", "delta_uri"]),
-    ("attributions", ["query_id", "config_id", "method", "item_id", "score", "rank", "checkpoint_id", "protocol_id"]),
-    ("consistency", ["query_id", "left", "right", "metric", "k", "value"]),
-])
+@pytest.mark.parametrize(
+    "view, keys",
+    [
+        ("training_items", ["item_id", "audio_uri", "caption", "artist", "duration_s", "shard"]),
+        ("baseline_losses", ["checkpoint_id", "protocol_id", "item_id", "draw", "t", "loss"]),
+        ("queries", ["query_id", "prompt", "seed", "audio_uri", "target_artist"]),
+        ("unlearning_configs", ["config_id", "recipe", "lr", "steps", "lambda", "param_subset", "seed"]),
+        ("unlearning_runs", ["query_id", "config_id", "query_loss_before", "query_loss_after", "delta_uri"]),
+        (
+            "attributions",
+            ["query_id", "config_id", "method", "item_id", "score", "rank", "checkpoint_id", "protocol_id"],
+        ),
+        ("consistency", ["query_id", "left", "right", "metric", "k", "value"]),
+    ],
+)
 def test_every_view_has_the_key_columns_of_the_design(tmp_path, view, keys):
     columns = QueryEngine(Storage(str(tmp_path))).sql(f"SELECT * FROM {view}").columns
     assert [c for c in columns if c in keys] == keys

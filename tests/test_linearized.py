@@ -13,7 +13,9 @@ from tda_assets.attribution.losses import batch_losses, diffusion_loss, expand_d
 from tda_assets.attribution.unlearn import UnlearningSettings
 from tests.tiny_model import PROTOCOL, tiny_trained
 
-TINY_STEP = UnlearningSettings(lr=3.0, query_draws=16, target_ratio=None, score_type="mean_delta")  # raises the tiny model's query losses ×1.0003–×1.0005
+TINY_STEP = UnlearningSettings(
+    lr=3.0, query_draws=16, target_ratio=None, score_type="mean_delta"
+)  # raises the tiny model's query losses ×1.0003–×1.0005
 
 
 def jaccard10(a: np.ndarray, b: np.ndarray) -> float:
@@ -67,7 +69,9 @@ def test_linearized_matches_exact_one_step_at_a_tiny_step(model):
 
 def test_store_and_settings_must_match(model):
     adapter, train, queries, fisher, _ = model
-    store = gradient_store(adapter, [train.select([0, 1])], PROTOCOL, "cross_attention_kv", Compute(), k=64, fisher=fisher)
+    store = gradient_store(
+        adapter, [train.select([0, 1])], PROTOCOL, "cross_attention_kv", Compute(), k=64, fisher=fisher
+    )
     with pytest.raises(ValueError, match="subset"):
         linearized_query(adapter, queries.select([0]), fisher, TINY_STEP, PROTOCOL, Compute(), 2, store)
     with pytest.raises(ValueError, match="damping"):

@@ -40,7 +40,12 @@ def lay_out_snapshot(cache: Path, repo: str, commit: str, files: Path, refs: tup
         link = snapshot / rel
         link.parent.mkdir(parents=True, exist_ok=True)
         link.symlink_to(os.path.relpath(repo_dir / "blobs" / blob, link.parent))
-        tree[rel] = {"size": len(data), "blob_id": hashlib.sha1(data).hexdigest(), "lfs_sha256": blob, "lfs_size": len(data)}
+        tree[rel] = {
+            "size": len(data),
+            "blob_id": hashlib.sha1(data).hexdigest(),
+            "lfs_sha256": blob,
+            "lfs_size": len(data),
+        }
     for ref in refs:
         (repo_dir / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
         (repo_dir / "refs" / ref).write_text(commit)
@@ -87,12 +92,16 @@ def test_hub_cache_and_offline_mode_are_read_from_the_environment_when_resolving
 
 
 def test_unknown_hub_repo_names_the_repo(hub):
-    with pytest.raises(ModelSourceError, match=r"repository tda-test/no-such-model is not in the hub cache .*HF_HUB_OFFLINE=1"):
+    with pytest.raises(
+        ModelSourceError, match=r"repository tda-test/no-such-model is not in the hub cache .*HF_HUB_OFFLINE=1"
+    ):
         resolve_hf("hf://tda-test/no-such-model@main", cache_dir=str(hub), offline=True)
 
 
 def test_unknown_hub_revision_names_it_and_lists_the_cached_ones(hub):
-    with pytest.raises(ModelSourceError, match=rf"revision 'v9' of {REPO} is not in the hub cache .*cached: main, v1, {COMMIT}"):
+    with pytest.raises(
+        ModelSourceError, match=rf"revision 'v9' of {REPO} is not in the hub cache .*cached: main, v1, {COMMIT}"
+    ):
         resolve_hf(f"hf://{REPO}@v9", cache_dir=str(hub), offline=True)
 
 
@@ -126,12 +135,17 @@ def test_hub_repo_of_the_wrong_kind_is_refused(tmp_path, monkeypatch):
 def test_local_folder_resolves(model_files):
     for source in (str(model_files), f"file://{model_files}"):
         resolved = resolve_folder(source)
-        assert resolved.folder == model_files and resolved.checkpoint_id.startswith("local-") and resolved.revision is None
+        assert (
+            resolved.folder == model_files and resolved.checkpoint_id.startswith("local-") and resolved.revision is None
+        )
 
 
 def test_local_folder_of_another_pipeline_is_refused(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
-    with pytest.raises(ModelSourceError, match=rf"model folder {tmp_path} holds a diffusers StableDiffusionPipeline.*StableAudioPipeline"):
+    with pytest.raises(
+        ModelSourceError,
+        match=rf"model folder {tmp_path} holds a diffusers StableDiffusionPipeline.*StableAudioPipeline",
+    ):
         resolve_folder(str(tmp_path))
 
 
@@ -141,7 +155,9 @@ def test_empty_local_folder_is_refused(tmp_path):
 
 
 def test_missing_local_folder_is_refused(tmp_path):
-    with pytest.raises(ModelSourceError, match=r"folder not found; give a diffusers model folder, s3://…, hf://…@rev or 'embedded'"):
+    with pytest.raises(
+        ModelSourceError, match=r"folder not found; give a diffusers model folder, s3://…, hf://…@rev or 'embedded'"
+    ):
         resolve_source(str(tmp_path / "nowhere"))
 
 
@@ -162,7 +178,9 @@ def test_s3_folder_resolves_to_a_local_copy(s3_root, model_files, tmp_path):
         models.write_bytes(f.relative_to(model_files).as_posix(), f.read_bytes())
     resolved = resolve_source(url, copies_dir=str(tmp_path))
     assert resolved.checkpoint_id.startswith("s3-") and resolved.folder.is_relative_to(tmp_path)
-    assert (resolved.folder / "transformer" / "config.json").read_bytes() == (model_files / "transformer" / "config.json").read_bytes()
+    assert (resolved.folder / "transformer" / "config.json").read_bytes() == (
+        model_files / "transformer" / "config.json"
+    ).read_bytes()
     assert resolve_source(url, copies_dir=str(tmp_path)).checkpoint_id == resolved.checkpoint_id
     models.write_bytes("tda_model.json", (model_files / "tda_model.json").read_bytes() + b"\n")  # a re-upload
     assert resolve_source(url, copies_dir=str(tmp_path)).checkpoint_id != resolved.checkpoint_id
@@ -180,10 +198,19 @@ def test_hf_token_comes_from_the_environment_as_an_envvar(monkeypatch):
 def test_checkpoint_asset_records_the_pinned_hub_revision(hub, tmp_path, monkeypatch):
     store_url = str(tmp_path / "storage")
     monkeypatch.setenv("HF_TOKEN", "hf_not_a_real_token")  # resolved by Dagster at run time; unused offline
-    source = ModelSourceResource(source=f"hf://{REPO}@main", hf_token=EnvVar("HF_TOKEN"), cache_dir=str(hub), offline=True)
+    source = ModelSourceResource(
+        source=f"hf://{REPO}@main", hf_token=EnvVar("HF_TOKEN"), cache_dir=str(hub), offline=True
+    )
     instance = DagsterInstance.ephemeral()
-    result = materialize([checkpoint], instance=instance, resources={
-        "storage": StorageResource(url=store_url), "model_source": source, "compute": ComputeResource(device="cpu")})
+    result = materialize(
+        [checkpoint],
+        instance=instance,
+        resources={
+            "storage": StorageResource(url=store_url),
+            "model_source": source,
+            "compute": ComputeResource(device="cpu"),
+        },
+    )
     assert result.success
     meta = instance.get_latest_materialization_event(AssetKey("checkpoint")).asset_materialization.metadata
     assert meta["kind"].value == "external" and meta["source"].value == f"hf://{REPO}@main"

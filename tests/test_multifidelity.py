@@ -31,6 +31,7 @@ def fake_losses(after: np.ndarray, calls: list):
     def fn(idx, start, stop):
         calls.append((tuple(idx), start, stop))
         return after[idx, start:stop]
+
     return fn
 
 
@@ -41,7 +42,9 @@ def test_two_stage_halving_ranks_and_draw_accounting():
     after = base + rng.normal(0, 0.1, (n, k)) + np.linspace(0, 1, n)[:, None]
     signal = np.linspace(0, 1, n) + rng.normal(0, 0.05, n)
     calls = []
-    res = two_stage(base, fake_losses(after, calls), {"a": signal, "b": -signal}, top=6, first_draws=2, keep=0.5, min_keep=3)
+    res = two_stage(
+        base, fake_losses(after, calls), {"a": signal, "b": -signal}, top=6, first_draws=2, keep=0.5, min_keep=3
+    )
     cand = candidates({"a": signal, "b": -signal}, 6)
     assert len(cand) == 12 and set(np.flatnonzero(res.rescored)) == set(cand)
     assert [c[1:] for c in calls] == [(0, 2), (2, 8)] and len(calls[1][0]) == 6  # no draw evaluated twice
@@ -49,7 +52,12 @@ def test_two_stage_halving_ranks_and_draw_accounting():
     full = np.flatnonzero(res.draws_used == k)
     assert np.allclose(res.score[full], (after - base)[full].mean(1))
     assert np.isnan(res.score[~res.rescored]).all()
-    assert res.rank[full].max() < res.rank[res.draws_used == 2].min() <= res.rank[res.draws_used == 2].max() < res.rank[~res.rescored].min()
+    assert (
+        res.rank[full].max()
+        < res.rank[res.draws_used == 2].min()
+        <= res.rank[res.draws_used == 2].max()
+        < res.rank[~res.rescored].min()
+    )
     assert sorted(res.rank) == list(range(1, n + 1))
 
 
@@ -60,11 +68,15 @@ def test_two_stage_ranks_survivors_by_the_configured_score_type():
     after = base * (1 + rng.normal(0.05, 0.05, (n, k)))
     signal = rng.random(n)
     for score_type in ("mean_delta", "skew"):
-        everything = two_stage(base, fake_losses(after, []), {"a": signal}, top=1.0, first_draws=k, score_type=score_type)
+        everything = two_stage(
+            base, fake_losses(after, []), {"a": signal}, top=1.0, first_draws=k, score_type=score_type
+        )
         exact = attribution_scores(base, after, score_type)
         assert np.allclose(everything.score, exact["score"]) and np.array_equal(everything.rank, exact["rank"])
-    skew, mean = (two_stage(base, fake_losses(after, []), {"a": signal}, top=1.0, first_draws=k, score_type=t).rank
-                  for t in ("skew", "mean_delta"))
+    skew, mean = (
+        two_stage(base, fake_losses(after, []), {"a": signal}, top=1.0, first_draws=k, score_type=t).rank
+        for t in ("skew", "mean_delta")
+    )
     assert not np.array_equal(skew, mean)
 
 

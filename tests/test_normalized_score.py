@@ -49,8 +49,15 @@ def test_the_floor_keeps_a_near_zero_gradient_from_lifting_its_item_to_the_top()
 def test_two_stage_floors_at_the_median_of_all_items_not_of_its_candidates():
     """Only items 2 and 3 are candidates (their median norm 1.005 would floor at 0.5025); the floor is the full one."""
     signal = np.array([0.0, 0.1, 1.0, 0.9])
-    res = two_stage(MD_BASE, lambda idx, a, b: MD_AFTER[idx, a:b], {"a": signal}, top=2, first_draws=2,
-                    score_type="normalized", item_norms=NORMS)
+    res = two_stage(
+        MD_BASE,
+        lambda idx, a, b: MD_AFTER[idx, a:b],
+        {"a": signal},
+        top=2,
+        first_draws=2,
+        score_type="normalized",
+        item_norms=NORMS,
+    )
     assert res.rescored.tolist() == [False, False, True, True]
     np.testing.assert_allclose(res.score[2:], [0.02 / 0.75, 0.15])
     assert res.rank.tolist() == [4, 3, 2, 1]  # rescored first (by score), then the rest by their signal rank
@@ -100,10 +107,13 @@ def test_settings_say_which_configurations_read_the_gradient_store():
 
 @pytest.fixture(scope="module")
 def stores(trained, fisher, protocol):
-    """The items' preconditioned gradients, unsketched (exact norms) and CountSketched to k = 4096 (the default store)."""
+    """The items' preconditioned gradients, unsketched (exact norms) and CountSketched to k = 4096 (the default
+    store)."""
     adapter, batch = trained
-    return (gradient_store(adapter, [batch], protocol, "all", Compute(), k=None, fisher=fisher),
-            gradient_store(adapter, [batch], protocol, "all", Compute(), k=4096, fisher=fisher))
+    return (
+        gradient_store(adapter, [batch], protocol, "all", Compute(), k=None, fisher=fisher),
+        gradient_store(adapter, [batch], protocol, "all", Compute(), k=4096, fisher=fisher),
+    )
 
 
 def test_sketched_item_norms_estimate_the_exact_preconditioned_norms(stores):
@@ -121,12 +131,16 @@ def test_normalized_ranks_the_self_query_first_at_least_as_often_as_mean_delta(t
     k-means targets, all 16 draws. Measured self ranks: normalized [1, 1, 4, 1, 1, 1, 1, 1] (7 first, R 1.38), mean ΔL
     [2, 2, 3, 1, 1, 1, 1, 2] (4, R 1.62), skew [1, 1, 3, 1, 1, 1, 1, 2] (6, R 1.38)."""
     adapter, batch = trained
-    targets = [batch.item_ids.index(i) for i in choose_targets(audio_embedding(batch).numpy(), batch.item_ids, 8, seed=0)]
+    targets = [
+        batch.item_ids.index(i) for i in choose_targets(audio_embedding(batch).numpy(), batch.item_ids, 8, seed=0)
+    ]
     l0 = batch_losses(adapter, batch, protocol, Compute()).loss.numpy()
     norms = stores[1].item_norms
     ranks: dict[str, list[int]] = {"normalized": [], "mean_delta": [], "skew": []}
     for t in targets:
-        result = unlearn(adapter, batch.select([t]), fisher, UnlearningSettings(), protocol, Compute(), n_train=len(batch))
+        result = unlearn(
+            adapter, batch.select([t]), fisher, UnlearningSettings(), protocol, Compute(), n_train=len(batch)
+        )
         with apply_delta(adapter.denoiser, result.delta):
             lu = batch_losses(adapter, batch, protocol, Compute()).loss.numpy()
         for score_type, r in ranks.items():

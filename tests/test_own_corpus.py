@@ -24,8 +24,12 @@ COPIED = "rec-a2-03"
 
 def recording(artist: int, take: int, seconds: float, rng: np.random.Generator) -> np.ndarray:
     """A stereo melody: the artist fixes the timbre and scale, the take the notes and tempo."""
-    harmonics = [np.array([1.0, 0.5, 0.3, 0.1]), np.array([1.0, 0.05, 0.6, 0.05]), np.array([1.0, 0.8, 0.6, 0.5]),
-                 np.array([1.0, 0.0, 0.0, 0.0])][artist]
+    harmonics = [
+        np.array([1.0, 0.5, 0.3, 0.1]),
+        np.array([1.0, 0.05, 0.6, 0.05]),
+        np.array([1.0, 0.8, 0.6, 0.5]),
+        np.array([1.0, 0.0, 0.0, 0.0]),
+    ][artist]
     scale = 220.0 * 2 ** (np.array([0, 2, 4, 7, 9, 12]) / 12 + artist / 4)
     note_s = 0.15 + 0.1 * take
     t = np.arange(int(seconds * RATE)) / RATE
@@ -56,8 +60,14 @@ def own_corpus(tmp_path_factory):
             item = f"rec-a{a}-{take:02d}"
             audio = recording(a, take, float(rng.uniform(2, 10)), rng)
             sf.write(folder / f"{item}.wav", audio, RATE, subtype="PCM_16")
-            rows.append({"item_id": item, "audio_uri": f"{item}.wav", "caption": f"take {take} in the style of band {a}",
-                         "artist": f"band-{a}"})
+            rows.append(
+                {
+                    "item_id": item,
+                    "audio_uri": f"{item}.wav",
+                    "caption": f"take {take} in the style of band {a}",
+                    "artist": f"band-{a}",
+                }
+            )
     pl.DataFrame(rows).write_csv(folder / "manifest.csv")
     source, _ = sf.read(folder / f"{COPIED}.wav", dtype="float32")
     copy = (0.5 * resample_poly(source, 160, 147, axis=0)).astype(np.float32)  # 44.1 → 48 kHz, −6 dB

@@ -87,7 +87,8 @@ def test_each_query_has_one_attribution_row_per_item_with_ranks_1_to_n(pipeline)
     _, store, _ = pipeline
     df = QueryEngine(store).sql(
         "select query_id, count(*) n, min(rank) lo, max(rank) hi from attributions "
-        "where method = 'unlearning' group by query_id order by query_id")
+        "where method = 'unlearning' group by query_id order by query_id"
+    )
     n = ARTISTS * CLIPS
     assert df.rows() == [("demo-artist-00", n, 1, n), ("demo-artist-01", n, 1, n)]
 
@@ -119,8 +120,10 @@ def test_a_second_configuration_lands_beside_the_default(pipeline):
     runner, store, _ = pipeline
     runner.attribute_config("demo-artist-01", UnlearningConfig(config_id="lr10", lr=10.0))
     engine = QueryEngine(store)
-    configs = engine.sql("select distinct config_id from attributions where query_id = 'demo-artist-01' "
-                         "and method = 'unlearning' order by 1")
+    configs = engine.sql(
+        "select distinct config_id from attributions where query_id = 'demo-artist-01' "
+        "and method = 'unlearning' order by 1"
+    )
     assert configs["config_id"].to_list() == ["default", "lr10"]
     assert engine.sql("select lr from unlearning_configs where config_id = 'lr10'").item() == 10.0
 
@@ -130,7 +133,9 @@ def test_a_config_partition_launched_without_run_config_runs_its_recorded_settin
     record_config(store, UnlearningConfig(config_id="lr20", lr=20.0, target_ratio=None))  # a fixed step
     runner.add_partitions("demo-artist-00", "lr20")
     runner.run(UNLEARNING_ASSETS, query_config_key("demo-artist-00", "lr20"))  # as the UI launches it
-    runs = read_tables(store, "unlearning_runs", query_id="demo-artist-00", config_id="lr20")  # one identity: the root's
+    runs = read_tables(
+        store, "unlearning_runs", query_id="demo-artist-00", config_id="lr20"
+    )  # one identity: the root's
     assert runs["lr_used"].item() == 20.0
 
 
@@ -138,8 +143,11 @@ def test_a_run_config_naming_another_configuration_than_the_partition_is_refused
     runner, _, _ = pipeline
     runner.add_partitions("demo-artist-00", "lr30")
     with pytest.raises(Exception, match=r"run config is configuration 'lr40' but the partition's is 'lr30'"):
-        runner.run(UNLEARNING_ASSETS, query_config_key("demo-artist-00", "lr30"),
-                   unlearning_run_config(UnlearningConfig(config_id="lr40", lr=40.0)))
+        runner.run(
+            UNLEARNING_ASSETS,
+            query_config_key("demo-artist-00", "lr30"),
+            unlearning_run_config(UnlearningConfig(config_id="lr40", lr=40.0)),
+        )
 
 
 def test_query_id_with_a_slash_is_refused_with_the_fix(pipeline):
@@ -174,10 +182,14 @@ def test_a_second_configuration_s_self_influence_lands_beside_the_first(pipeline
     runner, store, _ = pipeline
     runner.run(["self_influence"], run_config={"ops": {"self_influence": {"config": {"n_targets": 3, "k": 3}}}})
     runner.attribute_config("demo-artist-00", UnlearningConfig(config_id="target", target_ratio=1.2))  # records it
-    runner.run(["self_influence"], run_config={"ops": {"self_influence": {"config": {"config_ids": ["target"], "n_targets": 3,
-                                                                                         "k": 3}}}})
-    df = QueryEngine(store).sql("select config_id, count(*) as n, min(loss_ratio) as lo, max(loss_ratio) as hi "
-                                "from self_influence group by all order by all")
+    runner.run(
+        ["self_influence"],
+        run_config={"ops": {"self_influence": {"config": {"config_ids": ["target"], "n_targets": 3, "k": 3}}}},
+    )
+    df = QueryEngine(store).sql(
+        "select config_id, count(*) as n, min(loss_ratio) as lo, max(loss_ratio) as hi "
+        "from self_influence group by all order by all"
+    )
     assert df.select("config_id", "n").rows() == [("default", 3), ("target", 3)]
     lo, hi = df.filter(df["config_id"] == "target").select("lo", "hi").row(0)
     assert 1.1 < lo and hi < 1.3  # the step size was searched per target: 1.2 ± 10% of 0.2, and the protocol draws

@@ -49,7 +49,10 @@ def test_draws_are_identical_in_two_separate_processes():
         f"t, e = LossProtocol(seed=7, draws=3).draws_for({IDS[:3]!r}, {SHAPE!r}, DiffusionObjective());"
         "print(repr(t.tolist())); print(float(e.sum()))"
     )
-    outs = [subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout for _ in range(2)]
+    outs = [
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+        for _ in range(2)
+    ]
     t, e = LossProtocol(seed=7, draws=3).draws_for(IDS[:3], SHAPE, DiffusionObjective())
     assert outs[0] == outs[1] == f"{t.tolist()!r}\n{float(e.sum())}\n"
 
@@ -59,7 +62,10 @@ def test_the_precision_is_part_of_the_protocol_id_and_fp32_ids_are_unchanged():
     bf16 = LossProtocol(seed=0, draws=16, precision="bf16")
     assert bf16.protocol_id == protocol_id(0, 16, precision="bf16") == "s0-k16-bf16"
     assert bf16.window(2, 7) == LossProtocol(seed=0, draws=5, first_draw=2, precision="bf16")
-    assert bf16.window(2, 7).protocol_id == "s0-k5-from2-bf16" and LossProtocol(seed=0).window(2, 7).protocol_id == "s0-k5-from2"
+    assert (
+        bf16.window(2, 7).protocol_id == "s0-k5-from2-bf16"
+        and LossProtocol(seed=0).window(2, 7).protocol_id == "s0-k5-from2"
+    )
     t, e = LossProtocol(seed=3, draws=4).draws_for(IDS[:2], SHAPE, DiffusionObjective())
     t_bf, e_bf = LossProtocol(seed=3, draws=4, precision="bf16").draws_for(IDS[:2], SHAPE, DiffusionObjective())
     assert torch.equal(t, t_bf) and torch.equal(e, e_bf)  # the same draws: only what the losses are measured in differs

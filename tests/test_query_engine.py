@@ -66,18 +66,58 @@ def write_tiny_dataset(storage: Storage) -> None:
     write_table(storage, "training_manifest", manifest)
     for q, target in [("0012", "A"), ("q2", "B")]:
         run = {"query_id": q, "config_id": "default"}
-        query = row(prompt=f"in the style of {target}", seed=1, audio_uri=f"q/{q}.wav", target_artist=target,
-                    encoder_id="e", generated_by=None, source_rate=16000, source_channels=1, seconds=4.096, windows=1)
+        query = row(
+            prompt=f"in the style of {target}",
+            seed=1,
+            audio_uri=f"q/{q}.wav",
+            target_artist=target,
+            encoder_id="e",
+            generated_by=None,
+            source_rate=16000,
+            source_channels=1,
+            seconds=4.096,
+            windows=1,
+        )
         write_table(storage, "queries", query, query_id=q)
-        unlearning = ranked(UNLEARNING[q]).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score",
-                                                        mean_delta="score", score_type=pl.lit("mean_delta"), **IDENTITY)
-        write_table(storage, "attribution_scores", unlearning.with_columns(rescored=True, draws_used=1), **run,
-                    **IDENTITY_VALUES)
-        write_table(storage, "similarity_scores", ranked(SIMILARITY[q]).with_columns(**IDENTITY), query_id=q,
-                    method="similarity:audio")
-        write_table(storage, "unlearning_runs", row(query_loss_before=1.0, query_loss_after=1.5, delta_uri="d", seconds=0.1,
-                                                       lr_used=1e-3, target_ratio=None, search_ratio=None, probes=0,
-                                                       **IDENTITY_VALUES), **run, **IDENTITY_VALUES)
+        unlearning = ranked(UNLEARNING[q]).with_columns(
+            method=pl.lit("unlearning"),
+            relative_score="score",
+            skew_score="score",
+            mean_delta="score",
+            score_type=pl.lit("mean_delta"),
+            **IDENTITY,
+        )
+        write_table(
+            storage,
+            "attribution_scores",
+            unlearning.with_columns(rescored=True, draws_used=1),
+            **run,
+            **IDENTITY_VALUES,
+        )
+        write_table(
+            storage,
+            "similarity_scores",
+            ranked(SIMILARITY[q]).with_columns(**IDENTITY),
+            query_id=q,
+            method="similarity:audio",
+        )
+        write_table(
+            storage,
+            "unlearning_runs",
+            row(
+                query_loss_before=1.0,
+                query_loss_after=1.5,
+                delta_uri="d",
+                seconds=0.1,
+                lr_used=1e-3,
+                target_ratio=None,
+                search_ratio=None,
+                probes=0,
+                **IDENTITY_VALUES,
+            ),
+            **run,
+            **IDENTITY_VALUES,
+        )
         losses = pl.DataFrame({"item_id": list(ITEMS), "draw": [0] * 6, "loss": [1.0] * 6, "loss_masked": [1.0] * 6})
         write_table(storage, "unlearned_losses", losses, **run, checkpoint_id="c", protocol_id="p")
     config = row(**settings_row(UnlearningSettings(lr=1e-3, optimizer="sgd", query_draws=8, damping=1e-8)))
@@ -85,21 +125,50 @@ def write_tiny_dataset(storage: Storage) -> None:
     for shard in ("s0", "s1"):
         losses = row(item_id="i1", draw=0, t=0.5, loss=1.0, loss_masked=1.0, features_digest="f")
         write_table(storage, "baseline_losses", losses, shard=shard, checkpoint_id="c", protocol_id="p")
-    write_table(storage, "consistency", pl.DataFrame(CONSISTENCY, schema=["query_id", "left", "right", "metric", "k", "value"], orient="row")
-                .with_columns(**IDENTITY), **IDENTITY_VALUES)
+    write_table(
+        storage,
+        "consistency",
+        pl.DataFrame(
+            CONSISTENCY, schema=["query_id", "left", "right", "metric", "k", "value"], orient="row"
+        ).with_columns(**IDENTITY),
+        **IDENTITY_VALUES,
+    )
     # Three shared random removals raised both queries' loss by 0.01, 0.02, 0.03 (mean 0.02, sd 0.01, floor 0.04).
     # Query 0012: its top-k by 0.2, its artist's other items by 0.1 (item floor 0.12): it passes both. Query q2: its
     # top-k by 0.06 (above the floor), its artist's other items by 0.08 (item floor 0.10): artist level only.
     random = [("random", 0, 0.01), ("random", 1, 0.02), ("random", 2, 0.03)]
-    counterfactual = pl.concat([
-        row(query_id=q, removal=removal, removal_seed=seed, k=2, query_loss_full=1.0, query_loss_removed=1.0 + rise,
-            loss_rise=rise, relative_rise=rise, removed_of_target_artist=2, removed_items="a,b", config_id="default",
-            train_steps=100, full_model="checkpoint", query_draws=64, random_rise_mean=0.02, random_rise_sd=0.01,
-            noise_floor=0.04, floor_sds=2.0, passed=True, same_artist_rise=same, item_floor=same + 0.02,
-            passed_item_level=q == "0012", **IDENTITY_VALUES)
-        for q, attributed, same in (("0012", 0.2, 0.1), ("q2", 0.06, 0.08))
-        for removal, seed, rise in [("attributed", None, attributed), *random, ("same_artist", 0, same)]],
-        how="diagonal_relaxed")
+    counterfactual = pl.concat(
+        [
+            row(
+                query_id=q,
+                removal=removal,
+                removal_seed=seed,
+                k=2,
+                query_loss_full=1.0,
+                query_loss_removed=1.0 + rise,
+                loss_rise=rise,
+                relative_rise=rise,
+                removed_of_target_artist=2,
+                removed_items="a,b",
+                config_id="default",
+                train_steps=100,
+                full_model="checkpoint",
+                query_draws=64,
+                random_rise_mean=0.02,
+                random_rise_sd=0.01,
+                noise_floor=0.04,
+                floor_sds=2.0,
+                passed=True,
+                same_artist_rise=same,
+                item_floor=same + 0.02,
+                passed_item_level=q == "0012",
+                **IDENTITY_VALUES,
+            )
+            for q, attributed, same in (("0012", 0.2, 0.1), ("q2", 0.06, 0.08))
+            for removal, seed, rise in [("attributed", None, attributed), *random, ("same_artist", 0, same)]
+        ],
+        how="diagonal_relaxed",
+    )
     write_table(storage, "counterfactual", counterfactual, **IDENTITY_VALUES)
 
 
@@ -112,8 +181,16 @@ def engine(tmp_path) -> QueryEngine:
 
 def test_views_return_the_rows(engine):
     assert engine.table_counts() == {
-        "training_items": 6, "baseline_losses": 2, "queries": 2, "unlearning_configs": 1, "unlearning_runs": 2,
-        "unlearned_losses": 12, "attributions": 24, "consistency": 6, "counterfactual": 10, "self_influence": 0,
+        "training_items": 6,
+        "baseline_losses": 2,
+        "queries": 2,
+        "unlearning_configs": 1,
+        "unlearning_runs": 2,
+        "unlearned_losses": 12,
+        "attributions": 24,
+        "consistency": 6,
+        "counterfactual": 10,
+        "self_influence": 0,
         "replication": 0,
     }
 
@@ -131,14 +208,35 @@ def test_similarity_rows_have_their_method_and_no_config(engine):
 def test_fresh_root_has_every_view_with_zero_rows(tmp_path):
     engine = QueryEngine(Storage(str(tmp_path / "empty")))
     counts = engine.table_counts()
-    assert set(counts) == {"training_items", "baseline_losses", "queries", "unlearning_configs", "unlearning_runs",
-                           "unlearned_losses", "attributions", "consistency", "counterfactual", "self_influence",
-                           "replication"}
+    assert set(counts) == {
+        "training_items",
+        "baseline_losses",
+        "queries",
+        "unlearning_configs",
+        "unlearning_runs",
+        "unlearned_losses",
+        "attributions",
+        "consistency",
+        "counterfactual",
+        "self_influence",
+        "replication",
+    }
     assert set(counts.values()) == {0}
     schema = engine.sql("SELECT * FROM attributions").schema
     assert list(schema) == [
-        "query_id", "config_id", "method", "item_id", "score", "rank", "relative_score", "skew_score", "share",
-        "checkpoint_id", "protocol_id", "rescored", "draws_used",
+        "query_id",
+        "config_id",
+        "method",
+        "item_id",
+        "score",
+        "rank",
+        "relative_score",
+        "skew_score",
+        "share",
+        "checkpoint_id",
+        "protocol_id",
+        "rescored",
+        "draws_used",
     ]
     assert schema["query_id"] == pl.String and schema["rank"] == pl.Int64 and schema["score"] == pl.Float64
     assert schema["rescored"] == pl.Boolean and schema["draws_used"] == pl.Int64
@@ -151,9 +249,23 @@ def test_named_queries_run_on_a_fresh_root(tmp_path):
 
 
 def test_new_files_are_seen_by_the_next_query(engine):
-    write_table(engine.storage, "queries", row(prompt="p", seed=2, audio_uri="u", target_artist=None, encoder_id="e",
-                                               generated_by=None, source_rate=16000, source_channels=1, seconds=4.096,
-                                               windows=1), query_id="q3")
+    write_table(
+        engine.storage,
+        "queries",
+        row(
+            prompt="p",
+            seed=2,
+            audio_uri="u",
+            target_artist=None,
+            encoder_id="e",
+            generated_by=None,
+            source_rate=16000,
+            source_channels=1,
+            seconds=4.096,
+            windows=1,
+        ),
+        query_id="q3",
+    )
     assert engine.sql("SELECT query_id FROM queries ORDER BY 1")["query_id"].to_list() == ["0012", "q2", "q3"]
 
 
@@ -186,7 +298,9 @@ def test_top_k_default_k_is_ten(engine):
 
 def test_artist_shares_top_artist_per_query_and_method(engine):
     df = engine.named("artist_shares", k=2).filter(pl.col("artist_rank") == 1)
-    got = {(r[0], r[1]): r[2:] for r in df.select("query_id", "method", "artist", "share", "top_artist_is_target").rows()}
+    got = {
+        (r[0], r[1]): r[2:] for r in df.select("query_id", "method", "artist", "share", "top_artist_is_target").rows()
+    }
     assert got == {
         ("0012", "unlearning"): ("A", 1.0, True),
         ("0012", "similarity:audio"): ("B", 0.5, False),  # i3 (B) and i1 (A) tie on count; B has more credit
@@ -196,14 +310,18 @@ def test_artist_shares_top_artist_per_query_and_method(engine):
 
 
 def test_artist_shares_top_artist_follows_count_then_credit(engine):
-    df = engine.named("artist_shares", k=2).filter((pl.col("query_id") == "q2") & (pl.col("method") == "similarity:audio"))
+    df = engine.named("artist_shares", k=2).filter(
+        (pl.col("query_id") == "q2") & (pl.col("method") == "similarity:audio")
+    )
     assert df.select("artist_rank", "artist", "n_items", "share").rows() == [(1, "B", 1, 0.5), (2, "C", 1, 0.5)]
     assert df["top_artist_is_target"].to_list() == [True, True]
 
 
 def test_method_agreement_per_query_and_mean(engine):
     df = engine.named("method_agreement", config_id="default")
-    rows = {r[0]: r[1:] for r in df.select("query_id", "config_id", "method", "jaccard_10", "spearman", "n_queries").rows()}
+    rows = {
+        r[0]: r[1:] for r in df.select("query_id", "config_id", "method", "jaccard_10", "spearman", "n_queries").rows()
+    }
     assert rows["0012"] == ("default", "similarity:audio", 0.5, 0.4, 1)
     assert rows["q2"] == ("default", "similarity:audio", 0.3, 0.2, 1)
     assert rows["(mean)"][:2] == ("default", "similarity:audio") and rows["(mean)"][2:4] == pytest.approx((0.4, 0.3))
@@ -226,10 +344,13 @@ def test_consistency_table_one_row_per_unordered_pair(engine):
 
 def test_counterfactual_verdicts_one_row_per_query_and_both_shares(engine):
     df = engine.named("counterfactual_verdicts")
-    assert df.select("query_id", "random_removals", "passed", "passed_item_level", "share_passing",
-                     "share_item_level").rows() == [
-        ("0012", 3, True, True, 1.0, 1.0), ("q2", 3, True, False, 1.0, 0.0),
-        ("(all)", 3, True, False, 1.0, 0.5)]  # the random removals are shared: 3, not 6; half is not a majority
+    assert df.select(
+        "query_id", "random_removals", "passed", "passed_item_level", "share_passing", "share_item_level"
+    ).rows() == [
+        ("0012", 3, True, True, 1.0, 1.0),
+        ("q2", 3, True, False, 1.0, 0.0),
+        ("(all)", 3, True, False, 1.0, 0.5),
+    ]  # the random removals are shared: 3, not 6; half is not a majority
     assert df["attributed_rise"].to_list()[:2] == pytest.approx([0.2, 0.06])
     assert df["same_artist_rise"].to_list()[:2] == pytest.approx([0.1, 0.08])
     assert df["item_floor"].to_list()[:2] == pytest.approx([0.12, 0.10])
@@ -252,7 +373,9 @@ def test_unknown_named_query_or_parameter_is_refused(engine):
 
 def test_an_own_sql_dir_reads_tables_through_the_registry(tmp_path, engine):
     (tmp_path / "sql").mkdir()
-    (tmp_path / "sql" / "views.sql").write_text("CREATE OR REPLACE VIEW only_items AS SELECT * FROM {table:training_manifest};")
+    (tmp_path / "sql" / "views.sql").write_text(
+        "CREATE OR REPLACE VIEW only_items AS SELECT * FROM {table:training_manifest};"
+    )
     assert QueryEngine(engine.storage, tmp_path / "sql").table_counts() == {"only_items": 6}
 
 
@@ -267,7 +390,9 @@ def test_tda_sql_dir_from_the_environment_reaches_the_cli(tmp_path, monkeypatch,
     from tda_assets.cli import main
 
     (tmp_path / "sql").mkdir()
-    (tmp_path / "sql" / "views.sql").write_text("CREATE OR REPLACE VIEW only_items AS SELECT * FROM {table:training_manifest};")
+    (tmp_path / "sql" / "views.sql").write_text(
+        "CREATE OR REPLACE VIEW only_items AS SELECT * FROM {table:training_manifest};"
+    )
     monkeypatch.setenv("TDA_SQL_DIR", str(tmp_path / "sql"))
     monkeypatch.setenv("TDA_STORAGE_URL", engine.storage.url)
     assert main(["sql", "SELECT count(*) AS n FROM only_items"]) == 0
@@ -277,13 +402,25 @@ def test_tda_sql_dir_from_the_environment_reaches_the_cli(tmp_path, monkeypatch,
 def test_consistency_table_calls_only_other_seeds_of_equal_fields_a_seed_rerun(engine):
     base = UnlearningSettings(lr=1e-3, optimizer="sgd", query_draws=8, damping=1e-8)
     write_table(engine.storage, "unlearning_configs", row(**settings_row(replace(base, seed=1))), config_id="seed1")
-    write_table(engine.storage, "unlearning_configs", row(**settings_row(base)), config_id="copy")  # the default, renamed
-    consistency = pl.DataFrame([("0012", "unlearning:default", "unlearning:copy", "jaccard", 10, 1.0)],
-                               schema=["query_id", "left", "right", "metric", "k", "value"], orient="row")
-    write_table(engine.storage, "consistency", pl.concat([
-        pl.DataFrame(CONSISTENCY, schema=consistency.columns, orient="row"), consistency]).with_columns(**IDENTITY),
-        **IDENTITY_VALUES)
-    pairs = dict(engine.named("consistency_table").select(pl.concat_str("left", "right", separator=" / "), "pair").rows())
+    write_table(
+        engine.storage, "unlearning_configs", row(**settings_row(base)), config_id="copy"
+    )  # the default, renamed
+    consistency = pl.DataFrame(
+        [("0012", "unlearning:default", "unlearning:copy", "jaccard", 10, 1.0)],
+        schema=["query_id", "left", "right", "metric", "k", "value"],
+        orient="row",
+    )
+    write_table(
+        engine.storage,
+        "consistency",
+        pl.concat([pl.DataFrame(CONSISTENCY, schema=consistency.columns, orient="row"), consistency]).with_columns(
+            **IDENTITY
+        ),
+        **IDENTITY_VALUES,
+    )
+    pairs = dict(
+        engine.named("consistency_table").select(pl.concat_str("left", "right", separator=" / "), "pair").rows()
+    )
     assert pairs["unlearning:default / unlearning:seed1"] == "seed rerun"
     assert pairs["unlearning:copy / unlearning:default"] == "configurations"
 
@@ -297,12 +434,29 @@ def test_report_seed_reruns_exclude_identical_configurations():
 
 
 def add_query_with_unlearning(storage: Storage, q: str, target: str | None, scores: list[float]) -> None:
-    query = row(prompt="p", seed=1, audio_uri=f"q/{q}.wav", target_artist=target, encoder_id="e", generated_by=None,
-                source_rate=16000, source_channels=1, seconds=4.096, windows=1)
+    query = row(
+        prompt="p",
+        seed=1,
+        audio_uri=f"q/{q}.wav",
+        target_artist=target,
+        encoder_id="e",
+        generated_by=None,
+        source_rate=16000,
+        source_channels=1,
+        seconds=4.096,
+        windows=1,
+    )
     write_table(storage, "queries", query, query_id=q)
-    unlearning = ranked(scores).with_columns(method=pl.lit("unlearning"), relative_score="score", skew_score="score",
-                                             mean_delta="score", score_type=pl.lit("mean_delta"), rescored=True,
-                                             draws_used=1, **IDENTITY)
+    unlearning = ranked(scores).with_columns(
+        method=pl.lit("unlearning"),
+        relative_score="score",
+        skew_score="score",
+        mean_delta="score",
+        score_type=pl.lit("mean_delta"),
+        rescored=True,
+        draws_used=1,
+        **IDENTITY,
+    )
     write_table(storage, "attribution_scores", unlearning, **IDENTITY_VALUES, query_id=q, config_id="default")
 
 
@@ -318,28 +472,47 @@ def test_cross_query_overlap_known_values_in_sql_and_in_the_report(engine):
     # similarity:audio (0012 and q2 only): {i3, i1, i6} vs {i4, i5, i3} = 1/5 over 1 pair
     df = engine.named("cross_query_overlap", k=3)
     assert df.select("ranking", "k", "query_pairs", "queries").rows() == [
-        ("similarity:audio", 3, 1, 2), ("unlearning:default", 3, 2, 3)]
+        ("similarity:audio", 3, 1, 2),
+        ("unlearning:default", 3, 2, 3),
+    ]
     assert df["cross_query_jaccard"].to_list() == pytest.approx([0.2, 0.35])
-    rows = cross_query_rows(score_vectors(engine.storage, Identity("c", "p")),
-                            {"0012": "A", "q2": "B", "q3": "A", "u": None}, k=3)
-    assert rows == [{"ranking": "similarity:audio", "cross_query_jaccard_3": 0.2, "query_pairs": 1, "queries": 2},
-                    {"ranking": "unlearning:default", "cross_query_jaccard_3": 0.35, "query_pairs": 2, "queries": 3}]
+    rows = cross_query_rows(
+        score_vectors(engine.storage, Identity("c", "p")), {"0012": "A", "q2": "B", "q3": "A", "u": None}, k=3
+    )
+    assert rows == [
+        {"ranking": "similarity:audio", "cross_query_jaccard_3": 0.2, "query_pairs": 1, "queries": 2},
+        {"ranking": "unlearning:default", "cross_query_jaccard_3": 0.35, "query_pairs": 2, "queries": 3},
+    ]
     # at the default k = 10 every one of the 6 items is in every top-10: the overlap is total
     assert engine.named("cross_query_overlap")["cross_query_jaccard"].to_list() == pytest.approx([1.0, 1.0])
 
 
 def test_share_lower_is_the_95_percent_wilson_bound(engine):
-    got = engine.sql("SELECT share_lower(4, 4) AS a, share_lower(19, 20) AS b, share_lower(0, 5) AS c, "
-                     "share_lower(2, 4) AS d").row(0)
+    got = engine.sql(
+        "SELECT share_lower(4, 4) AS a, share_lower(19, 20) AS b, share_lower(0, 5) AS c, share_lower(2, 4) AS d"
+    ).row(0)
     # k = n gives n / (n + z²); the others worked by hand from the Wilson formula with z = 1.959964
     assert got == pytest.approx((4 / (4 + 1.959964**2), 0.763869, 0.0, 0.150037), abs=1e-5)
 
 
 def test_replication_summary_gives_share_first_and_its_lower_bound(engine):
     ranks = {"gain_-6db": [1, 1, 1, 1], "noise_30db": [1, 3, 1, 62]}
-    rows = pl.DataFrame([{"source_item_id": f"i{s + 1}", "transform": t, "rank": r, "score": 0.0, "loss_ratio": 1.1,
-                          "target_set": "reporting", "snr_db": 30.0, "latent_change": 0.4}
-                         for t, rs in ranks.items() for s, r in enumerate(rs)]).with_columns(**IDENTITY)
+    rows = pl.DataFrame(
+        [
+            {
+                "source_item_id": f"i{s + 1}",
+                "transform": t,
+                "rank": r,
+                "score": 0.0,
+                "loss_ratio": 1.1,
+                "target_set": "reporting",
+                "snr_db": 30.0,
+                "latent_change": 0.4,
+            }
+            for t, rs in ranks.items()
+            for s, r in enumerate(rs)
+        ]
+    ).with_columns(**IDENTITY)
     write_table(engine.storage, "replication", rows, **IDENTITY_VALUES, config_id="default")
     got = {r["transform"]: r for r in engine.named("replication_summary").iter_rows(named=True)}
     assert (got["gain_-6db"]["share_first"], got["noise_30db"]["share_first"]) == (1.0, 0.5)
@@ -349,10 +522,21 @@ def test_replication_summary_gives_share_first_and_its_lower_bound(engine):
 
 
 def test_a_source_whose_unlearning_failed_is_counted_as_failed_and_not_first(engine):
-    rows = pl.DataFrame([{"source_item_id": f"i{s}", "transform": "fade", "rank": r, "score": sc, "loss_ratio": lr,
-                          "target_set": "reporting", **IDENTITY_VALUES}
-                         for s, (r, sc, lr) in enumerate([(1, 0.3, 1.1), (1, 0.2, 1.1), (None, None, 1.02)])],
-                        schema=TABLES["replication"].polars_schema())  # the table's other columns null
+    rows = pl.DataFrame(
+        [
+            {
+                "source_item_id": f"i{s}",
+                "transform": "fade",
+                "rank": r,
+                "score": sc,
+                "loss_ratio": lr,
+                "target_set": "reporting",
+                **IDENTITY_VALUES,
+            }
+            for s, (r, sc, lr) in enumerate([(1, 0.3, 1.1), (1, 0.2, 1.1), (None, None, 1.02)])
+        ],
+        schema=TABLES["replication"].polars_schema(),
+    )  # the table's other columns null
     write_table(engine.storage, "replication", rows, **IDENTITY_VALUES, config_id="default")
     got = engine.named("replication_summary").row(0, named=True)
     assert (got["sources"], got["failed"], got["share_first"], got["mean_rank"]) == (3, 1, pytest.approx(2 / 3), 1.0)

@@ -27,8 +27,12 @@ def tiny() -> tuple[StableAudioAdapter, ItemBatch]:
     adapter = StableAudioAdapter.tiny(seed=1)
     g = torch.Generator().manual_seed(0)
     cond = adapter.encode_text(["slow piano", "fast drums", "warm synth", "soft guitar", "calm choir"])
-    items = ItemBatch([f"i{i}" for i in range(5)], torch.randn(5, *adapter.latent_shape, generator=g), cond,
-                      torch.ones(5, adapter.latent_shape[1]))
+    items = ItemBatch(
+        [f"i{i}" for i in range(5)],
+        torch.randn(5, *adapter.latent_shape, generator=g),
+        cond,
+        torch.ones(5, adapter.latent_shape[1]),
+    )
     return adapter, items
 
 
@@ -60,8 +64,10 @@ def test_fisher_in_passes_of_one_row_is_the_one_pass_fisher(tiny, fisher):
     adapter, items = tiny
     in_rows = fisher_diagonal(adapter, [items], PROTOCOL, "all", Compute(grad_rows=1))
     assert close(in_rows, fisher)
-    assert not torch.equal(in_rows["transformer_blocks.0.attn1.to_q.weight"],
-                           torch.zeros_like(fisher["transformer_blocks.0.attn1.to_q.weight"]))
+    assert not torch.equal(
+        in_rows["transformer_blocks.0.attn1.to_q.weight"],
+        torch.zeros_like(fisher["transformer_blocks.0.attn1.to_q.weight"]),
+    )
 
 
 def test_item_gradients_in_passes_match_one_pass_and_the_store_sketches_them(tiny, fisher):

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from tda_assets.attribution.replication import (
-    TRANSFORMS, add_noise, fade, gain, resample_round_trip, snr_db, time_shift)
+    TRANSFORMS,
+    add_noise,
+    fade,
+    gain,
+    resample_round_trip,
+    snr_db,
+    time_shift,
+)
 from tda_assets.models.embedded.mel import MelFrontend
 
 SR = 16000
@@ -76,13 +83,15 @@ def test_snr_counts_only_the_band():
     x = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
     above = (x + 0.3 * np.sin(2 * np.pi * 12000 * t)).astype(np.float32)  # a change at 12 kHz, outside a 0–8 kHz band
     assert snr_db(x, above, rate, (0, 8000)) > 100
-    assert snr_db(x, above, rate, (0, rate / 2)) == pytest.approx(0.0, abs=0.01)  # equal power: 0 dB over the whole band
+    assert snr_db(x, above, rate, (0, rate / 2)) == pytest.approx(
+        0.0, abs=0.01
+    )  # equal power: 0 dB over the whole band
 
 
 def test_a_22k_round_trip_of_a_44k_file_has_finite_snr_below_60_db_in_band():
     rate = 44100
     t = np.arange(2 * rate) / rate
-    x = (0.2 * sum(np.sin(2 * np.pi * f * t + p) for f, p in ((220, 0.0), (1250, 1.0), (4700, 2.0), (7500, 0.5))))
+    x = 0.2 * sum(np.sin(2 * np.pi * f * t + p) for f, p in ((220, 0.0), (1250, 1.0), (4700, 2.0), (7500, 0.5)))
     x = x.astype(np.float32)
     snr = snr_db(x, resample_round_trip(x, rate), rate, (0, 8000))
     assert 40 < snr < 60  # measured 54.1: the round trip drops 11–22 kHz, outside the model's band, so little changes
@@ -103,13 +112,17 @@ def test_the_fade_changes_the_latents_a_gain_copy_does_not():
     faded = latents(fade(x, front.sample_rate))
     # the last frames are 6 dB down before levelling: log(10^0.6) / 4.6 = 0.30 latent units apart from the first
     shift = faded - source
-    assert shift[:, -4:].mean() - shift[:, :4].mean() == pytest.approx(-np.log(10 ** 0.6) / front.scale, abs=0.05)
+    assert shift[:, -4:].mean() - shift[:, :4].mean() == pytest.approx(-np.log(10**0.6) / front.scale, abs=0.05)
 
 
 def test_fade_ramps_from_0_to_minus_6_db():
     x = np.ones(1001, np.float32)
     y = fade(x, SR)
-    assert y[0] == pytest.approx(1.0) and y[-1] == pytest.approx(10 ** (-6 / 20)) and y[500] == pytest.approx(10 ** (-3 / 20))
+    assert (
+        y[0] == pytest.approx(1.0)
+        and y[-1] == pytest.approx(10 ** (-6 / 20))
+        and y[500] == pytest.approx(10 ** (-3 / 20))
+    )
 
 
 def wav_bytes(x: np.ndarray, rate: int) -> bytes:
@@ -128,7 +141,7 @@ def test_a_44k_source_is_transformed_at_its_own_rate_then_resampled_for_the_mode
 
     rate = 44100
     t = np.arange(2 * rate) / rate
-    x = (0.2 * sum(np.sin(2 * np.pi * f * t + p) for f, p in ((220, 0.0), (1250, 1.0), (4700, 2.0), (7500, 0.5))))
+    x = 0.2 * sum(np.sin(2 * np.pi * f * t + p) for f, p in ((220, 0.0), (1250, 1.0), (4700, 2.0), (7500, 0.5)))
     source = check_clip(wav_bytes(x.astype(np.float32), rate), "a-44k-item")
     assert source.sample_rate == rate  # decoded at the file's rate, not the model's
     clip, snr = transformed_clip(source, "resample_22k", 16000)

@@ -30,24 +30,42 @@ def store(tmp_path) -> Storage:
 def self_influence_rows(ranks: dict[str, int], config_id: str = "default") -> pl.DataFrame:
     """One configuration's self-influence rows: target → the rank of the target itself."""
     n = len(ranks)
-    df = pl.DataFrame({
-        "config_id": [config_id] * n, "target_item_id": list(ranks), "rank": list(ranks.values()), "score": [1.0] * n,
-        "loss_ratio": [2.0] * n, "lr_used": [1.0] * n, "score_type": ["mean_delta"] * n, "top_k_similarity": [0.5] * n,
-        "bottom_k_similarity": [0.1] * n, "others_median_relative_change": [0.0] * n,
-    })
+    df = pl.DataFrame(
+        {
+            "config_id": [config_id] * n,
+            "target_item_id": list(ranks),
+            "rank": list(ranks.values()),
+            "score": [1.0] * n,
+            "loss_ratio": [2.0] * n,
+            "lr_used": [1.0] * n,
+            "score_type": ["mean_delta"] * n,
+            "top_k_similarity": [0.5] * n,
+            "bottom_k_similarity": [0.1] * n,
+            "others_median_relative_change": [0.0] * n,
+        }
+    )
     schema = TABLES["self_influence"].polars_schema()  # the summaries report reporting targets: these are
-    return df.with_columns(pl.lit("reporting" if c == "target_set" else None, dtype=t).alias(c)
-                           for c, t in schema.items() if c not in df.columns)
+    return df.with_columns(
+        pl.lit("reporting" if c == "target_set" else None, dtype=t).alias(c)
+        for c, t in schema.items()
+        if c not in df.columns
+    )
 
 
-def write_self_influence(store: Storage, checkpoint_id: str, protocol_id: str, ranks: dict[str, int],
-                         config_id: str = "default") -> None:
-    write_table(store, "self_influence", self_influence_rows(ranks, config_id), checkpoint_id=checkpoint_id,
-                protocol_id=protocol_id, config_id=config_id)
+def write_self_influence(
+    store: Storage, checkpoint_id: str, protocol_id: str, ranks: dict[str, int], config_id: str = "default"
+) -> None:
+    write_table(
+        store,
+        "self_influence",
+        self_influence_rows(ranks, config_id),
+        checkpoint_id=checkpoint_id,
+        protocol_id=protocol_id,
+        config_id=config_id,
+    )
 
 
-def test_tda_query_self_influence_summary_on_a_root_with_two_checkpoints_shows_only_the_current_one(
-        store, monkeypatch):
+def test_tda_query_self_influence_summary_on_a_root_with_two_checkpoints_shows_only_the_current_one(store, monkeypatch):
     from tda_assets import cli
 
     # the old checkpoint put all 4 targets first; the current one 2 of 4 (ranks 1, 1, 3, 5: R = 2.5); the current
@@ -94,23 +112,56 @@ def test_self_influence_summary_compares_configurations_on_the_targets_all_of_th
 
 
 def unlearning_run(ratio: float) -> pl.DataFrame:
-    return pl.DataFrame({"query_loss_before": [1.0], "query_loss_after": [ratio], "delta_uri": ["d"], "seconds": [1.0],
-                         "lr_used": [1.0], "target_ratio": [None], "search_ratio": [None], "probes": [0]})
+    return pl.DataFrame(
+        {
+            "query_loss_before": [1.0],
+            "query_loss_after": [ratio],
+            "delta_uri": ["d"],
+            "seconds": [1.0],
+            "lr_used": [1.0],
+            "target_ratio": [None],
+            "search_ratio": [None],
+            "probes": [0],
+        }
+    )
 
 
 def test_config_figures_compare_configurations_on_the_queries_all_of_them_ran(store):
     # default ran on 4 queries (ratios 2, 4, 8, 16), `other` on 2 of them (3, 3): both are judged on q1 and q2 only
     for q, ratio in zip(["q1", "q2", "q3", "q4"], [2.0, 4.0, 8.0, 16.0]):
-        write_table(store, "unlearning_runs", unlearning_run(ratio), checkpoint_id=CURRENT, protocol_id=PROTOCOL,
-                    query_id=q, config_id="default")
+        write_table(
+            store,
+            "unlearning_runs",
+            unlearning_run(ratio),
+            checkpoint_id=CURRENT,
+            protocol_id=PROTOCOL,
+            query_id=q,
+            config_id="default",
+        )
     for q in ["q1", "q2"]:
-        write_table(store, "unlearning_runs", unlearning_run(3.0), checkpoint_id=CURRENT, protocol_id=PROTOCOL,
-                    query_id=q, config_id="other")
-    write_table(store, "unlearning_runs", unlearning_run(100.0), checkpoint_id=OLD, protocol_id=PROTOCOL,
-                query_id="q1", config_id="other")  # another checkpoint's run: neither counted nor widening the spread
+        write_table(
+            store,
+            "unlearning_runs",
+            unlearning_run(3.0),
+            checkpoint_id=CURRENT,
+            protocol_id=PROTOCOL,
+            query_id=q,
+            config_id="other",
+        )
+    write_table(
+        store,
+        "unlearning_runs",
+        unlearning_run(100.0),
+        checkpoint_id=OLD,
+        protocol_id=PROTOCOL,
+        query_id="q1",
+        config_id="other",
+    )  # another checkpoint's run: neither counted nor widening the spread
     figures = QueryEngine(store, protocol_id=PROTOCOL).named("config_figures").sort("config_id")
     assert figures.select("config_id", "queries", "loss_ratio_spread").rows() == [
-        ("default", 2, 2.0), ("other", 2, 1.0)]
+        ("default", 2, 2.0),
+        ("other", 2, 1.0),
+    ]
 
 
 def test_a_rerun_under_another_protocol_lives_beside_the_first(store):
@@ -129,15 +180,38 @@ def test_a_frame_whose_identity_differs_from_its_key_is_refused(store):
 
 def test_a_pair_run_under_two_identities_is_attributed_under_the_current_one_stale_under_the_other(store):
     for checkpoint_id in (OLD, CURRENT):
-        write_table(store, "unlearning_runs", unlearning_run(2.0), checkpoint_id=checkpoint_id, protocol_id=PROTOCOL,
-                    query_id="q1", config_id="default")
-    write_table(store, "unlearning_runs", unlearning_run(2.0), checkpoint_id=OLD, protocol_id=PROTOCOL, query_id="q2",
-                config_id="default")
-    write_table(store, "attribution_scores", pl.DataFrame(schema=TABLES["attribution_scores"].polars_schema()),
-                checkpoint_id=CURRENT, protocol_id=PROTOCOL, query_id="q1", config_id="default")
+        write_table(
+            store,
+            "unlearning_runs",
+            unlearning_run(2.0),
+            checkpoint_id=checkpoint_id,
+            protocol_id=PROTOCOL,
+            query_id="q1",
+            config_id="default",
+        )
+    write_table(
+        store,
+        "unlearning_runs",
+        unlearning_run(2.0),
+        checkpoint_id=OLD,
+        protocol_id=PROTOCOL,
+        query_id="q2",
+        config_id="default",
+    )
+    write_table(
+        store,
+        "attribution_scores",
+        pl.DataFrame(schema=TABLES["attribution_scores"].polars_schema()),
+        checkpoint_id=CURRENT,
+        protocol_id=PROTOCOL,
+        query_id="q1",
+        config_id="default",
+    )
     states = config_states(store, CURRENT, PROTOCOL, 1.05)
     assert {pair: s.state for pair, s in states.items()} == {
-        ("q1", "default"): "attributed", ("q2", "default"): "stale"}
+        ("q1", "default"): "attributed",
+        ("q2", "default"): "stale",
+    }
 
 
 def write_legacy_self_influence(store: Storage) -> str:
@@ -169,20 +243,40 @@ def test_migration_moves_legacy_results_under_their_identity_with_new_columns_nu
 
 def consistency(rows: list[tuple[str, str, str, float]]) -> pl.DataFrame:
     """Jaccard@10 rows `(query, left, right, value)`."""
-    return pl.DataFrame([(q, left, right, "jaccard", 10, v) for q, left, right, v in rows],
-                        schema=["query_id", "left", "right", "metric", "k", "value"], orient="row")
+    return pl.DataFrame(
+        [(q, left, right, "jaccard", 10, v) for q, left, right, v in rows],
+        schema=["query_id", "left", "right", "metric", "k", "value"],
+        orient="row",
+    )
 
 
 def test_consistency_and_agreement_compare_on_the_queries_every_pair_has(store):
     # default vs audio on q1 (0.2) and q2 (0.6); other vs audio on q1 only (0.4); another checkpoint's q1 row (0.9)
-    write_table(store, "consistency", consistency([
-        ("q1", "unlearning:default", "similarity:audio", 0.2), ("q2", "unlearning:default", "similarity:audio", 0.6),
-        ("q1", "unlearning:other", "similarity:audio", 0.4)]), checkpoint_id=CURRENT, protocol_id=PROTOCOL)
-    write_table(store, "consistency", consistency([("q1", "unlearning:default", "similarity:audio", 0.9)]),
-                checkpoint_id=OLD, protocol_id=PROTOCOL)
+    write_table(
+        store,
+        "consistency",
+        consistency(
+            [
+                ("q1", "unlearning:default", "similarity:audio", 0.2),
+                ("q2", "unlearning:default", "similarity:audio", 0.6),
+                ("q1", "unlearning:other", "similarity:audio", 0.4),
+            ]
+        ),
+        checkpoint_id=CURRENT,
+        protocol_id=PROTOCOL,
+    )
+    write_table(
+        store,
+        "consistency",
+        consistency([("q1", "unlearning:default", "similarity:audio", 0.9)]),
+        checkpoint_id=OLD,
+        protocol_id=PROTOCOL,
+    )
     engine = QueryEngine(store, protocol_id=PROTOCOL)
     table = engine.named("consistency_table").select("right", "jaccard_10", "n_queries").sort("right").rows()
     assert table == [("unlearning:default", 0.2, 1), ("unlearning:other", 0.4, 1)]  # default's q2 is left out
     means = engine.named("method_agreement").filter(pl.col("query_id") == "(mean)")
     assert means.select("config_id", "jaccard_10", "n_queries").sort("config_id").rows() == [
-        ("default", 0.2, 1), ("other", 0.4, 1)]
+        ("default", 0.2, 1),
+        ("other", 0.4, 1),
+    ]

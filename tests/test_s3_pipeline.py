@@ -34,7 +34,7 @@ def usage(store: Storage) -> dict[str, int]:
     """`key → bytes` of every object under the storage root."""
     store.fs.invalidate_cache()
     found = store.fs.find(store.root, detail=True)
-    return {path[len(store.root) + 1:]: int(info["size"]) for path, info in found.items()}
+    return {path[len(store.root) + 1 :]: int(info["size"]) for path, info in found.items()}
 
 
 @pytest.fixture(scope="module")
@@ -66,9 +66,11 @@ def s3_run(env):
     after = usage(store)
     added = {k: v for k, v in after.items() if k not in before}
     size = sum(after.values()) - sum(before.values())
-    print(f"\n[s3 run] wall time {time.perf_counter() - start:.1f}s (one query {query_seconds:.1f}s); "
-          f"one query added {len(added)} objects, {size} bytes ({size / 1024:.1f} KiB); "
-          f"root now {len(after)} objects, {sum(after.values())} bytes")
+    print(
+        f"\n[s3 run] wall time {time.perf_counter() - start:.1f}s (one query {query_seconds:.1f}s); "
+        f"one query added {len(added)} objects, {size} bytes ({size / 1024:.1f} KiB); "
+        f"root now {len(after)} objects, {sum(after.values())} bytes"
+    )
     for name, n in sorted(added.items()):
         print(f"    + {name} ({n} B)")
     return runner, store, qid, added
@@ -103,9 +105,24 @@ def test_every_table_and_the_corpus_live_in_the_bucket(s3_run):
     _, store, _, _ = s3_run
     assert store.protocol == "s3" and store.local_path("x") is None
     tops = {key.split("/", 1)[0] for key in store.listing()}
-    assert tops >= {"corpus", "training_manifest", "training_features", "checkpoint", "fisher_diagonal", "baseline_losses",
-                    "inbox", "queries", "query_clips", "unlearning_configs", "unlearned_model", "unlearning_runs",
-                    "unlearned_losses", "attribution_scores", "similarity_scores", "training_embeddings"}
+    assert tops >= {
+        "corpus",
+        "training_manifest",
+        "training_features",
+        "checkpoint",
+        "fisher_diagonal",
+        "baseline_losses",
+        "inbox",
+        "queries",
+        "query_clips",
+        "unlearning_configs",
+        "unlearned_model",
+        "unlearning_runs",
+        "unlearned_losses",
+        "attribution_scores",
+        "similarity_scores",
+        "training_embeddings",
+    }
     manifest = read_table(store, "training_manifest")
     assert manifest["audio_uri"].str.starts_with(store.uri("corpus/")).all()  # the corpus clips live in the bucket too
 
@@ -123,7 +140,8 @@ def test_query_engine_over_s3_ranks_every_item_once(s3_run):
     _, store, qid, _ = s3_run
     df = QueryEngine(store).sql(
         "select query_id, count(*) n, min(rank) lo, max(rank) hi, count(distinct item_id) items from attributions "
-        "where method = 'unlearning' group by query_id")
+        "where method = 'unlearning' group by query_id"
+    )
     assert df.rows() == [(qid, N, 1, N, N)]
     runs = QueryEngine(store).sql("select query_loss_before, query_loss_after from unlearning_runs")
     assert runs["query_loss_after"][0] > runs["query_loss_before"][0]
@@ -152,7 +170,15 @@ def test_one_query_adds_only_its_own_partitions(s3_run):
     runner, store, qid, added = s3_run
     params = runner.instance.get_latest_materialization_event(AssetKey("checkpoint")).asset_materialization.metadata
     record = read_checkpoint_record(store)
-    delta = added[key("unlearned_delta", checkpoint_id=record.checkpoint_id, protocol_id="s0-k16", query_id=qid, config_id="default")]
+    delta = added[
+        key(
+            "unlearned_delta",
+            checkpoint_id=record.checkpoint_id,
+            protocol_id="s0-k16",
+            query_id=qid,
+            config_id="default",
+        )
+    ]
     assert 2 * params["parameters"].value <= delta < 4 * params["parameters"].value + 100_000  # fp32, most parameters
     assert len(added) == 12 and sum(added.values()) - delta < 1_000_000  # everything else is small
     shared = [k for k in added if f"query_id={qid}" not in k and f"/{qid}/" not in k]
@@ -190,5 +216,10 @@ def test_an_empty_shard_is_an_empty_table_not_a_failure(s3_run):
     record = read_checkpoint_record(store)
     for shard in empty:
         assert not store.exists(key("training_features", encoder_id=record.encoder_id, shard=shard))
-        assert read_table(store, "baseline_losses", checkpoint_id=record.checkpoint_id, protocol_id="s0-k16", shard=shard).height == 0
+        assert (
+            read_table(
+                store, "baseline_losses", checkpoint_id=record.checkpoint_id, protocol_id="s0-k16", shard=shard
+            ).height
+            == 0
+        )
     assert pl.Series(shards).n_unique() == len(SHARD_KEYS) - len(empty)

@@ -14,9 +14,20 @@ from tda_assets.io.tables import write_table
 from tests.test_query_engine import write_tiny_dataset
 
 KEY = "queries/query_id=0012/part-0.parquet"
-QUERY = pl.DataFrame({"prompt": ["a waltz"], "seed": [7], "audio_uri": ["q.wav"], "target_artist": ["A"], "encoder_id": ["e"],
-                      "generated_by": ["c"], "source_rate": [16000], "source_channels": [1], "seconds": [4.096],
-                      "windows": [1]})
+QUERY = pl.DataFrame(
+    {
+        "prompt": ["a waltz"],
+        "seed": [7],
+        "audio_uri": ["q.wav"],
+        "target_artist": ["A"],
+        "encoder_id": ["e"],
+        "generated_by": ["c"],
+        "source_rate": [16000],
+        "source_channels": [1],
+        "seconds": [4.096],
+        "windows": [1],
+    }
+)
 
 
 def test_s3_root_honours_aws_endpoint_url(s3_root):
@@ -32,7 +43,9 @@ def test_parquet_and_tensors_round_trip(s3_root):
     storage.write_tensors("deltas/q.safetensors", {"w": torch.ones(2, 2)}, metadata={"config_id": "default"})
     tensors, meta = storage.read_tensors("deltas/q.safetensors")
     assert torch.equal(tensors["w"], torch.ones(2, 2)) and meta == {"config_id": "default"}
-    assert storage.read_tensors_metadata("deltas/q.safetensors") == {"config_id": "default"}  # ranged reads of the header
+    assert storage.read_tensors_metadata("deltas/q.safetensors") == {
+        "config_id": "default"
+    }  # ranged reads of the header
     storage.write_tensors("g.safetensors", {"rows": torch.ones(64, 8), "norms": torch.tensor([3.0, 4.0])})
     assert storage.read_tensor("g.safetensors", "norms")[0].tolist() == [3.0, 4.0]  # by range: not the rows
     assert storage.local_path(KEY) is None

@@ -4,7 +4,13 @@ import numpy as np
 import pytest
 
 from tda_assets.attribution.metrics import (
-    compare, cross_query_overlap, jaccard, jaccard_at_k, self_attribution_rate, spearman)
+    compare,
+    cross_query_overlap,
+    jaccard,
+    jaccard_at_k,
+    self_attribution_rate,
+    spearman,
+)
 from tda_assets.attribution.scores import attribution_scores, rank_descending, ranking_score
 
 
@@ -60,9 +66,14 @@ def test_compare_caps_k_at_item_count():
     assert ("jaccard", 100, 1.0) in rows and ("spearman", None, pytest.approx(1.0)) in rows
 
 
-@pytest.mark.parametrize("score_type, key, ranks", [
-    ("mean_delta", "mean_delta", [1, 2, 3]), ("relative", "relative_score", [2, 1, 3]), ("skew", "skew_score", [2, 1, 3]),
-])
+@pytest.mark.parametrize(
+    "score_type, key, ranks",
+    [
+        ("mean_delta", "mean_delta", [1, 2, 3]),
+        ("relative", "relative_score", [2, 1, 3]),
+        ("skew", "skew_score", [2, 1, 3]),
+    ],
+)
 def test_score_type_chooses_the_score_and_rank_follows_it(score_type, key, ranks):
     base = np.array([[10.0, 10.0], [1.0, 1.0], [2.0, 2.0]])
     after = np.array([[11.0, 11.0], [1.5, 1.5], [2.0, 2.0]])  # item 0 rises most in absolute terms, item 1 relatively
@@ -79,10 +90,13 @@ def test_unknown_score_type_is_refused():
 
 
 def test_cross_query_overlap_averages_only_pairs_of_different_target_artists():
-    top = {"qa1": ["i1", "i2", "i3", "i4"], "qa2": ["i1", "i2", "i3", "i4"],  # artist A twice: identical, not counted
-           "qb": ["i3", "i4", "i5", "i6"],  # vs each A query: 2 shared of 6 → 1/3
-           "qc": ["i7", "i8", "i9", "i10"],  # shares nothing: 0 with every other
-           "user": ["i1", "i2", "i3", "i4"]}  # no target artist: left out
+    top = {
+        "qa1": ["i1", "i2", "i3", "i4"],
+        "qa2": ["i1", "i2", "i3", "i4"],  # artist A twice: identical, not counted
+        "qb": ["i3", "i4", "i5", "i6"],  # vs each A query: 2 shared of 6 → 1/3
+        "qc": ["i7", "i8", "i9", "i10"],  # shares nothing: 0 with every other
+        "user": ["i1", "i2", "i3", "i4"],
+    }  # no target artist: left out
     group = {"qa1": "A", "qa2": "A", "qb": "B", "qc": "C", "user": None}
     mean, pairs = cross_query_overlap(top, group)
     # pairs: qa1-qb 1/3, qa2-qb 1/3, qa1-qc 0, qa2-qc 0, qb-qc 0 → mean 2/15

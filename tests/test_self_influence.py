@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from tda_assets.attribution.self_influence import (
-    DEVELOPMENT_TARGETS, Standing, best_config, choose_targets, development_targets, neighbour_similarity, summarise,
-    targets_of, wilson_lower)
+    DEVELOPMENT_TARGETS,
+    Standing,
+    best_config,
+    choose_targets,
+    development_targets,
+    neighbour_similarity,
+    summarise,
+    targets_of,
+    wilson_lower,
+)
 
 
 def blobs(n_per: int = 10, seed: int = 0) -> tuple[np.ndarray, list[str], np.ndarray]:
@@ -49,7 +57,9 @@ def test_neighbour_similarity_of_top_and_bottom_attributed_items_excludes_the_ta
     rank = np.array([1, 2, 3, 4, 5])  # item 0 (the target) first, then its twin, …, its opposite last
     assert neighbour_similarity(rank, emb, target=0, k=2) == pytest.approx((0.8, -0.5))
     s = summarise([1, 2], rankings=[rank, rank[::-1].copy()], embeddings=emb, target_indices=[0, 0], k=1)
-    assert s.top_k_similarity == pytest.approx((1.0 + -1.0) / 2) and s.bottom_k_similarity == pytest.approx((-1.0 + 1.0) / 2)
+    assert s.top_k_similarity == pytest.approx((1.0 + -1.0) / 2) and s.bottom_k_similarity == pytest.approx(
+        (-1.0 + 1.0) / 2
+    )
 
 
 def test_development_targets_are_choose_targets_16_seed_0():
@@ -70,7 +80,9 @@ def test_reporting_targets_never_intersect_the_development_targets():
 def test_reporting_targets_refuse_more_than_the_items_outside_development():
     x, ids, _ = blobs(n_per=5)  # 20 items: 10 development (half), 10 left
     assert len(development_targets(x, ids)) == 10
-    with pytest.raises(ValueError, match="11 reporting targets asked, but only 10 items lie outside the 10 development"):
+    with pytest.raises(
+        ValueError, match="11 reporting targets asked, but only 10 items lie outside the 10 development"
+    ):
         targets_of("reporting", x, ids, 11)
     with pytest.raises(ValueError, match="target_set 'holdout' is not one of"):
         targets_of("holdout", x, ids, 3)

@@ -27,7 +27,10 @@ def test_items_with_the_same_content_but_different_ids_embed_identically():
     c, frames = adapter.latent_shape
     g = torch.Generator().manual_seed(0)
     z = torch.randn(1, c, frames, generator=g)
-    cond = {"encoder_hidden_states": torch.randn(1, 8, 384, generator=g), "global_hidden_states": torch.randn(1, 1, 384, generator=g)}
+    cond = {
+        "encoder_hidden_states": torch.randn(1, 8, 384, generator=g),
+        "global_hidden_states": torch.randn(1, 1, 384, generator=g),
+    }
     other = torch.randn(1, c, frames, generator=g)
     batch = ItemBatch(["a", "b", "c"], torch.cat([z, z, other]), {k: v.repeat(3, 1, 1) for k, v in cond.items()})
     emb = internal_embedding(adapter, batch, LossProtocol(seed=0), Compute())

@@ -25,8 +25,14 @@ from tda_assets.attribution.unlearn import UnlearningSettings, unlearn  # noqa: 
 
 pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::UserWarning")
 
-CAPTIONS = ["slow piano", "fast techno beat with drums", "calm ambient strings", "loud rock guitar",
-            "soft jazz bass", "bright pop synth melody"]
+CAPTIONS = [
+    "slow piano",
+    "fast techno beat with drums",
+    "calm ambient strings",
+    "loud rock guitar",
+    "soft jazz bass",
+    "bright pop synth melody",
+]
 IDS = [f"item-{i}" for i in range(len(CAPTIONS))]
 PROTOCOL = LossProtocol(seed=0, draws=4)
 
@@ -133,10 +139,16 @@ def test_fisher_on_cross_attention_kv_covers_only_the_key_value_projections(adap
     assert sum(int((f > 0).sum()) for f in fisher.values()) > 0
 
 
-@pytest.mark.parametrize("settings", [
-    UnlearningSettings(recipe="newton", lr=6.0, steps=1, query_draws=16, param_subset="all"),
-    UnlearningSettings(recipe="ewc_ascent", lr=1e-2, steps=3, query_draws=16, param_subset="attention", target_ratio=None),
-], ids=["newton", "ewc_ascent"])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        UnlearningSettings(recipe="newton", lr=6.0, steps=1, query_draws=16, param_subset="all"),
+        UnlearningSettings(
+            recipe="ewc_ascent", lr=1e-2, steps=3, query_draws=16, param_subset="attention", target_ratio=None
+        ),
+    ],
+    ids=["newton", "ewc_ascent"],
+)
 def test_unlearning_raises_the_query_loss_and_leaves_the_model_unchanged(adapter, batch, settings):
     fisher = fisher_diagonal(adapter, [batch], PROTOCOL, settings.param_subset, Compute())
     query = batch.select([0])
@@ -160,7 +172,9 @@ def test_save_pretrained_and_load_model_round_trip_with_identical_losses(adapter
     assert torch.equal(latents, batch.latents) and torch.equal(mask, batch.frame_mask)
     assert all(torch.equal(cond[k], batch.conditioning[k]) for k in batch.conditioning)
     compute = Compute(batch_size=PROTOCOL.draws)
-    assert torch.equal(batch_losses(loaded, batch, PROTOCOL, compute).loss, batch_losses(adapter, batch, PROTOCOL, compute).loss)
+    assert torch.equal(
+        batch_losses(loaded, batch, PROTOCOL, compute).loss, batch_losses(adapter, batch, PROTOCOL, compute).loss
+    )
 
 
 def test_folder_without_transformer_raises_naming_it(saved, tmp_path):

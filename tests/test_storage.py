@@ -80,7 +80,10 @@ def test_crash_before_rename_keeps_the_old_file(storage, tmp_path, monkeypatch):
 
 
 def test_parquet_round_trip_keeps_types(storage):
-    df = pl.DataFrame({"q": ["0012"], "k": [None], "draw": [3], "loss": [0.5]}, schema_overrides={"draw": pl.Int32, "loss": pl.Float32})
+    df = pl.DataFrame(
+        {"q": ["0012"], "k": [None], "draw": [3], "loss": [0.5]},
+        schema_overrides={"draw": pl.Int32, "loss": pl.Float32},
+    )
     storage.write_parquet("t/part-0.parquet", df)
     assert storage.read_parquet("t/part-0.parquet").equals(df)
 
@@ -96,8 +99,11 @@ def test_safetensors_round_trip_with_metadata(storage):
 
 
 def test_one_tensor_is_read_alone_with_the_metadata(storage):
-    tensors = {"rows": torch.arange(12, dtype=torch.float32).reshape(4, 3), "norms": torch.tensor([0.5, 2.0], dtype=torch.float64),
-               "empty": torch.zeros(0)}
+    tensors = {
+        "rows": torch.arange(12, dtype=torch.float32).reshape(4, 3),
+        "norms": torch.tensor([0.5, 2.0], dtype=torch.float64),
+        "empty": torch.zeros(0),
+    }
     storage.write_tensors("g/shard.safetensors", tensors, metadata={"k": "3"})
     norms, meta = storage.read_tensor("g/shard.safetensors", "norms")
     assert norms.dtype == torch.float64 and norms.tolist() == [0.5, 2.0] and meta == {"k": "3"}

@@ -15,20 +15,40 @@ IDENTITY = {"checkpoint_id": "c", "protocol_id": "p"}
 
 def self_influence_rows(target_set: str, ranks: list[int], ratios: list[float]) -> pl.DataFrame:
     n = len(ranks)
-    return pl.DataFrame({
-        "config_id": ["default"] * n, "target_item_id": [f"{target_set[:3]}-{i}" for i in range(n)], "rank": ranks,
-        "score": [1.0] * n, "loss_ratio": ratios, "lr_used": [1.0] * n, "score_type": ["normalized"] * n,
-        "top_k_similarity": [0.5] * n, "bottom_k_similarity": [0.1] * n, "others_median_relative_change": [0.0] * n,
-        "target_set": [target_set] * n, **{k: [v] * n for k, v in IDENTITY.items()}})
+    return pl.DataFrame(
+        {
+            "config_id": ["default"] * n,
+            "target_item_id": [f"{target_set[:3]}-{i}" for i in range(n)],
+            "rank": ranks,
+            "score": [1.0] * n,
+            "loss_ratio": ratios,
+            "lr_used": [1.0] * n,
+            "score_type": ["normalized"] * n,
+            "top_k_similarity": [0.5] * n,
+            "bottom_k_similarity": [0.1] * n,
+            "others_median_relative_change": [0.0] * n,
+            "target_set": [target_set] * n,
+            **{k: [v] * n for k, v in IDENTITY.items()},
+        }
+    )
 
 
 def replication_rows(target_set: str, ranks: list[int], snr: float) -> pl.DataFrame:
     n = len(ranks)
-    return pl.DataFrame({
-        "config_id": ["default"] * n, "source_item_id": [f"{target_set[:3]}-{i}" for i in range(n)],
-        "transform": ["fade_-6db"] * n, "rank": ranks, "score": [1.0] * n, "loss_ratio": [1.1] * n,
-        "target_set": [target_set] * n, "snr_db": [snr] * n, "latent_change": [0.1] * n,
-        **{k: [v] * n for k, v in IDENTITY.items()}})
+    return pl.DataFrame(
+        {
+            "config_id": ["default"] * n,
+            "source_item_id": [f"{target_set[:3]}-{i}" for i in range(n)],
+            "transform": ["fade_-6db"] * n,
+            "rank": ranks,
+            "score": [1.0] * n,
+            "loss_ratio": [1.1] * n,
+            "target_set": [target_set] * n,
+            "snr_db": [snr] * n,
+            "latent_change": [0.1] * n,
+            **{k: [v] * n for k, v in IDENTITY.items()},
+        }
+    )
 
 
 @pytest.fixture
@@ -36,9 +56,16 @@ def storage(tmp_path) -> Storage:
     store = Storage(str(tmp_path / "root"))
     keys = {**IDENTITY, "config_id": "default"}
     # 16 development targets all first (what tuned the default), 8 reporting targets of which 6 first
-    write_replacing(store, "self_influence", self_influence_rows("reporting", [1] * 6 + [2, 5], [1.1] * 7 + [1.32]),
-                    "target_set", **keys)
-    write_replacing(store, "self_influence", self_influence_rows("development", [1] * 16, [1.1] * 16), "target_set", **keys)
+    write_replacing(
+        store,
+        "self_influence",
+        self_influence_rows("reporting", [1] * 6 + [2, 5], [1.1] * 7 + [1.32]),
+        "target_set",
+        **keys,
+    )
+    write_replacing(
+        store, "self_influence", self_influence_rows("development", [1] * 16, [1.1] * 16), "target_set", **keys
+    )
     write_replacing(store, "replication", replication_rows("reporting", [1, 1, 3, 1], 10.1), "target_set", **keys)
     write_replacing(store, "replication", replication_rows("development", [1] * 16, 9.0), "target_set", **keys)
     return store
@@ -48,8 +75,14 @@ def test_a_development_run_is_kept_beside_the_reporting_run(storage):
     rows = read_table(storage, "self_influence", **IDENTITY, config_id="default")
     assert rows.group_by("target_set").len().sort("target_set").rows() == [("development", 16), ("reporting", 8)]
     # a second reporting run replaces the reporting rows only
-    write_replacing(storage, "self_influence", self_influence_rows("reporting", [1, 1], [1.1, 1.1]), "target_set",
-                    **IDENTITY, config_id="default")
+    write_replacing(
+        storage,
+        "self_influence",
+        self_influence_rows("reporting", [1, 1], [1.1, 1.1]),
+        "target_set",
+        **IDENTITY,
+        config_id="default",
+    )
     rows = read_table(storage, "self_influence", **IDENTITY, config_id="default")
     assert rows.group_by("target_set").len().sort("target_set").rows() == [("development", 16), ("reporting", 2)]
 

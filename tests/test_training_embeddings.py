@@ -71,13 +71,18 @@ def test_each_shard_with_items_has_its_items_embedded_under_its_identity_and_the
         assert {n: tuple(m.shape) for n, m in emb.matrices.items()} == {
             "audio": (len(features), 2 * features.latents.shape[1]),
             "text": (len(features), features.conditioning["encoder_hidden_states"].shape[-1]),
-            "internal": (len(features), inner_dim)}
+            "internal": (len(features), inner_dim),
+        }
         assert torch.equal(emb.matrices["audio"], similarity.audio_embedding(features))  # the engine's, stored as is
         assert {k_: meta[k_] for k_ in ("checkpoint_id", "protocol_id", "encoder_id", "shard")} == {
-            **identity.keys(), "encoder_id": encoder_id, "shard": shard}
+            **identity.keys(),
+            "encoder_id": encoder_id,
+            "shard": shard,
+        }
         assert meta["manifest_digest"] == features_meta["manifest_digest"]
     (empty,) = runner.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey("training_embeddings"), asset_partitions=["shard-01"]), limit=1).records
+        AssetRecordsFilter(asset_key=AssetKey("training_embeddings"), asset_partitions=["shard-01"]), limit=1
+    ).records
     assert empty.asset_materialization.metadata["rows"].value == 0
 
 
@@ -94,8 +99,11 @@ def test_similarity_scores_equal_the_recomputation_from_the_engine(prepared):
         embs["text"].append(similarity.text_embedding(batch))
         embs["internal"].append(similarity.internal_embedding(adapter, batch, protocol, compute))
     query = query_batch(store, "q0", encoder_id)
-    query_embs = {"audio": similarity.audio_embedding(query), "text": similarity.text_embedding(query),
-                  "internal": similarity.internal_embedding(adapter, query, protocol, compute)}
+    query_embs = {
+        "audio": similarity.audio_embedding(query),
+        "text": similarity.text_embedding(query),
+        "internal": similarity.internal_embedding(adapter, query, protocol, compute),
+    }
     assert sorted(ids) == sorted(all_features(store, encoder_id).item_ids) and len(ids) == 6
     for name, parts in embs.items():
         expected = similarity.cosine_scores(query_embs[name].mean(0), torch.cat(parts)).numpy()
@@ -104,8 +112,10 @@ def test_similarity_scores_equal_the_recomputation_from_the_engine(prepared):
         np.testing.assert_allclose(stored["score"].to_numpy(), expected, rtol=0, atol=1e-5, err_msg=name)
         assert stored["rank"].to_list() == rank_descending(expected.astype(np.float64)).tolist(), name
         assert set(stored["checkpoint_id"]) == {identity.checkpoint_id} and set(stored["protocol_id"]) == {PROTOCOL}
-    assert not np.allclose(read_table(store, "similarity_scores", query_id="q0", method="similarity:internal")["score"],
-                           read_table(store, "similarity_scores", query_id="q0", method="similarity:audio")["score"])
+    assert not np.allclose(
+        read_table(store, "similarity_scores", query_id="q0", method="similarity:internal")["score"],
+        read_table(store, "similarity_scores", query_id="q0", method="similarity:audio")["score"],
+    )
 
 
 def test_similarity_scores_embed_the_query_only(prepared, monkeypatch):
@@ -113,8 +123,11 @@ def test_similarity_scores_embed_the_query_only(prepared, monkeypatch):
     embedded: list[str] = []
     for name in ("audio_embedding", "text_embedding", "internal_embedding"):
         fn = getattr(similarity, name)
-        monkeypatch.setattr(similarity, name, lambda *a, _fn=fn: embedded.extend(
-            next(x for x in a if hasattr(x, "item_ids")).item_ids) or _fn(*a))
+        monkeypatch.setattr(
+            similarity,
+            name,
+            lambda *a, _fn=fn: embedded.extend(next(x for x in a if hasattr(x, "item_ids")).item_ids) or _fn(*a),
+        )
     before = read_table(runner.storage, "similarity_scores", query_id="q0", method="similarity:internal")
     runner.run(["similarity_scores"], "q0")  # in process: the patched engine is the one the step calls
     assert embedded == ["q0"] * 3  # one window, three embeddings; never a training item
@@ -131,7 +144,9 @@ def test_missing_embeddings_stop_similarity_naming_the_identity_then_prepare_mak
     with pytest.raises(Exception) as error:
         runner.run(["similarity_scores"], "q0")
     message = str(error.value)
-    assert f"training_embeddings for {identity} (encoders {encoder_id}) are missing for shard(s) ['shard-02']" in message
+    assert (
+        f"training_embeddings for {identity} (encoders {encoder_id}) are missing for shard(s) ['shard-02']" in message
+    )
     assert "materialize training_embeddings for every shard (`tda prepare`, or the UI)" in message
     have = current_training_phases(store, runner.resources["model_source"].model_source(), PROTOCOL)
     assert have == {**dict.fromkeys(have, True), "training_embeddings": False}
@@ -176,7 +191,10 @@ def test_embeddings_made_from_other_features_are_refused(prepared, change):
     finally:
         store.write_bytes(k, original)
     assert read_training_embeddings(store, identity, encoder_id).item_ids == [
-        i for s in shards_with_items(runner) for i in read_embeddings(store, embeddings_key(identity, encoder_id, s))[0].item_ids]
+        i
+        for s in shards_with_items(runner)
+        for i in read_embeddings(store, embeddings_key(identity, encoder_id, s))[0].item_ids
+    ]
 
 
 def test_an_embedding_matrix_without_one_row_per_item_is_refused(tmp_path):
@@ -187,16 +205,27 @@ def test_an_embedding_matrix_without_one_row_per_item_is_refused(tmp_path):
         write_embeddings(Storage(str(tmp_path)), "x.safetensors", bad, {})
 
 
-@pytest.mark.parametrize("missing, runs", [
-    ({"training_embeddings"}, {"training_embeddings"}),
-    ({"baseline_losses"}, {"baseline_losses"}),  # a killed baseline shard: the embeddings are not rewritten
-    ({"fisher_diagonal"}, {"fisher_diagonal", "training_gradients"}),  # the default's store is preconditioned with it
-    ({"training_gradients"}, {"training_gradients"}),
-    ({"fisher_diagonal", "baseline_losses", "training_embeddings"},
-     {"fisher_diagonal", "baseline_losses", "training_embeddings", "training_gradients"}),
-    ({"checkpoint"}, {"checkpoint", "fisher_diagonal", "baseline_losses", "training_embeddings", "training_gradients"}),
-    ({"training_features"}, set(TRAINING_PHASES) - {"training_manifest"}),
-    (set(), set()),
-])
+@pytest.mark.parametrize(
+    "missing, runs",
+    [
+        ({"training_embeddings"}, {"training_embeddings"}),
+        ({"baseline_losses"}, {"baseline_losses"}),  # a killed baseline shard: the embeddings are not rewritten
+        (
+            {"fisher_diagonal"},
+            {"fisher_diagonal", "training_gradients"},
+        ),  # the default's store is preconditioned with it
+        ({"training_gradients"}, {"training_gradients"}),
+        (
+            {"fisher_diagonal", "baseline_losses", "training_embeddings"},
+            {"fisher_diagonal", "baseline_losses", "training_embeddings", "training_gradients"},
+        ),
+        (
+            {"checkpoint"},
+            {"checkpoint", "fisher_diagonal", "baseline_losses", "training_embeddings", "training_gradients"},
+        ),
+        ({"training_features"}, set(TRAINING_PHASES) - {"training_manifest"}),
+        (set(), set()),
+    ],
+)
 def test_prepare_runs_the_phases_not_current_and_those_downstream_of_them_only(missing, runs):
     assert phases_to_run({name: name not in missing for name in TRAINING_PHASES}) == runs

@@ -34,17 +34,20 @@ def test_ratio_band_is_target_plus_minus_tolerance_of_the_excess():
     assert UnlearningSettings(target_ratio=3.0, ratio_tolerance=0.25).ratio_band() == pytest.approx((2.5, 3.5))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"target_ratio": 1.0}, "target_ratio 1.0 must be > 1"),
-    ({"target_ratio": 0.8}, "target_ratio 0.8 must be > 1"),
-    ({"target_ratio": float("nan")}, "target_ratio nan must be > 1"),
-    ({"target_ratio": 1.3, "recipe": "ewc_ascent"}, "needs recipe 'newton'"),
-    ({"target_ratio": 1.3, "steps": 2}, "steps=2"),
-    ({"ratio_tolerance": 1.0}, "ratio_tolerance 1.0"),
-    ({"lr_min": 10.0, "lr_max": 1.0}, r"lr_min 10.0 and lr_max 1.0 must satisfy"),
-    ({"lr_min": 0.0, "lr_max": 1.0}, "0 < lr_min < lr_max"),
-    ({"score_type": "median"}, "unknown score_type 'median'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"target_ratio": 1.0}, "target_ratio 1.0 must be > 1"),
+        ({"target_ratio": 0.8}, "target_ratio 0.8 must be > 1"),
+        ({"target_ratio": float("nan")}, "target_ratio nan must be > 1"),
+        ({"target_ratio": 1.3, "recipe": "ewc_ascent"}, "needs recipe 'newton'"),
+        ({"target_ratio": 1.3, "steps": 2}, "steps=2"),
+        ({"ratio_tolerance": 1.0}, "ratio_tolerance 1.0"),
+        ({"lr_min": 10.0, "lr_max": 1.0}, r"lr_min 10.0 and lr_max 1.0 must satisfy"),
+        ({"lr_min": 0.0, "lr_max": 1.0}, "0 < lr_min < lr_max"),
+        ({"score_type": "median"}, "unknown score_type 'median'"),
+    ],
+)
 def test_bad_strength_settings_are_refused_naming_the_value(kwargs, match):
     with pytest.raises(ValueError, match=match):
         UnlearningSettings(**kwargs)
@@ -67,13 +70,17 @@ def test_search_brackets_downward_from_a_too_strong_start():
 
 
 def test_a_non_finite_ratio_counts_as_too_strong():
-    lr, ratio, _ = search_lr(lambda lr: math.nan if lr > 1000 else 1 + lr / 1000, UnlearningSettings(target_ratio=1.5, lr=5000.0), "q")
+    lr, ratio, _ = search_lr(
+        lambda lr: math.nan if lr > 1000 else 1 + lr / 1000, UnlearningSettings(target_ratio=1.5, lr=5000.0), "q"
+    )
     assert 1.45 <= ratio <= 1.55 and lr == pytest.approx(500, rel=0.1)
 
 
 def test_an_unreachable_target_names_the_ratio_at_the_bound_and_the_fix():
     weak = UnlearningSettings(target_ratio=2.0, lr_min=1.0, lr_max=1e4)
-    with pytest.raises(UnlearningStrengthError, match=r"query q7: .*only ×1\.1000 at the largest lr 10000 .*raise lr_max"):
+    with pytest.raises(
+        UnlearningStrengthError, match=r"query q7: .*only ×1\.1000 at the largest lr 10000 .*raise lr_max"
+    ):
         search_lr(lambda lr: 1 + 0.1 * min(lr, 10.0) / 10.0, weak, "q7")
     with pytest.raises(UnlearningStrengthError, match=r"×5\.0000 already at the smallest lr 1 .*lower lr_min"):
         search_lr(lambda lr: 5.0, weak, "q7")
@@ -125,7 +132,8 @@ def test_attribute_exact_reports_an_unlearning_below_the_minimum_as_failed_and_r
     assert scores is None and after is None and not result.passed
     assert 0.99 < result.loss_ratio < 1.01  # the ratio is kept: a failure is reported with it
     strong = UnlearningSettings(lr=50.0, target_ratio=1.3, score_type="mean_delta")
-    scores, result, after = attribute_exact(adapter, queries.select([1]), train, l0, fisher, strong, PROTOCOL,
-                                            Compute())
+    scores, result, after = attribute_exact(
+        adapter, queries.select([1]), train, l0, fisher, strong, PROTOCOL, Compute()
+    )
     assert result.passed and result.loss_ratio >= 1.05 and after.shape == l0.shape
     assert sorted(scores["rank"]) == list(range(1, len(train) + 1))

@@ -23,7 +23,9 @@ from tda_assets.attribution.self_influence import choose_targets, summarise
 from tda_assets.attribution.similarity import audio_embedding
 from tda_assets.attribution.unlearn import UnlearningSettings, unlearn
 
-DEFAULT = UnlearningSettings(lr=100.0, target_ratio=None, score_type="mean_delta")  # newton-fixed: the 320-item demo's lr 250 at this corpus's N = 128 (step lr / N)
+DEFAULT = UnlearningSettings(
+    lr=100.0, target_ratio=None, score_type="mean_delta"
+)  # newton-fixed: the 320-item demo's lr 250 at this corpus's N = 128 (step lr / N)
 TARGETED = UnlearningSettings(lr=100.0, target_ratio=1.3)
 RESCORE = LossProtocol(seed=0, draws=4)  # the protocol's first 4 draws: rescoring all 128 items stays affordable
 BF16 = Compute(device="cpu", autocast_dtype="bfloat16")
@@ -41,8 +43,12 @@ def targets(trained) -> list[int]:
 def runs(trained, fisher, protocol, targets) -> dict:
     """Each target unlearned as its own query, at the fixed default lr and at target_ratio 1.3."""
     adapter, batch = trained
-    return {s.target_ratio: [unlearn(adapter, batch.select([i]), fisher, s, protocol, Compute(), n_train=len(batch))
-                             for i in targets] for s in (DEFAULT, TARGETED)}
+    return {
+        s.target_ratio: [
+            unlearn(adapter, batch.select([i]), fisher, s, protocol, Compute(), n_train=len(batch)) for i in targets
+        ]
+        for s in (DEFAULT, TARGETED)
+    }
 
 
 def rescore(trained, delta: dict | None, compute: Compute = Compute(), protocol: LossProtocol = RESCORE) -> np.ndarray:
@@ -61,8 +67,10 @@ def baseline4(trained) -> np.ndarray:
 @pytest.fixture(scope="module")
 def scored(trained, runs, baseline4) -> dict:
     """mean_delta scores of the first 6 targets under both settings."""
-    return {key: [attribution_scores(baseline4, rescore(trained, r.delta)) for r in results[:6]]
-            for key, results in runs.items()}
+    return {
+        key: [attribution_scores(baseline4, rescore(trained, r.delta)) for r in results[:6]]
+        for key, results in runs.items()
+    }
 
 
 def test_fixed_lr_newton_delta_is_the_previous_formula_bit_for_bit(trained, fisher, protocol):
@@ -88,8 +96,10 @@ def test_target_ratio_evens_out_the_query_loss_rise(runs):
     probes, lr 55–183."""
     fixed = np.array([r.loss_ratio for r in runs[None]])
     targeted = np.array([r.loss_ratio for r in runs[1.3]])
-    print(f"protocol ratios fixed lr: {np.round(fixed, 3)}; target 1.3: {np.round(targeted, 3)}; "
-          f"lr used {[round(r.lr_used, 1) for r in runs[1.3]]}; probes {[r.probes for r in runs[1.3]]}")
+    print(
+        f"protocol ratios fixed lr: {np.round(fixed, 3)}; target 1.3: {np.round(targeted, 3)}; "
+        f"lr used {[round(r.lr_used, 1) for r in runs[1.3]]}; probes {[r.probes for r in runs[1.3]]}"
+    )
     low, high = TARGETED.ratio_band()
     assert all(low <= r.search_ratio <= high and 1 <= r.probes <= 12 for r in runs[1.3])
     assert np.all(np.abs(targeted - 1.3) <= 0.5 * 0.3)  # protocol draws differ from the search's: a looser band
@@ -149,7 +159,9 @@ def test_bf16_rankings_match_fp32_at_the_default_configuration(trained, fisher, 
     adapter, batch = trained
     settings = UnlearningSettings()
     assert (settings.target_ratio, settings.score_type) == (1.1, "normalized")
-    norms = gradient_store(adapter, [batch], RESCORE, "all", Compute(), k=4096, fisher=fisher).item_norms  # fp32, both arms
+    norms = gradient_store(
+        adapter, [batch], RESCORE, "all", Compute(), k=4096, fisher=fisher
+    ).item_norms  # fp32, both arms
     bf16, rescore_bf16 = replace(protocol, precision="bf16"), replace(RESCORE, precision="bf16")
     base_bf16 = rescore(trained, None, BF16, rescore_bf16)
     for j in (0, 1):
@@ -157,11 +169,16 @@ def test_bf16_rankings_match_fp32_at_the_default_configuration(trained, fisher, 
         r_fp = unlearn(adapter, query, fisher, settings, protocol, Compute(), n_train=len(batch))
         r_bf = unlearn(adapter, query, fisher, settings, bf16, BF16, n_train=len(batch))
         fp = attribution_scores(baseline4, rescore(trained, r_fp.delta), settings.score_type, norms)["score"]
-        bf = attribution_scores(base_bf16, rescore(trained, r_bf.delta, BF16, rescore_bf16), settings.score_type, norms)["score"]
+        bf = attribution_scores(
+            base_bf16, rescore(trained, r_bf.delta, BF16, rescore_bf16), settings.score_type, norms
+        )["score"]
         mixed = attribution_scores(baseline4, rescore(trained, r_bf.delta), settings.score_type, norms)["score"]
-        print(f"query {batch.item_ids[targets[j]]} (ratio fp32 {r_fp.loss_ratio:.3f}, bf16 {r_bf.loss_ratio:.3f}): bf16 vs "
-              f"fp32 Spearman {spearman(fp, bf):.4f}, Jaccard@10 {jaccard_at_k(fp, bf, 10):.2f}; bf16 unlearning rescored "
-              f"in fp32 Spearman {spearman(fp, mixed):.4f}, Jaccard@10 {jaccard_at_k(fp, mixed, 10):.2f}")
+        print(
+            f"query {batch.item_ids[targets[j]]} (ratio fp32 {r_fp.loss_ratio:.3f}, bf16 {r_bf.loss_ratio:.3f}): "
+            f"bf16 vs fp32 Spearman {spearman(fp, bf):.4f}, Jaccard@10 {jaccard_at_k(fp, bf, 10):.2f}; "
+            f"bf16 unlearning rescored in fp32 Spearman {spearman(fp, mixed):.4f}, "
+            f"Jaccard@10 {jaccard_at_k(fp, mixed, 10):.2f}"
+        )
         assert spearman(fp, bf) >= 0.97 and jaccard_at_k(fp, bf, 10) >= TOP10_JACCARD_MIN
         assert spearman(fp, mixed) >= MIXED_SPEARMAN_MIN and jaccard_at_k(fp, mixed, 10) >= TOP10_JACCARD_MIN
     few = batch.select([0, 1])

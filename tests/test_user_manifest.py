@@ -23,6 +23,7 @@ from tda_assets.io.artifacts import read_features
 from tda_assets.io.registry import entry
 from tda_assets.io.tables import read_table, read_tables
 
+
 def shard_of(item_id: str) -> str:
     return shard_of_n(item_id, len(SHARD_KEYS))
 
@@ -53,14 +54,17 @@ def manifest(audio_dir: Path, uris: dict[str, str] | None = None) -> pl.DataFram
     forms = ["audio/{}.wav", f"{audio_dir}/audio/{{}}.wav", f"file://{audio_dir}/audio/{{}}.wav"]
     default = {item: forms[i % 3].format(item) for i, item in enumerate(ITEMS)}
     return rows.with_columns(audio_uri=pl.Series([(uris or {}).get(i, default[i]) for i in ITEMS])).select(
-        "item_id", "audio_uri", "caption", "artist")
+        "item_id", "audio_uri", "caption", "artist"
+    )
 
 
 def run_training_data(root: str, manifest_uri: str | None, shards=SHARD_KEYS, skip: bool = False) -> Runner:
     runner = Runner.create(DagsterInstance.ephemeral(), root, log=lambda _m: None)
     runner.log_level = "WARNING"
     if manifest_uri is not None:
-        runner.run(["training_manifest"], run_config={"ops": {"training_manifest": {"config": {"manifest_uri": manifest_uri}}}})
+        runner.run(
+            ["training_manifest"], run_config={"ops": {"training_manifest": {"config": {"manifest_uri": manifest_uri}}}}
+        )
     features_config = {"ops": {"training_features": {"config": {"skip_bad_items": skip}}}}
     for shard in shards:
         runner.run(["training_features"], shard, run_config=features_config)
@@ -103,7 +107,9 @@ def test_parquet_manifest_from_tda_manifest_env(audio_dir, tmp_path, monkeypatch
     root = tmp_path / "storage"
     runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
     runner.run(["training_manifest"])
-    meta = runner.instance.get_latest_materialization_event(AssetKey("training_manifest")).asset_materialization.metadata
+    meta = runner.instance.get_latest_materialization_event(
+        AssetKey("training_manifest")
+    ).asset_materialization.metadata
     assert meta["origin"].value == str(tmp_path / "manifest.parquet") and meta["rows"].value == len(ITEMS)
     assert meta["items_per_artist"].value == {"artist_00": 3, "artist_01": 3}
     bad_shard = shard_of(BAD)
@@ -122,14 +128,25 @@ def _bad_manifest(audio_dir: Path, tmp_path: Path, kind: str) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("kind, problem", [("missing", "audio file is missing"), ("corrupt", "audio cannot be decoded")])
-def test_bad_row_fails_its_shard_naming_the_item_and_leaves_features_intact(materialized, audio_dir, tmp_path, kind, problem):
+@pytest.mark.parametrize(
+    "kind, problem", [("missing", "audio file is missing"), ("corrupt", "audio cannot be decoded")]
+)
+def test_bad_row_fails_its_shard_naming_the_item_and_leaves_features_intact(
+    materialized, audio_dir, tmp_path, kind, problem
+):
     root = tmp_path / "storage"
     shutil.copytree(materialized, root)
     before = features_files(root)
     runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
-    runner.run(["training_manifest"], run_config={"ops": {"training_manifest": {"config": {"manifest_uri": _bad_manifest(audio_dir, tmp_path, kind)}}}})
-    with pytest.raises(AttributionInputError, match=rf"item {BAD}: {problem}.*shard {shard_of(BAD)}.*skip_bad_items: true"):
+    runner.run(
+        ["training_manifest"],
+        run_config={
+            "ops": {"training_manifest": {"config": {"manifest_uri": _bad_manifest(audio_dir, tmp_path, kind)}}}
+        },
+    )
+    with pytest.raises(
+        AttributionInputError, match=rf"item {BAD}: {problem}.*shard {shard_of(BAD)}.*skip_bad_items: true"
+    ):
         run_training_data(str(root), None, shards=[shard_of(BAD)])
     assert features_files(root) == before  # byte-identical, the failed shard's previous file included
 
@@ -138,13 +155,16 @@ def test_skip_bad_items_skips_and_reports_the_item(materialized, audio_dir, tmp_
     root = tmp_path / "storage"
     shutil.copytree(materialized, root)
     before = features_files(root)
-    runner = run_training_data(str(root), _bad_manifest(audio_dir, tmp_path, "corrupt"), shards=[shard_of(BAD)], skip=True)
+    runner = run_training_data(
+        str(root), _bad_manifest(audio_dir, tmp_path, "corrupt"), shards=[shard_of(BAD)], skip=True
+    )
     record = runner.instance.get_latest_materialization_event(AssetKey("training_features"))
     assert record.asset_materialization.metadata["skipped_items"].value == [BAD]
     assert encoded_items(str(root)) == sorted(i for i in ITEMS if i != BAD)
     after = features_files(root)
     assert {s: b for s, b in after.items() if s != f"shard={shard_of(BAD)}"} == {
-        s: b for s, b in before.items() if s != f"shard={shard_of(BAD)}"}
+        s: b for s, b in before.items() if s != f"shard={shard_of(BAD)}"
+    }
 
 
 def test_a_shard_whose_items_are_all_skipped_is_empty_and_reports_them(materialized, audio_dir, tmp_path):
@@ -155,7 +175,9 @@ def test_a_shard_whose_items_are_all_skipped_is_empty_and_reports_them(materiali
     path = tmp_path / "all-bad.csv"
     manifest(audio_dir, {i: str(tmp_path / f"gone-{i}.wav") for i in doomed}).write_csv(path)
     runner = run_training_data(str(root), str(path), shards=[shard], skip=True)
-    meta = runner.instance.get_latest_materialization_event(AssetKey("training_features")).asset_materialization.metadata
+    meta = runner.instance.get_latest_materialization_event(
+        AssetKey("training_features")
+    ).asset_materialization.metadata
     assert meta["rows"].value == 0 and meta["skipped_items"].value == doomed
     assert not (root / "training_features" / f"shard={shard}" / "features.safetensors").exists()
     assert encoded_items(str(root)) == sorted(i for i in ITEMS if i not in doomed)
@@ -163,12 +185,16 @@ def test_a_shard_whose_items_are_all_skipped_is_empty_and_reports_them(materiali
 
 def test_manifest_without_a_required_column_names_it(audio_dir, tmp_path):
     manifest(audio_dir).drop("artist").write_csv(tmp_path / "m.csv")
-    with pytest.raises(ValueError, match=r"missing column\(s\) \['artist'\]; required: item_id, audio_uri, caption, artist"):
+    with pytest.raises(
+        ValueError, match=r"missing column\(s\) \['artist'\]; required: item_id, audio_uri, caption, artist"
+    ):
         run_training_data(str(tmp_path / "storage"), str(tmp_path / "m.csv"), shards=[])
 
 
 def test_missing_manifest_file_gives_the_fix(tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"manifest .*nowhere.csv not found: set manifest_uri \(or TDA_MANIFEST\)"):
+    with pytest.raises(
+        FileNotFoundError, match=r"manifest .*nowhere.csv not found: set manifest_uri \(or TDA_MANIFEST\)"
+    ):
         run_training_data(str(tmp_path / "storage"), str(tmp_path / "nowhere.csv"), shards=[])
 
 
@@ -177,8 +203,12 @@ def test_manifest_and_audio_on_s3_with_a_local_storage_root(s3_root, audio_dir, 
     for item in ITEMS:
         corpus.write_bytes(f"audio/{item}.wav", (audio_dir / "audio" / f"{item}.wav").read_bytes())
     rows = manifest(audio_dir, {i: f"audio/{i}.wav" for i in ITEMS})  # relative to the manifest's s3:// folder
-    rows = rows.with_columns(pl.when(pl.col("item_id") == "0012").then(pl.lit(corpus.uri("audio/0012.wav")))
-                             .otherwise(pl.col("audio_uri")).alias("audio_uri"))  # and one absolute s3:// URI
+    rows = rows.with_columns(
+        pl.when(pl.col("item_id") == "0012")
+        .then(pl.lit(corpus.uri("audio/0012.wav")))
+        .otherwise(pl.col("audio_uri"))
+        .alias("audio_uri")
+    )  # and one absolute s3:// URI
     corpus.write_bytes("manifest.csv", rows.write_csv().encode())
     root = str(tmp_path / "storage")
     run_training_data(root, corpus.uri("manifest.csv"), shards=[shard_of(BAD)])
@@ -187,11 +217,15 @@ def test_manifest_and_audio_on_s3_with_a_local_storage_root(s3_root, audio_dir, 
     assert encoded_items(root) == sorted(i for i in ITEMS if shard_of(i) == shard_of(BAD))
 
 
-def test_a_skipped_item_gets_no_attribution_row_and_the_row_check_still_passes(materialized, audio_dir, tmp_path, monkeypatch):
+def test_a_skipped_item_gets_no_attribution_row_and_the_row_check_still_passes(
+    materialized, audio_dir, tmp_path, monkeypatch
+):
     monkeypatch.setenv("TDA_TRAIN_STEPS", "20")
     root = tmp_path / "storage"
     shutil.copytree(materialized, root)
-    runner = run_training_data(str(root), _bad_manifest(audio_dir, tmp_path, "corrupt"), shards=[shard_of(BAD)], skip=True)
+    runner = run_training_data(
+        str(root), _bad_manifest(audio_dir, tmp_path, "corrupt"), shards=[shard_of(BAD)], skip=True
+    )
     runner.run(["checkpoint"])
     runner.run(["fisher_diagonal"])
     for shard in SHARD_KEYS:

@@ -29,8 +29,13 @@ def webserver(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "DAGSTER_HOME": str(home), "TDA_STORAGE_URL": str(home / "storage")}
     exe = Path(sys.executable).with_name("dagster-webserver")
-    proc = subprocess.Popen([str(exe), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)], cwd=REPO, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [str(exe), "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         for _ in range(360):
@@ -48,8 +53,9 @@ def webserver(tmp_path_factory):
 
 
 def graphql(url: str, query: str) -> dict:
-    req = urllib.request.Request(url + "/graphql", data=json.dumps({"query": query}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        url + "/graphql", data=json.dumps({"query": query}).encode(), headers={"Content-Type": "application/json"}
+    )
     for _ in range(60):  # the code location may still be loading
         data = json.loads(urllib.request.urlopen(req, timeout=30).read())["data"]
         if data["assetNodes"]:

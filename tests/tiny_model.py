@@ -47,4 +47,3 @@ def tiny_trained() -> tuple[EmbeddedAdapter, ItemBatch, ItemBatch, dict[str, tor
     fisher = fisher_diagonal(adapter, [train], PROTOCOL, "all", Compute())
     l0 = batch_losses(adapter, train, PROTOCOL, Compute()).loss.numpy().astype(np.float64)
     return adapter, train, queries, fisher, l0
-

@@ -14,7 +14,6 @@ from .objective import DiffusionObjective
 from .settings import PARAM_SUBSETS
 
 
-
 @dataclass
 class ItemBatch:
     """Encoded items: latents `z` [b, C, T], conditioning tensors [b, ...], and a frame mask [b, T] (1 = real audio)."""

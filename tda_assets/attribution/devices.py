@@ -32,8 +32,10 @@ class Compute:
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or (self.grad_rows is not None and self.grad_rows < 1):
-            raise ValueError(f"rows per pass must be at least 1 (batch_size {self.batch_size}, grad_rows "
-                             f"{self.grad_rows}): set TDA_BATCH_SIZE / TDA_GRAD_ROWS to a positive number")
+            raise ValueError(
+                f"rows per pass must be at least 1 (batch_size {self.batch_size}, grad_rows "
+                f"{self.grad_rows}): set TDA_BATCH_SIZE / TDA_GRAD_ROWS to a positive number"
+            )
 
     @classmethod
     def auto(cls, batch_size: int = DEFAULT_BATCH_ROWS, grad_rows: int | None = None) -> "Compute":
@@ -44,8 +46,8 @@ class Compute:
 
     @property
     def precision(self) -> str:
-        """What the unlearning step, the Fisher and training compute in (the autocast dtype, or `fp32`): it changes their
-        numbers, so the Fisher and each delta record it."""
+        """What the unlearning step, the Fisher and training compute in (the autocast dtype, or `fp32`): it changes
+        their numbers, so the Fisher and each delta record it."""
         return self.autocast_dtype or "fp32"
 
     @property

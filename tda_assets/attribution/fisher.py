@@ -41,8 +41,15 @@ def fisher_diagonal(
 
             # the unlearning step's curvature: the compute's precision, as the step itself; each parameter's gradient
             # is squared into the sum as backward produces it (the whole gradient is never held beside the sum)
-            mean_loss_grads(adapter, draws, None, [params[n] for n in names], compute.backward_rows, compute.autocast,
-                            consume=add_square)
+            mean_loss_grads(
+                adapter,
+                draws,
+                None,
+                [params[n] for n in names],
+                compute.backward_rows,
+                compute.autocast,
+                consume=add_square,
+            )
             seen += 1
         if max_items is not None and seen >= max_items:
             break
@@ -60,10 +67,17 @@ def fisher_summary(fisher: Mapping[str, torch.Tensor]) -> dict[str, float | int]
     exact up to MEDIAN_SAMPLE values, else that of every ⌈D / MEDIAN_SAMPLE⌉-th value."""
     count = sum(f.numel() for f in fisher.values())
     stride = max(1, -(-count // MEDIAN_SAMPLE))
-    sample = torch.cat([f.flatten()[::stride] for f in fisher.values()]) if stride > 1 else \
-        torch.cat([f.flatten() for f in fisher.values()])
-    return {"parameters": count, "mean": float(sum(f.double().sum() for f in fisher.values()) / max(count, 1)),
-            "median": float(sample.median()), "max": float(max(f.max() for f in fisher.values()))}
+    sample = (
+        torch.cat([f.flatten()[::stride] for f in fisher.values()])
+        if stride > 1
+        else torch.cat([f.flatten() for f in fisher.values()])
+    )
+    return {
+        "parameters": count,
+        "mean": float(sum(f.double().sum() for f in fisher.values()) / max(count, 1)),
+        "median": float(sample.median()),
+        "max": float(max(f.max() for f in fisher.values())),
+    }
 
 
 def fisher_mean(fisher: Mapping[str, torch.Tensor]) -> float:

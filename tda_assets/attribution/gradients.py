@@ -54,7 +54,9 @@ class GradientSpec:
     @classmethod
     def for_settings(cls, settings: UnlearningSettings) -> "GradientSpec":
         """The store a configuration reads: its subset, loss masking and damping, its sketch_k and sketch_seed."""
-        return cls(settings.param_subset, settings.masks_losses, settings.sketch_k, settings.sketch_seed, settings.damping)
+        return cls(
+            settings.param_subset, settings.masks_losses, settings.sketch_k, settings.sketch_seed, settings.damping
+        )
 
     @property
     def gradient_id(self) -> str:
@@ -65,7 +67,12 @@ class GradientSpec:
     def matches(self, store: "GradientStore") -> bool:
         """Whether `store` was computed with this spec."""
         return (store.param_subset, store.masked, store.k, store.seed, store.damping) == (
-            self.param_subset, self.masked, self.k, self.seed, self.damping)
+            self.param_subset,
+            self.masked,
+            self.k,
+            self.seed,
+            self.damping,
+        )
 
 
 @dataclass
@@ -91,8 +98,8 @@ class GradientStore:
 
     @functools.cached_property
     def item_norms(self) -> np.ndarray:
-        """`‖S P g_i‖` per item: the gradient norms score_type `normalized` divides by. A CountSketch keeps squared norms
-        in expectation with a relative sd of at most sqrt(2/k) (2.2% at k = 4096, so about 1.1% on the norm)."""
+        """`‖S P g_i‖` per item: the gradient norms score_type `normalized` divides by. A CountSketch keeps squared
+        norms in expectation with a relative sd of at most sqrt(2/k) (2.2% at k = 4096, so about 1.1% on the norm)."""
         return self.sketched.double().norm(dim=1).numpy()
 
     @property
@@ -101,8 +108,12 @@ class GradientStore:
 
 
 def per_item_gradients(
-    adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, params: dict[str, torch.nn.Parameter],
-    compute: Compute, masked: bool = False,
+    adapter: DiTAdapter,
+    batch: ItemBatch,
+    protocol: LossProtocol,
+    params: dict[str, torch.nn.Parameter],
+    compute: Compute,
+    masked: bool = False,
 ) -> dict[str, torch.Tensor]:
     """`{name: [b, *shape]}` gradients of each item's protocol loss, one backward pass per item."""
     out = {n: torch.empty(len(batch), *p.shape, dtype=torch.float32, device=p.device) for n, p in params.items()}
@@ -113,8 +124,12 @@ def per_item_gradients(
 
 
 def iter_item_gradients(
-    adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, params: dict[str, torch.nn.Parameter],
-    compute: Compute, masked: bool = False,
+    adapter: DiTAdapter,
+    batch: ItemBatch,
+    protocol: LossProtocol,
+    params: dict[str, torch.nn.Parameter],
+    compute: Compute,
+    masked: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Each item's `{name: gradient}` of its protocol loss in turn (one gradient of the subset in memory at a time;
     `compute.backward_rows` draw rows per backward pass)."""
@@ -124,8 +139,9 @@ def iter_item_gradients(
     autocast = lambda: compute.loss_autocast(protocol.precision)  # noqa: E731
     for i in range(len(batch)):
         draws = expand_draws(batch.select([i]), t[i : i + 1], eps[i : i + 1], adapter.device)
-        _, grads = mean_loss_grads(adapter, draws, draws[4] if masked else None, [params[n] for n in names],
-                                   compute.backward_rows, autocast)
+        _, grads = mean_loss_grads(
+            adapter, draws, draws[4] if masked else None, [params[n] for n in names], compute.backward_rows, autocast
+        )
         yield {n: g.float() for n, g in zip(names, grads)}
         del grads
 
@@ -154,8 +170,9 @@ def gradient_store(
     sketch = NoSketch(sizes) if k is None else CountSketch(sizes, k, seed)
     scale = None if fisher is None else preconditioner(fisher, params, damping)  # the store's, where the Fisher is
     # the same on the model's device, read once per item: the Fisher moves there once, not per item (a no-op on CPU)
-    on_device = None if fisher is None else preconditioner({n: fisher[n].to(adapter.device) for n in params}, params,
-                                                           damping)
+    on_device = (
+        None if fisher is None else preconditioner({n: fisher[n].to(adapter.device) for n in params}, params, damping)
+    )
     ids: list[str] = []
     rows: list[torch.Tensor] = []
     names = list(params)
@@ -172,8 +189,15 @@ def gradient_store(
                 sketch.add(name, g.unsqueeze(0) if on_device is None else g.mul_(on_device[name]).unsqueeze(0), row)
 
             draws = expand_draws(batch.select([i]), t[i : i + 1], eps[i : i + 1], adapter.device)
-            mean_loss_grads(adapter, draws, draws[4] if masked else None, [params[n] for n in names],
-                            compute.backward_rows, autocast, consume=sketch_one)
+            mean_loss_grads(
+                adapter,
+                draws,
+                draws[4] if masked else None,
+                [params[n] for n in names],
+                compute.backward_rows,
+                autocast,
+                consume=sketch_one,
+            )
             rows.append(row.cpu())
         ids += batch.item_ids
         if progress is not None:
@@ -182,8 +206,19 @@ def gradient_store(
     seconds = time.perf_counter() - start
     log.info("gradient_store: %d items, D=%d → k=%s in %.1fs", len(ids), sketch.dim, k, seconds)
     sketched = torch.cat(rows) if rows else torch.empty(0, sketch.k)
-    return GradientStore(ids, sketched, param_subset, protocol.protocol_id, masked, k, seed, sizes, scale,
-                         None if fisher is None else damping, seconds)
+    return GradientStore(
+        ids,
+        sketched,
+        param_subset,
+        protocol.protocol_id,
+        masked,
+        k,
+        seed,
+        sizes,
+        scale,
+        None if fisher is None else damping,
+        seconds,
+    )
 
 
 def preconditioner(
@@ -211,4 +246,3 @@ class Preconditioner(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._f_hat)
-

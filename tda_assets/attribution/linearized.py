@@ -20,7 +20,8 @@ from .unlearn import UnlearningResult, UnlearningSettings, unlearn
 
 
 def linearized_scores(store: GradientStore, delta: dict[str, torch.Tensor]) -> np.ndarray:
-    """`⟨S P g_i, S P⁻¹ δ⟩` for every stored item: the first-order change of its protocol loss under the weight delta."""
+    """`⟨S P g_i, S P⁻¹ δ⟩` for every stored item: the first-order change of its protocol loss under the weight
+    delta."""
     if set(delta) != set(store.sizes):
         raise ValueError(f"the delta's parameters are not the gradient store's subset {store.param_subset!r}")
     scale = store.scale or {}
@@ -47,7 +48,9 @@ def linearized_query(
             f"settings ask for {settings.param_subset!r} (masked losses: {settings.masks_losses})"
         )
     if store.damping is not None and store.damping != settings.damping:
-        raise ValueError(f"gradient store is preconditioned with damping {store.damping}, settings use {settings.damping}")
+        raise ValueError(
+            f"gradient store is preconditioned with damping {store.damping}, settings use {settings.damping}"
+        )
     if store.protocol_id != protocol.protocol_id:
         raise ValueError(f"gradient store was built under protocol {store.protocol_id}, not {protocol.protocol_id}")
     result = unlearn(adapter, query, fisher, settings, protocol, compute, n_train)

@@ -80,15 +80,21 @@ def mean_loss(adapter: DiTAdapter, draws: tuple, mask: torch.Tensor | None, rows
     for lo in range(0, n, rows):
         hi = min(n, lo + rows)
         with autocast():
-            part = diffusion_loss(adapter, z[lo:hi], {k: v[lo:hi] for k, v in cond.items()}, t[lo:hi], eps[lo:hi],
-                                  _rows(mask, lo, hi))
+            part = diffusion_loss(
+                adapter, z[lo:hi], {k: v[lo:hi] for k, v in cond.items()}, t[lo:hi], eps[lo:hi], _rows(mask, lo, hi)
+            )
         total += part.float().sum()
     return total / n
 
 
 def mean_loss_grads(
-    adapter: DiTAdapter, draws: tuple, mask: torch.Tensor | None, params: list[torch.nn.Parameter], rows: int | None,
-    autocast, consume: Callable[[int, torch.Tensor], None] | None = None,
+    adapter: DiTAdapter,
+    draws: tuple,
+    mask: torch.Tensor | None,
+    params: list[torch.nn.Parameter],
+    rows: int | None,
+    autocast,
+    consume: Callable[[int, torch.Tensor], None] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
     """The mean diffusion loss over `draws` (detached) and its gradients with respect to `params` (fp32 like them),
     `rows` rows per backward pass (None: all at once, exactly `autograd.grad` of the mean): the gradients accumulate in
@@ -128,8 +134,9 @@ def _mean_loss_grads(adapter, draws, mask, params, rows, autocast, consume) -> t
             if hi == n and consume is not None:  # the last pass: each gradient is final as it is accumulated
                 hooks = [p.register_post_accumulate_grad_hook(_consumer(i, consume)) for i, p in enumerate(params)]
             with autocast():
-                part = diffusion_loss(adapter, z[lo:hi], {k: v[lo:hi] for k, v in cond.items()}, t[lo:hi],
-                                      eps[lo:hi], _rows(mask, lo, hi))
+                part = diffusion_loss(
+                    adapter, z[lo:hi], {k: v[lo:hi] for k, v in cond.items()}, t[lo:hi], eps[lo:hi], _rows(mask, lo, hi)
+                )
                 part = part.mean() if hi - lo == n else part.sum() / n
             torch.autograd.backward(part, inputs=params)  # accumulates into .grad of `params` only, in place
             total += part.detach().float()

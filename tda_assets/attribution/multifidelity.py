@@ -108,8 +108,13 @@ def two_stage(
     return TwoStageResult(s["score"], s["draws_used"], s["rank"])
 
 
-def staged_scores(baseline: np.ndarray, unlearned: np.ndarray, fallback: np.ndarray, score_type: str = "mean_delta",
-                  item_norms: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def staged_scores(
+    baseline: np.ndarray,
+    unlearned: np.ndarray,
+    fallback: np.ndarray,
+    score_type: str = "mean_delta",
+    item_norms: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """The `attribution_scores` columns of a two-stage rescore, from its recorded losses: `score_columns` with the
     NaN draws of `unlearned` [N, K] as not evaluated (a prefix 0…d−1 per item) and `fallback` ranking the items never
     rescored (lower first, e.g. the mean rank over the cheap signals). With every item at K draws this is

@@ -29,7 +29,9 @@ class DiffusionObjective:
         u = torch.rand(n, generator=generator)
         return self.t_min + (self.t_max - self.t_min) * u
 
-    def make(self, z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def make(
+        self, z: torch.Tensor, eps: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Return `(x_t, target, weight)` for latents `z` [n, C, T], noise `eps` and timesteps `t` [n]."""
         tt = t.to(z.dtype).view(-1, *([1] * (z.dim() - 1)))
         if self.prediction == "flow":

@@ -26,7 +26,8 @@ def positive_shares(score: np.ndarray) -> np.ndarray:
 
 
 def ranking_score(scores: dict[str, np.ndarray], score_type: str = "mean_delta") -> np.ndarray:
-    """The per-item score that ranks items for a `score_type` (one of SCORE_TYPES), from an `attribution_scores` dict."""
+    """The per-item score that ranks items for a `score_type` (one of SCORE_TYPES), from an `attribution_scores`
+    dict."""
     if score_type not in SCORE_COLUMNS:
         raise ValueError(f"unknown score_type {score_type!r}: choose one of {SCORE_TYPES}")
     return scores[SCORE_COLUMNS[score_type]]
@@ -53,8 +54,10 @@ def normalized_score(mean_delta: np.ndarray, item_norms: np.ndarray | None, scor
     """
     if item_norms is None:
         if score_type == "normalized":
-            raise ValueError("score_type 'normalized' needs the items' gradient norms (item_norms): materialize the "
-                             "configuration's training_gradients store")
+            raise ValueError(
+                "score_type 'normalized' needs the items' gradient norms (item_norms): materialize the "
+                "configuration's training_gradients store"
+            )
         return np.full(len(mean_delta), np.nan)
     norms = np.asarray(item_norms, dtype=np.float64)
     if norms.shape != mean_delta.shape or not (np.isfinite(norms).all() and (norms > 0).all()):
@@ -72,9 +75,15 @@ def low_norm_share(rank: np.ndarray, item_norms: np.ndarray | None, k: int = 10)
     return float((norms[top] <= np.quantile(norms, LOW_NORM_QUANTILE)).mean())
 
 
-def score_columns(baseline: np.ndarray, score_type: str = "mean_delta", item_norms: np.ndarray | None = None, *,
-                  unlearned: np.ndarray | None = None, mean_delta: np.ndarray | None = None,
-                  fallback: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def score_columns(
+    baseline: np.ndarray,
+    score_type: str = "mean_delta",
+    item_norms: np.ndarray | None = None,
+    *,
+    unlearned: np.ndarray | None = None,
+    mean_delta: np.ndarray | None = None,
+    fallback: np.ndarray | None = None,
+) -> dict[str, np.ndarray]:
     """The score columns of one query, whatever the stage or method (DESIGN §1: one function computes them).
 
     Exact (`unlearned` [N, K], NaN at draws not evaluated, each item's evaluated draws a prefix 0…d−1): `mean_delta`,
@@ -103,10 +112,13 @@ def score_columns(baseline: np.ndarray, score_type: str = "mean_delta", item_nor
         diff = np.where(done, unlearned - baseline, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
             md = np.where(used > 0, diff.sum(1) / count, np.nan)
-            out = {"mean_delta": md,
-                   "relative_score": md / np.where(used > 0, np.where(done, baseline, 0.0).sum(1) / count, np.nan),
-                   "skew_score": np.where(used > 0, (diff / np.where(done, unlearned + baseline + 1e-3, 1.0)).sum(1)
-                                          / count, np.nan)}
+            out = {
+                "mean_delta": md,
+                "relative_score": md / np.where(used > 0, np.where(done, baseline, 0.0).sum(1) / count, np.nan),
+                "skew_score": np.where(
+                    used > 0, (diff / np.where(done, unlearned + baseline + 1e-3, 1.0)).sum(1) / count, np.nan
+                ),
+            }
         full = used == k
     with np.errstate(invalid="ignore"):
         out["normalized_score"] = normalized_score(md, item_norms, score_type)
@@ -119,8 +131,9 @@ def score_columns(baseline: np.ndarray, score_type: str = "mean_delta", item_nor
     return {**out, "score": score, "rank": rank, "share": share, "draws_used": used.astype(np.int64)}
 
 
-def attribution_scores(baseline: np.ndarray, unlearned: np.ndarray, score_type: str = "mean_delta",
-                       item_norms: np.ndarray | None = None) -> dict[str, np.ndarray]:
+def attribution_scores(
+    baseline: np.ndarray, unlearned: np.ndarray, score_type: str = "mean_delta", item_norms: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """`score_columns` of a complete rescore (every item at every draw of [N, K] loss matrices): `mean_delta`,
     `relative_score`, `skew_score`, `normalized_score`, and `score`, `rank`, `share`, `draws_used`.
 

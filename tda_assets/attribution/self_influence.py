@@ -19,7 +19,8 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def choose_targets(embeddings: np.ndarray, item_ids: Sequence[str], n_targets: int, seed: int = 0) -> list[str]:
-    """`n_targets` distinct items: seeded k-means++ on the unit-normalised embeddings, the item nearest each centroid."""
+    """`n_targets` distinct items: seeded k-means++ on the unit-normalised embeddings, the item nearest each
+    centroid."""
     x = _unit_rows(embeddings)
     if len(x) != len(item_ids):
         raise ValueError(f"{len(x)} embeddings for {len(item_ids)} item ids")
@@ -44,8 +45,9 @@ def development_targets(embeddings: np.ndarray, item_ids: Sequence[str]) -> list
     return choose_targets(embeddings, item_ids, min(DEVELOPMENT_TARGETS, len(item_ids) // 2), DEVELOPMENT_SEED)
 
 
-def targets_of(target_set: str, embeddings: np.ndarray, item_ids: Sequence[str], n_targets: int,
-               seed: int = 0) -> list[str]:
+def targets_of(
+    target_set: str, embeddings: np.ndarray, item_ids: Sequence[str], n_targets: int, seed: int = 0
+) -> list[str]:
     """The development targets, or `n_targets` reporting targets: `choose_targets` on the items outside the development
     set, so a figure is never reported on a target that tuned it."""
     development = development_targets(embeddings, item_ids)
@@ -56,8 +58,10 @@ def targets_of(target_set: str, embeddings: np.ndarray, item_ids: Sequence[str],
     excluded = set(development)
     keep = [i for i, item in enumerate(item_ids) if item not in excluded]
     if n_targets > len(keep):
-        raise ValueError(f"{n_targets} reporting targets asked, but only {len(keep)} items lie outside the "
-                         f"{len(development)} development targets: lower n_targets")
+        raise ValueError(
+            f"{n_targets} reporting targets asked, but only {len(keep)} items lie outside the "
+            f"{len(development)} development targets: lower n_targets"
+        )
     return choose_targets(np.asarray(embeddings)[keep], [item_ids[i] for i in keep], n_targets, seed)
 
 
@@ -102,7 +106,8 @@ class SelfInfluenceSummary:
 
 
 def neighbour_similarity(rank: np.ndarray, embeddings: np.ndarray, target: int, k: int = 10) -> tuple[float, float]:
-    """Mean cosine similarity to item `target` of the top-k and bottom-k items of one attribution (`rank` [N], 1 = first)."""
+    """Mean cosine similarity to item `target` of the top-k and bottom-k items of one attribution (`rank` [N], 1 =
+    first)."""
     x = _unit_rows(embeddings)
     order = [i for i in np.argsort(rank, kind="stable") if i != target]
     k = min(k, len(order) // 2)
@@ -119,7 +124,8 @@ def summarise(
     target_indices: Sequence[int] | None = None,
     k: int = 10,
 ) -> SelfInfluenceSummary:
-    """R and the share ranked first; given each target's `rank` array, embeddings and row, the top/bottom-k similarity."""
+    """R and the share ranked first; given each target's `rank` array, embeddings and row, the top/bottom-k
+    similarity."""
     r = np.asarray(ranks_of_self, dtype=np.float64)
     if len(r) == 0:
         raise ValueError("summarise needs at least one target")

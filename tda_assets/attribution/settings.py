@@ -62,27 +62,44 @@ class UnlearningSettings:
     query_draws: int = _field(64, "random (t, ε) copies of the query per step")
     damping: float = _field(0.1, "added to the normalised Fisher before inverting (newton)")
     mask_padding: str = _field("unlearning", f"where padded frames are excluded: {', '.join(MASK_PADDING)}")
-    score_type: str = _field("normalized", f"the score that ranks the items: {', '.join(SCORE_TYPES)} (normalized "
-                                           "reads the items' gradient norms from the training_gradients store)")
-    target_ratio: float | None = _field(1.1, "newton only: choose the step size per query so that the query loss "
-                                             "rises by this factor (None: the fixed lr)")
+    score_type: str = _field(
+        "normalized",
+        f"the score that ranks the items: {', '.join(SCORE_TYPES)} (normalized "
+        "reads the items' gradient norms from the training_gradients store)",
+    )
+    target_ratio: float | None = _field(
+        1.1,
+        "newton only: choose the step size per query so that the query loss rises by this factor (None: the fixed lr)",
+    )
     ratio_tolerance: float = _field(0.1, "accepted band around target_ratio, as a share of target_ratio − 1")
     lr_min: float = _field(1e-2, "smallest step size the target_ratio search tries")
     lr_max: float = _field(1e6, "largest step size the target_ratio search tries")
-    method: str = _field("unlearning", "'unlearning' (exact rescore of every item under the unlearned model) or "
-                                       "'linearized' (first-order g_iᵀδ from the stored training_gradients)")
-    stage: str = _field("full", "'full' (every item, every draw) or 'two_stage' (only the cheap signals' candidates, "
-                                "with successive halving over draws; method unlearning only)")
-    candidates: float = _field(0.15, "two_stage: items taken from the top of each cheap signal (internal and audio "
-                                     "similarity, linearized when its gradients exist): a fraction of the items (≤ 1) "
-                                     "or a count (> 1)")
-    first_draws: int | None = _field(None, "two_stage: protocol draws every candidate gets first (None: K/4; ≥ K: "
-                                           "no halving)")
-    keep: float = _field(0.5, "two_stage: candidates that get all K draws, by their first-draws score: a fraction "
-                              "(≤ 1) or a count (> 1)")
+    method: str = _field(
+        "unlearning",
+        "'unlearning' (exact rescore of every item under the unlearned model) or "
+        "'linearized' (first-order g_iᵀδ from the stored training_gradients)",
+    )
+    stage: str = _field(
+        "full",
+        "'full' (every item, every draw) or 'two_stage' (only the cheap signals' candidates, "
+        "with successive halving over draws; method unlearning only)",
+    )
+    candidates: float = _field(
+        0.15,
+        "two_stage: items taken from the top of each cheap signal (internal and audio "
+        "similarity, linearized when its gradients exist): a fraction of the items (≤ 1) "
+        "or a count (> 1)",
+    )
+    first_draws: int | None = _field(
+        None, "two_stage: protocol draws every candidate gets first (None: K/4; ≥ K: no halving)"
+    )
+    keep: float = _field(
+        0.5, "two_stage: candidates that get all K draws, by their first-draws score: a fraction (≤ 1) or a count (> 1)"
+    )
     min_keep: int = _field(10, "two_stage: at least this many candidates get all K draws (the headline top-k)")
-    sketch_k: int = _field(4096, "the training_gradients store used (linearized method, two_stage signal): its "
-                                 "CountSketch dimension")
+    sketch_k: int = _field(
+        4096, "the training_gradients store used (linearized method, two_stage signal): its CountSketch dimension"
+    )
     sketch_seed: int = _field(0, "the training_gradients store used: its CountSketch seed")
 
     def __post_init__(self) -> None:
@@ -104,11 +121,15 @@ class UnlearningSettings:
             raise ValueError(f"lr_min {self.lr_min} and lr_max {self.lr_max} must satisfy 0 < lr_min < lr_max")
         if self.target_ratio is not None:
             if not self.target_ratio > 1:
-                raise ValueError(f"target_ratio {self.target_ratio} must be > 1 (it is the rise ℓ_q(θ_u)/ℓ_q(θ0)), "
-                                 "or None for a fixed lr")
+                raise ValueError(
+                    f"target_ratio {self.target_ratio} must be > 1 (it is the rise ℓ_q(θ_u)/ℓ_q(θ0)), "
+                    "or None for a fixed lr"
+                )
             if self.recipe != "newton" or self.steps != 1:
-                raise ValueError(f"target_ratio {self.target_ratio} needs recipe 'newton' with steps=1 "
-                                 f"(got {self.recipe!r}, steps={self.steps}): set target_ratio: null for a fixed lr")
+                raise ValueError(
+                    f"target_ratio {self.target_ratio} needs recipe 'newton' with steps=1 "
+                    f"(got {self.recipe!r}, steps={self.steps}): set target_ratio: null for a fixed lr"
+                )
         self._check_fast_paths()
 
     def _check_fast_paths(self) -> None:
@@ -117,15 +138,21 @@ class UnlearningSettings:
         if self.stage not in STAGES:
             raise ValueError(f"unknown stage {self.stage!r}: choose one of {STAGES}")
         if self.stage == "two_stage" and self.method != "unlearning":
-            raise ValueError(f"stage 'two_stage' rescores candidates exactly, so it needs method 'unlearning' (got "
-                             f"{self.method!r}): use stage 'full' with method {self.method!r}")
+            raise ValueError(
+                f"stage 'two_stage' rescores candidates exactly, so it needs method 'unlearning' (got "
+                f"{self.method!r}): use stage 'full' with method {self.method!r}"
+            )
         if self.method == "linearized" and self.score_type == "skew":
-            raise ValueError("score_type 'skew' needs the unlearned losses, which method 'linearized' never computes: "
-                             "use score_type 'mean_delta' or 'relative'")
+            raise ValueError(
+                "score_type 'skew' needs the unlearned losses, which method 'linearized' never computes: "
+                "use score_type 'mean_delta' or 'relative'"
+            )
         if self.stage == "full":
             changed = [f.name for f in fields(self) if f.name in TWO_STAGE_KNOBS and getattr(self, f.name) != f.default]
             if changed:
-                raise ValueError(f"{', '.join(changed)} only act with stage 'two_stage': set stage: two_stage, or drop them")
+                raise ValueError(
+                    f"{', '.join(changed)} only act with stage 'two_stage': set stage: two_stage, or drop them"
+                )
         for name in ("candidates", "keep"):
             value = getattr(self, name)
             if not value > 0 or (value > 1 and value != int(value)):

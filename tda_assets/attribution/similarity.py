@@ -39,7 +39,9 @@ def shared_draw_bank(
     return t[0], eps[0]
 
 
-def internal_embedding(adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, compute: Compute, draws: int = 2) -> torch.Tensor:
+def internal_embedding(
+    adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, compute: Compute, draws: int = 2
+) -> torch.Tensor:
     """The denoiser's last-block activations at one shared bank of draws (`shared_draw_bank`), pooled [b, D]."""
     t, eps = shared_draw_bank(protocol.seed, draws, adapter.latent_shape, adapter.objective)
     b = len(batch)
@@ -56,14 +58,21 @@ def internal_embedding(adapter: DiTAdapter, batch: ItemBatch, protocol: LossProt
     return acts.view(b, draws, -1).mean(dim=1).cpu()
 
 
-def embeddings(adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, compute: Compute) -> dict[str, torch.Tensor]:
-    """Every similarity embedding of a batch, by name (`EMBEDDINGS`): audio, text and internal, each [b, D] float32 on CPU."""
-    return {"audio": audio_embedding(batch), "text": text_embedding(batch),
-            "internal": internal_embedding(adapter, batch, protocol, compute)}
+def embeddings(
+    adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, compute: Compute
+) -> dict[str, torch.Tensor]:
+    """Every similarity embedding of a batch, by name (`EMBEDDINGS`): audio, text and internal, each [b, D] float32
+    on CPU."""
+    return {
+        "audio": audio_embedding(batch),
+        "text": text_embedding(batch),
+        "internal": internal_embedding(adapter, batch, protocol, compute),
+    }
 
 
 def embedding_scores(query: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cosine scores [N] per embedding of a query's embeddings [w, D] (its windows pooled by the mean) against items' [N, D]."""
+    """Cosine scores [N] per embedding of a query's embeddings [w, D] (its windows pooled by the mean) against items'
+    [N, D]."""
     return {name: cosine_scores(query[name].mean(0), items[name]) for name in EMBEDDINGS}
 
 

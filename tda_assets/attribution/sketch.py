@@ -91,8 +91,10 @@ class CountSketch:
 
     def nbytes(self) -> int:
         """Bytes held by the hash (2 per coordinate for k < 2^15, else 5; none on the CPU above HELD_MAX_D)."""
-        return sum(h.numel() * h.element_size() if isinstance(h, torch.Tensor) else h[0].numel() * 5
-                   for h in self._hash.values())
+        return sum(
+            h.numel() * h.element_size() if isinstance(h, torch.Tensor) else h[0].numel() * 5
+            for h in self._hash.values()
+        )
 
 
 def project(grads: Mapping[str, torch.Tensor] | torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
@@ -102,7 +104,8 @@ def project(grads: Mapping[str, torch.Tensor] | torch.Tensor, k: int, seed: int 
 
 
 class NoSketch:
-    """The identity "sketch": `{name: [b, *shape]}` flattened and concatenated to [b, D] (a reference for small models)."""
+    """The identity "sketch": `{name: [b, *shape]}` flattened and concatenated to [b, D] (a reference for small
+    models)."""
 
     def __init__(self, sizes: Mapping[str, int]) -> None:
         self.sizes = dict(sizes)

@@ -61,14 +61,18 @@ def query_loss(adapter: DiTAdapter, query: ItemBatch, protocol: LossProtocol, co
     return float(batch_losses(adapter, query, protocol, compute).select(mask).mean())
 
 
-def random_copies(adapter: DiTAdapter, n: int, generator: torch.Generator, rows: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def random_copies(
+    adapter: DiTAdapter, n: int, generator: torch.Generator, rows: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`n` random `(t, ε)` copies, the same for each of the query's `rows` windows: `t` [rows, n], `ε` [rows, n, …]."""
     t = adapter.objective.sample_t(n, generator).view(1, n)
     eps = torch.randn(1, n, *adapter.latent_shape, generator=generator)
     return t.expand(rows, n), eps.expand(rows, *eps.shape[1:])
 
 
-def search_lr(ratio_at: Callable[[float], float], settings: UnlearningSettings, query_id: str) -> tuple[float, float, int]:
+def search_lr(
+    ratio_at: Callable[[float], float], settings: UnlearningSettings, query_id: str
+) -> tuple[float, float, int]:
     """`(lr, ratio, probes)`: bracket the target by factors of 4 from `settings.lr`, then bisect in log-lr."""
     low, high = settings.ratio_band()
     lr_min, lr_max = settings.lr_min, settings.lr_max
@@ -88,16 +92,20 @@ def search_lr(ratio_at: Callable[[float], float], settings: UnlearningSettings, 
         elif above is None and lr >= lr_max:
             raise UnlearningStrengthError(
                 f"query {query_id}: the query loss rose only ×{ratio:.4f} at the largest lr {lr_max:g} (target "
-                f"×{settings.target_ratio}): raise lr_max, choose a larger param_subset, or lower target_ratio")
+                f"×{settings.target_ratio}): raise lr_max, choose a larger param_subset, or lower target_ratio"
+            )
         elif below is None and lr <= lr_min:
             raise UnlearningStrengthError(
                 f"query {query_id}: the query loss rose ×{ratio:.4f} already at the smallest lr {lr_min:g} (target "
-                f"×{settings.target_ratio}): lower lr_min or raise target_ratio")
+                f"×{settings.target_ratio}): lower lr_min or raise target_ratio"
+            )
         else:
             lr = min(lr * BRACKET_FACTOR, lr_max) if above is None else max(lr / BRACKET_FACTOR, lr_min)
     raise UnlearningStrengthError(
-        f"query {query_id}: no lr between {below} and {above} gave a query-loss ratio within {low:.4f}–{high:.4f} after "
-        f"{MAX_PROBES} probes (the ratio is not monotone in lr here): widen ratio_tolerance or use a fixed lr")
+        f"query {query_id}: no lr between {below} and {above} gave a query-loss ratio within "
+        f"{low:.4f}–{high:.4f} after "
+        f"{MAX_PROBES} probes (the ratio is not monotone in lr here): widen ratio_tolerance or use a fixed lr"
+    )
 
 
 def _fixed_lr_delta(adapter, query, params, f_hat, settings, compute, n_train, gen) -> dict[str, torch.Tensor]:
@@ -114,8 +122,9 @@ def _fixed_lr_delta(adapter, query, params, f_hat, settings, compute, n_train, g
             q = ItemBatch(query.item_ids, query.latents, query.conditioning, mask)
             z, cond, tt, ee, m = expand_draws(q, t, eps, adapter.device)
             if settings.recipe == "newton":
-                loss_q, grads = mean_loss_grads(adapter, (z, cond, tt, ee, m), m, list(params.values()),
-                                                compute.backward_rows, compute.autocast)
+                loss_q, grads = mean_loss_grads(
+                    adapter, (z, cond, tt, ee, m), m, list(params.values()), compute.backward_rows, compute.autocast
+                )
             else:
                 with compute.autocast():
                     loss_q = diffusion_loss(adapter, z, cond, tt, ee, m).mean()
@@ -140,7 +149,9 @@ def _fixed_lr_delta(adapter, query, params, f_hat, settings, compute, n_train, g
         adapter.denoiser.zero_grad(set_to_none=True)
 
 
-def _targeted_newton_delta(adapter, query, params, f_hat, settings, compute, n_train, gen) -> tuple[dict, float, float, int]:
+def _targeted_newton_delta(
+    adapter, query, params, f_hat, settings, compute, n_train, gen
+) -> tuple[dict, float, float, int]:
     """One Newton step whose lr is searched (`search_lr`) on fresh copies of the query: `(delta, lr, ratio, probes)`.
 
     The direction `F⁻¹g` is computed once, on `query_draws` random copies; each probe scales it and evaluates the query
@@ -156,8 +167,14 @@ def _targeted_newton_delta(adapter, query, params, f_hat, settings, compute, n_t
         return mean_loss(adapter, draws, mask, compute.backward_rows, compute.autocast)
 
     # the gradient in passes of compute.backward_rows rows, divided by F̂ + d in place (no second copy of the subset)
-    loss_q, grads = mean_loss_grads(adapter, step, step[4] if settings.masks_unlearning else None, list(params.values()),
-                                    compute.backward_rows, compute.autocast)
+    loss_q, grads = mean_loss_grads(
+        adapter,
+        step,
+        step[4] if settings.masks_unlearning else None,
+        list(params.values()),
+        compute.backward_rows,
+        compute.autocast,
+    )
     if not torch.isfinite(loss_q):
         raise AttributionInputError(f"query {query.item_ids[0]}: non-finite loss at unlearning step 0")
     direction = {n: g.float().div_(f_hat[n] + settings.damping) for n, g in zip(params, grads)}
@@ -213,7 +230,11 @@ def unlearn(
     if settings.target_ratio is None:
         delta = _fixed_lr_delta(adapter, query, params, f_hat, settings, compute, n_train, gen)
     else:
-        delta, lr, search_ratio, probes = _targeted_newton_delta(adapter, query, params, f_hat, settings, compute, n_train, gen)
+        delta, lr, search_ratio, probes = _targeted_newton_delta(
+            adapter, query, params, f_hat, settings, compute, n_train, gen
+        )
     with apply_delta(adapter.denoiser, delta):
         after = query_loss(adapter, query, protocol, compute, settings.masks_losses)
-    return UnlearningResult(delta, before, after, time.perf_counter() - start, lr, settings.target_ratio, search_ratio, probes)
+    return UnlearningResult(
+        delta, before, after, time.perf_counter() - start, lr, settings.target_ratio, search_ratio, probes
+    )

@@ -1,4 +1,5 @@
-"""The embedded synthetic music corpus: seeded melodies by a few "artists", each an audible style, rendered with a GM SoundFont."""
+"""The embedded synthetic music corpus: seeded melodies by a few "artists", each an audible style, rendered with a GM
+SoundFont."""
 
 from __future__ import annotations
 
@@ -51,14 +52,73 @@ class ArtistStyle:
 
 
 ARTISTS: tuple[ArtistStyle, ...] = (
-    ArtistStyle("artist_00", "Glass Harbor", 24, ("plucked", "nylon-string guitar"), 62, "minor", 72, (1, 0.5, 0.5, 1, 1), "mid", "wistful"),
-    ArtistStyle("artist_01", "Copper Lantern", 13, ("wooden", "xylophone"), 72, "major", 152, (0.5, 0.5, 0.25, 0.25, 0.5), "high", "playful"),
+    ArtistStyle(
+        "artist_00",
+        "Glass Harbor",
+        24,
+        ("plucked", "nylon-string guitar"),
+        62,
+        "minor",
+        72,
+        (1, 0.5, 0.5, 1, 1),
+        "mid",
+        "wistful",
+    ),
+    ArtistStyle(
+        "artist_01",
+        "Copper Lantern",
+        13,
+        ("wooden", "xylophone"),
+        72,
+        "major",
+        152,
+        (0.5, 0.5, 0.25, 0.25, 0.5),
+        "high",
+        "playful",
+    ),
     ArtistStyle("artist_02", "Velvet Cellar", 42, ("bowed", "cello"), 43, "phrygian", 58, (2, 1, 1), "low", "brooding"),
-    ArtistStyle("artist_03", "Neon Static", 81, ("buzzing", "sawtooth synth lead"), 57, "dorian", 132, (0.75, 0.75, 0.5), "mid", "driving"),
-    ArtistStyle("artist_04", "Willow Smoke", 73, ("breathy", "flute"), 79, "pentatonic", 88, (1.5, 0.5, 1, 1), "high", "calm"),
-    ArtistStyle("artist_05", "Iron Tide", 33, ("deep", "electric bass"), 33, "blues", 112, (0.5, 0.5, 1, 0.5, 0.5, 1), "low", "groovy"),
-    ArtistStyle("artist_06", "Quiet Orchard", 11, ("shimmering", "vibraphone"), 65, "lydian", 100, (2 / 3, 2 / 3, 2 / 3, 1, 1), "mid", "dreamy"),
-    ArtistStyle("artist_07", "Red Compass", 56, ("brassy", "trumpet"), 70, "mixolydian", 120, (1, 0.5, 0.5, 2), "mid", "bold"),
+    ArtistStyle(
+        "artist_03",
+        "Neon Static",
+        81,
+        ("buzzing", "sawtooth synth lead"),
+        57,
+        "dorian",
+        132,
+        (0.75, 0.75, 0.5),
+        "mid",
+        "driving",
+    ),
+    ArtistStyle(
+        "artist_04", "Willow Smoke", 73, ("breathy", "flute"), 79, "pentatonic", 88, (1.5, 0.5, 1, 1), "high", "calm"
+    ),
+    ArtistStyle(
+        "artist_05",
+        "Iron Tide",
+        33,
+        ("deep", "electric bass"),
+        33,
+        "blues",
+        112,
+        (0.5, 0.5, 1, 0.5, 0.5, 1),
+        "low",
+        "groovy",
+    ),
+    ArtistStyle(
+        "artist_06",
+        "Quiet Orchard",
+        11,
+        ("shimmering", "vibraphone"),
+        65,
+        "lydian",
+        100,
+        (2 / 3, 2 / 3, 2 / 3, 1, 1),
+        "mid",
+        "dreamy",
+    ),
+    ArtistStyle(
+        "artist_07", "Red Compass", 56, ("brassy", "trumpet"), 70, "mixolydian", 120, (1, 0.5, 0.5, 2), "mid", "bold"
+    ),
 )
 
 
@@ -87,8 +147,13 @@ def _caption(style: ArtistStyle, phrasing: int | str) -> str:
     adj, inst = style.timbre_words[0], style.timbre_words[-1]
     template = _PHRASINGS[phrasing] if isinstance(phrasing, int) else phrasing
     return template.format(
-        tempo=_tempo_word(style.bpm), mood=style.mood, adj=adj, inst=inst, key=_key_name(style),
-        bpm=style.bpm, register=_register_word(style.register),
+        tempo=_tempo_word(style.bpm),
+        mood=style.mood,
+        adj=adj,
+        inst=inst,
+        key=_key_name(style),
+        bpm=style.bpm,
+        register=_register_word(style.register),
     )
 
 
@@ -138,7 +203,9 @@ def _new_synth(program: int) -> tinysoundfont.Synth:
     try:
         sfid = synth.sfload(_soundfont_bytes())
     except Exception as e:
-        raise RuntimeError(f"could not load SoundFont {soundfont_path()}: {e}; reinstall with `pip install pretty_midi`") from e
+        raise RuntimeError(
+            f"could not load SoundFont {soundfont_path()}: {e}; reinstall with `pip install pretty_midi`"
+        ) from e
     for chan in (0, 1):
         synth.program_select(chan, sfid, 0, program)
     return synth
@@ -150,7 +217,8 @@ def _scale_notes(style: ArtistStyle) -> list[int]:
 
 
 def _melody(style: ArtistStyle, rng: random.Random) -> list[tuple[float, float, int, int, int]]:
-    """Events (start_beat, length_beats, midi_note, velocity, channel) for one clip: a random walk in the style's scale and rhythm."""
+    """Events (start_beat, length_beats, midi_note, velocity, channel) for one clip: a random walk in the style's
+    scale and rhythm."""
     notes = _scale_notes(style)
     beats = CLIP_SECONDS * style.bpm / 60
     idx = notes.index(style.tonic) + rng.choice((0, 0, 2))
@@ -179,7 +247,9 @@ def render_clip(style: ArtistStyle, seed: int) -> np.ndarray:
     rng = random.Random(f"{style.name}:{seed}")
     synth = _new_synth(style.program)
     spb = SAMPLE_RATE * 60 / style.bpm
-    actions: list[tuple[int, int, int, int, int]] = []  # (sample, order, channel, note, velocity): note-offs first at a tie
+    actions: list[
+        tuple[int, int, int, int, int]
+    ] = []  # (sample, order, channel, note, velocity): note-offs first at a tie
     for start, length, note, velocity, chan in _melody(style, rng):
         actions.append((round(start * spb), 1, chan, note, velocity))
         actions.append((round((start + 0.92 * length) * spb), 0, chan, note, 0))
@@ -206,8 +276,11 @@ def render_clip(style: ArtistStyle, seed: int) -> np.ndarray:
     return (audio * (PEAK / peak)).astype(np.float32)
 
 
-def generate_corpus(out_dir: str | Path, clips_per_artist: int = 40, seed: int = 0, artists: int | None = None) -> list[dict]:
-    """Writes out_dir/<artist>/<item_id>.wav (16 kHz mono PCM_16) per clip; returns rows item_id, audio_path, caption, artist, duration_s."""
+def generate_corpus(
+    out_dir: str | Path, clips_per_artist: int = 40, seed: int = 0, artists: int | None = None
+) -> list[dict]:
+    """Writes out_dir/<artist>/<item_id>.wav (16 kHz mono PCM_16) per clip; returns rows item_id, audio_path,
+    caption, artist, duration_s."""
     out = Path(out_dir).resolve()
     rows: list[dict] = []
     for a, style in enumerate(ARTISTS[: len(ARTISTS) if artists is None else artists]):
@@ -218,5 +291,13 @@ def generate_corpus(out_dir: str | Path, clips_per_artist: int = 40, seed: int =
             path = out / style.name / f"{item_id}.wav"
             sf.write(path, render_clip(style, clip_seed), SAMPLE_RATE, subtype="PCM_16", format="WAV")
             caption = style_caption(style, random.Random(f"caption:{seed}:{a}:{i}"))
-            rows.append({"item_id": item_id, "audio_path": str(path), "caption": caption, "artist": style.name, "duration_s": CLIP_SECONDS})
+            rows.append(
+                {
+                    "item_id": item_id,
+                    "audio_path": str(path),
+                    "caption": caption,
+                    "artist": style.name,
+                    "duration_s": CLIP_SECONDS,
+                }
+            )
     return rows

@@ -12,6 +12,13 @@ def builtin_queries(storage: Storage, artists: int | None = None) -> list[str]:
     """Drop one query per artist into the inbox (`demo-artist-NN`, its target artist recorded); returns their ids."""
     ids = []
     for i, style in enumerate(ARTISTS[:artists] if artists else ARTISTS):
-        ids.append(add_query(storage, style_prompt(style), f"demo-{style.name.replace('_', '-')}", seed=100 + i,
-                             target_artist=style.name).query_id)
+        ids.append(
+            add_query(
+                storage,
+                style_prompt(style),
+                f"demo-{style.name.replace('_', '-')}",
+                seed=100 + i,
+                target_artist=style.name,
+            ).query_id
+        )
     return ids

@@ -61,13 +61,16 @@ def read_query(storage: Storage, query_id: str, audio_roots: Sequence[str] = ())
     check_query_id(query_id)
     path = inbox_files(storage).get(query_id)
     if path is None:
-        raise FileNotFoundError(f"query {query_id!r} has no file in the inbox {storage.uri(entry('inbox').glob())}; "
-                                "add it with `tda add-query`")
+        raise FileNotFoundError(
+            f"query {query_id!r} has no file in the inbox {storage.uri(entry('inbox').glob())}; "
+            "add it with `tda add-query`"
+        )
     return read_query_file(storage, path, audio_roots)
 
 
 def read_query_file(storage: Storage, path: str, audio_roots: Sequence[str] = ()) -> QuerySpec:
-    """One inbox file as a checked QuerySpec (`audio_uri` under the storage root or `audio_roots`), else QueryFileError."""
+    """One inbox file as a checked QuerySpec (`audio_uri` under the storage root or `audio_roots`), else
+    QueryFileError."""
     uri = storage.uri(path)
     name = posixpath.basename(path)
     query_id = name.rpartition(".")[0]
@@ -77,14 +80,17 @@ def read_query_file(storage: Storage, path: str, audio_roots: Sequence[str] = ()
         raise QueryFileError(f"query file {uri}: {exc}; rename the file") from None
     size = storage.size(path)
     if size > MAX_QUERY_FILE_BYTES:
-        raise QueryFileError(f"query file {uri} is {size:,} bytes; a query file is at most {MAX_QUERY_FILE_BYTES:,} bytes "
-                             f"(a prompt at most {MAX_PROMPT_CHARS:,} characters): shorten the prompt")
+        raise QueryFileError(
+            f"query file {uri} is {size:,} bytes; a query file is at most {MAX_QUERY_FILE_BYTES:,} bytes "
+            f"(a prompt at most {MAX_PROMPT_CHARS:,} characters): shorten the prompt"
+        )
     raw = storage.read_bytes(path)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        raise QueryFileError(f"query file {uri} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); "
-                             "save it as UTF-8") from None
+        raise QueryFileError(
+            f"query file {uri} is not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); save it as UTF-8"
+        ) from None
     if name.endswith(".txt"):
         spec = QuerySpec(query_id, text.strip())
     else:
@@ -92,8 +98,10 @@ def read_query_file(storage: Storage, path: str, audio_roots: Sequence[str] = ()
     if not spec.prompt:
         raise QueryFileError(f"query file {uri}: the prompt is empty; write a text description of the music")
     if len(spec.prompt) > MAX_PROMPT_CHARS:
-        raise QueryFileError(f"query file {uri}: the prompt is {len(spec.prompt):,} characters; at most {MAX_PROMPT_CHARS:,} "
-                             "are allowed: shorten it")
+        raise QueryFileError(
+            f"query file {uri}: the prompt is {len(spec.prompt):,} characters; at most {MAX_PROMPT_CHARS:,} "
+            "are allowed: shorten it"
+        )
     if spec.audio_uri is not None:
         check_audio_uri(spec.audio_uri, list(dict.fromkeys([storage.uri(""), *audio_roots])), f"query file {uri}")
     return spec
@@ -106,15 +114,21 @@ def _json_query(uri: str, query_id: str, text: str) -> QuerySpec:
     except json.JSONDecodeError as exc:
         raise QueryFileError(f"query file {uri} is not valid JSON ({exc}); fix or replace it") from None
     if not isinstance(data, dict):
-        raise QueryFileError(f"query file {uri} holds a JSON {type(data).__name__}, not an object; "
-                             'write {"prompt": "…"} with optional seed, audio_uri, target_artist')
+        raise QueryFileError(
+            f"query file {uri} holds a JSON {type(data).__name__}, not an object; "
+            'write {"prompt": "…"} with optional seed, audio_uri, target_artist'
+        )
     unknown = set(data) - set(QUERY_FIELDS)
     if unknown:
-        raise QueryFileError(f"query file {uri}: unknown field(s) {sorted(unknown)[:5]}; known: {', '.join(QUERY_FIELDS)}")
+        raise QueryFileError(
+            f"query file {uri}: unknown field(s) {sorted(unknown)[:5]}; known: {', '.join(QUERY_FIELDS)}"
+        )
     for field, value in data.items():
         types = QUERY_FIELDS[field]
         if not isinstance(value, types) or isinstance(value, bool):
-            wanted = " or ".join({"str": "a string", "int": "an integer", "NoneType": "null"}[t.__name__] for t in types)
+            wanted = " or ".join(
+                {"str": "a string", "int": "an integer", "NoneType": "null"}[t.__name__] for t in types
+            )
             raise QueryFileError(f"query file {uri}: {field} must be {wanted}, not {json.dumps(value)[:40]}")
     seed = data.get("seed", 0)
     if not 0 <= seed <= MAX_SEED:
@@ -140,8 +154,10 @@ def _location(uri: str) -> tuple[str, str]:
 def check_audio_uri(audio_uri: str, roots: Sequence[str], where: str) -> str:
     """`audio_uri` when it lies under one of `roots` (folders or s3:// prefixes), else QueryFileError naming both."""
     allowed = ", ".join(roots)
-    fix = (f"copy the clip under the storage root (or the training manifest's folder), or add its folder to "
-           f"TDA_ALLOWED_AUDIO_ROOTS (allowed now: {allowed})")
+    fix = (
+        f"copy the clip under the storage root (or the training manifest's folder), or add its folder to "
+        f"TDA_ALLOWED_AUDIO_ROOTS (allowed now: {allowed})"
+    )
     try:
         scheme, path = _location(audio_uri)
     except ValueError as exc:
@@ -159,8 +175,9 @@ def audio_roots(manifest_uri: str | None, extra: Sequence[str] = ()) -> list[str
         try:
             _location(root)
         except ValueError as exc:
-            raise ValueError(f"TDA_ALLOWED_AUDIO_ROOTS: {exc}; list absolute folders or s3:// prefixes, "
-                             "separated by commas") from None
+            raise ValueError(
+                f"TDA_ALLOWED_AUDIO_ROOTS: {exc}; list absolute folders or s3:// prefixes, separated by commas"
+            ) from None
     if not manifest_uri:
         return list(extra)
     if "://" in manifest_uri and not manifest_uri.startswith("file://"):
@@ -181,14 +198,17 @@ def judge_query(storage: Storage, path: str, roots: Sequence[str]) -> QuerySpec:
     (`read_query_file`, its clip under `roots`) and, until the query's clip is in the root, that clip present."""
     spec = read_query_file(storage, path, roots)
     if spec.audio_uri and not has_clip(storage, spec.query_id) and not uri_exists(spec.audio_uri, storage):
-        raise QueryFileError(f"query file {storage.uri(path)}: its clip {spec.audio_uri} does not exist; put the clip "
-                             "there, or add the query again with `tda add-query --audio FILE` (it copies the clip into "
-                             "the storage root)")
+        raise QueryFileError(
+            f"query file {storage.uri(path)}: its clip {spec.audio_uri} does not exist; put the clip "
+            "there, or add the query again with `tda add-query --audio FILE` (it copies the clip into "
+            "the storage root)"
+        )
     return spec
 
 
-def judge_files(storage: Storage, files: dict[str, str],
-                roots: Sequence[str]) -> tuple[dict[str, QuerySpec], dict[str, str]]:
+def judge_files(
+    storage: Storage, files: dict[str, str], roots: Sequence[str]
+) -> tuple[dict[str, QuerySpec], dict[str, str]]:
     """Query files (`query_id → key`, as `inbox_files` gives them) judged by `judge_query`: (spec of each valid
     query, reason of each invalid one)."""
     valid, invalid = {}, {}
@@ -204,12 +224,21 @@ def _checked_prompt(prompt: str | None) -> str:
     if not prompt or not prompt.strip():
         raise ValueError("the prompt is empty: describe the music to attribute")
     if len(prompt.strip()) > MAX_PROMPT_CHARS:
-        raise ValueError(f"the prompt is {len(prompt.strip()):,} characters; at most {MAX_PROMPT_CHARS:,} are allowed: shorten it")
+        raise ValueError(
+            f"the prompt is {len(prompt.strip()):,} characters; at most {MAX_PROMPT_CHARS:,} are allowed: shorten it"
+        )
     return prompt.strip()
 
 
-def add_clip_query(storage: Storage, audio: str, prompt: str | None = None, query_id: str | None = None,
-                   roots: Sequence[str] = (), seed: int = 0, target_artist: str | None = None) -> QuerySpec:
+def add_clip_query(
+    storage: Storage,
+    audio: str,
+    prompt: str | None = None,
+    query_id: str | None = None,
+    roots: Sequence[str] = (),
+    seed: int = 0,
+    target_artist: str | None = None,
+) -> QuerySpec:
     """A query of a user's clip (`tda attribute --audio`, `tda add-query --audio`), refused at once unless its clip
     decodes and a URI lies under `roots` (`allowed_audio_roots`); a local file is copied into the root
     (`upload_clip`)."""
@@ -229,8 +258,14 @@ def add_clip_query(storage: Storage, audio: str, prompt: str | None = None, quer
     return add_query(storage, text, qid, seed, upload_clip(storage, audio, qid, data), target_artist)
 
 
-def add_query(storage: Storage, prompt: str, query_id: str | None = None, seed: int = 0,
-              audio_uri: str | None = None, target_artist: str | None = None) -> QuerySpec:
+def add_query(
+    storage: Storage,
+    prompt: str,
+    query_id: str | None = None,
+    seed: int = 0,
+    audio_uri: str | None = None,
+    target_artist: str | None = None,
+) -> QuerySpec:
     """Drop a query file into the inbox (atomically) and return its spec."""
     prompt = _checked_prompt(prompt)
     qid = check_query_id(query_id) if query_id else slugify(prompt)[:48].strip("-_")

@@ -1,4 +1,5 @@
-"""Training manifests: a user's CSV or parquet (checked, audio paths made absolute) and the stable shard of each item."""
+"""Training manifests: a user's CSV or parquet (checked, audio paths made absolute) and the stable shard of each
+item."""
 
 from __future__ import annotations
 
@@ -26,7 +27,9 @@ def shard_of(item_id: str, n_shards: int) -> str:
 
 def with_shards(df: pl.DataFrame, n_shards: int) -> pl.DataFrame:
     """The manifest with its `shard` column."""
-    return df.with_columns(pl.col("item_id").map_elements(lambda i: shard_of(i, n_shards), return_dtype=pl.Utf8).alias("shard"))
+    return df.with_columns(
+        pl.col("item_id").map_elements(lambda i: shard_of(i, n_shards), return_dtype=pl.Utf8).alias("shard")
+    )
 
 
 MANIFEST_COLUMNS = ("item_id", "audio_uri", "caption", "artist")
@@ -43,20 +46,25 @@ def _absolute_audio_uri(audio_uri: str | None, manifest_uri: str) -> str | None:
 
 
 def _check_utf8(data: bytes, uri: str) -> None:
-    """ValueError naming the manifest, the line and the byte when a CSV is not UTF-8 (polars says only "invalid utf-8")."""
+    """ValueError naming the manifest, the line and the byte when a CSV is not UTF-8 (polars says only "invalid
+    utf-8")."""
     try:
         data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        line = data[:exc.start].count(b"\n") + 1
-        raise ValueError(f"manifest {uri} is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line}; save it as UTF-8 "
-                         "(e.g. `iconv -f latin1 -t utf-8 old.csv > new.csv`)") from None
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(
+            f"manifest {uri} is not UTF-8 text: byte 0x{data[exc.start]:02x} on line {line}; save it as UTF-8 "
+            "(e.g. `iconv -f latin1 -t utf-8 old.csv > new.csv`)"
+        ) from None
 
 
 def read_user_manifest(uri: str, store: Storage | None = None) -> pl.DataFrame:
     """A user's manifest (CSV or parquet, local or s3://), checked for the required columns and unique ids."""
     data = read_uri_bytes(uri, store or Storage("."))
     if data is None:
-        raise FileNotFoundError(f"manifest {uri} not found: set manifest_uri (or TDA_MANIFEST) to a CSV or parquet file")
+        raise FileNotFoundError(
+            f"manifest {uri} not found: set manifest_uri (or TDA_MANIFEST) to a CSV or parquet file"
+        )
     if not uri.endswith((".parquet", ".pq")):
         _check_utf8(data, uri)
     try:
@@ -65,22 +73,28 @@ def read_user_manifest(uri: str, store: Storage | None = None) -> pl.DataFrame:
         else:
             df = pl.read_csv(data, infer_schema=False)  # ids like 0012 stay strings
     except Exception as exc:  # noqa: BLE001 - polars raises several types for unreadable files
-        raise ValueError(f"manifest {uri} cannot be read as {'parquet' if uri.endswith(('.parquet', '.pq')) else 'CSV'} "
-                         f"({type(exc).__name__}: {exc}); write a CSV with a header line or a parquet file") from None
+        raise ValueError(
+            f"manifest {uri} cannot be read as {'parquet' if uri.endswith(('.parquet', '.pq')) else 'CSV'} "
+            f"({type(exc).__name__}: {exc}); write a CSV with a header line or a parquet file"
+        ) from None
     missing = [c for c in MANIFEST_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"manifest {uri}: missing column(s) {missing}; required: {', '.join(MANIFEST_COLUMNS)}")
     df = df.with_columns(pl.col(c).cast(pl.Utf8) for c in MANIFEST_COLUMNS)
     no_id = df.with_row_index("row").filter(pl.col("item_id").is_null() | (pl.col("item_id").str.strip_chars() == ""))
     if no_id.height:
-        raise ValueError(f"manifest {uri}: row(s) {(no_id['row'] + 1).to_list()[:5]} have no item_id; give every row a unique id")
+        raise ValueError(
+            f"manifest {uri}: row(s) {(no_id['row'] + 1).to_list()[:5]} have no item_id; give every row a unique id"
+        )
     dupes = df.filter(pl.col("item_id").is_duplicated())["item_id"].unique().to_list()
     if dupes:
         raise ValueError(f"manifest {uri}: duplicate item_id(s) {dupes[:5]}; give every row a unique item_id")
     if "duration_s" not in df.columns:
         df = df.with_columns(pl.lit(None, pl.Float64).alias("duration_s"))
-    df = df.with_columns(pl.col("duration_s").cast(pl.Float64, strict=False),
-                         pl.col("audio_uri").map_elements(lambda u: _absolute_audio_uri(u, uri), return_dtype=pl.Utf8))
+    df = df.with_columns(
+        pl.col("duration_s").cast(pl.Float64, strict=False),
+        pl.col("audio_uri").map_elements(lambda u: _absolute_audio_uri(u, uri), return_dtype=pl.Utf8),
+    )
     return df.select(*MANIFEST_COLUMNS, "duration_s")
 
 
@@ -93,6 +107,7 @@ def record_manifest_origin(store: Storage, manifest_uri: str | None) -> None:
 
 
 def manifest_origin(store: Storage) -> str | None:
-    """The manifest the root was prepared from (`record_manifest_origin`); None for the embedded corpus or an older root."""
+    """The manifest the root was prepared from (`record_manifest_origin`); None for the embedded corpus or an older
+    root."""
     data = store.read_if_exists(key("manifest_origin"))
     return json.loads(data).get("manifest_uri") if data else None

@@ -1,4 +1,5 @@
-"""The unlearning configuration as a Dagster `Config` derived from the engine's `UnlearningSettings`, and the grid file."""
+"""The unlearning configuration as a Dagster `Config` derived from the engine's `UnlearningSettings`, and the grid
+file."""
 
 from dataclasses import fields
 from pathlib import Path
@@ -34,8 +35,11 @@ class _UnlearningConfigBase(Config):
 def _unlearning_config() -> type[_UnlearningConfigBase]:
     """The Dagster config class with one field per `UnlearningSettings` field (same names, defaults and docs)."""
     hints = get_type_hints(UnlearningSettings)
-    namespace: dict = {"__module__": __name__, "__annotations__": {},
-                       "__doc__": "One unlearning configuration (DESIGN §1): the engine's UnlearningSettings and a config_id."}
+    namespace: dict = {
+        "__module__": __name__,
+        "__annotations__": {},
+        "__doc__": "One unlearning configuration (DESIGN §1): the engine's UnlearningSettings and a config_id.",
+    }
     for f in fields(UnlearningSettings):
         namespace["__annotations__"][f.name] = hints[f.name]
         namespace[f.name] = Field(default=f.default, description=f.metadata.get("doc"))
@@ -51,23 +55,29 @@ def recorded_settings(store: Storage, config_id: str) -> UnlearningSettings:
         return settings_from_row(read_table(store, "unlearning_configs", config_id=config_id).row(0, named=True))
     if config_id == "default":
         return UnlearningSettings()
-    raise FileNotFoundError(f"unlearning configuration {config_id!r} is not recorded: run it once with its run config "
-                            "(`tda attribute --config`, or the grid), which records it")
+    raise FileNotFoundError(
+        f"unlearning configuration {config_id!r} is not recorded: run it once with its run config "
+        "(`tda attribute --config`, or the grid), which records it"
+    )
 
 
 def require_full_exact(settings: UnlearningSettings, config_id: str, what: str) -> UnlearningSettings:
     """`settings` when they rescore every item exactly; else a ValueError: `what` (self-influence, replication) judges a
     configuration by its full exact rescore, which a `linearized` or `two_stage` configuration does not compute."""
     if not settings.is_full_exact:
-        raise ValueError(f"{what} rescores every item exactly, but configuration {config_id!r} is method "
-                         f"{settings.method!r}, stage {settings.stage!r}: judge a method 'unlearning', stage 'full' "
-                         f"configuration (its fast paths are measured against that one), or leave {config_id!r} out")
+        raise ValueError(
+            f"{what} rescores every item exactly, but configuration {config_id!r} is method "
+            f"{settings.method!r}, stage {settings.stage!r}: judge a method 'unlearning', stage 'full' "
+            f"configuration (its fast paths are measured against that one), or leave {config_id!r} out"
+        )
     return settings
 
 
 def as_config(config_id: str, settings: UnlearningSettings) -> UnlearningConfig:
     """The Dagster config of `settings` under the name `config_id`."""
-    return UnlearningConfig(config_id=config_id, **{f.name: getattr(settings, f.name) for f in fields(UnlearningSettings)})
+    return UnlearningConfig(
+        config_id=config_id, **{f.name: getattr(settings, f.name) for f in fields(UnlearningSettings)}
+    )
 
 
 def partition_config(config: UnlearningConfig, store: Storage, config_id: str) -> UnlearningConfig:
@@ -76,13 +86,16 @@ def partition_config(config: UnlearningConfig, store: Storage, config_id: str) -
     if config.config_id == config_id:
         return config
     if config.config_id != "default":
-        raise ValueError(f"the run config is configuration {config.config_id!r} but the partition's is {config_id!r}: "
-                         f"launch partition {config.config_id!r} instead, or set config_id to {config_id!r}")
+        raise ValueError(
+            f"the run config is configuration {config.config_id!r} but the partition's is {config_id!r}: "
+            f"launch partition {config.config_id!r} instead, or set config_id to {config_id!r}"
+        )
     return as_config(config_id, recorded_settings(store, config_id))
 
 
 def record_config(store: Storage, config: UnlearningConfig) -> None:
-    """Write the configuration's `unlearning_configs` row (what its config partition runs when launched without config)."""
+    """Write the configuration's `unlearning_configs` row (what its config partition runs when launched without
+    config)."""
     write_table(store, "unlearning_configs", config.row(), config_id=config.config_id)
 
 
@@ -102,7 +115,9 @@ def load_grid(path: str | Path | None = None) -> list[UnlearningConfig]:
     out: list[UnlearningConfig] = []
     for n, entry in enumerate((spec or {}).get("configs") or [], 1):
         if not isinstance(entry, dict) or not entry.get("config_id"):
-            raise ValueError(f"grid file {path}: entry {n} needs a config_id (and the fields that differ from the default)")
+            raise ValueError(
+                f"grid file {path}: entry {n} needs a config_id (and the fields that differ from the default)"
+            )
         try:
             out.extend(_expand(dict(entry)))
         except (TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError

@@ -16,11 +16,15 @@ from tda_assets.io.gradients import missing_gradient_shards, read_gradient_norms
 from tda_assets.io.storage import Storage
 from tda_assets.io.tables import read_table, table_exists
 
-SIGNAL_METHODS = ("similarity:internal", "similarity:audio")  # DESIGN §1: the cheap signals besides the linearised score
+SIGNAL_METHODS = (
+    "similarity:internal",
+    "similarity:audio",
+)  # DESIGN §1: the cheap signals besides the linearised score
 
 
-def scoring_gradients(store: Storage, identity: Identity, settings: UnlearningSettings, encoder_id: str,
-                      item_ids: list[str]) -> GradientStore | None:
+def scoring_gradients(
+    store: Storage, identity: Identity, settings: UnlearningSettings, encoder_id: str, item_ids: list[str]
+) -> GradientStore | None:
     """The configuration's training_gradients store with its rows, in `item_ids` order, read once per step: for the
     `linearized` method (IdentityError naming the fix when missing) and for `two_stage` when it exists (the linearized
     signal); else None (the normalized score alone reads only the stored norms: `item_norms`)."""
@@ -31,8 +35,14 @@ def scoring_gradients(store: Storage, identity: Identity, settings: UnlearningSe
     return read_gradient_store(store, identity, spec, read_fisher(store, identity), encoder_id, item_ids)
 
 
-def item_norms(store: Storage, identity: Identity, settings: UnlearningSettings, encoder_id: str, item_ids: list[str],
-               grads: GradientStore | None = None) -> np.ndarray | None:
+def item_norms(
+    store: Storage,
+    identity: Identity,
+    settings: UnlearningSettings,
+    encoder_id: str,
+    item_ids: list[str],
+    grads: GradientStore | None = None,
+) -> np.ndarray | None:
     """The items' gradient norms score_type `normalized` divides by, from the rows already read (`grads`) or else the
     store's stored norms (IdentityError naming the fix when the store is missing); None for the other score types."""
     if settings.score_type != "normalized":
@@ -42,7 +52,9 @@ def item_norms(store: Storage, identity: Identity, settings: UnlearningSettings,
     return read_gradient_norms(store, identity, GradientSpec.for_settings(settings), encoder_id, item_ids)
 
 
-def similarity_signal(store: Storage, identity: Identity, query_id: str, method: str, item_ids: list[str]) -> np.ndarray:
+def similarity_signal(
+    store: Storage, identity: Identity, query_id: str, method: str, item_ids: list[str]
+) -> np.ndarray:
     """The query's `similarity_scores` of `method` in `item_ids` order, of this identity (IdentityError otherwise)."""
     fix = f"materialize similarity_scores for query {query_id!r} (it runs with query_clips)"
     if not table_exists(store, "similarity_scores", query_id=query_id, method=method):
@@ -50,18 +62,29 @@ def similarity_signal(store: Storage, identity: Identity, query_id: str, method:
     df = read_table(store, "similarity_scores", query_id=query_id, method=method)
     got = (df["checkpoint_id"][0], df["protocol_id"][0]) if len(df) else (None, None)
     if got != (identity.checkpoint_id, identity.protocol_id):
-        raise IdentityError(f"the {method} scores of {query_id!r} are of checkpoint {got[0]}, protocol {got[1]}, not "
-                            f"{identity}: {fix}")
+        raise IdentityError(
+            f"the {method} scores of {query_id!r} are of checkpoint {got[0]}, protocol {got[1]}, not {identity}: {fix}"
+        )
     scores = dict(zip(df["item_id"].to_list(), df["score"].to_list()))
     absent = [i for i in item_ids if i not in scores]
     if absent:
-        raise IdentityError(f"the {method} scores of {query_id!r} lack {len(absent)} training items (e.g. {absent[:3]}): {fix}")
+        raise IdentityError(
+            f"the {method} scores of {query_id!r} lack {len(absent)} training items (e.g. {absent[:3]}): {fix}"
+        )
     return np.array([scores[i] for i in item_ids], dtype=np.float64)
 
 
-def cheap_signals(store: Storage, identity: Identity, query_id: str, delta: dict[str, torch.Tensor], item_ids: list[str],
-                  grads: GradientStore | None, baseline: np.ndarray, score_type: str,
-                  norms: np.ndarray | None) -> dict[str, np.ndarray]:
+def cheap_signals(
+    store: Storage,
+    identity: Identity,
+    query_id: str,
+    delta: dict[str, torch.Tensor],
+    item_ids: list[str],
+    grads: GradientStore | None,
+    baseline: np.ndarray,
+    score_type: str,
+    norms: np.ndarray | None,
+) -> dict[str, np.ndarray]:
     """Internal and audio similarity, plus `linearized` when the configuration's gradient store was read (`grads`).
 
     The linearised `g_iᵀδ` estimates `mean_delta`, so it enters as the configuration's own score of it (`score_columns`:

@@ -4,7 +4,8 @@ be reviewed (and tested) before a deployment.
 
 The layers are merged as the executor merges them (`K8sStepHandler._get_container_context` and `launch_step`): the
 run launcher's settings, then the container context the Dagster chart hands to runs of the user-code deployment
-(`dagsterUserDeployments.k8sContainerContext`), then the step's `dagster-k8s/config` op tags (`tda_assets/defs/tags.py`).
+(`dagsterUserDeployments.k8sContainerContext`), then the step's `dagster-k8s/config` op tags
+(`tda_assets/defs/tags.py`).
 
     python -m tda_assets.defs.k8s unlearned_losses     # prints the step Job as YAML
 """
@@ -44,15 +45,19 @@ def user_deployment(values: Mapping[str, Any], name: str | None = None) -> Mappi
     for deployment in deployments:
         if name is None or deployment["name"] == name:
             return deployment
-    raise KeyError(f"no user-code deployment {name!r} under dagster-user-deployments.deployments in the Helm values; "
-                   f"have {[d['name'] for d in deployments]}")
+    raise KeyError(
+        f"no user-code deployment {name!r} under dagster-user-deployments.deployments in the Helm values; "
+        f"have {[d['name'] for d in deployments]}"
+    )
 
 
 def image_of(deployment: Mapping[str, Any]) -> str:
     """`repository:tag`, as the chart passes it to the code server (DAGSTER_CURRENT_IMAGE) and so to every step pod."""
     image = deployment["image"]
     if not image.get("tag"):
-        raise ValueError(f"deployment {deployment['name']!r} has no image tag: pin one (step pods must run the same image)")
+        raise ValueError(
+            f"deployment {deployment['name']!r} has no image tag: pin one (step pods must run the same image)"
+        )
     return f"{image['repository']}:{image['tag']}"
 
 
@@ -66,22 +71,29 @@ def fullname(values: Mapping[str, Any], release: str, chart: str) -> str:
     return (override or (release if chart in release else f"{release}-{chart}"))[:63].rstrip("-")
 
 
-def chart_container_context(values: Mapping[str, Any], release: str, namespace: str,
-                            deployment: Mapping[str, Any]) -> dict:
+def chart_container_context(
+    values: Mapping[str, Any], release: str, namespace: str, deployment: Mapping[str, Any]
+) -> dict:
     """The container context the chart gives runs launched from `deployment` (its k8sContainerContext helper)."""
     name = fullname(values, release, "dagster-user-deployments")
     k8s: dict[str, Any] = {
         "image_pull_policy": deployment["image"].get("pullPolicy"),
-        "env_config_maps": [f"{name}-{deployment['name']}-user-env",
-                            *[m["name"] for m in deployment.get("envConfigMaps") or [] if "name" in m]],
+        "env_config_maps": [
+            f"{name}-{deployment['name']}-user-env",
+            *[m["name"] for m in deployment.get("envConfigMaps") or [] if "name" in m],
+        ],
         "namespace": namespace,
         "service_account_name": (values.get("global") or {}).get("serviceAccountName") or f"{name}-user-deployments",
     }
-    optional = {"env_secrets": [s["name"] for s in deployment.get("envSecrets") or [] if "name" in s],
-                "image_pull_secrets": values.get("imagePullSecrets"), "volume_mounts": deployment.get("volumeMounts"),
-                "volumes": deployment.get("volumes"), "labels": deployment.get("labels"),
-                "resources": deployment.get("resources"),
-                "env": deployment.get("env") if isinstance(deployment.get("env"), list) else None}
+    optional = {
+        "env_secrets": [s["name"] for s in deployment.get("envSecrets") or [] if "name" in s],
+        "image_pull_secrets": values.get("imagePullSecrets"),
+        "volume_mounts": deployment.get("volumeMounts"),
+        "volumes": deployment.get("volumes"),
+        "labels": deployment.get("labels"),
+        "resources": deployment.get("resources"),
+        "env": deployment.get("env") if isinstance(deployment.get("env"), list) else None,
+    }
     k8s.update({k: v for k, v in optional.items() if v})
     return {"k8s": k8s}
 
@@ -97,9 +109,16 @@ def run_launcher_context(values: Mapping[str, Any], release: str) -> K8sContaine
     )
 
 
-def step_job(asset: str, values: Mapping[str, Any] | None = None, defs: Definitions | None = None,
-             job: str = "attribute_config", release: str = "tda", namespace: str = "tda") -> dict:
-    """The Kubernetes Job k8s_job_executor would create for the step of `asset` in `job`, as `kubectl … -o yaml` shows it."""
+def step_job(
+    asset: str,
+    values: Mapping[str, Any] | None = None,
+    defs: Definitions | None = None,
+    job: str = "attribute_config",
+    release: str = "tda",
+    namespace: str = "tda",
+) -> dict:
+    """The Kubernetes Job k8s_job_executor would create for the step of `asset` in `job`, as `kubectl … -o yaml`
+    shows it."""
     from tda_assets.definitions import build_definitions
 
     values = values if values is not None else load_values()
@@ -110,25 +129,36 @@ def step_job(asset: str, values: Mapping[str, Any] | None = None, defs: Definiti
     if asset not in steps:
         raise KeyError(f"{asset!r} is no step of job {job!r}; its steps: {sorted(steps)}")
     run_context = chart_container_context(values, release, namespace, deployment)
-    context = (run_launcher_context(values, release)
-               .merge(K8sContainerContext.create_from_config(run_context))
-               .merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(steps[asset].tags or {}))))
+    context = (
+        run_launcher_context(values, release)
+        .merge(K8sContainerContext.create_from_config(run_context))
+        .merge(K8sContainerContext(run_k8s_config=get_user_defined_k8s_config(steps[asset].tags or {})))
+    )
     job_config = DagsterK8sJobConfig(
-        job_image=image, dagster_home=_global(values, "dagsterHome"),
+        job_image=image,
+        dagster_home=_global(values, "dagsterHome"),
         instance_config_map=f"{fullname(values, release, 'dagster')}-instance",
         postgres_password_secret=_global(values, "postgresqlSecretName"),
     )
-    origin = ReconstructableRepository.for_module(CODE_LOCATION, "defs", working_directory=str(REPO_ROOT),
-                                                  container_image=image, container_context=run_context)
+    origin = ReconstructableRepository.for_module(
+        CODE_LOCATION, "defs", working_directory=str(REPO_ROOT), container_image=image, container_context=run_context
+    )
     run_id = str(uuid.uuid4())
     step_args = ExecuteStepArgs(origin.get_reconstructable_job(job).get_python_origin(), run_id, [asset])
     name = f"dagster-step-{get_k8s_job_name(run_id, asset)}"
     body = construct_dagster_k8s_job(
-        job_config=job_config, args=step_args.get_command_args(skip_serialized_namedtuple=True), job_name=name,
-        pod_name=name, component="step_worker", user_defined_k8s_config=context.run_k8s_config,
+        job_config=job_config,
+        args=step_args.get_command_args(skip_serialized_namedtuple=True),
+        job_name=name,
+        pod_name=name,
+        component="step_worker",
+        user_defined_k8s_config=context.run_k8s_config,
         labels={"dagster/job": job, "dagster/op": asset, "dagster/run-id": run_id},
-        env_vars=[*step_args.get_command_env(), {"name": "DAGSTER_RUN_JOB_NAME", "value": job},
-                  {"name": "DAGSTER_RUN_STEP_KEY", "value": asset}],
+        env_vars=[
+            *step_args.get_command_env(),
+            {"name": "DAGSTER_RUN_JOB_NAME", "value": job},
+            {"name": "DAGSTER_RUN_STEP_KEY", "value": asset},
+        ],
     )
     rendered = kubernetes.client.ApiClient().sanitize_for_serialization(body)
     rendered["metadata"]["namespace"] = context.namespace

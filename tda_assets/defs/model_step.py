@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 import torch
+from dagster import AllPartitionMapping, AssetDep, AssetKey
 
 from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
 from tda_assets.attribution.adapter import DiTAdapter, ItemBatch
@@ -18,6 +19,13 @@ from tda_assets.defs.fast_paths import item_norms
 from tda_assets.io.artifacts import Identity, all_features, baseline_item_ids, read_baseline, read_fisher
 from tda_assets.io.checkpoints import CheckpointRecord, load_checkpoint
 from tda_assets.io.storage import Storage
+
+# What a step that unlearns training items as queries reads: the Fisher, every shard's baseline losses and gradients.
+TRAINING_SIDE_DEPS = [
+    AssetKey("fisher_diagonal"),
+    AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping()),
+    AssetDep(AssetKey("training_gradients"), partition_mapping=AllPartitionMapping()),
+]
 
 
 @dataclass(frozen=True)
@@ -51,8 +59,12 @@ class ModelStep:
         return item_ids, data.select([data.item_ids.index(i) for i in item_ids]), baseline
 
 
-def model_step(storage: StorageResource, model_source: ModelSourceResource, compute: ComputeResource,
-               protocol: LossProtocolResource) -> ModelStep:
+def model_step(
+    storage: StorageResource,
+    model_source: ModelSourceResource,
+    compute: ComputeResource,
+    protocol: LossProtocolResource,
+) -> ModelStep:
     """Resolve the resources and load the checkpoint the storage root records (cached per process)."""
     store, cmp = storage.storage(), compute.compute()
     adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)

@@ -52,21 +52,30 @@ def artist_colours(artists: list[str]) -> dict[str, tuple]:
     return {a: cmap(i % cmap.N) for i, a in enumerate(sorted(artists))}
 
 
-def top_k_bars(scores: pl.DataFrame, manifest: pl.DataFrame, title: str, k: int = 10, target_artist: str | None = None) -> bytes:
+def top_k_bars(
+    scores: pl.DataFrame, manifest: pl.DataFrame, title: str, k: int = 10, target_artist: str | None = None
+) -> bytes:
     """Horizontal bars of the top-k scores (rank 1 on top), coloured by each item's artist."""
     plt = _pyplot()
     artists = manifest["artist"].fill_null("(unknown)").unique().to_list()
     colours = artist_colours(artists)
-    top = (scores.sort("rank").head(k).join(manifest.select("item_id", "artist"), on="item_id", how="left")
-           .with_columns(pl.col("artist").fill_null("(unknown)")))
+    top = (
+        scores.sort("rank")
+        .head(k)
+        .join(manifest.select("item_id", "artist"), on="item_id", how="left")
+        .with_columns(pl.col("artist").fill_null("(unknown)"))
+    )
     colours.setdefault("(unknown)", (0.6, 0.6, 0.6, 1.0))
     fig, ax = plt.subplots(figsize=(6.4, 0.32 * len(top) + 1.4))
     y = np.arange(len(top))[::-1]
     ax.barh(y, top["score"].to_numpy(), color=[colours[a] for a in top["artist"]])
     ax.set_yticks(y, [f"{r}. {i}" for r, i in zip(top["rank"], top["item_id"])], fontsize=8)
-    labels = {"mean_delta": "score (mean loss rise after unlearning)", "relative": "score (relative loss rise)",
-              "skew": "score (normalised skew of the loss rise)",
-              "normalized": "score (loss rise per unit gradient norm)"}
+    labels = {
+        "mean_delta": "score (mean loss rise after unlearning)",
+        "relative": "score (relative loss rise)",
+        "skew": "score (normalised skew of the loss rise)",
+        "normalized": "score (loss rise per unit gradient norm)",
+    }
     ax.set_xlabel(labels.get(scores["score_type"][0], "score") if "score_type" in scores.columns else "score")
     ax.axvline(0, color="black", lw=0.6)
     ax.set_title(title, fontsize=9)
@@ -89,8 +98,15 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, value_label: str 
     for i in range(n):
         for j in range(n):
             if np.isfinite(matrix[i, j]):
-                ax.text(j, i, f"{matrix[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                        color="white" if matrix[i, j] < 0.6 else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{matrix[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=6,
+                    color="white" if matrix[i, j] < 0.6 else "black",
+                )
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label=value_label)
     ax.set_title(title, fontsize=9)
     return _png(fig)
@@ -106,25 +122,56 @@ def counterfactual_bars(df: pl.DataFrame, title: str) -> bytes:
     fig, ax = plt.subplots(figsize=(max(4.0, 1.5 * len(queries) + 2.0), 3.4))
     attributed = {r["query_id"]: r for r in df.filter(pl.col("removal") == "attributed").to_dicts()}
     same = {r["query_id"]: r["loss_rise"] for r in df.filter(pl.col("removal") == "same_artist").to_dicts()}
-    randoms = {q: df.filter((pl.col("removal") == "random") & (pl.col("query_id") == q))["loss_rise"].to_list() for q in queries}
+    randoms = {
+        q: df.filter((pl.col("removal") == "random") & (pl.col("query_id") == q))["loss_rise"].to_list()
+        for q in queries
+    }
 
     def colour(q: str) -> str:
         row = attributed.get(q, {})
         return "tab:green" if row.get("passed_item_level") else "tab:orange" if row.get("passed") else "tab:red"
 
-    ax.bar(x - 0.27, [attributed.get(q, {}).get("loss_rise", np.nan) for q in queries], width=0.27,
-           color=[colour(q) for q in queries], label="attributed (green: both controls, orange: random only)")
-    ax.bar(x, [np.mean(randoms[q]) if randoms[q] else np.nan for q in queries], width=0.27, color="lightgray",
-           label="random removals (mean, dots)")
-    ax.bar(x + 0.27, [same.get(q, np.nan) for q in queries], width=0.27, color="tab:blue", alpha=0.6,
-           label="same artist, outside the top-k")
+    ax.bar(
+        x - 0.27,
+        [attributed.get(q, {}).get("loss_rise", np.nan) for q in queries],
+        width=0.27,
+        color=[colour(q) for q in queries],
+        label="attributed (green: both controls, orange: random only)",
+    )
+    ax.bar(
+        x,
+        [np.mean(randoms[q]) if randoms[q] else np.nan for q in queries],
+        width=0.27,
+        color="lightgray",
+        label="random removals (mean, dots)",
+    )
+    ax.bar(
+        x + 0.27,
+        [same.get(q, np.nan) for q in queries],
+        width=0.27,
+        color="tab:blue",
+        alpha=0.6,
+        label="same artist, outside the top-k",
+    )
     for i, q in enumerate(queries):
         ax.plot([x[i]] * len(randoms[q]), randoms[q], "o", color="dimgray", ms=3)
     sds = df["floor_sds"][0] if "floor_sds" in df.columns and len(df) else 2.0
-    ax.hlines([attributed.get(q, {}).get("noise_floor", np.nan) for q in queries], x - 0.45, x + 0.15, color="black",
-              lw=1.2, label=f"noise floor (random mean + {sds:g} sd)")
-    ax.hlines([attributed.get(q, {}).get("item_floor", np.nan) for q in queries], x + 0.1, x + 0.45, color="tab:blue",
-              lw=1.2, label=f"item floor (same artist + {sds:g} sd)")
+    ax.hlines(
+        [attributed.get(q, {}).get("noise_floor", np.nan) for q in queries],
+        x - 0.45,
+        x + 0.15,
+        color="black",
+        lw=1.2,
+        label=f"noise floor (random mean + {sds:g} sd)",
+    )
+    ax.hlines(
+        [attributed.get(q, {}).get("item_floor", np.nan) for q in queries],
+        x + 0.1,
+        x + 0.45,
+        color="tab:blue",
+        lw=1.2,
+        label=f"item floor (same artist + {sds:g} sd)",
+    )
     ax.axhline(0, color="black", lw=0.6)
     ax.set_xticks(x, queries, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel("query loss rise vs full model")

@@ -24,10 +24,14 @@ class Progress:
         """Count `n` more items; log when due."""
         self.done += n
         now = time.perf_counter()
-        due = (self.done - self._last_done) >= self.fraction * max(self.items, 1) or now - self._last_time >= self.seconds
+        due = (self.done - self._last_done) >= self.fraction * max(
+            self.items, 1
+        ) or now - self._last_time >= self.seconds
         if due or self.done >= self.items:
             rate = self.rate()
             left = max(self.items - self.done, 0) * self.draws / rate if rate > 0 else 0.0
-            self.log.info(f"{self.what}: {self.done}/{self.items} items, {rate:.0f} item-draws/s, "
-                          + (f"ETA {left:.0f}s" if self.done < self.items else f"done in {now - self.start:.1f}s"))
+            self.log.info(
+                f"{self.what}: {self.done}/{self.items} items, {rate:.0f} item-draws/s, "
+                + (f"ETA {left:.0f}s" if self.done < self.items else f"done in {now - self.start:.1f}s")
+            )
             self._last_done, self._last_time = self.done, now

@@ -15,7 +15,12 @@ from resources.env import Env
 from tda_assets.data.query_state import STEP_TAG, STORAGE_TAG
 from tda_assets.defs.run_health import NOT_FINISHED, dead_reason
 
-IN_PROGRESS = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED]
+IN_PROGRESS = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+]
 
 
 def run_tags(step: str, storage_root: str) -> dict[str, str]:
@@ -23,11 +28,15 @@ def run_tags(step: str, storage_root: str) -> dict[str, str]:
     return {STEP_TAG: step, STORAGE_TAG: storage_root}
 
 
-def runs_of_root(instance: DagsterInstance, statuses: list[DagsterRunStatus], storage_root: str) -> list[dict[str, str]]:
+def runs_of_root(
+    instance: DagsterInstance, statuses: list[DagsterRunStatus], storage_root: str
+) -> list[dict[str, str]]:
     """The tags of every query run of `storage_root` in one of `statuses`; an unfinished run whose process is gone
     (`run_health.dead_reason`; another host's after TDA_RUN_STALE_S without heartbeat) is not counted as in progress."""
     records = instance.get_run_records(RunsFilter(statuses=statuses, tags={STORAGE_TAG: storage_root}))
     host, now, stale_after_s = socket.gethostname(), time.time(), Env.read().run_stale_s
-    return [dict(r.dagster_run.tags) for r in records
-            if r.dagster_run.status not in NOT_FINISHED
-            or dead_reason(r.dagster_run.tags, host, now, stale_after_s) is None]
+    return [
+        dict(r.dagster_run.tags)
+        for r in records
+        if r.dagster_run.status not in NOT_FINISHED or dead_reason(r.dagster_run.tags, host, now, stale_after_s) is None
+    ]

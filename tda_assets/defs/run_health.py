@@ -23,8 +23,13 @@ HEARTBEAT_TAG = "tda/heartbeat"  # unix seconds of the last sign of life of the 
 LAUNCH_TAG = "tda/launch"  # one id per run a command launches: how the command finds the run Dagster made
 RELEASED_TAG = "tda/released"  # why the run was ended from outside its execution (process gone, a signal, a wait bound)
 HEARTBEAT_S = 30
-NOT_FINISHED = [DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED, DagsterRunStatus.STARTING,
-                DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+NOT_FINISHED = [
+    DagsterRunStatus.QUEUED,
+    DagsterRunStatus.NOT_STARTED,
+    DagsterRunStatus.STARTING,
+    DagsterRunStatus.STARTED,
+    DagsterRunStatus.CANCELING,
+]
 
 
 def pid_start(pid: int) -> str | None:
@@ -53,12 +58,22 @@ def pid_alive(pid: int, start: str | None) -> bool:
 def process_tags(launch_id: str) -> dict[str, str]:
     """The tags that tie a run to this process: host, pid, the pid's start time, a first heartbeat, the launch id."""
     pid = os.getpid()
-    return {HOST_TAG: socket.gethostname(), PID_TAG: str(pid), PID_START_TAG: pid_start(pid) or "",
-            HEARTBEAT_TAG: str(int(time.time())), LAUNCH_TAG: launch_id}
+    return {
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(pid),
+        PID_START_TAG: pid_start(pid) or "",
+        HEARTBEAT_TAG: str(int(time.time())),
+        LAUNCH_TAG: launch_id,
+    }
 
 
-def dead_reason(tags: Mapping[str, str], host: str, now: float, stale_after_s: float,
-                alive: Callable[[int, str | None], bool] = pid_alive) -> str | None:
+def dead_reason(
+    tags: Mapping[str, str],
+    host: str,
+    now: float,
+    stale_after_s: float,
+    alive: Callable[[int, str | None], bool] = pid_alive,
+) -> str | None:
     """Why the process of a run with `tags` is gone, or None when it is alive or not ours to judge (no pid tag)."""
     if PID_TAG not in tags:
         return None
@@ -79,8 +94,9 @@ def release(instance: DagsterInstance, run_id: str, reason: str) -> None:
     if record is None:
         return
     if record.dagster_run.status in NOT_FINISHED:
-        instance.report_run_failed(record.dagster_run,
-                                   f"tda released this run: {reason}; its queries are pending again")
+        instance.report_run_failed(
+            record.dagster_run, f"tda released this run: {reason}; its queries are pending again"
+        )
         instance.add_run_tags(run_id, {RELEASED_TAG: reason})
     instance.event_log_storage.free_concurrency_slots_for_run(run_id)
 
@@ -93,8 +109,9 @@ def release_dead_runs(instance: DagsterInstance, stale_after_s: float, log: Call
         reason = dead_reason(record.dagster_run.tags, host, now, stale_after_s)
         if reason:
             release(instance, record.dagster_run.run_id, f"{reason} (found by pid {os.getpid()} on {host})")
-            log(f"==> released run {record.dagster_run.run_id}: {reason}; its slots are free, its queries pending "
-                "again")
+            log(
+                f"==> released run {record.dagster_run.run_id}: {reason}; its slots are free, its queries pending again"
+            )
             released.append(record.dagster_run.run_id)
     free_finished_holders(instance)
     return released
@@ -105,12 +122,18 @@ def free_finished_holders(instance: DagsterInstance) -> list[str]:
     storage = instance.event_log_storage
     if not storage.supports_global_concurrency_limits:
         return []
-    holders = storage.get_concurrency_run_ids() | {slot.run_id for info in storage.get_concurrency_infos(
-        sorted(storage.get_concurrency_keys())).values() for slot in info.claimed_slots}
+    holders = storage.get_concurrency_run_ids() | {
+        slot.run_id
+        for info in storage.get_concurrency_infos(sorted(storage.get_concurrency_keys())).values()
+        for slot in info.claimed_slots
+    }
     if not holders:
         return []
-    unfinished = {r.dagster_run.run_id for r in instance.get_run_records(RunsFilter(run_ids=sorted(holders)))
-                  if r.dagster_run.status in NOT_FINISHED}
+    unfinished = {
+        r.dagster_run.run_id
+        for r in instance.get_run_records(RunsFilter(run_ids=sorted(holders)))
+        if r.dagster_run.status in NOT_FINISHED
+    }
     finished = sorted(holders - unfinished)  # a deleted run's slots too
     for run_id in finished:
         storage.free_concurrency_slots_for_run(run_id)

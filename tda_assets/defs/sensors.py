@@ -45,17 +45,23 @@ QUERY_ASSETS = (*CLIP_ASSETS, *UNLEARNING_ASSETS)
 MAX_ATTEMPTS = 2
 
 query_clip_job = define_asset_job(
-    "query_clip", selection=AssetSelection.assets(*(AssetKey(n) for n in CLIP_ASSETS)), partitions_def=queries,
+    "query_clip",
+    selection=AssetSelection.assets(*(AssetKey(n) for n in CLIP_ASSETS)),
+    partitions_def=queries,
     description="The query's clip (generated from its prompt, or the user's clip) and its similarity attribution.",
 )
 attribute_config_job = define_asset_job(
-    "attribute_config", selection=AssetSelection.assets(*(AssetKey(n) for n in UNLEARNING_ASSETS)), partitions_def=query_configs,
-    description="One query under one configuration: unlearn it, re-measure every training item, score the attributions.",
+    "attribute_config",
+    selection=AssetSelection.assets(*(AssetKey(n) for n in UNLEARNING_ASSETS)),
+    partitions_def=query_configs,
+    description="One query under one configuration: unlearn it, re-measure every training item, score the "
+    "attributions.",
 )
 
 
-def _steps_of_runs(context: SensorEvaluationContext, statuses: list[DagsterRunStatus], root: str,
-                   attempts_only: bool = False) -> list[tuple[str, str]]:
+def _steps_of_runs(
+    context: SensorEvaluationContext, statuses: list[DagsterRunStatus], root: str, attempts_only: bool = False
+) -> list[tuple[str, str]]:
     """`(step, partition)` of the root's query runs in `statuses` (with `attempts_only`, not those released because
     their process was killed or stopped: that is no failure of the query)."""
     runs = [t for t in runs_of_root(context.instance, statuses, root) if not (attempts_only and RELEASED_TAG in t)]
@@ -78,7 +84,9 @@ def query_of(request: RunRequest) -> str:
     return query_configs.get_partition_key_from_str(str(request.partition_key)).keys_by_dimension["query"]
 
 
-@sensor(jobs=[query_clip_job, attribute_config_job], minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING)
+@sensor(
+    jobs=[query_clip_job, attribute_config_job], minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING
+)
 def query_inbox_sensor(
     context: SensorEvaluationContext, storage: StorageResource, inbox: InboxResource, protocol: LossProtocolResource
 ) -> SensorResult | SkipReason:
@@ -97,25 +105,32 @@ def query_inbox_sensor(
     if not store.exists(key("checkpoint_record")):
         return SkipReason("no checkpoint in the storage root yet: run `tda prepare` (or materialize the training side)")
     record = read_checkpoint_record(store)
-    no_clip, no_attribution = pending_queries(store, valid, record.checkpoint_id, protocol.protocol().protocol_id,
-                                              MIN_QUERY_LOSS_RATIO)
+    no_clip, no_attribution = pending_queries(
+        store, valid, record.checkpoint_id, protocol.protocol().protocol_id, MIN_QUERY_LOSS_RATIO
+    )
     done = _with_similarity(store)
     unfinished = [q for q in no_attribution if q not in done]  # its clip run was killed between clip and similarity
     no_clip, no_attribution = sorted(no_clip + unfinished), [q for q in no_attribution if q not in unfinished]
     in_flight = set(_steps_of_runs(context, IN_PROGRESS, store.url))
     failures = _steps_of_runs(context, [DagsterRunStatus.FAILURE], store.url, attempts_only=True)
-    wanted = [("clip", q, q) for q in no_clip] + [("attribute", q, query_config_key(q, DEFAULT_CONFIG)) for q in no_attribution]
+    wanted = [("clip", q, q) for q in no_clip] + [
+        ("attribute", q, query_config_key(q, DEFAULT_CONFIG)) for q in no_attribution
+    ]
     jobs = {"clip": query_clip_job.name, "attribute": attribute_config_job.name}
     attempts, batch, more = Counter(failures), [], 0
     for step, qid, partition in wanted:
         if (step, str(partition)) in in_flight:
             continue
         if attempts[(step, str(partition))] >= MAX_ATTEMPTS:
-            context.log.warning(f"query {qid}: its {step} run failed {MAX_ATTEMPTS} times in this storage root; not requested "
-                                "again (see its runs; fix the query, then re-add it with another id or `tda attribute`)")
+            context.log.warning(
+                f"query {qid}: its {step} run failed {MAX_ATTEMPTS} times in this storage root; not requested "
+                "again (see its runs; fix the query, then re-add it with another id or `tda attribute`)"
+            )
             continue
         if len(batch) == inbox.max_queries_per_tick:
-            more += 1  # judged on a later tick: a tick reads the files of the queries it requests, not of every pending one
+            more += (
+                1  # judged on a later tick: a tick reads the files of the queries it requests, not of every pending one
+            )
             continue
         if step == "clip":  # judged when its clip is due (`judge_query`): a bad one is skipped and logged until fixed
             try:

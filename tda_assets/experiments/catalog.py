@@ -28,8 +28,9 @@ def current_checkpoint_id(store: Storage) -> str | None:
     return json.loads(store.read_bytes(k))["checkpoint_id"] if store.exists(k) else None
 
 
-def query_table(store: Storage, protocol_id: str,
-                running: Callable[[], set[tuple[str, str]]] = frozenset, roots: Sequence[str] = ()) -> pl.DataFrame:
+def query_table(
+    store: Storage, protocol_id: str, running: Callable[[], set[tuple[str, str]]] = frozenset, roots: Sequence[str] = ()
+) -> pl.DataFrame:
     """One row per (query, configuration): `waiting` (no clip yet), `clip_ready`, `running`, `attributed`,
     `failed_check` (with the loss ratio), `stale` (results of another checkpoint or protocol), or `invalid` (its file,
     judged as the inbox sensor judges it under `roots`: `judge_query`; the reason in `prompt`).
@@ -52,12 +53,27 @@ def query_table(store: Storage, protocol_id: str,
     if any(r[2] not in FINAL for r in rows):
         now = running()
         rows = [(q, c, "running" if st not in FINAL and (q, c) in now else st, *rest) for q, c, st, *rest in rows]
-    return pl.DataFrame(rows, schema={"query_id": pl.String, "config_id": pl.String, "state": pl.String,
-                                      "loss_ratio": pl.Float64, "prompt": pl.String}, orient="row")
+    return pl.DataFrame(
+        rows,
+        schema={
+            "query_id": pl.String,
+            "config_id": pl.String,
+            "state": pl.String,
+            "loss_ratio": pl.Float64,
+            "prompt": pl.String,
+        },
+        orient="row",
+    )
 
 
-def export_attributions(engine: QueryEngine, out: str | Path, fmt: str, query_id: str | None = None,
-                        config_id: str | None = None, method: str | None = "unlearning") -> int:
+def export_attributions(
+    engine: QueryEngine,
+    out: str | Path,
+    fmt: str,
+    query_id: str | None = None,
+    config_id: str | None = None,
+    method: str | None = "unlearning",
+) -> int:
     """Write the attribution rows (with artist and caption) to `out` atomically; returns the row count.
 
     Raises ValueError naming the filter when no row matches, so an export never silently writes nothing.
@@ -69,9 +85,12 @@ def export_attributions(engine: QueryEngine, out: str | Path, fmt: str, query_id
         if value:
             where.append(f"a.{column} = ${column}")
             params[column] = value
-    df = engine.sql("SELECT a.query_id, a.config_id, a.method, a.rank, a.item_id, t.artist, t.caption, a.score, "
-                    "a.checkpoint_id, a.protocol_id FROM attributions AS a LEFT JOIN training_items AS t USING (item_id) "
-                    f"WHERE {' AND '.join(where)} ORDER BY a.query_id, a.config_id, a.method, a.rank", params)
+    df = engine.sql(
+        "SELECT a.query_id, a.config_id, a.method, a.rank, a.item_id, t.artist, t.caption, a.score, "
+        "a.checkpoint_id, a.protocol_id FROM attributions AS a LEFT JOIN training_items AS t USING (item_id) "
+        f"WHERE {' AND '.join(where)} ORDER BY a.query_id, a.config_id, a.method, a.rank",
+        params,
+    )
     if df.is_empty():
         raise ValueError(f"no attribution rows for {params or 'any query'}: see `tda queries` for what is attributed")
     out = Path(out)

@@ -13,7 +13,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import polars as pl
-from dagster._core.errors import DagsterAssetCheckFailedError  # raised by a failed blocking check; not in the public API
+from dagster._core.errors import (
+    DagsterAssetCheckFailedError,
+)  # raised by a failed blocking check; not in the public API
 
 from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO
 from tda_assets.defs.configs import UnlearningConfig, record_config
@@ -47,8 +49,10 @@ def select_queries(runner: Runner, queries: str | list[str] | None = None) -> li
     wanted = [q.strip() for q in (queries.split(",") if isinstance(queries, str) else queries) if q.strip()]
     unknown = [q for q in wanted if q not in known]
     if unknown:
-        raise ValueError(f"unknown query id(s) {unknown}: known queries partitions are {known or 'none'} "
-                         "(add queries with `tda add-query`, then let the sensor or `tda demo` add them)")
+        raise ValueError(
+            f"unknown query id(s) {unknown}: known queries partitions are {known or 'none'} "
+            "(add queries with `tda add-query`, then let the sensor or `tda demo` add them)"
+        )
     return wanted
 
 
@@ -56,8 +60,10 @@ def stale_configs(store: Storage, configs: list[UnlearningConfig]) -> set[str]:
     """Configurations whose recorded `unlearning_configs` row differs from the grid file's (their runs are redone)."""
     stale = set()
     for cfg in configs:
-        if (table_exists(store, "unlearning_configs", config_id=cfg.config_id)
-                and read_table(store, "unlearning_configs", config_id=cfg.config_id).to_dicts() != cfg.row().to_dicts()):
+        if (
+            table_exists(store, "unlearning_configs", config_id=cfg.config_id)
+            and read_table(store, "unlearning_configs", config_id=cfg.config_id).to_dicts() != cfg.row().to_dicts()
+        ):
             stale.add(cfg.config_id)
     return stale
 
@@ -85,7 +91,10 @@ def recorded_status(store: Storage, query_id: str, config_id: str, identity: Ide
 
     Only runs and attributions of the current checkpoint and protocol count.
     """
-    if run is None or (run.get("checkpoint_id"), run.get("protocol_id")) != (identity.checkpoint_id, identity.protocol_id):
+    if run is None or (run.get("checkpoint_id"), run.get("protocol_id")) != (
+        identity.checkpoint_id,
+        identity.protocol_id,
+    ):
         return None
     if has_current_attribution(store, query_id, config_id, identity):
         return "skipped"
@@ -116,7 +125,9 @@ def run_grid(
     """Run every configuration for every query (skipping recorded ones unless `force`), then `consistency_report`."""
     log = log or runner.log
     store = runner.storage
-    identity = Identity(read_checkpoint_record(store).checkpoint_id, runner.resources["protocol"].protocol().protocol_id)
+    identity = Identity(
+        read_checkpoint_record(store).checkpoint_id, runner.resources["protocol"].protocol().protocol_id
+    )
     stale = set() if force else stale_configs(store, configs)
     for cid in sorted(stale):
         log(f"    configuration {cid!r} changed in the grid file since its last run: its runs are redone")
@@ -130,7 +141,9 @@ def run_grid(
         try:
             ensure_query(runner, store, qid)
         except Exception as exc:  # noqa: BLE001 - a broken query must not stop the other queries
-            message = f"query_clips/similarity_scores failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            message = (
+                f"query_clips/similarity_scores failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            )
             log(f"    grid {qid}: {message}")
             results.extend(GridRun(qid, cfg.config_id, "error", 0.0, None, message) for cfg in configs)
             continue
@@ -149,16 +162,30 @@ def run_grid(
                 run = GridRun(qid, cid, "done", time.perf_counter() - start, ratio_now())
             except DagsterAssetCheckFailedError:
                 _forget_attribution(store, qid, cid, identity)
-                run = GridRun(qid, cid, "check_failed", time.perf_counter() - start, ratio_now(),
-                              "unlearning did not raise the query loss enough (blocking check query_loss_raised)")
+                run = GridRun(
+                    qid,
+                    cid,
+                    "check_failed",
+                    time.perf_counter() - start,
+                    ratio_now(),
+                    "unlearning did not raise the query loss enough (blocking check query_loss_raised)",
+                )
             except Exception as exc:  # noqa: BLE001 - one broken configuration must not stop the grid
                 _forget_attribution(store, qid, cid, identity)
-                run = GridRun(qid, cid, "error", time.perf_counter() - start, ratio_now(),
-                              f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+                run = GridRun(
+                    qid,
+                    cid,
+                    "error",
+                    time.perf_counter() - start,
+                    ratio_now(),
+                    f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}",
+                )
             results.append(run)
             ratio = f"×{run.loss_ratio:.2f}" if run.loss_ratio is not None else "—"
-            log(f"    grid {n}/{total} {qid} / {cid}: {run.status} (query loss {ratio}) in {run.seconds:.1f}s"
-                + (f" — {run.message}" if run.message else ""))
+            log(
+                f"    grid {n}/{total} {qid} / {cid}: {run.status} (query loss {ratio}) in {run.seconds:.1f}s"
+                + (f" — {run.message}" if run.message else "")
+            )
     if report:
         runner.phase("consistency_report", lambda: runner.run(["consistency_report"]))
     return results
@@ -166,15 +193,24 @@ def run_grid(
 
 def summary(results: list[GridRun]) -> pl.DataFrame:
     """One row per configuration: runs done / skipped / failed, mean loss ratio, mean seconds per run."""
-    df = pl.DataFrame([r.__dict__ for r in results],
-                      schema={"query_id": pl.Utf8, "config_id": pl.Utf8, "status": pl.Utf8, "seconds": pl.Float64,
-                              "loss_ratio": pl.Float64, "message": pl.Utf8})
+    df = pl.DataFrame(
+        [r.__dict__ for r in results],
+        schema={
+            "query_id": pl.Utf8,
+            "config_id": pl.Utf8,
+            "status": pl.Utf8,
+            "seconds": pl.Float64,
+            "loss_ratio": pl.Float64,
+            "message": pl.Utf8,
+        },
+    )
     ran = pl.col("status").is_in(["done", "check_failed", "error"])
-    return (df.group_by("config_id", maintain_order=True)
-              .agg(queries=pl.len(),
-                   done=(pl.col("status") == "done").sum(),
-                   skipped=pl.col("status").str.starts_with("skipped").sum(),
-                   check_failed=pl.col("status").is_in(["check_failed", "skipped_failed"]).sum(),
-                   errors=(pl.col("status") == "error").sum(),
-                   mean_loss_ratio=pl.col("loss_ratio").mean(),
-                   seconds_per_run=pl.col("seconds").filter(ran).mean()))
+    return df.group_by("config_id", maintain_order=True).agg(
+        queries=pl.len(),
+        done=(pl.col("status") == "done").sum(),
+        skipped=pl.col("status").str.starts_with("skipped").sum(),
+        check_failed=pl.col("status").is_in(["check_failed", "skipped_failed"]).sum(),
+        errors=(pl.col("status") == "error").sum(),
+        mean_loss_ratio=pl.col("loss_ratio").mean(),
+        seconds_per_run=pl.col("seconds").filter(ran).mean(),
+    )

@@ -1,4 +1,5 @@
-"""Materializing the graph phase by phase on a Dagster instance: used by the CLI (`tda demo`, `grid`, `evaluate`) and tests."""
+"""Materializing the graph phase by phase on a Dagster instance: used by the CLI (`tda demo`, `grid`, `evaluate`) and
+tests."""
 
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ from dagster import (
     execute_job,
     materialize,
 )
-from dagster._core.definitions.reconstruct import ReconstructableRepository  # no public equivalent for a module's Definitions
+from dagster._core.definitions.reconstruct import (
+    ReconstructableRepository,
+)  # no public equivalent for a module's Definitions
 
 from resources.env import Env
 from tda_assets.definitions import build_definitions
@@ -50,16 +53,28 @@ from tda_assets.models.sources import ModelSource
 
 from .supervise import SlotWaitTimeout, supervised
 
-CODE_LOCATION = ReconstructableRepository.for_module("tda_assets.definitions", "from_environment")  # rebuilt per process
+CODE_LOCATION = ReconstructableRepository.for_module(
+    "tda_assets.definitions", "from_environment"
+)  # rebuilt per process
 ASSET_JOB = "__ASSET_JOB"  # the code location's implicit job of every asset, subset per run
-TRAINING_PHASES = ("training_manifest", "training_features", "checkpoint", "fisher_diagonal", "baseline_losses",
-                   "training_embeddings", "training_gradients")
+TRAINING_PHASES = (
+    "training_manifest",
+    "training_features",
+    "checkpoint",
+    "fisher_diagonal",
+    "baseline_losses",
+    "training_embeddings",
+    "training_gradients",
+)
 DEFAULT_GRADIENTS = GradientSpec.for_settings(UnlearningSettings())  # the store the default configuration's score reads
 
 
 PHASE_NEEDS = {  # the training phases each phase reads: it runs again whenever one of them does
-    "training_manifest": (), "training_features": ("training_manifest",), "checkpoint": ("training_features",),
-    "fisher_diagonal": ("checkpoint",), "baseline_losses": ("training_features", "checkpoint"),
+    "training_manifest": (),
+    "training_features": ("training_manifest",),
+    "checkpoint": ("training_features",),
+    "fisher_diagonal": ("checkpoint",),
+    "baseline_losses": ("training_features", "checkpoint"),
     "training_embeddings": ("training_features", "checkpoint"),
     "training_gradients": ("training_features", "checkpoint", "fisher_diagonal"),
 }
@@ -87,8 +102,9 @@ def with_console_level(run_config: RunConfig | dict | None, log_level: str) -> d
     return config
 
 
-def current_training_phases(store: Storage, source: ModelSource, protocol_id: str,
-                            compute_precision: str | None = None) -> dict[str, bool]:
+def current_training_phases(
+    store: Storage, source: ModelSource, protocol_id: str, compute_precision: str | None = None
+) -> dict[str, bool]:
     """Which training phases' outputs exist under the storage root *with the identity they would have now*.
 
     Features must come from the current encoders and the current manifest rows; the checkpoint must be the one
@@ -127,9 +143,11 @@ def current_training_phases(store: Storage, source: ModelSource, protocol_id: st
     # a Fisher estimated in another compute precision than this step's is re-estimated (read_fisher refuses it)
     have["fisher_diagonal"] = store.exists(fisher_key) and (
         not compute_precision
-        or store.read_tensors_metadata(fisher_key).get(COMPUTE_PRECISION) in (None, compute_precision))
-    have["baseline_losses"] = all(table_exists(store, "baseline_losses", **identity.keys(), shard=s) for s in SHARD_KEYS) \
-        and not stale_baseline_shards(store, read_tables(store, "baseline_losses", **identity.keys()), encoder_id)
+        or store.read_tensors_metadata(fisher_key).get(COMPUTE_PRECISION) in (None, compute_precision)
+    )
+    have["baseline_losses"] = all(
+        table_exists(store, "baseline_losses", **identity.keys(), shard=s) for s in SHARD_KEYS
+    ) and not stale_baseline_shards(store, read_tables(store, "baseline_losses", **identity.keys()), encoder_id)
 
     def embeddings_current(shard: str) -> bool:
         k = embeddings_key(identity, encoder_id, shard)
@@ -162,7 +180,6 @@ def partition_tags(partition_key: str | None) -> dict[str, str]:
     return {"dagster/partition": str(partition_key), **{f"dagster/partition/{d}": v for d, v in dims.items()}}
 
 
-
 @dataclass
 class Runner:
     """Runs selections of the asset graph with `materialize()` on one instance and one set of resources."""
@@ -174,7 +191,9 @@ class Runner:
     log_level: str = "INFO"
 
     @classmethod
-    def create(cls, instance: DagsterInstance, storage_url: str | None = None, log: Callable[[str], None] = print) -> "Runner":
+    def create(
+        cls, instance: DagsterInstance, storage_url: str | None = None, log: Callable[[str], None] = print
+    ) -> "Runner":
         return cls(instance, build_definitions(storage_url), log)
 
     @property
@@ -190,8 +209,13 @@ class Runner:
         """The name of the code location's executor (`in_process`, `multiprocess`, `k8s`)."""
         return self.defs.resolve_implicit_global_asset_job_def().executor_def.name
 
-    def run(self, selection: list[str] | tuple[str, ...], partition_key: str | None = None,
-            run_config: RunConfig | dict | None = None, tags: dict[str, str] | None = None):
+    def run(
+        self,
+        selection: list[str] | tuple[str, ...],
+        partition_key: str | None = None,
+        run_config: RunConfig | dict | None = None,
+        tags: dict[str, str] | None = None,
+    ):
         """Materialize `selection` (asset names) for one partition with the configured executor; raises if the run
         fails, else returns its result.
 
@@ -207,15 +231,26 @@ class Runner:
         def execute():
             if self.executor == "in_process":
                 return materialize(
-                    [*self.defs.assets, *self.defs.asset_checks], selection=list(selection),
-                    partition_key=partition_key, instance=self.instance, resources=self.resources, run_config=config,
-                    raise_on_error=True, tags=tags,
+                    [*self.defs.assets, *self.defs.asset_checks],
+                    selection=list(selection),
+                    partition_key=partition_key,
+                    instance=self.instance,
+                    resources=self.resources,
+                    run_config=config,
+                    raise_on_error=True,
+                    tags=tags,
                 )
             job = {tuple(CLIP_ASSETS): query_clip_job.name, tuple(UNLEARNING_ASSETS): attribute_config_job.name}.get(
-                tuple(selection), ASSET_JOB)
-            with execute_job(CODE_LOCATION.get_reconstructable_job(job), self.instance, run_config=config,
-                             tags={**tags, **partition_tags(partition_key)}, raise_on_error=True,
-                             asset_selection=None if job != ASSET_JOB else [AssetKey(name) for name in selection]) as result:
+                tuple(selection), ASSET_JOB
+            )
+            with execute_job(
+                CODE_LOCATION.get_reconstructable_job(job),
+                self.instance,
+                run_config=config,
+                tags={**tags, **partition_tags(partition_key)},
+                raise_on_error=True,
+                asset_selection=None if job != ASSET_JOB else [AssetKey(name) for name in selection],
+            ) as result:
                 return result
 
         if self.instance.is_persistent:  # a run that outlives its process can wedge only a persistent instance
@@ -246,8 +281,10 @@ class Runner:
             "fisher_diagonal": lambda: self.run(["fisher_diagonal"]),
             "baseline_losses": lambda: [self.run(["baseline_losses"], s) for s in SHARD_KEYS],
             "training_embeddings": lambda: [self.run(["training_embeddings"], s) for s in SHARD_KEYS],
-            "training_gradients": lambda: [self.run(["training_gradients"], s, run_config=gradients_run_config(DEFAULT_GRADIENTS))
-                                           for s in SHARD_KEYS],
+            "training_gradients": lambda: [
+                self.run(["training_gradients"], s, run_config=gradients_run_config(DEFAULT_GRADIENTS))
+                for s in SHARD_KEYS
+            ],
         }
         for name in TRAINING_PHASES:
             if name not in skip:
@@ -261,21 +298,36 @@ class Runner:
         are first moved under the identity their rows record (`tda prepare` is the fix their error names).
         """
         for table, n in migrate_legacy_results(self.storage).items():
-            self.log(f"==> moved {n} {table} file(s) of the layout before identity keys under their checkpoint and protocol")
+            self.log(
+                f"==> moved {n} {table} file(s) of the layout before identity keys under their checkpoint and protocol"
+            )
         if manifest_config:
             self.training_side(manifest_config, skip=frozenset(TRAINING_PHASES[1:]))
         source = self.resources["model_source"].model_source()
-        have = current_training_phases(self.storage, source, self.resources["protocol"].protocol().protocol_id,
-                                       self.resources["compute"].compute().precision)
+        have = current_training_phases(
+            self.storage,
+            source,
+            self.resources["protocol"].protocol().protocol_id,
+            self.resources["compute"].compute().precision,
+        )
         if all(have.values()):
-            self.log(f"==> training side: already materialized (checkpoint {read_checkpoint_record(self.storage).checkpoint_id}), skipped")
+            self.log(
+                f"==> training side: already materialized "
+                f"(checkpoint {read_checkpoint_record(self.storage).checkpoint_id}), skipped"
+            )
             return
         self.training_side(manifest_config, skip=frozenset(TRAINING_PHASES) - phases_to_run(have))
 
     def sensor_tick(self) -> list[RunRequest]:
         """Evaluate the inbox sensor once: add its partitions and return its run requests."""
-        context = build_sensor_context(instance=self.instance, resources={
-            "storage": self.resources["storage"], "inbox": self.resources["inbox"], "protocol": self.resources["protocol"]})
+        context = build_sensor_context(
+            instance=self.instance,
+            resources={
+                "storage": self.resources["storage"],
+                "inbox": self.resources["inbox"],
+                "protocol": self.resources["protocol"],
+            },
+        )
         result = query_inbox_sensor(context)
         if not isinstance(result, SensorResult):  # a SkipReason: nothing to do
             return []
@@ -284,11 +336,17 @@ class Runner:
         return list(result.run_requests or [])
 
     def execute(self, request: RunRequest, config: UnlearningConfig | None = None) -> None:
-        """Run one of the sensor's requests here: a clip, or an attribution (under `config`, which must be `default`)."""
+        """Run one of the sensor's requests here: a clip, or an attribution (under `config`, which must be
+        `default`)."""
         if request.job_name == query_clip_job.name:
             self.run(CLIP_ASSETS, request.partition_key, tags=request.tags)
         else:
-            self.run(UNLEARNING_ASSETS, request.partition_key, unlearning_run_config(config) if config else None, tags=request.tags)
+            self.run(
+                UNLEARNING_ASSETS,
+                request.partition_key,
+                unlearning_run_config(config) if config else None,
+                tags=request.tags,
+            )
 
     def drain_inbox(self, config: UnlearningConfig | None = None) -> InboxDrain:
         """Tick the sensor and run what it requests until a tick requests nothing (every inbox query attributed, failed
@@ -299,8 +357,10 @@ class Runner:
             if not requests:
                 break
             drain.ticks += 1
-            self.log(f"==> inbox tick {drain.ticks}: {len(requests)} runs "
-                     f"({sum(r.job_name == query_clip_job.name for r in requests)} clips)")
+            self.log(
+                f"==> inbox tick {drain.ticks}: {len(requests)} runs "
+                f"({sum(r.job_name == query_clip_job.name for r in requests)} clips)"
+            )
             for request in requests:
                 qid = query_of(request)
                 start = time.perf_counter()
@@ -335,7 +395,8 @@ class Runner:
         return [query_of(r) for r in self.sensor_tick()]
 
     def attribute(self, query_id: str, config: UnlearningConfig | None = None):
-        """A query end to end, as the sensor's runs do: its clip, then its attribution under `config` (default: default)."""
+        """A query end to end, as the sensor's runs do: its clip, then its attribution under `config` (default:
+        default)."""
         self.clip(query_id)
         return self.attribute_config(query_id, config or UnlearningConfig())
 
@@ -344,8 +405,12 @@ class Runner:
         the gradient store the configuration reads, when missing (`ensure_gradients`)."""
         self.ensure_gradients(config)
         self.add_partitions(query_id, config.config_id)
-        return self.run(UNLEARNING_ASSETS, query_config_key(query_id, config.config_id), unlearning_run_config(config),
-                 tags=run_tags("attribute", self.storage.url))
+        return self.run(
+            UNLEARNING_ASSETS,
+            query_config_key(query_id, config.config_id),
+            unlearning_run_config(config),
+            tags=run_tags("attribute", self.storage.url),
+        )
 
     def ensure_gradients(self, config: UnlearningConfig) -> list[str]:
         """For a configuration that reads a gradient store (`linearized`, score_type `normalized`), `training_gradients`
@@ -362,14 +427,21 @@ class Runner:
         identity = Identity(record.checkpoint_id, self.resources["protocol"].protocol().protocol_id)
         missing = stale_gradient_shards(self.storage, identity, spec, record.encoder_id)
         if missing:
-            self.phase(f"training_gradients {spec.gradient_id}", lambda: [
-                self.run(["training_gradients"], shard, run_config=gradients_run_config(spec)) for shard in missing])
+            self.phase(
+                f"training_gradients {spec.gradient_id}",
+                lambda: [
+                    self.run(["training_gradients"], shard, run_config=gradients_run_config(spec)) for shard in missing
+                ],
+            )
         return missing
 
     def with_config(self, asset: str, **config: object):
         """One unpartitioned asset with its launch config's fields (unset ones left to their defaults)."""
-        return self.run([asset], run_config={"ops": {asset: {"config": {k: v for k, v in config.items() if v is not None}}}})
+        return self.run(
+            [asset], run_config={"ops": {asset: {"config": {k: v for k, v in config.items() if v is not None}}}}
+        )
 
     def counterfactual(self, **config: object):
-        """The `counterfactual` asset with `CounterfactualConfig` fields (query_ids, k, train_steps, …); returns the run's result."""
+        """The `counterfactual` asset with `CounterfactualConfig` fields (query_ids, k, train_steps, …); returns the
+        run's result."""
         return self.with_config("counterfactual", **config)

@@ -77,8 +77,14 @@ def _raise_in(thread: threading.Thread, exc_type: type[BaseException]) -> None:
 class Watch:
     """What the main thread knows of the run its worker executes: its id once Dagster made it, heartbeat, waits."""
 
-    def __init__(self, instance: DagsterInstance, launch_id: str, log: Callable[[str], None], slot_wait_s: float,
-                 stale_after_s: float):
+    def __init__(
+        self,
+        instance: DagsterInstance,
+        launch_id: str,
+        log: Callable[[str], None],
+        slot_wait_s: float,
+        stale_after_s: float,
+    ):
         self.instance, self.launch_id, self.log = instance, launch_id, log
         self.slot_wait_s, self.stale_after_s = slot_wait_s, stale_after_s
         self.run_id: str | None = None
@@ -108,10 +114,13 @@ class Watch:
                     f"(bound TDA_SLOT_WAIT_S={self.slot_wait_s:.0f}) "
                     f"for a slot of pool {pool!r}, held by {held}: let that run finish, stop its process (its run is "
                     f"then released on the next command), or give the pool more slots with "
-                    f"`dagster instance concurrency set {pool} <N>`")
+                    f"`dagster instance concurrency set {pool} <N>`"
+                )
             if now - self.logged_at >= LOG_EVERY_S:
-                self.log(f"    step {step} waits for a slot of pool {pool!r} since {_at(since)} ({waited:.0f} s): "
-                         f"held by {held}")
+                self.log(
+                    f"    step {step} waits for a slot of pool {pool!r} since {_at(since)} ({waited:.0f} s): "
+                    f"held by {held}"
+                )
                 self.logged_at = now
 
     def waits(self) -> list[tuple[str, str, datetime, list[tuple[str, str, datetime | None]]]]:
@@ -154,8 +163,14 @@ class Watch:
         return f"run {run_id} (step {step}, since {_at(since)}{where})"
 
 
-def supervised(instance: DagsterInstance, launch_id: str, execute: Callable[[], T], log: Callable[[str], None],
-               slot_wait_s: float, stale_after_s: float) -> T:
+def supervised(
+    instance: DagsterInstance,
+    launch_id: str,
+    execute: Callable[[], T],
+    log: Callable[[str], None],
+    slot_wait_s: float,
+    stale_after_s: float,
+) -> T:
     """`execute()` (which launches one run tagged `tda/launch = launch_id`) in a worker thread, supervised from here.
 
     On SIGTERM/SIGINT (`CommandStopped`, or a plain KeyboardInterrupt) or a slot wait past `slot_wait_s`: the run is
@@ -206,7 +221,9 @@ def _stop(watch: Watch, worker: threading.Thread, reason: str) -> None:
     if worker.is_alive():
         frame = sys._current_frames().get(worker.ident)
         where = "".join(traceback.format_stack(frame)[-3:]) if frame else "?"
-        watch.log(f"    the run's thread did not stop within {GRACE_S:.0f} s; the command ends without it. "
-                  f"It was at:\n{where}")
+        watch.log(
+            f"    the run's thread did not stop within {GRACE_S:.0f} s; the command ends without it. "
+            f"It was at:\n{where}"
+        )
     if watch.find_run():
         release(watch.instance, watch.run_id, reason)

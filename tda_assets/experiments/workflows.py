@@ -53,7 +53,9 @@ def _start(command: str) -> tuple[Runner, float]:
 
 def _print_timings(run: Runner, start: float) -> None:
     total = time.perf_counter() - start
-    print("\nWall time by phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in run.timings.items()) + f"; total {total:.0f}s")
+    print(
+        "\nWall time by phase: " + ", ".join(f"{k} {v:.0f}s" for k, v in run.timings.items()) + f"; total {total:.0f}s"
+    )
 
 
 def _engine(run: Runner) -> QueryEngine:
@@ -68,20 +70,30 @@ def prepare(manifest: str | None) -> int:
     record = read_checkpoint_record(run.storage)
     protocol = run.resources["protocol"].protocol()
     items = _engine(run).sql("SELECT count(*) AS n FROM training_items").item()
-    print(f"\ntraining side ready: {items} training items, checkpoint {record.checkpoint_id} ({record.kind}), "
-          f"loss protocol {protocol.protocol_id}")
+    print(
+        f"\ntraining side ready: {items} training items, checkpoint {record.checkpoint_id} ({record.kind}), "
+        f"loss protocol {protocol.protocol_id}"
+    )
     _print_timings(run, start)
     return 0
 
 
 def _print_top(run: Runner, query_ids: list[str], k: int, config_id: str | None = None) -> None:
     engine = _engine(run)
-    top = engine.named("top_k", k=k).filter(pl.col("method").is_in(["unlearning", "linearized"])
-                                            & pl.col("query_id").is_in(query_ids))
+    top = engine.named("top_k", k=k).filter(
+        pl.col("method").is_in(["unlearning", "linearized"]) & pl.col("query_id").is_in(query_ids)
+    )
     if config_id:
         top = top.filter(pl.col("config_id") == config_id)
-    print_frame(top.select([c for c in ("query_id", "target_artist", "config_id", "rank", "item_id", "artist", "score", "caption")
-                            if c in top.columns and not (c == "target_artist" and top[c].null_count() == top.height)]))
+    print_frame(
+        top.select(
+            [
+                c
+                for c in ("query_id", "target_artist", "config_id", "rank", "item_id", "artist", "score", "caption")
+                if c in top.columns and not (c == "target_artist" and top[c].null_count() == top.height)
+            ]
+        )
+    )
 
 
 def resolve_config(config_id: str | None, store) -> UnlearningConfig:
@@ -95,8 +107,10 @@ def resolve_config(config_id: str | None, store) -> UnlearningConfig:
     try:
         return as_config(config_id, recorded_settings(store, config_id))
     except FileNotFoundError:
-        raise ValueError(f"unknown configuration {config_id!r}: not in the grid file {grid_file or GRID_FILE} nor recorded "
-                         "in this storage root; add it to the grid file") from None
+        raise ValueError(
+            f"unknown configuration {config_id!r}: not in the grid file {grid_file or GRID_FILE} nor recorded "
+            "in this storage root; add it to the grid file"
+        ) from None
 
 
 def attribute(audio: str | None, prompt: str | None, query_id: str | None, config_id: str | None, k: int) -> int:
@@ -114,12 +128,17 @@ def attribute(audio: str | None, prompt: str | None, query_id: str | None, confi
     else:
         spec = add_query(store, prompt, query_id)
     audio_uri = spec.audio_uri
-    print(f"==> query {spec.query_id!r}" + (f": clip {audio_uri}" if audio_uri else f": generated from {spec.prompt!r}")
-          + f", configuration {config.config_id!r}")
+    print(
+        f"==> query {spec.query_id!r}"
+        + (f": clip {audio_uri}" if audio_uri else f": generated from {spec.prompt!r}")
+        + f", configuration {config.config_id!r}"
+    )
     try:
         run.phase("attribution", lambda: run.attribute(spec.query_id, config))
     except Exception as exc:  # noqa: BLE001 - the command reports what failed and exits non-zero
-        print(f"tda attribute: query {spec.query_id!r} was not attributed: {type(exc).__name__}: {exc}", file=sys.stderr)
+        print(
+            f"tda attribute: query {spec.query_id!r} was not attributed: {type(exc).__name__}: {exc}", file=sys.stderr
+        )
         return 1
     print(f"\nTop-{k} training items for {spec.query_id!r} ({config.config_id}):")
     _print_top(run, [spec.query_id], k, config.config_id)
@@ -137,13 +156,19 @@ def run_inbox() -> int:
     print(f"\n{drain.ticks} ticks: {len(drain.attributed)} queries attributed, {len(drain.failed)} runs failed")
     for qid, message in drain.failed:
         print(f"  failed: {qid}: {message}")
-    _, invalid = judge_files(store, {q: p for q, p in inbox_files(store).items() if q in waiting},
-                             run.resources["inbox"].allowed_roots(store))
+    _, invalid = judge_files(
+        store,
+        {q: p for q, p in inbox_files(store).items() if q in waiting},
+        run.resources["inbox"].allowed_roots(store),
+    )
     for qid, reason in invalid.items():
         print(f"  invalid: {qid}: {reason}")
     if waiting and not drain.attributed:
-        print(f"tda run-inbox: {len(waiting)} queries were waiting and none was attributed"
-              + (f" ({len(invalid)} invalid: fix or remove their files)" if invalid else ""), file=sys.stderr)
+        print(
+            f"tda run-inbox: {len(waiting)} queries were waiting and none was attributed"
+            + (f" ({len(invalid)} invalid: fix or remove their files)" if invalid else ""),
+            file=sys.stderr,
+        )
     _print_timings(run, start)
     return 1 if drain.failed or (waiting and not drain.attributed) else 0
 
@@ -154,12 +179,14 @@ def _waiting_queries(run: Runner) -> set[str]:
     files = inbox_files(store)
     if not store.exists(key("checkpoint_record")):
         if files:
-            raise RuntimeError(f"{len(files)} queries wait in the inbox but {store.url} has no checkpoint yet: "
-                               "run `tda prepare` first")
+            raise RuntimeError(
+                f"{len(files)} queries wait in the inbox but {store.url} has no checkpoint yet: run `tda prepare` first"
+            )
         return set()
     protocol_id = run.resources["protocol"].protocol().protocol_id
-    no_clip, no_attribution = pending_queries(store, list(files), read_checkpoint_record(store).checkpoint_id, protocol_id,
-                                              MIN_QUERY_LOSS_RATIO)
+    no_clip, no_attribution = pending_queries(
+        store, list(files), read_checkpoint_record(store).checkpoint_id, protocol_id, MIN_QUERY_LOSS_RATIO
+    )
     return {*no_clip, *no_attribution}
 
 
@@ -169,7 +196,10 @@ def demo() -> int:
     run.training_side()
     ids = builtin_queries(run.storage)
     drain = run.drain_inbox()
-    print(f"==> inbox drained in {drain.ticks} ticks: {len(drain.attributed)} queries attributed, {len(drain.failed)} failed")
+    print(
+        f"==> inbox drained in {drain.ticks} ticks: {len(drain.attributed)} queries attributed, "
+        f"{len(drain.failed)} failed"
+    )
     run.phase("consistency_report", lambda: run.run(["consistency_report"]))
     print("\nTop-5 attributed training items per query (sql/top_k.sql, k = 5, method = unlearning):")
     _print_top(run, ids, 5)
@@ -181,7 +211,9 @@ def demo() -> int:
 
 def print_grid(results: list[GridRun]) -> None:
     """The grid's runs per configuration, and every failed (query, configuration)."""
-    print("\nGrid runs per configuration (status of each (query, configuration); seconds_per_run over the runs made now):")
+    print(
+        "\nGrid runs per configuration (status of each (query, configuration); seconds_per_run over the runs made now):"
+    )
     print_frame(summary(results))
     for r in results:
         if r.status in ("check_failed", "skipped_failed", "error"):
@@ -196,7 +228,9 @@ def grid(queries: str, grid_file: str | None, force: bool, report: bool, verbose
     run = runner(verbose)
     query_ids = select_queries(run, queries)
     if not query_ids:
-        raise ValueError("no queries partitions yet: add queries (`tda add-query`) and run them (`tda demo` or the sensor)")
+        raise ValueError(
+            "no queries partitions yet: add queries (`tda add-query`) and run them (`tda demo` or the sensor)"
+        )
     print(f"tda grid: {len(configs)} configurations × {len(query_ids)} queries ({', '.join(query_ids)})")
     results = run_grid(run, configs, query_ids, force=force, report=report)
     print_grid(results)
@@ -206,36 +240,76 @@ def grid(queries: str, grid_file: str | None, force: bool, report: bool, verbose
 
 def print_counterfactual(engine: QueryEngine) -> None:
     """The counterfactual table, the verdict per query and the share passing."""
-    df = engine.sql("select query_id, removal, removal_seed, k, query_loss_full, query_loss_removed, loss_rise, "
-                    "removed_of_target_artist from counterfactual semi join current_identity using (checkpoint_id, "
-                    "protocol_id) order by query_id, removal, removal_seed")
-    print("\nCounterfactual check (retrained without each query's top-k attributed items, without k other items of its "
-          "target artist, and several times without k random items shared by every query; table `counterfactual`):")
+    df = engine.sql(
+        "select query_id, removal, removal_seed, k, query_loss_full, query_loss_removed, loss_rise, "
+        "removed_of_target_artist from counterfactual semi join current_identity using (checkpoint_id, "
+        "protocol_id) order by query_id, removal, removal_seed"
+    )
+    print(
+        "\nCounterfactual check (retrained without each query's top-k attributed items, without k other items of its "
+        "target artist, and several times without k random items shared by every query; table `counterfactual`):"
+    )
     print_frame(df)
     verdicts = engine.named("counterfactual_verdicts")
-    print("Verdict per query (sql/counterfactual_verdicts.sql: `passed` = the attributed rise clears the noise floor, the "
-          "random rises' mean + floor_sds · sd, 2 by default; `passed_item_level` = it also clears the same-artist rise "
-          "+ floor_sds · sd, so the attributed items matter beyond their artist):")
-    print_frame(verdicts.filter(pl.col("query_id") != "(all)").select(
-        "query_id", "attributed_rise", "random_rise_mean", "random_rise_sd", "noise_floor", "same_artist_rise",
-        "item_floor", "passed", "passed_item_level"))
+    print(
+        "Verdict per query (sql/counterfactual_verdicts.sql: `passed` = the attributed rise clears the noise floor, "
+        "the random rises' mean + floor_sds · sd, 2 by default; `passed_item_level` = it also clears the same-artist "
+        "rise + floor_sds · sd, so the attributed items matter beyond their artist):"
+    )
+    print_frame(
+        verdicts.filter(pl.col("query_id") != "(all)").select(
+            "query_id",
+            "attributed_rise",
+            "random_rise_mean",
+            "random_rise_sd",
+            "noise_floor",
+            "same_artist_rise",
+            "item_floor",
+            "passed",
+            "passed_item_level",
+        )
+    )
     overall = verdicts.filter(pl.col("query_id") == "(all)")
     if overall.height:
         n, row = verdicts.height - 1, overall.row(0, named=True)
-        for what, share, low in (("above the random noise floor", row["share_passing"], row["share_passing_low"]),
-                                 ("above both controls (item level)", row["share_item_level"], row["share_item_level_low"])):
+        for what, share, low in (
+            ("above the random noise floor", row["share_passing"], row["share_passing_low"]),
+            ("above both controls (item level)", row["share_item_level"], row["share_item_level_low"]),
+        ):
             print(f"{round(share * n)} of {n} queries {what}: {share:.0%} (95% lower end {low:.2f})")
-        print("check: " + ("PASSED (more than half item level)" if row["passed_item_level"]
-                           else "FAILED (more than half must pass item level)"))
+        print(
+            "check: "
+            + (
+                "PASSED (more than half item level)"
+                if row["passed_item_level"]
+                else "FAILED (more than half must pass item level)"
+            )
+        )
 
 
-def counterfactual(queries: str | None, n_queries: int, k: int, train_steps: int | None, config_id: str, verbose: bool,
-                   random_removals: int | None = None) -> int:
+def counterfactual(
+    queries: str | None,
+    n_queries: int,
+    k: int,
+    train_steps: int | None,
+    config_id: str,
+    verbose: bool,
+    random_removals: int | None = None,
+) -> int:
     """The counterfactual asset for the queries, then its table and verdicts."""
     run = runner(verbose)
     ids = [q.strip() for q in queries.split(",")] if queries else None
-    run.phase("counterfactual", lambda: run.counterfactual(query_ids=ids, n_queries=n_queries, k=k, train_steps=train_steps,
-                                                           config_id=config_id, random_removals=random_removals))
+    run.phase(
+        "counterfactual",
+        lambda: run.counterfactual(
+            query_ids=ids,
+            n_queries=n_queries,
+            k=k,
+            train_steps=train_steps,
+            config_id=config_id,
+            random_removals=random_removals,
+        ),
+    )
     print_counterfactual(_engine(run))
     return 0
 
@@ -245,9 +319,20 @@ def _latest_metadata(run: Runner, asset: str) -> dict:
     return run.instance.get_latest_materialization_event(AssetKey(asset)).asset_materialization.metadata
 
 
-def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: int, cf_k: int,
-             cf_train_steps: int | None, skip_counterfactual: bool, si_configs: str, si_targets: int, rep_sources: int) -> int:
-    """The paper's experiments on the embedded default: built-in queries, grid, consistency, similarity, counterfactual."""
+def evaluate(
+    grid_queries: int,
+    grid_file: str | None,
+    force: bool,
+    cf_queries: int,
+    cf_k: int,
+    cf_train_steps: int | None,
+    skip_counterfactual: bool,
+    si_configs: str,
+    si_targets: int,
+    rep_sources: int,
+) -> int:
+    """The paper's experiments on the embedded default: built-in queries, grid, consistency, similarity,
+    counterfactual."""
     run, start = _start("evaluate")
     store = run.storage
     run.training_side_if_needed()
@@ -277,40 +362,58 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
     if judged:
         run.phase("self_influence", lambda: run.with_config("self_influence", config_ids=judged, n_targets=si_targets))
     engine = _engine(run)
-    chosen = _latest_metadata(run, "self_influence")["best_config"].value if judged else "default"  # of this run's configs
-    for cid in dict.fromkeys(["default", chosen]) if rep_sources else []:  # the default, and the one self-influence chose
-        run.phase(f"replication {cid}", lambda c=cid: run.with_config("replication", config_id=c, n_sources=rep_sources))
+    chosen = (
+        _latest_metadata(run, "self_influence")["best_config"].value if judged else "default"
+    )  # of this run's configs
+    for cid in (
+        dict.fromkeys(["default", chosen]) if rep_sources else []
+    ):  # the default, and the one self-influence chose
+        run.phase(
+            f"replication {cid}", lambda c=cid: run.with_config("replication", config_id=c, n_sources=rep_sources)
+        )
     if not skip_counterfactual:
         steps = cf_train_steps or min(EVALUATE_CF_TRAIN_STEPS, run.resources["model_source"].model_source().train_steps)
-        print(f"==> counterfactual: {cf_queries} queries × (top-{cf_k} + same-artist control) + 3 shared random removals, "
-              f"retrained {steps} steps each")
+        print(
+            f"==> counterfactual: {cf_queries} queries × (top-{cf_k} + same-artist control) + 3 shared random "
+            f"removals, retrained {steps} steps each"
+        )
         run.phase("counterfactual", lambda: run.counterfactual(n_queries=cf_queries, k=cf_k, train_steps=steps))
     print_grid(results)
-    print("\nConsistency between configurations and seed reruns (sql/consistency_table.sql, mean over queries;"
-          " unlearning-vs-similarity pairs are in the next table):")
+    print(
+        "\nConsistency between configurations and seed reruns (sql/consistency_table.sql, mean over queries;"
+        " unlearning-vs-similarity pairs are in the next table):"
+    )
     print_frame(engine.named("consistency_table").filter(pl.col("pair") != "unlearning vs similarity"))
     report = _latest_metadata(run, "consistency_report")
-    per_config = report["config_consistency"].value if "config_consistency" in report else []  # as the report computed it
+    per_config = (
+        report["config_consistency"].value if "config_consistency" in report else []
+    )  # as the report computed it
     if per_config:
         print("\nMean Jaccard@10 per configuration (with its seed reruns, with the other configurations):")
         print_frame(pl.DataFrame(per_config))
         print(f"most consistent configuration: {per_config[0]['config_id']}")
-    print("\nCross-query overlap (sql/cross_query_overlap.sql: mean Jaccard@10 between the top-10s of queries with different "
-          "target artists; high = the same items whatever the query):")
+    print(
+        "\nCross-query overlap (sql/cross_query_overlap.sql: mean Jaccard@10 between the top-10s of queries with "
+        "different target artists; high = the same items whatever the query):"
+    )
     print_frame(engine.named("cross_query_overlap").drop("checkpoint_id", "protocol_id"))
     if judged:
-        print(f"\nSelf-influence ({si_targets} reporting targets: k-means-chosen training items outside the 16 "
-              "development targets that tuned the defaults, unlearned as their own queries; target_set = reporting; "
-              "sql/self_influence_summary.sql; R = mean rank of the item itself, 1.0 = always first; share_first_low = the "
-              "lower end of share_first's 95% interval; the best: lowest R, a tie to the higher share_first_low, then "
-              "the smaller loss_ratio_spread):")
+        print(
+            f"\nSelf-influence ({si_targets} reporting targets: k-means-chosen training items outside the 16 "
+            "development targets that tuned the defaults, unlearned as their own queries; target_set = reporting; "
+            "sql/self_influence_summary.sql; R = mean rank of the item itself, 1.0 = always first; "
+            "share_first_low = the lower end of share_first's 95% interval; the best: lowest R, a tie to the higher "
+            "share_first_low, then the smaller loss_ratio_spread):"
+        )
         print_frame(engine.named("self_influence_summary"))
     if rep_sources:
-        print(f"\nReplication detection ({rep_sources} reporting sources × 4 transforms, each applied at the source "
-              "file's own rate; the default and the configuration self-influence chose; sql/replication_summary.sql; "
-              "snr_db = the transform's SNR against its source in the model's band (above ~35 dB it changes little the "
-              "model hears); share_first_low = the lower end of share_first's 95% interval, so 4 of 4 first shows at "
-              "least 0.51 and the goal's 0.95 needs 73 of 73):")
+        print(
+            f"\nReplication detection ({rep_sources} reporting sources × 4 transforms, each applied at the source "
+            "file's own rate; the default and the configuration self-influence chose; sql/replication_summary.sql; "
+            "snr_db = the transform's SNR against its source in the model's band (above ~35 dB it changes little the "
+            "model hears); share_first_low = the lower end of share_first's 95% interval, so 4 of 4 first shows at "
+            "least 0.51 and the goal's 0.95 needs 73 of 73):"
+        )
         print_frame(engine.named("replication_summary"))
     figures = engine.named("config_figures")
     print("\nFigures per configuration (sql/config_figures.sql; best self-influence first):")
@@ -318,14 +421,18 @@ def evaluate(grid_queries: int, grid_file: str | None, force: bool, cf_queries: 
     ranked = figures.filter(pl.col("config_id") == chosen, pl.col("r_mean_rank").is_not_null())
     if judged and ranked.height:
         best = ranked.row(0, named=True)
-        print(f"chosen by self-influence: {best['config_id']} (R {best['r_mean_rank']:.3f}, "
-              f"{best['si_share_first']:.0%} of {best['si_targets']} targets first)")
+        print(
+            f"chosen by self-influence: {best['config_id']} (R {best['r_mean_rank']:.3f}, "
+            f"{best['si_share_first']:.0%} of {best['si_targets']} targets first)"
+        )
     print("\nAgreement of unlearning with each similarity method (sql/method_agreement.sql, mean over queries):")
     print_frame(engine.named("method_agreement").filter(pl.col("query_id") == "(mean)"))
     if not skip_counterfactual:
         print_counterfactual(engine)
     plots = store.glob(entry("plot").glob()) + store.glob(entry("plot_top_k").glob())
-    print(f"\n{len(plots)} plots (top-k bars per query and configuration, the consistency heatmap, the counterfactual "
-          f"bars) under {store.uri(entry('plot').glob())} and {store.uri(entry('plot_top_k').glob())}")
+    print(
+        f"\n{len(plots)} plots (top-k bars per query and configuration, the consistency heatmap, the counterfactual "
+        f"bars) under {store.uri(entry('plot').glob())} and {store.uri(entry('plot_top_k').glob())}"
+    )
     _print_timings(run, start)
     return 1 if any(r.status == "error" for r in results) else 0

@@ -1,1 +1,2 @@
-"""Storage: the storage root, the table registry, artifacts, checkpoint records and the DuckDB query engine (no Dagster)."""
+"""Storage: the storage root, the table registry, artifacts, checkpoint records and the DuckDB query engine (no
+Dagster)."""

@@ -1,7 +1,7 @@
 """The engine's cached inputs and outputs under the storage root, each pinned to its identity.
 
-Training features by the encoders they came from (`encoder_id`); baseline and unlearned losses by
-`checkpoint_id` and `protocol_id`; training embeddings by all three. A reader asked for one identity never returns another's artifact: it
+Training features by the encoders they came from (`encoder_id`); baseline and unlearned losses by `checkpoint_id` and
+`protocol_id`; training embeddings by all three. A reader asked for one identity never returns another's artifact: it
 raises `IdentityError`, which names the identity asked for, the ones present, and the fix.
 """
 
@@ -59,7 +59,7 @@ def write_features(storage: Storage, key_: str, batch: ItemBatch, meta: dict[str
 def read_features(storage: Storage, key_: str) -> tuple[ItemBatch, dict[str, str]]:
     """The batch written by `write_features`, and the file's other metadata."""
     tensors, meta = storage.read_tensors(key_)
-    cond = {k[len(COND_PREFIX):]: v for k, v in tensors.items() if k.startswith(COND_PREFIX)}
+    cond = {k[len(COND_PREFIX) :]: v for k, v in tensors.items() if k.startswith(COND_PREFIX)}
     return ItemBatch(json.loads(meta["item_ids"]), tensors["latents"], cond, tensors["frame_mask"]), meta
 
 
@@ -74,7 +74,9 @@ def feature_shards(storage: Storage, encoder_id: str) -> list[str]:
     return sorted(k["shard"] for k in list_keys(storage, "training_features", encoder_id=encoder_id))
 
 
-def iter_training_batches(storage: Storage, encoder_id: str, size: int, shards: list[str] | None = None) -> Iterator[ItemBatch]:
+def iter_training_batches(
+    storage: Storage, encoder_id: str, size: int, shards: list[str] | None = None
+) -> Iterator[ItemBatch]:
     """Training items shard by shard in batches of at most `size` (one shard in memory at a time)."""
     for shard in feature_shards(storage, encoder_id) if shards is None else shards:
         k = key("training_features", encoder_id=encoder_id, shard=shard)
@@ -87,13 +89,17 @@ def iter_training_batches(storage: Storage, encoder_id: str, size: int, shards: 
 
 def all_features(storage: Storage, encoder_id: str) -> ItemBatch:
     """Every shard's training features as one batch (training and the counterfactual need them all at once)."""
-    parts = [read_features(storage, key("training_features", encoder_id=encoder_id, shard=s))[0]
-             for s in feature_shards(storage, encoder_id)]
+    parts = [
+        read_features(storage, key("training_features", encoder_id=encoder_id, shard=s))[0]
+        for s in feature_shards(storage, encoder_id)
+    ]
     if not parts:
         others = sorted({k["encoder_id"] for k in list_keys(storage, "training_features")})
-        raise IdentityError(f"no training_features made by encoders {encoder_id} under {storage.url}"
-                            + (f" (there are features of encoders {others})" if others else "")
-                            + ": materialize training_features for every shard (`tda prepare`, or the UI)")
+        raise IdentityError(
+            f"no training_features made by encoders {encoder_id} under {storage.url}"
+            + (f" (there are features of encoders {others})" if others else "")
+            + ": materialize training_features for every shard (`tda prepare`, or the UI)"
+        )
     return ItemBatch(
         [i for p in parts for i in p.item_ids],
         torch.cat([p.latents for p in parts]),
@@ -110,8 +116,12 @@ def shard_features_digest(storage: Storage, encoder_id: str, shard: str) -> str 
     if not storage.exists(k):
         return None
     meta = storage.read_tensors_metadata(k)
-    return meta.get(CONTENT_DIGEST) or hashlib.blake2b(  # files written before the content digest: their items and rows
-        json.dumps([meta.get("item_ids"), meta.get("manifest_digest")]).encode(), digest_size=8).hexdigest()
+    return (
+        meta.get(CONTENT_DIGEST)
+        or hashlib.blake2b(  # files written before the content digest: their items and rows
+            json.dumps([meta.get("item_ids"), meta.get("manifest_digest")]).encode(), digest_size=8
+        ).hexdigest()
+    )
 
 
 def stale_baseline_shards(storage: Storage, baseline: pl.DataFrame, encoder_id: str) -> list[str]:
@@ -135,9 +145,13 @@ def features_digest(storage: Storage, encoder_id: str) -> str:
 def encoded_item_ids(storage: Storage, encoder_id: str) -> list[str]:
     """The training items the training side encoded (the manifest's minus any skipped as bad), from the feature files'
     headers alone: what a per-item table must cover, read from another source than the losses."""
-    return [i for shard in feature_shards(storage, encoder_id)
-            for i in json.loads(storage.read_tensors_metadata(key("training_features", encoder_id=encoder_id,
-                                                                  shard=shard))["item_ids"])]
+    return [
+        i
+        for shard in feature_shards(storage, encoder_id)
+        for i in json.loads(
+            storage.read_tensors_metadata(key("training_features", encoder_id=encoder_id, shard=shard))["item_ids"]
+        )
+    ]
 
 
 def query_batch(storage: Storage, query_id: str, encoder_id: str, checkpoint_id: str | None = None) -> ItemBatch:
@@ -146,19 +160,24 @@ def query_batch(storage: Storage, query_id: str, encoder_id: str, checkpoint_id:
     being attributed made, so a retrained model's query is generated again."""
     batch, meta = read_features(storage, key("query_features", query_id=query_id))
     if meta.get("encoder_id") != encoder_id:
-        raise IdentityError(f"query {query_id!r} was encoded by encoders {meta.get('encoder_id')}, the checkpoint uses "
-                            f"{encoder_id}: re-materialize query_clips for {query_id!r}")
+        raise IdentityError(
+            f"query {query_id!r} was encoded by encoders {meta.get('encoder_id')}, the checkpoint uses "
+            f"{encoder_id}: re-materialize query_clips for {query_id!r}"
+        )
     generated_by = clip_generated_by(storage, query_id) if checkpoint_id else None
     if generated_by is not None and generated_by != checkpoint_id:
-        raise IdentityError(f"query {query_id!r}'s clip was generated by checkpoint {generated_by}, not the current "
-                            f"{checkpoint_id}: re-materialize query_clips for {query_id!r} (the sensor does it for a "
-                            f"pending query) so the current model generates it")
+        raise IdentityError(
+            f"query {query_id!r}'s clip was generated by checkpoint {generated_by}, not the current "
+            f"{checkpoint_id}: re-materialize query_clips for {query_id!r} (the sensor does it for a "
+            f"pending query) so the current model generates it"
+        )
     return batch
 
 
 # losses ----------------------------------------------------------------------------------------------------------
-def losses_frame(item_ids: list[str], losses: torch.Tensor, masked: torch.Tensor, t: torch.Tensor | None = None,
-                 first_draw: int = 0) -> pl.DataFrame:
+def losses_frame(
+    item_ids: list[str], losses: torch.Tensor, masked: torch.Tensor, t: torch.Tensor | None = None, first_draw: int = 0
+) -> pl.DataFrame:
     """Long rows `(item_id, draw, loss, loss_masked[, t])` from [b, K] loss matrices (draws from `first_draw` on)."""
     b, k = losses.shape
     frame = {
@@ -192,22 +211,32 @@ def loss_matrix(df: pl.DataFrame, item_ids: list[str], draws: int, column: str, 
 
 
 def precision_hint(identity: Identity, others: Iterable[Identity]) -> str:
-    """A note that TDA_LOSS_PRECISION is part of the protocol when one of `others` differs from `identity` only by it."""
-    if any(o.checkpoint_id == identity.checkpoint_id and precision_twin(o.protocol_id, identity.protocol_id) for o in others):
-        return (" (TDA_LOSS_PRECISION is part of the protocol: ids ending in -bf16 were measured in bf16, the others in "
-                "fp32; set it back to use those)")
+    """A note that TDA_LOSS_PRECISION is part of the protocol when one of `others` differs from `identity` only by
+    it."""
+    if any(
+        o.checkpoint_id == identity.checkpoint_id and precision_twin(o.protocol_id, identity.protocol_id)
+        for o in others
+    ):
+        return (
+            " (TDA_LOSS_PRECISION is part of the protocol: ids ending in -bf16 were measured in bf16, the others in "
+            "fp32; set it back to use those)"
+        )
     return ""
 
 
 def root_has(storage: Storage, identity: Identity, table: str, pronoun: str = "them", /, **fixed: str) -> str:
-    """`; the storage root has <pronoun> only for …, which is never mixed in` (and `precision_hint`), or "" when the root has
-    `table` (under `fixed`) for no other identity."""
-    others = sorted({Identity(k["checkpoint_id"], k["protocol_id"]) for k in list_keys(storage, table, **fixed)} - {identity},
-                    key=str)
+    """`; the storage root has <pronoun> only for …, which is never mixed in` (and `precision_hint`), or "" when the
+    root has `table` (under `fixed`) for no other identity."""
+    others = sorted(
+        {Identity(k["checkpoint_id"], k["protocol_id"]) for k in list_keys(storage, table, **fixed)} - {identity},
+        key=str,
+    )
     if not others:
         return ""
-    return (f"; the storage root has {pronoun} only for {'; '.join(map(str, others))}, which is never mixed in"
-            + precision_hint(identity, others))
+    return (
+        f"; the storage root has {pronoun} only for {'; '.join(map(str, others))}, which is never mixed in"
+        + precision_hint(identity, others)
+    )
 
 
 def read_baseline(storage: Storage, identity: Identity, encoder_id: str) -> pl.DataFrame:
@@ -223,9 +252,11 @@ def read_baseline(storage: Storage, identity: Identity, encoder_id: str) -> pl.D
         )
     stale = stale_baseline_shards(storage, df, encoder_id)
     if stale:
-        raise IdentityError(f"baseline_losses for {identity} of shard(s) {stale} were measured on other "
-                            f"training_features than the current ones (or record none): re-materialize baseline_losses for them "
-                            f"(`tda prepare`, or the UI)")
+        raise IdentityError(
+            f"baseline_losses for {identity} of shard(s) {stale} were measured on other "
+            f"training_features than the current ones (or record none): re-materialize baseline_losses for them "
+            f"(`tda prepare`, or the UI)"
+        )
     return df
 
 
@@ -234,7 +265,9 @@ def require(storage: Storage, name: str, identity: Identity, fix: str, /, **keys
     k = key(name, **identity.keys(), **keys)
     if not storage.exists(k):
         what = f"{name}" + (f" of {'/'.join(keys.values())}" if keys else "")
-        raise IdentityError(f"{what} for {identity} is missing" + root_has(storage, identity, name, "it", **keys) + f": {fix}")
+        raise IdentityError(
+            f"{what} for {identity} is missing" + root_has(storage, identity, name, "it", **keys) + f": {fix}"
+        )
     return k
 
 
@@ -252,7 +285,9 @@ def tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def write_fisher(storage: Storage, identity: Identity, fisher: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+def write_fisher(
+    storage: Storage, identity: Identity, fisher: dict[str, torch.Tensor], metadata: dict[str, str]
+) -> str:
     """The Fisher diagonal of this identity, atomically, with its `tensors_digest` in the header: what a gradient store
     was preconditioned with is then checked from headers alone."""
     meta = {**metadata, **identity.keys(), FISHER_DIGEST: tensors_digest(fisher)}
@@ -266,16 +301,20 @@ def read_fisher(storage: Storage, identity: Identity, compute_precision: str | N
     tensors, meta = storage.read_tensors(require(storage, "fisher_diagonal", identity, fix))
     recorded = meta.get(COMPUTE_PRECISION)
     if compute_precision and recorded and recorded != compute_precision:
-        raise IdentityError(f"the fisher_diagonal of {identity} was estimated in {recorded}, this step computes in "
-                            f"{compute_precision}: {fix} on this compute (its deltas and gradient stores follow), or run "
-                            f"on the compute it was estimated with")
+        raise IdentityError(
+            f"the fisher_diagonal of {identity} was estimated in {recorded}, this step computes in "
+            f"{compute_precision}: {fix} on this compute (its deltas and gradient stores follow), or run "
+            f"on the compute it was estimated with"
+        )
     return tensors
 
 
 def read_unlearned(storage: Storage, identity: Identity, query_id: str, config_id: str) -> pl.DataFrame:
     """The unlearned losses of a query and configuration under this identity (IdentityError naming what exists)."""
     fix = f"materialize unlearned_model and unlearned_losses for {query_id}/{config_id}"
-    return storage.read_parquet(require(storage, "unlearned_losses", identity, fix, query_id=query_id, config_id=config_id))
+    return storage.read_parquet(
+        require(storage, "unlearned_losses", identity, fix, query_id=query_id, config_id=config_id)
+    )
 
 
 def baseline_item_ids(baseline: pl.DataFrame) -> list[str]:
@@ -298,7 +337,8 @@ def embeddings_key(identity: Identity, encoder_id: str, shard: str) -> str:
 
 
 def write_embeddings(storage: Storage, key_: str, embeddings: Embeddings, meta: dict[str, str]) -> str:
-    """One shard's embeddings as one safetensors file (a float32 matrix per name); item ids and `meta` in its metadata."""
+    """One shard's embeddings as one safetensors file (a float32 matrix per name); item ids and `meta` in its
+    metadata."""
     n = len(embeddings.item_ids)
     bad = {name: tuple(m.shape) for name, m in embeddings.matrices.items() if m.ndim != 2 or m.shape[0] != n}
     if bad:
@@ -310,7 +350,7 @@ def write_embeddings(storage: Storage, key_: str, embeddings: Embeddings, meta: 
 def read_embeddings(storage: Storage, key_: str) -> tuple[Embeddings, dict[str, str]]:
     """The embeddings written by `write_embeddings`, and the file's other metadata."""
     tensors, meta = storage.read_tensors(key_)
-    matrices = {k[len(EMBEDDING_PREFIX):]: v for k, v in tensors.items() if k.startswith(EMBEDDING_PREFIX)}
+    matrices = {k[len(EMBEDDING_PREFIX) :]: v for k, v in tensors.items() if k.startswith(EMBEDDING_PREFIX)}
     return Embeddings(json.loads(meta["item_ids"]), matrices), meta
 
 
@@ -334,7 +374,8 @@ def read_training_embeddings(storage: Storage, identity: Identity, encoder_id: s
         raise IdentityError(
             f"training_embeddings for {identity} (encoders {encoder_id}) are missing for shard(s) {missing or 'all'}"
             + root_has(storage, identity, "training_embeddings", encoder_id=encoder_id)
-            + f": {fix}")
+            + f": {fix}"
+        )
     parts, stale = [], []
     for shard in shards:
         part, meta = read_embeddings(storage, embeddings_key(identity, encoder_id, shard))
@@ -342,7 +383,11 @@ def read_training_embeddings(storage: Storage, identity: Identity, encoder_id: s
             stale.append(shard)
         parts.append(part)
     if stale:
-        raise IdentityError(f"training_embeddings for {identity} of shard(s) {stale} were made from other training_features "
-                            f"than the current ones: re-materialize training_embeddings for them (`tda prepare`, or the UI)")
-    return Embeddings([i for p in parts for i in p.item_ids],
-                      {name: torch.cat([p.matrices[name] for p in parts]) for name in parts[0].matrices})
+        raise IdentityError(
+            f"training_embeddings for {identity} of shard(s) {stale} were made from other training_features "
+            f"than the current ones: re-materialize training_embeddings for them (`tda prepare`, or the UI)"
+        )
+    return Embeddings(
+        [i for p in parts for i in p.item_ids],
+        {name: torch.cat([p.matrices[name] for p in parts]) for name in parts[0].matrices},
+    )

@@ -60,7 +60,9 @@ def read_checkpoint_record(storage: Storage) -> CheckpointRecord:
     """The current checkpoint (FileNotFoundError with the fix when none was materialized)."""
     data = storage.read_if_exists(key("checkpoint_record"))
     if data is None:
-        raise FileNotFoundError(f"no checkpoint under {storage.url} yet: materialize the `checkpoint` asset first (`tda prepare`)")
+        raise FileNotFoundError(
+            f"no checkpoint under {storage.url} yet: materialize the `checkpoint` asset first (`tda prepare`)"
+        )
     return CheckpointRecord.from_json(data)
 
 

@@ -16,13 +16,24 @@ from .registry import key
 from .storage import Storage
 
 
-def write_delta(storage: Storage, identity: Identity, query_id: str, config_id: str, delta: dict[str, torch.Tensor],
-                metadata: dict[str, str] | None = None) -> str:
+def write_delta(
+    storage: Storage,
+    identity: Identity,
+    query_id: str,
+    config_id: str,
+    delta: dict[str, torch.Tensor],
+    metadata: dict[str, str] | None = None,
+) -> str:
     """The delta of one query and configuration, atomically, with the stored Fisher's digest in its header."""
-    meta = {**(metadata or {}), **identity.keys(), "config_id": config_id,
-            STORE_DIGEST: fisher_digest(storage, identity)}
-    return storage.write_tensors(key("unlearned_delta", **identity.keys(), query_id=query_id, config_id=config_id),
-                                 delta, meta)
+    meta = {
+        **(metadata or {}),
+        **identity.keys(),
+        "config_id": config_id,
+        STORE_DIGEST: fisher_digest(storage, identity),
+    }
+    return storage.write_tensors(
+        key("unlearned_delta", **identity.keys(), query_id=query_id, config_id=config_id), delta, meta
+    )
 
 
 def read_delta(storage: Storage, identity: Identity, query_id: str, config_id: str) -> dict[str, torch.Tensor]:
@@ -33,6 +44,8 @@ def read_delta(storage: Storage, identity: Identity, query_id: str, config_id: s
     delta, meta = storage.read_tensors(k)
     recorded = meta.get(STORE_DIGEST)
     if recorded is not None and recorded != fisher_digest(storage, identity):
-        raise IdentityError(f"the unlearned_model of {query_id}/{config_id} under {identity} was computed with another "
-                            f"Fisher (digest {recorded}) than the stored fisher_diagonal (re-estimated since): {fix}")
+        raise IdentityError(
+            f"the unlearned_model of {query_id}/{config_id} under {identity} was computed with another "
+            f"Fisher (digest {recorded}) than the stored fisher_diagonal (re-estimated since): {fix}"
+        )
     return delta

@@ -50,18 +50,36 @@ def gradients_key(identity: Identity, spec: GradientSpec, shard: str) -> str:
     return key("training_gradients", **identity.keys(), gradient_id=spec.gradient_id, shard=shard)
 
 
-def write_gradient_store(storage: Storage, identity: Identity, spec: GradientSpec, shard: str, store: GradientStore,
-                         digest: str, features: str | None = None) -> str:
+def write_gradient_store(
+    storage: Storage,
+    identity: Identity,
+    spec: GradientSpec,
+    shard: str,
+    store: GradientStore,
+    digest: str,
+    features: str | None = None,
+) -> str:
     """One shard's store, atomically; `digest` is `fisher_digest` of the Fisher it was preconditioned with, `features`
     `shard_features_digest` of the training features its rows came from."""
     if not spec.matches(store) or store.protocol_id != identity.protocol_id:
-        raise ValueError(f"gradient store of subset {store.param_subset!r}, k {store.k}, damping {store.damping}, protocol "
-                         f"{store.protocol_id} is not {spec.gradient_id} under {identity}")
-    meta = {**identity.keys(), "gradient_id": spec.gradient_id, "item_ids": json.dumps(store.item_ids),
-            "param_subset": spec.param_subset, "masked": json.dumps(spec.masked), "k": str(spec.k), "seed": str(spec.seed),
-            "damping": repr(spec.damping), "sizes": json.dumps(store.sizes), STORE_DIGEST: digest,
-            **({FEATURES_DIGEST: features} if features else {}),
-            "seconds": f"{store.seconds:.3f}"}
+        raise ValueError(
+            f"gradient store of subset {store.param_subset!r}, k {store.k}, damping {store.damping}, protocol "
+            f"{store.protocol_id} is not {spec.gradient_id} under {identity}"
+        )
+    meta = {
+        **identity.keys(),
+        "gradient_id": spec.gradient_id,
+        "item_ids": json.dumps(store.item_ids),
+        "param_subset": spec.param_subset,
+        "masked": json.dumps(spec.masked),
+        "k": str(spec.k),
+        "seed": str(spec.seed),
+        "damping": repr(spec.damping),
+        "sizes": json.dumps(store.sizes),
+        STORE_DIGEST: digest,
+        **({FEATURES_DIGEST: features} if features else {}),
+        "seconds": f"{store.seconds:.3f}",
+    }
     tensors = {ROWS: store.sketched.float().contiguous(), NORMS: torch.from_numpy(store.item_norms)}
     return storage.write_tensors(gradients_key(identity, spec, shard), tensors, meta)
 
@@ -71,8 +89,13 @@ def _shard_keys(storage: Storage, identity: Identity, spec: GradientSpec, encode
     return [(s, gradients_key(identity, spec, s)) for s in feature_shards(storage, encoder_id)]
 
 
-def missing_gradient_shards(storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str,
-                            shards: list[tuple[str, str]] | None = None) -> list[str]:
+def missing_gradient_shards(
+    storage: Storage,
+    identity: Identity,
+    spec: GradientSpec,
+    encoder_id: str,
+    shards: list[tuple[str, str]] | None = None,
+) -> list[str]:
     """The shards with training features that have no gradient store of this identity and spec."""
     keys = _shard_keys(storage, identity, spec, encoder_id) if shards is None else shards
     return [s for s, k in keys if not storage.exists(k)]
@@ -101,38 +124,60 @@ def _features_match(storage: Storage, meta: dict[str, str], encoder_id: str, sha
 
 def _fix(spec: GradientSpec) -> str:
     fields = ", ".join(f"{k}: {json.dumps(v)}" for k, v in vars(spec).items())
-    return (f"materialize training_gradients for every shard with config {{{fields}}} (`tda attribute --config` and "
-            "`tda grid` do it on demand)")
+    return (
+        f"materialize training_gradients for every shard with config {{{fields}}} (`tda attribute --config` and "
+        "`tda grid` do it on demand)"
+    )
 
 
-def _present_shard_keys(storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str) -> list[tuple[str, str]]:
+def _present_shard_keys(
+    storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str
+) -> list[tuple[str, str]]:
     """`(shard, key)` of every shard's store; IdentityError naming the stores the root has when one is missing."""
     shards = _shard_keys(storage, identity, spec, encoder_id)
     missing = missing_gradient_shards(storage, identity, spec, encoder_id, shards)
     if missing:
         stored = list_keys(storage, "training_gradients")
-        have = sorted({f"{k['gradient_id']} (checkpoint {k['checkpoint_id']}, protocol {k['protocol_id']})" for k in stored})
-        raise IdentityError(f"training_gradients {spec.gradient_id} for {identity} are missing for shard(s) {missing}"
-                            + (f"; the storage root has {'; '.join(have)}, which is never mixed in" if have else "")
-                            + precision_hint(identity, [Identity(k["checkpoint_id"], k["protocol_id"]) for k in stored])
-                            + f": {_fix(spec)}")
+        have = sorted(
+            {f"{k['gradient_id']} (checkpoint {k['checkpoint_id']}, protocol {k['protocol_id']})" for k in stored}
+        )
+        raise IdentityError(
+            f"training_gradients {spec.gradient_id} for {identity} are missing for shard(s) {missing}"
+            + (f"; the storage root has {'; '.join(have)}, which is never mixed in" if have else "")
+            + precision_hint(identity, [Identity(k["checkpoint_id"], k["protocol_id"]) for k in stored])
+            + f": {_fix(spec)}"
+        )
     return shards
 
 
-def _check_shard(storage: Storage, k_: str, shard: str, meta: dict[str, str], identity: Identity, spec: GradientSpec,
-                 digest: str, encoder_id: str) -> list[str]:
+def _check_shard(
+    storage: Storage,
+    k_: str,
+    shard: str,
+    meta: dict[str, str],
+    identity: Identity,
+    spec: GradientSpec,
+    digest: str,
+    encoder_id: str,
+) -> list[str]:
     """The shard file's item ids, after checking its metadata is of this identity and spec, of the stored Fisher and of
     the shard's current training features."""
     got = (meta.get("checkpoint_id"), meta.get("protocol_id"), meta.get("gradient_id"))
     if got != (identity.checkpoint_id, identity.protocol_id, spec.gradient_id):
-        raise IdentityError(f"{storage.uri(k_)} holds gradients {got[2]} of checkpoint {got[0]}, protocol {got[1]}, "
-                            f"not {spec.gradient_id} of {identity}: {_fix(spec)}")
+        raise IdentityError(
+            f"{storage.uri(k_)} holds gradients {got[2]} of checkpoint {got[0]}, protocol {got[1]}, "
+            f"not {spec.gradient_id} of {identity}: {_fix(spec)}"
+        )
     if meta.get(STORE_DIGEST) != digest:
-        raise IdentityError(f"training_gradients {spec.gradient_id} of shard {shard} were preconditioned with another "
-                            f"Fisher than the stored fisher_diagonal of {identity} (re-estimated since): {_fix(spec)}")
+        raise IdentityError(
+            f"training_gradients {spec.gradient_id} of shard {shard} were preconditioned with another "
+            f"Fisher than the stored fisher_diagonal of {identity} (re-estimated since): {_fix(spec)}"
+        )
     if not _features_match(storage, meta, encoder_id, shard):
-        raise IdentityError(f"training_gradients {spec.gradient_id} of shard {shard} under {identity} were built from "
-                            f"other training_features than the current ones (the corpus changed): {_fix(spec)}")
+        raise IdentityError(
+            f"training_gradients {spec.gradient_id} of shard {shard} under {identity} were built from "
+            f"other training_features than the current ones (the corpus changed): {_fix(spec)}"
+        )
     return json.loads(meta["item_ids"])
 
 
@@ -141,14 +186,17 @@ def _order(ids: list[str], item_ids: list[str], identity: Identity, spec: Gradie
     index = {item: i for i, item in enumerate(ids)}
     absent = [i for i in item_ids if i not in index]
     if absent or not ids:
-        raise IdentityError(f"training_gradients {spec.gradient_id} of {identity} lack {len(absent)} of the "
-                            f"{len(item_ids)} training items with baseline losses (e.g. {absent[:3]}): the features "
-                            f"changed since they were built; {_fix(spec)}")
+        raise IdentityError(
+            f"training_gradients {spec.gradient_id} of {identity} lack {len(absent)} of the "
+            f"{len(item_ids)} training items with baseline losses (e.g. {absent[:3]}): the features "
+            f"changed since they were built; {_fix(spec)}"
+        )
     return [index[i] for i in item_ids]
 
 
-def read_gradient_norms(storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str,
-                        item_ids: list[str]) -> np.ndarray:
+def read_gradient_norms(
+    storage: Storage, identity: Identity, spec: GradientSpec, encoder_id: str, item_ids: list[str]
+) -> np.ndarray:
     """The items' stored gradient norms `‖S P g_i‖` [N] in `item_ids` order, checked as `read_gradient_store` checks
     the rows, from the files' headers and norms only (a store written before norms were stored: from its rows)."""
     digest = fisher_digest(storage, identity)
@@ -161,8 +209,14 @@ def read_gradient_norms(storage: Storage, identity: Identity, spec: GradientSpec
     return torch.cat(norms).double().numpy()[_order(ids, item_ids, identity, spec)]
 
 
-def read_gradient_store(storage: Storage, identity: Identity, spec: GradientSpec, fisher: dict[str, torch.Tensor],
-                        encoder_id: str, item_ids: list[str]) -> GradientStore:
+def read_gradient_store(
+    storage: Storage,
+    identity: Identity,
+    spec: GradientSpec,
+    fisher: dict[str, torch.Tensor],
+    encoder_id: str,
+    item_ids: list[str],
+) -> GradientStore:
     """Every shard's store of this identity and spec as one `GradientStore`, rows in `item_ids` order.
 
     IdentityError when a shard is missing (naming the stores the root has), when a file's metadata is of another
@@ -180,5 +234,15 @@ def read_gradient_store(storage: Storage, identity: Identity, spec: GradientSpec
         sizes = json.loads(meta["sizes"])
     sketched = torch.cat(rows)[_order(ids, item_ids, identity, spec)]
     scale = preconditioner(fisher, sizes, spec.damping)
-    return GradientStore(list(item_ids), sketched, spec.param_subset, identity.protocol_id, spec.masked, spec.k, spec.seed,
-                         sizes, scale, spec.damping)
+    return GradientStore(
+        list(item_ids),
+        sketched,
+        spec.param_subset,
+        identity.protocol_id,
+        spec.masked,
+        spec.k,
+        spec.seed,
+        sizes,
+        scale,
+        spec.damping,
+    )

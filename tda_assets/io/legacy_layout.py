@@ -28,8 +28,10 @@ def require_current_layout(storage: Storage) -> None:
     old = legacy_keys(storage)
     if old:
         counts = ", ".join(f"{name} ({len(keys)} file{'s' * (len(keys) > 1)})" for name, keys in sorted(old.items()))
-        raise LayoutError(f"{storage.url} holds results written before their keys carried checkpoint and protocol: "
-                          f"{counts}; run `tda prepare` once, which moves each under the identity its rows record")
+        raise LayoutError(
+            f"{storage.url} holds results written before their keys carried checkpoint and protocol: "
+            f"{counts}; run `tda prepare` once, which moves each under the identity its rows record"
+        )
 
 
 def migrate_legacy_results(storage: Storage) -> dict[str, int]:
@@ -44,12 +46,17 @@ def migrate_legacy_results(storage: Storage) -> dict[str, int]:
         parse = type(spec)(name, spec.legacy).parse
         for k in keys:
             df = storage.read_parquet(k)
-            df = df.with_columns(pl.lit(None, dtype=t).alias(c) for c, t in spec.polars_schema().items()
-                                 if c not in df.columns)  # columns added since: typed NULL
-            if any(c not in df.columns for c in IDENTITY) or df.select(pl.any_horizontal(
-                    pl.col(c).is_null() for c in IDENTITY).any()).item():
-                raise LayoutError(f"{storage.uri(k)} has rows without checkpoint_id/protocol_id, so its identity is "
-                                  f"unknown: delete it and rerun what made it")
+            df = df.with_columns(
+                pl.lit(None, dtype=t).alias(c) for c, t in spec.polars_schema().items() if c not in df.columns
+            )  # columns added since: typed NULL
+            if (
+                any(c not in df.columns for c in IDENTITY)
+                or df.select(pl.any_horizontal(pl.col(c).is_null() for c in IDENTITY).any()).item()
+            ):
+                raise LayoutError(
+                    f"{storage.uri(k)} has rows without checkpoint_id/protocol_id, so its identity is "
+                    f"unknown: delete it and rerun what made it"
+                )
             fields = parse(k)
             for (checkpoint_id, protocol_id), part in df.group_by(*IDENTITY, maintain_order=True):
                 write_table(storage, name, part, checkpoint_id=checkpoint_id, protocol_id=protocol_id, **fields)

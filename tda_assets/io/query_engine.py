@@ -32,8 +32,13 @@ class QueryEngine:
     `checkpoint/current.json` records (or `checkpoint_id`) and the loss protocol `protocol_id` (the CLI passes the
     environment's; without one, the only protocol under which the root has results of that checkpoint)."""
 
-    def __init__(self, storage: Storage, sql_dir: str | Path | None = None, protocol_id: str | None = None,
-                 checkpoint_id: str | None = None):
+    def __init__(
+        self,
+        storage: Storage,
+        sql_dir: str | Path | None = None,
+        protocol_id: str | None = None,
+        checkpoint_id: str | None = None,
+    ):
         self.storage = storage
         self.sql_dir = Path(sql_dir or DEFAULT_SQL_DIR)
         self.protocol_id, self.checkpoint_id = protocol_id, checkpoint_id
@@ -46,11 +51,19 @@ class QueryEngine:
         checkpoint_id = self._checkpoint_id()
         if self.protocol_id is not None or checkpoint_id is None:
             return checkpoint_id, self.protocol_id
-        protocols = sorted({spec.parse(k)["protocol_id"] for spec in TABLES.values() if spec.partitions[:2] == IDENTITY
-                            for k in self.storage.glob(spec.glob(checkpoint_id=checkpoint_id))})
+        protocols = sorted(
+            {
+                spec.parse(k)["protocol_id"]
+                for spec in TABLES.values()
+                if spec.partitions[:2] == IDENTITY
+                for k in self.storage.glob(spec.glob(checkpoint_id=checkpoint_id))
+            }
+        )
         if len(protocols) > 1:
-            raise QueryEngineError(f"the storage root has results of checkpoint {checkpoint_id} under protocols "
-                                   f"{protocols}: say which (TDA_DRAWS, TDA_PROTOCOL_SEED, TDA_LOSS_PRECISION)")
+            raise QueryEngineError(
+                f"the storage root has results of checkpoint {checkpoint_id} under protocols "
+                f"{protocols}: say which (TDA_DRAWS, TDA_PROTOCOL_SEED, TDA_LOSS_PRECISION)"
+            )
         return checkpoint_id, (protocols[0] if protocols else None)
 
     def connect(self) -> duckdb.DuckDBPyConnection:
@@ -73,8 +86,11 @@ class QueryEngine:
             con.close()
             raise QueryEngineError(str(exc)) from None
         try:
-            con.execute("CREATE OR REPLACE TABLE current_identity AS SELECT CAST($c AS VARCHAR) AS checkpoint_id, "
-                        "CAST($p AS VARCHAR) AS protocol_id", dict(zip("cp", self._identity_or_none())))
+            con.execute(
+                "CREATE OR REPLACE TABLE current_identity AS SELECT CAST($c AS VARCHAR) AS checkpoint_id, "
+                "CAST($p AS VARCHAR) AS protocol_id",
+                dict(zip("cp", self._identity_or_none())),
+            )
             views = _LINE_COMMENT.sub("", self._read("views"))
             con.execute(_TABLE_REF.sub(table, views))
         except (duckdb.Error, QueryEngineError) as exc:

@@ -30,7 +30,9 @@ def check_value(name: str, value: object) -> str:
     """A key value that is a safe folder name (no '/', '\\', '=', no leading '.', not empty)."""
     text = str(value)
     if not text or any(c in text for c in "/\\=*?[]") or text.startswith("."):
-        raise LayoutError(f"{name}={text!r} is not a safe folder name (no '/', '\\', '=', glob characters or leading '.')")
+        raise LayoutError(
+            f"{name}={text!r} is not a safe folder name (no '/', '\\', '=', glob characters or leading '.')"
+        )
     return text
 
 
@@ -74,8 +76,12 @@ class Entry:
 
     @functools.cached_property
     def _key_regex(self) -> re.Pattern[str]:
-        return re.compile("".join(re.escape(lit) + (f"(?P<{f}>[^/]+)" if f else "")
-                                  for lit, f, _, _ in string.Formatter().parse(self.pattern)))
+        return re.compile(
+            "".join(
+                re.escape(lit) + (f"(?P<{f}>[^/]+)" if f else "")
+                for lit, f, _, _ in string.Formatter().parse(self.pattern)
+            )
+        )
 
     def parse(self, key: str) -> dict[str, str]:
         """The field values of a key of this entry (LayoutError if it is not one)."""
@@ -131,94 +137,240 @@ def _unlearning_config_columns() -> dict[str, str]:
 
 _ENTRIES = [
     # training side
-    Entry("training_manifest", f"training_manifest/{PART}", {
-        "item_id": "str", "audio_uri": "str", "caption": "str", "artist": "str", "duration_s": "f64", "shard": "str"},
-        description="one row per training item"),
-    Entry("manifest_origin", "training_manifest/origin.json",
-          description="the manifest the root was prepared from (`manifest_uri`, null for the embedded corpus): its folder "
-                      "is an allowed root of query clips"),
+    Entry(
+        "training_manifest",
+        f"training_manifest/{PART}",
+        {"item_id": "str", "audio_uri": "str", "caption": "str", "artist": "str", "duration_s": "f64", "shard": "str"},
+        description="one row per training item",
+    ),
+    Entry(
+        "manifest_origin",
+        "training_manifest/origin.json",
+        description="the manifest the root was prepared from (`manifest_uri`, null for the embedded corpus): its "
+        "folder is an allowed root of query clips",
+    ),
     Entry("corpus_audio", "corpus/{artist}/{item_id}.wav", description="the embedded corpus's clips"),
-    Entry("training_features", "training_features/encoder_id={encoder_id}/shard={shard}/features.safetensors",
-          identity=("encoder_id",), description="latents, frame masks and conditioning of one shard"),
+    Entry(
+        "training_features",
+        "training_features/encoder_id={encoder_id}/shard={shard}/features.safetensors",
+        identity=("encoder_id",),
+        description="latents, frame masks and conditioning of one shard",
+    ),
     Entry("checkpoint_record", "checkpoint/current.json", description="the current checkpoint (a CheckpointRecord)"),
-    Entry("checkpoint_folder", "checkpoint/{checkpoint_id}", identity=("checkpoint_id",),
-          description="a trained model folder (diffusers layout)"),
-    Entry("fisher_diagonal", "fisher_diagonal/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/fisher.safetensors",
-          identity=IDENTITY, description="the diagonal Fisher"),
-    Entry("training_gradients",
-          "training_gradients/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/gradient_id={gradient_id}"
-          "/shard={shard}/gradients.safetensors", identity=(*IDENTITY, "gradient_id"),
-          description="sketched, Fisher-preconditioned per-item gradients of one shard (gradient_id: subset, loss "
-                      "masking, sketch k and seed, damping)"),
-    Entry("baseline_losses", f"baseline_losses/checkpoint_id={{checkpoint_id}}/protocol_id={{protocol_id}}/shard={{shard}}/{PART}", {
-        "item_id": "str", "draw": "i32", "t": "f32", "loss": "f32", "loss_masked": "f32", "features_digest": "str"},
-        identity=IDENTITY, description="L0_ik for every item and draw of one shard (features_digest: of the shard's "
-                                       "training_features they were measured on)"),
-    Entry("training_embeddings",
-          "training_embeddings/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/encoder_id={encoder_id}/shard={shard}"
-          "/embeddings.safetensors", identity=(*IDENTITY, "encoder_id"),
-          description="item ids and the audio, text and internal (denoiser at the protocol's shared draws) embeddings of one shard"),
+    Entry(
+        "checkpoint_folder",
+        "checkpoint/{checkpoint_id}",
+        identity=("checkpoint_id",),
+        description="a trained model folder (diffusers layout)",
+    ),
+    Entry(
+        "fisher_diagonal",
+        "fisher_diagonal/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/fisher.safetensors",
+        identity=IDENTITY,
+        description="the diagonal Fisher",
+    ),
+    Entry(
+        "training_gradients",
+        "training_gradients/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/gradient_id={gradient_id}"
+        "/shard={shard}/gradients.safetensors",
+        identity=(*IDENTITY, "gradient_id"),
+        description="sketched, Fisher-preconditioned per-item gradients of one shard (gradient_id: subset, loss "
+        "masking, sketch k and seed, damping)",
+    ),
+    Entry(
+        "baseline_losses",
+        f"baseline_losses/checkpoint_id={{checkpoint_id}}/protocol_id={{protocol_id}}/shard={{shard}}/{PART}",
+        {"item_id": "str", "draw": "i32", "t": "f32", "loss": "f32", "loss_masked": "f32", "features_digest": "str"},
+        identity=IDENTITY,
+        description="L0_ik for every item and draw of one shard (features_digest: of the shard's "
+        "training_features they were measured on)",
+    ),
+    Entry(
+        "training_embeddings",
+        "training_embeddings/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/encoder_id={encoder_id}/shard={shard}"
+        "/embeddings.safetensors",
+        identity=(*IDENTITY, "encoder_id"),
+        description="item ids and the audio, text and internal (denoiser at the protocol's shared draws) embeddings "
+        "of one shard",
+    ),
     # queries
     Entry("inbox", "inbox/{name}", description="query files (`<query_id>.txt` or `.json`)"),
-    Entry("upload", "uploads/{name}", description="a user's clip copied into the storage root by `tda attribute/add-query --audio`"),
-    Entry("queries", f"queries/query_id={{query_id}}/{PART}", {
-        "prompt": "str", "seed": "i64", "audio_uri": "str", "target_artist": "str", "encoder_id": "str",
-        "generated_by": "str", "source_rate": "i64", "source_channels": "i64", "seconds": "f64", "windows": "i64"},
-          identity=("encoder_id",), description="one row per query (a user's clip: its rate, channels, length and windows)"),
-    Entry("query_audio", "query_clips/query_id={query_id}/clip.wav", description="a generated query clip"),
-    Entry("query_features", "query_clips/query_id={query_id}/features.safetensors", identity=("encoder_id",),
-          description="the query's latent, frame mask and conditioning"),
-    Entry("unlearning_configs", f"unlearning_configs/config_id={{config_id}}/{PART}", _unlearning_config_columns(),
-          description="one row per unlearning configuration"),
-    Entry("unlearned_delta",
-          "unlearned_model/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/query_id={query_id}/config_id={config_id}"
-          "/delta.safetensors", identity=IDENTITY, description="the unlearned model as a weight delta"),
-    Entry("unlearning_runs", columns={
-        "query_loss_before": "f64", "query_loss_after": "f64", "delta_uri": "str", "seconds": "f64", "lr_used": "f64",
-        "target_ratio": "f64", "search_ratio": "f64", "probes": "i64"},
-        identity=IDENTITY, **_result("unlearning_runs", "query_id={query_id}/config_id={config_id}/"), description="query loss before/after unlearning"),
-    Entry("unlearned_losses",
-          f"unlearned_losses/checkpoint_id={{checkpoint_id}}/protocol_id={{protocol_id}}/query_id={{query_id}}"
-          f"/config_id={{config_id}}/{PART}", {"item_id": "str", "draw": "i32", "loss": "f32", "loss_masked": "f32"},
-          identity=IDENTITY, description="the unlearned model's loss on every item and draw"),
-    Entry("attribution_scores", columns={
-        "method": "str", "item_id": "str", "score": "f64", "rank": "i64", "mean_delta": "f64", "relative_score": "f64",
-        "skew_score": "f64", "share": "f64", "score_type": "str", "rescored": "bool", "draws_used": "i64"},
-        identity=IDENTITY, **_result("attribution_scores", "query_id={query_id}/config_id={config_id}/"),
-        description="unlearning attribution (score = the configuration's score_type; mean_delta always kept); method "
-                    "`unlearning` or `linearized`; `rescored`/`draws_used`: whether and on how many draws the item was "
-                    "rescored exactly (two_stage leaves most items unrescored: score null, ranked last)"),
-    Entry("similarity_scores", f"similarity_scores/query_id={{query_id}}/method={{method}}/{PART}", {
-        "item_id": "str", "score": "f64", "rank": "i64", "share": "f64", **_RESULT_IDENTITY},
-        identity=IDENTITY, description="similarity attribution"),
-    # reports
-    Entry("consistency", columns={
-        "query_id": "str", "left": "str", "right": "str", "metric": "str", "k": "i64", "value": "f64"},
-        identity=IDENTITY, **_result("consistency", ""), description="pairwise agreement of rankings"),
-    Entry("counterfactual", **_result("counterfactual", ""), columns={
-        "query_id": "str", "removal": "str", "removal_seed": "i64", "k": "i64", "query_loss_full": "f64",
-        "query_loss_removed": "f64", "loss_rise": "f64", "relative_rise": "f64", "removed_of_target_artist": "i64",
-        "removed_items": "str", "config_id": "str", "train_steps": "i64", "full_model": "str", "query_draws": "i64",
-        "random_rise_mean": "f64", "random_rise_sd": "f64", "noise_floor": "f64", "floor_sds": "f64", "passed": "bool",
-        "same_artist_rise": "f64", "item_floor": "f64", "passed_item_level": "bool",
+    Entry(
+        "upload",
+        "uploads/{name}",
+        description="a user's clip copied into the storage root by `tda attribute/add-query --audio`",
+    ),
+    Entry(
+        "queries",
+        f"queries/query_id={{query_id}}/{PART}",
+        {
+            "prompt": "str",
+            "seed": "i64",
+            "audio_uri": "str",
+            "target_artist": "str",
+            "encoder_id": "str",
+            "generated_by": "str",
+            "source_rate": "i64",
+            "source_channels": "i64",
+            "seconds": "f64",
+            "windows": "i64",
         },
-        identity=IDENTITY, description="retraining without the top-k vs k random items (shared by every query) and k "
-                                       "items of the query's target artist outside its top-k (`removal`); the query's "
-                                       "verdicts against both on each of its rows"),
-    Entry("self_influence", **_result("self_influence", "config_id={config_id}/"), columns={
-        "target_item_id": "str", "rank": "i64", "score": "f64", "loss_ratio": "f64", "lr_used": "f64",
-        "score_type": "str", "top_k_similarity": "f64", "bottom_k_similarity": "f64",
-        "others_median_relative_change": "f64", "target_set": "str"}, identity=IDENTITY,
+        identity=("encoder_id",),
+        description="one row per query (a user's clip: its rate, channels, length and windows)",
+    ),
+    Entry("query_audio", "query_clips/query_id={query_id}/clip.wav", description="a generated query clip"),
+    Entry(
+        "query_features",
+        "query_clips/query_id={query_id}/features.safetensors",
+        identity=("encoder_id",),
+        description="the query's latent, frame mask and conditioning",
+    ),
+    Entry(
+        "unlearning_configs",
+        f"unlearning_configs/config_id={{config_id}}/{PART}",
+        _unlearning_config_columns(),
+        description="one row per unlearning configuration",
+    ),
+    Entry(
+        "unlearned_delta",
+        "unlearned_model/checkpoint_id={checkpoint_id}/protocol_id={protocol_id}/query_id={query_id}/config_id={config_id}"
+        "/delta.safetensors",
+        identity=IDENTITY,
+        description="the unlearned model as a weight delta",
+    ),
+    Entry(
+        "unlearning_runs",
+        columns={
+            "query_loss_before": "f64",
+            "query_loss_after": "f64",
+            "delta_uri": "str",
+            "seconds": "f64",
+            "lr_used": "f64",
+            "target_ratio": "f64",
+            "search_ratio": "f64",
+            "probes": "i64",
+        },
+        identity=IDENTITY,
+        **_result("unlearning_runs", "query_id={query_id}/config_id={config_id}/"),
+        description="query loss before/after unlearning",
+    ),
+    Entry(
+        "unlearned_losses",
+        f"unlearned_losses/checkpoint_id={{checkpoint_id}}/protocol_id={{protocol_id}}/query_id={{query_id}}"
+        f"/config_id={{config_id}}/{PART}",
+        {"item_id": "str", "draw": "i32", "loss": "f32", "loss_masked": "f32"},
+        identity=IDENTITY,
+        description="the unlearned model's loss on every item and draw",
+    ),
+    Entry(
+        "attribution_scores",
+        columns={
+            "method": "str",
+            "item_id": "str",
+            "score": "f64",
+            "rank": "i64",
+            "mean_delta": "f64",
+            "relative_score": "f64",
+            "skew_score": "f64",
+            "share": "f64",
+            "score_type": "str",
+            "rescored": "bool",
+            "draws_used": "i64",
+        },
+        identity=IDENTITY,
+        **_result("attribution_scores", "query_id={query_id}/config_id={config_id}/"),
+        description="unlearning attribution (score = the configuration's score_type; mean_delta always kept); method "
+        "`unlearning` or `linearized`; `rescored`/`draws_used`: whether and on how many draws the item was "
+        "rescored exactly (two_stage leaves most items unrescored: score null, ranked last)",
+    ),
+    Entry(
+        "similarity_scores",
+        f"similarity_scores/query_id={{query_id}}/method={{method}}/{PART}",
+        {"item_id": "str", "score": "f64", "rank": "i64", "share": "f64", **_RESULT_IDENTITY},
+        identity=IDENTITY,
+        description="similarity attribution",
+    ),
+    # reports
+    Entry(
+        "consistency",
+        columns={"query_id": "str", "left": "str", "right": "str", "metric": "str", "k": "i64", "value": "f64"},
+        identity=IDENTITY,
+        **_result("consistency", ""),
+        description="pairwise agreement of rankings",
+    ),
+    Entry(
+        "counterfactual",
+        **_result("counterfactual", ""),
+        columns={
+            "query_id": "str",
+            "removal": "str",
+            "removal_seed": "i64",
+            "k": "i64",
+            "query_loss_full": "f64",
+            "query_loss_removed": "f64",
+            "loss_rise": "f64",
+            "relative_rise": "f64",
+            "removed_of_target_artist": "i64",
+            "removed_items": "str",
+            "config_id": "str",
+            "train_steps": "i64",
+            "full_model": "str",
+            "query_draws": "i64",
+            "random_rise_mean": "f64",
+            "random_rise_sd": "f64",
+            "noise_floor": "f64",
+            "floor_sds": "f64",
+            "passed": "bool",
+            "same_artist_rise": "f64",
+            "item_floor": "f64",
+            "passed_item_level": "bool",
+        },
+        identity=IDENTITY,
+        description="retraining without the top-k vs k random items (shared by every query) and k "
+        "items of the query's target artist outside its top-k (`removal`); the query's "
+        "verdicts against both on each of its rows",
+    ),
+    Entry(
+        "self_influence",
+        **_result("self_influence", "config_id={config_id}/"),
+        columns={
+            "target_item_id": "str",
+            "rank": "i64",
+            "score": "f64",
+            "loss_ratio": "f64",
+            "lr_used": "f64",
+            "score_type": "str",
+            "top_k_similarity": "f64",
+            "bottom_k_similarity": "f64",
+            "others_median_relative_change": "f64",
+            "target_set": "str",
+        },
+        identity=IDENTITY,
         description="training items unlearned as their own queries: the rank of the item itself (`target_set`: "
-                    "development or reporting; a file holds both, a run replaces its own set)"),
-    Entry("replication", **_result("replication", "config_id={config_id}/"), columns={
-        "source_item_id": "str", "transform": "str", "rank": "i64", "score": "f64", "loss_ratio": "f64",
-        "target_set": "str", "snr_db": "f64", "latent_change": "f64",
-        }, identity=IDENTITY, description="a training item's transformed audio as a query: its rank; `snr_db` of the "
-                                          "transformed audio against the source in the model's band, `latent_change` "
-                                          "the relative RMS change of its latents"),
+        "development or reporting; a file holds both, a run replaces its own set)",
+    ),
+    Entry(
+        "replication",
+        **_result("replication", "config_id={config_id}/"),
+        columns={
+            "source_item_id": "str",
+            "transform": "str",
+            "rank": "i64",
+            "score": "f64",
+            "loss_ratio": "f64",
+            "target_set": "str",
+            "snr_db": "f64",
+            "latent_change": "f64",
+        },
+        identity=IDENTITY,
+        description="a training item's transformed audio as a query: its rank; `snr_db` of the "
+        "transformed audio against the source in the model's band, `latent_change` "
+        "the relative RMS change of its latents",
+    ),
     Entry("plot", "plots/{kind}/{name}.png", description="a report's picture"),
-    Entry("plot_top_k", "plots/top_k/{query_id}/{config_id}.png", description="top-k bars of a query and configuration"),
+    Entry(
+        "plot_top_k", "plots/top_k/{query_id}/{config_id}.png", description="top-k bars of a query and configuration"
+    ),
 ]
 
 LAYOUT: dict[str, Entry] = {e.name: e for e in _ENTRIES}

@@ -60,7 +60,9 @@ class Storage:
         else:
             raise StorageError(f"storage URL {self.url!r}: only local paths, file:// and s3:// are supported")
         if _is_glob(self.root):
-            raise StorageError(f"storage root {self.url!r} contains a glob character (* ? [): the table globs would break")
+            raise StorageError(
+                f"storage root {self.url!r} contains a glob character (* ? [): the table globs would break"
+            )
 
     def __repr__(self) -> str:
         return f"Storage({self.url!r})"
@@ -77,7 +79,7 @@ class Storage:
         return f"{self.root.rstrip('/')}/{key}" if key else self.root
 
     def _key(self, path: str) -> str:
-        return path[len(self.root.rstrip("/")) + 1:]
+        return path[len(self.root.rstrip("/")) + 1 :]
 
     def uri(self, *parts: str) -> str:
         """Full URL (s3://…) or absolute local path of a relative key."""
@@ -207,7 +209,7 @@ class Storage:
 
         data = self.read_bytes(key)
         (n,) = struct.unpack("<Q", data[:8])
-        return load(data), _metadata(json.loads(data[8:8 + n]))
+        return load(data), _metadata(json.loads(data[8 : 8 + n]))
 
     def _tensors_header(self, key: str) -> tuple[dict, int]:
         """A safetensors file's header (tensor entries and `__metadata__`) and where its data starts, by ranged reads:
@@ -218,7 +220,7 @@ class Storage:
             (n,) = struct.unpack("<Q", head[:8])
             if 8 + n > len(head):
                 head += self.fs.cat_file(path, start=len(head), end=8 + n)
-            return json.loads(head[8:8 + n]), 8 + n
+            return json.loads(head[8 : 8 + n]), 8 + n
 
     def read_tensors_metadata(self, key: str) -> dict[str, str]:
         """The metadata of a safetensors file, reading only its header (StorageError naming it when missing)."""
@@ -249,7 +251,9 @@ class Storage:
         self.delete(key, recursive=True)
         for f in sorted(p for p in local_dir.rglob("*") if p.is_file()):
             self.write_bytes(f"{key}/{f.relative_to(local_dir).as_posix()}", f.read_bytes())
-        self.write_bytes(f"{key}/{SUCCESS_MARKER}", uuid.uuid4().hex.encode())  # a fresh token per upload: caches compare it
+        self.write_bytes(
+            f"{key}/{SUCCESS_MARKER}", uuid.uuid4().hex.encode()
+        )  # a fresh token per upload: caches compare it
         return self.uri(key)
 
     def listing(self, key: str = "") -> dict[str, str]:
@@ -261,8 +265,11 @@ class Storage:
                 bucket, _, prefix = root.partition("/")  # raises for a missing bucket or refused credentials
                 self.fs.call_s3("list_objects_v2", Bucket=bucket, Prefix=prefix, MaxKeys=1)
             found = self.fs.find(root, detail=True) if self.fs.isdir(root) else {}
-        return {p[len(root) + 1:]: f"{info.get('size')}:{info.get('ETag') or info.get('mtime')}" for p, info in found.items()
-                if not os.path.basename(p).startswith(".")}
+        return {
+            p[len(root) + 1 :]: f"{info.get('size')}:{info.get('ETag') or info.get('mtime')}"
+            for p, info in found.items()
+            if not os.path.basename(p).startswith(".")
+        }
 
     def cached_copy(self, key: str, local_dir: str | Path, stamp: bytes, require_marker: bool = True) -> Path:
         """`local_dir` holding a copy of the folder at `key`, fetched again unless it is stamped with `stamp`.
@@ -294,7 +301,7 @@ class Storage:
         with self._errors(key, "list"):
             files = [p for p in self.fs.find(root) if not os.path.basename(p).startswith(".")]
         for path in files:
-            rel = path[len(root) + 1:]
+            rel = path[len(root) + 1 :]
             if rel == SUCCESS_MARKER:
                 continue
             dest = local_dir / rel
@@ -353,7 +360,14 @@ def _first_match(folder: str, parts: list[str]) -> bool:
     return False
 
 
-_S3_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ACCESS_KEY_ID", "AWS_PROFILE")
+_S3_VARIABLES = (
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ENDPOINT_URL",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_PROFILE",
+)
 
 
 def s3_settings() -> tuple[str | None, ...]:
@@ -361,7 +375,9 @@ def s3_settings() -> tuple[str | None, ...]:
     return tuple(os.environ.get(v) for v in _S3_VARIABLES)
 
 
-def _s3_filesystem(endpoint_url: str | None, storage_options: dict | None) -> tuple[fsspec.AbstractFileSystem, str | None]:
+def _s3_filesystem(
+    endpoint_url: str | None, storage_options: dict | None
+) -> tuple[fsspec.AbstractFileSystem, str | None]:
     """An s3fs filesystem; endpoint/region/credentials from the arguments or the standard AWS env vars."""
     import s3fs
 
@@ -400,7 +416,9 @@ def _explain_s3(storage: Storage, exc: BaseException, target: str) -> str | None
     if isinstance(exc, (NoCredentialsError, PartialCredentialsError)):
         return f"no S3 credentials for {target}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY."
     if "NoSuchBucket" in text or "bucket does not exist" in text:
-        return f"the bucket {storage.bucket!r} does not exist at {endpoint} ({target}): create it, or fix the storage URL."
+        return (
+            f"the bucket {storage.bucket!r} does not exist at {endpoint} ({target}): create it, or fix the storage URL."
+        )
     refused = ("InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "Forbidden")
     if isinstance(exc, PermissionError) or any(s in text for s in refused):
         return (

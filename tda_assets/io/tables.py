@@ -25,8 +25,10 @@ def write_table(store: Storage, name: str, df: pl.DataFrame, /, **keys: object) 
     for p in (p for p in spec.partitions if p in df.columns):  # a frame's own identity column must agree with its key
         values = set(df[p].drop_nulls().cast(pl.String).unique().to_list())
         if values - {str(keys[p])}:
-            raise LayoutError(f"table {name!r}: the frame's {p} {sorted(values)} is not its key's {keys[p]!r}: "
-                              f"write each identity's rows under their own key")
+            raise LayoutError(
+                f"table {name!r}: the frame's {p} {sorted(values)} is not its key's {keys[p]!r}: "
+                f"write each identity's rows under their own key"
+            )
     schema = spec.polars_schema()
     extra = [c for c in df.columns if c not in schema and c not in spec.partitions]
     out = df.select([pl.col(c).cast(t) for c, t in schema.items()] + [pl.col(c) for c in extra])
@@ -70,8 +72,11 @@ def write_replacing(store: Storage, name: str, df: pl.DataFrame, column: str, /,
 
 def clip_generated_by(store: Storage, query_id: str) -> str | None:
     """The checkpoint that generated the query's clip (`queries.generated_by`; None: a user's clip, or no row yet)."""
-    return read_table(store, "queries", query_id=query_id)["generated_by"][0] \
-        if table_exists(store, "queries", query_id=query_id) else None
+    return (
+        read_table(store, "queries", query_id=query_id)["generated_by"][0]
+        if table_exists(store, "queries", query_id=query_id)
+        else None
+    )
 
 
 def list_keys(store: Storage, name: str, /, **fixed: object) -> list[dict[str, str]]:
@@ -80,4 +85,13 @@ def list_keys(store: Storage, name: str, /, **fixed: object) -> list[dict[str, s
     return [spec.parse(k) for k in store.glob(spec.glob(**fixed))]
 
 
-__all__ = ["TABLES", "clip_generated_by", "list_keys", "read_table", "read_tables", "table_exists", "write_replacing", "write_table"]
+__all__ = [
+    "TABLES",
+    "clip_generated_by",
+    "list_keys",
+    "read_table",
+    "read_tables",
+    "table_exists",
+    "write_replacing",
+    "write_table",
+]

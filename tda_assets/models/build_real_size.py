@@ -23,8 +23,18 @@ from tda_assets.models.stable_audio import StableAudioAdapter, _tiny_tokenizer
 
 MAX_TOKENS = 128  # Stable Audio Open's T5 tokenizer length
 T5_BASE = dict(  # t5-base's encoder shape; the vocabulary size is T5's, whatever the offline tokenizer uses of it
-    vocab_size=32128, d_model=768, d_kv=64, d_ff=3072, num_layers=12, num_heads=12, relative_attention_num_buckets=32,
-    relative_attention_max_distance=128, feed_forward_proj="relu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1,
+    vocab_size=32128,
+    d_model=768,
+    d_kv=64,
+    d_ff=3072,
+    num_layers=12,
+    num_heads=12,
+    relative_attention_num_buckets=32,
+    relative_attention_max_distance=128,
+    feed_forward_proj="relu",
+    dropout_rate=0.0,
+    pad_token_id=0,
+    eos_token_id=1,
     decoder_start_token_id=0,
 )
 
@@ -38,7 +48,10 @@ def real_size_adapter(seed: int = 0, device: str | torch.device = "cpu") -> Stab
         projection = StableAudioProjectionModel(text_encoder_dim=768, conditioning_dim=768, min_value=0, max_value=512)
         denoiser = StableAudioDiTModel()
     return StableAudioAdapter(
-        denoiser=denoiser.eval(), vae=vae, text_encoder=text_encoder, tokenizer=_tiny_tokenizer(MAX_TOKENS),
+        denoiser=denoiser.eval(),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=_tiny_tokenizer(MAX_TOKENS),
         projection_model=projection,
     )
 
@@ -46,8 +59,12 @@ def real_size_adapter(seed: int = 0, device: str | torch.device = "cpu") -> Stab
 def parameter_counts(adapter: StableAudioAdapter) -> dict[str, int]:
     """Parameters per component: `transformer` (the denoiser, what is attributed), `vae`, `text_encoder`,
     `projection_model`."""
-    parts = {"transformer": adapter.denoiser, "vae": adapter.vae, "text_encoder": adapter.text_encoder,
-             "projection_model": adapter.projection_model}
+    parts = {
+        "transformer": adapter.denoiser,
+        "vae": adapter.vae,
+        "text_encoder": adapter.text_encoder,
+        "projection_model": adapter.projection_model,
+    }
     return {name: sum(p.numel() for p in module.parameters()) for name, module in parts.items()}
 
 

@@ -58,9 +58,15 @@ def load_model(folder: str | Path) -> DiTAdapter:
         from .embedded.model import EmbeddedAdapter
 
         denoiser = StableAudioDiTModel.from_pretrained(folder / "transformer").eval()
-        frontend = MelFrontend(**{"peak": None, **info["frontend"]})  # folders saved before `peak` existed kept the level
-        return EmbeddedAdapter(denoiser=denoiser, objective=DiffusionObjective(**info["objective"]),
-                               sample_rate=frontend.sample_rate, frontend=frontend)
+        frontend = MelFrontend(
+            **{"peak": None, **info["frontend"]}
+        )  # folders saved before `peak` existed kept the level
+        return EmbeddedAdapter(
+            denoiser=denoiser,
+            objective=DiffusionObjective(**info["objective"]),
+            sample_rate=frontend.sample_rate,
+            frontend=frontend,
+        )
     if info["kind"] == "stable_audio":
         from .stable_audio import StableAudioAdapter
 

@@ -13,7 +13,9 @@ from tda_assets.attribution.devices import Compute
 
 def default_scheduler() -> CosineDPMSolverMultistepScheduler:
     """Stable Audio Open's sampler for its v-objective on the cosine schedule (σ = tan(πt/2))."""
-    return CosineDPMSolverMultistepScheduler(sigma_min=0.01, sigma_max=80.0, sigma_data=1.0, prediction_type="v_prediction")
+    return CosineDPMSolverMultistepScheduler(
+        sigma_min=0.01, sigma_max=80.0, sigma_data=1.0, prediction_type="v_prediction"
+    )
 
 
 def generate_latents(
@@ -27,7 +29,9 @@ def generate_latents(
 ) -> torch.Tensor:
     """Latents [b, C, T] for a batch of conditionings; deterministic in `seed`."""
     if adapter.objective.prediction != "v":
-        raise ValueError("generate_latents samples v-prediction models; this adapter's objective is " + adapter.objective.prediction)
+        raise ValueError(
+            "generate_latents samples v-prediction models; this adapter's objective is " + adapter.objective.prediction
+        )
     sched = scheduler or getattr(adapter, "scheduler", None) or default_scheduler()
     sched.set_timesteps(steps, device="cpu")
     b = next(iter(conditioning.values())).shape[0]

@@ -1,4 +1,5 @@
-"""Where the checkpoint comes from: `embedded`, a local folder, an `s3://` folder, or `hf://<repo>@<revision>` (no Dagster)."""
+"""Where the checkpoint comes from: `embedded`, a local folder, an `s3://` folder, or `hf://<repo>@<revision>` (no
+Dagster)."""
 
 import hashlib
 import json
@@ -45,7 +46,9 @@ def _cached_revisions(cache: str | None, repo: str) -> list[str] | None:
     return refs + snapshots
 
 
-def resolve_hf(source: str, token: str | None = None, cache_dir: str | None = None, offline: bool = False) -> ResolvedModel:
+def resolve_hf(
+    source: str, token: str | None = None, cache_dir: str | None = None, offline: bool = False
+) -> ResolvedModel:
     """Download (or, `offline`, find in the local hub cache `cache_dir`) a pinned hub snapshot."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import (
@@ -61,11 +64,17 @@ def resolve_hf(source: str, token: str | None = None, cache_dir: str | None = No
         raise ModelSourceError(f"checkpoint {source!r} has no revision: pin one, e.g. hf://{repo}@<commit sha or tag>")
     cache = cache_dir
     try:
-        folder = Path(snapshot_download(repo_id=repo, revision=revision, token=token, cache_dir=cache, local_files_only=offline))
+        folder = Path(
+            snapshot_download(repo_id=repo, revision=revision, token=token, cache_dir=cache, local_files_only=offline)
+        )
     except RevisionNotFoundError as exc:
-        raise ModelSourceError(f"checkpoint {source!r}: revision {revision!r} does not exist in {repo}; check the tag or commit") from exc
+        raise ModelSourceError(
+            f"checkpoint {source!r}: revision {revision!r} does not exist in {repo}; check the tag or commit"
+        ) from exc
     except RepositoryNotFoundError as exc:
-        raise ModelSourceError(f"checkpoint {source!r}: repository {repo} not found (or HF_TOKEN lacks access)") from exc
+        raise ModelSourceError(
+            f"checkpoint {source!r}: repository {repo} not found (or HF_TOKEN lacks access)"
+        ) from exc
     except HFValidationError as exc:
         raise ModelSourceError(f"checkpoint {source!r}: {repo!r} is not a valid hub repository id ({exc})") from exc
     except IncompleteSnapshotError as exc:
@@ -104,10 +113,14 @@ def _resolve_s3_folder(source: str, cache_dir: str | None) -> ResolvedModel:
     except StorageError as exc:
         raise ModelSourceError(f"checkpoint {source!r}: {exc}") from None
     if not listing:
-        raise ModelSourceError(f"checkpoint {source!r}: no such folder on S3 (no objects under it); check the bucket and prefix")
+        raise ModelSourceError(
+            f"checkpoint {source!r}: no such folder on S3 (no objects under it); check the bucket and prefix"
+        )
     checkpoint_id = f"s3-{_slug(repr(sorted(listing.items())))}"
     try:
-        local = store.cached_copy("", model_copies_dir(cache_dir) / checkpoint_id, source.encode(), require_marker=False)
+        local = store.cached_copy(
+            "", model_copies_dir(cache_dir) / checkpoint_id, source.encode(), require_marker=False
+        )
     except StorageError as exc:
         raise ModelSourceError(f"checkpoint {source!r}: {exc}") from None
     read_model_info(local)
@@ -120,13 +133,20 @@ def resolve_folder(source: str, cache_dir: str | None = None) -> ResolvedModel:
         return _resolve_s3_folder(source, cache_dir)
     folder = Path(source.removeprefix("file://")).expanduser()
     if not folder.is_dir():
-        raise ModelSourceError(f"checkpoint {source!r}: folder not found; give a diffusers model folder, s3://…, hf://…@rev or 'embedded'")
+        raise ModelSourceError(
+            f"checkpoint {source!r}: folder not found; give a diffusers model folder, s3://…, hf://…@rev or 'embedded'"
+        )
     read_model_info(folder)
     return ResolvedModel(f"local-{_slug(str(folder.resolve()))}", folder, source)
 
 
-def resolve_source(source: str, token: str | None = None, hub_cache: str | None = None, offline: bool = False,
-                   copies_dir: str | None = None) -> ResolvedModel:
+def resolve_source(
+    source: str,
+    token: str | None = None,
+    hub_cache: str | None = None,
+    offline: bool = False,
+    copies_dir: str | None = None,
+) -> ResolvedModel:
     """Any non-embedded source to a local model folder (raises ModelSourceError with the fix)."""
     if source == "embedded":
         raise ModelSourceError("the embedded checkpoint is trained by the `checkpoint` asset, not resolved")
@@ -154,7 +174,9 @@ class ModelSource:
 
     source: str = "embedded"
     hf_token: str | None = None
-    cache_dir: str | None = None  # copies of S3 model folders go under <cache_dir>/tda-models (default: the temp folder)
+    cache_dir: str | None = (
+        None  # copies of S3 model folders go under <cache_dir>/tda-models (default: the temp folder)
+    )
     hub_cache: str | None = None  # the hub cache (default: huggingface_hub's own)
     offline: bool = False
     train_steps: int = 1000
@@ -169,5 +191,6 @@ class ModelSource:
         return resolve_source(source or self.source, self.hf_token, self.hub_cache, self.offline, self.cache_dir)
 
     def encoder_id(self) -> str:
-        """The identity of the frozen encoders that make training features: the embedded ones, or the checkpoint's own."""
+        """The identity of the frozen encoders that make training features: the embedded ones, or the checkpoint's
+        own."""
         return embedded_encoder_id() if self.is_embedded else self.resolve().checkpoint_id

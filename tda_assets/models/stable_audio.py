@@ -1,9 +1,11 @@
-"""Stable Audio Open as a tda model: Oobleck VAE + T5 + projection model + `StableAudioDiTModel`, as diffusers lays it out.
+"""Stable Audio Open as a tda model: Oobleck VAE + T5 + projection model + `StableAudioDiTModel`, as diffusers lays it
+out.
 
 The conditioning mirrors `diffusers.StableAudioPipeline` exactly:
 `encoder_hidden_states` = concat(projected T5 states × attention mask, seconds_start state, seconds_end state) along the
-sequence, `global_hidden_states` = concat(seconds_start, seconds_end) along features. The denoiser's timestep is t ∈ [0, 1]
-of the v-objective (α = cos(πt/2), σ = sin(πt/2)), which is what the pipeline's `CosineDPMSolverMultistepScheduler` feeds it.
+sequence, `global_hidden_states` = concat(seconds_start, seconds_end) along features. The denoiser's timestep is
+t ∈ [0, 1] of the v-objective (α = cos(πt/2), σ = sin(πt/2)), which is what the pipeline's
+`CosineDPMSolverMultistepScheduler` feeds it.
 """
 
 from __future__ import annotations
@@ -113,7 +115,8 @@ def _load_scheduler(folder: Path) -> CosineDPMSolverMultistepScheduler:
 
 @dataclass(kw_only=True)
 class StableAudioAdapter(DiTAdapter):
-    """Stable Audio Open (or a tiny stand-in): frozen Oobleck VAE, T5 text encoder and projection model; DiT denoiser."""
+    """Stable Audio Open (or a tiny stand-in): frozen Oobleck VAE, T5 text encoder and projection model; DiT
+    denoiser."""
 
     vae: AutoencoderOobleck
     text_encoder: T5EncoderModel
@@ -166,50 +169,86 @@ class StableAudioAdapter(DiTAdapter):
     # ----- construction -------------------------------------------------------------------------------------------
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> "StableAudioAdapter":
-        """Load a diffusers `StableAudioPipeline.save_pretrained` folder (fp32, eval); raises `ModelSourceError` if incomplete."""
+        """Load a diffusers `StableAudioPipeline.save_pretrained` folder (fp32, eval); raises `ModelSourceError` if
+        incomplete."""
         folder = Path(folder)
         _check_pipeline_folder(folder)
         try:
             vae = AutoencoderOobleck.from_pretrained(folder / "vae", torch_dtype=torch.float32)
             text_encoder = T5EncoderModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
             tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-            projection = StableAudioProjectionModel.from_pretrained(folder / "projection_model", torch_dtype=torch.float32)
+            projection = StableAudioProjectionModel.from_pretrained(
+                folder / "projection_model", torch_dtype=torch.float32
+            )
             denoiser = StableAudioDiTModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
         except (OSError, ValueError, KeyError) as exc:
             raise ModelSourceError(f"Stable Audio model folder {folder} cannot be loaded: {exc}") from exc
         return cls(
-            denoiser=_materialise(denoiser), vae=_materialise(vae), text_encoder=_materialise(text_encoder),
-            tokenizer=tokenizer, projection_model=_materialise(projection), scheduler=_load_scheduler(folder),
+            denoiser=_materialise(denoiser),
+            vae=_materialise(vae),
+            text_encoder=_materialise(text_encoder),
+            tokenizer=tokenizer,
+            projection_model=_materialise(projection),
+            scheduler=_load_scheduler(folder),
         )
 
     @classmethod
     def tiny(cls, seed: int = 0) -> "StableAudioAdapter":
-        """A tiny randomly initialised Stable Audio model built from configs (no download); a forward takes milliseconds."""
+        """A tiny randomly initialised Stable Audio model built from configs (no download); a forward takes
+        milliseconds."""
         torch.manual_seed(seed)
         vae = AutoencoderOobleck(
-            encoder_hidden_size=8, downsampling_ratios=[2, 4], channel_multiples=[1, 2],
-            decoder_channels=8, decoder_input_channels=4, audio_channels=2, sampling_rate=64,
+            encoder_hidden_size=8,
+            downsampling_ratios=[2, 4],
+            channel_multiples=[1, 2],
+            decoder_channels=8,
+            decoder_input_channels=4,
+            audio_channels=2,
+            sampling_rate=64,
         )
         tokenizer = _tiny_tokenizer(max_length=8)
         t5 = T5Config(
-            vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
-            relative_attention_num_buckets=8, relative_attention_max_distance=16, dropout_rate=0.0,
-            pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+            vocab_size=len(tokenizer),
+            d_model=16,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=2,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=16,
+            dropout_rate=0.0,
+            pad_token_id=0,
+            eos_token_id=1,
+            decoder_start_token_id=0,
         )
         text_encoder = T5EncoderModel(t5)
         projection = StableAudioProjectionModel(text_encoder_dim=16, conditioning_dim=12, min_value=0, max_value=8)
         denoiser = StableAudioDiTModel(
-            sample_size=16, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-            num_key_value_attention_heads=1, cross_attention_dim=16, time_proj_dim=8,
-            global_states_input_dim=24, cross_attention_input_dim=12,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            num_key_value_attention_heads=1,
+            cross_attention_dim=16,
+            time_proj_dim=8,
+            global_states_input_dim=24,
+            cross_attention_input_dim=12,
         )
-        return cls(denoiser=denoiser, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, projection_model=projection)
+        return cls(
+            denoiser=denoiser, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, projection_model=projection
+        )
 
     def pipeline(self) -> StableAudioPipeline:
         """The diffusers pipeline made of this adapter's components (for saving or for reference sampling)."""
         return StableAudioPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, projection_model=self.projection_model,
-            tokenizer=self.tokenizer, transformer=self.denoiser, scheduler=self.scheduler,
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            projection_model=self.projection_model,
+            tokenizer=self.tokenizer,
+            transformer=self.denoiser,
+            scheduler=self.scheduler,
         )
 
     def save_pretrained(self, folder: str | Path) -> Path:
@@ -222,9 +261,13 @@ class StableAudioAdapter(DiTAdapter):
     def folder_config(self) -> dict:
         """What identifies this model: kind, objective and geometry (the weights live in the pipeline folder)."""
         return {
-            "kind": self.kind, "objective": asdict(self.objective), "sample_rate": self.sample_rate,
-            "clip_seconds": self.clip_seconds, "latent_shape": list(self.latent_shape),
-            "audio_channels": self.audio_channels, "max_tokens": int(self.tokenizer.model_max_length),
+            "kind": self.kind,
+            "objective": asdict(self.objective),
+            "sample_rate": self.sample_rate,
+            "clip_seconds": self.clip_seconds,
+            "latent_shape": list(self.latent_shape),
+            "audio_channels": self.audio_channels,
+            "max_tokens": int(self.tokenizer.model_max_length),
         }
 
     # ----- encoders -----------------------------------------------------------------------------------------------
@@ -312,14 +355,19 @@ class StableAudioAdapter(DiTAdapter):
         bad = (end < start).nonzero().flatten().tolist()
         if bad:
             name = item_ids[bad[0]] if item_ids else f"#{bad[0]}"
-            raise AttributionInputError(f"item {name}: seconds_end {float(end[bad[0]])} is before seconds_start {float(start[bad[0]])}")
+            raise AttributionInputError(
+                f"item {name}: seconds_end {float(end[bad[0]])} is before seconds_start {float(start[bad[0]])}"
+            )
         device = self._component_device(self.text_encoder)
         states, pooled = [], []
         for lo in range(0, n, self.encode_batch_size):
             hi = min(n, lo + self.encode_batch_size)
             enc = self.tokenizer(
-                captions[lo:hi], padding="max_length", max_length=self.tokenizer.model_max_length,
-                truncation=True, return_tensors="pt",
+                captions[lo:hi],
+                padding="max_length",
+                max_length=self.tokenizer.model_max_length,
+                truncation=True,
+                return_tensors="pt",
             )
             ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
             with torch.no_grad():
@@ -327,7 +375,9 @@ class StableAudioAdapter(DiTAdapter):
                 text = self.projection_model(text_hidden_states=text).text_hidden_states
                 text = text * mask.unsqueeze(-1).to(text.dtype)
                 proj_device = self._component_device(self.projection_model)
-                sec = self.projection_model(start_seconds=start[lo:hi].to(proj_device), end_seconds=end[lo:hi].to(proj_device))
+                sec = self.projection_model(
+                    start_seconds=start[lo:hi].to(proj_device), end_seconds=end[lo:hi].to(proj_device)
+                )
                 s0, s1 = sec.seconds_start_hidden_states, sec.seconds_end_hidden_states
             states.append(torch.cat([text, s0, s1], dim=1).float().cpu())
             pooled.append(torch.cat([s0, s1], dim=2).float().cpu())
@@ -350,4 +400,3 @@ class StableAudioAdapter(DiTAdapter):
                 wave = self.vae.decode(latents[lo : lo + self.vae_batch].to(device, torch.float32)).sample
             out.append(wave.float().mean(dim=1).cpu())
         return torch.cat(out) if out else torch.zeros(0, self.window_samples)
-

@@ -60,9 +60,15 @@ def build(store: Storage, n_items: int, n_queries: int, n_inbox: int, n_shards: 
     ident = {"checkpoint_id": CHECKPOINT, "protocol_id": PROTOCOL, "config_id": CONFIG}
     ids = [f"item-{i:06d}" for i in range(n_items)]
     artists = [f"artist-{i % ARTISTS:03d}" for i in range(n_items)]
-    manifest = pl.DataFrame({"item_id": ids, "audio_uri": [f"s3://corpus/{a}/{i}.wav" for i, a in zip(ids, artists)],
-                             "caption": [f"a take by {a}" for a in artists], "artist": artists,
-                             "duration_s": np.full(n_items, 10.0)})
+    manifest = pl.DataFrame(
+        {
+            "item_id": ids,
+            "audio_uri": [f"s3://corpus/{a}/{i}.wav" for i, a in zip(ids, artists)],
+            "caption": [f"a take by {a}" for a in artists],
+            "artist": artists,
+            "duration_s": np.full(n_items, 10.0),
+        }
+    )
     manifest = with_shards(manifest, n_shards)
     write_table(store, "training_manifest", complete("training_manifest", manifest))
     write_checkpoint_record(store, CheckpointRecord(CHECKPOINT, "external", "bench", ENCODER))
@@ -70,8 +76,14 @@ def build(store: Storage, n_items: int, n_queries: int, n_inbox: int, n_shards: 
     for shard in shard_keys(n_shards):
         part = manifest.filter(pl.col("shard") == shard)["item_id"]
         n = len(part) * DRAWS
-        losses = pl.DataFrame({"item_id": part.to_numpy().repeat(DRAWS), "draw": np.tile(np.arange(DRAWS), len(part)),
-                               "t": rng.random(n, dtype=np.float32), "loss": rng.random(n, dtype=np.float32)})
+        losses = pl.DataFrame(
+            {
+                "item_id": part.to_numpy().repeat(DRAWS),
+                "draw": np.tile(np.arange(DRAWS), len(part)),
+                "t": rng.random(n, dtype=np.float32),
+                "loss": rng.random(n, dtype=np.float32),
+            }
+        )
         losses = complete("baseline_losses", losses.with_columns(loss_masked=pl.col("loss")))
         write_table(store, "baseline_losses", losses, **keys("baseline_losses", shard=shard, **ident))
     item_ids = pl.Series("item_id", ids)
@@ -80,20 +92,55 @@ def build(store: Storage, n_items: int, n_queries: int, n_inbox: int, n_shards: 
         score = rng.standard_normal(n_items)
         rank = np.empty(n_items, dtype=np.int64)
         rank[np.argsort(-score)] = np.arange(1, n_items + 1)
-        scores = pl.DataFrame({"method": "unlearning", "item_id": item_ids, "score": score, "rank": rank,
-                               "mean_delta": score * 0.01, "relative_score": score * 0.1, "skew_score": score * 0.5,
-                               "share": np.exp(score) / np.exp(score).sum(), "score_type": "normalized",
-                               "rescored": True, "draws_used": DRAWS, "checkpoint_id": CHECKPOINT,
-                               "protocol_id": PROTOCOL})
-        write_table(store, "attribution_scores", complete("attribution_scores", scores),
-                    **keys("attribution_scores", query_id=qid, **ident))
-        run = pl.DataFrame({"query_loss_before": [1.0], "query_loss_after": [1.3], "delta_uri": [""], "seconds": [1.0],
-                            "lr_used": [1e-3], "target_ratio": [1.3], "search_ratio": [1.3], "probes": [1],
-                            "checkpoint_id": [CHECKPOINT], "protocol_id": [PROTOCOL]})
-        write_table(store, "unlearning_runs", complete("unlearning_runs", run),
-                    **keys("unlearning_runs", query_id=qid, **ident))
-        query = pl.DataFrame({"prompt": [f"a tune like artist {q % ARTISTS}"], "seed": [q],
-                              "target_artist": [artists[q]], "encoder_id": [ENCODER], "generated_by": ["bench"]})
+        scores = pl.DataFrame(
+            {
+                "method": "unlearning",
+                "item_id": item_ids,
+                "score": score,
+                "rank": rank,
+                "mean_delta": score * 0.01,
+                "relative_score": score * 0.1,
+                "skew_score": score * 0.5,
+                "share": np.exp(score) / np.exp(score).sum(),
+                "score_type": "normalized",
+                "rescored": True,
+                "draws_used": DRAWS,
+                "checkpoint_id": CHECKPOINT,
+                "protocol_id": PROTOCOL,
+            }
+        )
+        write_table(
+            store,
+            "attribution_scores",
+            complete("attribution_scores", scores),
+            **keys("attribution_scores", query_id=qid, **ident),
+        )
+        run = pl.DataFrame(
+            {
+                "query_loss_before": [1.0],
+                "query_loss_after": [1.3],
+                "delta_uri": [""],
+                "seconds": [1.0],
+                "lr_used": [1e-3],
+                "target_ratio": [1.3],
+                "search_ratio": [1.3],
+                "probes": [1],
+                "checkpoint_id": [CHECKPOINT],
+                "protocol_id": [PROTOCOL],
+            }
+        )
+        write_table(
+            store, "unlearning_runs", complete("unlearning_runs", run), **keys("unlearning_runs", query_id=qid, **ident)
+        )
+        query = pl.DataFrame(
+            {
+                "prompt": [f"a tune like artist {q % ARTISTS}"],
+                "seed": [q],
+                "target_artist": [artists[q]],
+                "encoder_id": [ENCODER],
+                "generated_by": ["bench"],
+            }
+        )
         write_table(store, "queries", complete("queries", query), **keys("queries", query_id=qid, **ident))
         add_query(store, f"a tune like artist {q % ARTISTS}", qid, seed=q)
     for p in range(n_inbox):
@@ -114,8 +161,11 @@ def measure(step: str, root: str) -> dict:
         times = []
         for _ in range(3):
             t0 = time.perf_counter()
-            top = engine.sql("SELECT rank, item_id, score FROM attributions WHERE query_id = $q AND config_id = $c "
-                             "AND method = 'unlearning' ORDER BY rank LIMIT 10", {"q": query_id(0), "c": CONFIG})
+            top = engine.sql(
+                "SELECT rank, item_id, score FROM attributions WHERE query_id = $q AND config_id = $c "
+                "AND method = 'unlearning' ORDER BY rank LIMIT 10",
+                {"q": query_id(0), "c": CONFIG},
+            )
             times.append(time.perf_counter() - t0)
         out = {"rows": top.height, "topk_ms": 1000 * statistics.median(times)}
     elif step == "artist_shares":
@@ -123,8 +173,11 @@ def measure(step: str, root: str) -> dict:
     elif step in ("export", "queries_cli"):
         from tda_assets.cli import main
 
-        argv = ["export", "--query", query_id(0), "--format", "parquet", "--out", f"{root}.export.parquet"] \
-            if step == "export" else ["queries"]
+        argv = (
+            ["export", "--query", query_id(0), "--format", "parquet", "--out", f"{root}.export.parquet"]
+            if step == "export"
+            else ["queries"]
+        )
         with contextlib.redirect_stdout(io.StringIO()) as printed:
             code = main(argv)
         lines = printed.getvalue().splitlines()
@@ -136,9 +189,14 @@ def measure(step: str, root: str) -> dict:
         from tda_assets.defs.sensors import query_inbox_sensor
 
         with DagsterInstance.ephemeral() as instance:
-            context = build_sensor_context(instance=instance, resources={
-                "storage": StorageResource(url=root), "inbox": InboxResource(),
-                "protocol": LossProtocolResource(draws=DRAWS, seed=0)})
+            context = build_sensor_context(
+                instance=instance,
+                resources={
+                    "storage": StorageResource(url=root),
+                    "inbox": InboxResource(),
+                    "protocol": LossProtocolResource(draws=DRAWS, seed=0),
+                },
+            )
             t0 = time.perf_counter()
             result = query_inbox_sensor(context)
             out = {"runs_requested": len(result.run_requests or []), "tick_s": time.perf_counter() - t0}
@@ -155,15 +213,23 @@ def peak_rss_gb() -> float:
 
 def run_step(step: str, root: str, home: str) -> dict:
     """`measure(step)` in a child process, as a user's command runs; with its wall time and peak RSS."""
-    env = {**os.environ, "TDA_STORAGE_URL": root, "DAGSTER_HOME": home, "TDA_DRAWS": str(DRAWS),
-           "TDA_PROTOCOL_SEED": "0",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    code = ("import json, sys\nfrom tests.benchmarks.bench_catalogue import measure, peak_rss_gb\n"
-            "out = measure(sys.argv[1], sys.argv[2])\n"
-            "out['peak_rss_gb'] = peak_rss_gb()\nprint(json.dumps(out))")
+    env = {
+        **os.environ,
+        "TDA_STORAGE_URL": root,
+        "DAGSTER_HOME": home,
+        "TDA_DRAWS": str(DRAWS),
+        "TDA_PROTOCOL_SEED": "0",
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
+    code = (
+        "import json, sys\nfrom tests.benchmarks.bench_catalogue import measure, peak_rss_gb\n"
+        "out = measure(sys.argv[1], sys.argv[2])\n"
+        "out['peak_rss_gb'] = peak_rss_gb()\nprint(json.dumps(out))"
+    )
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", code, step, root], env=env, capture_output=True, text=True,
-                          check=False)
+    done = subprocess.run(
+        [sys.executable, "-c", code, step, root], env=env, capture_output=True, text=True, check=False
+    )
     if done.returncode:
         raise RuntimeError(f"step {step} failed:\n{done.stderr[-3000:]}")
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -178,25 +244,38 @@ def main() -> None:
     parser.add_argument("--inbox", type=int, default=10_000, help="pending inbox queries for the sensor tick")
     parser.add_argument("--shards", type=int, default=4, help="training shards (TDA_SHARDS)")
     parser.add_argument("--dir", help="where to build the root (default: a temporary folder, removed afterwards)")
-    parser.add_argument("--measure-only", action="store_true",
-                        help="measure the root a run with the same counts and --dir left there, without building it")
+    parser.add_argument(
+        "--measure-only",
+        action="store_true",
+        help="measure the root a run with the same counts and --dir left there, without building it",
+    )
     args = parser.parse_args()
     base = args.dir or tempfile.mkdtemp(prefix="bench-catalogue-")
     root, home = os.path.join(base, "storage"), os.path.join(base, "home")
     try:
         if args.measure_only:
-            one = entry("attribution_scores").key(**keys(
-                "attribution_scores", query_id=query_id(0), checkpoint_id=CHECKPOINT, protocol_id=PROTOCOL,
-                config_id=CONFIG))
+            one = entry("attribution_scores").key(
+                **keys(
+                    "attribution_scores",
+                    query_id=query_id(0),
+                    checkpoint_id=CHECKPOINT,
+                    protocol_id=PROTOCOL,
+                    config_id=CONFIG,
+                )
+            )
             built = {"parquet_bytes_per_query": Storage(root).size(one)}
         else:
             built = build(Storage(root), args.items, args.queries, args.inbox, args.shards)
         build_s = built.get("build_s")
         rss_build = peak_rss_gb()
         done = "measuring the root" if args.measure_only else f"built in {build_s:.0f} s (peak RSS {rss_build:.2f} GB):"
-        print(done + f" root of {args.items} items × {args.queries} queries ({args.items * args.queries:,} attribution rows)"
-              f" and {args.inbox} pending inbox queries; "
-              f"{built['parquet_bytes_per_query'] / 1e6:.2f} MB of parquet per query", flush=True)
+        print(
+            done
+            + f" root of {args.items} items × {args.queries} queries ({args.items * args.queries:,} attribution rows)"
+            f" and {args.inbox} pending inbox queries; "
+            f"{built['parquet_bytes_per_query'] / 1e6:.2f} MB of parquet per query",
+            flush=True,
+        )
         steps = {}
         for step in STEPS:
             steps[step] = run_step(step, root, home)
@@ -205,21 +284,31 @@ def main() -> None:
         if not args.dir:
             shutil.rmtree(base, ignore_errors=True)
     assert steps["topk"]["rows"] == 10 and steps["export"]["exit"] == 0 and steps["queries_cli"]["exit"] == 0, steps
-    print(json.dumps({
-        "n_items": args.items, "n_queries": args.queries, "n_inbox": args.inbox, "shards": args.shards,
-        "attribution_rows": args.items * args.queries, "build_s": build_s and round(build_s, 1),
-        "parquet_bytes_per_query": built["parquet_bytes_per_query"],
-        "topk_ms": round(steps["topk"]["topk_ms"], 1), "artist_shares_s": round(steps["artist_shares"]["seconds"], 2),
-        "artist_shares_rows": steps["artist_shares"]["rows"], "export_s": round(steps["export"]["seconds"], 2),
-        "export_wall_s": round(steps["export"]["wall_s"], 2),
-        "queries_cli_s": round(steps["queries_cli"]["seconds"], 2),
-        "queries_cli_wall_s": round(steps["queries_cli"]["wall_s"], 2),
-        "sensor_tick_s": round(steps["sensor_tick"]["tick_s"], 2),
-        "sensor_runs_requested": steps["sensor_tick"]["runs_requested"],
-        "peak_rss_gb": round(max(s["peak_rss_gb"] for s in steps.values()), 3),
-        "peak_rss_gb_by_step": {k: round(s["peak_rss_gb"], 3) for k, s in steps.items()},
-        "load_average": round(os.getloadavg()[0], 1),
-    }))
+    print(
+        json.dumps(
+            {
+                "n_items": args.items,
+                "n_queries": args.queries,
+                "n_inbox": args.inbox,
+                "shards": args.shards,
+                "attribution_rows": args.items * args.queries,
+                "build_s": build_s and round(build_s, 1),
+                "parquet_bytes_per_query": built["parquet_bytes_per_query"],
+                "topk_ms": round(steps["topk"]["topk_ms"], 1),
+                "artist_shares_s": round(steps["artist_shares"]["seconds"], 2),
+                "artist_shares_rows": steps["artist_shares"]["rows"],
+                "export_s": round(steps["export"]["seconds"], 2),
+                "export_wall_s": round(steps["export"]["wall_s"], 2),
+                "queries_cli_s": round(steps["queries_cli"]["seconds"], 2),
+                "queries_cli_wall_s": round(steps["queries_cli"]["wall_s"], 2),
+                "sensor_tick_s": round(steps["sensor_tick"]["tick_s"], 2),
+                "sensor_runs_requested": steps["sensor_tick"]["runs_requested"],
+                "peak_rss_gb": round(max(s["peak_rss_gb"] for s in steps.values()), 3),
+                "peak_rss_gb_by_step": {k: round(s["peak_rss_gb"], 3) for k, s in steps.items()},
+                "load_average": round(os.getloadavg()[0], 1),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -40,7 +40,10 @@ def main() -> None:
     adapter = load_model(args.model) if args.model else EmbeddedAdapter.new()
     c, t = adapter.latent_shape
     ids = [f"bench-{i:05d}" for i in range(args.items)]
-    cond = {"encoder_hidden_states": torch.randn(args.items, 24, 384), "global_hidden_states": torch.randn(args.items, 1, 384)}
+    cond = {
+        "encoder_hidden_states": torch.randn(args.items, 24, 384),
+        "global_hidden_states": torch.randn(args.items, 1, 384),
+    }
     batch = ItemBatch(ids, torch.randn(args.items, c, t), cond, torch.ones(args.items, t))
     proto = LossProtocol(draws=args.draws)
     n = args.items * args.draws
@@ -53,9 +56,17 @@ def main() -> None:
     secs = timed(lambda: fisher_diagonal(adapter, [batch], proto, "all", Compute(), max_items=32), repeat=1)
     print(f"fisher:           {32 / secs:10.1f} items/s")
     fisher = fisher_diagonal(adapter, [batch], proto, "all", Compute(), max_items=8)
-    for settings in (UnlearningSettings(), UnlearningSettings(recipe="ewc_ascent", lr=3e-4, steps=5, lambda_=10.0, target_ratio=None)):
-        secs = timed(lambda s=settings: unlearn(adapter, batch.select([0]), fisher, s, proto, Compute(), args.items), repeat=1)
-        print(f"unlearn {settings.recipe:10s} {secs:8.2f} s/query (query_draws {settings.query_draws}, steps {settings.steps})")
+    for settings in (
+        UnlearningSettings(),
+        UnlearningSettings(recipe="ewc_ascent", lr=3e-4, steps=5, lambda_=10.0, target_ratio=None),
+    ):
+        secs = timed(
+            lambda s=settings: unlearn(adapter, batch.select([0]), fisher, s, proto, Compute(), args.items), repeat=1
+        )
+        print(
+            f"unlearn {settings.recipe:10s} {secs:8.2f} s/query "
+            f"(query_draws {settings.query_draws}, steps {settings.steps})"
+        )
     fresh = EmbeddedAdapter.new()
     secs = timed(lambda: train_denoiser(fresh, batch, TrainingSettings(steps=20), Compute()), repeat=1)
     print(f"train:            {secs / 20:10.3f} s/step (batch 64)")

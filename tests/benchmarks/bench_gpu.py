@@ -54,10 +54,32 @@ SIGNALS = 3  # two_stage's cheap signals: internal and audio similarity, lineari
 
 # Sizes per mode: rows-per-pass sweep, draws, items per phase, rows per backward pass, matmul size.
 SIZES = {
-    "real": dict(sweep=(16, 32, 64, 128), passes=4, draws=16, fisher_items=4, gradient_items=4, rank_items=256,
-                 rank_draws=4, grad_rows=16, fp32_rows=32, matmul=8192, sketch_k=4096),
-    "tiny": dict(sweep=(8, 32), passes=4, draws=4, fisher_items=4, gradient_items=4, rank_items=48, rank_draws=4,
-                 grad_rows=8, fp32_rows=32, matmul=512, sketch_k=64),
+    "real": dict(
+        sweep=(16, 32, 64, 128),
+        passes=4,
+        draws=16,
+        fisher_items=4,
+        gradient_items=4,
+        rank_items=256,
+        rank_draws=4,
+        grad_rows=16,
+        fp32_rows=32,
+        matmul=8192,
+        sketch_k=4096,
+    ),
+    "tiny": dict(
+        sweep=(8, 32),
+        passes=4,
+        draws=4,
+        fisher_items=4,
+        gradient_items=4,
+        rank_items=48,
+        rank_draws=4,
+        grad_rows=8,
+        fp32_rows=32,
+        matmul=512,
+        sketch_k=64,
+    ),
 }
 
 
@@ -133,8 +155,12 @@ def random_items(adapter: StableAudioAdapter, n: int, seed: int = 0) -> ItemBatc
     cond = adapter.encode_text(captions, durations=[adapter.clip_seconds * (0.5 + i / 16) for i in range(8)])
     pick = torch.arange(n) % 8
     latents = torch.randn(n, *adapter.latent_shape, generator=g)
-    return ItemBatch([f"b{seed}-{i:05d}" for i in range(n)], latents, {k: v[pick] for k, v in cond.items()},
-                     torch.ones(n, adapter.latent_shape[1]))
+    return ItemBatch(
+        [f"b{seed}-{i:05d}" for i in range(n)],
+        latents,
+        {k: v[pick] for k, v in cond.items()},
+        torch.ones(n, adapter.latent_shape[1]),
+    )
 
 
 def flops_per_row(adapter: StableAudioAdapter, items: ItemBatch) -> float:
@@ -209,8 +235,12 @@ def run(tiny: bool) -> dict:
     device = torch.device("cuda" if torch.cuda.is_available() and not tiny else "cpu")
     mem = Memory(device)
     started = time.perf_counter()
-    out: dict = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else
-                 "cpu", "mode": mode, "torch": torch.__version__}
+    out: dict = {
+        "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "mode": mode,
+        "torch": torch.__version__,
+    }
     with mem.phase("build"):
         adapter = build(tiny, device)
     out["params"] = sum(p.numel() for p in adapter.denoiser.parameters())
@@ -228,8 +258,9 @@ def run(tiny: bool) -> dict:
     with mem.phase("forward_bf16"):
         for rows in size["sweep"]:
             compute = Compute(device.type, "bfloat16", rows)
-            sweep[str(rows)] = round(draws_per_s(adapter, items.select(slice(0, rows * size["passes"] // k)), bf16,
-                                                 compute), 3)
+            sweep[str(rows)] = round(
+                draws_per_s(adapter, items.select(slice(0, rows * size["passes"] // k)), bf16, compute), 3
+            )
             log(f"bf16, {rows} rows per pass: {sweep[str(rows)]:.2f} item-draws/s")
     best = max(sweep, key=sweep.get)
     rate = sweep[best]
@@ -238,8 +269,9 @@ def run(tiny: bool) -> dict:
     out["peak_share"] = round(out["tflops"] / out["matmul_bf16_tflops"], 4)
     with mem.phase("forward_fp32"):
         rows32 = min(size["fp32_rows"], int(best))
-        rate32 = draws_per_s(adapter, items.select(slice(0, 2 * rows32 // k or 1)), fp32,
-                             Compute(device.type, None, rows32))
+        rate32 = draws_per_s(
+            adapter, items.select(slice(0, 2 * rows32 // k or 1)), fp32, Compute(device.type, None, rows32)
+        )
     out.update(item_draws_per_s_fp32=round(rate32, 3), tflops_fp32=round(rate32 * row_flops / 1e12, 4))
 
     # the GPU default compute: bf16 autocast for the step and the Fisher, `grad_rows` rows per backward pass
@@ -257,14 +289,26 @@ def run(tiny: bool) -> dict:
     query = items.select([0])  # the first ranked item unlearned as its own query (self-influence, DESIGN §1)
     with mem.phase("unlearn"):
         result, fallback = unlearn_once(adapter, query, fisher, fp32, compute, n_rank)
-    out.update(unlearn_s=round(result.seconds, 3), unlearn_probes=result.probes, unlearn_loss_ratio=result.loss_ratio,
-               unlearn_fallback=fallback)
+    out.update(
+        unlearn_s=round(result.seconds, 3),
+        unlearn_probes=result.probes,
+        unlearn_loss_ratio=result.loss_ratio,
+        unlearn_fallback=fallback,
+    )
 
     stamps: list[float] = []
     with mem.phase("gradients"):
-        gradient_store(adapter, [items.select(slice(0, size["gradient_items"] + 1))], fp32, "all", compute,
-                       k=size["sketch_k"], fisher=fisher, items_per_pass=1,
-                       progress=lambda _: (sync(device), stamps.append(time.perf_counter())))
+        gradient_store(
+            adapter,
+            [items.select(slice(0, size["gradient_items"] + 1))],
+            fp32,
+            "all",
+            compute,
+            k=size["sketch_k"],
+            fisher=fisher,
+            items_per_pass=1,
+            progress=lambda _: (sync(device), stamps.append(time.perf_counter())),
+        )
     # the first item carries the CountSketch's construction (O(D), once per store) and the warm-up: rate over the rest
     out["gradient_items_per_s"] = round((len(stamps) - 1) / (stamps[-1] - stamps[0]), 4)
 

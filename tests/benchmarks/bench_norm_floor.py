@@ -64,12 +64,22 @@ def trained_corpus(clips_per_artist: int = 16, steps: int = 500) -> tuple[Embedd
 
 
 def two_stage_agreement(l0, after, exact_rank, signals, norms, settings, draws) -> dict[str, float]:
-    staged = two_stage(l0, lambda idx, a, b: after[idx, a:b], signals, top=settings.candidates, first_draws=draws // 4,
-                       keep=settings.keep, score_type="normalized", item_norms=norms)
+    staged = two_stage(
+        l0,
+        lambda idx, a, b: after[idx, a:b],
+        signals,
+        top=settings.candidates,
+        first_draws=draws // 4,
+        keep=settings.keep,
+        score_type="normalized",
+        item_norms=norms,
+    )
     top_exact, top_staged = set(np.argsort(exact_rank)[:10]), set(np.argsort(staged.rank)[:10])
-    return {"jaccard10": len(top_exact & top_staged) / len(top_exact | top_staged),
-            "recall10": len(top_exact & set(np.flatnonzero(staged.rescored))) / 10,
-            "cost": staged.item_draws / after.size}
+    return {
+        "jaccard10": len(top_exact & top_staged) / len(top_exact | top_staged),
+        "recall10": len(top_exact & set(np.flatnonzero(staged.rescored))) / 10,
+        "cost": staged.item_draws / after.size,
+    }
 
 
 def main() -> None:
@@ -89,33 +99,57 @@ def measure(clips_per_artist: int, steps: int, n_targets: int, draws: int) -> di
     ids, compute, settings = batch.item_ids, Compute(), UnlearningSettings()
     protocol = LossProtocol(seed=0, draws=draws)
     fisher = fisher_diagonal(adapter, [batch], protocol, "all", compute, max_items=64)
-    grads = gradient_store(adapter, [batch], protocol, settings.param_subset, compute, k=settings.sketch_k,
-                           fisher=fisher, damping=settings.damping)
+    grads = gradient_store(
+        adapter,
+        [batch],
+        protocol,
+        settings.param_subset,
+        compute,
+        k=settings.sketch_k,
+        fisher=fisher,
+        damping=settings.damping,
+    )
     norms = grads.item_norms
     internal, audio = internal_embedding(adapter, batch, protocol, compute), audio_embedding(batch)
     l0 = batch_losses(adapter, batch, protocol, compute).loss.numpy().astype(np.float64)
     targets = [ids.index(i) for i in choose_targets(audio.numpy(), ids, n_targets, seed=0)]
-    print(f"setup {time.perf_counter() - start:.0f} s; N {len(ids)}; item norms median {np.median(norms):.4g}, "
-          f"min {norms.min():.4g}, max {norms.max():.4g}", flush=True)
+    print(
+        f"setup {time.perf_counter() - start:.0f} s; N {len(ids)}; item norms median {np.median(norms):.4g}, "
+        f"min {norms.min():.4g}, max {norms.max():.4g}",
+        flush=True,
+    )
     afters, ratios, stage = [], [], {"raw": [], "normalized": []}
     for t in targets:
         query = batch.select([t])
         s, result, after = attribute_exact(adapter, query, batch, l0, fisher, settings, protocol, compute, norms)
         ratios.append(result.loss_ratio)
-        print(f"  target {ids[t]}: ×{result.loss_ratio:.3f} on the protocol draws (search ×{result.search_ratio:.3f})"
-              + ("" if result.passed else ": FAILED the minimum"), flush=True)
+        print(
+            f"  target {ids[t]}: ×{result.loss_ratio:.3f} on the protocol draws (search ×{result.search_ratio:.3f})"
+            + ("" if result.passed else ": FAILED the minimum"),
+            flush=True,
+        )
         if after is None:
             continue
         afters.append((t, after))
         lin = linearized_scores(grads, result.delta)
-        sims = {"internal": cosine_scores(internal_embedding(adapter, query, protocol, compute), internal).numpy(),
-                "audio": cosine_scores(audio_embedding(query), audio).numpy()}
+        sims = {
+            "internal": cosine_scores(internal_embedding(adapter, query, protocol, compute), internal).numpy(),
+            "audio": cosine_scores(audio_embedding(query), audio).numpy(),
+        }
         scored = score_columns(l0, "normalized", norms, mean_delta=lin)["score"]  # as fast_paths.cheap_signals
         for name, signal in (("raw", lin), ("normalized", scored)):
-            stage[name].append(two_stage_agreement(l0, after, s["rank"], {**sims, "linearized": signal}, norms,
-                                                   settings, protocol.draws))
-    out: dict = {"items": len(ids), "targets": len(targets), "failed": len(targets) - len(afters),
-                 "loss_ratios": [round(r, 4) for r in ratios], "by_floor": {}}
+            stage[name].append(
+                two_stage_agreement(
+                    l0, after, s["rank"], {**sims, "linearized": signal}, norms, settings, protocol.draws
+                )
+            )
+    out: dict = {
+        "items": len(ids),
+        "targets": len(targets),
+        "failed": len(targets) - len(afters),
+        "loss_ratios": [round(r, 4) for r in ratios],
+        "by_floor": {},
+    }
     for frac in FRACTIONS:
         ranks, low = [], []
         for t, after in afters:
@@ -125,16 +159,23 @@ def measure(clips_per_artist: int, steps: int, n_targets: int, draws: int) -> di
         if not ranks:  # every unlearning failed the minimum: nothing ranked
             continue
         r = np.array(ranks)
-        out["by_floor"][frac] = {"R": round(float(r.mean()), 3), "first": int((r == 1).sum()),
-                                 "top10_low_norm_share": round(float(np.mean(low)), 3)}
-        print(f"floor {frac:.2f} × median: R {r.mean():.3f}, first {(r == 1).sum()}/{len(r)}, "
-              f"top-10 in the lowest-norm decile {np.mean(low):.3f}; ranks {ranks}", flush=True)
+        out["by_floor"][frac] = {
+            "R": round(float(r.mean()), 3),
+            "first": int((r == 1).sum()),
+            "top10_low_norm_share": round(float(np.mean(low)), 3),
+        }
+        print(
+            f"floor {frac:.2f} × median: R {r.mean():.3f}, first {(r == 1).sum()}/{len(r)}, "
+            f"top-10 in the lowest-norm decile {np.mean(low):.3f}; ranks {ranks}",
+            flush=True,
+        )
     for score_type in ("mean_delta", "skew") if afters else ():
         r = np.array([int(attribution_scores(l0, a, score_type)["rank"][t]) for t, a in afters])
         out[score_type] = {"R": round(float(r.mean()), 3), "first": int((r == 1).sum())}
     for name, rows in stage.items() if afters else ():
-        out[f"two_stage_{name}"] = {m: round(float(np.mean([r[m] for r in rows])), 3)
-                                    for m in ("jaccard10", "recall10", "cost")}
+        out[f"two_stage_{name}"] = {
+            m: round(float(np.mean([r[m] for r in rows])), 3) for m in ("jaccard10", "recall10", "cost")
+        }
         out[f"two_stage_{name}"]["jaccard10_min"] = round(float(min(r["jaccard10"] for r in rows)), 3)
         print(f"two-stage (candidates {settings.candidates:.0%}, linearized signal {name}): {out[f'two_stage_{name}']}")
     out["seconds"] = round(time.perf_counter() - start)

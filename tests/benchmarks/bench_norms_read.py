@@ -39,8 +39,17 @@ def build(storage: Storage, items: int, k: int, shards: int, parameters: int) ->
         shard = f"shard-{s:02d}"
         part_ids = [f"item-{i:07d}" for i in part]
         storage.write_tensors(key("training_features", encoder_id=ENCODER, shard=shard), {"x": torch.zeros(1)})
-        store = GradientStore(part_ids, torch.randn(len(part), k, generator=gen), "all", IDENTITY.protocol_id, False, k, 0,
-                              {"w": parameters}, damping=spec.damping)
+        store = GradientStore(
+            part_ids,
+            torch.randn(len(part), k, generator=gen),
+            "all",
+            IDENTITY.protocol_id,
+            False,
+            k,
+            0,
+            {"w": parameters},
+            damping=spec.damping,
+        )
         write_gradient_store(storage, IDENTITY, spec, shard, store, digest)
         ids += part_ids
     return ids
@@ -59,13 +68,21 @@ def measure(storage: Storage, args: argparse.Namespace) -> dict:
     ids = build(storage, args.items, args.k, args.shards, args.parameters)
     spec = GradientSpec(k=args.k)
     order = list(reversed(ids))
-    before, old = timed(lambda: read_gradient_store(storage, IDENTITY, spec, read_fisher(storage, IDENTITY), ENCODER,
-                                                    order).item_norms, args.repeats)
+    before, old = timed(
+        lambda: read_gradient_store(storage, IDENTITY, spec, read_fisher(storage, IDENTITY), ENCODER, order).item_norms,
+        args.repeats,
+    )
     after, new = timed(lambda: read_gradient_norms(storage, IDENTITY, spec, ENCODER, order), args.repeats)
     assert np.array_equal(old, new), "the stored norms differ from the rows' norms"
     rows_mb = args.items * args.k * 4 / 2**20
-    return {"root": storage.protocol, "rows_MiB": round(rows_mb, 1), "fisher_MiB": round(args.parameters * 4 / 2**20, 1),
-            "store_and_fisher_s": round(before, 3), "stored_norms_s": round(after, 4), "speedup": round(before / after, 1)}
+    return {
+        "root": storage.protocol,
+        "rows_MiB": round(rows_mb, 1),
+        "fisher_MiB": round(args.parameters * 4 / 2**20, 1),
+        "store_and_fisher_s": round(before, 3),
+        "stored_norms_s": round(after, 4),
+        "speedup": round(before / after, 1),
+    }
 
 
 def main() -> None:
@@ -88,10 +105,15 @@ def main() -> None:
             results.append(measure(Storage(use_moto(mp, endpoint)), args))
         mp.undo()
     for r in results:
-        print(f"{r['root']:>5}: store {r['rows_MiB']} MiB + Fisher {r['fisher_MiB']} MiB read in {r['store_and_fisher_s']} s; "
-              f"stored norms in {r['stored_norms_s']} s ({r['speedup']}x)")
-    print(json.dumps({"items": args.items, "k": args.k, "shards": args.shards, "parameters": args.parameters,
-                      "results": results}))
+        print(
+            f"{r['root']:>5}: store {r['rows_MiB']} MiB + Fisher {r['fisher_MiB']} MiB read in "
+            f"{r['store_and_fisher_s']} s; stored norms in {r['stored_norms_s']} s ({r['speedup']}x)"
+        )
+    print(
+        json.dumps(
+            {"items": args.items, "k": args.k, "shards": args.shards, "parameters": args.parameters, "results": results}
+        )
+    )
 
 
 if __name__ == "__main__":

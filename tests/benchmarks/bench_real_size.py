@@ -35,8 +35,12 @@ GRID = """configs:
     target_ratio: 1.5
     ratio_tolerance: 0.5
 """
-CAPTIONS = ("slow calm piano melody in minor", "fast bright drums groove with bass", "warm ambient synth chord loop",
-            "soft acoustic guitar folk song")
+CAPTIONS = (
+    "slow calm piano melody in minor",
+    "fast bright drums groove with bass",
+    "warm ambient synth chord loop",
+    "soft acoustic guitar folk song",
+)
 
 
 def write_clips(folder: Path, n: int, seconds: float) -> list[Path]:
@@ -95,16 +99,27 @@ def item_draw_seconds(folder: Path, threads: int) -> tuple[float, dict[str, int]
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--folder", type=Path, default=Path("/tmp/tda-real-size/model"),
-                        help="the real-size StableAudioPipeline folder (built there when missing)")
-    parser.add_argument("--work", type=Path, default=Path("/tmp/tda-real-size/run"),
-                        help="clips, manifest, storage root and Dagster instance of the run (emptied first)")
+    parser.add_argument(
+        "--folder",
+        type=Path,
+        default=Path("/tmp/tda-real-size/model"),
+        help="the real-size StableAudioPipeline folder (built there when missing)",
+    )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/tda-real-size/run"),
+        help="clips, manifest, storage root and Dagster instance of the run (emptied first)",
+    )
     parser.add_argument("--items", type=int, default=3, help="training items")
     parser.add_argument("--seconds", type=float, default=30.0, help="clip length (the window is 47.55 s)")
     parser.add_argument("--draws", type=int, default=2, help="TDA_DRAWS, protocol draws per item")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--resume", action="store_true", help="keep --work's root and instance: `tda prepare` then "
-                                                              "skips the phases already current (e.g. the features)")
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep --work's root and instance: `tda prepare` then skips the phases already current (e.g. the features)",
+    )
     args = parser.parse_args(argv)
 
     import shutil
@@ -120,28 +135,65 @@ def main(argv: list[str] | None = None) -> None:
     manifest.write_text("item_id,audio_uri,caption,artist\n" + "\n".join(rows) + "\n")
     grid = args.work / "grid.yaml"
     grid.write_text(GRID)
-    env = {**os.environ, "TDA_CHECKPOINT": str(args.folder), "TDA_STORAGE_URL": str(args.work / "root"),
-           "DAGSTER_HOME": str(args.work / "home"), "TDA_SHARDS": "1", "TDA_DRAWS": str(args.draws),
-           "TDA_BATCH_SIZE": "2", "TDA_GRAD_ROWS": "1", "TDA_GRID_FILE": str(grid), "TDA_DEVICE": "cpu",
-           "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "TDA_CHECKPOINT": str(args.folder),
+        "TDA_STORAGE_URL": str(args.work / "root"),
+        "DAGSTER_HOME": str(args.work / "home"),
+        "TDA_SHARDS": "1",
+        "TDA_DRAWS": str(args.draws),
+        "TDA_BATCH_SIZE": "2",
+        "TDA_GRAD_ROWS": "1",
+        "TDA_GRID_FILE": str(grid),
+        "TDA_DEVICE": "cpu",
+        "OMP_NUM_THREADS": str(args.threads),
+        "HF_HUB_OFFLINE": "1",
+    }
     (args.work / "home").mkdir(parents=True, exist_ok=True)
     (args.work / "home" / "dagster.yaml").write_text("")  # a fresh instance of its own, sqlite under the run folder
     settings = {k: v for k, v in env.items() if k.startswith("TDA_")}
     print("settings: " + " ".join(f"{k}={v}" for k, v in sorted(settings.items())), flush=True)
     prepare = run_phase("prepare", [python, "-m", "tda_assets.cli", "prepare", "--manifest", str(manifest)], env)
-    attribute = run_phase("attribute", [python, "-m", "tda_assets.cli", "attribute", "--audio", str(clips[-1]),
-                                        "--prompt", CAPTIONS[-1], "--config", "real-size", "-k", "3"], env)
+    attribute = run_phase(
+        "attribute",
+        [
+            python,
+            "-m",
+            "tda_assets.cli",
+            "attribute",
+            "--audio",
+            str(clips[-1]),
+            "--prompt",
+            CAPTIONS[-1],
+            "--config",
+            "real-size",
+            "-k",
+            "3",
+        ],
+        env,
+    )
     item_draw_s, counts = item_draw_seconds(args.folder, args.threads)
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()), flush=True)
     print(f"one item-draw forward (batch_losses, 1 item x 1 draw): {item_draw_s:.1f} s", flush=True)
-    print(json.dumps({
-        "params": counts["transformer"], "params_by_component": counts,
-        "peak_rss_gb": max(prepare["peak_rss_gb"], attribute["peak_rss_gb"]),
-        "prepare_s": prepare["s"], "prepare_peak_rss_gb": prepare["peak_rss_gb"],
-        "attribute_s": attribute["s"], "attribute_peak_rss_gb": attribute["peak_rss_gb"],
-        "item_draw_s": round(item_draw_s, 2), "items": args.items, "draws": args.draws, "settings": settings,
-        "resumed": args.resume,
-    }), flush=True)
+    print(
+        json.dumps(
+            {
+                "params": counts["transformer"],
+                "params_by_component": counts,
+                "peak_rss_gb": max(prepare["peak_rss_gb"], attribute["peak_rss_gb"]),
+                "prepare_s": prepare["s"],
+                "prepare_peak_rss_gb": prepare["peak_rss_gb"],
+                "attribute_s": attribute["s"],
+                "attribute_peak_rss_gb": attribute["peak_rss_gb"],
+                "item_draw_s": round(item_draw_s, 2),
+                "items": args.items,
+                "draws": args.draws,
+                "settings": settings,
+                "resumed": args.resume,
+            }
+        ),
+        flush=True,
+    )
 
 
 if __name__ == "__main__":

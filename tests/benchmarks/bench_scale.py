@@ -66,7 +66,10 @@ def median_s(fn, repeat: int = 5) -> float:
 def random_items(adapter: EmbeddedAdapter, n: int, seed: int = 0) -> ItemBatch:
     g = torch.Generator().manual_seed(seed)
     c, t = adapter.latent_shape
-    cond = {"encoder_hidden_states": torch.randn(n, 24, 384, generator=g), "global_hidden_states": torch.randn(n, 1, 384, generator=g)}
+    cond = {
+        "encoder_hidden_states": torch.randn(n, 24, 384, generator=g),
+        "global_hidden_states": torch.randn(n, 1, 384, generator=g),
+    }
     return ItemBatch([f"s{seed}-{i:05d}" for i in range(n)], torch.randn(n, c, t, generator=g), cond, torch.ones(n, t))
 
 
@@ -76,7 +79,8 @@ def jaccard10(a: np.ndarray, b_rank: np.ndarray) -> float:
 
 
 def forward_figures(adapter: EmbeddedAdapter, batch_sizes: list[int], rounds: int = 5, n: int = 2048) -> dict:
-    """Matmul peak (n² mm), bare forward GFLOP/s per batch size, pipeline (batch_losses) throughput and its ratio to bare."""
+    """Matmul peak (n² mm), bare forward GFLOP/s per batch size, pipeline (batch_losses) throughput and its ratio to
+    bare."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     matmul = 2 * n**3 / median_s(lambda: torch.mm(a, b)) / 1e9
@@ -102,8 +106,10 @@ def forward_figures(adapter: EmbeddedAdapter, batch_sizes: list[int], rounds: in
     for bs in batch_sizes:
         bare, pipe = bs / statistics.median(bare_t[bs]), len(items) * proto.draws / statistics.median(pipe_t[bs])
         out["bare"][bs], out["pipeline"][bs] = bare * flops / 1e9, pipe
-        print(f"forward bs {bs:4d}: {flops / 1e6:.1f} MFLOP/row, bare {bare:6.0f} rows/s = {bare * flops / 1e9:6.1f} GFLOP/s, "
-              f"pipeline {pipe:6.0f} item-draws/s (pipeline/bare {pipe / bare:.2f})")
+        print(
+            f"forward bs {bs:4d}: {flops / 1e6:.1f} MFLOP/row, bare {bare:6.0f} rows/s = "
+            f"{bare * flops / 1e9:6.1f} GFLOP/s, pipeline {pipe:6.0f} item-draws/s (pipeline/bare {pipe / bare:.2f})"
+        )
     best = max(out["bare"], key=out["bare"].get)
     out["best_bs"], out["flops_per_row"] = best, flops
     out["forward_gflops"] = out["bare"][best]
@@ -124,14 +130,28 @@ def cost_figures(adapter: EmbeddedAdapter, n_demo: int, n_big: int, bs: int, k: 
 
     # gradient store: build rate and size (per item), then a synthetic store of n_big rows for the query cost
     t0 = time.perf_counter()
-    store = gradient_store(adapter, [demo.select(slice(0, 32))], proto, settings.param_subset, compute, k=k, fisher=fisher)
+    store = gradient_store(
+        adapter, [demo.select(slice(0, 32))], proto, settings.param_subset, compute, k=k, fisher=fisher
+    )
     per_item = (time.perf_counter() - t0) / 32
-    print(f"gradient store: {1 / per_item:.2f} items/s (D={store.sketch.dim}, k={k}), {store.bytes_per_item} bytes/item "
-          f"→ {n_big * per_item / 3600:.2f} h and {n_big * store.bytes_per_item / 1e6:.0f} MB for {n_big} items")
+    print(
+        f"gradient store: {1 / per_item:.2f} items/s (D={store.sketch.dim}, k={k}), {store.bytes_per_item} bytes/item "
+        f"→ {n_big * per_item / 3600:.2f} h and {n_big * store.bytes_per_item / 1e6:.0f} MB for {n_big} items"
+    )
 
     def linearized_cost(n: int) -> float:
-        big = GradientStore([f"x{i}" for i in range(n)], torch.randn(n, k), store.param_subset, store.protocol_id,
-                            store.masked, k, store.seed, store.sizes, store.scale, store.damping)
+        big = GradientStore(
+            [f"x{i}" for i in range(n)],
+            torch.randn(n, k),
+            store.param_subset,
+            store.protocol_id,
+            store.masked,
+            k,
+            store.seed,
+            store.sizes,
+            store.scale,
+            store.damping,
+        )
         big.sketch  # noqa: B018  (built once per store, not per query)
         return t_unlearn + median_s(lambda: linearized_scores(big, result.delta), 3)
 
@@ -140,7 +160,9 @@ def cost_figures(adapter: EmbeddedAdapter, n_demo: int, n_big: int, bs: int, k: 
         items = demo if n == n_demo else random_items(adapter, n, seed=1)
         base = np.zeros((n, proto.draws))  # baseline losses are precomputed; their values do not change the cost
         fn = unlearned_losses_fn(adapter, items, result.delta, proto, compute)
-        shared = np.random.default_rng(0).standard_normal(n)  # candidates = TOP of N (correlated real signals: see agreement)
+        shared = np.random.default_rng(0).standard_normal(
+            n
+        )  # candidates = TOP of N (correlated real signals: see agreement)
         signals = {name: shared for name in ("internal", "audio", "linearized")}
         start = time.perf_counter()
         staged = two_stage(base, fn, signals, top=TOP, first_draws=proto.draws // FIRST_DRAWS_DIV, keep=KEEP)
@@ -159,14 +181,23 @@ def cost_figures(adapter: EmbeddedAdapter, n_demo: int, n_big: int, bs: int, k: 
             start = time.perf_counter()
             by_count = two_stage(base, fn, signals, top=count, first_draws=proto.draws // FIRST_DRAWS_DIV, keep=KEEP)
             t_count = t_unlearn + time.perf_counter() - start
-            print(f"N={n:6d}: two-stage with {count} candidates per signal {t_count:7.1f} s/query (measured, "
-                  f"{by_count.item_draws} item-draws = {by_count.item_draws / (n * proto.draws):.2%} of exact)")
+            print(
+                f"N={n:6d}: two-stage with {count} candidates per signal {t_count:7.1f} s/query (measured, "
+                f"{by_count.item_draws} item-draws = {by_count.item_draws / (n * proto.draws):.2%} of exact)"
+            )
         t_lin = linearized_cost(n)
-        print(f"N={n:6d}: exact {t_exact:8.1f} s/query ({exact_note}); two-stage {t_stage:7.1f} s/query (measured, "
-              f"{staged.item_draws} item-draws = {staged.item_draws / (n * proto.draws):.1%} of exact); "
-              f"linearized {t_lin:6.2f} s/query (measured: unlearn + [N, k]·[k])")
-        out[label] = {"exact_s": t_exact, "two_stage_s": t_stage, "linearized_s": t_lin, "exact_measured": n == n_demo,
-                      **({"two_stage_count_s": t_count, "two_stage_count": count} if n == n_big else {})}
+        print(
+            f"N={n:6d}: exact {t_exact:8.1f} s/query ({exact_note}); two-stage {t_stage:7.1f} s/query (measured, "
+            f"{staged.item_draws} item-draws = {staged.item_draws / (n * proto.draws):.1%} of exact); "
+            f"linearized {t_lin:6.2f} s/query (measured: unlearn + [N, k]·[k])"
+        )
+        out[label] = {
+            "exact_s": t_exact,
+            "two_stage_s": t_stage,
+            "linearized_s": t_lin,
+            "exact_measured": n == n_demo,
+            **({"two_stage_count_s": t_count, "two_stage_count": count} if n == n_big else {}),
+        }
     return out
 
 
@@ -176,8 +207,10 @@ def agreement_figures(queries_n: int, k: int) -> dict:
 
     adapter, train, queries, fisher, l0 = tiny_trained()
     n, compute = len(train), Compute()
-    stores = {"sketched": gradient_store(adapter, [train], PROTOCOL, "all", compute, k=k, fisher=fisher),
-              "unsketched": gradient_store(adapter, [train], PROTOCOL, "all", compute, k=None)}
+    stores = {
+        "sketched": gradient_store(adapter, [train], PROTOCOL, "all", compute, k=k, fisher=fisher),
+        "unsketched": gradient_store(adapter, [train], PROTOCOL, "all", compute, k=None),
+    }
     internal = internal_embedding(adapter, train, PROTOCOL, compute)
     rows: dict[str, list] = {}
     for q in range(queries_n):
@@ -188,24 +221,34 @@ def agreement_figures(queries_n: int, k: int) -> dict:
             fn = unlearned_losses_fn(adapter, train, result.delta, PROTOCOL, compute)
             exact = attribution_scores(l0, fn(np.arange(n), 0, PROTOCOL.draws))["score"]
             full_lin = linearized_scores(stores["unsketched"], result.delta)
-            signals = {"internal": cosine_scores(internal_embedding(adapter, query, PROTOCOL, compute), internal).numpy(),
-                       "audio": cosine_scores(audio_embedding(query), audio_embedding(train)).numpy(), "linearized": lin}
+            signals = {
+                "internal": cosine_scores(internal_embedding(adapter, query, PROTOCOL, compute), internal).numpy(),
+                "audio": cosine_scores(audio_embedding(query), audio_embedding(train)).numpy(),
+                "linearized": lin,
+            }
             staged = two_stage(l0, fn, signals, top=TOP, first_draws=PROTOCOL.draws // FIRST_DRAWS_DIV, keep=KEEP)
             full = staged.draws_used == PROTOCOL.draws
-            rows.setdefault(step, []).append({
-                "ratio": result.loss_ratio,
-                "lin_spearman": spearmanr(lin, exact)[0], "lin_jaccard10": jaccard10(lin, np.argsort(np.argsort(-exact))),
-                "unsketched_spearman": spearmanr(full_lin, exact)[0],
-                "two_stage_jaccard10": jaccard10(exact, staged.rank),
-                "two_stage_spearman_rescored": spearmanr(staged.score[full], exact[full])[0],
-                "two_stage_cost": staged.item_draws / (n * PROTOCOL.draws)})
+            rows.setdefault(step, []).append(
+                {
+                    "ratio": result.loss_ratio,
+                    "lin_spearman": spearmanr(lin, exact)[0],
+                    "lin_jaccard10": jaccard10(lin, np.argsort(np.argsort(-exact))),
+                    "unsketched_spearman": spearmanr(full_lin, exact)[0],
+                    "two_stage_jaccard10": jaccard10(exact, staged.rank),
+                    "two_stage_spearman_rescored": spearmanr(staged.score[full], exact[full])[0],
+                    "two_stage_cost": staged.item_draws / (n * PROTOCOL.draws),
+                }
+            )
     summary = {}
     for step, rs in rows.items():
         mean = {key: float(np.mean([r[key] for r in rs])) for key in rs[0]}
         summary[step] = mean
-        print(f"agreement, {step} step (query loss ×{min(r['ratio'] for r in rs):.4f}–×{max(r['ratio'] for r in rs):.4f}, "
-              f"{len(rs)} queries, N={n}, tiny model D={stores['sketched'].sketch.dim}, k={k}): "
-              + ", ".join(f"{key} {v:.3f}" for key, v in mean.items() if key != "ratio"))
+        print(
+            f"agreement, {step} step "
+            f"(query loss ×{min(r['ratio'] for r in rs):.4f}–×{max(r['ratio'] for r in rs):.4f}, "
+            f"{len(rs)} queries, N={n}, tiny model D={stores['sketched'].sketch.dim}, k={k}): "
+            + ", ".join(f"{key} {v:.3f}" for key, v in mean.items() if key != "ratio")
+        )
     return summary
 
 
@@ -215,9 +258,14 @@ def main() -> None:
     parser.add_argument("--big-items", type=int, default=10_000)
     parser.add_argument("--k", type=int, default=4096)
     parser.add_argument("--queries", type=int, default=3)
-    parser.add_argument("--root", default="dagster_home/storage",
-                        help="a storage root where `make demo` ran: agreement is then measured on its queries (N = 320)")
-    parser.add_argument("--threads", type=int, help="torch threads (default: torch's; 1 is the stable figure on shared cores)")
+    parser.add_argument(
+        "--root",
+        default="dagster_home/storage",
+        help="a storage root where `make demo` ran: agreement is then measured on its queries (N = 320)",
+    )
+    parser.add_argument(
+        "--threads", type=int, help="torch threads (default: torch's; 1 is the stable figure on shared cores)"
+    )
     parser.add_argument("--batch-sizes", default="32,64,128,256", help="forward batch sizes timed (comma-separated)")
     parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds of the forward timings")
     parser.add_argument("--matmul-n", type=int, default=2048, help="side of the square matmul of the fp32 peak")
@@ -243,29 +291,46 @@ def main() -> None:
         print(f"no demo root at {args.root}: agreement below is the tiny model's only (run `make demo` first)")
     print(f"total {time.perf_counter() - start:.0f} s, load average {os.getloadavg()[0]:.1f}")
     shipped = demo["two_stage"][SHIPPED_TWO_STAGE] if demo else None
-    print(json.dumps({
-        "matmul_gflops": round(fwd["matmul_gflops"], 1), "forward_gflops": round(fwd["forward_gflops"], 1),
-        "forward_best_batch_rows": fwd["best_bs"], "pipeline_over_bare": round(fwd["pipeline_over_bare"], 3),
-        "exact_s_per_query_demo": round(cost["demo"]["exact_s"], 2), "two_stage_s_per_query_demo": round(cost["demo"]["two_stage_s"], 2),
-        "linearized_s_per_query_demo": round(cost["demo"]["linearized_s"], 3),
-        "exact_s_per_query_10k": round(cost["10k"]["exact_s"], 1), "exact_10k_extrapolated": True,
-        "two_stage_s_per_query_10k": round(cost["10k"]["two_stage_s"], 1),
-        "two_stage_s_per_query_10k_by_count": round(cost["10k"]["two_stage_count_s"], 1),
-        "two_stage_10k_candidates_per_signal": cost["10k"]["two_stage_count"],
-        "linearized_s_per_query_10k": round(cost["10k"]["linearized_s"], 3),
-        "gradient_store_items_per_s": round(cost["store_items_per_s"], 2), "gradient_store_bytes_per_item": cost["store_bytes_per_item"],
-        # agreement on the demo's queries when a demo root exists, else on the tiny model
-        "agreement_on": f"demo queries (N={demo['items']}, {demo['queries']} queries)" if demo else "tiny model",
-        "two_stage_top10_jaccard": shipped["top10_jaccard"] if demo else round(agree["moderate"]["two_stage_jaccard10"], 3),
-        "two_stage_spearman_rescored": shipped["spearman_rescored"] if demo else round(agree["moderate"]["two_stage_spearman_rescored"], 3),
-        "linearized_spearman": demo["linearized_spearman"] if demo else round(agree["tiny"]["lin_spearman"], 3),
-        "linearized_top10_jaccard": demo["linearized_top10_jaccard"] if demo else round(agree["tiny"]["lin_jaccard10"], 3),
-        "tiny_model_two_stage_top10_jaccard": round(agree["moderate"]["two_stage_jaccard10"], 3),
-        "tiny_model_linearized_spearman_tiny_step": round(agree["tiny"]["lin_spearman"], 3),
-        "tiny_model_linearized_spearman_unsketched": round(agree["tiny"]["unsketched_spearman"], 3),
-        "tiny_model_linearized_spearman_moderate_step": round(agree["moderate"]["lin_spearman"], 3),
-        **({"demo_two_stage_settings": demo["two_stage"]} if demo else {}),
-    }))
+    print(
+        json.dumps(
+            {
+                "matmul_gflops": round(fwd["matmul_gflops"], 1),
+                "forward_gflops": round(fwd["forward_gflops"], 1),
+                "forward_best_batch_rows": fwd["best_bs"],
+                "pipeline_over_bare": round(fwd["pipeline_over_bare"], 3),
+                "exact_s_per_query_demo": round(cost["demo"]["exact_s"], 2),
+                "two_stage_s_per_query_demo": round(cost["demo"]["two_stage_s"], 2),
+                "linearized_s_per_query_demo": round(cost["demo"]["linearized_s"], 3),
+                "exact_s_per_query_10k": round(cost["10k"]["exact_s"], 1),
+                "exact_10k_extrapolated": True,
+                "two_stage_s_per_query_10k": round(cost["10k"]["two_stage_s"], 1),
+                "two_stage_s_per_query_10k_by_count": round(cost["10k"]["two_stage_count_s"], 1),
+                "two_stage_10k_candidates_per_signal": cost["10k"]["two_stage_count"],
+                "linearized_s_per_query_10k": round(cost["10k"]["linearized_s"], 3),
+                "gradient_store_items_per_s": round(cost["store_items_per_s"], 2),
+                "gradient_store_bytes_per_item": cost["store_bytes_per_item"],
+                # agreement on the demo's queries when a demo root exists, else on the tiny model
+                "agreement_on": f"demo queries (N={demo['items']}, {demo['queries']} queries)"
+                if demo
+                else "tiny model",
+                "two_stage_top10_jaccard": shipped["top10_jaccard"]
+                if demo
+                else round(agree["moderate"]["two_stage_jaccard10"], 3),
+                "two_stage_spearman_rescored": shipped["spearman_rescored"]
+                if demo
+                else round(agree["moderate"]["two_stage_spearman_rescored"], 3),
+                "linearized_spearman": demo["linearized_spearman"] if demo else round(agree["tiny"]["lin_spearman"], 3),
+                "linearized_top10_jaccard": demo["linearized_top10_jaccard"]
+                if demo
+                else round(agree["tiny"]["lin_jaccard10"], 3),
+                "tiny_model_two_stage_top10_jaccard": round(agree["moderate"]["two_stage_jaccard10"], 3),
+                "tiny_model_linearized_spearman_tiny_step": round(agree["tiny"]["lin_spearman"], 3),
+                "tiny_model_linearized_spearman_unsketched": round(agree["tiny"]["unsketched_spearman"], 3),
+                "tiny_model_linearized_spearman_moderate_step": round(agree["moderate"]["lin_spearman"], 3),
+                **({"demo_two_stage_settings": demo["two_stage"]} if demo else {}),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,13 +43,17 @@ def runner_on(url: str, monkeypatch: pytest.MonkeyPatch) -> Runner:
 
 def snapshot(root: Path) -> dict[str, str]:
     """`relative path → sha256` of every file under a local root, hidden ones included."""
-    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @contextmanager
 def one_torch_thread() -> Iterator[None]:
-    """torch on one thread (as the killed child runs): on a shared 2-core machine two threads spin-wait, 10-50x slower."""
+    """torch on one thread (as the killed child runs): on a shared 2-core machine two threads spin-wait, 10-50x
+    slower."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -48,21 +48,25 @@ def test_a_run_whose_pid_is_alive_on_this_host_is_alive():
 
 
 def test_a_run_whose_pid_is_gone_on_this_host_is_dead_and_the_reason_names_pid_and_host():
-    assert dead_reason(tags(), HOST, NOW, 300, alive=lambda pid, start: False) == \
-        "its process (pid 42 on node-a) is gone"
+    assert (
+        dead_reason(tags(), HOST, NOW, 300, alive=lambda pid, start: False) == "its process (pid 42 on node-a) is gone"
+    )
 
 
 def test_a_reused_pid_is_another_process():
     me, host = os.getpid(), socket.gethostname()
     assert dead_reason(tags(host=host, pid=me, start=pid_start(me)), host, NOW, 300) is None
-    assert dead_reason(tags(host=host, pid=me, start="1"), host, NOW, 300) == \
-        f"its process (pid {me} on {host}) is gone"
+    assert (
+        dead_reason(tags(host=host, pid=me, start="1"), host, NOW, 300) == f"its process (pid {me} on {host}) is gone"
+    )
 
 
 def test_a_run_of_another_host_is_dead_only_when_its_heartbeat_is_older_than_the_bound():
     assert dead_reason(tags(beat=NOW - 299), "node-b", NOW, 300) is None
-    assert dead_reason(tags(beat=NOW - 301), "node-b", NOW, 300) == \
-        "no heartbeat from its process (pid 42 on node-a) for 301 s (bound 300 s)"
+    assert (
+        dead_reason(tags(beat=NOW - 301), "node-b", NOW, 300)
+        == "no heartbeat from its process (pid 42 on node-a) for 301 s (bound 300 s)"
+    )
 
 
 def test_a_run_without_a_pid_tag_is_left_to_dagsters_run_monitoring():
@@ -91,8 +95,14 @@ def gone_pid() -> int:
 def started_run(instance: DagsterInstance, root: str, run_tags_: dict[str, str], slot_step: str | None = None) -> str:
     """A STARTED attribution run of `root` with `run_tags_`; holding the gpu slot for `slot_step` when given."""
     run_id = str(uuid.uuid4())
-    instance.add_run(DagsterRun(job_name="attribute_config", run_id=run_id, status=DagsterRunStatus.STARTED,
-                                tags={**run_tags("attribute", root), "dagster/partition": "q0|default", **run_tags_}))
+    instance.add_run(
+        DagsterRun(
+            job_name="attribute_config",
+            run_id=run_id,
+            status=DagsterRunStatus.STARTED,
+            tags={**run_tags("attribute", root), "dagster/partition": "q0|default", **run_tags_},
+        )
+    )
     if slot_step:
         assert instance.event_log_storage.claim_concurrency_slot(GPU_POOL, run_id, slot_step).is_claimed
     return run_id
@@ -125,8 +135,9 @@ def test_the_slots_a_finished_run_still_holds_are_freed(instance):
     assert held_slots(instance) == []
 
 
-def test_a_step_waiting_for_a_slot_logs_the_holder_and_gives_up_at_the_bound(instance, reference, tmp_path,
-                                                                             monkeypatch):
+def test_a_step_waiting_for_a_slot_logs_the_holder_and_gives_up_at_the_bound(
+    instance, reference, tmp_path, monkeypatch
+):
     root = reference.copy(tmp_path / "root")
     holder = started_run(instance, str(root), process_tags("holder"), slot_step="unlearned_losses")  # this process
     monkeypatch.setenv("TDA_TRAIN_STEPS", TRAIN_STEPS)
@@ -145,8 +156,9 @@ def test_a_step_waiting_for_a_slot_logs_the_holder_and_gives_up_at_the_bound(ins
     assert held_slots(instance) == [(holder, "unlearned_losses"), (holder, "unlearned_losses")]  # its slot, its claim
 
 
-def test_a_query_whose_clip_run_died_before_all_its_similarity_scores_gets_its_clip_run_again(reference, tmp_path,
-                                                                                              monkeypatch):
+def test_a_query_whose_clip_run_died_before_all_its_similarity_scores_gets_its_clip_run_again(
+    reference, tmp_path, monkeypatch
+):
     root = reference.copy(tmp_path / "root")
     runner = runner_on(str(root), monkeypatch)
     add_query(runner.storage, "a slow piano melody", "half")

@@ -40,8 +40,14 @@ QUERIES = 12
 SEED = 25  # the kill moments
 KILLED_IN = ("clip", "attribute", "attribute")  # the query run each kill lands in: the `gpu` slot held by query_clips,
 # unlearned_model or unlearned_losses, or a moment between steps
-PROMPTS = ("a plucked guitar tune", "a slow piano melody", "a fast bright synth line", "a low droning bass",
-           "a soft flute phrase", "a bouncy marimba loop")
+PROMPTS = (
+    "a plucked guitar tune",
+    "a slow piano melody",
+    "a fast bright synth line",
+    "a low droning bass",
+    "a soft flute phrase",
+    "a bouncy marimba loop",
+)
 
 
 @dataclass
@@ -55,8 +61,13 @@ class Drain:
 
     def start(self, log: Path) -> subprocess.Popen:
         with open(log, "a") as out:
-            return subprocess.Popen([sys.executable, "-m", "tda_assets.cli", "run-inbox"], env=self.env, cwd=REPO_ROOT,
-                                    stdout=out, stderr=subprocess.STDOUT)
+            return subprocess.Popen(
+                [sys.executable, "-m", "tda_assets.cli", "run-inbox"],
+                env=self.env,
+                cwd=REPO_ROOT,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
 
     def instance(self) -> DagsterInstance:
         """The instance the drains use (the fixture set DAGSTER_HOME and, for Postgres, DAGSTER_PG_*)."""
@@ -105,8 +116,15 @@ def drain(request, reference, tmp_path, monkeypatch) -> Drain:
         extra.update(server.dagster_env(server.create_database(f"drain_{uuid.uuid4().hex[:8]}")))
     for name, value in extra.items():  # this process reads the same instance
         monkeypatch.setenv(name, value)
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "TDA_STORAGE_URL": str(root), "TDA_TRAIN_STEPS": TRAIN_STEPS,
-           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO_ROOT),
+        "TDA_STORAGE_URL": str(root),
+        "TDA_TRAIN_STEPS": TRAIN_STEPS,
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "HF_HUB_OFFLINE": "1",
+    }
     return Drain(root, home, env, add_queries(root))
 
 
@@ -147,8 +165,9 @@ def wait_until(condition, child: subprocess.Popen, what: str, log: Path, timeout
 def held_slots(instance: DagsterInstance) -> list[tuple[str, str, str]]:
     storage = instance.event_log_storage
     infos = storage.get_concurrency_infos(sorted(storage.get_concurrency_keys()))
-    return [(k, s.run_id, s.step_key) for k, i in infos.items() for s in i.claimed_slots] + \
-           [(k, p.run_id, p.step_key) for k, i in infos.items() for p in i.pending_steps]
+    return [(k, s.run_id, s.step_key) for k, i in infos.items() for s in i.claimed_slots] + [
+        (k, p.run_id, p.step_key) for k, i in infos.items() for p in i.pending_steps
+    ]
 
 
 def test_kill_9_three_times_during_run_inbox_then_the_drain_ends_whole(drain, uninterrupted, tmp_path):
@@ -168,8 +187,13 @@ def test_kill_9_three_times_during_run_inbox_then_the_drain_ends_whole(drain, un
         restarted = time.monotonic()
         child = drain.start(log)  # releases the dead run before its first run, then drains on
         if dead:
-            wait_until(lambda: instance.get_run_record_by_id(dead[0]).dagster_run.status == DagsterRunStatus.FAILURE,
-                       child, f"release of run {dead[0]}", log, timeout=120)
+            wait_until(
+                lambda: instance.get_run_record_by_id(dead[0]).dagster_run.status == DagsterRunStatus.FAILURE,
+                child,
+                f"release of run {dead[0]}",
+                log,
+                timeout=120,
+            )
             recover_s.append(time.monotonic() - restarted)
     assert child.wait(900) == 0, log.read_text()[-3000:]
     assert killed, "no kill landed inside a run: change SEED"
@@ -183,8 +207,10 @@ def test_kill_9_three_times_during_run_inbox_then_the_drain_ends_whole(drain, un
     store = Storage(str(drain.root))
     runs = read_tables(store, "unlearning_runs")
     assert sorted(runs.filter(runs["query_id"].str.starts_with("chaos-"))["query_id"]) == drain.query_ids  # each once
-    succeeded = [r.dagster_run.tags["dagster/partition"] for r in instance.get_run_records(RunsFilter(
-        statuses=[DagsterRunStatus.SUCCESS], tags={STEP_TAG: "attribute"}))]
+    succeeded = [
+        r.dagster_run.tags["dagster/partition"]
+        for r in instance.get_run_records(RunsFilter(statuses=[DagsterRunStatus.SUCCESS], tags={STEP_TAG: "attribute"}))
+    ]
     assert len(succeeded) == len(set(succeeded))  # no query attributed twice
     assert contents(drain.root) == uninterrupted  # every table and tensor file, value for value
 
@@ -193,6 +219,7 @@ def test_sigterm_stops_run_inbox_within_seconds_its_run_failed_and_its_slots_fre
     log = tmp_path / "run-inbox.log"
     instance = drain.instance()
     child = drain.start(log)
+
     def mine() -> list[tuple[str, str, str]]:
         return [s for s in held_slots(instance) if s[1] in {r.dagster_run.run_id for r in runs_of(instance, child.pid)}]
 

@@ -1,5 +1,6 @@
 """Killed steps: `kill -9` of a real step process in the middle of its table write leaves the previous file or none,
-never half of one; no reader takes the stray temp file for a table; the rerun equals an uninterrupted run, byte for byte.
+never half of one; no reader takes the stray temp file for a table; the rerun equals an uninterrupted run, byte for
+byte.
 
 The child process materializes one step with the product code unchanged; only its `os.replace` is held (from the test
 side) once Storage's atomic write has written and flushed the temp file, just before the rename, and killed there.
@@ -64,15 +65,28 @@ def kill_mid_write(tmp_path: Path, root: Path, asset: str, partition: str, run_c
     """Run one step in a child process, SIGKILL it inside the write of its table; returns the temp and final paths."""
     script, marker = tmp_path / "child.py", tmp_path / "held.json"
     script.write_text(CHILD)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
-           "TDA_TRAIN_STEPS": TRAIN_STEPS, "HF_HUB_OFFLINE": "1"}
-    child = subprocess.Popen([sys.executable, str(script), str(root), asset, partition, str(marker), json.dumps(run_config)],
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+        "TDA_TRAIN_STEPS": TRAIN_STEPS,
+        "HF_HUB_OFFLINE": "1",
+    }
+    child = subprocess.Popen(
+        [sys.executable, str(script), str(root), asset, partition, str(marker), json.dumps(run_config)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not marker.exists():
             if child.poll() is not None:
-                pytest.fail(f"the {asset} step ended before its write ({child.returncode}): {child.stderr.read()[-3000:]}")
+                pytest.fail(
+                    f"the {asset} step ended before its write ({child.returncode}): {child.stderr.read()[-3000:]}"
+                )
             if time.monotonic() > deadline:
                 pytest.fail(f"the {asset} step did not reach its write in 240 s")
             time.sleep(0.05)
@@ -90,8 +104,9 @@ def without_hidden(files: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in files.items() if not any(part.startswith(".") for part in k.split("/"))}
 
 
-def test_kill_9_mid_write_of_a_baseline_shard_leaves_none_and_the_rerun_equals_the_uninterrupted_run(reference, tmp_path,
-                                                                                                       monkeypatch):
+def test_kill_9_mid_write_of_a_baseline_shard_leaves_none_and_the_rerun_equals_the_uninterrupted_run(
+    reference, tmp_path, monkeypatch
+):
     root = reference.copy(tmp_path / "storage")
     store = Storage(str(root))
     shards = read_tables(store, "baseline_losses")
@@ -115,14 +130,17 @@ def test_kill_9_mid_write_of_a_baseline_shard_leaves_none_and_the_rerun_equals_t
     assert without_hidden(snapshot(root)) == snapshot(reference.root)  # nothing lost, nothing else changed
 
 
-def test_kill_9_mid_write_of_unlearned_losses_leaves_the_previous_file_and_the_rerun_equals_it(reference, tmp_path,
-                                                                                                monkeypatch):
+def test_kill_9_mid_write_of_unlearned_losses_leaves_the_previous_file_and_the_rerun_equals_it(
+    reference, tmp_path, monkeypatch
+):
     root = reference.copy(tmp_path / "storage")
     store = Storage(str(root))
     (losses_file,) = root.glob(f"unlearned_losses/*/*/query_id={reference.query_id}/config_id={CONFIG.config_id}/*")
     previous = losses_file.read_bytes()
     counts = QueryEngine(store).table_counts()
-    run_config = {"ops": {"unlearned_losses": unlearning_run_config(CONFIG).to_config_dict()["ops"]["unlearned_losses"]}}
+    run_config = {
+        "ops": {"unlearned_losses": unlearning_run_config(CONFIG).to_config_dict()["ops"]["unlearned_losses"]}
+    }
 
     held = kill_mid_write(tmp_path, root, "unlearned_losses", reference.query_id, run_config)
 
@@ -155,5 +173,7 @@ def test_no_reader_of_any_layout_entry_takes_a_temp_file_for_one_of_its_files(tm
         assert store.glob(entry.glob()) == [real], entry.name
         if entry.is_table:  # DuckDB's views glob the same patterns segment by segment
             temp = posixpath.join(folder, temp_name(name))
-            assert not all(fnmatch.fnmatchcase(p, g) for p, g in zip(temp.split("/"), entry.glob().split("/"))), entry.name
+            assert not all(fnmatch.fnmatchcase(p, g) for p, g in zip(temp.split("/"), entry.glob().split("/"))), (
+                entry.name
+            )
         store.delete(real.split("/")[0], recursive=True)

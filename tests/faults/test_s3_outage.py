@@ -15,15 +15,26 @@ from tda_assets.io.tables import read_table, read_tables
 from tests.faults.conftest import CONFIG, runner_on
 from tests.s3_server import use_moto
 
-QUERY_OUTPUTS = ("query_clips", "queries", "unlearned_model", "unlearning_runs", "unlearned_losses", "attribution_scores",
-                 "similarity_scores", "unlearning_configs", "plots")
+QUERY_OUTPUTS = (
+    "query_clips",
+    "queries",
+    "unlearned_model",
+    "unlearning_runs",
+    "unlearned_losses",
+    "attribution_scores",
+    "similarity_scores",
+    "unlearning_configs",
+    "plots",
+)
 
 
 def objects(store: Storage) -> dict[str, str]:
     """`key → sha256` of every object under the root."""
     store.fs.invalidate_cache()
-    return {path[len(store.root) + 1:]: hashlib.sha256(store.fs.cat_file(path)).hexdigest()
-            for path in store.fs.find(store.root)}
+    return {
+        path[len(store.root) + 1 :]: hashlib.sha256(store.fs.cat_file(path)).hexdigest()
+        for path in store.fs.find(store.root)
+    }
 
 
 @pytest.fixture
@@ -69,7 +80,9 @@ def test_s3_stopped_mid_run_names_the_endpoint_and_the_rerun_loses_nothing(refer
     server["server"].start()
     during = objects(store)
     assert {k: during.get(k) for k in before} == before  # nothing written before the outage is lost
-    assert not any(k.startswith(("unlearned_losses/", "attribution_scores/")) for k in during)  # and nothing half-written
+    assert not any(
+        k.startswith(("unlearned_losses/", "attribution_scores/")) for k in during
+    )  # and nothing half-written
 
     runner.attribute(reference.query_id, CONFIG)  # the rerun, once the server is back
 
@@ -77,10 +90,15 @@ def test_s3_stopped_mid_run_names_the_endpoint_and_the_rerun_loses_nothing(refer
     assert {k: after.get(k) for k in before} == before
     local = Storage(str(reference.root))
     keys = {"query_id": reference.query_id, "config_id": CONFIG.config_id}
-    identity = read_tables(local, "attribution_scores", **keys).select("checkpoint_id", "protocol_id").row(0, named=True)
-    for table, table_keys in [("unlearned_losses", {**keys, **identity}), ("attribution_scores", {**keys, **identity}),
-                              ("unlearning_runs", {**keys, **identity}), ("similarity_scores", {"query_id": reference.query_id,
-                                                                                "method": "similarity:internal"})]:
+    identity = (
+        read_tables(local, "attribution_scores", **keys).select("checkpoint_id", "protocol_id").row(0, named=True)
+    )
+    for table, table_keys in [
+        ("unlearned_losses", {**keys, **identity}),
+        ("attribution_scores", {**keys, **identity}),
+        ("unlearning_runs", {**keys, **identity}),
+        ("similarity_scores", {"query_id": reference.query_id, "method": "similarity:internal"}),
+    ]:
         got, want = read_table(store, table, **table_keys), read_table(local, table, **table_keys)
         if table == "unlearning_runs":  # where the delta lives and how long it took differ by nature
             got, want = got.drop("delta_uri", "seconds"), want.drop("delta_uri", "seconds")

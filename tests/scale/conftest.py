@@ -12,8 +12,10 @@ def postgres() -> PostgresServer:
     """A PostgreSQL server (pgserver's wheel, else Debian's `postgresql`), stopped and deleted after the session."""
     bin_dir = postgres_bin_dir()
     if bin_dir is None:
-        pytest.skip("no PostgreSQL server binaries: install the test extras (pip install -e '.[test]', which brings "
-                    "the pgserver wheel) or Debian's postgresql (apt-get install postgresql)")
+        pytest.skip(
+            "no PostgreSQL server binaries: install the test extras (pip install -e '.[test]', which brings "
+            "the pgserver wheel) or Debian's postgresql (apt-get install postgresql)"
+        )
     server = start_postgres(bin_dir)
     yield server
     server.stop()

@@ -31,11 +31,14 @@ def _pgserver_bin() -> Path | None:
 
 
 def postgres_bin_dir() -> Path | None:
-    """The folder with `initdb`, `pg_ctl` and `postgres`: pgserver's wheel, else Debian's newest, else PATH; None if none."""
+    """The folder with `initdb`, `pg_ctl` and `postgres`: pgserver's wheel, else Debian's newest, else PATH; None if
+    none."""
     if found := _pgserver_bin():
         return found
-    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"), key=lambda p: int(p.parent.parent.name)
-                    if p.parent.parent.name.isdigit() else 0)
+    debian = sorted(
+        Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"),
+        key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0,
+    )
     if debian:
         return debian[-1].parent
     on_path = shutil.which("pg_ctl")
@@ -48,8 +51,10 @@ def _unprivileged_user() -> pwd.struct_passwd:
             return pwd.getpwnam(name)
         except KeyError:
             continue
-    raise RuntimeError("running as root and neither a `postgres` nor a `nobody` user exists: PostgreSQL will not run "
-                       "as root; create one (useradd postgres) or run the tests as another user")
+    raise RuntimeError(
+        "running as root and neither a `postgres` nor a `nobody` user exists: PostgreSQL will not run "
+        "as root; create one (useradd postgres) or run the tests as another user"
+    )
 
 
 def _reachable_by_others(path: Path) -> bool:
@@ -57,14 +62,17 @@ def _reachable_by_others(path: Path) -> bool:
 
 
 def _reachable_copy(bin_dir: Path, into: Path) -> Path:
-    """A copy of pgserver's install another user can reach (its binaries find their libraries relative to themselves)."""
+    """A copy of pgserver's install another user can reach (its binaries find their libraries relative to
+    themselves)."""
     package = bin_dir.parent.parent  # .../site-packages/pgserver
     shutil.copytree(package / "pginstall", into / "pgserver" / "pginstall", symlinks=True)
     libs = package.parent / "pgserver.libs"
     if libs.is_dir():
         shutil.copytree(libs, into / "pgserver.libs", symlinks=True)
     for p in into.rglob("*"):
-        p.chmod(p.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if p.is_dir() or p.stat().st_mode & stat.S_IXUSR else 0))
+        p.chmod(
+            p.stat().st_mode | stat.S_IROTH | (stat.S_IXOTH if p.is_dir() or p.stat().st_mode & stat.S_IXUSR else 0)
+        )
     return into / "pgserver" / "pginstall" / "bin"
 
 
@@ -88,15 +96,17 @@ class PostgresServer:
 
     def _run(self, *args: str) -> subprocess.CompletedProcess:
         ids = dict(user=self.run_as.pw_uid, group=self.run_as.pw_gid, extra_groups=[]) if self.run_as else {}
-        return subprocess.run([str(self.bin_dir / args[0]), *args[1:]], check=True, capture_output=True, text=True,
-                              timeout=60, **ids)
+        return subprocess.run(
+            [str(self.bin_dir / args[0]), *args[1:]], check=True, capture_output=True, text=True, timeout=60, **ids
+        )
 
     def create_database(self, name: str) -> str:
         """A new empty database `name` (tests keep their instances apart this way); returns its name."""
         import psycopg2
 
-        connection = psycopg2.connect(host=self.host, port=self.port, user=self.user, password=self.password,
-                                      dbname="postgres")
+        connection = psycopg2.connect(
+            host=self.host, port=self.port, user=self.user, password=self.password, dbname="postgres"
+        )
         connection.autocommit = True
         with connection.cursor() as cursor:
             cursor.execute(f'CREATE DATABASE "{name}"')
@@ -105,8 +115,13 @@ class PostgresServer:
 
     def dagster_env(self, db: str) -> dict[str, str]:
         """The `DAGSTER_PG_*` variables dagster_home/postgres/dagster.yaml reads, for database `db`."""
-        return {"DAGSTER_PG_HOST": self.host, "DAGSTER_PG_PORT": str(self.port), "DAGSTER_PG_USERNAME": self.user,
-                "DAGSTER_PG_PASSWORD": self.password, "DAGSTER_PG_DB": db}
+        return {
+            "DAGSTER_PG_HOST": self.host,
+            "DAGSTER_PG_PORT": str(self.port),
+            "DAGSTER_PG_USERNAME": self.user,
+            "DAGSTER_PG_PASSWORD": self.password,
+            "DAGSTER_PG_DB": db,
+        }
 
     def stop(self) -> None:
         """Stop the server (fast shutdown) and delete its files."""
@@ -129,15 +144,30 @@ def start_postgres(bin_dir: Path, user: str = "tda") -> PostgresServer:
     if run_as:
         os.chown(root / "pwfile", run_as.pw_uid, run_as.pw_gid)
     server = PostgresServer("127.0.0.1", 0, user, password, bin_dir, root, run_as)
-    server._run("initdb", "-D", str(root / "data"), "-U", user, "--pwfile", str(root / "pwfile"),
-                "--auth=scram-sha-256", "-E", "UTF8", "--no-sync")
+    server._run(
+        "initdb",
+        "-D",
+        str(root / "data"),
+        "-U",
+        user,
+        "--pwfile",
+        str(root / "pwfile"),
+        "--auth=scram-sha-256",
+        "-E",
+        "UTF8",
+        "--no-sync",
+    )
     (root / "pwfile").unlink()
     last_error: subprocess.CalledProcessError | None = None
     for _ in range(3):  # the free port may be taken between the probe and the bind
         server.port = _free_port()
-        options = f"-h 127.0.0.1 -p {server.port} -k {root} -c fsync=off -c synchronous_commit=off -c max_connections=200"
+        options = (
+            f"-h 127.0.0.1 -p {server.port} -k {root} -c fsync=off -c synchronous_commit=off -c max_connections=200"
+        )
         try:
-            server._run("pg_ctl", "-D", str(root / "data"), "-l", str(root / "server.log"), "-o", options, "-w", "start")
+            server._run(
+                "pg_ctl", "-D", str(root / "data"), "-l", str(root / "server.log"), "-o", options, "-w", "start"
+            )
             return server
         except subprocess.CalledProcessError as exc:
             last_error = exc

@@ -34,18 +34,23 @@ from tda_assets.defs.tags import GPU_POOL
 from tda_assets.experiments.runner import Runner
 from tda_assets.io.query_engine import QueryEngine
 
-ARTISTS, CLIPS = 3, 4          # the smallest corpus test_pipeline trains on: 12 items
+ARTISTS, CLIPS = 3, 4  # the smallest corpus test_pipeline trains on: 12 items
 QUERIES = 2
 JOBS = ("query_clip", "attribute_config")  # the sensor's jobs, by name: each query's clip, then its default attribution
 CODE_LOCATION = "tda_assets.definitions"  # the run workers and their steps rebuild the Definitions from the environment
-LOCK_ERROR = re.compile(r"database is locked|deadlock detected|could not (?:obtain|set) lock|conflicting lock|lock timeout"
-                        r"|\bLockError\b", re.IGNORECASE)  # sqlite, Postgres, DuckDB, filelock
+LOCK_ERROR = re.compile(
+    r"database is locked|deadlock detected|could not (?:obtain|set) lock|conflicting lock|lock timeout"
+    r"|\bLockError\b",
+    re.IGNORECASE,
+)  # sqlite, Postgres, DuckDB, filelock
 # one torch thread per process: two runs share two cores, and on busy cores a second OpenMP thread spins (measured here:
 # the tiny model's 60 training steps took 355 s with 2 threads against 5 s with 1 while other tests ran)
 TEST_ENV = {"TDA_TRAIN_STEPS": "60", "TDA_EXECUTOR": "multiprocess", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # the multiprocess executor forks its step processes from a server that imported the code location once (a step starts
 # in about a second instead of re-importing torch and diffusers); the same run config works for any multiprocess run
-FORKSERVER = {"execution": {"config": {"start_method": {"forkserver": {"preload_modules": ["tda_assets.definitions"]}}}}}
+FORKSERVER = {
+    "execution": {"config": {"start_method": {"forkserver": {"preload_modules": ["tda_assets.definitions"]}}}}
+}
 
 
 @pytest.fixture(scope="module")
@@ -82,14 +87,22 @@ class Scenario:
 
 
 def sensor_requests(instance: DagsterInstance, defs: Definitions) -> list[RunRequest]:
-    """One tick of the inbox sensor: its partitions added to the instance, its run requests with their partition tags."""
+    """One tick of the inbox sensor: its partitions added to the instance, its run requests with their partition
+    tags."""
     resources = defs.resources
-    result = query_inbox_sensor(build_sensor_context(instance=instance, resources={
-        "storage": resources["storage"], "inbox": resources["inbox"], "protocol": resources["protocol"]}))
+    result = query_inbox_sensor(
+        build_sensor_context(
+            instance=instance,
+            resources={"storage": resources["storage"], "inbox": resources["inbox"], "protocol": resources["protocol"]},
+        )
+    )
     assert isinstance(result, SensorResult)
     for request in result.dynamic_partitions_requests or []:
         instance.add_dynamic_partitions(request.partitions_def_name, list(request.partition_keys))
-    return [r.with_resolved_tags_and_config(defs.resolve_job_def(r.job_name), [], instance) for r in result.run_requests or []]
+    return [
+        r.with_resolved_tags_and_config(defs.resolve_job_def(r.job_name), [], instance)
+        for r in result.run_requests or []
+    ]
 
 
 def launch_at_once(instance: DagsterInstance, defs: Definitions, requests: list[RunRequest], logs: Path) -> list[str]:
@@ -100,18 +113,32 @@ def launch_at_once(instance: DagsterInstance, defs: Definitions, requests: list[
     """
     recon = ReconstructableRepository.for_module(CODE_LOCATION, "from_environment", working_directory=str(REPO_ROOT))
     origins = {r.job_name: recon.get_reconstructable_job(r.job_name).get_python_origin() for r in requests}
-    runs = [instance.create_run_for_job(defs.resolve_job_def(r.job_name), run_config={**(r.run_config or {}), **FORKSERVER},
-                                        tags=r.tags, job_code_origin=origins[r.job_name],
-                                        asset_selection=set(r.asset_selection) if r.asset_selection else None)
-            for r in requests]
+    runs = [
+        instance.create_run_for_job(
+            defs.resolve_job_def(r.job_name),
+            run_config={**(r.run_config or {}), **FORKSERVER},
+            tags=r.tags,
+            job_code_origin=origins[r.job_name],
+            asset_selection=set(r.asset_selection) if r.asset_selection else None,
+        )
+        for r in requests
+    ]
     workers = []
     try:
         for run, request in zip(runs, requests):
             origin = origins[request.job_name]
-            args = serialize_value(ExecuteRunArgs(job_origin=origin, run_id=run.run_id, instance_ref=instance.get_ref()))
+            args = serialize_value(
+                ExecuteRunArgs(job_origin=origin, run_id=run.run_id, instance_ref=instance.get_ref())
+            )
             with open(logs / f"{run.run_id}.log", "w") as out:
-                workers.append(subprocess.Popen([sys.executable, "-m", "dagster", "api", "execute_run", args],
-                                                stdout=out, stderr=subprocess.STDOUT, cwd=REPO_ROOT))
+                workers.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "dagster", "api", "execute_run", args],
+                        stdout=out,
+                        stderr=subprocess.STDOUT,
+                        cwd=REPO_ROOT,
+                    )
+                )
         for worker in workers:
             worker.wait(timeout=600)
     finally:
@@ -138,7 +165,8 @@ def peak_concurrent_steps(instance: DagsterInstance, run_ids: list[str], steps: 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
 def scenario(request, trained_root, tmp_path_factory) -> Scenario:
-    """Two built-in queries in the inbox, one sensor tick, both runs at once; the instance chosen as a user chooses it."""
+    """Two built-in queries in the inbox, one sensor tick, both runs at once; the instance chosen as a user chooses
+    it."""
     kind = request.param
     work = tmp_path_factory.mktemp(kind)
     root = work / "storage"
@@ -147,7 +175,12 @@ def scenario(request, trained_root, tmp_path_factory) -> Scenario:
     home.mkdir()
     shutil.copy(REPO_ROOT / INSTANCES[kind] / "dagster.yaml", home / "dagster.yaml")
     with pytest.MonkeyPatch.context() as mp:
-        for name, value in {**TEST_ENV, "TDA_INSTANCE": kind, "DAGSTER_HOME": str(home), "TDA_STORAGE_URL": str(root)}.items():
+        for name, value in {
+            **TEST_ENV,
+            "TDA_INSTANCE": kind,
+            "DAGSTER_HOME": str(home),
+            "TDA_STORAGE_URL": str(root),
+        }.items():
             mp.setenv(name, value)
         if kind == "postgres":
             server = request.getfixturevalue("postgres")
@@ -163,11 +196,23 @@ def scenario(request, trained_root, tmp_path_factory) -> Scenario:
             tick = sensor_requests(instance, defs)
             requests += tick
             run_ids += launch_at_once(instance, defs, tick, work)
-        gpu_steps = {node.name for name in JOBS for node in defs.resolve_job_def(name).graph.nodes
-                     if node.definition.pool == GPU_POOL}
-        yield Scenario(kind, instance, root, query_ids, requests, run_ids, work,
-                       instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count,
-                       peak_concurrent_steps(instance, run_ids, gpu_steps))
+        gpu_steps = {
+            node.name
+            for name in JOBS
+            for node in defs.resolve_job_def(name).graph.nodes
+            if node.definition.pool == GPU_POOL
+        }
+        yield Scenario(
+            kind,
+            instance,
+            root,
+            query_ids,
+            requests,
+            run_ids,
+            work,
+            instance.event_log_storage.get_concurrency_info(GPU_POOL).slot_count,
+            peak_concurrent_steps(instance, run_ids, gpu_steps),
+        )
         instance.dispose()
 
 
@@ -180,7 +225,8 @@ def test_the_instance_is_the_one_tda_instance_names(scenario):
     if scenario.kind == "postgres":
         assert isinstance(run_storage, PostgresRunStorage) and isinstance(event_log, PostgresEventLogStorage)
         assert event_log.postgres_url.startswith("postgresql+psycopg2://tda:") and event_log.postgres_url.endswith(
-            "/concurrent")
+            "/concurrent"
+        )
     else:
         assert isinstance(run_storage, SqliteRunStorage) and isinstance(event_log, SqliteEventLogStorage)
 
@@ -188,8 +234,9 @@ def test_the_instance_is_the_one_tda_instance_names(scenario):
 def test_the_sensor_requests_a_clip_then_an_attribution_run_per_inbox_query_and_all_succeed(scenario):
     assert [r.job_name for r in scenario.requests] == [JOBS[0]] * QUERIES + [JOBS[1]] * QUERIES
     records = [scenario.instance.get_run_record_by_id(run_id) for run_id in scenario.run_ids]
-    assert [r.dagster_run.status for r in records] == [DagsterRunStatus.SUCCESS] * 2 * QUERIES, \
+    assert [r.dagster_run.status for r in records] == [DagsterRunStatus.SUCCESS] * 2 * QUERIES, (
         f"run worker logs: {sorted(map(str, scenario.logs.glob('*.log')))}"
+    )
     for request, record in zip(scenario.requests, records):
         assert request.tags.items() <= record.dagster_run.tags.items()  # the sensor's partition and tags
     assert [r.dagster_run.job_name for r in records] == [r.job_name for r in scenario.requests]
@@ -215,13 +262,20 @@ def test_the_gpu_pool_held_two_slots_and_never_more_gpu_steps(scenario):
 def test_no_step_failed_and_no_lock_error_was_logged(scenario):
     for run_id in scenario.run_ids:
         logs = scenario.instance.all_logs(run_id)
-        failures = [e for e in logs if e.dagster_event and e.dagster_event.event_type in
-                    (DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE, DagsterEventType.ENGINE_EVENT)
-                    and e.dagster_event.event_specific_data is not None
-                    and getattr(e.dagster_event.event_specific_data, "error", None) is not None]
+        failures = [
+            e
+            for e in logs
+            if e.dagster_event
+            and e.dagster_event.event_type
+            in (DagsterEventType.STEP_FAILURE, DagsterEventType.RUN_FAILURE, DagsterEventType.ENGINE_EVENT)
+            and e.dagster_event.event_specific_data is not None
+            and getattr(e.dagster_event.event_specific_data, "error", None) is not None
+        ]
         assert failures == []
-        texts = [str(e.message) + str(getattr(e.dagster_event.event_specific_data, "error", "") if e.dagster_event else "")
-                 for e in logs]
+        texts = [
+            str(e.message) + str(getattr(e.dagster_event.event_specific_data, "error", "") if e.dagster_event else "")
+            for e in logs
+        ]
         worker_output = (scenario.logs / f"{run_id}.log").read_text()  # the run worker's and its steps' stderr too
         assert [t for t in [*texts, *worker_output.splitlines()] if LOCK_ERROR.search(t)] == []
 
@@ -233,8 +287,10 @@ def test_every_table_is_complete_for_both_queries(scenario):
     n = ARTISTS * CLIPS
     counts = engine.table_counts()
     assert counts["queries"] == QUERIES and counts["unlearning_runs"] == QUERIES
-    per_method = engine.sql("select query_id, method, count(*) as n, count(distinct item_id) as items, min(rank) as lo, "
-                            "max(rank) as hi from attributions group by all order by all")
+    per_method = engine.sql(
+        "select query_id, method, count(*) as n, count(distinct item_id) as items, min(rank) as lo, "
+        "max(rank) as hi from attributions group by all order by all"
+    )
     assert sorted(set(per_method["query_id"])) == sorted(scenario.query_ids)
     assert "unlearning" in set(per_method["method"]) and per_method["method"].n_unique() >= 2
     assert set(per_method.select("n", "items", "lo", "hi").rows()) == {(n, n, 1, n)}

@@ -33,9 +33,12 @@ def test_postgres_instance_file_reads_every_connection_setting_from_the_environm
     config = yaml.safe_load((REPO_ROOT / "dagster_home" / "postgres" / "dagster.yaml").read_text())
     db = config["storage"]["postgres"]["postgres_db"]
     assert {k: v for k, v in db.items() if k != "scheme"} == {
-        "hostname": {"env": "DAGSTER_PG_HOST"}, "port": {"env": "DAGSTER_PG_PORT"},
-        "username": {"env": "DAGSTER_PG_USERNAME"}, "password": {"env": "DAGSTER_PG_PASSWORD"},
-        "db_name": {"env": "DAGSTER_PG_DB"}}
+        "hostname": {"env": "DAGSTER_PG_HOST"},
+        "port": {"env": "DAGSTER_PG_PORT"},
+        "username": {"env": "DAGSTER_PG_USERNAME"},
+        "password": {"env": "DAGSTER_PG_PASSWORD"},
+        "db_name": {"env": "DAGSTER_PG_DB"},
+    }
     assert db["scheme"] == "postgresql+psycopg2"
     sqlite = yaml.safe_load((REPO_ROOT / "dagster_home" / "dagster.yaml").read_text())
     assert config["concurrency"] == sqlite["concurrency"]  # the same run queue and pools
@@ -46,7 +49,9 @@ def test_postgres_without_its_settings_names_the_missing_variables(clean_env, tm
     clean_env.setenv("TDA_INSTANCE", "postgres")
     clean_env.setenv("DAGSTER_HOME", str(tmp_path))
     clean_env.setenv("DAGSTER_PG_HOST", "db.example")
-    with pytest.raises(ValueError, match=r"needs DAGSTER_PG_PORT, DAGSTER_PG_USERNAME, DAGSTER_PG_PASSWORD, DAGSTER_PG_DB"):
+    with pytest.raises(
+        ValueError, match=r"needs DAGSTER_PG_PORT, DAGSTER_PG_USERNAME, DAGSTER_PG_PASSWORD, DAGSTER_PG_DB"
+    ):
         use_dagster_home()
 
 

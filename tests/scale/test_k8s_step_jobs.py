@@ -17,8 +17,12 @@ from resources.env import REPO_ROOT
 from tda_assets.defs.k8s import load_values, main, step_job
 
 IMAGE = "registry.example.com/tda/tda-gpu:0.1.0"
-SECRETS = {"AWS_ACCESS_KEY_ID": ("tda-aws", "access-key-id"), "AWS_SECRET_ACCESS_KEY": ("tda-aws", "secret-access-key"),
-           "HF_TOKEN": ("tda-hf", "token"), "DAGSTER_PG_PASSWORD": ("dagster-postgresql-secret", "postgresql-password")}
+SECRETS = {
+    "AWS_ACCESS_KEY_ID": ("tda-aws", "access-key-id"),
+    "AWS_SECRET_ACCESS_KEY": ("tda-aws", "secret-access-key"),
+    "HF_TOKEN": ("tda-hf", "token"),
+    "DAGSTER_PG_PASSWORD": ("dagster-postgresql-secret", "postgresql-password"),
+}
 
 
 @pytest.fixture(scope="module")
@@ -51,10 +55,15 @@ def test_gpu_step_requests_and_limits_one_gpu_on_a_gpu_node(jobs):
 def test_cpu_step_asks_for_no_gpu_and_keeps_the_deployment_resources(jobs):
     job = jobs["attribution_scores"]
     assert "nvidia.com/gpu" not in json.dumps(job)
-    assert "tolerations" not in job["spec"]["template"]["spec"] and "nodeSelector" not in job["spec"]["template"]["spec"]
+    assert (
+        "tolerations" not in job["spec"]["template"]["spec"] and "nodeSelector" not in job["spec"]["template"]["spec"]
+    )
     deployment = load_values()["dagster-user-deployments"]["deployments"][0]
-    assert container(job)["resources"] == deployment["resources"] == {"requests": {"cpu": "1", "memory": "4Gi"},
-                                                                      "limits": {"memory": "8Gi"}}
+    assert (
+        container(job)["resources"]
+        == deployment["resources"]
+        == {"requests": {"cpu": "1", "memory": "4Gi"}, "limits": {"memory": "8Gi"}}
+    )
 
 
 @pytest.mark.parametrize("asset", ["unlearned_losses", "attribution_scores"])

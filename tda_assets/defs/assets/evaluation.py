@@ -40,7 +40,14 @@ from pydantic import Field
 from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
 from tda_assets.attribution.adapter import ItemBatch
 from tda_assets.attribution.counterfactual import (
-    FLOOR_SDS, Verdict, majority_passes, random_removals, same_artist_items, share_passing, verdict)
+    FLOOR_SDS,
+    Verdict,
+    majority_passes,
+    random_removals,
+    same_artist_items,
+    share_passing,
+    verdict,
+)
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.errors import ModelSourceError
 from tda_assets.attribution.settings import settings_from_row
@@ -61,31 +68,54 @@ class CounterfactualConfig(Config):
     """Which queries, how many items to remove, how long to retrain."""
 
     query_ids: Optional[List[str]] = Field(
-        default=None, description="queries to check; default: the first `n_queries` (by id) that have a target_artist "
-                                  "and an attribution of `config_id`")
-    n_queries: int = Field(default=4, description="queries checked when query_ids is not given; each costs 2 retrains "
-                                                  "(its top-k, its same-artist control), the random removals are shared")
-    k: int = Field(default=10, description="items removed: the query's top-k attributed, k of its target artist outside "
-                                           "them, or k random items")
+        default=None,
+        description="queries to check; default: the first `n_queries` (by id) that have a target_artist "
+        "and an attribution of `config_id`",
+    )
+    n_queries: int = Field(
+        default=4,
+        description="queries checked when query_ids is not given; each costs 2 retrains "
+        "(its top-k, its same-artist control), the random removals are shared",
+    )
+    k: int = Field(
+        default=10,
+        description="items removed: the query's top-k attributed, k of its target artist outside "
+        "them, or k random items",
+    )
     config_id: str = Field(default="default", description="the unlearning configuration whose top-k is removed")
-    train_steps: Optional[int] = Field(default=None, description="retraining steps; default: the model source's train_steps "
-                                                              "(the checkpoint's own, so the checkpoint is the full model)")
-    random_removals: int = Field(default=3, ge=3, description="random removals, shared by every query (distinct sets, "
-                                                               "seeds `seed`, `seed + 1`, …): their spread is the noise floor; "
-                                                               "each is a retrain")
-    floor_sds: float = Field(default=FLOOR_SDS, description="the noise floor is the random rises' mean + floor_sds "
-                                                            "sample standard deviations")
-    seed: int = Field(default=0, description="seed of the first random removal and of each same-artist control (mixed "
-                                             "with the query id)")
-    query_draws: int = Field(default=64, description="protocol draws of the query loss (the first ones are the protocol's own)")
+    train_steps: Optional[int] = Field(
+        default=None,
+        description="retraining steps; default: the model source's train_steps "
+        "(the checkpoint's own, so the checkpoint is the full model)",
+    )
+    random_removals: int = Field(
+        default=3,
+        ge=3,
+        description="random removals, shared by every query (distinct sets, "
+        "seeds `seed`, `seed + 1`, …): their spread is the noise floor; "
+        "each is a retrain",
+    )
+    floor_sds: float = Field(
+        default=FLOOR_SDS,
+        description="the noise floor is the random rises' mean + floor_sds sample standard deviations",
+    )
+    seed: int = Field(
+        default=0,
+        description="seed of the first random removal and of each same-artist control (mixed with the query id)",
+    )
+    query_draws: int = Field(
+        default=64, description="protocol draws of the query loss (the first ones are the protocol's own)"
+    )
 
 
 def default_queries(store, config_id: str, n: int, identity: Identity) -> list[str]:
     """The first `n` queries (sorted) with a target artist and an attribution of `config_id` under `identity`."""
     out = []
     for qid in sorted(k["query_id"] for k in list_keys(store, "queries")):
-        if (table_exists(store, "attribution_scores", **identity.keys(), query_id=qid, config_id=config_id)
-                and read_table(store, "queries", query_id=qid)["target_artist"][0]):
+        if (
+            table_exists(store, "attribution_scores", **identity.keys(), query_id=qid, config_id=config_id)
+            and read_table(store, "queries", query_id=qid)["target_artist"][0]
+        ):
             out.append(qid)
     return out[:n]
 
@@ -95,7 +125,9 @@ def without(data: ItemBatch, removed: set[str]) -> ItemBatch:
     return data.select([i for i, item in enumerate(data.item_ids) if item not in removed])
 
 
-def retrain(data: ItemBatch, settings: TrainingSettings, template: EmbeddedAdapter, compute: Compute) -> EmbeddedAdapter:
+def retrain(
+    data: ItemBatch, settings: TrainingSettings, template: EmbeddedAdapter, compute: Compute
+) -> EmbeddedAdapter:
     """A fresh embedded model (the checkpoint's front end, seeded init) trained from scratch on `data`."""
     adapter = EmbeddedAdapter.new(seed=settings.seed, frontend=template.frontend).to(compute.device)
     adapter.objective = template.objective
@@ -117,7 +149,6 @@ def checkpoint_is_full_model(info: dict, settings: TrainingSettings, n_items: in
     return all(recorded.get(k) == v for k, v in asdict(settings).items()) and recorded.get("items") == n_items
 
 
-
 @dataclass(frozen=True)
 class Removals:
     """What the check retrains without: per query its top-k and its same-artist control (seeded by `seed`), and the
@@ -129,21 +160,39 @@ class Removals:
     seed: int
 
 
-def plan_removals(store, config: CounterfactualConfig, query_ids: list[str], identity: Identity, item_ids: list[str],
-                  artists: list[str | None]) -> Removals:
+def plan_removals(
+    store,
+    config: CounterfactualConfig,
+    query_ids: list[str],
+    identity: Identity,
+    item_ids: list[str],
+    artists: list[str | None],
+) -> Removals:
     """Every query's top-k (of the current identity), its same-artist control and the shared random removals, all
     checked before the first (expensive) retrain."""
     attributed, same_artist = {}, {}
     for qid in query_ids:
-        require(store, "attribution_scores", identity, f"run query {qid!r} with config {config.config_id!r} first",
-                query_id=qid, config_id=config.config_id)  # this identity's, or an error naming the ones present
-        scores = read_table(store, "attribution_scores", **identity.keys(), query_id=qid,
-                            config_id=config.config_id).sort("rank")
-        target = (read_table(store, "queries", query_id=qid)["target_artist"][0]
-                  if table_exists(store, "queries", query_id=qid) else None)
+        require(
+            store,
+            "attribution_scores",
+            identity,
+            f"run query {qid!r} with config {config.config_id!r} first",
+            query_id=qid,
+            config_id=config.config_id,
+        )  # this identity's, or an error naming the ones present
+        scores = read_table(
+            store, "attribution_scores", **identity.keys(), query_id=qid, config_id=config.config_id
+        ).sort("rank")
+        target = (
+            read_table(store, "queries", query_id=qid)["target_artist"][0]
+            if table_exists(store, "queries", query_id=qid)
+            else None
+        )
         if not target:
-            raise ValueError(f"query {qid!r} has no target_artist: the item-level control removes k other items of the "
-                             "query's target artist; check queries that have one (the built-in ones do)")
+            raise ValueError(
+                f"query {qid!r} has no target_artist: the item-level control removes k other items of the "
+                "query's target artist; check queries that have one (the built-in ones do)"
+            )
         attributed[qid] = scores.head(config.k)["item_id"].to_list()
         same_artist[qid] = same_artist_items(item_ids, artists, target, config.k, config.seed, qid, attributed[qid])
     every_top_k = sorted(set().union(*attributed.values()))
@@ -166,16 +215,19 @@ class Retrainer:
         t0 = time.perf_counter()
         adapter = retrain(without(self.data, set(removed)), self.settings, self.template, self.compute)
         self.seconds.append(time.perf_counter() - t0)
-        self.log(f"retrained without {label} ({len(self.data) - len(removed)} items, {self.settings.steps} steps) in "
-                 f"{self.seconds[-1]:.0f}s")
+        self.log(
+            f"retrained without {label} ({len(self.data) - len(removed)} items, {self.settings.steps} steps) in "
+            f"{self.seconds[-1]:.0f}s"
+        )
         return adapter
 
 
 Measured = tuple[str, str, int | None, list[str], float]  # query, removal, removal seed, removed items, query loss
 
 
-def measure_removals(plan: Removals, retrainer: Retrainer,
-                     loss_of: Callable[[EmbeddedAdapter, str], float]) -> list[Measured]:
+def measure_removals(
+    plan: Removals, retrainer: Retrainer, loss_of: Callable[[EmbeddedAdapter, str], float]
+) -> list[Measured]:
     """The query loss under every removal's retrained model: each shared random model on every query, each query's
     attributed and same-artist models on that query."""
     out: list[Measured] = []
@@ -183,31 +235,57 @@ def measure_removals(plan: Removals, retrainer: Retrainer,
         model = retrainer.without(items, f"{len(items)} random items (seed {seed})")
         out += [(q, "random", seed, items, loss_of(model, q)) for q in plan.attributed]
     for q in plan.attributed:
-        for removal, seed, items in (("attributed", None, plan.attributed[q]),
-                                     ("same_artist", plan.seed, plan.same_artist[q])):
+        for removal, seed, items in (
+            ("attributed", None, plan.attributed[q]),
+            ("same_artist", plan.seed, plan.same_artist[q]),
+        ):
             out.append((q, removal, seed, items, loss_of(retrainer.without(items, f"{q}'s {removal} items"), q)))
     return out
 
 
-def verdict_rows(measured: list[Measured], full_loss: dict[str, float], floor_sds: float, artist_of: dict[str, str],
-                 target_of: dict[str, str], common: dict) -> tuple[list[dict], dict[str, Verdict]]:
+def verdict_rows(
+    measured: list[Measured],
+    full_loss: dict[str, float],
+    floor_sds: float,
+    artist_of: dict[str, str],
+    target_of: dict[str, str],
+    common: dict,
+) -> tuple[list[dict], dict[str, Verdict]]:
     """One row per (query, removal) with the query's verdict against both controls on each, and the verdicts."""
     rows, verdicts = [], {}
     for q, full in full_loss.items():
         mine = sorted((m for m in measured if m[0] == q), key=lambda m: (REMOVAL_ORDER[m[1]], m[2] or 0))
         rises = [(removal, loss - full) for _, removal, _, _, loss in mine]
-        v = verdict(next(r for removal, r in rises if removal == "attributed"),
-                    [r for removal, r in rises if removal == "random"],
-                    next(r for removal, r in rises if removal == "same_artist"), floor_sds)
+        v = verdict(
+            next(r for removal, r in rises if removal == "attributed"),
+            [r for removal, r in rises if removal == "random"],
+            next(r for removal, r in rises if removal == "same_artist"),
+            floor_sds,
+        )
         verdicts[q] = v
-        rows += [{"query_id": q, "removal": removal, "removal_seed": seed, "query_loss_full": full,
-                  "query_loss_removed": loss, "loss_rise": loss - full, "relative_rise": (loss - full) / full,
-                  "removed_of_target_artist": sum(artist_of.get(i) == target_of[q] for i in items),
-                  "removed_items": ",".join(items), "random_rise_mean": v.random_mean, "random_rise_sd": v.random_sd,
-                  "noise_floor": v.floor, "floor_sds": floor_sds, "passed": v.passed,
-                  "same_artist_rise": v.same_artist_rise, "item_floor": v.item_floor,
-                  "passed_item_level": v.passed_item_level, **common}
-                 for _, removal, seed, items, loss in mine]
+        rows += [
+            {
+                "query_id": q,
+                "removal": removal,
+                "removal_seed": seed,
+                "query_loss_full": full,
+                "query_loss_removed": loss,
+                "loss_rise": loss - full,
+                "relative_rise": (loss - full) / full,
+                "removed_of_target_artist": sum(artist_of.get(i) == target_of[q] for i in items),
+                "removed_items": ",".join(items),
+                "random_rise_mean": v.random_mean,
+                "random_rise_sd": v.random_sd,
+                "noise_floor": v.floor,
+                "floor_sds": floor_sds,
+                "passed": v.passed,
+                "same_artist_rise": v.same_artist_rise,
+                "item_floor": v.item_floor,
+                "passed_item_level": v.passed_item_level,
+                **common,
+            }
+            for _, removal, seed, items, loss in mine
+        ]
     return rows, verdicts
 
 
@@ -216,106 +294,192 @@ REMOVAL_ORDER = {"attributed": 0, "random": 1, "same_artist": 2}
 
 def verdict_metadata(verdicts: dict[str, Verdict], config: CounterfactualConfig) -> dict:
     """The check's metadata: both shares, their counts and each query's verdict."""
-    per_query = [{"query_id": q, "attributed_rise": round(v.attributed_rise, 6), "random_rise_mean": round(v.random_mean, 6),
-                  "random_rise_sd": round(v.random_sd, 6), "noise_floor": round(v.floor, 6), "passed": v.passed,
-                  "same_artist_rise": round(v.same_artist_rise, 6), "item_floor": round(v.item_floor, 6),
-                  "passed_item_level": v.passed_item_level} for q, v in verdicts.items()]
-    return {"queries_passing": sum(v.passed for v in verdicts.values()),
-            "queries_passing_item_level": sum(v.passed_item_level for v in verdicts.values()),
-            "queries_checked": len(verdicts), "share_passing": share_passing(verdicts.values()),
-            "share_passing_item_level": share_passing(verdicts.values(), item_level=True),
-            "random_removals": config.random_removals, "floor_sds": config.floor_sds,
-            "verdicts": MetadataValue.json(per_query)}
+    per_query = [
+        {
+            "query_id": q,
+            "attributed_rise": round(v.attributed_rise, 6),
+            "random_rise_mean": round(v.random_mean, 6),
+            "random_rise_sd": round(v.random_sd, 6),
+            "noise_floor": round(v.floor, 6),
+            "passed": v.passed,
+            "same_artist_rise": round(v.same_artist_rise, 6),
+            "item_floor": round(v.item_floor, 6),
+            "passed_item_level": v.passed_item_level,
+        }
+        for q, v in verdicts.items()
+    ]
+    return {
+        "queries_passing": sum(v.passed for v in verdicts.values()),
+        "queries_passing_item_level": sum(v.passed_item_level for v in verdicts.values()),
+        "queries_checked": len(verdicts),
+        "share_passing": share_passing(verdicts.values()),
+        "share_passing_item_level": share_passing(verdicts.values(), item_level=True),
+        "random_removals": config.random_removals,
+        "floor_sds": config.floor_sds,
+        "verdicts": MetadataValue.json(per_query),
+    }
 
 
 @asset(
-    group_name="evaluation", **GPU,
+    group_name="evaluation",
+    **GPU,
     deps=[AssetDep(AssetKey("attribution_scores"), partition_mapping=AllPartitionMapping()), AssetKey("checkpoint")],
-    check_specs=[AssetCheckSpec(CHECK, asset="counterfactual",
-                                description="per query, removing the top-k attributed items raises the query loss above the noise "
-                                            "floor of k random items (mean + 2 sd of `random_removals` shared retrains) and above "
-                                            "the rise of k other items of its target artist by the same margin (item level); "
-                                            "passes when more than half of the checked queries pass item-level")],
+    check_specs=[
+        AssetCheckSpec(
+            CHECK,
+            asset="counterfactual",
+            description="per query, removing the top-k attributed items raises the query loss above the noise "
+            "floor of k random items (mean + 2 sd of `random_removals` shared retrains) and above "
+            "the rise of k other items of its target artist by the same margin (item level); "
+            "passes when more than half of the checked queries pass item-level",
+        )
+    ],
     description="Counterfactual ground truth (embedded default only): retrain without each query's top-k attributed "
-                "items, without k other items of its target artist, and several times without k random items (shared "
-                "by every query); per query, the attributed rise must clear both controls.",
+    "items, without k other items of its target artist, and several times without k random items (shared "
+    "by every query); per query, the attributed rise must clear both controls.",
 )
 def counterfactual(
-    context: AssetExecutionContext, config: CounterfactualConfig, storage: StorageResource, model_source: ModelSourceResource,
-    compute: ComputeResource, protocol: LossProtocolResource,
+    context: AssetExecutionContext,
+    config: CounterfactualConfig,
+    storage: StorageResource,
+    model_source: ModelSourceResource,
+    compute: ComputeResource,
+    protocol: LossProtocolResource,
 ) -> Iterator:
     source = model_source.model_source()
     if not source.is_embedded:
-        raise ModelSourceError(f"the counterfactual check retrains the model from scratch: only possible on the embedded "
-                               f"default, not on {source.source!r}")
+        raise ModelSourceError(
+            f"the counterfactual check retrains the model from scratch: only possible on the embedded "
+            f"default, not on {source.source!r}"
+        )
     store, cmp, proto = storage.storage(), compute.compute(), protocol.protocol()
     start = time.perf_counter()
     identity = Identity(read_checkpoint_record(store).checkpoint_id, proto.protocol_id)
     query_ids = config.query_ids or default_queries(store, config.config_id, config.n_queries, identity)
     if not query_ids:
-        raise FileNotFoundError(f"no query with a target_artist and an attribution of config {config.config_id!r} "
-                                f"under {identity}: materialize attribution_scores first (e.g. `tda demo`)")
+        raise FileNotFoundError(
+            f"no query with a target_artist and an attribution of config {config.config_id!r} "
+            f"under {identity}: materialize attribution_scores first (e.g. `tda demo`)"
+        )
     has_config = table_exists(store, "unlearning_configs", config_id=config.config_id)
-    masked = has_config and settings_from_row(
-        read_table(store, "unlearning_configs", config_id=config.config_id).row(0, named=True)).masks_losses
-    q_proto = replace(proto, draws=max(config.query_draws, proto.draws))  # the protocol's seed and precision, more draws
+    masked = (
+        has_config
+        and settings_from_row(
+            read_table(store, "unlearning_configs", config_id=config.config_id).row(0, named=True)
+        ).masks_losses
+    )
+    q_proto = replace(
+        proto, draws=max(config.query_draws, proto.draws)
+    )  # the protocol's seed and precision, more draws
 
     ckpt, record = load_checkpoint(store, source, cmp.device)
     data = all_features(store, record.encoder_id)
     settings = TrainingSettings(steps=config.train_steps or source.train_steps, seed=source.train_seed)
-    use_checkpoint = checkpoint_is_full_model(read_model_info(local_model_folder(store, record, source)), settings, len(data))
+    use_checkpoint = checkpoint_is_full_model(
+        read_model_info(local_model_folder(store, record, source)), settings, len(data)
+    )
     manifest = read_table(store, "training_manifest").select("item_id", "artist")
     artist_of = dict(zip(manifest["item_id"], manifest["artist"]))
     plan = plan_removals(store, config, query_ids, identity, data.item_ids, [artist_of.get(i) for i in data.item_ids])
     queries = {q: query_batch(store, q, record.encoder_id, record.checkpoint_id) for q in query_ids}
     retrainer = Retrainer(data, settings, ckpt, cmp, context.log.info)
-    full_model, full_kind = (ckpt, "checkpoint") if use_checkpoint else (retrainer.without([], "nothing (the full model)"),
-                                                                         "retrained")
+    full_model, full_kind = (
+        (ckpt, "checkpoint") if use_checkpoint else (retrainer.without([], "nothing (the full model)"), "retrained")
+    )
     full_loss = {q: query_loss(full_model, b, q_proto, cmp, masked) for q, b in queries.items()}
     measured = measure_removals(plan, retrainer, lambda model, q: query_loss(model, queries[q], q_proto, cmp, masked))
 
-    common = {"k": config.k, "config_id": config.config_id, "train_steps": settings.steps, "full_model": full_kind,
-              "query_draws": q_proto.draws, **identity.keys()}
+    common = {
+        "k": config.k,
+        "config_id": config.config_id,
+        "train_steps": settings.steps,
+        "full_model": full_kind,
+        "query_draws": q_proto.draws,
+        **identity.keys(),
+    }
     target_of = {q: read_table(store, "queries", query_id=q)["target_artist"][0] for q in query_ids}
     rows, verdicts = verdict_rows(measured, full_loss, config.floor_sds, artist_of, target_of, common)
     for q, v in verdicts.items():
-        context.log.info(f"{q}: attributed rise {v.attributed_rise:+.4f} vs noise floor {v.floor:+.4f} (random "
-                         f"{v.random_mean:+.4f} ± {v.random_sd:.4f}), vs same-artist {v.same_artist_rise:+.4f} (item floor "
-                         f"{v.item_floor:+.4f}): {'PASS' if v.passed else 'FAIL'}, item level "
-                         f"{'PASS' if v.passed_item_level else 'FAIL'}")
+        context.log.info(
+            f"{q}: attributed rise {v.attributed_rise:+.4f} vs noise floor {v.floor:+.4f} (random "
+            f"{v.random_mean:+.4f} ± {v.random_sd:.4f}), vs same-artist {v.same_artist_rise:+.4f} (item floor "
+            f"{v.item_floor:+.4f}): {'PASS' if v.passed else 'FAIL'}, item level "
+            f"{'PASS' if v.passed_item_level else 'FAIL'}"
+        )
     df = pl.DataFrame(rows, schema_overrides={"removal_seed": pl.Int64})
     uri = write_table(store, "counterfactual", df, **identity.keys())
-    yield counterfactual_result(df, verdicts, config, settings.steps, full_kind, retrainer.seconds,
-                                time.perf_counter() - start, uri, store)
+    yield counterfactual_result(
+        df, verdicts, config, settings.steps, full_kind, retrainer.seconds, time.perf_counter() - start, uri, store
+    )
 
 
-def counterfactual_result(df: pl.DataFrame, verdicts: dict[str, Verdict], config: CounterfactualConfig, steps: int,
-                          full_kind: str, retrain_seconds: list[float], seconds: float, uri: str, store) -> MaterializeResult:
+def counterfactual_result(
+    df: pl.DataFrame,
+    verdicts: dict[str, Verdict],
+    config: CounterfactualConfig,
+    steps: int,
+    full_kind: str,
+    retrain_seconds: list[float],
+    seconds: float,
+    uri: str,
+    store,
+) -> MaterializeResult:
     """The materialization: the table, the plot, both verdict shares and the check (item level, more than half)."""
     means = {r: float(df.filter(pl.col("removal") == r)["loss_rise"].mean()) for r in REMOVAL_ORDER}
     passed = majority_passes(verdicts.values(), item_level=True)
-    title = (f"counterfactual: query loss rise after removing k={config.k} items ({steps} training steps; "
-             f"floor = random mean + {config.floor_sds:g} sd)")
-    plot = plots.write_png(store, key("plot", kind="counterfactual", name="loss_rise"), plots.counterfactual_bars(df, title),
-                           title)
+    title = (
+        f"counterfactual: query loss rise after removing k={config.k} items ({steps} training steps; "
+        f"floor = random mean + {config.floor_sds:g} sd)"
+    )
+    plot = plots.write_png(
+        store, key("plot", kind="counterfactual", name="loss_rise"), plots.counterfactual_bars(df, title), title
+    )
     meta = {**verdict_metadata(verdicts, config), **{f"mean_loss_rise_{r}": v for r, v in means.items()}}
     return MaterializeResult(
         metadata={
-            "queries": MetadataValue.json(list(verdicts)), "k": config.k, "config_id": config.config_id,
-            "train_steps": steps, "full_model": full_kind, "retrains": len(retrain_seconds),
-            "seconds": round(seconds, 1), "seconds_per_retrain": round(float(np.mean(retrain_seconds)), 1),
-            **meta, "uri": MetadataValue.path(uri), **plot,
-            "table": MetadataValue.md(markdown_table(df.select(
-                "query_id", "removal", "removal_seed", "k", "query_loss_full", "query_loss_removed", "loss_rise",
-                "noise_floor", "item_floor", "passed", "passed_item_level"))),
+            "queries": MetadataValue.json(list(verdicts)),
+            "k": config.k,
+            "config_id": config.config_id,
+            "train_steps": steps,
+            "full_model": full_kind,
+            "retrains": len(retrain_seconds),
+            "seconds": round(seconds, 1),
+            "seconds_per_retrain": round(float(np.mean(retrain_seconds)), 1),
+            **meta,
+            "uri": MetadataValue.path(uri),
+            **plot,
+            "table": MetadataValue.md(
+                markdown_table(
+                    df.select(
+                        "query_id",
+                        "removal",
+                        "removal_seed",
+                        "k",
+                        "query_loss_full",
+                        "query_loss_removed",
+                        "loss_rise",
+                        "noise_floor",
+                        "item_floor",
+                        "passed",
+                        "passed_item_level",
+                    )
+                )
+            ),
         },
-        check_results=[AssetCheckResult(
-            check_name=CHECK, passed=passed, metadata=meta,
-            description=None if passed else (
-                f"{meta['queries_passing_item_level']} of {len(verdicts)} queries' attributed removal raised the query "
-                f"loss above both the noise floor of {config.random_removals} random removals and the same-artist "
-                f"control ({meta['queries_passing']} above the random floor alone); more than half must: the "
-                f"attribution of {config.config_id!r} does not find the items the query depends on beyond its artist "
-                "(or retrain longer: train_steps)"),
-        )],
+        check_results=[
+            AssetCheckResult(
+                check_name=CHECK,
+                passed=passed,
+                metadata=meta,
+                description=None
+                if passed
+                else (
+                    f"{meta['queries_passing_item_level']} of {len(verdicts)} queries' attributed removal raised the "
+                    f"query loss above both the noise floor of {config.random_removals} random removals and the "
+                    f"same-artist control ({meta['queries_passing']} above the random floor alone); more than half "
+                    f"must: the attribution of {config.config_id!r} does not find the items the query depends on "
+                    "beyond its artist (or retrain longer: train_steps)"
+                ),
+            )
+        ],
     )

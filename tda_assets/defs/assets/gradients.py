@@ -35,23 +35,31 @@ class TrainingGradientsConfig(Config):
     k: int = Field(default=_DEFAULT.k, description="CountSketch dimension: bytes per item = 4k; error ∝ 1/sqrt(k)")
     seed: int = Field(default=_DEFAULT.seed, description="CountSketch seed")
     damping: float = Field(default=_DEFAULT.damping, description="damping d of the preconditioner (F̂ + d)^(-1/2)")
-    items_per_pass: int = Field(default=16, description="items whose gradients are sketched together (memory: "
-                                                        "items_per_pass × parameters × 4 bytes)")
+    items_per_pass: int = Field(
+        default=16,
+        description="items whose gradients are sketched together (memory: items_per_pass × parameters × 4 bytes)",
+    )
 
     def spec(self) -> GradientSpec:
         return GradientSpec(self.param_subset, self.masked, self.k, self.seed, self.damping)
 
 
 @asset(
-    group_name="model", partitions_def=training_shards, **GPU,
+    group_name="model",
+    partitions_def=training_shards,
+    **GPU,
     deps=[AssetKey("checkpoint"), AssetKey("fisher_diagonal"), AssetKey("training_features")],
     description="Sketched, Fisher-preconditioned per-item gradients of one shard's protocol losses at θ0, keyed by "
-                "checkpoint, protocol and gradient_id (subset, masking, sketch k and seed, damping): the `linearized` "
-                "method's store and a cheap signal of two_stage.",
+    "checkpoint, protocol and gradient_id (subset, masking, sketch k and seed, damping): the `linearized` "
+    "method's store and a cheap signal of two_stage.",
 )
 def training_gradients(
-    context: AssetExecutionContext, config: TrainingGradientsConfig, storage: StorageResource,
-    model_source: ModelSourceResource, compute: ComputeResource, protocol: LossProtocolResource,
+    context: AssetExecutionContext,
+    config: TrainingGradientsConfig,
+    storage: StorageResource,
+    model_source: ModelSourceResource,
+    compute: ComputeResource,
+    protocol: LossProtocolResource,
 ) -> MaterializeResult:
     spec = config.spec()
     step = model_step(storage, model_source, compute, protocol)
@@ -68,16 +76,34 @@ def training_gradients(
     digest = fisher_digest(store, identity)
     progress = Progress(context.log, f"{shard} gradients {spec.gradient_id}", n, 1)
     start = time.perf_counter()
-    grads = gradient_store(step.adapter, iter_training_batches(store, step.record.encoder_id, 64, [shard]), step.protocol,
-                           spec.param_subset, step.compute, k=spec.k, seed=spec.seed, masked=spec.masked,
-                           items_per_pass=config.items_per_pass, fisher=fisher, damping=spec.damping,
-                           progress=progress.advance)
-    uri = write_gradient_store(store, identity, spec, shard, grads, digest,
-                               shard_features_digest(store, step.record.encoder_id, shard))
+    grads = gradient_store(
+        step.adapter,
+        iter_training_batches(store, step.record.encoder_id, 64, [shard]),
+        step.protocol,
+        spec.param_subset,
+        step.compute,
+        k=spec.k,
+        seed=spec.seed,
+        masked=spec.masked,
+        items_per_pass=config.items_per_pass,
+        fisher=fisher,
+        damping=spec.damping,
+        progress=progress.advance,
+    )
+    uri = write_gradient_store(
+        store, identity, spec, shard, grads, digest, shard_features_digest(store, step.record.encoder_id, shard)
+    )
     seconds = time.perf_counter() - start
-    context.log.info(f"{shard}: {n} items' gradients (D = {sum(grads.sizes.values())}) sketched to k = {spec.k} "
-                     f"in {seconds:.1f}s")
-    return MaterializeResult(metadata={
-        "rows": n, "parameters": sum(grads.sizes.values()), "bytes_per_item": grads.bytes_per_item,
-        "items_per_second": round(n / max(seconds, 1e-9), 2), "uri": MetadataValue.path(uri), **meta,
-    })
+    context.log.info(
+        f"{shard}: {n} items' gradients (D = {sum(grads.sizes.values())}) sketched to k = {spec.k} in {seconds:.1f}s"
+    )
+    return MaterializeResult(
+        metadata={
+            "rows": n,
+            "parameters": sum(grads.sizes.values()),
+            "bytes_per_item": grads.bytes_per_item,
+            "items_per_second": round(n / max(seconds, 1e-9), 2),
+            "uri": MetadataValue.path(uri),
+            **meta,
+        }
+    )

@@ -37,21 +37,39 @@ from tda_assets.models.model_folder import save_model
 FISHER_ITEMS = 128
 
 
-@asset(group_name="model", deps=[AssetKey("training_features")], **GPU,
-       description="The model: embedded (trained here on the cached features), a local or s3:// folder, or hf://repo@revision.")
+@asset(
+    group_name="model",
+    deps=[AssetKey("training_features")],
+    **GPU,
+    description="The model: embedded (trained here on the cached features), a local or s3:// folder, or hf://repo@revision.",
+)
 def checkpoint(
-    context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource, compute: ComputeResource
+    context: AssetExecutionContext,
+    storage: StorageResource,
+    model_source: ModelSourceResource,
+    compute: ComputeResource,
 ) -> MaterializeResult:
     store, source = storage.storage(), model_source.model_source()
     if not source.is_embedded:
         resolved = source.resolve()
-        record = CheckpointRecord(resolved.checkpoint_id, "external", resolved.source, encoder_id=resolved.checkpoint_id,
-                                  revision=resolved.revision)
+        record = CheckpointRecord(
+            resolved.checkpoint_id,
+            "external",
+            resolved.source,
+            encoder_id=resolved.checkpoint_id,
+            revision=resolved.revision,
+        )
         write_checkpoint_record(store, record)
-        context.log.info(f"checkpoint {resolved.checkpoint_id} from {resolved.source}"
-                         + (f" pinned at commit {resolved.revision}" if resolved.revision else ""))
-        return MaterializeResult(metadata={**{k: v for k, v in asdict(record).items() if v is not None},
-                                           "local_folder": str(resolved.folder)})
+        context.log.info(
+            f"checkpoint {resolved.checkpoint_id} from {resolved.source}"
+            + (f" pinned at commit {resolved.revision}" if resolved.revision else "")
+        )
+        return MaterializeResult(
+            metadata={
+                **{k: v for k, v in asdict(record).items() if v is not None},
+                "local_folder": str(resolved.folder),
+            }
+        )
     encoder_id = source.encoder_id()
     data = all_features(store, encoder_id)
     settings = TrainingSettings(steps=source.train_steps, seed=source.train_seed)
@@ -60,8 +78,13 @@ def checkpoint(
     adapter = EmbeddedAdapter.new(seed=settings.seed).to(cmp.device)
     context.log.info(f"training the embedded denoiser on {len(data)} items for {settings.steps} steps on {cmp.device}")
     start = time.perf_counter()
-    curve = train_denoiser(adapter, data, settings, cmp,
-                           progress=lambda s, loss: context.log.info(f"train step {s}/{settings.steps}: loss {loss:.4f}"))
+    curve = train_denoiser(
+        adapter,
+        data,
+        settings,
+        cmp,
+        progress=lambda s, loss: context.log.info(f"train step {s}/{settings.steps}: loss {loss:.4f}"),
+    )
     seconds = time.perf_counter() - start
     folder_key = key("checkpoint_folder", checkpoint_id=checkpoint_id)
     with tempfile.TemporaryDirectory() as tmp:
@@ -69,18 +92,30 @@ def checkpoint(
         store.put_dir(tmp, folder_key)
     record = CheckpointRecord(checkpoint_id, "embedded", "embedded", encoder_id=encoder_id, folder_key=folder_key)
     write_checkpoint_record(store, record)
-    return MaterializeResult(metadata={
-        **{k: v for k, v in asdict(record).items() if v is not None}, "training_seconds": round(seconds, 1),
-        "final_loss": float(np.mean(curve[-100:])), "parameters": sum(p.numel() for p in adapter.denoiser.parameters()),
-        "uri": MetadataValue.path(store.uri(folder_key)),
-    })
+    return MaterializeResult(
+        metadata={
+            **{k: v for k, v in asdict(record).items() if v is not None},
+            "training_seconds": round(seconds, 1),
+            "final_loss": float(np.mean(curve[-100:])),
+            "parameters": sum(p.numel() for p in adapter.denoiser.parameters()),
+            "uri": MetadataValue.path(store.uri(folder_key)),
+        }
+    )
 
 
-@asset(group_name="model", deps=[AssetKey("checkpoint")], **GPU,
-       description="Diagonal Fisher over a sample of training items, on all transformer-layer parameters (every subset is a slice).")
+@asset(
+    group_name="model",
+    deps=[AssetKey("checkpoint")],
+    **GPU,
+    description="Diagonal Fisher over a sample of training items, on all transformer-layer parameters "
+    "(every subset is a slice).",
+)
 def fisher_diagonal(
-    context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource,
-    compute: ComputeResource, protocol: LossProtocolResource,
+    context: AssetExecutionContext,
+    storage: StorageResource,
+    model_source: ModelSourceResource,
+    compute: ComputeResource,
+    protocol: LossProtocolResource,
 ) -> MaterializeResult:
     step = model_step(storage, model_source, compute, protocol)
     store, identity = step.store, step.identity
@@ -93,14 +128,27 @@ def fisher_diagonal(
     return MaterializeResult(metadata={**summary, "uri": MetadataValue.path(uri), **identity.keys()})
 
 
-@asset(group_name="model", partitions_def=training_shards, deps=[AssetKey("checkpoint"), AssetKey("training_features")], **GPU,
-       check_specs=[AssetCheckSpec("losses_finite_and_complete", asset="baseline_losses",
-                                   description="every training item of the shard has every protocol draw, all finite")],
-       description="L0_ik: the checkpoint's loss on every training item and fixed protocol draw (one shard), "
-                   "keyed by checkpoint and loss protocol.")
+@asset(
+    group_name="model",
+    partitions_def=training_shards,
+    deps=[AssetKey("checkpoint"), AssetKey("training_features")],
+    **GPU,
+    check_specs=[
+        AssetCheckSpec(
+            "losses_finite_and_complete",
+            asset="baseline_losses",
+            description="every training item of the shard has every protocol draw, all finite",
+        )
+    ],
+    description="L0_ik: the checkpoint's loss on every training item and fixed protocol draw (one shard), "
+    "keyed by checkpoint and loss protocol.",
+)
 def baseline_losses(
-    context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource,
-    compute: ComputeResource, protocol: LossProtocolResource,
+    context: AssetExecutionContext,
+    storage: StorageResource,
+    model_source: ModelSourceResource,
+    compute: ComputeResource,
+    protocol: LossProtocolResource,
 ) -> Iterator:
     step = model_step(storage, model_source, compute, protocol)
     store, proto, record, identity = step.store, step.protocol, step.record, step.identity
@@ -115,11 +163,19 @@ def baseline_losses(
         progress.advance(len(ids))
     empty = pl.DataFrame(schema=TABLES["baseline_losses"].polars_schema())  # an empty shard: a typed, empty table
     df = (pl.concat(frames) if frames else empty).with_columns(  # the features they were measured on (DESIGN §3)
-        pl.lit(shard_features_digest(store, record.encoder_id, shard), dtype=pl.String).alias(FEATURES_DIGEST))
+        pl.lit(shard_features_digest(store, record.encoder_id, shard), dtype=pl.String).alias(FEATURES_DIGEST)
+    )
     uri = write_table(store, "baseline_losses", df, **identity.keys(), shard=shard)
     per_item = df.group_by("item_id").agg(pl.col("loss").mean())["loss"]
-    yield MaterializeResult(metadata={
-        "rows": len(df), "items": per_item.len(), "loss_mean": float(per_item.mean() or 0.0),
-        "loss_median": float(per_item.median() or 0.0), "item_draws_per_second": progress.rate(),
-        "uri": MetadataValue.path(uri), **identity.keys(),
-    }, check_results=[losses_complete("losses_finite_and_complete", df, item_ids, proto.draws)])
+    yield MaterializeResult(
+        metadata={
+            "rows": len(df),
+            "items": per_item.len(),
+            "loss_mean": float(per_item.mean() or 0.0),
+            "loss_median": float(per_item.median() or 0.0),
+            "item_draws_per_second": progress.rate(),
+            "uri": MetadataValue.path(uri),
+            **identity.keys(),
+        },
+        check_results=[losses_complete("losses_finite_and_complete", df, item_ids, proto.draws)],
+    )

@@ -91,14 +91,25 @@ def _top_table(top: list[dict]) -> MetadataValue:
     """The top-k as a Markdown table, as the UI shows it beside the plot."""
     cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "").replace("|", "/")  # noqa: E731
     lines = ["| rank | item | artist | score | caption |", "|---:|---|---|---:|---|"]
-    lines += ["| " + " | ".join(cell(t[c]) for c in ("rank", "item_id", "artist", "score", "caption")) + " |" for t in top]
+    lines += [
+        "| " + " | ".join(cell(t[c]) for c in ("rank", "item_id", "artist", "score", "caption")) + " |" for t in top
+    ]
     return MetadataValue.md("\n".join(lines))
 
 
-@asset(group_name="queries", partitions_def=queries, deps=[AssetKey("checkpoint")], **GPU,
-       description="The query: a clip generated from its prompt (or the user's clip), its prompt, seed, latent and conditioning.")
+@asset(
+    group_name="queries",
+    partitions_def=queries,
+    deps=[AssetKey("checkpoint")],
+    **GPU,
+    description="The query: a clip generated from its prompt (or the user's clip), its prompt, seed, latent and "
+    "conditioning.",
+)
 def query_clips(
-    context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource, compute: ComputeResource,
+    context: AssetExecutionContext,
+    storage: StorageResource,
+    model_source: ModelSourceResource,
+    compute: ComputeResource,
     inbox: InboxResource,
 ) -> MaterializeResult:
     store, cmp = storage.storage(), compute.compute()
@@ -108,14 +119,19 @@ def query_clips(
         clip = decode_clip(read_uri_bytes(spec.audio_uri, store), spec.query_id, adapter.sample_rate)
         windows = query_windows(clip.samples, adapter.window_samples)
         parts = [clip.samples[a:b] for a, b in windows]
-        cond = adapter.encode_text([spec.prompt] * len(parts), [spec.query_id] * len(parts),
-                                   durations=[len(p) / adapter.sample_rate for p in parts])
+        cond = adapter.encode_text(
+            [spec.prompt] * len(parts),
+            [spec.query_id] * len(parts),
+            durations=[len(p) / adapter.sample_rate for p in parts],
+        )
         latents, mask = adapter.encode_audio(parts)
         audio_uri, generated_by = spec.audio_uri, None
         source = {"source_rate": clip.source_rate, "source_channels": clip.source_channels, "seconds": clip.seconds}
         if len(windows) > 1:
-            context.log.info(f"{spec.query_id}: {clip.seconds:.1f} s clip attributed on {len(windows)} windows of "
-                             f"{adapter.window_samples / adapter.sample_rate:.2f} s")
+            context.log.info(
+                f"{spec.query_id}: {clip.seconds:.1f} s clip attributed on {len(windows)} windows of "
+                f"{adapter.window_samples / adapter.sample_rate:.2f} s"
+            )
     else:
         cond = adapter.encode_text([spec.prompt], [spec.query_id])
         latents = generate_latents(adapter, cond, spec.seed, cmp)
@@ -124,32 +140,70 @@ def query_clips(
         sf.write(buf, adapter.decode(latents)[0].numpy(), adapter.sample_rate, format="WAV", subtype="PCM_16")
         audio_uri = store.write_bytes(key("query_audio", query_id=spec.query_id), buf.getvalue())
         generated_by = record.checkpoint_id
-        source = {"source_rate": adapter.sample_rate, "source_channels": 1, "seconds": adapter.window_samples / adapter.sample_rate}
+        source = {
+            "source_rate": adapter.sample_rate,
+            "source_channels": 1,
+            "seconds": adapter.window_samples / adapter.sample_rate,
+        }
     n_windows = latents.shape[0]
-    write_features(store, key("query_features", query_id=spec.query_id),
-                   ItemBatch([spec.query_id] * n_windows, latents, cond, mask),
-                   {"encoder_id": record.encoder_id, "checkpoint_id": record.checkpoint_id})
-    row = pl.DataFrame({"prompt": [spec.prompt], "seed": [spec.seed], "audio_uri": [audio_uri],
-                        "target_artist": [spec.target_artist], "encoder_id": [record.encoder_id], "generated_by": [generated_by],
-                        **{k: [v] for k, v in source.items()}, "windows": [n_windows]},
-                       schema_overrides={"target_artist": pl.String, "generated_by": pl.String})
+    write_features(
+        store,
+        key("query_features", query_id=spec.query_id),
+        ItemBatch([spec.query_id] * n_windows, latents, cond, mask),
+        {"encoder_id": record.encoder_id, "checkpoint_id": record.checkpoint_id},
+    )
+    row = pl.DataFrame(
+        {
+            "prompt": [spec.prompt],
+            "seed": [spec.seed],
+            "audio_uri": [audio_uri],
+            "target_artist": [spec.target_artist],
+            "encoder_id": [record.encoder_id],
+            "generated_by": [generated_by],
+            **{k: [v] for k, v in source.items()},
+            "windows": [n_windows],
+        },
+        schema_overrides={"target_artist": pl.String, "generated_by": pl.String},
+    )
     write_table(store, "queries", row, query_id=spec.query_id)
-    return MaterializeResult(metadata={
-        "prompt": spec.prompt, "seed": spec.seed, "target_artist": spec.target_artist or "",
-        "generated": spec.audio_uri is None, "audio": MetadataValue.path(audio_uri), "checkpoint_id": record.checkpoint_id,
-        **source, "windows": n_windows, **({"long_clip_policy": LONG_CLIP_POLICY.format(max=MAX_QUERY_WINDOWS)} if n_windows > 1 else {}),
-    })
+    return MaterializeResult(
+        metadata={
+            "prompt": spec.prompt,
+            "seed": spec.seed,
+            "target_artist": spec.target_artist or "",
+            "generated": spec.audio_uri is None,
+            "audio": MetadataValue.path(audio_uri),
+            "checkpoint_id": record.checkpoint_id,
+            **source,
+            "windows": n_windows,
+            **({"long_clip_policy": LONG_CLIP_POLICY.format(max=MAX_QUERY_WINDOWS)} if n_windows > 1 else {}),
+        }
+    )
 
 
 @asset(
-    group_name="unlearning", partitions_def=query_configs, deps=[AssetKey("query_clips"), AssetKey("fisher_diagonal")], **GPU,
-    check_specs=[AssetCheckSpec("query_loss_raised", asset="unlearned_model", blocking=True,
-                                description=f"unlearning raised the query loss by at least {MIN_QUERY_LOSS_RATIO}x")],
-    description="The unlearned model of one query and configuration: a weight delta over the parameter subset, and the query loss before/after.",
+    group_name="unlearning",
+    partitions_def=query_configs,
+    deps=[AssetKey("query_clips"), AssetKey("fisher_diagonal")],
+    **GPU,
+    check_specs=[
+        AssetCheckSpec(
+            "query_loss_raised",
+            asset="unlearned_model",
+            blocking=True,
+            description=f"unlearning raised the query loss by at least {MIN_QUERY_LOSS_RATIO}x",
+        )
+    ],
+    description="The unlearned model of one query and configuration: a weight delta over the parameter subset, "
+    "and the query loss before/after.",
 )
 def unlearned_model(
-    context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, model_source: ModelSourceResource,
-    compute: ComputeResource, protocol: LossProtocolResource,
+    context: AssetExecutionContext,
+    config: UnlearningConfig,
+    storage: StorageResource,
+    model_source: ModelSourceResource,
+    compute: ComputeResource,
+    protocol: LossProtocolResource,
 ) -> Iterator:
     qid, cid = query_and_config(context)
     step = model_step(storage, model_source, compute, protocol)
@@ -158,51 +212,116 @@ def unlearned_model(
     settings = config.settings()
     n_train = len(baseline_item_ids(read_baseline(store, identity, record.encoder_id)))
     # the Fisher passed inline, not kept here: unlearn frees it before its step-size search (4.2 GB at 1 B parameters)
-    result = unlearn(step.adapter, query_batch(store, qid, record.encoder_id, record.checkpoint_id), step.fisher(), settings, step.protocol, step.compute,
-                     n_train=n_train)
+    result = unlearn(
+        step.adapter,
+        query_batch(store, qid, record.encoder_id, record.checkpoint_id),
+        step.fisher(),
+        settings,
+        step.protocol,
+        step.compute,
+        n_train=n_train,
+    )
     delta_uri = write_delta(store, identity, qid, cid, result.delta, {COMPUTE_PRECISION: step.compute.precision})
     record_config(store, config)
-    write_table(store, "unlearning_runs", pl.DataFrame({
-        "query_loss_before": [result.query_loss_before], "query_loss_after": [result.query_loss_after],
-        "delta_uri": [delta_uri], "seconds": [result.seconds], "lr_used": [result.lr_used],
-        "target_ratio": [result.target_ratio], "search_ratio": [result.search_ratio], "probes": [result.probes],
-        **{k: [v] for k, v in identity.keys().items()},
-    }, schema_overrides={"target_ratio": pl.Float64, "search_ratio": pl.Float64}), **identity.keys(), query_id=qid, config_id=cid)
-    target = f", target ×{result.target_ratio} reached ×{result.search_ratio:.3f} in {result.probes} probes" \
-        if result.target_ratio else ""
-    context.log.info(f"{qid}/{cid}: query loss {result.query_loss_before:.4f} → {result.query_loss_after:.4f} "
-                     f"(×{result.loss_ratio:.2f}) at lr {result.lr_used:g}{target} in {result.seconds:.1f}s")
-    meta = {"config_id": cid, "query_loss_before": result.query_loss_before, "query_loss_after": result.query_loss_after,
-            "loss_ratio": result.loss_ratio, "seconds": round(result.seconds, 2), "delta_uri": MetadataValue.path(delta_uri),
-            "delta_parameters": sum(d.numel() for d in result.delta.values()), "lr_used": result.lr_used,
-            **({"target_ratio": result.target_ratio, "search_ratio": result.search_ratio, "probes": result.probes}
-               if result.target_ratio else {}), **identity.keys()}
-    yield MaterializeResult(metadata=meta, check_results=[AssetCheckResult(
-        check_name="query_loss_raised", passed=result.passed, severity=AssetCheckSeverity.ERROR,
-        metadata={"loss_ratio": result.loss_ratio, "config_id": cid},
-        description=None if result.passed else
-        f"query loss only ×{result.loss_ratio:.3f}: raise lr or steps in config {cid!r}; no attribution from a failed unlearning",
-    )])
+    write_table(
+        store,
+        "unlearning_runs",
+        pl.DataFrame(
+            {
+                "query_loss_before": [result.query_loss_before],
+                "query_loss_after": [result.query_loss_after],
+                "delta_uri": [delta_uri],
+                "seconds": [result.seconds],
+                "lr_used": [result.lr_used],
+                "target_ratio": [result.target_ratio],
+                "search_ratio": [result.search_ratio],
+                "probes": [result.probes],
+                **{k: [v] for k, v in identity.keys().items()},
+            },
+            schema_overrides={"target_ratio": pl.Float64, "search_ratio": pl.Float64},
+        ),
+        **identity.keys(),
+        query_id=qid,
+        config_id=cid,
+    )
+    target = (
+        f", target ×{result.target_ratio} reached ×{result.search_ratio:.3f} in {result.probes} probes"
+        if result.target_ratio
+        else ""
+    )
+    context.log.info(
+        f"{qid}/{cid}: query loss {result.query_loss_before:.4f} → {result.query_loss_after:.4f} "
+        f"(×{result.loss_ratio:.2f}) at lr {result.lr_used:g}{target} in {result.seconds:.1f}s"
+    )
+    meta = {
+        "config_id": cid,
+        "query_loss_before": result.query_loss_before,
+        "query_loss_after": result.query_loss_after,
+        "loss_ratio": result.loss_ratio,
+        "seconds": round(result.seconds, 2),
+        "delta_uri": MetadataValue.path(delta_uri),
+        "delta_parameters": sum(d.numel() for d in result.delta.values()),
+        "lr_used": result.lr_used,
+        **(
+            {"target_ratio": result.target_ratio, "search_ratio": result.search_ratio, "probes": result.probes}
+            if result.target_ratio
+            else {}
+        ),
+        **identity.keys(),
+    }
+    yield MaterializeResult(
+        metadata=meta,
+        check_results=[
+            AssetCheckResult(
+                check_name="query_loss_raised",
+                passed=result.passed,
+                severity=AssetCheckSeverity.ERROR,
+                metadata={"loss_ratio": result.loss_ratio, "config_id": cid},
+                description=None
+                if result.passed
+                else (
+                    f"query loss only ×{result.loss_ratio:.3f}: raise lr or steps in config {cid!r}; "
+                    "no attribution from a failed unlearning"
+                ),
+            )
+        ],
+    )
 
 
 @asset(
-    group_name="unlearning", partitions_def=query_configs, **GPU,
-    deps=[AssetKey("unlearned_model"), AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping()),
-          AssetKey("similarity_scores"),  # the query dimension (inferred mapping)
-          AssetDep(AssetKey("training_gradients"), partition_mapping=AllPartitionMapping())],
-    check_specs=[AssetCheckSpec("losses_finite_and_complete", asset="unlearned_losses",
-                                description="every training item has every protocol draw, all finite (two_stage: every "
-                                            "rescored item has the draws it was given; linearized: nothing rescored)")],
+    group_name="unlearning",
+    partitions_def=query_configs,
+    **GPU,
+    deps=[
+        AssetKey("unlearned_model"),
+        AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping()),
+        AssetKey("similarity_scores"),  # the query dimension (inferred mapping)
+        AssetDep(AssetKey("training_gradients"), partition_mapping=AllPartitionMapping()),
+    ],
+    check_specs=[
+        AssetCheckSpec(
+            "losses_finite_and_complete",
+            asset="unlearned_losses",
+            description="every training item has every protocol draw, all finite (two_stage: every "
+            "rescored item has the draws it was given; linearized: nothing rescored)",
+        )
+    ],
     description="ℓ_ik(θ_u): the unlearned model's loss on every training item and fixed draw, keyed by checkpoint and "
-                "protocol (two_stage: only the cheap signals' candidates, with successive halving over draws; "
-                "linearized: nothing, its scores need no exact rescore).",
+    "protocol (two_stage: only the cheap signals' candidates, with successive halving over draws; "
+    "linearized: nothing, its scores need no exact rescore).",
 )
 def unlearned_losses(
-    context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, model_source: ModelSourceResource,
-    compute: ComputeResource, protocol: LossProtocolResource,
+    context: AssetExecutionContext,
+    config: UnlearningConfig,
+    storage: StorageResource,
+    model_source: ModelSourceResource,
+    compute: ComputeResource,
+    protocol: LossProtocolResource,
 ) -> Iterator:
     qid, cid = query_and_config(context)
-    settings = partition_config(config, storage.storage(), cid).settings()  # another configuration's run config is refused
+    settings = partition_config(
+        config, storage.storage(), cid
+    ).settings()  # another configuration's run config is refused
     if not settings.needs_exact_rescore:
         yield _no_exact_rescore(storage.storage(), protocol.protocol(), qid, cid, settings)
         return
@@ -217,16 +336,26 @@ def unlearned_losses(
         progress = Progress(context.log, f"{qid}/{cid} unlearned losses", len(expected), proto.draws)
         frames = []
         with apply_delta(step.adapter.denoiser, delta):
-            for ids, losses in stream_losses(step.adapter, iter_training_batches(store, record.encoder_id, 32), proto, step.compute):
+            for ids, losses in stream_losses(
+                step.adapter, iter_training_batches(store, record.encoder_id, 32), proto, step.compute
+            ):
                 frames.append(losses_frame(ids, losses.loss, losses.loss_masked))
                 progress.advance(len(ids))
         df = pl.concat(frames)
         meta = {"item_draws_per_second": progress.rate()}
         check = losses_complete("losses_finite_and_complete", df, expected, proto.draws)
     uri = write_table(store, "unlearned_losses", df, **identity.keys(), query_id=qid, config_id=cid)
-    yield MaterializeResult(metadata={"config_id": cid, "rows": len(df), "items": df["item_id"].n_unique(),
-                                      "uri": MetadataValue.path(uri), **meta, **identity.keys()},
-                            check_results=[check])
+    yield MaterializeResult(
+        metadata={
+            "config_id": cid,
+            "rows": len(df),
+            "items": df["item_id"].n_unique(),
+            "uri": MetadataValue.path(uri),
+            **meta,
+            **identity.keys(),
+        },
+        check_results=[check],
+    )
 
 
 def _no_exact_rescore(store, proto, qid: str, cid: str, settings) -> MaterializeResult:
@@ -236,9 +365,15 @@ def _no_exact_rescore(store, proto, qid: str, cid: str, settings) -> Materialize
     store.delete(key("unlearned_losses", **identity.keys(), query_id=qid, config_id=cid))
     empty = pl.DataFrame(schema=TABLES["unlearned_losses"].polars_schema())
     return MaterializeResult(
-        metadata={"config_id": cid, "rows": 0, "exact_rescore": f"none: method {settings.method!r} scores every item from "
-                  "training_gradients in attribution_scores", **identity.keys()},
-        check_results=[losses_complete("losses_finite_and_complete", empty, [], proto.draws)])
+        metadata={
+            "config_id": cid,
+            "rows": 0,
+            "exact_rescore": f"none: method {settings.method!r} scores every item from "
+            "training_gradients in attribution_scores",
+            **identity.keys(),
+        },
+        check_results=[losses_complete("losses_finite_and_complete", empty, [], proto.draws)],
+    )
 
 
 def _two_stage_losses(context, step, qid: str, settings, delta) -> tuple[pl.DataFrame, TwoStagePlan, dict]:
@@ -246,43 +381,81 @@ def _two_stage_losses(context, step, qid: str, settings, delta) -> tuple[pl.Data
     the plan they must follow (fixed from the signals and settings before any rescore), and metadata."""
     store, proto, identity = step.store, step.protocol, step.identity
     item_ids, data, baseline = step.training_set()
-    l0 = loss_matrix(baseline, item_ids, proto.draws, "loss_masked" if settings.masks_losses else "loss", "baseline_losses")
+    l0 = loss_matrix(
+        baseline, item_ids, proto.draws, "loss_masked" if settings.masks_losses else "loss", "baseline_losses"
+    )
     grads = scoring_gradients(store, identity, settings, step.record.encoder_id, item_ids)
     norms = item_norms(store, identity, settings, step.record.encoder_id, item_ids, grads)
     signals = cheap_signals(store, identity, qid, delta, item_ids, grads, l0, settings.score_type, norms)
     top = settings.count_or_fraction(settings.candidates)
     picked = [item_ids[i] for i in candidates(signals, top)]
-    plan = TwoStagePlan(picked, proto.draws, first_stage_draws(proto.draws, settings.first_draws),
-                        survivor_count(len(picked), settings.count_or_fraction(settings.keep), settings.min_keep))
+    plan = TwoStagePlan(
+        picked,
+        proto.draws,
+        first_stage_draws(proto.draws, settings.first_draws),
+        survivor_count(len(picked), settings.count_or_fraction(settings.keep), settings.min_keep),
+    )
     evaluated: list = []
     start = time.perf_counter()
-    fn = unlearned_losses_fn(step.adapter, data, delta, proto, step.compute, settings.masks_losses, 32, record=evaluated)
-    result = two_stage(l0, fn, signals, top=top, first_draws=settings.first_draws,
-                       keep=settings.count_or_fraction(settings.keep), min_keep=settings.min_keep,
-                       score_type=settings.score_type, item_norms=norms)
+    fn = unlearned_losses_fn(
+        step.adapter, data, delta, proto, step.compute, settings.masks_losses, 32, record=evaluated
+    )
+    result = two_stage(
+        l0,
+        fn,
+        signals,
+        top=top,
+        first_draws=settings.first_draws,
+        keep=settings.count_or_fraction(settings.keep),
+        min_keep=settings.min_keep,
+        score_type=settings.score_type,
+        item_norms=norms,
+    )
     seconds = time.perf_counter() - start
-    df = pl.concat([losses_frame([item_ids[i] for i in idx], part.loss, part.loss_masked, first_draw=first)
-                    for idx, first, part in evaluated])
+    df = pl.concat(
+        [
+            losses_frame([item_ids[i] for i in idx], part.loss, part.loss_masked, first_draw=first)
+            for idx, first, part in evaluated
+        ]
+    )
     rescored = int(result.rescored.sum())
     full = int((result.draws_used == proto.draws).sum())
-    context.log.info(f"{qid}: two_stage rescored {rescored} of {len(item_ids)} items ({full} on all {proto.draws} draws) "
-                     f"from signals {sorted(signals)}: {result.item_draws} item-draws, "
-                     f"{result.item_draws / (len(item_ids) * proto.draws):.0%} of the full rescore, in {seconds:.1f}s")
-    return df, plan, {"signals": MetadataValue.json(sorted(signals)), "candidates": rescored, "full_draw_items": full,
-                          "item_draws": result.item_draws, "share_of_full_rescore": round(result.item_draws / (len(item_ids) * proto.draws), 4),
-                          "item_draws_per_second": round(result.item_draws / max(seconds, 1e-9), 1)}
+    context.log.info(
+        f"{qid}: two_stage rescored {rescored} of {len(item_ids)} items ({full} on all {proto.draws} draws) "
+        f"from signals {sorted(signals)}: {result.item_draws} item-draws, "
+        f"{result.item_draws / (len(item_ids) * proto.draws):.0%} of the full rescore, in {seconds:.1f}s"
+    )
+    return (
+        df,
+        plan,
+        {
+            "signals": MetadataValue.json(sorted(signals)),
+            "candidates": rescored,
+            "full_draw_items": full,
+            "item_draws": result.item_draws,
+            "share_of_full_rescore": round(result.item_draws / (len(item_ids) * proto.draws), 4),
+            "item_draws_per_second": round(result.item_draws / max(seconds, 1e-9), 1),
+        },
+    )
 
 
 @asset(
-    group_name="attribution", partitions_def=query_configs,
-    deps=[AssetKey("unlearned_losses"), AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping()),
-          AssetDep(AssetKey("training_gradients"), partition_mapping=AllPartitionMapping())],
+    group_name="attribution",
+    partitions_def=query_configs,
+    deps=[
+        AssetKey("unlearned_losses"),
+        AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping()),
+        AssetDep(AssetKey("training_gradients"), partition_mapping=AllPartitionMapping()),
+    ],
     check_specs=[AssetCheckSpec("one_row_per_training_item", asset="attribution_scores")],
     description="Attribution of one query and configuration: score, rank, relative and skew scores, shares (method "
-                "unlearning: exact, every item or the two_stage candidates; linearized: from training_gradients).",
+    "unlearning: exact, every item or the two_stage candidates; linearized: from training_gradients).",
 )
 def attribution_scores(
-    context: AssetExecutionContext, config: UnlearningConfig, storage: StorageResource, protocol: LossProtocolResource,
+    context: AssetExecutionContext,
+    config: UnlearningConfig,
+    storage: StorageResource,
+    protocol: LossProtocolResource,
 ) -> Iterator:
     store, proto = storage.storage(), protocol.protocol()
     qid, cid = query_and_config(context)
@@ -293,24 +466,48 @@ def attribution_scores(
     column = "loss_masked" if masked else "loss"
     baseline = read_baseline(store, identity, record.encoder_id)  # the same identity, or an IdentityError: never mixed
     after = read_unlearned(store, identity, qid, cid) if settings.needs_exact_rescore else None
-    item_ids = after["item_id"].unique(maintain_order=True).to_list() if settings.is_full_exact else baseline_item_ids(baseline)
+    item_ids = (
+        after["item_id"].unique(maintain_order=True).to_list()
+        if settings.is_full_exact
+        else baseline_item_ids(baseline)
+    )
     grads = scoring_gradients(store, identity, settings, record.encoder_id, item_ids)  # the one read of the rows
     norms = item_norms(store, identity, settings, record.encoder_id, item_ids, grads)
     l0 = loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses")
     if settings.is_full_exact:
-        s = score_items(l0, loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"), settings.score_type, norms)
+        s = score_items(
+            l0, loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"), settings.score_type, norms
+        )
     else:
         delta = read_delta(store, identity, qid, cid)
         if settings.method == "linearized":
             s = score_columns(l0, settings.score_type, norms, mean_delta=linearized_scores(grads, delta))
         else:
             signals = cheap_signals(store, identity, qid, delta, item_ids, grads, l0, settings.score_type, norms)
-            s = staged_scores(l0, partial_loss_matrix(after, item_ids, proto.draws, column), signal_ranks(signals).mean(axis=0),
-                              settings.score_type, norms)
-    df = pl.DataFrame({"method": settings.method, "item_id": item_ids, "score": s["score"], "rank": s["rank"],
-                       "mean_delta": s["mean_delta"], "relative_score": s["relative_score"], "skew_score": s["skew_score"],
-                       "share": s["share"], "score_type": settings.score_type, "rescored": s["draws_used"] > 0,
-                       "draws_used": s["draws_used"], **identity.keys()}, nan_to_null=True)
+            s = staged_scores(
+                l0,
+                partial_loss_matrix(after, item_ids, proto.draws, column),
+                signal_ranks(signals).mean(axis=0),
+                settings.score_type,
+                norms,
+            )
+    df = pl.DataFrame(
+        {
+            "method": settings.method,
+            "item_id": item_ids,
+            "score": s["score"],
+            "rank": s["rank"],
+            "mean_delta": s["mean_delta"],
+            "relative_score": s["relative_score"],
+            "skew_score": s["skew_score"],
+            "share": s["share"],
+            "score_type": settings.score_type,
+            "rescored": s["draws_used"] > 0,
+            "draws_used": s["draws_used"],
+            **identity.keys(),
+        },
+        nan_to_null=True,
+    )
     uri = write_table(store, "attribution_scores", df, **identity.keys(), query_id=qid, config_id=cid)
     # one row per item the training side encoded (skipped bad items have no features and no row): read from the feature
     # files' headers, not from the baseline losses every non-exact path takes its items from
@@ -321,33 +518,64 @@ def attribution_scores(
     if low is not None:
         context.log.info(f"{qid}/{cid}: {low:.0%} of the top-10 lie in the lowest-norm decile")
     plot = attribution_plot(store, qid, cid, df)  # plots/top_k/<query>/<config>.png, shown in the UI
-    rescored = {} if settings.is_full_exact else {"method": settings.method, "rescored_items": int(df["rescored"].sum())}
-    yield MaterializeResult(metadata={"config_id": cid, "rows": len(df), "top_5": _top_table(top), "uri": MetadataValue.path(uri),
-                                      **rescored, **identity.keys(), **plot,
-                                      **({} if low is None else {"top_10_low_norm_share": low})},
-                            check_results=[check])
+    rescored = (
+        {} if settings.is_full_exact else {"method": settings.method, "rescored_items": int(df["rescored"].sum())}
+    )
+    yield MaterializeResult(
+        metadata={
+            "config_id": cid,
+            "rows": len(df),
+            "top_5": _top_table(top),
+            "uri": MetadataValue.path(uri),
+            **rescored,
+            **identity.keys(),
+            **plot,
+            **({} if low is None else {"top_10_low_norm_share": low}),
+        },
+        check_results=[check],
+    )
 
 
-@asset(group_name="attribution", partitions_def=queries, **GPU,
-       deps=[AssetKey("query_clips"), AssetKey("checkpoint"),
-             AssetDep(AssetKey("training_embeddings"), partition_mapping=AllPartitionMapping())],
-       description="Similarity attribution of one query: cosine similarity on audio, text and internal (denoiser) embeddings, "
-                   "against the stored training_embeddings of the current checkpoint and protocol.")
+@asset(
+    group_name="attribution",
+    partitions_def=queries,
+    **GPU,
+    deps=[
+        AssetKey("query_clips"),
+        AssetKey("checkpoint"),
+        AssetDep(AssetKey("training_embeddings"), partition_mapping=AllPartitionMapping()),
+    ],
+    description="Similarity attribution of one query: cosine similarity on audio, text and internal (denoiser) "
+    "embeddings, against the stored training_embeddings of the current checkpoint and protocol.",
+)
 def similarity_scores(
-    context: AssetExecutionContext, storage: StorageResource, model_source: ModelSourceResource,
-    compute: ComputeResource, protocol: LossProtocolResource,
+    context: AssetExecutionContext,
+    storage: StorageResource,
+    model_source: ModelSourceResource,
+    compute: ComputeResource,
+    protocol: LossProtocolResource,
 ) -> MaterializeResult:
     qid = context.partition_key
     step = model_step(storage, model_source, compute, protocol)
     store, record, identity = step.store, step.record, step.identity
-    items = read_training_embeddings(store, identity, record.encoder_id)  # this identity's, or an IdentityError with the fix
-    query = embeddings(step.adapter, query_batch(store, qid, record.encoder_id, record.checkpoint_id), step.protocol,
-                       step.compute)
+    items = read_training_embeddings(
+        store, identity, record.encoder_id
+    )  # this identity's, or an IdentityError with the fix
+    query = embeddings(
+        step.adapter, query_batch(store, qid, record.encoder_id, record.checkpoint_id), step.protocol, step.compute
+    )
     meta = {}
     for name, score in embedding_scores(query, items.matrices).items():  # the query's windows pooled
         score = score.numpy().astype(np.float64)
-        df = pl.DataFrame({"item_id": items.item_ids, "score": score, "rank": rank_descending(score),
-                           "share": positive_shares(score), **identity.keys()})
+        df = pl.DataFrame(
+            {
+                "item_id": items.item_ids,
+                "score": score,
+                "rank": rank_descending(score),
+                "share": positive_shares(score),
+                **identity.keys(),
+            }
+        )
         write_table(store, "similarity_scores", df, query_id=qid, method=f"similarity:{name}")
         meta[f"top_5_{name}"] = _top_table(_top_items(store, df))
     return MaterializeResult(metadata={"rows_per_method": len(items.item_ids), **identity.keys(), **meta})

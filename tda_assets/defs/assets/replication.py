@@ -12,10 +12,7 @@ import numpy as np
 import polars as pl
 import soundfile as sf
 from dagster import (
-    AllPartitionMapping,
-    AssetDep,
     AssetExecutionContext,
-    AssetKey,
     Config,
     MaterializeResult,
     MetadataValue,
@@ -31,7 +28,7 @@ from tda_assets.attribution.self_influence import TARGET_SETS, targets_of
 from tda_assets.attribution.similarity import audio_embedding
 from tda_assets.data.audio import Clip, check_clip, decode_clip
 from tda_assets.defs.configs import recorded_settings, require_full_exact
-from tda_assets.defs.model_step import model_step
+from tda_assets.defs.model_step import TRAINING_SIDE_DEPS, model_step
 from tda_assets.defs.progress import Progress
 from tda_assets.defs.tags import GPU
 from tda_assets.io.artifacts import loss_matrix
@@ -44,12 +41,18 @@ class ReplicationConfig(Config):
     """Which configuration, and how many source items (k-means-chosen, as for self-influence)."""
 
     config_id: str = "default"
-    n_sources: int = Field(default=4, description="training items whose transformed audio is used as a query (reporting "
-                                                   "sources: chosen outside the development targets)")
+    n_sources: int = Field(
+        default=4,
+        description="training items whose transformed audio is used as a query (reporting "
+        "sources: chosen outside the development targets)",
+    )
     seed: int = 0
-    target_set: str = Field(default="reporting", description="`reporting` (n_sources chosen outside the development "
-                                                             "targets) or `development` (the self-influence development "
-                                                             "targets)")
+    target_set: str = Field(
+        default="reporting",
+        description="`reporting` (n_sources chosen outside the development "
+        "targets) or `development` (the self-influence development "
+        "targets)",
+    )
 
 
 def transformed_clip(source: Clip, name: str, model_rate: int) -> tuple[np.ndarray, float]:
@@ -63,22 +66,28 @@ def transformed_clip(source: Clip, name: str, model_rate: int) -> tuple[np.ndarr
 
 
 @asset(
-    group_name="evaluation", **GPU,
-    deps=[AssetKey("fisher_diagonal"), AssetDep(AssetKey("baseline_losses"), partition_mapping=AllPartitionMapping()),
-          AssetDep(AssetKey("training_gradients"), partition_mapping=AllPartitionMapping())],
+    group_name="evaluation",
+    **GPU,
+    deps=TRAINING_SIDE_DEPS,
     description="Replication detection: each source item's audio at its own rate after a −6 dB fade, a 50 ms shift, a "
-                "22.05 kHz round trip and 30 dB SNR noise, used as a query with its caption; the rank of the source "
-                "among all items, and each transform's SNR in the model's band.",
+    "22.05 kHz round trip and 30 dB SNR noise, used as a query with its caption; the rank of the source "
+    "among all items, and each transform's SNR in the model's band.",
 )
 def replication(
-    context: AssetExecutionContext, config: ReplicationConfig, storage: StorageResource, model_source: ModelSourceResource,
-    compute: ComputeResource, protocol: LossProtocolResource,
+    context: AssetExecutionContext,
+    config: ReplicationConfig,
+    storage: StorageResource,
+    model_source: ModelSourceResource,
+    compute: ComputeResource,
+    protocol: LossProtocolResource,
 ) -> Iterator:
     step = model_step(storage, model_source, compute, protocol)
     store, proto, identity, adapter = step.store, step.protocol, step.identity, step.adapter
     settings = require_full_exact(recorded_settings(store, config.config_id), config.config_id, "replication")
     item_ids, data, baseline = step.training_set()
-    l0 = loss_matrix(baseline, item_ids, proto.draws, "loss_masked" if settings.masks_losses else "loss", "baseline_losses")
+    l0 = loss_matrix(
+        baseline, item_ids, proto.draws, "loss_masked" if settings.masks_losses else "loss", "baseline_losses"
+    )
     fisher = step.fisher()
     if config.target_set not in TARGET_SETS:
         raise ValueError(f"target_set {config.target_set!r} is not one of {TARGET_SETS}")
@@ -100,24 +109,44 @@ def replication(
             query = ItemBatch([query_id], latents, cond, mask)
             s, result, _ = attribute_exact(adapter, query, data, l0, fisher, settings, proto, step.compute, norms)
             ranked = {} if s is None else {"rank": int(s["rank"][t]), "score": float(s["score"][t])}  # None: failed
-            rows.append({"config_id": config.config_id, "source_item_id": row["item_id"], "transform": name,
-                         **ranked, "loss_ratio": result.loss_ratio, "target_set": config.target_set, "snr_db": snr,
-                         "latent_change": change, **identity.keys()})
+            rows.append(
+                {
+                    "config_id": config.config_id,
+                    "source_item_id": row["item_id"],
+                    "transform": name,
+                    **ranked,
+                    "loss_ratio": result.loss_ratio,
+                    "target_set": config.target_set,
+                    "snr_db": snr,
+                    "latent_change": change,
+                    **identity.keys(),
+                }
+            )
             if s is None:
-                context.log.warning(f"replication: {query_id} unlearned only ×{result.loss_ratio:.3f}: failed, "
-                                    "not ranked")
+                context.log.warning(
+                    f"replication: {query_id} unlearned only ×{result.loss_ratio:.3f}: failed, not ranked"
+                )
             progress.advance(1)
     df = pl.DataFrame(rows, schema=TABLES["replication"].polars_schema(with_partitions=True))
     uri = write_replacing(store, "replication", df, "target_set", **identity.keys(), config_id=config.config_id)
     first = df.group_by("transform").agg((pl.col("rank") == 1).mean().alias("share_first")).sort("transform")
     snr = df.group_by("transform").agg(pl.col("snr_db").mean()).sort("transform")
-    context.log.info("replication, share ranked first: " + ", ".join(f"{t} {v:.0%}" for t, v in first.rows())
-                     + "; mean SNR in band: " + ", ".join(f"{t} {v:.1f} dB" for t, v in snr.rows()))
-    yield MaterializeResult(metadata={
-        "config_id": config.config_id, "target_set": config.target_set, "sources": MetadataValue.json(sources),
-        "snr_db": MetadataValue.json({t: round(v, 2) for t, v in snr.rows()}),
-        "share_first": MetadataValue.json(dict(first.rows())),
-        "all_first": bool((df["rank"] == 1).fill_null(False).all()),
-        "failed": int(df["rank"].is_null().sum()),  # unlearnings below the minimum ratio: not ranked
-        "uri": MetadataValue.path(uri), **identity.keys(),
-    })
+    context.log.info(
+        "replication, share ranked first: "
+        + ", ".join(f"{t} {v:.0%}" for t, v in first.rows())
+        + "; mean SNR in band: "
+        + ", ".join(f"{t} {v:.1f} dB" for t, v in snr.rows())
+    )
+    yield MaterializeResult(
+        metadata={
+            "config_id": config.config_id,
+            "target_set": config.target_set,
+            "sources": MetadataValue.json(sources),
+            "snr_db": MetadataValue.json({t: round(v, 2) for t, v in snr.rows()}),
+            "share_first": MetadataValue.json(dict(first.rows())),
+            "all_first": bool((df["rank"] == 1).fill_null(False).all()),
+            "failed": int(df["rank"].is_null().sum()),  # unlearnings below the minimum ratio: not ranked
+            "uri": MetadataValue.path(uri),
+            **identity.keys(),
+        }
+    )

@@ -19,7 +19,8 @@ def score_vectors(store, identity: Identity) -> dict[str, dict[str, pl.DataFrame
     """query → every attribution of it under `identity` (item_id, score, rank), keyed `unlearning:<config_id>` or
     `similarity:<name>`."""
     unlearning = read_tables(store, "attribution_scores", **identity.keys()).with_columns(
-        label="unlearning:" + pl.col("config_id"))
+        label="unlearning:" + pl.col("config_id")
+    )
     similarity = read_tables(store, "similarity_scores").with_columns(label=pl.col("method"))
     cols = ["query_id", "label", "item_id", "score", "rank"]
     current = (pl.col("checkpoint_id") == identity.checkpoint_id) & (pl.col("protocol_id") == identity.protocol_id)
@@ -30,8 +31,9 @@ def score_vectors(store, identity: Identity) -> dict[str, dict[str, pl.DataFrame
     return out
 
 
-def cross_query_rows(vectors: dict[str, dict[str, pl.DataFrame]], target_artist: dict[str, str | None],
-                     k: int = 10) -> list[dict]:
+def cross_query_rows(
+    vectors: dict[str, dict[str, pl.DataFrame]], target_artist: dict[str, str | None], k: int = 10
+) -> list[dict]:
     """Per ranking (label): the mean Jaccard@k between the top-k of every two queries with different target artists
     (`sql/cross_query_overlap.sql` computes the same from the views); rankings without such a pair are left out."""
     labels = sorted({label for v in vectors.values() for label in v})
@@ -41,7 +43,9 @@ def cross_query_rows(vectors: dict[str, dict[str, pl.DataFrame]], target_artist:
         mean, pairs = cross_query_overlap(top, target_artist)
         if pairs:
             queries = sum(target_artist.get(q) is not None for q in top)
-            out.append({"ranking": label, f"cross_query_jaccard_{k}": round(mean, 4), "query_pairs": pairs, "queries": queries})
+            out.append(
+                {"ranking": label, f"cross_query_jaccard_{k}": round(mean, 4), "query_pairs": pairs, "queries": queries}
+            )
     return out
 
 
@@ -49,11 +53,16 @@ def consistency_rows(query_id: str, vectors: dict[str, pl.DataFrame]) -> list[di
     """Pairwise Jaccard@10/50/100, Spearman and Pearson between every two attributions of a query."""
     rows = []
     for left, right in itertools.combinations(sorted(vectors), 2):
-        joined = vectors[left].select("item_id", "score").join(vectors[right].select("item_id", "score"), on="item_id",
-                                                               suffix="_r")
+        joined = (
+            vectors[left]
+            .select("item_id", "score")
+            .join(vectors[right].select("item_id", "score"), on="item_id", suffix="_r")
+        )
         a, b = joined["score"].to_numpy(), joined["score_r"].to_numpy()
         for metric, k, value in compare(a, b):
-            rows.append({"query_id": query_id, "left": left, "right": right, "metric": metric, "k": k, "value": float(value)})
+            rows.append(
+                {"query_id": query_id, "left": left, "right": right, "metric": metric, "k": k, "value": float(value)}
+            )
     return rows
 
 
@@ -69,16 +78,23 @@ def seed_groups(store) -> dict[str, tuple[str, object]]:
 
 def jaccard_matrix(df: pl.DataFrame, k: int = 10) -> tuple[list[str], np.ndarray]:
     """Mean Jaccard@k over queries between every two unlearning configurations (diagonal 1, missing pairs NaN)."""
-    pairs = (df.filter((pl.col("metric") == "jaccard") & (pl.col("k") == k)
-                       & pl.col("left").str.starts_with(UNLEARNING) & pl.col("right").str.starts_with(UNLEARNING))
-             .group_by("left", "right").agg(pl.col("value").mean()))
+    pairs = (
+        df.filter(
+            (pl.col("metric") == "jaccard")
+            & (pl.col("k") == k)
+            & pl.col("left").str.starts_with(UNLEARNING)
+            & pl.col("right").str.starts_with(UNLEARNING)
+        )
+        .group_by("left", "right")
+        .agg(pl.col("value").mean())
+    )
     labels = sorted(set(pairs["left"].to_list()) | set(pairs["right"].to_list()))
     index = {label: i for i, label in enumerate(labels)}
     m = np.full((len(labels), len(labels)), np.nan)
     np.fill_diagonal(m, 1.0)
     for r in pairs.to_dicts():
         m[index[r["left"]], index[r["right"]]] = m[index[r["right"]], index[r["left"]]] = r["value"]
-    return [label[len(UNLEARNING):] for label in labels], m
+    return [label[len(UNLEARNING) :] for label in labels], m
 
 
 def is_seed_rerun(groups: dict[str, tuple[str, object]], a: str, b: str) -> bool:
@@ -87,7 +103,8 @@ def is_seed_rerun(groups: dict[str, tuple[str, object]], a: str, b: str) -> bool
 
 
 def config_consistency(df: pl.DataFrame, groups: dict[str, tuple[str, object]], k: int = 10) -> list[dict]:
-    """Per configuration: mean Jaccard@k (over queries) with its seed reruns, with the other configurations, and with all.
+    """Per configuration: mean Jaccard@k (over queries) with its seed reruns, with the other configurations, and with
+    all.
 
     Sorted best first: by the mean with its seed reruns (configurations without reruns last), then with all others.
     """
@@ -98,17 +115,36 @@ def config_consistency(df: pl.DataFrame, groups: dict[str, tuple[str, object]], 
         seed = [j for j in others if is_seed_rerun(groups, c, configs[j])]
         rest = [j for j in others if j not in seed]
         mean = lambda js: round(float(np.mean(m[i, js])), 4) if js else None  # noqa: E731
-        out.append({"config_id": c, f"jaccard_{k}_seed_reruns": mean(seed), "seed_reruns": len(seed),
-                    f"jaccard_{k}_other_configs": mean(rest), f"jaccard_{k}_all": mean(others)})
-    key = lambda r: (r[f"jaccard_{k}_seed_reruns"] is None, -(r[f"jaccard_{k}_seed_reruns"] or 0.0), -(r[f"jaccard_{k}_all"] or 0.0))  # noqa: E731
+        out.append(
+            {
+                "config_id": c,
+                f"jaccard_{k}_seed_reruns": mean(seed),
+                "seed_reruns": len(seed),
+                f"jaccard_{k}_other_configs": mean(rest),
+                f"jaccard_{k}_all": mean(others),
+            }
+        )
+
+    def key(r: dict) -> tuple:
+        return (
+            r[f"jaccard_{k}_seed_reruns"] is None,
+            -(r[f"jaccard_{k}_seed_reruns"] or 0.0),
+            -(r[f"jaccard_{k}_all"] or 0.0),
+        )
+
     return sorted(out, key=key)
 
 
-@asset(group_name="reports", deps=[AssetKey("attribution_scores"), AssetKey("similarity_scores")],
-       description="Consistency across configurations, seeds and methods (current checkpoint and protocol): "
-                   "Jaccard@k and rank correlations per query; and per ranking, the cross-query overlap (mean Jaccard@10 "
-                   "between the top-10s of queries with different target artists: high = the same items for every query).")
-def consistency_report(context: AssetExecutionContext, storage: StorageResource, protocol: LossProtocolResource) -> MaterializeResult:
+@asset(
+    group_name="reports",
+    deps=[AssetKey("attribution_scores"), AssetKey("similarity_scores")],
+    description="Consistency across configurations, seeds and methods (current checkpoint and protocol): "
+    "Jaccard@k and rank correlations per query; and per ranking, the cross-query overlap (mean Jaccard@10 "
+    "between the top-10s of queries with different target artists: high = the same items for every query).",
+)
+def consistency_report(
+    context: AssetExecutionContext, storage: StorageResource, protocol: LossProtocolResource
+) -> MaterializeResult:
     store = storage.storage()
     identity = Identity(read_checkpoint_record(store).checkpoint_id, protocol.protocol().protocol_id)
     vectors = score_vectors(store, identity)
@@ -116,8 +152,11 @@ def consistency_report(context: AssetExecutionContext, storage: StorageResource,
     rows = [{**r, **identity.keys()} for q in query_ids for r in consistency_rows(q, vectors[q])]
     df = pl.DataFrame(rows, schema=TABLES["consistency"].polars_schema())
     uri = write_table(store, "consistency", df, **identity.keys())
-    means = (df.group_by("left", "right", "metric", "k").agg(pl.col("value").mean()).sort("left", "right", "metric", "k")
-             if len(df) else df)
+    means = (
+        df.group_by("left", "right", "metric", "k").agg(pl.col("value").mean()).sort("left", "right", "metric", "k")
+        if len(df)
+        else df
+    )
     per_config = config_consistency(df, seed_groups(store)) if len(df) else []
     queries_table = read_tables(store, "queries")
     target_artist = dict(zip(queries_table["query_id"], queries_table["target_artist"])) if len(queries_table) else {}
@@ -128,31 +167,60 @@ def consistency_report(context: AssetExecutionContext, storage: StorageResource,
     meta: dict = {}
     if cross:
         meta["cross_query_overlap"] = MetadataValue.json(cross)
-        context.log.info("cross-query overlap (mean Jaccard@10, different target artists): "
-                         + ", ".join(f"{r['ranking']} {r['cross_query_jaccard_10']:.3f}" for r in cross))
+        context.log.info(
+            "cross-query overlap (mean Jaccard@10, different target artists): "
+            + ", ".join(f"{r['ranking']} {r['cross_query_jaccard_10']:.3f}" for r in cross)
+        )
     if per_config:
         best = per_config[0]
         by_all = max(per_config, key=lambda r: r["jaccard_10_all"] if r["jaccard_10_all"] is not None else -1.0)
-        meta.update({
-            "most_consistent_config": best["config_id"],
-            "most_consistent_config_jaccard_10": (best["jaccard_10_seed_reruns"] if best["jaccard_10_seed_reruns"] is not None
-                                                  else best["jaccard_10_all"]),
-            "most_consistent_config_basis": "seed reruns" if best["jaccard_10_seed_reruns"] is not None else "other configurations",
-            "highest_agreement_with_other_configs": by_all["config_id"],
-            "config_consistency": MetadataValue.json(per_config),
-        })
+        meta.update(
+            {
+                "most_consistent_config": best["config_id"],
+                "most_consistent_config_jaccard_10": (
+                    best["jaccard_10_seed_reruns"]
+                    if best["jaccard_10_seed_reruns"] is not None
+                    else best["jaccard_10_all"]
+                ),
+                "most_consistent_config_basis": "seed reruns"
+                if best["jaccard_10_seed_reruns"] is not None
+                else "other configurations",
+                "highest_agreement_with_other_configs": by_all["config_id"],
+                "config_consistency": MetadataValue.json(per_config),
+            }
+        )
         labels, matrix = jaccard_matrix(df)
         if len(labels) > 1:
             shared = df.filter(pl.col("left").str.starts_with(UNLEARNING) & pl.col("right").str.starts_with(UNLEARNING))
-            title = (f"mean Jaccard@10 between unlearning configurations "
-                     f"(over the queries both ran; {shared['query_id'].n_unique()} queries in all)")
-            meta.update(plots.write_png(store, key("plot", kind="consistency", name="jaccard_10"),
-                                        plots.heatmap(matrix, labels, title), title))
-        context.log.info(f"most consistent configuration: {best['config_id']} ({meta['most_consistent_config_basis']}, "
-                         f"mean Jaccard@10 {meta['most_consistent_config_jaccard_10']})")
+            title = (
+                f"mean Jaccard@10 between unlearning configurations "
+                f"(over the queries both ran; {shared['query_id'].n_unique()} queries in all)"
+            )
+            meta.update(
+                plots.write_png(
+                    store,
+                    key("plot", kind="consistency", name="jaccard_10"),
+                    plots.heatmap(matrix, labels, title),
+                    title,
+                )
+            )
+        context.log.info(
+            f"most consistent configuration: {best['config_id']} ({meta['most_consistent_config_basis']}, "
+            f"mean Jaccard@10 {meta['most_consistent_config_jaccard_10']})"
+        )
     context.log.info(f"consistency over {len(query_ids)} queries: {len(df)} rows")
-    return MaterializeResult(metadata={
-        "rows": len(df), "queries": len(query_ids), "uri": MetadataValue.path(uri), **identity.keys(), **meta,
-        "mean_by_pair": MetadataValue.json([{**r, "value": round(r["value"], 4) if r["value"] is not None and np.isfinite(r["value"]) else None}
-                                            for r in means.to_dicts()][:200]),
-    })
+    return MaterializeResult(
+        metadata={
+            "rows": len(df),
+            "queries": len(query_ids),
+            "uri": MetadataValue.path(uri),
+            **identity.keys(),
+            **meta,
+            "mean_by_pair": MetadataValue.json(
+                [
+                    {**r, "value": round(r["value"], 4) if r["value"] is not None and np.isfinite(r["value"]) else None}
+                    for r in means.to_dicts()
+                ][:200]
+            ),
+        }
+    )

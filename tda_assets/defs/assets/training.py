@@ -33,9 +33,15 @@ class ManifestConfig(Config):
     corpus_seed: int = 0
 
 
-@asset(group_name="training_data", description="One row per training item: item_id, audio_uri, caption, artist, duration_s, shard.")
+@asset(
+    group_name="training_data",
+    description="One row per training item: item_id, audio_uri, caption, artist, duration_s, shard.",
+)
 def training_manifest(
-    context: AssetExecutionContext, config: ManifestConfig, storage: StorageResource, training_data: TrainingDataResource
+    context: AssetExecutionContext,
+    config: ManifestConfig,
+    storage: StorageResource,
+    training_data: TrainingDataResource,
 ) -> MaterializeResult:
     store = storage.storage()
     manifest_uri = config.manifest_uri or training_data.manifest_uri
@@ -45,7 +51,9 @@ def training_manifest(
         origin = manifest_uri
     else:
         with tempfile.TemporaryDirectory() as tmp:
-            rows = generate_corpus(tmp, clips_per_artist=clips_per_artist, seed=config.corpus_seed, artists=config.artists)
+            rows = generate_corpus(
+                tmp, clips_per_artist=clips_per_artist, seed=config.corpus_seed, artists=config.artists
+            )
             for i, row in enumerate(rows):
                 audio_key = key("corpus_audio", artist=row["artist"], item_id=row["item_id"])
                 row["audio_uri"] = store.write_bytes(audio_key, Path(row.pop("audio_path")).read_bytes())
@@ -57,10 +65,15 @@ def training_manifest(
     uri = write_table(store, "training_manifest", df)
     record_manifest_origin(store, manifest_uri)
     counts = df.group_by("artist").len().sort("artist")
-    return MaterializeResult(metadata={
-        "rows": len(df), "artists": df["artist"].n_unique(), "origin": origin, "uri": MetadataValue.path(uri),
-        "items_per_artist": MetadataValue.json({r["artist"]: r["len"] for r in counts.to_dicts()}),
-    })
+    return MaterializeResult(
+        metadata={
+            "rows": len(df),
+            "artists": df["artist"].n_unique(),
+            "origin": origin,
+            "uri": MetadataValue.path(uri),
+            "items_per_artist": MetadataValue.json({r["artist"]: r["len"] for r in counts.to_dicts()}),
+        }
+    )
 
 
 class FeaturesConfig(Config):
@@ -78,9 +91,12 @@ def encoder_adapter(source: ModelSource) -> tuple[DiTAdapter, str]:
 
 
 @asset(
-    group_name="training_data", partitions_def=training_shards, deps=[AssetKey("training_manifest")], **GPU,
+    group_name="training_data",
+    partitions_def=training_shards,
+    deps=[AssetKey("training_manifest")],
+    **GPU,
     description="Cached latents z_i and conditioning h_i of one shard, keyed by the encoders that made them "
-                "(the frozen encoders run once per item, never again).",
+    "(the frozen encoders run once per item, never again).",
 )
 def training_features(
     context: AssetExecutionContext, config: FeaturesConfig, storage: StorageResource, model_source: ModelSourceResource
@@ -93,18 +109,23 @@ def training_features(
     if rows.height == 0:  # a small manifest can leave a shard empty: no features file, nothing downstream to read
         store.delete(features_key)
         context.log.info(f"{shard}: no training items in this shard")
-        return MaterializeResult(metadata={"rows": 0, "skipped_items": MetadataValue.json([]), "encoder_id": encoder_id})
+        return MaterializeResult(
+            metadata={"rows": 0, "skipped_items": MetadataValue.json([]), "encoder_id": encoder_id}
+        )
     good, audio, bad = [], [], []
     for row in rows.iter_rows(named=True):
         try:
             samples = decode_audio(read_uri_bytes(row["audio_uri"], store), row["item_id"], adapter.sample_rate)
             if not (row["caption"] or "").strip():
-                raise AttributionInputError(f"item {row['item_id']}: empty caption; write a text description of the music")
+                raise AttributionInputError(
+                    f"item {row['item_id']}: empty caption; write a text description of the music"
+                )
         except AttributionInputError as exc:
             where = f"audio_uri {row['audio_uri']!r}, shard {shard}"
             if not config.skip_bad_items:
                 raise AttributionInputError(
-                    f"{exc} ({where}); or set skip_bad_items: true in the training_features config to skip and report it"
+                    f"{exc} ({where}); or set skip_bad_items: true in the training_features config to skip and "
+                    "report it"
                 ) from exc
             context.log.warning(f"skipping bad training item: {exc} ({where})")
             bad.append(row["item_id"])
@@ -114,16 +135,29 @@ def training_features(
     if not good:  # every item of the shard was bad and skipped on request: the shard is empty, and says why
         store.delete(features_key)
         context.log.warning(f"{shard}: all {len(bad)} items skipped as bad; the shard is empty")
-        return MaterializeResult(metadata={"rows": 0, "skipped_items": MetadataValue.json(bad), "encoder_id": encoder_id})
+        return MaterializeResult(
+            metadata={"rows": 0, "skipped_items": MetadataValue.json(bad), "encoder_id": encoder_id}
+        )
     latents, mask = adapter.encode_audio(audio)
-    cond = adapter.encode_text([r["caption"] for r in good], [r["item_id"] for r in good],
-                               durations=[len(a) / adapter.sample_rate for a in audio])
+    cond = adapter.encode_text(
+        [r["caption"] for r in good],
+        [r["item_id"] for r in good],
+        durations=[len(a) / adapter.sample_rate for a in audio],
+    )
     batch = ItemBatch([r["item_id"] for r in good], latents, cond, mask)
-    uri = write_features(store, features_key, batch,
-                         {"skipped": ",".join(bad), "encoder_id": encoder_id, "manifest_digest": manifest_digest(rows)})
+    uri = write_features(
+        store,
+        features_key,
+        batch,
+        {"skipped": ",".join(bad), "encoder_id": encoder_id, "manifest_digest": manifest_digest(rows)},
+    )
     context.log.info(f"{shard}: encoded {len(good)} items ({len(bad)} skipped)")
-    return MaterializeResult(metadata={
-        "rows": len(good), "skipped_items": MetadataValue.json(bad), "latent_shape": str(tuple(latents.shape[1:])),
-        "encoder_id": encoder_id,
-        "uri": MetadataValue.path(uri),
-    })
+    return MaterializeResult(
+        metadata={
+            "rows": len(good),
+            "skipped_items": MetadataValue.json(bad),
+            "latent_shape": str(tuple(latents.shape[1:])),
+            "encoder_id": encoder_id,
+            "uri": MetadataValue.path(uri),
+        }
+    )

@@ -32,7 +32,8 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float, f_ma
 
 @dataclass(frozen=True)
 class MelFrontend:
-    """Audio [b, samples] at `sample_rate` ↔ latents [b, n_mels, frames]: log-mel, shifted and scaled to unit-ish variance."""
+    """Audio [b, samples] at `sample_rate` ↔ latents [b, n_mels, frames]: log-mel, shifted and scaled to unit-ish
+    variance."""
 
     sample_rate: int = 16000
     n_fft: int = 2048

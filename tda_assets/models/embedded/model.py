@@ -59,7 +59,9 @@ class EmbeddedAdapter(DiTAdapter):
         frontend = frontend or MelFrontend()
         torch.manual_seed(seed)
         denoiser = StableAudioDiTModel(**denoiser_config(frontend, **arch))
-        return cls(denoiser=denoiser, objective=DiffusionObjective("v"), sample_rate=frontend.sample_rate, frontend=frontend)
+        return cls(
+            denoiser=denoiser, objective=DiffusionObjective("v"), sample_rate=frontend.sample_rate, frontend=frontend
+        )
 
     @property
     def window_samples(self) -> int:
@@ -150,5 +152,10 @@ def train_denoiser(
         if progress and (step % 100 == 0 or step == settings.steps - 1):
             progress(step, float(np.mean(curve[-100:])))
     model.eval()
-    log.info("trained denoiser: %d steps in %.1fs, final loss %.4f", settings.steps, time.perf_counter() - start, np.mean(curve[-100:]))
+    log.info(
+        "trained denoiser: %d steps in %.1fs, final loss %.4f",
+        settings.steps,
+        time.perf_counter() - start,
+        np.mean(curve[-100:]),
+    )
     return curve
