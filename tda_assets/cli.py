@@ -76,15 +76,16 @@ def _running(store) -> set[tuple[str, str]]:
     from dagster import DagsterInstance
 
     from resources.env import use_dagster_home
+    from tda_assets.data.query_state import partition_tag
     from tda_assets.defs.query_runs import IN_PROGRESS, runs_of_root
 
     use_dagster_home()
     out = set()
     for tags in runs_of_root(DagsterInstance.get(), IN_PROGRESS, store.url):
-        if "dagster/partition/query" in tags:
-            out.add((tags["dagster/partition/query"], tags["dagster/partition/config"]))
-        elif "dagster/partition" in tags:
-            out.add((tags["dagster/partition"], "default"))
+        if partition_tag("query") in tags:
+            out.add((tags[partition_tag("query")], tags[partition_tag("config")]))
+        elif partition_tag() in tags:
+            out.add((tags[partition_tag()], "default"))
     return out
 
 

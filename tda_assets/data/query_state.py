@@ -16,6 +16,12 @@ from tda_assets.io.tables import clip_generated_by, list_keys, read_tables
 DEFAULT_CONFIG = "default"
 STORAGE_TAG = "tda/storage_root"  # run tags tying a query run to its storage root and step (`clip` or `attribute`)
 STEP_TAG = "tda/step"
+PARTITION_TAG = "dagster/partition"  # Dagster's own run tag for a partition; `<it>/<dimension>` for each dimension
+
+
+def partition_tag(dimension: str | None = None) -> str:
+    """The run tag naming a partition key, or one dimension's key of a multi-partition."""
+    return PARTITION_TAG if dimension is None else f"{PARTITION_TAG}/{dimension}"
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from dagster import (
 from resources import InboxResource, LossProtocolResource, StorageResource
 from resources.env import Env
 from tda_assets.data.inbox import inbox_files, judge_query
-from tda_assets.data.query_state import DEFAULT_CONFIG, MIN_QUERY_LOSS_RATIO, STEP_TAG, pending_queries
+from tda_assets.data.query_state import DEFAULT_CONFIG, MIN_QUERY_LOSS_RATIO, STEP_TAG, partition_tag, pending_queries
 from tda_assets.defs.configs import UNLEARNING_ASSETS
 from tda_assets.defs.partitions import configs, queries, query_config_key, query_configs
 from tda_assets.defs.query_runs import IN_PROGRESS, run_tags, runs_of_root
@@ -65,7 +65,7 @@ def _steps_of_runs(
     """`(step, partition)` of the root's query runs in `statuses` (with `attempts_only`, not those released because
     their process was killed or stopped: that is no failure of the query)."""
     runs = [t for t in runs_of_root(context.instance, statuses, root) if not (attempts_only and RELEASED_TAG in t)]
-    return [(t.get(STEP_TAG, ""), t.get("dagster/partition", "")) for t in runs]
+    return [(t.get(STEP_TAG, ""), t.get(partition_tag(), "")) for t in runs]
 
 
 def _with_similarity(store: Storage) -> set[str]:

@@ -31,6 +31,7 @@ from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, unlearn
 from tda_assets.defs.partitions import SHARD_KEYS, configs, queries, query_config_key
 from tda_assets.defs.query_runs import run_tags
 from tda_assets.defs.sensors import CLIP_ASSETS, attribute_config_job, query_clip_job, query_inbox_sensor, query_of
+from tda_assets.data.query_state import partition_tag
 from tda_assets.attribution.gradients import GradientSpec
 from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.io.artifacts import (
@@ -177,7 +178,7 @@ def partition_tags(partition_key: str | None) -> dict[str, str]:
     if not partition_key:
         return {}
     dims = getattr(partition_key, "keys_by_dimension", {})
-    return {"dagster/partition": str(partition_key), **{f"dagster/partition/{d}": v for d, v in dims.items()}}
+    return {partition_tag(): str(partition_key), **{partition_tag(d): v for d, v in dims.items()}}
 
 
 @dataclass
