@@ -160,6 +160,19 @@ def test_unlearning_configs_columns_are_the_engine_settings_fields():
     ]
 
 
+def test_training_gradients_config_fields_are_the_gradient_spec_with_the_default_configurations_values():
+    from dataclasses import fields
+
+    from tda_assets.attribution.gradients import GradientSpec
+    from tda_assets.attribution.settings import UnlearningSettings
+    from tda_assets.defs.assets.gradients import TrainingGradientsConfig
+
+    names = [f.name for f in fields(GradientSpec)]
+    assert list(TrainingGradientsConfig.model_fields) == ["items_per_pass", *names]
+    assert TrainingGradientsConfig().spec() == GradientSpec.for_settings(UnlearningSettings())
+    assert TrainingGradientsConfig(k=64, damping=0.5).spec() == GradientSpec(k=64, damping=0.5)
+
+
 @pytest.mark.parametrize(
     "view, keys",
     [

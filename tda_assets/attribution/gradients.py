@@ -17,7 +17,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -39,11 +39,11 @@ class GradientSpec:
     """What a stored gradient store is, beside its checkpoint and protocol: the parameter subset, whether its losses
     mask padding, the CountSketch (k, seed) and the damping of its Fisher preconditioner `(F̂ + d)^(-1/2)`."""
 
-    param_subset: str = "all"
-    masked: bool = False
-    k: int = 4096
-    seed: int = 0
-    damping: float = 0.1
+    param_subset: str = field(default="all", metadata={"doc": f"parameters: {', '.join(PARAM_SUBSETS)}"})
+    masked: bool = field(default=False, metadata={"doc": "losses over real frames only (mask_padding losses/both)"})
+    k: int = field(default=4096, metadata={"doc": "CountSketch dimension: bytes per item = 4k; error ∝ 1/sqrt(k)"})
+    seed: int = field(default=0, metadata={"doc": "CountSketch seed"})
+    damping: float = field(default=0.1, metadata={"doc": "damping d of the preconditioner (F̂ + d)^(-1/2)"})
 
     def __post_init__(self) -> None:
         if self.param_subset not in PARAM_SUBSETS:

@@ -32,21 +32,24 @@ class _UnlearningConfigBase(Config):
         return pl.DataFrame([settings_row(self.settings())])
 
 
-def _unlearning_config() -> type[_UnlearningConfigBase]:
-    """The Dagster config class with one field per `UnlearningSettings` field (same names, defaults and docs)."""
-    hints = get_type_hints(UnlearningSettings)
-    namespace: dict = {
-        "__module__": __name__,
-        "__annotations__": {},
-        "__doc__": "One unlearning configuration (DESIGN §1): the engine's UnlearningSettings and a config_id.",
-    }
-    for f in fields(UnlearningSettings):
+def config_class(name: str, source: type, base: type[Config], doc: str, defaults: dict | None = None) -> type:
+    """A Dagster config class on `base` with one field per field of the engine dataclass `source` (same names and
+    docs; defaults from `defaults` where given, else the dataclass's), so the Config never restates the fields."""
+    hints = get_type_hints(source)
+    namespace: dict = {"__module__": __name__, "__annotations__": {}, "__doc__": doc}
+    for f in fields(source):
         namespace["__annotations__"][f.name] = hints[f.name]
-        namespace[f.name] = Field(default=f.default, description=f.metadata.get("doc"))
-    return type("UnlearningConfig", (_UnlearningConfigBase,), namespace)
+        default = (defaults or {}).get(f.name, f.default)
+        namespace[f.name] = Field(default=default, description=f.metadata.get("doc"))
+    return type(name, (base,), namespace)
 
 
-UnlearningConfig = _unlearning_config()
+UnlearningConfig = config_class(
+    "UnlearningConfig",
+    UnlearningSettings,
+    _UnlearningConfigBase,
+    "One unlearning configuration (DESIGN §1): the engine's UnlearningSettings and a config_id.",
+)
 
 
 def recorded_settings(store: Storage, config_id: str) -> UnlearningSettings:

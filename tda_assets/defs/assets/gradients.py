@@ -7,13 +7,14 @@ materialize.
 """
 
 import time
+from dataclasses import fields
 
 from dagster import AssetExecutionContext, AssetKey, Config, MaterializeResult, MetadataValue, asset
 from pydantic import Field
 
 from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
 from tda_assets.attribution.gradients import GradientSpec, gradient_store
-from tda_assets.attribution.settings import PARAM_SUBSETS
+from tda_assets.defs.configs import config_class
 from tda_assets.defs.model_step import model_step
 from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.defs.partitions import training_shards
@@ -26,22 +27,25 @@ from tda_assets.io.registry import key
 _DEFAULT = GradientSpec.for_settings(UnlearningSettings())  # the product default configuration's store
 
 
-class TrainingGradientsConfig(Config):
-    """Which gradient store to build (a configuration reads the one of its param_subset, loss masking, damping,
-    sketch_k and sketch_seed), and how many items per backward pass."""
-
-    param_subset: str = Field(default=_DEFAULT.param_subset, description=f"parameters: {', '.join(PARAM_SUBSETS)}")
-    masked: bool = Field(default=_DEFAULT.masked, description="losses over real frames only (mask_padding losses/both)")
-    k: int = Field(default=_DEFAULT.k, description="CountSketch dimension: bytes per item = 4k; error ∝ 1/sqrt(k)")
-    seed: int = Field(default=_DEFAULT.seed, description="CountSketch seed")
-    damping: float = Field(default=_DEFAULT.damping, description="damping d of the preconditioner (F̂ + d)^(-1/2)")
+class _TrainingGradientsConfigBase(Config):
     items_per_pass: int = Field(
         default=16,
         description="items whose gradients are sketched together (memory: items_per_pass × parameters × 4 bytes)",
     )
 
     def spec(self) -> GradientSpec:
-        return GradientSpec(self.param_subset, self.masked, self.k, self.seed, self.damping)
+        """The engine's spec of the store to build (its fields are this config's, by name)."""
+        return GradientSpec(**{f.name: getattr(self, f.name) for f in fields(GradientSpec)})
+
+
+TrainingGradientsConfig = config_class(
+    "TrainingGradientsConfig",
+    GradientSpec,
+    _TrainingGradientsConfigBase,
+    "Which gradient store to build (a configuration reads the one of its param_subset, loss masking, damping, "
+    "sketch_k and sketch_seed), and how many items per backward pass.",
+    defaults=vars(_DEFAULT),
+)
 
 
 @asset(
