@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     item_draw_s, counts = item_draw_seconds(args.folder, args.threads)
     print("parameters: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()), flush=True)
-    print(f"one item-draw forward (batch_losses, 1 item x 1 draw): {item_draw_s:.1f} s", flush=True)
+    print(f"one item-draw forward (batch_losses, 1 item x 1 draw): {item_draw_s:.3g} s", flush=True)
     print(
         json.dumps(
             {
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
                 "prepare_peak_rss_gb": prepare["peak_rss_gb"],
                 "attribute_s": attribute["s"],
                 "attribute_peak_rss_gb": attribute["peak_rss_gb"],
-                "item_draw_s": round(item_draw_s, 2),
+                "item_draw_s": float(f"{item_draw_s:.3g}"),  # 3 significant digits: ms at tiny shapes
                 "items": args.items,
                 "draws": args.draws,
                 "settings": settings,
