@@ -4,7 +4,6 @@ the headline figures."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import re
@@ -75,16 +74,9 @@ def bench(name: str, *argv: str, timeout: int = 300) -> list[str]:
     return done.stdout.strip().splitlines()
 
 
-NO_SMALL_SIZE: tuple[str, ...] = ()  # a benchmark with no smallest size yet: only its import is checked here
-
 
 def test_every_benchmark_has_a_smallest_run_here():
-    assert {p.stem for p in BENCHMARKS.glob("bench_*.py")} == set(SMALLEST) | set(SLOW) | set(NO_SMALL_SIZE)
-
-
-@pytest.mark.parametrize("name", NO_SMALL_SIZE)
-def test_a_benchmark_without_a_smallest_size_at_least_imports_as_a_module(name):
-    assert callable(importlib.import_module(f"tests.benchmarks.{name}").main)
+    assert {p.stem for p in BENCHMARKS.glob("bench_*.py")} == set(SMALLEST) | set(SLOW)
 
 
 def test_make_bench_runs_each_benchmark_as_a_module_and_bench_scale_last():
