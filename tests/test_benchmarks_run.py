@@ -74,7 +74,6 @@ def bench(name: str, *argv: str, timeout: int = 300) -> list[str]:
     return done.stdout.strip().splitlines()
 
 
-
 def test_every_benchmark_has_a_smallest_run_here():
     assert {p.stem for p in BENCHMARKS.glob("bench_*.py")} == set(SMALLEST) | set(SLOW)
 
