@@ -154,6 +154,8 @@ class Env:
     sql_dir: str | None = None
     grid_queries: int = 4
     cf_queries: int = 4  # the counterfactual's goal is stated on 4 queries (3 of 4 item level)
+    si_targets: int = 32  # self-influence's goal is stated on >= 32 reporting targets
+    rep_sources: int = 20  # replication's goal is stated on 20 reporting sources per transform
     cf_train_steps: int | None = None
     slot_wait_s: int = 1800  # a step waiting longer for a pool slot gives up, naming the holder
     run_stale_s: int = 300  # a run of another host with no heartbeat (every 30 s) for this long is released as dead
@@ -185,6 +187,8 @@ class Env:
             sql_dir=get("TDA_SQL_DIR"),
             grid_queries=_int("TDA_GRID_QUERIES", d["grid_queries"]),
             cf_queries=_int("TDA_CF_QUERIES", d["cf_queries"]),
+            si_targets=_int("TDA_SI_TARGETS", d["si_targets"]),
+            rep_sources=_int("TDA_REP_SOURCES", d["rep_sources"]),
             cf_train_steps=_int("TDA_CF_TRAIN_STEPS", 0) or None,
             slot_wait_s=_seconds("TDA_SLOT_WAIT_S", d["slot_wait_s"], 1),
             run_stale_s=_seconds("TDA_RUN_STALE_S", d["run_stale_s"], 60),  # two heartbeats (every 30 s) at least

@@ -312,15 +312,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--si-targets",
         type=int,
-        default=6,
-        help="self-influence reporting targets (k-means-chosen training items outside the 16 development targets)",
+        default=env.si_targets,
+        help="self-influence reporting targets (k-means-chosen training items outside the 16 development targets; "
+        "default 32, the goal's sample; TDA_SI_TARGETS)",
     )
     p.add_argument(
         "--rep-sources",
         type=int,
-        default=4,
+        default=env.rep_sources,
         help="replication reporting sources: items (outside the development targets) whose transformed "
-        "audio is a query (0 to skip)",
+        "audio is a query (0 to skip; default 20, the goal's sample; TDA_REP_SOURCES)",
     )
     p.set_defaults(fn=cmd_evaluate)
     return top
