@@ -3,20 +3,26 @@ Fisher, the preconditioner or the weights, a compact CountSketch hash; and the r
 
 from __future__ import annotations
 
+import gc
+import os
+
 import pytest
 import torch
 
+import tda_assets.attribution.losses as losses_module
 from resources.build import build_resources
 from resources.env import Env
 from tda_assets.attribution.adapter import ItemBatch, apply_delta
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.fisher import NormalisedFisher, fisher_diagonal, normalised_fisher
-from tda_assets.attribution.losses import diffusion_loss, expand_draws
+from tda_assets.attribution.losses import batch_losses, diffusion_loss, expand_draws
 from tda_assets.attribution.gradients import gradient_store, per_item_gradients, preconditioner
 from tda_assets.attribution.protocol import LossProtocol, draw_seed
 from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.attribution.sketch import CountSketch
-from tda_assets.attribution.unlearn import unlearn
+from tda_assets.attribution.memory import available_bytes, require_memory
+from tda_assets.attribution.unlearn import model_sized_sets as sets_added, unlearn
+from tda_assets.io.storage import Storage
 from tda_assets.models.stable_audio import StableAudioAdapter
 
 PROTOCOL = LossProtocol(draws=6)
@@ -97,15 +103,25 @@ def test_unlearning_in_passes_gives_the_one_pass_delta_and_leaves_the_model_unch
     assert all(torch.equal(p, before[n]) for n, p in adapter.denoiser.named_parameters())
 
 
-def test_apply_delta_adds_in_place_and_restores_theta0_exactly(tiny):
-    adapter, _ = tiny
-    params = dict(adapter.denoiser.named_parameters())
+def test_apply_delta_computes_with_theta0_plus_delta_bit_for_bit_and_never_writes_theta0(tiny):
+    adapter, items = tiny
     name = "transformer_blocks.1.ff.net.0.proj.weight"
-    theta0 = params[name].detach().clone()
+    param = dict(adapter.denoiser.named_parameters())[name]
+    theta0 = param.detach().clone()
     delta = {name: torch.full_like(theta0, 1e-3)}
     with apply_delta(adapter.denoiser, delta):
-        assert torch.equal(params[name], theta0 + delta[name])
-    assert torch.equal(params[name], theta0)
+        assert torch.equal(adapter.denoiser.get_submodule(name.rpartition(".")[0]).weight, theta0 + delta[name])
+        assert torch.equal(param, theta0)  # read as θ0 + δ, never written: no saved copy to restore from
+        shifted = batch_losses(adapter, items, PROTOCOL, Compute()).loss
+    with torch.no_grad():
+        param.add_(delta[name])  # the unlearned model made the old way, in place
+    try:
+        in_place = batch_losses(adapter, items, PROTOCOL, Compute()).loss
+    finally:
+        with torch.no_grad():
+            param.copy_(theta0)
+    assert torch.equal(shifted, in_place)
+    assert dict(adapter.denoiser.named_parameters())[name] is param and torch.equal(param, theta0)
 
 
 def test_lazy_normalised_fisher_and_preconditioner_are_the_whole_ones_bit_for_bit(fisher):
@@ -162,3 +178,114 @@ def test_a_sketch_too_large_to_hold_draws_the_same_hash_per_projection(monkeypat
     drawn = CountSketch(sizes, 16, seed=2)
     assert held.held and not drawn.held and drawn.nbytes() == 0
     assert torch.equal(drawn.project(x), held.project(x)) and drawn.nbytes() == 0
+
+
+def model_sized_sets(params: dict[str, torch.nn.Parameter]) -> float:
+    """Live float tensors shaped like the subset's parameters (their `.grad`s included), each storage counted once, in
+    units of the subset's bytes: 1.0 is one model-sized set, the weights themselves."""
+    shapes = {tuple(p.shape) for p in params.values()}
+    live = [o for o in gc.get_objects() if isinstance(o, torch.Tensor)] + [p.grad for p in params.values()]
+    storages = {}
+    for t in live:
+        if t is not None and t.is_floating_point() and tuple(t.shape) in shapes:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    return sum(storages.values()) / sum(p.numel() * p.element_size() for p in params.values())
+
+
+@pytest.fixture
+def sampled(monkeypatch) -> list[float]:
+    """The model-sized sets alive at the start of every forward pass (where activations are about to be added)."""
+    samples: list[float] = []
+    real = losses_module.frame_errors
+
+    def counting(adapter, *args, **kwargs):
+        samples.append(model_sized_sets(adapter.parameter_subset("all")))
+        return real(adapter, *args, **kwargs)
+
+    monkeypatch.setattr(losses_module, "frame_errors", counting)
+    return samples
+
+
+def test_unlearning_holds_the_weights_and_one_direction_at_most(tiny, fisher, tmp_path, sampled):
+    """Measured: at most 1.0 set beyond those alive before the step, in the second gradient pass, the step-size search
+    and the loss after it (the code that saved θ0, held the whole Fisher or added the delta in place held 2.0)."""
+    adapter, items = tiny
+    store = Storage(str(tmp_path))
+    store.write_tensors("fisher.safetensors", fisher)
+    at_rest = model_sized_sets(adapter.parameter_subset("all"))
+    settings = UnlearningSettings(query_draws=4)
+    result = unlearn(
+        adapter,
+        items.select([2]),
+        store.tensors_lazily("fisher.safetensors"),
+        settings,
+        PROTOCOL,
+        Compute(grad_rows=2),
+        n_train=5,
+    )
+    assert result.probes >= 1 and len(sampled) >= 4 + result.probes  # two gradient passes, base, probes, after
+    assert max(sampled) - at_rest <= 1.0 + 0.05  # the direction (then the delta): no copy of θ0 or of the Fisher
+    assert max(sampled) - at_rest >= 1.0 - 0.05  # and the count sees that set
+
+
+def test_rescoring_under_a_stored_delta_holds_the_weights_and_the_delta(tiny, tmp_path, sampled):
+    adapter, items = tiny
+    params = adapter.parameter_subset("all")
+    store = Storage(str(tmp_path))
+    store.write_tensors("delta.safetensors", {n: torch.full_like(p, 1e-3) for n, p in params.items()})
+    at_rest = model_sized_sets(params)
+    delta, _ = store.read_tensors("delta.safetensors")
+    with apply_delta(adapter.denoiser, delta):
+        batch_losses(adapter, items, PROTOCOL, Compute())
+    assert len(sampled) >= 1 and max(sampled) - at_rest == pytest.approx(1.0, abs=0.05)  # the delta, no saved θ0
+
+
+def test_unlearning_from_a_fisher_read_tensor_by_tensor_is_the_in_memory_one_bit_for_bit(tiny, fisher, tmp_path):
+    adapter, items = tiny
+    store = Storage(str(tmp_path))
+    store.write_tensors("fisher.safetensors", fisher)
+    settings = UnlearningSettings(query_draws=4)
+    lazy = unlearn(
+        adapter,
+        items.select([1]),
+        store.tensors_lazily("fisher.safetensors"),
+        settings,
+        PROTOCOL,
+        Compute(grad_rows=2),
+        5,
+    )
+    whole = unlearn(adapter, items.select([1]), fisher, settings, PROTOCOL, Compute(grad_rows=2), 5)
+    assert (lazy.lr_used, lazy.search_ratio, lazy.loss_ratio) == (whole.lr_used, whole.search_ratio, whole.loss_ratio)
+    assert all(torch.equal(lazy.delta[n], whole.delta[n]) for n in whole.delta)
+
+
+def test_tensors_read_into_their_memory_are_safetensors_own_load(tmp_path):
+    from safetensors.torch import load
+
+    tensors = {
+        "w": torch.randn(3, 5),
+        "b": torch.randn(7).to(torch.bfloat16),
+        "scalar": torch.tensor(2.5, dtype=torch.float64),
+        "empty": torch.zeros(0, 4),
+        "ids": torch.arange(6, dtype=torch.int64).view(2, 3),
+        "flags": torch.tensor([True, False, True]),
+    }
+    store = Storage(str(tmp_path))
+    store.write_tensors("t.safetensors", tensors, {"note": "x"})
+    read, meta = store.read_tensors("t.safetensors")
+    expected = load((tmp_path / "t.safetensors").read_bytes())
+    assert list(read) == sorted(expected) and meta == {"note": "x"}  # by name (safetensors' load: a hash map's order)
+    assert all(read[n].dtype == expected[n].dtype and torch.equal(read[n], expected[n]) for n in expected)
+    lazy = store.tensors_lazily("t.safetensors")
+    assert list(lazy) == sorted(expected) and "w" in lazy and "v" not in lazy and torch.equal(lazy["b"], expected["b"])
+
+
+def test_a_step_that_cannot_fit_its_model_sized_sets_stops_naming_the_memory_and_the_setting():
+    free = available_bytes("cpu")
+    assert 0 < free <= os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    require_memory("cpu", 1, 1 << 20, "a 1 MB step", "no fix needed")  # fits: no error
+    set_bytes = 4 * 1_056_939_136  # one fp32 set at Stable Audio Open's size
+    with pytest.raises(MemoryError, match=r"needs 4227\.8 GB more memory on cpu \(1000 × 4\.23 GB.*param_subset"):
+        require_memory("cpu", 1000, set_bytes, "unlearning", "choose a smaller param_subset")
+    assert [sets_added(UnlearningSettings(**s)) for s in ({}, {"target_ratio": None})] == [1, 2]
+    assert sets_added(UnlearningSettings(recipe="ewc_ascent", target_ratio=None)) == 4  # θ0, gradient, Adam's 2

@@ -82,8 +82,9 @@ def fisher_summary(fisher: Mapping[str, torch.Tensor]) -> dict[str, float | int]
 
 def fisher_mean(fisher: Mapping[str, torch.Tensor]) -> float:
     """The Fisher's mean over the given tensors (ValueError when it is not positive)."""
-    total = sum(f.sum() for f in fisher.values())
-    count = sum(f.numel() for f in fisher.values())
+    total, count = 0, 0
+    for f in fisher.values():  # one pass: a Fisher read from storage tensor by tensor is read once
+        total, count = total + f.sum(), count + f.numel()
     mean = float(total) / max(count, 1)
     if not mean > 0:
         raise ValueError("the Fisher diagonal is zero everywhere: the parameter subset does not affect the loss")
@@ -98,9 +99,20 @@ def normalised_fisher(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
 
 class NormalisedFisher(Mapping[str, torch.Tensor]):
     """`normalised_fisher` computed per tensor when read (on `device`), bit for bit the same values: at Stable Audio
-    Open's size a second copy of the Fisher is 4.2 GB, so the engine reads it lazily instead of holding both."""
+    Open's size a second copy of the Fisher is 4.2 GB, so the engine reads it lazily instead of holding both.
 
-    def __init__(self, fisher: Mapping[str, torch.Tensor], device: torch.device | str | None = None) -> None:
+    `names` restricts it to a parameter subset; a Fisher that is not a dict (one read from storage tensor by tensor)
+    is then viewed, not copied, so it is never whole in memory."""
+
+    def __init__(
+        self,
+        fisher: Mapping[str, torch.Tensor],
+        device: torch.device | str | None = None,
+        names: Iterable[str] | None = None,
+    ) -> None:
+        if names is not None:
+            names = list(names)
+            fisher = {n: fisher[n] for n in names} if isinstance(fisher, dict) else _Subset(fisher, names)
         self._fisher, self._device, self.mean = fisher, device, fisher_mean(fisher)
 
     def __getitem__(self, name: str) -> torch.Tensor:
@@ -116,3 +128,21 @@ class NormalisedFisher(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self._fisher)
+
+
+class _Subset(Mapping[str, torch.Tensor]):
+    """The tensors of `names` in a mapping, read from it when asked for."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor], names: list[str]) -> None:
+        self._tensors, self._names, self._kept = tensors, names, set(names)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._kept:
+            raise KeyError(name)
+        return self._tensors[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)

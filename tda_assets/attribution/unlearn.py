@@ -5,16 +5,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import torch
 
-from .adapter import DiTAdapter, ItemBatch, apply_delta
+from .adapter import DiTAdapter, ItemBatch, apply_delta, shifted_parameters
 from .devices import Compute
 from .errors import AttributionInputError, UnlearningStrengthError
 from .fisher import NormalisedFisher
 from .losses import batch_losses, diffusion_loss, expand_draws, mean_loss, mean_loss_grads
+from .memory import require_memory
 from .protocol import LossProtocol
 from .settings import MIN_QUERY_LOSS_RATIO, UnlearningSettings
 
@@ -166,42 +167,55 @@ def _targeted_newton_delta(
         # the step and its search on random copies of the query: the compute's autocast (not protocol losses)
         return mean_loss(adapter, draws, mask, compute.backward_rows, compute.autocast)
 
-    # the gradient in passes of compute.backward_rows rows, divided by F̂ + d in place (no second copy of the subset)
-    loss_q, grads = mean_loss_grads(
+    # the gradient in passes of compute.backward_rows rows; each parameter's is divided by F̂ + d in place as backward
+    # finishes it (the Fisher read one tensor at a time): direction, gradient and Fisher are never held side by side
+    names, direction = list(params), {}
+
+    def precondition(index: int, g: torch.Tensor) -> None:
+        direction[names[index]] = g.float().div_(f_hat[names[index]] + settings.damping)
+
+    loss_q, _ = mean_loss_grads(
         adapter,
         step,
         step[4] if settings.masks_unlearning else None,
         list(params.values()),
         compute.backward_rows,
         compute.autocast,
+        consume=precondition,
     )
     if not torch.isfinite(loss_q):
         raise AttributionInputError(f"query {query.item_ids[0]}: non-finite loss at unlearning step 0")
-    direction = {n: g.float().div_(f_hat[n] + settings.damping) for n, g in zip(params, grads)}
-    del grads
+    direction = {  # a parameter the loss does not reach has a zero gradient, as autograd.grad's materialised one
+        n: direction.pop(n) if n in direction else torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()
+    }
     f_hat.release()  # the Fisher is not needed for the search: freed here when the caller passed it without keeping it
-    theta0 = {n: p.detach().clone() for n, p in params.items()}
     with torch.no_grad():
         base = float(loss_on(fresh, loss_mask))
+        # each probe reads the weights as θ0 + (lr / N)·direction when a forward uses them: no saved θ0, no moved model
+        with shifted_parameters(adapter.denoiser, direction) as shifts:
 
-        def ratio_at(lr: float) -> float:
-            for n, p in params.items():
-                p.copy_(theta0[n] + (lr / n_train) * direction[n])
-            return float(loss_on(fresh, loss_mask)) / base
+            def ratio_at(lr: float) -> float:
+                for shift in shifts.values():
+                    shift.scale = lr / n_train
+                return float(loss_on(fresh, loss_mask)) / base
 
-        try:
             lr, ratio, probes = search_lr(ratio_at, settings, query.item_ids[0])
-        finally:
-            for n, p in params.items():
-                p.copy_(theta0[n])
-    theta0.clear()  # the saved weights go before the delta is made (in place, from the direction)
     return {n: d.mul_(lr / n_train).cpu() for n, d in direction.items()}, lr, ratio, probes
+
+
+def model_sized_sets(settings: UnlearningSettings) -> int:
+    """Sets of tensors the size of the parameter subset that unlearning adds to the loaded model: the direction (newton
+    with a target_ratio: the gradient is divided in place and the weights are read shifted, never copied); with a fixed
+    lr the saved θ0 and the gradient, and for ewc_ascent with adam its two moment estimates."""
+    if settings.target_ratio is not None:
+        return 1
+    return 4 if settings.recipe == "ewc_ascent" and settings.optimizer == "adam" else 2
 
 
 def unlearn(
     adapter: DiTAdapter,
     query: ItemBatch,
-    fisher: dict[str, torch.Tensor],
+    fisher: Mapping[str, torch.Tensor],
     settings: UnlearningSettings,
     protocol: LossProtocol,
     compute: Compute,
@@ -218,12 +232,21 @@ def unlearn(
     if len(set(query.item_ids)) != 1:
         raise ValueError(f"unlearn takes one query (its windows share one id), got ids {sorted(set(query.item_ids))}")
     start = time.perf_counter()
-    before = query_loss(adapter, query, protocol, compute, settings.masks_losses)
     params = adapter.parameter_subset(settings.param_subset)
     missing = sorted(set(params) - set(fisher))
     if missing:
         raise ValueError(f"the Fisher does not cover parameter subset {settings.param_subset!r} ({missing[0]} …)")
-    f_hat = NormalisedFisher({n: fisher[n] for n in params}, adapter.device)  # per tensor when read: no second copy
+    require_memory(
+        adapter.device,
+        model_sized_sets(settings),
+        sum(p.numel() * 4 for p in params.values()),  # fp32 gradients, direction, saved weights
+        f"unlearning query {query.item_ids[0]} (recipe {settings.recipe}, param_subset {settings.param_subset!r})",
+        "choose a smaller param_subset in the configuration (attention, cross_attention, cross_attention_kv) or a "
+        "recipe with a target_ratio (newton, one set), or free memory; TDA_GRAD_ROWS lowers the activations on top",
+    )
+    before = query_loss(adapter, query, protocol, compute, settings.masks_losses)
+    # per tensor when read (from storage too, when `fisher` is read lazily): no second copy, never the whole Fisher
+    f_hat = NormalisedFisher(fisher, adapter.device, names=params)
     del fisher  # only f_hat refers to it now (a caller that passes `step.fisher()` inline lets the search free it)
     gen = torch.Generator().manual_seed(settings.seed)
     lr, search_ratio, probes = settings.lr, None, 0

@@ -3,6 +3,7 @@ model, its record, and the identity its outputs carry."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,9 +43,10 @@ class ModelStep:
     def identity(self) -> Identity:
         return Identity(self.record.checkpoint_id, self.protocol.protocol_id)
 
-    def fisher(self) -> dict[str, torch.Tensor]:
-        """The Fisher diagonal of this identity (IdentityError with the fix when missing)."""
-        return read_fisher(self.store, self.identity, self.compute.precision)
+    def fisher(self, lazy: bool = False) -> Mapping[str, torch.Tensor]:
+        """The Fisher diagonal of this identity (IdentityError with the fix when missing); `lazy`: each tensor read from
+        storage when asked for (for a step that uses one at a time, as unlearning does)."""
+        return read_fisher(self.store, self.identity, self.compute.precision, lazy)
 
     def item_norms(self, settings: UnlearningSettings, item_ids: list[str]) -> np.ndarray | None:
         """The items' gradient norms for score_type `normalized` (None for other score types; IdentityError with the fix

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Mapping
 
 import numpy as np
 import polars as pl
@@ -18,6 +18,7 @@ import torch
 
 from tda_assets.attribution.adapter import ItemBatch
 from tda_assets.attribution.protocol_id import precision_twin
+from tda_assets.attribution.similarity import EMBEDDINGS
 
 from .registry import key
 from .storage import Storage
@@ -294,11 +295,19 @@ def write_fisher(
     return storage.write_tensors(key("fisher_diagonal", **identity.keys()), fisher, meta)
 
 
-def read_fisher(storage: Storage, identity: Identity, compute_precision: str | None = None) -> dict[str, torch.Tensor]:
+def read_fisher(
+    storage: Storage, identity: Identity, compute_precision: str | None = None, lazy: bool = False
+) -> Mapping[str, torch.Tensor]:
     """The Fisher diagonal of this identity (IdentityError naming the identities present and the fix when missing, or,
-    given the step's `compute_precision`, when the Fisher was estimated in another one)."""
+    given the step's `compute_precision`, when the Fisher was estimated in another one). `lazy`: a mapping that reads
+    each tensor when asked for, for a step that uses one at a time (the whole Fisher is 4.2 GB at 1 B parameters)."""
     fix = "materialize fisher_diagonal (`tda prepare`, or the UI)"
-    tensors, meta = storage.read_tensors(require(storage, "fisher_diagonal", identity, fix))
+    k = require(storage, "fisher_diagonal", identity, fix)
+    if lazy:
+        stored = storage.tensors_lazily(k)
+        tensors, meta = stored, stored.metadata
+    else:
+        tensors, meta = storage.read_tensors(k)
     recorded = meta.get(COMPUTE_PRECISION)
     if compute_precision and recorded and recorded != compute_precision:
         raise IdentityError(
@@ -344,7 +353,8 @@ def write_embeddings(storage: Storage, key_: str, embeddings: Embeddings, meta: 
     if bad:
         raise ValueError(f"embeddings for {key_}: every matrix must be [{n}, D] (one row per item id), got {bad}")
     tensors = {EMBEDDING_PREFIX + name: m.float().contiguous() for name, m in embeddings.matrices.items()}
-    return storage.write_tensors(key_, tensors, {**meta, "item_ids": json.dumps(embeddings.item_ids)})
+    names = ",".join(sorted(embeddings.matrices))  # which embeddings it holds (embeddings_match_features reads it)
+    return storage.write_tensors(key_, tensors, {**meta, "item_ids": json.dumps(embeddings.item_ids), "names": names})
 
 
 def read_embeddings(storage: Storage, key_: str) -> tuple[Embeddings, dict[str, str]]:
@@ -355,8 +365,10 @@ def read_embeddings(storage: Storage, key_: str) -> tuple[Embeddings, dict[str, 
 
 
 def embeddings_match_features(storage: Storage, embeddings_meta: dict[str, str], encoder_id: str, shard: str) -> bool:
-    """Whether embeddings (their file's metadata) were made from the shard's current features: the same items, made from
-    the same manifest rows (reads the features file's header only)."""
+    """Whether embeddings (their file's metadata) were made from the shard's current features (the same items, made from
+    the same manifest rows; reads the features file's header only) and hold every embedding of `EMBEDDINGS`."""
+    if not set(EMBEDDINGS) <= set(embeddings_meta.get("names", "").split(",")):
+        return False
     features = storage.read_tensors_metadata(key("training_features", encoder_id=encoder_id, shard=shard))
     return all(embeddings_meta.get(k) == features.get(k) for k in ("item_ids", "manifest_digest"))
 
@@ -385,7 +397,8 @@ def read_training_embeddings(storage: Storage, identity: Identity, encoder_id: s
     if stale:
         raise IdentityError(
             f"training_embeddings for {identity} of shard(s) {stale} were made from other training_features "
-            f"than the current ones: re-materialize training_embeddings for them (`tda prepare`, or the UI)"
+            f"than the current ones, or before an embedding was added: re-materialize training_embeddings for them "
+            f"(`tda prepare`, or the UI)"
         )
     return Embeddings(
         [i for p in parts for i in p.item_ids],
