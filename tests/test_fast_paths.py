@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-from dagster import DagsterInstance
 from scipy.stats import spearmanr
 
 from tda_assets.attribution.adapter import apply_delta
@@ -17,15 +16,16 @@ from tda_assets.data.demo import builtin_queries
 from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, load_grid, unlearning_run_config
 from tda_assets.defs.partitions import query_config_key
 from tda_assets.experiments.grid import run_grid
-from tda_assets.experiments.runner import Runner, current_training_phases
+from tda_assets.experiments.runner import current_training_phases
 from tda_assets.io.artifacts import Identity, all_features, baseline_item_ids, loss_matrix, read_baseline, read_fisher
 from tda_assets.io.checkpoints import load_checkpoint, read_checkpoint_record
 from tda_assets.io.gradients import gradients_key, read_gradient_store
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.registry import key
 from tda_assets.io.tables import list_keys, read_table, read_tables, table_exists
+from tests.trained_roots import TINY as TINY_ROOT
 
-ARTISTS, CLIPS, K = 3, 4, 16
+ARTISTS, CLIPS, K = TINY_ROOT.artists, TINY_ROOT.clips, 16
 N = ARTISTS * CLIPS
 QUERY = "demo-artist-00"
 LR = 100.0
@@ -40,13 +40,12 @@ TINY = 0.001  # the step scaled to lr 0.1: there the exact score is linear (meas
 
 
 @pytest.fixture(scope="module")
-def product(tmp_path_factory):
-    """Training side and one built-in query attributed by the full exact rescore (`full`)."""
+def product(trained_roots, tmp_path_factory):
+    """A copy of the TINY_ROOT (its training side) and one built-in query attributed by the full exact rescore
+    (`full`)."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("TDA_TRAIN_STEPS", "60")
-    runner = Runner.create(DagsterInstance.ephemeral(), str(tmp_path_factory.mktemp("storage")), log=lambda _m: None)
+    runner = trained_roots.runner(TINY_ROOT, tmp_path_factory.mktemp("storage"), mp)
     runner.log_level = "ERROR"
-    runner.training_side({"clips_per_artist": CLIPS, "artists": ARTISTS})
     store = runner.storage
     builtin_queries(store, artists=1)
     runner.sensor_tick()
@@ -199,7 +198,7 @@ def test_the_shipped_grid_entries_run_through_the_grid_and_the_reports(product):
     configs = [shipped["two-stage"], shipped["linearized"]]
     assert configs[0].settings().stage == "two_stage" and configs[1].settings().method == "linearized"
     results = run_grid(runner, configs, [QUERY])  # then consistency_report, as `tda grid` and `tda evaluate` do
-    assert {r.config_id: r.status for r in results} == {"two-stage": "done", "linearized": "done"}
+    assert {r.config_id: r.label for r in results} == {"two-stage": "attributed", "linearized": "attributed"}
     engine = QueryEngine(store)
     methods = dict(
         engine.sql(

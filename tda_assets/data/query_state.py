@@ -4,6 +4,7 @@ result for it, whatever partitions a Dagster instance already knows (a new root,
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import Enum
 
 import polars as pl
 
@@ -24,14 +25,37 @@ def partition_tag(dimension: str | None = None) -> str:
     return PARTITION_TAG if dimension is None else f"{PARTITION_TAG}/{dimension}"
 
 
+class QueryState(str, Enum):
+    """Where one (query, configuration) stands in a storage root: the one vocabulary of `tda queries`, the grid and
+    the inbox sensor (its value is what tables and commands print)."""
+
+    WAITING = "waiting"  # no clip yet
+    CLIP_READY = "clip_ready"  # the clip is in the root, no unlearning recorded
+    RUNNING = "running"  # a run of the pair is in progress on this root
+    PENDING = "pending"  # the unlearning is recorded, its attribution is not
+    ATTRIBUTED = "attributed"  # scores of the current checkpoint and protocol
+    FAILED_CHECK = "failed_check"  # the unlearning did not raise the query loss enough (check query_loss_raised)
+    STALE = "stale"  # results of another checkpoint or loss protocol
+    INVALID = "invalid"  # the query's file or clip cannot run
+    ERROR = "error"  # its run raised (the grid's record: the root reads as if it had not run)
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def is_result(self) -> bool:
+        """Whether the pair has its result under the current identity: no run repeats it (a failed check included)."""
+        return self in (QueryState.ATTRIBUTED, QueryState.FAILED_CHECK)
+
+
 @dataclass(frozen=True)
 class ConfigState:
-    """One (query, configuration) in this root: `attributed`, `failed_check` (unlearning too weak), `stale` (results of
-    another checkpoint or loss protocol) or `pending` (no result); the loss ratio of its recorded unlearning."""
+    """One (query, configuration) with a recorded unlearning in this root: its state (`attributed`, `failed_check`,
+    `stale` or `pending`) and the loss ratio of that unlearning."""
 
     query_id: str
     config_id: str
-    state: str
+    state: QueryState
     loss_ratio: float | None = None
 
 
@@ -59,12 +83,12 @@ def config_states(
         pair = (r["query_id"], r["config_id"])
         if (r["checkpoint_id"], r["protocol_id"]) != (checkpoint_id, protocol_id):
             if pair not in out:  # another identity's run: stale, unless the current identity's row says more
-                out[pair] = ConfigState(*pair, "stale", float(r["ratio"]))
+                out[pair] = ConfigState(*pair, QueryState.STALE, float(r["ratio"]))
             continue
         if r["ratio"] < min_ratio:
-            state = "failed_check"
+            state = QueryState.FAILED_CHECK
         else:
-            state = "attributed" if pair in attributed else "pending"
+            state = QueryState.ATTRIBUTED if pair in attributed else QueryState.PENDING
         out[pair] = ConfigState(*pair, state, float(r["ratio"]))
     return out
 
@@ -86,7 +110,7 @@ def pending_queries(
     no_clip, no_attribution = [], []
     for qid in sorted(query_ids):
         state = states.get((qid, config_id))
-        if state is not None and state.state in ("attributed", "failed_check"):
+        if state is not None and state.state.is_result:
             continue
         generated_by = clip_generated_by(store, qid)
         current_clip = has_clip(store, qid) and generated_by in (None, checkpoint_id)

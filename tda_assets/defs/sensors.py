@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections import Counter, defaultdict
 
 from dagster import (
+    AddDynamicPartitionsRequest,
     AssetKey,
     AssetSelection,
     DagsterRunStatus,
@@ -84,40 +85,55 @@ def query_of(request: RunRequest) -> str:
     return query_configs.get_partition_key_from_str(str(request.partition_key)).keys_by_dimension["query"]
 
 
-@sensor(
-    jobs=[query_clip_job, attribute_config_job], minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING
-)
-def query_inbox_sensor(
-    context: SensorEvaluationContext, storage: StorageResource, inbox: InboxResource, protocol: LossProtocolResource
-) -> SensorResult | SkipReason:
-    """Requests the runs of every pending inbox query (at most `max_queries_per_tick` per tick)."""
-    store = storage.storage()
-    release_dead_runs(context.instance, Env.read().run_stale_s, context.log.warning)  # a killed command's runs
-    roots = inbox.allowed_roots(store)  # a bad TDA_ALLOWED_AUDIO_ROOTS fails the tick, naming it
-    files, valid = inbox_files(store), []
+def valid_query_ids(context: SensorEvaluationContext, store: Storage, files: dict[str, str]) -> list[str]:
+    """The inbox's query ids that are valid ids; a file with a bad one is logged (rename it) and skipped."""
+    valid = []
     for query_id in sorted(files):
         try:
             valid.append(check_query_id(query_id))
         except ValueError as exc:
             context.log.warning(f"inbox file skipped: {store.uri(files[query_id])}: {exc}; rename the file")
-    if not valid:
-        return SkipReason(f"the inbox {store.uri(entry('inbox').glob())} has no query files")
-    if not store.exists(key("checkpoint_record")):
-        return SkipReason("no checkpoint in the storage root yet: run `tda prepare` (or materialize the training side)")
+    return valid
+
+
+def wanted_runs(store: Storage, query_ids: list[str], protocol_id: str) -> list[tuple[str, str, str]]:
+    """`(step, query, partition)` of every run the pending queries need (pending: no `QueryState.is_result` under the
+    default configuration): a clip run for those without a clip (or whose clip run stopped before the similarity
+    scores), else an attribution run of the default configuration."""
     record = read_checkpoint_record(store)
-    no_clip, no_attribution = pending_queries(
-        store, valid, record.checkpoint_id, protocol.protocol().protocol_id, MIN_QUERY_LOSS_RATIO
-    )
+    no_clip, no_attribution = pending_queries(store, query_ids, record.checkpoint_id, protocol_id, MIN_QUERY_LOSS_RATIO)
     done = _with_similarity(store)
     unfinished = [q for q in no_attribution if q not in done]  # its clip run was killed between clip and similarity
     no_clip, no_attribution = sorted(no_clip + unfinished), [q for q in no_attribution if q not in unfinished]
-    in_flight = set(_steps_of_runs(context, IN_PROGRESS, store.url))
-    failures = _steps_of_runs(context, [DagsterRunStatus.FAILURE], store.url, attempts_only=True)
-    wanted = [("clip", q, q) for q in no_clip] + [
+    return [("clip", q, q) for q in no_clip] + [
         ("attribute", q, query_config_key(q, DEFAULT_CONFIG)) for q in no_attribution
     ]
+
+
+def _judged_valid(context: SensorEvaluationContext, store: Storage, path: str, roots: list[str]) -> bool:
+    """Whether a query file passes `judge_query` when its clip is due; a bad one is logged and skipped until fixed."""
+    try:
+        judge_query(store, path, roots)
+        return True
+    except (ValueError, FileNotFoundError) as exc:
+        context.log.warning(f"inbox file skipped: {exc}")
+        return False
+
+
+def run_requests(
+    context: SensorEvaluationContext,
+    store: Storage,
+    inbox: InboxResource,
+    files: dict[str, str],
+    roots: list[str],
+    wanted: list[tuple[str, str, str]],
+) -> list[RunRequest]:
+    """The tick's requests among `wanted`: none in flight, none failed `MAX_ATTEMPTS` times, at most
+    `max_queries_per_tick`, a clip run's query file judged first."""
+    in_flight = set(_steps_of_runs(context, IN_PROGRESS, store.url))
+    attempts = Counter(_steps_of_runs(context, [DagsterRunStatus.FAILURE], store.url, attempts_only=True))
     jobs = {"clip": query_clip_job.name, "attribute": attribute_config_job.name}
-    attempts, batch, more = Counter(failures), [], 0
+    batch, more = [], 0
     for step, qid, partition in wanted:
         if (step, str(partition)) in in_flight:
             continue
@@ -128,22 +144,42 @@ def query_inbox_sensor(
             )
             continue
         if len(batch) == inbox.max_queries_per_tick:
-            more += (
-                1  # judged on a later tick: a tick reads the files of the queries it requests, not of every pending one
-            )
+            more += 1  # judged on a later tick: a tick reads the files of the queries it requests, not of every one
             continue
-        if step == "clip":  # judged when its clip is due (`judge_query`): a bad one is skipped and logged until fixed
-            try:
-                judge_query(store, files[qid], roots)
-            except (ValueError, FileNotFoundError) as exc:
-                context.log.warning(f"inbox file skipped: {exc}")
-                continue
+        if step == "clip" and not _judged_valid(context, store, files[qid], roots):
+            continue
         batch.append(RunRequest(job_name=jobs[step], partition_key=partition, tags=run_tags(step, store.url)))
     if more:
         context.log.info(f"{more} more query runs wait for the next tick")
+    return batch
+
+
+def partition_requests(context: SensorEvaluationContext, batch: list[RunRequest]) -> list[AddDynamicPartitionsRequest]:
+    """Adds the partitions the instance lacks: the requested queries', and the default configuration's."""
     known = set(context.instance.get_dynamic_partitions(queries.name))
     new_queries = sorted({query_of(r) for r in batch} - known)
-    partition_requests = [queries.build_add_request(new_queries)] if new_queries else []
+    requests = [queries.build_add_request(new_queries)] if new_queries else []
     if DEFAULT_CONFIG not in context.instance.get_dynamic_partitions(configs.name):
-        partition_requests.append(configs.build_add_request([DEFAULT_CONFIG]))
-    return SensorResult(run_requests=batch, dynamic_partitions_requests=partition_requests)
+        requests.append(configs.build_add_request([DEFAULT_CONFIG]))
+    return requests
+
+
+@sensor(
+    jobs=[query_clip_job, attribute_config_job], minimum_interval_seconds=30, default_status=DefaultSensorStatus.RUNNING
+)
+def query_inbox_sensor(
+    context: SensorEvaluationContext, storage: StorageResource, inbox: InboxResource, protocol: LossProtocolResource
+) -> SensorResult | SkipReason:
+    """Requests the runs of every pending inbox query (at most `max_queries_per_tick` per tick)."""
+    store = storage.storage()
+    release_dead_runs(context.instance, Env.read().run_stale_s, context.log.warning)  # a killed command's runs
+    roots = inbox.allowed_roots(store)  # a bad TDA_ALLOWED_AUDIO_ROOTS fails the tick, naming it
+    files = inbox_files(store)
+    valid = valid_query_ids(context, store, files)
+    if not valid:
+        return SkipReason(f"the inbox {store.uri(entry('inbox').glob())} has no query files")
+    if not store.exists(key("checkpoint_record")):
+        return SkipReason("no checkpoint in the storage root yet: run `tda prepare` (or materialize the training side)")
+    wanted = wanted_runs(store, valid, protocol.protocol().protocol_id)
+    batch = run_requests(context, store, inbox, files, roots, wanted)
+    return SensorResult(run_requests=batch, dynamic_partitions_requests=partition_requests(context, batch))

@@ -17,7 +17,7 @@ from dagster._core.errors import (
     DagsterAssetCheckFailedError,
 )  # raised by a failed blocking check; not in the public API
 
-from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO
+from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO, QueryState, config_states
 from tda_assets.defs.configs import UnlearningConfig, record_config
 from tda_assets.defs.partitions import queries as queries_partitions
 from tda_assets.io.artifacts import Identity
@@ -28,17 +28,26 @@ from tda_assets.io.tables import list_keys, read_table, table_exists
 
 from .runner import Runner
 
+Log = Callable[[str], None]
+
 
 @dataclass
 class GridRun:
-    """What happened to one (query, configuration) of the grid."""
+    """One (query, configuration) of the grid: its state after the grid (`attributed`, `failed_check` or `error`),
+    and whether the grid ran it now or found its result recorded."""
 
     query_id: str
     config_id: str
-    status: str  # done | skipped | check_failed | skipped_failed | error
+    state: QueryState
+    ran: bool = True
     seconds: float = 0.0
     loss_ratio: float | None = None
     message: str = ""
+
+    @property
+    def label(self) -> str:
+        """The state as the grid prints it: `attributed`, or `attributed (recorded)` when found, not run."""
+        return str(self.state) if self.ran else f"{self.state} (recorded)"
 
 
 def select_queries(runner: Runner, queries: str | list[str] | None = None) -> list[str]:
@@ -86,19 +95,11 @@ def has_current_attribution(store: Storage, query_id: str, config_id: str, ident
     return table_exists(store, "attribution_scores", **identity.keys(), query_id=query_id, config_id=config_id)
 
 
-def recorded_status(store: Storage, query_id: str, config_id: str, identity: Identity, run: dict | None) -> str | None:
-    """`skipped` when the attribution exists, `skipped_failed` when a failed unlearning is recorded, else None.
-
-    Only runs and attributions of the current checkpoint and protocol count.
-    """
-    if run is None or (run.get("checkpoint_id"), run.get("protocol_id")) != (
-        identity.checkpoint_id,
-        identity.protocol_id,
-    ):
-        return None
-    if has_current_attribution(store, query_id, config_id, identity):
-        return "skipped"
-    return "skipped_failed" if loss_ratio(run) < MIN_QUERY_LOSS_RATIO else None
+def recorded_results(store: Storage, identity: Identity) -> dict[tuple[str, str], GridRun]:
+    """The (query, configuration) pairs with a result under `identity` (`attributed` or `failed_check`, as
+    `tda queries` shows them): the grid does not run them again."""
+    states = config_states(store, identity.checkpoint_id, identity.protocol_id, MIN_QUERY_LOSS_RATIO)
+    return {pair: GridRun(*pair, s.state, False, 0.0, s.loss_ratio) for pair, s in states.items() if s.state.is_result}
 
 
 def ensure_query(runner: Runner, store: Storage, query_id: str) -> None:
@@ -114,103 +115,126 @@ def _forget_attribution(store: Storage, query_id: str, config_id: str, identity:
     store.delete(key("attribution_scores", **identity.keys(), query_id=query_id, config_id=config_id))
 
 
+def _first_line(exc: Exception) -> str:
+    """An exception as one line: its type and the first line of its message."""
+    return f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+
+
+def grid_identity(runner: Runner) -> Identity:
+    """The checkpoint and loss protocol the grid's results are computed and recorded under."""
+    protocol_id = runner.resources["protocol"].protocol().protocol_id
+    return Identity(read_checkpoint_record(runner.storage).checkpoint_id, protocol_id)
+
+
+def configs_to_redo(store: Storage, configs: list[UnlearningConfig], force: bool, log: Log) -> set[str]:
+    """The configurations whose recorded runs do not count (all with `force`, else those changed in the grid file)."""
+    if force:
+        return {cfg.config_id for cfg in configs}
+    stale = stale_configs(store, configs)
+    for cid in sorted(stale):
+        log(f"    configuration {cid!r} changed in the grid file since its last run: its runs are redone")
+    return stale
+
+
+def register_grid(runner: Runner, configs: list[UnlearningConfig], query_ids: list[str]) -> None:
+    """Record every configuration and add every (query × config) partition: the grid shows in the UI, launchable."""
+    for cfg in configs:
+        record_config(runner.storage, cfg)
+        for qid in query_ids:
+            runner.add_partitions(qid, cfg.config_id)
+
+
+def run_pair(runner: Runner, identity: Identity, query_id: str, cfg: UnlearningConfig) -> GridRun:
+    """Run one (query, configuration): `attributed`, `failed_check` (the blocking check stopped it) or `error`."""
+    store, cid, start = runner.storage, cfg.config_id, time.perf_counter()
+    state, message = QueryState.ATTRIBUTED, ""
+    try:
+        runner.attribute_config(query_id, cfg)
+    except DagsterAssetCheckFailedError:
+        state = QueryState.FAILED_CHECK
+        message = "unlearning did not raise the query loss enough (blocking check query_loss_raised)"
+    except Exception as exc:  # noqa: BLE001 - one broken configuration must not stop the grid
+        state, message = QueryState.ERROR, _first_line(exc)
+    if state is not QueryState.ATTRIBUTED:
+        _forget_attribution(store, query_id, cid, identity)
+    ratio = loss_ratio(recorded_run(store, query_id, cid, identity))
+    return GridRun(query_id, cid, state, True, time.perf_counter() - start, ratio, message)
+
+
+def log_run(log: Log, n: int, total: int, run: GridRun) -> None:
+    """One line for a run the grid made: its place in the grid, state, loss ratio, seconds and message."""
+    ratio = f"×{run.loss_ratio:.2f}" if run.loss_ratio is not None else "—"
+    log(
+        f"    grid {n}/{total} {run.query_id} / {run.config_id}: {run.state} (query loss {ratio}) in "
+        f"{run.seconds:.1f}s" + (f" — {run.message}" if run.message else "")
+    )
+
+
+def prepare_query(runner: Runner, query_id: str, configs: list[UnlearningConfig], log: Log) -> list[GridRun]:
+    """Make the query's clip and similarity scores; when that fails, an `error` run for each configuration."""
+    try:
+        ensure_query(runner, runner.storage, query_id)
+        return []
+    except Exception as exc:  # noqa: BLE001 - a broken query must not stop the other queries
+        message = f"query_clips/similarity_scores failed: {_first_line(exc)}"
+    log(f"    grid {query_id}: {message}")
+    return [GridRun(query_id, cfg.config_id, QueryState.ERROR, True, 0.0, None, message) for cfg in configs]
+
+
 def run_grid(
     runner: Runner,
     configs: list[UnlearningConfig],
     query_ids: list[str],
     force: bool = False,
     report: bool = True,
-    log: Callable[[str], None] | None = None,
+    log: Log | None = None,
 ) -> list[GridRun]:
     """Run every configuration for every query (skipping recorded ones unless `force`), then `consistency_report`."""
     log = log or runner.log
-    store = runner.storage
-    identity = Identity(
-        read_checkpoint_record(store).checkpoint_id, runner.resources["protocol"].protocol().protocol_id
-    )
-    stale = set() if force else stale_configs(store, configs)
-    for cid in sorted(stale):
-        log(f"    configuration {cid!r} changed in the grid file since its last run: its runs are redone")
-    for cfg in configs:  # every (query × config) partition of the grid shows in the UI, launchable without run config
-        record_config(store, cfg)
-        for qid in query_ids:
-            runner.add_partitions(qid, cfg.config_id)
+    identity = grid_identity(runner)
+    redo = configs_to_redo(runner.storage, configs, force, log)
+    register_grid(runner, configs, query_ids)
     results: list[GridRun] = []
-    total = len(configs) * len(query_ids)
     for qi, qid in enumerate(query_ids):
-        try:
-            ensure_query(runner, store, qid)
-        except Exception as exc:  # noqa: BLE001 - a broken query must not stop the other queries
-            message = (
-                f"query_clips/similarity_scores failed: {type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
-            )
-            log(f"    grid {qid}: {message}")
-            results.extend(GridRun(qid, cfg.config_id, "error", 0.0, None, message) for cfg in configs)
+        failed = prepare_query(runner, qid, configs, log)
+        if failed:
+            results += failed
             continue
+        recorded = recorded_results(runner.storage, identity)
         for ci, cfg in enumerate(configs):
-            n = qi * len(configs) + ci + 1
-            cid = cfg.config_id
-            recorded = recorded_run(store, qid, cid, identity)
-            status = None if force or cid in stale else recorded_status(store, qid, cid, identity, recorded)
-            if status:
-                results.append(GridRun(qid, cid, status, 0.0, loss_ratio(recorded)))
-                continue
-            start = time.perf_counter()
-            ratio_now = lambda q=qid, c=cid: loss_ratio(recorded_run(store, q, c, identity))  # noqa: E731
-            try:
-                runner.attribute_config(qid, cfg)
-                run = GridRun(qid, cid, "done", time.perf_counter() - start, ratio_now())
-            except DagsterAssetCheckFailedError:
-                _forget_attribution(store, qid, cid, identity)
-                run = GridRun(
-                    qid,
-                    cid,
-                    "check_failed",
-                    time.perf_counter() - start,
-                    ratio_now(),
-                    "unlearning did not raise the query loss enough (blocking check query_loss_raised)",
-                )
-            except Exception as exc:  # noqa: BLE001 - one broken configuration must not stop the grid
-                _forget_attribution(store, qid, cid, identity)
-                run = GridRun(
-                    qid,
-                    cid,
-                    "error",
-                    time.perf_counter() - start,
-                    ratio_now(),
-                    f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}",
-                )
+            run = recorded.get((qid, cfg.config_id)) if cfg.config_id not in redo else None
+            if run is None:
+                run = run_pair(runner, identity, qid, cfg)
+                log_run(log, qi * len(configs) + ci + 1, len(configs) * len(query_ids), run)
             results.append(run)
-            ratio = f"×{run.loss_ratio:.2f}" if run.loss_ratio is not None else "—"
-            log(
-                f"    grid {n}/{total} {qid} / {cid}: {run.status} (query loss {ratio}) in {run.seconds:.1f}s"
-                + (f" — {run.message}" if run.message else "")
-            )
     if report:
         runner.phase("consistency_report", lambda: runner.run(["consistency_report"]))
     return results
 
 
+GRID_STATES = (QueryState.ATTRIBUTED, QueryState.FAILED_CHECK, QueryState.ERROR)  # where a grid run ends
+
+
 def summary(results: list[GridRun]) -> pl.DataFrame:
-    """One row per configuration: runs done / skipped / failed, mean loss ratio, mean seconds per run."""
+    """One row per configuration: pairs run now and found recorded, how many end in each grid state, the mean loss
+    ratio and the mean seconds per run made now."""
     df = pl.DataFrame(
-        [r.__dict__ for r in results],
+        [{**r.__dict__, "state": r.state.value} for r in results],
         schema={
             "query_id": pl.Utf8,
             "config_id": pl.Utf8,
-            "status": pl.Utf8,
+            "state": pl.Utf8,
+            "ran": pl.Boolean,
             "seconds": pl.Float64,
             "loss_ratio": pl.Float64,
             "message": pl.Utf8,
         },
     )
-    ran = pl.col("status").is_in(["done", "check_failed", "error"])
     return df.group_by("config_id", maintain_order=True).agg(
         queries=pl.len(),
-        done=(pl.col("status") == "done").sum(),
-        skipped=pl.col("status").str.starts_with("skipped").sum(),
-        check_failed=pl.col("status").is_in(["check_failed", "skipped_failed"]).sum(),
-        errors=(pl.col("status") == "error").sum(),
+        ran=pl.col("ran").sum(),
+        recorded=(~pl.col("ran")).sum(),
+        **{state.value: (pl.col("state") == state.value).sum() for state in GRID_STATES},
         mean_loss_ratio=pl.col("loss_ratio").mean(),
-        seconds_per_run=pl.col("seconds").filter(ran).mean(),
+        seconds_per_run=pl.col("seconds").filter(pl.col("ran")).mean(),
     )

@@ -222,19 +222,22 @@ class StableAudioAdapter(DiTAdapter):
             decoder_start_token_id=0,
         )
         text_encoder = T5EncoderModel(t5)
-        projection = StableAudioProjectionModel(text_encoder_dim=16, conditioning_dim=12, min_value=0, max_value=8)
+        projection = StableAudioProjectionModel(
+            text_encoder_dim=t5.d_model, conditioning_dim=12, min_value=0, max_value=8
+        )
+        latent_channels, conditioning = vae.config.decoder_input_channels, projection.config.conditioning_dim
         denoiser = StableAudioDiTModel(
             sample_size=16,
-            in_channels=4,
-            out_channels=4,
+            in_channels=latent_channels,
+            out_channels=latent_channels,
             num_layers=2,
             attention_head_dim=8,
             num_attention_heads=2,
             num_key_value_attention_heads=1,
             cross_attention_dim=16,
             time_proj_dim=8,
-            global_states_input_dim=24,
-            cross_attention_input_dim=12,
+            global_states_input_dim=2 * conditioning,  # the seconds_start and seconds_end projections, side by side
+            cross_attention_input_dim=conditioning,
         )
         return cls(
             denoiser=denoiser, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, projection_model=projection

@@ -53,13 +53,15 @@ from tda_assets.attribution.errors import ModelSourceError
 from tda_assets.attribution.settings import settings_from_row
 from tda_assets.attribution.unlearn import query_loss
 from tda_assets.defs import plots
+from tda_assets.defs.markdown import markdown_table
 from tda_assets.defs.tags import GPU
 from tda_assets.io.artifacts import Identity, all_features, query_batch, require
-from tda_assets.io.checkpoints import load_checkpoint, local_model_folder, read_checkpoint_record
+from tda_assets.io.checkpoints import CheckpointRecord, load_checkpoint, local_model_folder, read_checkpoint_record
 from tda_assets.io.registry import key
 from tda_assets.io.tables import list_keys, read_table, table_exists, write_table
 from tda_assets.models.embedded.model import EmbeddedAdapter, TrainingSettings, train_denoiser
 from tda_assets.models.model_folder import read_model_info
+from tda_assets.models.sources import ModelSource
 
 CHECK = "attributed_removal_raises_query_loss_more"
 
@@ -133,14 +135,6 @@ def retrain(
     adapter.objective = template.objective
     train_denoiser(adapter, data, settings, compute)
     return adapter
-
-
-def markdown_table(df: pl.DataFrame) -> str:
-    """A small frame as a markdown table (floats to 4 decimals)."""
-    fmt = lambda v: f"{v:.4f}" if isinstance(v, float) else str(v)  # noqa: E731
-    lines = ["| " + " | ".join(df.columns) + " |", "|" + "---|" * len(df.columns)]
-    lines += ["| " + " | ".join(fmt(v) for v in row) + " |" for row in df.rows()]
-    return "\n".join(lines)
 
 
 def checkpoint_is_full_model(info: dict, settings: TrainingSettings, n_items: int) -> bool:
@@ -347,70 +341,108 @@ def counterfactual(
     protocol: LossProtocolResource,
 ) -> Iterator:
     source = model_source.model_source()
+    require_embedded(source)
+    store, cmp, proto = storage.storage(), compute.compute(), protocol.protocol()
+    start = time.perf_counter()
+    identity = Identity(read_checkpoint_record(store).checkpoint_id, proto.protocol_id)
+    query_ids = checked_queries(store, config, identity)
+    masked = masks_losses(store, config.config_id)
+    q_proto = replace(proto, draws=max(config.query_draws, proto.draws))  # the protocol's seed, precision; more draws
+    retrainer, record, use_checkpoint = make_retrainer(store, source, cmp, config, context.log.info)
+    item_ids = retrainer.data.item_ids
+    artist_of = item_artists(store)
+    plan = plan_removals(store, config, query_ids, identity, item_ids, [artist_of.get(i) for i in item_ids])
+    queries = {q: query_batch(store, q, record.encoder_id, record.checkpoint_id) for q in query_ids}
+    loss_of = lambda model, q: query_loss(model, queries[q], q_proto, cmp, masked)  # noqa: E731
+    full, full_kind = full_model(retrainer, use_checkpoint)
+    full_loss = {q: loss_of(full, q) for q in queries}
+    measured = measure_removals(plan, retrainer, loss_of)
+    common = {
+        "k": config.k,
+        "config_id": config.config_id,
+        "train_steps": retrainer.settings.steps,
+        "full_model": full_kind,
+        "query_draws": q_proto.draws,
+        **identity.keys(),
+    }
+    target_of = target_artists(store, query_ids)
+    rows, verdicts = verdict_rows(measured, full_loss, config.floor_sds, artist_of, target_of, common)
+    log_verdicts(context.log.info, verdicts)
+    df = pl.DataFrame(rows, schema_overrides={"removal_seed": pl.Int64})
+    uri = write_table(store, "counterfactual", df, **identity.keys())
+    seconds = time.perf_counter() - start
+    yield counterfactual_result(
+        df, verdicts, config, retrainer.settings.steps, full_kind, retrainer.seconds, seconds, uri, store
+    )
+
+
+def require_embedded(source: ModelSource) -> None:
+    """Refuses a model source the check cannot retrain from scratch: only the embedded default can be."""
     if not source.is_embedded:
         raise ModelSourceError(
             f"the counterfactual check retrains the model from scratch: only possible on the embedded "
             f"default, not on {source.source!r}"
         )
-    store, cmp, proto = storage.storage(), compute.compute(), protocol.protocol()
-    start = time.perf_counter()
-    identity = Identity(read_checkpoint_record(store).checkpoint_id, proto.protocol_id)
+
+
+def checked_queries(store, config: CounterfactualConfig, identity: Identity) -> list[str]:
+    """The config's queries, else the first `n_queries` with a target artist and an attribution (an error when none)."""
     query_ids = config.query_ids or default_queries(store, config.config_id, config.n_queries, identity)
     if not query_ids:
         raise FileNotFoundError(
             f"no query with a target_artist and an attribution of config {config.config_id!r} "
             f"under {identity}: materialize attribution_scores first (e.g. `tda demo`)"
         )
-    has_config = table_exists(store, "unlearning_configs", config_id=config.config_id)
-    masked = (
-        has_config
-        and settings_from_row(
-            read_table(store, "unlearning_configs", config_id=config.config_id).row(0, named=True)
-        ).masks_losses
-    )
-    q_proto = replace(
-        proto, draws=max(config.query_draws, proto.draws)
-    )  # the protocol's seed and precision, more draws
+    return query_ids
 
-    ckpt, record = load_checkpoint(store, source, cmp.device)
+
+def masks_losses(store, config_id: str) -> bool:
+    """Whether the configuration's recorded settings mask the losses (an unrecorded configuration does not)."""
+    if not table_exists(store, "unlearning_configs", config_id=config_id):
+        return False
+    row = read_table(store, "unlearning_configs", config_id=config_id).row(0, named=True)
+    return settings_from_row(row).masks_losses
+
+
+def make_retrainer(
+    store, source: ModelSource, compute: Compute, config: CounterfactualConfig, log: Callable[[str], None]
+) -> tuple[Retrainer, CheckpointRecord, bool]:
+    """The retrainer of the checkpoint (every training item, the retraining settings), the checkpoint's record, and
+    whether the checkpoint itself is the full model (trained with exactly these settings on the same items)."""
+    ckpt, record = load_checkpoint(store, source, compute.device)
     data = all_features(store, record.encoder_id)
     settings = TrainingSettings(steps=config.train_steps or source.train_steps, seed=source.train_seed)
-    use_checkpoint = checkpoint_is_full_model(
-        read_model_info(local_model_folder(store, record, source)), settings, len(data)
-    )
-    manifest = read_table(store, "training_manifest").select("item_id", "artist")
-    artist_of = dict(zip(manifest["item_id"], manifest["artist"]))
-    plan = plan_removals(store, config, query_ids, identity, data.item_ids, [artist_of.get(i) for i in data.item_ids])
-    queries = {q: query_batch(store, q, record.encoder_id, record.checkpoint_id) for q in query_ids}
-    retrainer = Retrainer(data, settings, ckpt, cmp, context.log.info)
-    full_model, full_kind = (
-        (ckpt, "checkpoint") if use_checkpoint else (retrainer.without([], "nothing (the full model)"), "retrained")
-    )
-    full_loss = {q: query_loss(full_model, b, q_proto, cmp, masked) for q, b in queries.items()}
-    measured = measure_removals(plan, retrainer, lambda model, q: query_loss(model, queries[q], q_proto, cmp, masked))
+    info = read_model_info(local_model_folder(store, record, source))
+    return Retrainer(data, settings, ckpt, compute, log), record, checkpoint_is_full_model(info, settings, len(data))
 
-    common = {
-        "k": config.k,
-        "config_id": config.config_id,
-        "train_steps": settings.steps,
-        "full_model": full_kind,
-        "query_draws": q_proto.draws,
-        **identity.keys(),
-    }
-    target_of = {q: read_table(store, "queries", query_id=q)["target_artist"][0] for q in query_ids}
-    rows, verdicts = verdict_rows(measured, full_loss, config.floor_sds, artist_of, target_of, common)
+
+def full_model(retrainer: Retrainer, use_checkpoint: bool) -> tuple[EmbeddedAdapter, str]:
+    """The model trained on every item and which it is: the checkpoint itself, or retrained with the settings."""
+    if use_checkpoint:
+        return retrainer.template, "checkpoint"
+    return retrainer.without([], "nothing (the full model)"), "retrained"
+
+
+def item_artists(store) -> dict[str, str]:
+    """item_id → artist of every training item (the manifest's)."""
+    manifest = read_table(store, "training_manifest").select("item_id", "artist")
+    return dict(zip(manifest["item_id"], manifest["artist"]))
+
+
+def target_artists(store, query_ids: list[str]) -> dict[str, str]:
+    """query_id → the query's target artist."""
+    return {q: read_table(store, "queries", query_id=q)["target_artist"][0] for q in query_ids}
+
+
+def log_verdicts(log: Callable[[str], None], verdicts: dict[str, Verdict]) -> None:
+    """One line per query: its attributed rise against the noise floor and the same-artist control, both verdicts."""
     for q, v in verdicts.items():
-        context.log.info(
+        log(
             f"{q}: attributed rise {v.attributed_rise:+.4f} vs noise floor {v.floor:+.4f} (random "
             f"{v.random_mean:+.4f} ± {v.random_sd:.4f}), vs same-artist {v.same_artist_rise:+.4f} (item floor "
             f"{v.item_floor:+.4f}): {'PASS' if v.passed else 'FAIL'}, item level "
             f"{'PASS' if v.passed_item_level else 'FAIL'}"
         )
-    df = pl.DataFrame(rows, schema_overrides={"removal_seed": pl.Int64})
-    uri = write_table(store, "counterfactual", df, **identity.keys())
-    yield counterfactual_result(
-        df, verdicts, config, settings.steps, full_kind, retrainer.seconds, time.perf_counter() - start, uri, store
-    )
 
 
 def counterfactual_result(

@@ -1,6 +1,7 @@
 """Cross-query reports: consistency between configurations, seeds and methods (the paper's grid tables)."""
 
 import itertools
+from collections.abc import Callable
 
 import numpy as np
 import polars as pl
@@ -152,62 +153,9 @@ def consistency_report(
     rows = [{**r, **identity.keys()} for q in query_ids for r in consistency_rows(q, vectors[q])]
     df = pl.DataFrame(rows, schema=TABLES["consistency"].polars_schema())
     uri = write_table(store, "consistency", df, **identity.keys())
-    means = (
-        df.group_by("left", "right", "metric", "k").agg(pl.col("value").mean()).sort("left", "right", "metric", "k")
-        if len(df)
-        else df
-    )
-    per_config = config_consistency(df, seed_groups(store)) if len(df) else []
-    queries_table = read_tables(store, "queries")
-    target_artist = dict(zip(queries_table["query_id"], queries_table["target_artist"])) if len(queries_table) else {}
-    cross = cross_query_rows(vectors, target_artist)
-    cross_of = {r["ranking"]: r["cross_query_jaccard_10"] for r in cross}
-    for r in per_config:
-        r["cross_query_jaccard_10"] = cross_of.get(UNLEARNING + r["config_id"])
-    meta: dict = {}
-    if cross:
-        meta["cross_query_overlap"] = MetadataValue.json(cross)
-        context.log.info(
-            "cross-query overlap (mean Jaccard@10, different target artists): "
-            + ", ".join(f"{r['ranking']} {r['cross_query_jaccard_10']:.3f}" for r in cross)
-        )
-    if per_config:
-        best = per_config[0]
-        by_all = max(per_config, key=lambda r: r["jaccard_10_all"] if r["jaccard_10_all"] is not None else -1.0)
-        meta.update(
-            {
-                "most_consistent_config": best["config_id"],
-                "most_consistent_config_jaccard_10": (
-                    best["jaccard_10_seed_reruns"]
-                    if best["jaccard_10_seed_reruns"] is not None
-                    else best["jaccard_10_all"]
-                ),
-                "most_consistent_config_basis": "seed reruns"
-                if best["jaccard_10_seed_reruns"] is not None
-                else "other configurations",
-                "highest_agreement_with_other_configs": by_all["config_id"],
-                "config_consistency": MetadataValue.json(per_config),
-            }
-        )
-        labels, matrix = jaccard_matrix(df)
-        if len(labels) > 1:
-            shared = df.filter(pl.col("left").str.starts_with(UNLEARNING) & pl.col("right").str.starts_with(UNLEARNING))
-            title = (
-                f"mean Jaccard@10 between unlearning configurations "
-                f"(over the queries both ran; {shared['query_id'].n_unique()} queries in all)"
-            )
-            meta.update(
-                plots.write_png(
-                    store,
-                    key("plot", kind="consistency", name="jaccard_10"),
-                    plots.heatmap(matrix, labels, title),
-                    title,
-                )
-            )
-        context.log.info(
-            f"most consistent configuration: {best['config_id']} ({meta['most_consistent_config_basis']}, "
-            f"mean Jaccard@10 {meta['most_consistent_config_jaccard_10']})"
-        )
+    cross = cross_query_rows(vectors, query_target_artists(store))
+    per_config = per_config_consistency(df, seed_groups(store), cross) if len(df) else []
+    meta = {**cross_query_metadata(cross, context.log.info), **config_metadata(store, df, per_config, context.log.info)}
     context.log.info(f"consistency over {len(query_ids)} queries: {len(df)} rows")
     return MaterializeResult(
         metadata={
@@ -216,11 +164,85 @@ def consistency_report(
             "uri": MetadataValue.path(uri),
             **identity.keys(),
             **meta,
-            "mean_by_pair": MetadataValue.json(
-                [
-                    {**r, "value": round(r["value"], 4) if r["value"] is not None and np.isfinite(r["value"]) else None}
-                    for r in means.to_dicts()
-                ][:200]
-            ),
+            "mean_by_pair": mean_by_pair(df),
         }
+    )
+
+
+def query_target_artists(store) -> dict[str, str | None]:
+    """query_id → target artist of every query in the root."""
+    table = read_tables(store, "queries")
+    return dict(zip(table["query_id"], table["target_artist"])) if len(table) else {}
+
+
+def per_config_consistency(df: pl.DataFrame, groups: dict[str, tuple[str, object]], cross: list[dict]) -> list[dict]:
+    """`config_consistency` of every configuration, each with its ranking's cross-query overlap."""
+    per_config = config_consistency(df, groups)
+    cross_of = {r["ranking"]: r["cross_query_jaccard_10"] for r in cross}
+    for r in per_config:
+        r["cross_query_jaccard_10"] = cross_of.get(UNLEARNING + r["config_id"])
+    return per_config
+
+
+def cross_query_metadata(cross: list[dict], log: Callable[[str], None]) -> dict:
+    """The cross-query overlap of every ranking, logged (nothing when no ranking has two queries to compare)."""
+    if not cross:
+        return {}
+    log(
+        "cross-query overlap (mean Jaccard@10, different target artists): "
+        + ", ".join(f"{r['ranking']} {r['cross_query_jaccard_10']:.3f}" for r in cross)
+    )
+    return {"cross_query_overlap": MetadataValue.json(cross)}
+
+
+def config_metadata(store, df: pl.DataFrame, per_config: list[dict], log: Callable[[str], None]) -> dict:
+    """The most consistent configuration (by its seed reruns, else by all others), the one agreeing most with the
+    others, every configuration's consistency, and the heatmap between them; logged."""
+    if not per_config:
+        return {}
+    best = per_config[0]
+    by_all = max(per_config, key=lambda r: r["jaccard_10_all"] if r["jaccard_10_all"] is not None else -1.0)
+    by_reruns = best["jaccard_10_seed_reruns"] is not None
+    meta = {
+        "most_consistent_config": best["config_id"],
+        "most_consistent_config_jaccard_10": best["jaccard_10_seed_reruns"] if by_reruns else best["jaccard_10_all"],
+        "most_consistent_config_basis": "seed reruns" if by_reruns else "other configurations",
+        "highest_agreement_with_other_configs": by_all["config_id"],
+        "config_consistency": MetadataValue.json(per_config),
+        **jaccard_heatmap(store, df),
+    }
+    log(
+        f"most consistent configuration: {best['config_id']} ({meta['most_consistent_config_basis']}, "
+        f"mean Jaccard@10 {meta['most_consistent_config_jaccard_10']})"
+    )
+    return meta
+
+
+def jaccard_heatmap(store, df: pl.DataFrame) -> dict:
+    """The plot of the mean Jaccard@10 between every two unlearning configurations (none for fewer than two)."""
+    labels, matrix = jaccard_matrix(df)
+    if len(labels) < 2:
+        return {}
+    shared = df.filter(pl.col("left").str.starts_with(UNLEARNING) & pl.col("right").str.starts_with(UNLEARNING))
+    title = (
+        f"mean Jaccard@10 between unlearning configurations "
+        f"(over the queries both ran; {shared['query_id'].n_unique()} queries in all)"
+    )
+    return plots.write_png(
+        store, key("plot", kind="consistency", name="jaccard_10"), plots.heatmap(matrix, labels, title), title
+    )
+
+
+def mean_by_pair(df: pl.DataFrame) -> MetadataValue:
+    """Each (left, right, metric, k)'s mean value over the queries, rounded (the first 200)."""
+    means = (
+        df.group_by("left", "right", "metric", "k").agg(pl.col("value").mean()).sort("left", "right", "metric", "k")
+        if len(df)
+        else df
+    )
+    return MetadataValue.json(
+        [
+            {**r, "value": round(r["value"], 4) if r["value"] is not None and np.isfinite(r["value"]) else None}
+            for r in means.to_dicts()
+        ][:200]
     )
