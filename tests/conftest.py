@@ -1,4 +1,5 @@
-"""Shared fixtures: a small embedded corpus and a model trained on it once per test session."""
+"""Shared fixtures: a small embedded corpus and a model trained on it once per test session; the trained storage roots
+the slow tests share (`trained_roots`)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,21 @@ import pytest
 import torch
 
 from tda_assets.attribution.adapter import ItemBatch
-from tda_assets.data.audio import decode_audio
 from tda_assets.attribution.devices import Compute
 from tda_assets.data.corpus import generate_corpus
-from tda_assets.models.embedded.model import EmbeddedAdapter, TrainingSettings, train_denoiser
+from tda_assets.models.embedded.model import EmbeddedAdapter
 from tda_assets.attribution.fisher import fisher_diagonal
 from tda_assets.attribution.protocol import LossProtocol
+from tests.corpus_model import CLIPS_PER_ARTIST, STEPS, train_on_corpus
 from tests.s3_server import s3_root  # noqa: F401  (fixture)
+from tests.trained_roots import TrainedRoots
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # two threads on 2 idle cores; OMP_NUM_THREADS, when set, wins (on busy shared cores a second thread spins: 60 training
 # steps of the tiny model took 424 s with 2 threads against 8.6 s with 1 while other test runs used the cores)
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))
 
-CLIPS_PER_ARTIST = 16
-TRAIN_STEPS = int(os.environ.get("TDA_TEST_TRAIN_STEPS", "500"))
+TRAIN_STEPS = int(os.environ.get("TDA_TEST_TRAIN_STEPS", str(STEPS)))
 
 # The test tiers (`make test-fast` = `pytest -m "not slow"`; `make test` runs all). A test is `slow` when it needs a
 # trained model, a Runner root or a server: it uses one of SLOW_FIXTURES (directly or through another fixture) or its
@@ -39,8 +40,8 @@ SLOW_FIXTURES = frozenset(
         "own_corpus",
         "first",
         "grid",  # Runner roots
+        "trained_roots",
         "reference",
-        "trained_root",
         "scenario",
         "jobs",
         "env",
@@ -53,7 +54,7 @@ SLOW_FIXTURES = frozenset(
         "postgres",  # servers: moto S3, dagster-webserver, PostgreSQL
     }
 )
-SLOW_CALLS = frozenset({"tiny_trained", "small_root", "Runner", "bench"})  # bench: tests/test_benchmarks_run.py
+SLOW_CALLS = frozenset({"tiny_trained", "Runner", "bench"})  # bench: tests/test_benchmarks_run.py
 
 
 def is_slow(item: pytest.Item) -> bool:
@@ -78,13 +79,7 @@ def corpus_rows(tmp_path_factory) -> list[dict]:
 @pytest.fixture(scope="session")
 def trained(corpus_rows) -> tuple[EmbeddedAdapter, ItemBatch]:
     """The embedded model trained on the small corpus, and the corpus as one encoded batch."""
-    adapter = EmbeddedAdapter.new(seed=0)
-    ids = [r["item_id"] for r in corpus_rows]
-    audio = [decode_audio(open(r["audio_path"], "rb").read(), r["item_id"], adapter.sample_rate) for r in corpus_rows]
-    latents, mask = adapter.encode_audio(audio)
-    batch = ItemBatch(ids, latents, adapter.encode_text([r["caption"] for r in corpus_rows], ids), mask)
-    train_denoiser(adapter, batch, TrainingSettings(steps=TRAIN_STEPS, seed=0), Compute())
-    return adapter, batch
+    return train_on_corpus(corpus_rows, TRAIN_STEPS)
 
 
 @pytest.fixture(scope="session")
@@ -96,3 +91,10 @@ def protocol() -> LossProtocol:
 def fisher(trained, protocol) -> dict[str, torch.Tensor]:
     adapter, batch = trained
     return fisher_diagonal(adapter, [batch], protocol, "all", Compute(), max_items=64)
+
+
+@pytest.fixture(scope="session")
+def trained_roots(tmp_path_factory) -> TrainedRoots:
+    """The one builder of the trained storage roots the slow tests share, parametrised by a RootSpec
+    (tests/trained_roots.py): each spec's training side is built once per session and lent as a copy."""
+    return TrainedRoots(tmp_path_factory.mktemp("trained-roots"))

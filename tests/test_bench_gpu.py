@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-import pytest
 
 from tests.benchmarks.bench_gpu import two_stage_item_draws
+from tests.test_benchmarks_run import bench
 
-REPO = Path(__file__).resolve().parent.parent
 REQUIRED = (
     "device",
     "params",
@@ -45,18 +39,7 @@ def numbers(value) -> list[float]:
 
 
 def test_bench_gpu_tiny_prints_every_figure_finite_in_one_json_line():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.benchmarks.bench_gpu", "--tiny"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
+    lines = bench("bench_gpu", "--tiny", timeout=240)
     assert len(lines) == 1, lines
     figures = json.loads(lines[0])
     assert [k for k in REQUIRED if k not in figures] == []
@@ -77,33 +60,12 @@ def test_two_stage_plan_at_catalogue_size_is_the_shipped_knobs_with_disjoint_sig
     assert two_stage_item_draws(115_000, 16) == 51_750 * 4 + 25_875 * 12
 
 
-@pytest.mark.slow
 def test_bench_real_size_runs_the_users_commands_on_a_pipeline_folder(tmp_path):
     """The real-size benchmark's path (build folder → `tda prepare` → `tda attribute`), on a tiny pipeline folder."""
     from tda_assets.models.stable_audio import StableAudioAdapter
 
     folder = StableAudioAdapter.tiny().save_pretrained(tmp_path / "model")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.benchmarks.bench_real_size",
-            "--folder",
-            str(folder),
-            "--work",
-            str(tmp_path / "run"),
-            "--threads",
-            "1",
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    figures = json.loads(done.stdout.strip().splitlines()[-1])
+    argv = ("--folder", str(folder), "--work", str(tmp_path / "run"), "--threads", "1")
+    figures = json.loads(bench("bench_real_size", *argv, timeout=600)[-1])
     assert figures["params"] == 11876 and figures["settings"]["TDA_GRAD_ROWS"] == "1"
     assert all(figures[k] > 0 for k in ("peak_rss_gb", "prepare_s", "attribute_s", "item_draw_s"))

@@ -14,7 +14,7 @@ import statistics
 import numpy as np
 import polars as pl
 import pytest
-from dagster import AssetCheckKey, AssetKey, DagsterInstance
+from dagster import AssetCheckKey, AssetKey
 
 from tda_assets.attribution.adapter import ItemBatch
 from tda_assets.data.demo import builtin_queries
@@ -25,8 +25,9 @@ from tda_assets.defs.plots import PNG_SIGNATURE
 from tda_assets.experiments.runner import Runner
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.tables import read_table, read_tables, write_table
+from tests.trained_roots import TINY
 
-ARTISTS, CLIPS, STEPS, K, RANDOM = 3, 4, 60, 2, 3
+ARTISTS, CLIPS, K, RANDOM = TINY.artists, TINY.clips, 2, 3
 PLANTED, DEMO = "planted-copy", "demo-artist-00"
 
 
@@ -43,15 +44,13 @@ def counterfactual_run(runner: Runner, **config) -> tuple[pl.DataFrame, pl.DataF
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    """Training side (STEPS steps); a built-in query and the planted copy of item `copied`, attributed with the default
-    configuration; then `counterfactual` on both (the first two queries with a target artist)."""
+def evaluated(trained_roots, tmp_path_factory):
+    """A copy of the TINY root (its training side); a built-in query and the planted copy of item `copied`, attributed
+    with the default configuration; then `counterfactual` on both (the first two queries with a target artist)."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("TDA_TRAIN_STEPS", str(STEPS))
     root = tmp_path_factory.mktemp("storage")
-    runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
+    runner = trained_roots.runner(TINY, root, mp)
     runner.log_level = "ERROR"
-    runner.training_side({"clips_per_artist": CLIPS, "artists": ARTISTS})
     store = runner.storage
     builtin_queries(store, artists=1)
     copied = (
@@ -60,7 +59,8 @@ def evaluated(tmp_path_factory):
         .sort("item_id")
         .row(0, named=True)
     )
-    add_query(store, copied["caption"], PLANTED, audio_uri=copied["audio_uri"], target_artist=copied["artist"])
+    audio_uri = trained_roots.in_copy(TINY, copied["audio_uri"], root)  # the item's own audio file, in this root
+    add_query(store, copied["caption"], PLANTED, audio_uri=audio_uri, target_artist=copied["artist"])
     for qid in runner.requested_queries():
         runner.attribute(qid, UnlearningConfig(lr=100.0, target_ratio=None, score_type="mean_delta"))
     run = counterfactual_run(runner, k=K, n_queries=2)

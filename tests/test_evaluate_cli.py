@@ -13,7 +13,7 @@ from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.storage import Storage
 from tda_assets.io.tables import write_table
 from tda_assets.cli import main
-from tda_assets.experiments.runner import Runner
+from tests.trained_roots import TINY
 
 GRID = """
 configs:
@@ -43,22 +43,19 @@ STALE_SELF_INFLUENCE = pl.DataFrame(
 
 
 @pytest.fixture(scope="module")
-def evaluated(tmp_path_factory):
-    """A tiny training side in the storage root, then `tda evaluate` on it: its exit code, output and root."""
+def evaluated(trained_roots, tmp_path_factory):
+    """A copy of the TINY root (a tiny training side), then `tda evaluate` on it: its exit code, output and root."""
     mp = pytest.MonkeyPatch()
     root, home = tmp_path_factory.mktemp("storage"), tmp_path_factory.mktemp("home")
     grid_file = tmp_path_factory.mktemp("grid") / "grid.yaml"
     grid_file.write_text(GRID)
+    runner = trained_roots.runner(TINY, root, mp)
     for name, value in {
         "DAGSTER_HOME": str(home),
         "TDA_STORAGE_URL": str(root),
-        "TDA_TRAIN_STEPS": "60",
         "TDA_GRID_FILE": str(grid_file),
     }.items():
         mp.setenv(name, value)
-    runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
-    runner.log_level = "ERROR"
-    runner.training_side({"clips_per_artist": 4, "artists": 3})
     write_table(
         runner.storage,
         "self_influence",

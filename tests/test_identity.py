@@ -18,17 +18,21 @@ from tda_assets.io.artifacts import Identity, IdentityError, read_baseline
 from tda_assets.io.checkpoints import read_checkpoint_record
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.tables import list_keys, read_tables
-from tests.small_root import small_root
+from tests.trained_roots import SMALL
 
 
 @pytest.fixture(scope="module")
-def first(tmp_path_factory):
-    """A root whose training side and one query ran with protocol seed 0 and 20 training steps."""
+def first(trained_roots, tmp_path_factory):
+    """A copy of the SMALL root (training side with protocol seed 0 and SMALL.steps training steps) and one query,
+    attributed."""
     mp = pytest.MonkeyPatch()
-    root, runner = small_root(tmp_path_factory, mp)
+    root = tmp_path_factory.mktemp("storage")
+    runner = trained_roots.runner(SMALL, root, mp)
+    runner.log_level = "WARNING"
+    add_query(runner.storage, "a plucked guitar tune", query_id="q0")
     assert runner.requested_queries() == ["q0"]
     runner.attribute("q0")
-    yield root, runner.instance, runner
+    yield str(root), runner.instance, runner
     mp.undo()
 
 
@@ -49,7 +53,7 @@ def run_new_query(root: str, instance: DagsterInstance, query_id: str) -> tuple[
 
 def test_a_query_after_a_protocol_change_is_not_scored_from_the_old_losses(first, monkeypatch):
     root, instance, _ = first
-    monkeypatch.setenv("TDA_TRAIN_STEPS", "20")
+    monkeypatch.setenv("TDA_TRAIN_STEPS", str(SMALL.steps))
     monkeypatch.setenv("TDA_PROTOCOL_SEED", "1")
     runner, error = run_new_query(root, instance, "q-protocol")
     assert error is not None
@@ -77,7 +81,7 @@ def test_a_query_under_the_other_loss_precision_is_not_scored_from_the_fp32_loss
             record.encoder_id,
         ).value
     )
-    monkeypatch.setenv("TDA_TRAIN_STEPS", "20")
+    monkeypatch.setenv("TDA_TRAIN_STEPS", str(SMALL.steps))
     monkeypatch.setenv("TDA_LOSS_PRECISION", "bf16")
     runner, error = run_new_query(root, instance, "q-bf16")  # the product: the environment → the protocol → the error
     assert error is not None
@@ -92,7 +96,7 @@ def test_a_query_under_the_other_loss_precision_is_not_scored_from_the_fp32_loss
 def test_a_query_after_retraining_is_not_scored_from_the_old_losses_then_attributes_once_prepared(first, monkeypatch):
     root, instance, old_runner = first
     old = read_checkpoint_record(old_runner.storage).checkpoint_id
-    monkeypatch.setenv("TDA_TRAIN_STEPS", "25")  # another checkpoint: other training settings
+    monkeypatch.setenv("TDA_TRAIN_STEPS", str(SMALL.steps + 5))  # another checkpoint: other settings
     runner = Runner.create(instance, root, log=lambda _m: None)
     runner.log_level = "WARNING"
     runner.run(["checkpoint"])
@@ -129,7 +133,13 @@ def test_the_attributions_view_exposes_both_identity_columns(first):
         "SELECT DISTINCT query_id, method, checkpoint_id, protocol_id FROM attributions "
         "WHERE query_id = 'q0' ORDER BY method"
     )
-    assert df["method"].to_list() == ["similarity:audio", "similarity:internal", "similarity:text", "unlearning"]
+    assert df["method"].to_list() == [
+        "similarity:audio",
+        "similarity:internal",
+        "similarity:latent",
+        "similarity:text",
+        "unlearning",
+    ]
     assert df["checkpoint_id"].n_unique() == 1 and df["checkpoint_id"][0].startswith("embedded-")
     assert set(df["protocol_id"]) == {"s0-k16"}
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import polars as pl
 import pytest
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey
 
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.data.demo import builtin_queries
@@ -13,21 +13,17 @@ from tda_assets.defs.partitions import query_config_key
 from tda_assets.io.tables import read_tables
 from tda_assets.data.inbox import add_query
 from tda_assets.experiments.catalog import query_table
-from tda_assets.experiments.runner import Runner
 from tda_assets.io.registry import glob, key
+from tests.trained_roots import TINY
 
-ARTISTS, CLIPS = 3, 4
+ARTISTS, CLIPS = TINY.artists, TINY.clips
 
 
 @pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Runs the training side and two built-in queries once; tests read what it left."""
+def pipeline(trained_roots, tmp_path_factory):
+    """A copy of the TINY root (its training side) and two built-in queries drained once; tests read what it left."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("TDA_TRAIN_STEPS", "60")
-    root = tmp_path_factory.mktemp("storage")
-    instance = DagsterInstance.ephemeral()
-    runner = Runner.create(instance, str(root), log=lambda _m: None)
-    runner.training_side({"clips_per_artist": CLIPS, "artists": ARTISTS})
+    runner = trained_roots.runner(TINY, tmp_path_factory.mktemp("storage"), mp)
     store = runner.resources["storage"].storage()
     builtin_queries(store, artists=2)
     drain = runner.drain_inbox(UnlearningConfig(lr=100.0))
@@ -74,7 +70,7 @@ def test_tables_have_the_expected_row_counts(pipeline):
     assert counts["baseline_losses"] == n * 16
     assert counts["queries"] == 2
     assert counts["unlearning_runs"] == 2
-    assert counts["attributions"] == 2 * n * 4  # unlearning + 3 similarity methods
+    assert counts["attributions"] == 2 * n * 5  # unlearning + 4 similarity methods (audio, text, internal, latent)
 
 
 def test_queries_record_the_target_artist(pipeline):

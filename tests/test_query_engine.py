@@ -51,6 +51,38 @@ def row(**columns) -> pl.DataFrame:
     return pl.DataFrame({k: [v] for k, v in columns.items()})
 
 
+def query_row(q: str, target: str | None, seed: int = 1) -> pl.DataFrame:
+    """The `queries` row of a query generated from a prompt: one window of 4.096 s at 16 kHz, mono."""
+    return row(
+        prompt=f"in the style of {target}" if target else "a tune",
+        seed=seed,
+        audio_uri=f"q/{q}.wav",
+        target_artist=target,
+        encoder_id="e",
+        generated_by=None,
+        source_rate=16000,
+        source_channels=1,
+        seconds=4.096,
+        windows=1,
+    )
+
+
+def add_query_with_unlearning(storage: Storage, q: str, target: str | None, scores: list[float]) -> None:
+    """Query `q` and its unlearning scores of configuration `default` (mean ΔL, every item rescored)."""
+    write_table(storage, "queries", query_row(q, target), query_id=q)
+    unlearning = ranked(scores).with_columns(
+        method=pl.lit("unlearning"),
+        relative_score="score",
+        skew_score="score",
+        mean_delta="score",
+        score_type=pl.lit("mean_delta"),
+        rescored=True,
+        draws_used=1,
+        **IDENTITY,
+    )
+    write_table(storage, "attribution_scores", unlearning, **IDENTITY_VALUES, query_id=q, config_id="default")
+
+
 def write_tiny_dataset(storage: Storage) -> None:
     """Six items by three artists, queries `0012` (target A) and `q2` (target B), one configuration."""
     manifest = pl.DataFrame(
@@ -66,34 +98,7 @@ def write_tiny_dataset(storage: Storage) -> None:
     write_table(storage, "training_manifest", manifest)
     for q, target in [("0012", "A"), ("q2", "B")]:
         run = {"query_id": q, "config_id": "default"}
-        query = row(
-            prompt=f"in the style of {target}",
-            seed=1,
-            audio_uri=f"q/{q}.wav",
-            target_artist=target,
-            encoder_id="e",
-            generated_by=None,
-            source_rate=16000,
-            source_channels=1,
-            seconds=4.096,
-            windows=1,
-        )
-        write_table(storage, "queries", query, query_id=q)
-        unlearning = ranked(UNLEARNING[q]).with_columns(
-            method=pl.lit("unlearning"),
-            relative_score="score",
-            skew_score="score",
-            mean_delta="score",
-            score_type=pl.lit("mean_delta"),
-            **IDENTITY,
-        )
-        write_table(
-            storage,
-            "attribution_scores",
-            unlearning.with_columns(rescored=True, draws_used=1),
-            **run,
-            **IDENTITY_VALUES,
-        )
+        add_query_with_unlearning(storage, q, target, UNLEARNING[q])
         write_table(
             storage,
             "similarity_scores",
@@ -188,10 +193,12 @@ def test_views_return_the_rows(engine):
         "unlearning_runs": 2,
         "unlearned_losses": 12,
         "attributions": 24,
+        "near_copies": 0,
         "consistency": 6,
         "counterfactual": 10,
         "self_influence": 0,
         "replication": 0,
+        "near_copy_summary": 0,
     }
 
 
@@ -216,10 +223,12 @@ def test_fresh_root_has_every_view_with_zero_rows(tmp_path):
         "unlearning_runs",
         "unlearned_losses",
         "attributions",
+        "near_copies",
         "consistency",
         "counterfactual",
         "self_influence",
         "replication",
+        "near_copy_summary",
     }
     assert set(counts.values()) == {0}
     schema = engine.sql("SELECT * FROM attributions").schema
@@ -249,23 +258,7 @@ def test_named_queries_run_on_a_fresh_root(tmp_path):
 
 
 def test_new_files_are_seen_by_the_next_query(engine):
-    write_table(
-        engine.storage,
-        "queries",
-        row(
-            prompt="p",
-            seed=2,
-            audio_uri="u",
-            target_artist=None,
-            encoder_id="e",
-            generated_by=None,
-            source_rate=16000,
-            source_channels=1,
-            seconds=4.096,
-            windows=1,
-        ),
-        query_id="q3",
-    )
+    write_table(engine.storage, "queries", query_row("q3", None, seed=2), query_id="q3")
     assert engine.sql("SELECT query_id FROM queries ORDER BY 1")["query_id"].to_list() == ["0012", "q2", "q3"]
 
 
@@ -431,33 +424,6 @@ def test_report_seed_reruns_exclude_identical_configurations():
     groups = {"default": ("fields", 0), "seed1": ("fields", 1), "copy": ("fields", 0), "lr100": ("other", 1)}
     assert is_seed_rerun(groups, "default", "seed1")
     assert not is_seed_rerun(groups, "default", "copy") and not is_seed_rerun(groups, "seed1", "lr100")
-
-
-def add_query_with_unlearning(storage: Storage, q: str, target: str | None, scores: list[float]) -> None:
-    query = row(
-        prompt="p",
-        seed=1,
-        audio_uri=f"q/{q}.wav",
-        target_artist=target,
-        encoder_id="e",
-        generated_by=None,
-        source_rate=16000,
-        source_channels=1,
-        seconds=4.096,
-        windows=1,
-    )
-    write_table(storage, "queries", query, query_id=q)
-    unlearning = ranked(scores).with_columns(
-        method=pl.lit("unlearning"),
-        relative_score="score",
-        skew_score="score",
-        mean_delta="score",
-        score_type=pl.lit("mean_delta"),
-        rescored=True,
-        draws_used=1,
-        **IDENTITY,
-    )
-    write_table(storage, "attribution_scores", unlearning, **IDENTITY_VALUES, query_id=q, config_id="default")
 
 
 def test_cross_query_overlap_known_values_in_sql_and_in_the_report(engine):

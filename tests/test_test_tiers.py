@@ -24,7 +24,9 @@ def item(function, *fixtures: str) -> SimpleNamespace:
     return SimpleNamespace(function=function, fixturenames=["request", *fixtures])
 
 
-@pytest.mark.parametrize("fixture", ["trained", "pipeline", "reference", "s3_root", "postgres", "webserver"])
+@pytest.mark.parametrize(
+    "fixture", ["trained", "trained_roots", "pipeline", "reference", "s3_root", "postgres", "webserver"]
+)
 def test_a_test_using_a_model_root_or_server_fixture_is_slow(fixture):
     assert is_slow(item(pure_arithmetic, "tmp_path", fixture))
 

@@ -15,6 +15,7 @@ from dagster import AssetKey, AssetRecordsFilter
 from tda_assets.attribution import similarity
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.scores import rank_descending
+from tda_assets.data.inbox import add_query
 from tda_assets.defs.partitions import SHARD_KEYS
 from tda_assets.experiments.runner import TRAINING_PHASES, Runner, current_training_phases, phases_to_run
 from tda_assets.io.artifacts import (
@@ -33,16 +34,19 @@ from tda_assets.io.artifacts import (
 from tda_assets.io.checkpoints import load_checkpoint, read_checkpoint_record
 from tda_assets.io.registry import key
 from tda_assets.io.tables import read_table
-from tests.small_root import small_root
+from tests.trained_roots import SMALL
 
 PROTOCOL = "s0-k16"
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    """The training side (with training_embeddings) and one query's clip and similarity scores."""
+def prepared(trained_roots, tmp_path_factory):
+    """A copy of the SMALL root (its training side with training_embeddings) and one query's clip and similarity
+    scores."""
     mp = pytest.MonkeyPatch()
-    _, runner = small_root(tmp_path_factory, mp)
+    runner = trained_roots.runner(SMALL, tmp_path_factory.mktemp("storage"), mp)
+    runner.log_level = "WARNING"
+    add_query(runner.storage, "a plucked guitar tune", query_id="q0")
     runner.clip("q0")
     record = read_checkpoint_record(runner.storage)
     yield runner, Identity(record.checkpoint_id, PROTOCOL), record.encoder_id
@@ -60,6 +64,7 @@ def test_each_shard_with_items_has_its_items_embedded_under_its_identity_and_the
     inner_dim = config.num_attention_heads * config.attention_head_dim
     with_items = shards_with_items(runner)
     assert with_items == ["shard-00", "shard-02", "shard-03"]
+    runner.run(["training_embeddings"], "shard-01")  # the copy's instance is fresh: the empty shard's run, here
     for shard in SHARD_KEYS:
         k = embeddings_key(identity, encoder_id, shard)
         if shard not in with_items:
@@ -72,6 +77,8 @@ def test_each_shard_with_items_has_its_items_embedded_under_its_identity_and_the
             "audio": (len(features), 2 * features.latents.shape[1]),
             "text": (len(features), features.conditioning["encoder_hidden_states"].shape[-1]),
             "internal": (len(features), inner_dim),
+            # the copy detector's map: channels × frames, its frame mask and its frame count (frames ≤ MAX_FRAMES here)
+            "latent": (len(features), (features.latents.shape[1] + 1) * features.latents.shape[2] + 1),
         }
         assert torch.equal(emb.matrices["audio"], similarity.audio_embedding(features))  # the engine's, stored as is
         assert {k_: meta[k_] for k_ in ("checkpoint_id", "protocol_id", "encoder_id", "shard")} == {

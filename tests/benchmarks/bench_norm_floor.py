@@ -25,7 +25,6 @@ import time
 import numpy as np
 import torch
 
-from tda_assets.attribution.adapter import ItemBatch
 from tda_assets.attribution.attribute import attribute_exact
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.fisher import fisher_diagonal
@@ -44,23 +43,10 @@ from tda_assets.attribution.scores import (
 from tda_assets.attribution.self_influence import choose_targets
 from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.attribution.similarity import audio_embedding, cosine_scores, internal_embedding
-from tda_assets.data.audio import decode_audio
 from tda_assets.data.corpus import generate_corpus
-from tda_assets.models.embedded.model import EmbeddedAdapter, TrainingSettings, train_denoiser
+from tests.corpus_model import CLIPS_PER_ARTIST, STEPS, train_on_corpus
 
 FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
-
-
-def trained_corpus(clips_per_artist: int = 16, steps: int = 500) -> tuple[EmbeddedAdapter, ItemBatch]:
-    """The tests' session model (tests/conftest.py `trained`) at the defaults."""
-    rows = generate_corpus(tempfile.mkdtemp(), clips_per_artist=clips_per_artist, seed=0)
-    adapter = EmbeddedAdapter.new(seed=0)
-    ids = [r["item_id"] for r in rows]
-    audio = [decode_audio(open(r["audio_path"], "rb").read(), r["item_id"], adapter.sample_rate) for r in rows]
-    latents, mask = adapter.encode_audio(audio)
-    batch = ItemBatch(ids, latents, adapter.encode_text([r["caption"] for r in rows], ids), mask)
-    train_denoiser(adapter, batch, TrainingSettings(steps=steps, seed=0), Compute())
-    return adapter, batch
 
 
 def two_stage_agreement(l0, after, exact_rank, signals, norms, settings, draws) -> dict[str, float]:
@@ -84,8 +70,8 @@ def two_stage_agreement(l0, after, exact_rank, signals, norms, settings, draws) 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--clips-per-artist", type=int, default=16, help="corpus size: clips of each of 8 artists")
-    parser.add_argument("--steps", type=int, default=500, help="training steps of the embedded model")
+    parser.add_argument("--clips-per-artist", type=int, default=CLIPS_PER_ARTIST, help="clips of each of 8 artists")
+    parser.add_argument("--steps", type=int, default=STEPS, help="training steps of the embedded model")
     parser.add_argument("--targets", type=int, default=16, help="development targets: choose_targets(n, seed 0)")
     parser.add_argument("--draws", type=int, default=16, help="protocol draws K")
     args = parser.parse_args()
@@ -95,7 +81,8 @@ def main() -> None:
 def measure(clips_per_artist: int, steps: int, n_targets: int, draws: int) -> dict:
     """The floor table and the two-stage agreement (see the module docstring), as one dict."""
     start = time.perf_counter()
-    adapter, batch = trained_corpus(clips_per_artist, steps)
+    rows = generate_corpus(tempfile.mkdtemp(), clips_per_artist=clips_per_artist, seed=0)
+    adapter, batch = train_on_corpus(rows, steps)  # the tests' session model (tests/conftest.py `trained`)
     ids, compute, settings = batch.item_ids, Compute(), UnlearningSettings()
     protocol = LossProtocol(seed=0, draws=draws)
     fisher = fisher_diagonal(adapter, [batch], protocol, "all", compute, max_items=64)

@@ -1,24 +1,23 @@
-"""One uninterrupted run on a tiny embedded corpus (training side and one query) that every fault is compared with."""
+"""One uninterrupted run on a tiny embedded corpus (the shared SMALL root's training side and one query) that every
+fault is compared with."""
 
 from __future__ import annotations
 
 import hashlib
 import shutil
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import pytest
-import torch
 from dagster import DagsterInstance
 
 from tda_assets.data.demo import builtin_queries
 from tda_assets.defs.configs import UnlearningConfig
 from tda_assets.experiments.runner import Runner
+from tests.trained_roots import SMALL, TrainedRoots, one_torch_thread
 
-MANIFEST = {"clips_per_artist": 3, "artists": 2}
-TRAIN_STEPS = "40"  # part of the embedded checkpoint's identity: every runner of these tests uses it
+TRAIN_STEPS = str(SMALL.steps)  # part of the embedded checkpoint's identity: every runner of these tests uses it
 CONFIG = UnlearningConfig(lr=100.0)
 
 
@@ -50,18 +49,6 @@ def snapshot(root: Path) -> dict[str, str]:
     }
 
 
-@contextmanager
-def one_torch_thread() -> Iterator[None]:
-    """torch on one thread (as the killed child runs): on a shared 2-core machine two threads spin-wait, 10-50x
-    slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     with one_torch_thread():
@@ -69,13 +56,12 @@ def _one_torch_thread() -> Iterator[None]:
 
 
 @pytest.fixture(scope="session")
-def reference(tmp_path_factory) -> Reference:
-    """Training side (2 artists × 3 clips, 4 shards) and one built-in query attributed, uninterrupted."""
+def reference(trained_roots: TrainedRoots, tmp_path_factory) -> Reference:
+    """A copy of the SMALL root (2 artists × 3 clips, 4 shards) and one built-in query attributed, uninterrupted."""
     mp = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp("reference")
+    root = trained_roots.copy(SMALL, tmp_path_factory.mktemp("reference"))
     with one_torch_thread():
         runner = runner_on(str(root), mp)
-        runner.training_side(MANIFEST)
         builtin_queries(runner.storage, artists=1)
         (query_id,) = runner.requested_queries()
         runner.attribute(query_id, CONFIG)

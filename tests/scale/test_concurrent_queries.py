@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
 from dagster import (
     DagsterEventType,
     DagsterInstance,
@@ -31,10 +30,9 @@ from tda_assets.data.demo import builtin_queries
 from tda_assets.definitions import build_definitions
 from tda_assets.defs.sensors import query_inbox_sensor
 from tda_assets.defs.tags import GPU_POOL
-from tda_assets.experiments.runner import Runner
 from tda_assets.io.query_engine import QueryEngine
+from tests.trained_roots import TINY
 
-ARTISTS, CLIPS = 3, 4  # the smallest corpus test_pipeline trains on: 12 items
 QUERIES = 2
 JOBS = ("query_clip", "attribute_config")  # the sensor's jobs, by name: each query's clip, then its default attribution
 CODE_LOCATION = "tda_assets.definitions"  # the run workers and their steps rebuild the Definitions from the environment
@@ -45,30 +43,12 @@ LOCK_ERROR = re.compile(
 )  # sqlite, Postgres, DuckDB, filelock
 # one torch thread per process: two runs share two cores, and on busy cores a second OpenMP thread spins (measured here:
 # the tiny model's 60 training steps took 355 s with 2 threads against 5 s with 1 while other tests ran)
-TEST_ENV = {"TDA_TRAIN_STEPS": "60", "TDA_EXECUTOR": "multiprocess", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+TEST_ENV = {**TINY.env, "TDA_EXECUTOR": "multiprocess", "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
 # the multiprocess executor forks its step processes from a server that imported the code location once (a step starts
 # in about a second instead of re-importing torch and diffusers); the same run config works for any multiprocess run
 FORKSERVER = {
     "execution": {"config": {"start_method": {"forkserver": {"preload_modules": ["tda_assets.definitions"]}}}}
 }
-
-
-@pytest.fixture(scope="module")
-def trained_root(tmp_path_factory) -> Path:
-    """A storage root holding the training side of the tiny corpus (materialized in-process on a throwaway instance)."""
-    threads = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        for name, value in {**TEST_ENV, "TDA_EXECUTOR": "in_process"}.items():  # an ephemeral instance runs in process
-            mp.setenv(name, value)
-        torch.set_num_threads(1)
-        try:
-            root = tmp_path_factory.mktemp("trained")
-            runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
-            runner.log_level = "WARNING"
-            runner.training_side({"clips_per_artist": CLIPS, "artists": ARTISTS})
-        finally:
-            torch.set_num_threads(threads)
-    return root
 
 
 @dataclass
@@ -164,13 +144,12 @@ def peak_concurrent_steps(instance: DagsterInstance, run_ids: list[str], steps: 
 
 
 @pytest.fixture(scope="module", params=["postgres", "sqlite"])
-def scenario(request, trained_root, tmp_path_factory) -> Scenario:
-    """Two built-in queries in the inbox, one sensor tick, both runs at once; the instance chosen as a user chooses
-    it."""
+def scenario(request, trained_roots, tmp_path_factory) -> Scenario:
+    """Two built-in queries in the inbox of a copy of the TINY root (the smallest corpus test_pipeline attributes on:
+    12 items), one sensor tick, both runs at once; the instance chosen as a user chooses it."""
     kind = request.param
     work = tmp_path_factory.mktemp(kind)
-    root = work / "storage"
-    shutil.copytree(trained_root, root)
+    root = trained_roots.copy(TINY, work / "storage")
     home = work / "home"
     home.mkdir()
     shutil.copy(REPO_ROOT / INSTANCES[kind] / "dagster.yaml", home / "dagster.yaml")
@@ -284,7 +263,7 @@ def test_every_table_is_complete_for_both_queries(scenario):
     from tda_assets.io.storage import Storage
 
     engine = QueryEngine(Storage(str(scenario.root)))
-    n = ARTISTS * CLIPS
+    n = TINY.artists * TINY.clips
     counts = engine.table_counts()
     assert counts["queries"] == QUERIES and counts["unlearning_runs"] == QUERIES
     per_method = engine.sql(
