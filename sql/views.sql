@@ -54,6 +54,16 @@ SELECT query_id, CAST(NULL AS VARCHAR) AS config_id, method, item_id, score, ran
        CAST(NULL AS BOOLEAN) AS rescored, CAST(NULL AS BIGINT) AS draws_used
 FROM {table:similarity_scores};
 
+-- The near-copy verdict of each query (tda_assets/attribution/near_copy.py states the rule): `segment` 'clip' is the
+-- whole clip (scored as its similarity rows are; segment_start_s 0, segment_end_s its length),
+-- 'window' one window of a clip longer than the model's window (which seconds copy which item). `copy_of` is the
+-- closest item by `signal` even when `near_copy` is false; `margin` = copy_score − the rule's threshold. Every identity
+-- is here: filter on current_identity as the named queries do.
+CREATE OR REPLACE VIEW near_copies AS
+SELECT query_id, segment, segment_start_s, segment_end_s, near_copy, copy_of, copy_score, margin, signal, checkpoint_id,
+       protocol_id
+FROM {table:near_copies};
+
 -- `left` and `right` label the two rankings compared: `unlearning:<config_id>` or `similarity:<embedding>`.
 -- They are SQL keywords: quote them ("left", "right") in queries.
 CREATE OR REPLACE VIEW consistency AS
@@ -93,3 +103,26 @@ FROM {table:replication};
 CREATE OR REPLACE MACRO share_lower(k, n) AS
     (k / n + 1.959964 ^ 2 / (2 * n)
      - 1.959964 * sqrt((k / n) * (1 - k / n) / n + 1.959964 ^ 2 / (4 * n * n))) / (1 + 1.959964 ^ 2 / n);
+
+-- The near-copy rule on known answers (tda_assets/defs/assets/near_copy.py): one row per copy `transform` on the
+-- reporting sources of the current identity: `recall` = share of its copies flagged as copies of their own recording
+-- (k of n) with `recall_low`, the lower end of its 95% Wilson interval; `false_positive_rate` = share of the reporting
+-- non-copies (held-out clips of the same artists, generated clips) flagged, of `false_positive_n`, with
+-- `false_positive_high`, the upper end of its interval. The development rows chose the threshold: never reported here.
+CREATE OR REPLACE VIEW near_copy_summary AS
+WITH rows AS (
+    SELECT * FROM {table:near_copy_calibration} SEMI JOIN current_identity USING (checkpoint_id, protocol_id)
+    WHERE target_set = 'reporting'
+), fp AS (
+    SELECT count(*) AS n, count(*) FILTER (WHERE near_copy) AS k FROM rows WHERE kind <> 'copy'
+)
+SELECT transform, count(*) AS n, count(*) FILTER (WHERE correct) AS k,
+       count(*) FILTER (WHERE correct) / count(*) AS recall,
+       share_lower(count(*) FILTER (WHERE correct), count(*)) AS recall_low,
+       avg(snr_db) AS mean_snr_db, min(copy_score) AS min_copy_score,
+       any_value(fp.k) / nullif(any_value(fp.n), 0) AS false_positive_rate, any_value(fp.n) AS false_positive_n,
+       1 - share_lower(any_value(fp.n) - any_value(fp.k), nullif(any_value(fp.n), 0)) AS false_positive_high
+FROM rows CROSS JOIN fp
+WHERE kind = 'copy'
+GROUP BY transform
+ORDER BY transform;

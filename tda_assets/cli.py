@@ -118,7 +118,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_attribute(args: argparse.Namespace) -> int:
     from tda_assets.experiments import workflows
 
-    return workflows.attribute(args.audio, args.prompt, args.id, args.config, args.k)
+    return workflows.attribute(args.audio, args.prompt, args.id, args.config, args.k, args.per_window)
 
 
 def cmd_run_inbox(args: argparse.Namespace) -> int:
@@ -218,6 +218,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--id", help="query id (a safe slug); default: made from the file name or the prompt")
     p.add_argument("--config", help="configuration id: default, one of the grid file's, or one recorded in the root")
     p.add_argument("-k", type=int, default=10, help="how many top items to print")
+    p.add_argument(
+        "--per-window",
+        nargs="?",
+        const="flagged",
+        choices=("flagged", "all"),
+        help="also attribute windows of a clip longer than the model's window, each as its own query "
+        "(<query>-at<s>s) under the two-stage configuration: the windows flagged near-copy (default) or all",
+    )
     p.set_defaults(fn=cmd_attribute)
     p = sub.add_parser("run-inbox", help="run every inbox query without a result in this storage root, tick by tick")
     p.set_defaults(fn=cmd_run_inbox)

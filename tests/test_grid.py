@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey
 
 from tda_assets.attribution.metrics import jaccard_at_k, spearman
 
@@ -16,13 +16,13 @@ from tda_assets.data.demo import builtin_queries
 from tda_assets.defs.configs import UnlearningConfig, load_grid
 from tda_assets.experiments.grid import run_grid, select_queries, summary
 from tda_assets.defs.plots import PNG_SIGNATURE
-from tda_assets.experiments.runner import Runner
+from tests.trained_roots import GRID as GRID_ROOT
 
 # 40 items: a top-10 is a quarter of the corpus, so Jaccard@10 between unrelated rankings is low (about 0.15 for a
 # random one) and the bounds below can fail; at 12 items any two top-10s share 8 and Jaccard@10 >= 0.67 always held.
 # 8 artists of 5: the target artist's items fill only half of a top-10 (with 4 × 10 every ranking's top-10 was the
 # target artist's ten items, and a seed rerun could not move it)
-ARTISTS, CLIPS = 8, 5
+ARTISTS, CLIPS = GRID_ROOT.artists, GRID_ROOT.clips
 SEED_RERUN_JACCARD_10, SEED_RERUN_SPEARMAN = 0.5, 0.8  # what a seed rerun must reach (measured values in the tests)
 GRID = """
 configs:
@@ -50,16 +50,14 @@ QUERY = "demo-artist-00"
 
 
 @pytest.fixture(scope="module")
-def grid(tmp_path_factory):
-    """Training side, one built-in query with its default configuration, then the grid of GRID on it."""
+def grid(trained_roots, tmp_path_factory):
+    """A copy of the GRID root (its training side), one built-in query with its default configuration, then the grid
+    of GRID on it."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("TDA_TRAIN_STEPS", "60")
-    root = tmp_path_factory.mktemp("storage")
     grid_file = tmp_path_factory.mktemp("grid") / "grid.yaml"
     grid_file.write_text(GRID)
-    runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
+    runner = trained_roots.runner(GRID_ROOT, tmp_path_factory.mktemp("storage"), mp)
     runner.log_level = "ERROR"
-    runner.training_side({"clips_per_artist": CLIPS, "artists": ARTISTS})
     store = runner.resources["storage"].storage()
     builtin_queries(store, artists=1)
     runner.sensor_tick()
@@ -82,8 +80,12 @@ def test_the_shipped_grid_file_loads():
 
 def test_every_configuration_ran_and_the_weak_one_was_recorded_not_fatal(grid):
     _, store, _, results = grid
-    status = {r.config_id: r.status for r in results}
-    assert status == {"base": "done", "base-again": "done", "base-seed-seed1": "done", "too-weak": "check_failed"}
+    assert {r.config_id: r.label for r in results} == {
+        "base": "attributed",
+        "base-again": "attributed",
+        "base-seed-seed1": "attributed",
+        "too-weak": "failed_check",
+    }
     engine = QueryEngine(store)
     runs = dict(engine.sql("select config_id, loss_ratio from unlearning_runs order by config_id").rows())
     assert set(runs) == {"base", "base-again", "base-seed-seed1", "too-weak"}
@@ -92,7 +94,8 @@ def test_every_configuration_ran_and_the_weak_one_was_recorded_not_fatal(grid):
     assert configs["config_id"].to_list() == ["base", "base-again", "base-seed-seed1"]
     assert engine.sql("select lr from unlearning_configs where config_id = 'too-weak'").item() == 0.001
     table = summary(results)
-    assert table.filter(table["config_id"] == "too-weak")["check_failed"].item() == 1
+    too_weak = table.filter(table["config_id"] == "too-weak")
+    assert too_weak.select("ran", "recorded", "attributed", "failed_check", "error").row(0) == (1, 0, 0, 1, 0)
 
 
 def test_consistency_holds_every_pair_with_valid_values(grid):
@@ -105,9 +108,10 @@ def test_consistency_holds_every_pair_with_valid_values(grid):
         "similarity:audio",
         "similarity:text",
         "similarity:internal",
+        "similarity:latent",
     }
     pairs = {frozenset(p) for p in df.select("left", "right").unique().rows()}
-    assert len(pairs) == 15 and set().union(*pairs) == labels
+    assert len(pairs) == 21 and set().union(*pairs) == labels  # 7 rankings, every two
     jac = df.filter(df["metric"] == "jaccard")
     assert set(jac["k"].to_list()) == {10, 50, 100}
     assert jac["value"].is_between(0.0, 1.0).all()
@@ -206,11 +210,11 @@ def test_attribution_scores_draws_top_k_bars_per_configuration(grid):
 def test_second_grid_run_skips_what_is_recorded(grid):
     runner, _, configs, _ = grid
     again = run_grid(runner, configs, [QUERY], report=False)
-    assert {r.config_id: r.status for r in again} == {
-        "base": "skipped",
-        "base-again": "skipped",
-        "base-seed-seed1": "skipped",
-        "too-weak": "skipped_failed",
+    assert {r.config_id: r.label for r in again} == {
+        "base": "attributed (recorded)",
+        "base-again": "attributed (recorded)",
+        "base-seed-seed1": "attributed (recorded)",
+        "too-weak": "failed_check (recorded)",
     }
 
 
@@ -232,7 +236,7 @@ def test_changed_configuration_is_rerun(grid):
     runner, store, _, _ = grid
     changed = UnlearningConfig(config_id="base-again", lr=120.0)
     (run,) = run_grid(runner, [changed], [QUERY], report=False)
-    assert run.status == "done"
+    assert (run.state, run.ran) == ("attributed", True)
     assert QueryEngine(store).sql("select lr from unlearning_configs where config_id = 'base-again'").item() == 120.0
 
 

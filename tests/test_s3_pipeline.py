@@ -133,7 +133,7 @@ def test_query_engine_over_s3_counts_every_table(s3_run):
     assert counts["training_items"] == N
     assert counts["baseline_losses"] == N * 16
     assert counts["queries"] == 1 and counts["unlearning_runs"] == 1
-    assert counts["attributions"] == N * 4  # unlearning + 3 similarity methods
+    assert counts["attributions"] == N * 5  # unlearning + 4 similarity methods (audio, text, internal, latent)
 
 
 def test_query_engine_over_s3_ranks_every_item_once(s3_run):
@@ -180,7 +180,7 @@ def test_one_query_adds_only_its_own_partitions(s3_run):
         )
     ]
     assert 2 * params["parameters"].value <= delta < 4 * params["parameters"].value + 100_000  # fp32, most parameters
-    assert len(added) == 12 and sum(added.values()) - delta < 1_000_000  # everything else is small
+    assert len(added) == 14 and sum(added.values()) - delta < 1_000_000  # everything else is small
     shared = [k for k in added if f"query_id={qid}" not in k and f"/{qid}/" not in k]
     assert all(k.startswith("unlearning_configs/config_id=default/") for k in shared), shared
     record = runner.instance.get_latest_materialization_event(AssetKey("attribution_scores"))

@@ -5,15 +5,18 @@ its content above 11 kHz); the query is then decoded and resampled to the model'
 what a transform changed in the model's band, so one that changes nothing there (that round trip, ~55 dB on a 16 kHz
 model) is visible as such. A plain gain is not among
 them: the embedded front end levels every clip to one peak, so a gain copy encodes to its source's own latents; the
-fade (a gain that changes over the clip) survives that levelling."""
+fade (a gain that changes over the clip) survives that levelling. `NEAR_COPY_TRANSFORMS` adds the harder edits the
+near-copy calibration uses (lossy codecs, reverb, a crop, a speed change, noise at 40 dB SNR)."""
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable
 from math import gcd
 
 import numpy as np
-from scipy.signal import resample_poly
+import soundfile as sf
+from scipy.signal import fftconvolve, resample_poly
 
 
 def _mono(audio: np.ndarray) -> np.ndarray:
@@ -92,4 +95,77 @@ TRANSFORMS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
     "shift_50ms": time_shift,
     "resample_22k": resample_round_trip,
     "noise_30db": add_noise,
+}
+
+
+def _fit(audio: np.ndarray, n: int) -> np.ndarray:
+    """`audio` cut or zero-padded at its end to `n` samples (float32)."""
+    out = np.zeros(n, dtype=np.float32)
+    out[: min(n, len(audio))] = audio[:n]
+    return out
+
+
+def lossy_codec(audio: np.ndarray, sample_rate: int, codec: str = "mp3", quality: float = 0.5) -> np.ndarray:
+    """The clip encoded by libsndfile's lossy `codec` (`mp3`: MPEG layer III; `ogg`: Vorbis) at compression level
+    `quality` (0 best … 1 smallest) and decoded back, trimmed or zero-padded to its original length."""
+    formats = {"mp3": ("MP3", "MPEG_LAYER_III"), "ogg": ("OGG", "VORBIS")}
+    if codec not in formats:
+        raise ValueError(f"lossy_codec: codec {codec!r} is not one of {sorted(formats)}")
+    fmt, subtype = formats[codec]
+    if fmt not in sf.available_formats():
+        raise RuntimeError(f"lossy_codec: this libsndfile ({sf.__libsndfile_version__}) cannot write {fmt}")
+    a = _mono(audio)
+    buffer = io.BytesIO()
+    sf.write(buffer, a, sample_rate, format=fmt, subtype=subtype, compression_level=quality)
+    buffer.seek(0)
+    decoded, _ = sf.read(buffer, dtype="float32", always_2d=True)
+    return _fit(decoded.mean(axis=1), len(a))
+
+
+def reverb(audio: np.ndarray, sample_rate: int, rt60: float = 0.3, wet: float = 0.3, seed: int = 0) -> np.ndarray:
+    """The clip through a light synthetic room: the dry signal plus `wet` × a seeded white-noise impulse response
+    decaying exponentially by 60 dB in `rt60` seconds (unit energy), same length."""
+    a = _mono(audio)
+    n = max(1, round(rt60 * sample_rate))
+    t = np.arange(n) / sample_rate
+    ir = np.random.default_rng(seed).standard_normal(n) * 10 ** (-3 * t / rt60)
+    ir /= np.sqrt(np.sum(ir**2))
+    tail = fftconvolve(a.astype(np.float64), ir)[: len(a)]
+    return (a + wet * tail).astype(np.float32)
+
+
+def crop(audio: np.ndarray, sample_rate: int, head: float = 0.1, tail: float = 0.1) -> np.ndarray:
+    """The clip without its first `head` and last `tail` shares of samples (shorter: 80% of it by default)."""
+    a = _mono(audio)
+    return a[round(head * len(a)) : len(a) - round(tail * len(a))].copy()
+
+
+def speed_change(audio: np.ndarray, sample_rate: int, factor: float = 1.025) -> np.ndarray:
+    """The clip played `factor` times faster by resampling (tempo and pitch both change: +2.5% is ≈ +0.4 semitone),
+    so it lasts 1/factor as long."""
+    a = _mono(audio)
+    up = 1000
+    down = round(factor * up)
+    g = gcd(up, down)
+    return resample_poly(a, up // g, down // g).astype(np.float32)
+
+
+def snr_db_aligned(source: np.ndarray, transformed: np.ndarray, sample_rate: int, band: tuple[float, float]) -> float:
+    """`snr_db` of a transform that may change the clip's length (a crop, a speed change): the transformed clip is laid
+    from the start of the source's span, as the model's window sees it, cut or zero-padded to the source's length."""
+    return snr_db(source, _fit(_mono(transformed), len(_mono(source))), sample_rate, band)
+
+
+# Every transform of the near-copy calibration (issue 24): the replication transforms and the harder ones. Each
+# takes mono audio at the source file's own rate and is deterministic (seeded where it draws). The lossy codecs are
+# libsndfile's own (soundfile 0.14, libsndfile 1.2.2 here: MP3 = MPEG layer III, Ogg Vorbis), at
+# compression level 0.5.
+NEAR_COPY_TRANSFORMS: dict[str, Callable[[np.ndarray, int], np.ndarray]] = {
+    **TRANSFORMS,
+    "noise_40db": lambda a, sr: add_noise(a, sr, snr_db=40.0),
+    "mp3": lambda a, sr: lossy_codec(a, sr, "mp3", 0.5),
+    "ogg_vorbis": lambda a, sr: lossy_codec(a, sr, "ogg", 0.5),
+    "reverb_0.3s": reverb,
+    "crop_10pct": crop,
+    "tempo_+2.5pct": speed_change,  # midway between two of the copy detector's stretches (latent_match.STRETCHES)
 }

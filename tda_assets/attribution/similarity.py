@@ -6,11 +6,12 @@ import torch
 
 from .adapter import DiTAdapter, ItemBatch
 from .devices import Compute
+from .latent_match import latent_map, log_mel_floor, shift_scores
 from .losses import expand_draws
 from .objective import DiffusionObjective
 from .protocol import LossProtocol
 
-EMBEDDINGS = ("audio", "text", "internal")
+EMBEDDINGS = ("audio", "text", "internal", "latent")  # latent: the copy detector's map (latent_match.py)
 SHARED_BANK_ID = "#shared-draw-bank"  # seeds the shared bank ('#' is in no safe-slug id)
 
 
@@ -61,19 +62,26 @@ def internal_embedding(
 def embeddings(
     adapter: DiTAdapter, batch: ItemBatch, protocol: LossProtocol, compute: Compute
 ) -> dict[str, torch.Tensor]:
-    """Every similarity embedding of a batch, by name (`EMBEDDINGS`): audio, text and internal, each [b, D] float32
-    on CPU."""
+    """Every similarity embedding of a batch, by name (`EMBEDDINGS`): audio, text, internal and latent, each [b, D]
+    float32 on CPU."""
+    scale = getattr(getattr(adapter, "frontend", None), "scale", None)  # a log-mel front end's scale; a VAE has none
     return {
         "audio": audio_embedding(batch),
         "text": text_embedding(batch),
         "internal": internal_embedding(adapter, batch, protocol, compute),
+        "latent": latent_map(batch.latents, batch.frame_mask, log_mel_floor(scale)),
     }
 
 
 def embedding_scores(query: dict[str, torch.Tensor], items: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Cosine scores [N] per embedding of a query's embeddings [w, D] (its windows pooled by the mean) against items'
-    [N, D]."""
-    return {name: cosine_scores(query[name].mean(0), items[name]) for name in EMBEDDINGS}
+    """Scores [N] per embedding of a query's embeddings [w, D] against items' [N, D]: the cosine of its windows' mean,
+    and for `latent` the best alignment of any window (`latent_match.shift_scores`)."""
+    return {
+        name: shift_scores(query[name], items[name])
+        if name == "latent"
+        else cosine_scores(query[name].mean(0), items[name])
+        for name in EMBEDDINGS
+    }
 
 
 def cosine_scores(query: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

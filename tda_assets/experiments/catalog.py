@@ -12,20 +12,34 @@ from typing import Callable, Sequence
 
 import polars as pl
 
+from tda_assets.attribution.near_copy_segments import CLIP
 from tda_assets.data.inbox import inbox_files, judge_files
-from tda_assets.data.query_state import DEFAULT_CONFIG, MIN_QUERY_LOSS_RATIO, ConfigState, config_states, has_clip
+from tda_assets.data.query_state import (
+    DEFAULT_CONFIG,
+    MIN_QUERY_LOSS_RATIO,
+    ConfigState,
+    QueryState,
+    config_states,
+    has_clip,
+)
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.registry import key
+from tda_assets.io.tables import read_tables
 from tda_assets.io.storage import Storage
 
 EXPORT_FORMATS = ("csv", "parquet", "json")
-FINAL = ("attributed", "failed_check", "invalid")  # states no run in progress can change
+FINAL = (QueryState.ATTRIBUTED, QueryState.FAILED_CHECK, QueryState.INVALID)  # states no run in progress can change
 
 
 def current_checkpoint_id(store: Storage) -> str | None:
     """The checkpoint the root's results must come from (None before `tda prepare`)."""
     k = key("checkpoint_record")
     return json.loads(store.read_bytes(k))["checkpoint_id"] if store.exists(k) else None
+
+
+def _before_unlearning(store: Storage, query_id: str) -> QueryState:
+    """A query with no recorded unlearning: `clip_ready` when its clip is in the root, else `waiting`."""
+    return QueryState.CLIP_READY if has_clip(store, query_id) else QueryState.WAITING
 
 
 def query_table(
@@ -44,17 +58,19 @@ def query_table(
     rows = []
     for qid in sorted({*valid, *invalid}):
         if qid in invalid:
-            rows.append((qid, DEFAULT_CONFIG, "invalid", None, invalid[qid]))
+            rows.append((qid, DEFAULT_CONFIG, QueryState.INVALID, None, invalid[qid]))
             continue
         prompt, mine = valid[qid].prompt, by_query.get(qid, {})
         for cid in sorted({DEFAULT_CONFIG, *mine}):
-            state = mine[cid].state if cid in mine else ("clip_ready" if has_clip(store, qid) else "waiting")
+            state = mine[cid].state if cid in mine else _before_unlearning(store, qid)
             rows.append((qid, cid, state, mine[cid].loss_ratio if cid in mine else None, prompt[:60]))
     if any(r[2] not in FINAL for r in rows):
         now = running()
-        rows = [(q, c, "running" if st not in FINAL and (q, c) in now else st, *rest) for q, c, st, *rest in rows]
-    return pl.DataFrame(
-        rows,
+        rows = [
+            (q, c, QueryState.RUNNING if st not in FINAL and (q, c) in now else st, *rest) for q, c, st, *rest in rows
+        ]
+    table = pl.DataFrame(
+        [(q, c, st.value, *rest) for q, c, st, *rest in rows],
         schema={
             "query_id": pl.String,
             "config_id": pl.String,
@@ -63,6 +79,23 @@ def query_table(
             "prompt": pl.String,
         },
         orient="row",
+    )
+    return table.join(near_copy_column(store, protocol_id), on="query_id", how="left")
+
+
+def near_copy_column(store: Storage, protocol_id: str) -> pl.DataFrame:
+    """`query_id, near_copy` of every query with a whole-clip verdict of the current identity (table near_copies):
+    `yes: <item>` for a near copy, `no` otherwise."""
+    checkpoint_id = current_checkpoint_id(store)
+    if checkpoint_id is None:
+        return pl.DataFrame(schema={"query_id": pl.String, "near_copy": pl.String})
+    rows = read_tables(store, "near_copies", checkpoint_id=checkpoint_id, protocol_id=protocol_id)
+    return rows.filter(pl.col("segment") == CLIP).select(
+        "query_id",
+        pl.when(pl.col("near_copy"))
+        .then(pl.lit("yes: ") + pl.col("copy_of"))
+        .otherwise(pl.lit("no"))
+        .alias("near_copy"),
     )
 
 
@@ -87,7 +120,10 @@ def export_attributions(
             params[column] = value
     df = engine.sql(
         "SELECT a.query_id, a.config_id, a.method, a.rank, a.item_id, t.artist, t.caption, a.score, "
+        "n.near_copy, n.copy_of, n.copy_score, n.margin AS near_copy_margin, n.signal AS near_copy_signal, "
         "a.checkpoint_id, a.protocol_id FROM attributions AS a LEFT JOIN training_items AS t USING (item_id) "
+        f"LEFT JOIN near_copies AS n ON n.query_id = a.query_id AND n.segment = '{CLIP}' "
+        "AND n.checkpoint_id = a.checkpoint_id AND n.protocol_id = a.protocol_id "
         f"WHERE {' AND '.join(where)} ORDER BY a.query_id, a.config_id, a.method, a.rank",
         params,
     )

@@ -12,7 +12,7 @@ from dagster import AssetKey, DagsterInstance
 from resources.env import Env, dagster_home, use_dagster_home
 from tda_assets.data.demo import builtin_queries
 from tda_assets.data.inbox import add_clip_query, add_query, inbox_files, judge_files
-from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO, pending_queries
+from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO, QueryState, pending_queries
 from tda_assets.defs.configs import GRID_FILE, UnlearningConfig, as_config, load_grid, recorded_settings
 from tda_assets.io.artifacts import Identity
 from tda_assets.io.checkpoints import read_checkpoint_record
@@ -21,6 +21,7 @@ from tda_assets.io.registry import entry, key
 
 from .display import print_frame
 from .grid import GridRun, ensure_query, has_current_attribution, run_grid, select_queries, summary
+from .near_copies import PER_WINDOW_CONFIG, attribute_windows, print_near_copy
 from .runner import Runner
 
 
@@ -113,8 +114,16 @@ def resolve_config(config_id: str | None, store) -> UnlearningConfig:
         ) from None
 
 
-def attribute(audio: str | None, prompt: str | None, query_id: str | None, config_id: str | None, k: int) -> int:
-    """Add one query (a user's clip, or a prompt to generate from) and attribute it now; prints its top-k."""
+def attribute(
+    audio: str | None,
+    prompt: str | None,
+    query_id: str | None,
+    config_id: str | None,
+    k: int,
+    per_window: str | None = None,
+) -> int:
+    """Add one query (a user's clip, or a prompt to generate from) and attribute it now; prints its near-copy verdict
+    and top-k, and with `per_window` (flagged or all) each such window's own verdict and top-k (near_copies.py)."""
     if not audio and not prompt:
         raise ValueError("give --audio FILE_OR_URI (optionally with --prompt), or --prompt TEXT to generate a clip")
     run, start = _start("attribute")
@@ -123,6 +132,7 @@ def attribute(audio: str | None, prompt: str | None, query_id: str | None, confi
     if not store.exists(key("checkpoint_record")):
         raise RuntimeError(f"no checkpoint in {store.url} yet: run `tda prepare --manifest …` first")
     config = resolve_config(config_id, store)
+    window_config = resolve_config(PER_WINDOW_CONFIG, store) if per_window else None  # refused before any run
     if audio:
         spec = add_clip_query(store, audio, prompt, query_id, run.resources["inbox"].allowed_roots(store))
     else:
@@ -140,10 +150,21 @@ def attribute(audio: str | None, prompt: str | None, query_id: str | None, confi
             f"tda attribute: query {spec.query_id!r} was not attributed: {type(exc).__name__}: {exc}", file=sys.stderr
         )
         return 1
+    print()
+    rows = print_near_copy(_engine(run), spec.query_id)
     print(f"\nTop-{k} training items for {spec.query_id!r} ({config.config_id}):")
     _print_top(run, [spec.query_id], k, config.config_id)
+    code = 0
+    if per_window:
+
+        def windows() -> None:
+            nonlocal code
+            top = lambda q: _print_top(run, [q], k, window_config.config_id)  # noqa: E731
+            code = attribute_windows(run, spec, rows, per_window, window_config, k, top)
+
+        run.phase("per-window attribution", windows)
     _print_timings(run, start)
-    return 0
+    return code
 
 
 def run_inbox() -> int:
@@ -212,13 +233,13 @@ def demo() -> int:
 def print_grid(results: list[GridRun]) -> None:
     """The grid's runs per configuration, and every failed (query, configuration)."""
     print(
-        "\nGrid runs per configuration (status of each (query, configuration); seconds_per_run over the runs made now):"
+        "\nGrid runs per configuration (state of each (query, configuration); seconds_per_run over the runs made now):"
     )
     print_frame(summary(results))
     for r in results:
-        if r.status in ("check_failed", "skipped_failed", "error"):
+        if r.state is not QueryState.ATTRIBUTED:
             ratio = f"×{r.loss_ratio:.3f}" if r.loss_ratio is not None else "—"
-            print(f"  {r.status}: {r.query_id} / {r.config_id} (query loss {ratio}) {r.message}")
+            print(f"  {r.label}: {r.query_id} / {r.config_id} (query loss {ratio}) {r.message}")
 
 
 def grid(queries: str, grid_file: str | None, force: bool, report: bool, verbose: bool) -> int:
@@ -235,7 +256,7 @@ def grid(queries: str, grid_file: str | None, force: bool, report: bool, verbose
     results = run_grid(run, configs, query_ids, force=force, report=report)
     print_grid(results)
     print(f"\ntotal {time.perf_counter() - start:.0f}s; the table: tda query consistency_table")
-    return 1 if any(r.status == "error" for r in results) else 0
+    return 1 if any(r.state is QueryState.ERROR for r in results) else 0
 
 
 def print_counterfactual(engine: QueryEngine) -> None:
@@ -354,7 +375,7 @@ def evaluate(
     print(f"==> grid: {len(configs)} configurations × {len(grid_ids)} queries ({', '.join(grid_ids)})")
     results: list[GridRun] = []
     run.phase("grid", lambda: results.extend(run_grid(run, configs, grid_ids, force=force)))
-    attributed = {r.config_id for r in results if r.status in ("done", "skipped")}
+    attributed = {r.config_id for r in results if r.state is QueryState.ATTRIBUTED}
     wanted = [c.strip() for c in si_configs.split(",") if c.strip()]
     judged = [c for c in wanted if c in attributed]
     if len(judged) < len(wanted):
@@ -371,6 +392,8 @@ def evaluate(
         run.phase(
             f"replication {cid}", lambda c=cid: run.with_config("replication", config_id=c, n_sources=rep_sources)
         )
+    if rep_sources:  # the near-copy rule on the same number of reporting sources per transform as replication
+        run.phase("near_copy_calibration", lambda: run.with_config("near_copy_calibration", n_sources=rep_sources))
     if not skip_counterfactual:
         steps = cf_train_steps or min(EVALUATE_CF_TRAIN_STEPS, run.resources["model_source"].model_source().train_steps)
         print(
@@ -427,6 +450,12 @@ def evaluate(
         )
     print("\nAgreement of unlearning with each similarity method (sql/method_agreement.sql, mean over queries):")
     print_frame(engine.named("method_agreement").filter(pl.col("query_id") == "(mean)"))
+    if rep_sources:
+        print(
+            "\nNear-copy rule (view near_copy_summary: reporting sources per transform, recall with the lower end of "
+            "its 95% interval; false positives on held-out clips of the same artists and the generated clips):"
+        )
+        print_frame(engine.sql("SELECT * FROM near_copy_summary"))
     if not skip_counterfactual:
         print_counterfactual(engine)
     plots = store.glob(entry("plot").glob()) + store.glob(entry("plot_top_k").glob())
@@ -435,4 +464,4 @@ def evaluate(
         f"bars) under {store.uri(entry('plot').glob())} and {store.uri(entry('plot_top_k').glob())}"
     )
     _print_timings(run, start)
-    return 1 if any(r.status == "error" for r in results) else 0
+    return 1 if any(r.state is QueryState.ERROR for r in results) else 0

@@ -290,6 +290,24 @@ _ENTRIES = [
         identity=IDENTITY,
         description="similarity attribution",
     ),
+    Entry(
+        "near_copies",
+        _result("near_copies", "query_id={query_id}/")["pattern"],  # a new table: no legacy layout
+        {
+            "segment": "str",
+            "segment_start_s": "f64",
+            "segment_end_s": "f64",
+            "near_copy": "bool",
+            "copy_of": "str",
+            "copy_score": "f64",
+            "margin": "f64",
+            "signal": "str",
+        },
+        identity=IDENTITY,
+        description="the near-copy verdict of each query: one row for the whole clip (`segment` clip, scored as its "
+        "similarity rows are) and, for a clip longer than the model's window, one per window (`segment` window, its "
+        "seconds, scored alone)",
+    ),
     # reports
     Entry(
         "consistency",
@@ -366,6 +384,29 @@ _ENTRIES = [
         description="a training item's transformed audio as a query: its rank; `snr_db` of the "
         "transformed audio against the source in the model's band, `latent_change` "
         "the relative RMS change of its latents",
+    ),
+    Entry(
+        "near_copy_calibration",
+        _result("near_copy_calibration", "")["pattern"],  # a new table: no legacy layout
+        {
+            "target_set": "str",
+            "kind": "str",
+            "query_id": "str",
+            "source_item_id": "str",
+            "artist": "str",
+            "transform": "str",
+            "snr_db": "f64",
+            "near_copy": "bool",
+            "copy_of": "str",
+            "copy_score": "f64",
+            "margin": "f64",
+            "signal": "str",
+            "correct": "bool",
+        },
+        identity=IDENTITY,
+        description="the near-copy rule on known answers: `kind` copy (a training item's audio after `transform`, "
+        "its `snr_db` in the model's band) or heldout / generated (non-copies); `correct`: a copy flagged as a copy "
+        "of its own recording, a non-copy not flagged; `target_set` development (chose the threshold) or reporting",
     ),
     Entry("plot", "plots/{kind}/{name}.png", description="a report's picture"),
     Entry(

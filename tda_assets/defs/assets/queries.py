@@ -6,6 +6,7 @@ artifacts of that identity and stops with an `IdentityError` naming both identit
 
 import io
 import time
+from dataclasses import asdict
 from typing import Iterator
 
 import numpy as np
@@ -45,6 +46,15 @@ from tda_assets.attribution.scores import (
     rank_descending,
     score_columns,
 )
+from tda_assets.attribution.near_copy import near_copy_verdict
+from tda_assets.attribution.near_copy_segments import (
+    CLIP,
+    WINDOW,
+    SegmentVerdict,
+    verdict_line,
+    verdict_of,
+    window_verdicts,
+)
 from tda_assets.attribution.similarity import embedding_scores, embeddings
 from tda_assets.attribution.unlearn import unlearn
 from tda_assets.data.audio import LONG_CLIP_POLICY, MAX_QUERY_WINDOWS, decode_clip, query_windows
@@ -53,6 +63,7 @@ from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO
 from tda_assets.defs.checks import TwoStagePlan, losses_complete, rows_per_item, two_stage_losses_complete
 from tda_assets.defs.configs import UnlearningConfig, partition_config, record_config
 from tda_assets.defs.fast_paths import cheap_signals, item_norms, scoring_gradients
+from tda_assets.defs.markdown import markdown_table
 from tda_assets.defs.model_step import model_step
 from tda_assets.defs.partitions import queries, query_and_config, query_configs
 from tda_assets.defs.plots import attribution_plot
@@ -76,25 +87,37 @@ from tda_assets.io.artifacts import (
 from tda_assets.io.deltas import read_delta, write_delta
 from tda_assets.io.checkpoints import load_checkpoint, read_checkpoint_record
 from tda_assets.io.registry import TABLES, key
-from tda_assets.io.tables import read_table, write_table
+from tda_assets.io.tables import read_table, table_exists, write_table
 from tda_assets.io.uris import read_uri_bytes
 from tda_assets.models.sampling import generate_latents
+
+
+TOP_COLUMNS = {"rank": pl.Int64, "item_id": pl.String, "artist": pl.String, "score": pl.Float64, "caption": pl.String}
 
 
 def _top_items(store, scores: pl.DataFrame, n: int = 5) -> list[dict]:
     manifest = read_table(store, "training_manifest").select("item_id", "artist", "caption")
     top = scores.sort("rank").head(n).join(manifest, on="item_id", how="left")
-    return top.select("rank", "item_id", "artist", "score", "caption").to_dicts()
+    return top.select(*TOP_COLUMNS).to_dicts()
 
 
-def _top_table(top: list[dict]) -> MetadataValue:
-    """The top-k as a Markdown table, as the UI shows it beside the plot."""
-    cell = lambda v: f"{v:.4g}" if isinstance(v, float) else str(v if v is not None else "").replace("|", "/")  # noqa: E731
-    lines = ["| rank | item | artist | score | caption |", "|---:|---|---|---:|---|"]
-    lines += [
-        "| " + " | ".join(cell(t[c]) for c in ("rank", "item_id", "artist", "score", "caption")) + " |" for t in top
-    ]
-    return MetadataValue.md("\n".join(lines))
+def _top_table(top: list[dict], above: str | None = None) -> MetadataValue:
+    """The top-k as a Markdown table, as the UI shows it beside the plot (`above`: a line printed over it)."""
+    table = markdown_table(pl.DataFrame(top, schema=TOP_COLUMNS).rename({"item_id": "item"}))
+    return MetadataValue.md(f"{above}\n\n{table}" if above else table)
+
+
+def _window_batch(
+    adapter, prompt: str, query_id: str, samples: np.ndarray, windows: list[tuple[int, int]]
+) -> ItemBatch:
+    """The windows `(start, end)` of a user's clip encoded as a batch, each conditioned on the prompt and its own
+    duration, as training items are."""
+    parts = [samples[a:b] for a, b in windows]
+    cond = adapter.encode_text(
+        [prompt] * len(parts), [query_id] * len(parts), durations=[len(p) / adapter.sample_rate for p in parts]
+    )
+    latents, mask = adapter.encode_audio(parts)
+    return ItemBatch([query_id] * len(parts), latents, cond, mask)
 
 
 @asset(
@@ -118,13 +141,8 @@ def query_clips(
     if spec.audio_uri:  # the user's clip: conditioned on its own duration, as training items are
         clip = decode_clip(read_uri_bytes(spec.audio_uri, store), spec.query_id, adapter.sample_rate)
         windows = query_windows(clip.samples, adapter.window_samples)
-        parts = [clip.samples[a:b] for a, b in windows]
-        cond = adapter.encode_text(
-            [spec.prompt] * len(parts),
-            [spec.query_id] * len(parts),
-            durations=[len(p) / adapter.sample_rate for p in parts],
-        )
-        latents, mask = adapter.encode_audio(parts)
+        encoded = _window_batch(adapter, spec.prompt, spec.query_id, clip.samples, windows)
+        cond, latents, mask = encoded.conditioning, encoded.latents, encoded.frame_mask
         audio_uri, generated_by = spec.audio_uri, None
         source = {"source_rate": clip.source_rate, "source_channels": clip.source_channels, "seconds": clip.seconds}
         if len(windows) > 1:
@@ -211,11 +229,12 @@ def unlearned_model(
     config = partition_config(config, store, cid)
     settings = config.settings()
     n_train = len(baseline_item_ids(read_baseline(store, identity, record.encoder_id)))
-    # the Fisher passed inline, not kept here: unlearn frees it before its step-size search (4.2 GB at 1 B parameters)
+    # the Fisher read from storage a tensor at a time as the step divides the gradient by it: never whole in memory
+    # (4.2 GB at 1 B parameters)
     result = unlearn(
         step.adapter,
         query_batch(store, qid, record.encoder_id, record.checkpoint_id),
-        step.fisher(),
+        step.fisher(lazy=True),
         settings,
         step.protocol,
         step.compute,
@@ -514,6 +533,7 @@ def attribution_scores(
     check = rows_per_item("one_row_per_training_item", df, encoded_item_ids(store, record.encoder_id))
     top = _top_items(store, df)
     context.log.info(f"{qid}/{cid}: top-5 " + ", ".join(f"{t['item_id']} ({t['artist']})" for t in top))
+    near_copy = _near_copy_line(store, identity, qid)
     low = low_norm_share(s["rank"], norms, 10)  # DESIGN §1: the share of the top-10 in the lowest-norm decile
     if low is not None:
         context.log.info(f"{qid}/{cid}: {low:.0%} of the top-10 lie in the lowest-norm decile")
@@ -525,8 +545,9 @@ def attribution_scores(
         metadata={
             "config_id": cid,
             "rows": len(df),
-            "top_5": _top_table(top),
+            "top_5": _top_table(top, near_copy),
             "uri": MetadataValue.path(uri),
+            **({"near_copy": near_copy} if near_copy else {}),
             **rescored,
             **identity.keys(),
             **plot,
@@ -546,7 +567,8 @@ def attribution_scores(
         AssetDep(AssetKey("training_embeddings"), partition_mapping=AllPartitionMapping()),
     ],
     description="Similarity attribution of one query: cosine similarity on audio, text and internal (denoiser) "
-    "embeddings, against the stored training_embeddings of the current checkpoint and protocol.",
+    "embeddings, against the stored training_embeddings of the current checkpoint and protocol; and the near-copy "
+    "verdict (table near_copies) of the whole clip and of each window of a clip longer than the model's window.",
 )
 def similarity_scores(
     context: AssetExecutionContext,
@@ -564,9 +586,9 @@ def similarity_scores(
     query = embeddings(
         step.adapter, query_batch(store, qid, record.encoder_id, record.checkpoint_id), step.protocol, step.compute
     )
-    meta = {}
+    meta, clip_scores = {}, {}
     for name, score in embedding_scores(query, items.matrices).items():  # the query's windows pooled
-        score = score.numpy().astype(np.float64)
+        score = clip_scores[name] = score.numpy().astype(np.float64)
         df = pl.DataFrame(
             {
                 "item_id": items.item_ids,
@@ -578,4 +600,66 @@ def similarity_scores(
         )
         write_table(store, "similarity_scores", df, query_id=qid, method=f"similarity:{name}")
         meta[f"top_5_{name}"] = _top_table(_top_items(store, df))
+    segments = _segment_verdicts(step, qid, near_copy_verdict(clip_scores, items.item_ids), items)
+    write_table(store, "near_copies", _near_copy_frame(segments), **identity.keys(), query_id=qid)
+    meta["near_copy"] = verdict_line(segments[0].verdict)
+    if len(segments) > 1:
+        meta["near_copy_windows"] = _windows_table(segments[1:])
     return MaterializeResult(metadata={"rows_per_method": len(items.item_ids), **identity.keys(), **meta})
+
+
+WINDOWS_PER_BATCH = 8  # windows embedded at once for their verdicts (bounds the memory of a long clip)
+
+
+def _segment_verdicts(step, qid: str, clip_verdict, items) -> list[SegmentVerdict]:
+    """The whole clip's verdict (`clip_verdict`, from the scores the similarity tables hold) and, for a clip longer
+    than the model's window, each window's from its own embeddings scored alone: every window of the clip, not only
+    the evenly spaced ones its attribution keeps (`LONG_CLIP_POLICY`), so no second of a long clip goes unexamined."""
+    adapter, store = step.adapter, step.store
+    row = read_table(store, "queries", query_id=qid).row(0, named=True)
+    clip = SegmentVerdict(CLIP, 0.0, float(row["seconds"]), clip_verdict)
+    if row["audio_uri"] is None or round(row["seconds"] * adapter.sample_rate) <= adapter.window_samples:
+        return [clip]
+    samples = decode_clip(read_uri_bytes(row["audio_uri"], store), qid, adapter.sample_rate).samples
+    windows = query_windows(samples, adapter.window_samples, max_windows=len(samples))
+    out = [clip]
+    for i in range(0, len(windows), WINDOWS_PER_BATCH):
+        chunk = windows[i : i + WINDOWS_PER_BATCH]
+        batch = _window_batch(adapter, row["prompt"], qid, samples, chunk)
+        emb = embeddings(adapter, batch, step.protocol, step.compute)
+        rate = adapter.sample_rate
+        out += [
+            SegmentVerdict(WINDOW, a / rate, b / rate, v)
+            for (a, b), v in zip(chunk, window_verdicts(emb, items.matrices, items.item_ids))
+        ]
+    return out
+
+
+def _near_copy_frame(segments: list[SegmentVerdict]) -> pl.DataFrame:
+    """The near_copies rows of a query: one per segment, its seconds and its verdict."""
+    return pl.DataFrame(
+        [
+            {"segment": s.segment, "segment_start_s": s.start_s, "segment_end_s": s.end_s, **asdict(s.verdict)}
+            for s in segments
+        ],
+        schema=TABLES["near_copies"].polars_schema(),
+    )
+
+
+def _windows_table(windows: list[SegmentVerdict]) -> MetadataValue:
+    """The per-window verdicts as a Markdown table (the UI's view of which seconds copy which item)."""
+    lines = ["| seconds | near copy | copy of (closest) | score | margin |", "|---|---|---|---:|---:|"]
+    lines += [
+        f"| {w.start_s:.2f}–{w.end_s:.2f} | {'yes' if w.verdict.near_copy else 'no'} | {w.verdict.copy_of or ''} "
+        f"| {w.verdict.copy_score:.4g} | {w.verdict.margin:+.4g} |"
+        for w in windows
+    ]
+    return MetadataValue.md("\n".join(lines))
+
+
+def _near_copy_line(store, identity: Identity, qid: str) -> str | None:
+    """The query's whole-clip verdict in words (None when its similarity_scores predate the near_copies table)."""
+    if not table_exists(store, "near_copies", **identity.keys(), query_id=qid):
+        return None
+    df = read_table(store, "near_copies", **identity.keys(), query_id=qid).filter(pl.col("segment") == CLIP)
+    return verdict_line(verdict_of(df.row(0, named=True))) if df.height else None
