@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.installed-$(TORCH_VERSION)
 DAGSTER_HOME ?= $(CURDIR)/dagster_home$(if $(filter postgres,$(TDA_INSTANCE)),/postgres)
 export DAGSTER_HOME
 
-.PHONY: install demo test test-fast ui evaluate bench bench-catalogue bench-gpu bench-real-size clean-storage
+.PHONY: install demo test test-fast ui evaluate bench bench-10k bench-catalogue bench-gpu bench-real-size clean-storage
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,8 @@ install: $(STAMP)
 demo: install
 	$(BIN)/tda demo
 
-# Reuses the demo's training side and queries when present. Budget knobs (defaults: ~39 min estimated on 2 cores, <= 45):
-# TDA_GRID_QUERIES (grid on the first N built-in queries, 0 = all 8), TDA_CF_QUERIES, TDA_CF_TRAIN_STEPS.
+# Reuses the demo's training side and queries when present. ~90 min on 2 cores at the goals' samples (docs/experiments.md);
+# knobs: TDA_GRID_QUERIES (0 = all 8), TDA_SI_TARGETS, TDA_REP_SOURCES, TDA_CF_QUERIES, TDA_CF_TRAIN_STEPS.
 evaluate: install
 	$(BIN)/tda evaluate
 
@@ -59,6 +59,10 @@ bench: install
 	$(BIN)/python -m tests.benchmarks.bench_engine
 	$(BIN)/python -m tests.benchmarks.bench_norms_read
 	$(BIN)/python -m tests.benchmarks.bench_scale --root $(DAGSTER_HOME)/storage
+
+# Opt-in: 10,000 embedded items, 4 queries scored exactly vs two-stage and linearized (K=8); ~40 min on 2 idle cores.
+bench-10k: install
+	$(BIN)/python -m tests.benchmarks.bench_10k
 
 # The data plane at catalogue counts (opt-in; ~7 min and 5 GB under /tmp on 2 cores): a synthetic root of 115,000 items
 # and 1,000 queries' attribution rows written through the product's writers; smaller with --items/--queries/--inbox.

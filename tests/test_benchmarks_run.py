@@ -5,6 +5,7 @@ the headline figures."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -50,6 +51,7 @@ SMALLEST = {  # benchmark → the arguments of its smallest run (bench_paths and
     "bench_catalogue": ["--items", "400", "--queries", "3", "--inbox", "30", "--shards", "4"],
     "bench_gpu": ["--tiny"],  # run by tests/test_bench_gpu.py
     "bench_norm_floor": ["--clips-per-artist", "2", "--steps", "2", "--targets", "2", "--draws", "4"],
+    "bench_10k": ["--items", "16", "--queries", "1", "--train-steps", "2", "--draws", "2"],  # + --root: its test
 }
 SLOW = (
     "bench_paths",
@@ -103,6 +105,24 @@ def test_bench_catalogue_ends_with_its_figures_at_the_asked_counts():
     assert figures["attribution_rows"] == 400 * 3
     for k in ("topk_ms", "artist_shares_s", "export_s", "queries_cli_s", "sensor_tick_s", "peak_rss_gb"):
         assert figures[k] > 0, k
+
+
+def test_bench_10k_ends_with_every_figure_at_the_asked_size(tmp_path):
+    figures = json.loads(bench("bench_10k", *SMALLEST["bench_10k"], "--root", str(tmp_path / "root"))[-1])
+    assert (figures["n_items"], figures["n_queries"], figures["draws"]) == (16, 1, 2)
+    assert figures["exact_item_draws_per_query"] == 16 * 2
+    counts = [str(c) for c in figures["two_stage_candidates"]]
+    assert counts == ["32", "64", "128", "256"]
+    for name in ("top10_jaccard", "top10_recall", "item_draws", "cost_share", "s_per_query", "time_share"):
+        per_count = figures[f"two_stage_{name}"]
+        assert sorted(per_count, key=int) == counts and all(math.isfinite(v) for v in per_count.values()), name
+    # every count reaches all 16 items: each gets the first of K = 2 draws, max(half, min_keep 10) = 10 the second
+    assert figures["two_stage_item_draws"] == dict.fromkeys(counts, 16 + 10)
+    assert figures["two_stage_cost_share"] == dict.fromkeys(counts, 26 / 32)
+    seconds = ("exact_s_per_query", "linearized_s_per_query", "render_s", "train_s", "training_side_s")
+    for k in (*seconds, "linearized_top10_jaccard"):
+        assert math.isfinite(figures[k]) and figures[k] >= 0, k
+    assert figures["shipped_candidates"] in (None, 32, 64, 128, 256)
 
 
 def test_paths_and_demo_agreement_run_on_a_tiny_root(tmp_path):

@@ -16,19 +16,22 @@ import json
 import os
 import time
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
-import polars as pl
+import torch
 from scipy.stats import spearmanr
 
+from tda_assets.attribution.adapter import DiTAdapter, ItemBatch
 from tda_assets.attribution.devices import Compute
-from tda_assets.attribution.gradients import gradient_store
+from tda_assets.attribution.gradients import GradientSpec, GradientStore, gradient_store
 from tda_assets.attribution.linearized import linearized_scores
-from tda_assets.attribution.multifidelity import two_stage, unlearned_losses_fn
+from tda_assets.attribution.multifidelity import TwoStageResult, UnlearnedLosses, two_stage, unlearned_losses_fn
 from tda_assets.attribution.protocol import LossProtocol
-from tda_assets.attribution.scores import attribution_scores, score_columns
+from tda_assets.attribution.scores import attribution_scores
 from tda_assets.attribution.settings import UnlearningSettings
-from tda_assets.attribution.unlearn import unlearn
+from tda_assets.attribution.unlearn import UnlearningResult, unlearn
+from tda_assets.defs.fast_paths import cheap_signals
 from tda_assets.io.artifacts import (
     Identity,
     all_features,
@@ -39,6 +42,7 @@ from tda_assets.io.artifacts import (
     read_fisher,
 )
 from tda_assets.io.checkpoints import load_checkpoint
+from tda_assets.io.gradients import read_gradient_store
 from tda_assets.io.storage import Storage
 from tda_assets.io.tables import read_tables
 from tda_assets.models.sources import ModelSource
@@ -60,84 +64,167 @@ def jaccard10(a_rank: np.ndarray, b_rank: np.ndarray) -> float:
     return len(x & y) / len(x | y)
 
 
-def demo_agreement(root: str, n_queries: int = 8, draws: int = 16, k: int = 4096) -> dict:
-    """Per-setting two-stage agreement and cost, and linearized agreement, against full exact on the root's demo
-    queries."""
-    start = time.perf_counter()
+def top10_recall(rank: np.ndarray, exact_rank: np.ndarray) -> float:
+    """The share of the exact top-10 (by `exact_rank`, 1 = first) that `rank` puts in its own top-10."""
+    return len(set(np.argsort(rank)[:10]) & set(np.argsort(exact_rank)[:10])) / 10
+
+
+@dataclass
+class RootScoring:
+    """A storage root's model and training side, read once to score its queries outside Dagster as the
+    per-configuration assets do: the default configuration, the loss protocol, the items in baseline order."""
+
+    store: Storage
+    compute: Compute
+    settings: UnlearningSettings
+    protocol: LossProtocol
+    adapter: DiTAdapter
+    identity: Identity
+    encoder_id: str
+    fisher: dict[str, torch.Tensor]
+    item_ids: list[str]
+    items: ItemBatch
+    baseline: np.ndarray  # [N, K] per-draw losses at θ0
+    grads: GradientStore
+    grads_s: float  # seconds to build (k given) or read (k None) the gradient store
+
+    @property
+    def n(self) -> int:
+        return len(self.item_ids)
+
+
+def read_root(root: str, protocol: LossProtocol, k: int | None = 4096) -> RootScoring:
+    """The root's checkpoint, Fisher, baseline losses and features; the training gradients built here at sketch
+    dimension `k`, or with `k` None the default configuration's store the root holds (`training_gradients`)."""
     store, compute, settings = Storage(root), Compute(), UnlearningSettings()
-    protocol = LossProtocol(seed=0, draws=draws)
     adapter, record = load_checkpoint(store, ModelSource(), compute.device)
     identity = Identity(record.checkpoint_id, protocol.protocol_id)
     fisher = read_fisher(store, identity)
     baseline = read_baseline(store, identity, record.encoder_id)
     item_ids = baseline_item_ids(baseline)
     data = all_features(store, record.encoder_id)
-    items = data.select([data.item_ids.index(i) for i in item_ids])
+    position = {i: j for j, i in enumerate(data.item_ids)}
+    items = data.select([position[i] for i in item_ids])
     l0 = loss_matrix(baseline, item_ids, protocol.draws, "loss", "baseline_losses")
-    n = len(item_ids)
-    sims = read_tables(store, "similarity_scores")
-    qids = sorted(q for q in sims["query_id"].unique().to_list() if q.startswith("demo-artist-"))[:n_queries]
     t0 = time.perf_counter()
-    grads = gradient_store(
-        adapter, [items], protocol, settings.param_subset, compute, k=k, fisher=fisher, damping=settings.damping
+    if k is None:
+        spec = GradientSpec.for_settings(settings)
+        grads = read_gradient_store(store, identity, spec, fisher, record.encoder_id, item_ids)
+    else:
+        grads = gradient_store(
+            adapter, [items], protocol, settings.param_subset, compute, k=k, fisher=fisher, damping=settings.damping
+        )
+    grads_s = time.perf_counter() - t0
+    encoder_id = record.encoder_id
+    return RootScoring(
+        store, compute, settings, protocol, adapter, identity, encoder_id, fisher, item_ids, items, l0, grads, grads_s
     )
+
+
+@dataclass
+class QueryScoring:
+    """One query under the default configuration: its unlearning, the full exact rescore of every item, the
+    first-order estimate g_iᵀδ of mean ΔL, the product's cheap signals, and the seconds of each."""
+
+    query_id: str
+    result: UnlearningResult
+    unlearned: np.ndarray  # [N, K] per-draw losses under the unlearned model
+    exact: dict[str, np.ndarray]  # the attribution_scores columns of the full rescore
+    first_order: np.ndarray  # linearized g_iᵀδ per item
+    signals: dict[str, np.ndarray]  # fast_paths.cheap_signals, named internal, audio, linearized
+    seconds: dict[str, float]  # unlearn, exact (rescoring every item), linearized (g_iᵀδ), signals (all three)
+
+
+def score_query(ctx: RootScoring, query_id: str) -> QueryScoring:
+    """Unlearn the query once, rescore every item exactly, and compute its first-order scores and cheap signals."""
+    s, n = ctx.settings, ctx.n
+    query = query_batch(ctx.store, query_id, ctx.encoder_id)
+    result = unlearn(ctx.adapter, query, ctx.fisher, s, ctx.protocol, ctx.compute, n)
+    t0 = time.perf_counter()
+    fn = unlearned_losses_fn(ctx.adapter, ctx.items, result.delta, ctx.protocol, ctx.compute)
+    after = fn(np.arange(n), 0, ctx.protocol.draws)
+    exact_s = time.perf_counter() - t0
+    exact = attribution_scores(ctx.baseline, after, s.score_type, ctx.grads.item_norms)
+    t0 = time.perf_counter()
+    first_order = linearized_scores(ctx.grads, result.delta)
+    linearized_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    # as the product's two-stage: the similarities as they are, the linearised signal scored as the configuration's
+    # score (normalized: over the same floored item norms)
+    norms = ctx.grads.item_norms
+    signals = cheap_signals(
+        ctx.store, ctx.identity, query_id, result.delta, ctx.item_ids, ctx.grads, ctx.baseline, s.score_type, norms
+    )
+    signals_s = time.perf_counter() - t0
+    seconds = {"unlearn": result.seconds, "exact": exact_s, "linearized": linearized_s, "signals": signals_s}
+    named = {name.removeprefix("similarity:"): v for name, v in signals.items()}
+    return QueryScoring(query_id, result, after, exact, first_order, named, seconds)
+
+
+def cached_losses(q: QueryScoring) -> UnlearnedLosses:
+    """The losses two-stage would compute, read from the full rescore (the same function of the same draws)."""
+    return lambda idx, a, b: q.unlearned[idx, a:b]
+
+
+def staged(
+    ctx: RootScoring,
+    q: QueryScoring,
+    top: int | float,
+    first_draws: int,
+    keep: int | float,
+    losses: UnlearnedLosses | None = None,
+) -> TwoStageResult:
+    """Two-stage scoring of the query's unlearning with its cheap signals (`top`, `keep`: counts or fractions), from
+    `losses` (default: the full rescore's)."""
+    return two_stage(
+        ctx.baseline,
+        losses or cached_losses(q),
+        q.signals,
+        top=top,
+        first_draws=first_draws,
+        keep=keep,
+        min_keep=ctx.settings.min_keep,
+        score_type=ctx.settings.score_type,
+        item_norms=ctx.grads.item_norms,
+    )
+
+
+def demo_agreement(root: str, n_queries: int = 8, draws: int = 16, k: int = 4096) -> dict:
+    """Per-setting two-stage agreement and cost, and linearized agreement, against full exact on the root's demo
+    queries."""
+    start = time.perf_counter()
+    ctx = read_root(root, LossProtocol(seed=0, draws=draws), k)
+    n, settings = ctx.n, ctx.settings
+    sims = read_tables(ctx.store, "similarity_scores")
+    qids = sorted(q for q in sims["query_id"].unique().to_list() if q.startswith("demo-artist-"))[:n_queries]
     print(
-        f"demo agreement: N={n}, K={protocol.draws}, {len(qids)} queries; gradient store "
-        f"{time.perf_counter() - t0:.0f} s (k={k}); default configuration: target ×{settings.target_ratio}, "
+        f"demo agreement: N={n}, K={ctx.protocol.draws}, {len(qids)} queries; gradient store "
+        f"{ctx.grads_s:.0f} s (k={k}); default configuration: target ×{settings.target_ratio}, "
         f"score {settings.score_type}"
     )
-    position = {i: j for j, i in enumerate(item_ids)}
     rows: list[dict] = []
     for qid in qids:
-        result = unlearn(adapter, query_batch(store, qid, record.encoder_id), fisher, settings, protocol, compute, n)
-        after = unlearned_losses_fn(adapter, items, result.delta, protocol, compute)(np.arange(n), 0, protocol.draws)
-        exact = attribution_scores(l0, after, settings.score_type, grads.item_norms)
-        cached = lambda idx, a, b: after[idx, a:b]  # noqa: E731  (the losses two-stage would compute: the same function)
-        lin = linearized_scores(grads, result.delta)
-        q = sims.filter(pl.col("query_id") == qid)
-
-        def signal(method: str) -> np.ndarray:
-            df = q.filter(pl.col("method") == method)
-            out = np.full(n, np.nan)
-            out[[position[i] for i in df["item_id"].to_list()]] = df["score"].to_numpy()
-            return out
-
-        # as the product's two-stage: the linearised signal scored as the configuration's score (normalized: over the
-        # same floored item norms), the similarities as they are (fast_paths.cheap_signals)
-        lin_scored = score_columns(l0, settings.score_type, grads.item_norms, mean_delta=lin)["score"]
-        signals = {
-            "internal": signal("similarity:internal"),
-            "audio": signal("similarity:audio"),
-            "linearized": lin_scored,
-        }
+        q = score_query(ctx, qid)
+        exact, lin, signals = q.exact, q.first_order, q.signals
         row = {
-            "ratio": result.loss_ratio,
+            "ratio": q.result.loss_ratio,
             "lin_spearman": spearmanr(lin, exact["mean_delta"])[0],
-            "lin_jaccard10": jaccard10(np.argsort(np.argsort(-lin)) + 1, rank_of(exact["mean_delta"])),
+            "lin_jaccard10": jaccard10(rank_of(lin), rank_of(exact["mean_delta"])),
         }
         top10 = np.argsort(exact["rank"])[:10]
         for name, sig in signals.items():
             row[f"recall_{name}"] = float(np.mean(np.argsort(np.argsort(-sig))[top10] < 0.25 * n))
         for top, first, keep in SETTINGS:
-            staged = two_stage(
-                l0,
-                cached,
-                signals,
-                top=top,
-                first_draws=first,
-                keep=keep,
-                score_type=settings.score_type,
-                item_norms=grads.item_norms,
-            )
-            full = staged.draws_used == protocol.draws
+            result = staged(ctx, q, top, first, keep)
+            full = result.draws_used == ctx.protocol.draws
             row[(top, first, keep)] = (
-                jaccard10(staged.rank, exact["rank"]),
-                spearmanr(staged.score[full], exact["score"][full])[0],
-                staged.item_draws / (n * protocol.draws),
+                jaccard10(result.rank, exact["rank"]),
+                spearmanr(result.score[full], exact["score"][full])[0],
+                result.item_draws / (n * ctx.protocol.draws),
             )
         rows.append(row)
         print(
-            f"  {qid}: query loss ×{result.loss_ratio:.3f}; linearized Spearman {row['lin_spearman']:.3f} "
+            f"  {qid}: query loss ×{q.result.loss_ratio:.3f}; linearized Spearman {row['lin_spearman']:.3f} "
             f"(vs exact mean ΔL), Jaccard@10 {row['lin_jaccard10']:.2f}; two-stage J@10 "
             + ", ".join(f"{row[s][0]:.2f}" for s in SETTINGS)
         )
