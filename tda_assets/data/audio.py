@@ -69,6 +69,13 @@ def decode_clip(data: bytes | None, item_id: str, sample_rate: int) -> Clip:
     return Clip(mono, sample_rate, rate, samples.shape[1])
 
 
+def as_query_clip(samples: np.ndarray, rate: int, name: str, model_rate: int) -> np.ndarray:
+    """Audio at `rate` as a query clip reaches the model: written as a file, decoded and resampled (`decode_clip`)."""
+    buffer = io.BytesIO()
+    sf.write(buffer, samples, rate, format="WAV", subtype="FLOAT")
+    return decode_clip(buffer.getvalue(), name, model_rate).samples
+
+
 def check_clip(data: bytes | None, item_id: str) -> Clip:
     """A clip decoded at its own rate (no resampling): refused at once for what `decode_clip` would refuse in a run."""
     try:

@@ -8,12 +8,10 @@ queries. Sources and held-out renders come in two disjoint sets: development (th
 they chose the threshold) and reporting (the figures: view `near_copy_summary`). Only encoders and embeddings run: no
 unlearning."""
 
-import io
 from collections.abc import Iterator
 
 import numpy as np
 import polars as pl
-import soundfile as sf
 from dagster import (
     AllPartitionMapping,
     AssetDep,
@@ -32,7 +30,7 @@ from tda_assets.attribution.near_copy import NEAR_COPY_THRESHOLD, NearCopyVerdic
 from tda_assets.attribution.replication import NEAR_COPY_TRANSFORMS, snr_db_aligned
 from tda_assets.attribution.self_influence import TARGET_SETS, targets_of, wilson_lower
 from tda_assets.attribution.similarity import embedding_scores, embeddings
-from tda_assets.data.audio import Clip, check_clip, decode_clip
+from tda_assets.data.audio import Clip, as_query_clip, check_clip
 from tda_assets.data.corpus import ARTISTS, SAMPLE_RATE, render_clip
 from tda_assets.data.inbox import DEFAULT_AUDIO_PROMPT
 from tda_assets.defs.model_step import ModelStep, model_step
@@ -79,13 +77,6 @@ def heldout_seed(j: int) -> int:
     """The render seed of held-out clip `j`: negative, which `generate_corpus` (clip seeds seed·1000003 + i ≥ 0 for a
     corpus seed ≥ 0) never uses."""
     return -(j + 1)
-
-
-def _at_model_rate(samples: np.ndarray, rate: int, name: str, model_rate: int) -> np.ndarray:
-    """A clip at `rate` as a query clip reaches the model: written as a file, decoded and resampled."""
-    buffer = io.BytesIO()
-    sf.write(buffer, samples, rate, format="WAV", subtype="FLOAT")
-    return decode_clip(buffer.getvalue(), name, model_rate).samples
 
 
 class _Scorer:
@@ -170,7 +161,7 @@ def near_copy_calibration(
             names = list(NEAR_COPY_TRANSFORMS)
             transformed = [NEAR_COPY_TRANSFORMS[n](src.samples, src.sample_rate) for n in names]
             qids = [f"{item_id}~{n}" for n in names]
-            clips = [_at_model_rate(y, src.sample_rate, q, adapter.sample_rate) for y, q in zip(transformed, qids)]
+            clips = [as_query_clip(y, src.sample_rate, q, adapter.sample_rate) for y, q in zip(transformed, qids)]
             for name, qid, y, v in zip(names, qids, transformed, scorer.clips(clips, qids)):
                 ok = points_home(v.copy_of, item_id)
                 snr = snr_db_aligned(src.samples, y, src.sample_rate, band)
@@ -231,7 +222,7 @@ def _heldout_rows(scorer: _Scorer, manifest: pl.DataFrame, source, per_set: int,
                 if same_recording(render, own):
                     dropped.append(qid)
                     continue
-                clips.append(_at_model_rate(render, SAMPLE_RATE, qid, model_rate))
+                clips.append(as_query_clip(render, SAMPLE_RATE, qid, model_rate))
                 ids.append(qid)
             if ids:
                 for qid, v in zip(ids, scorer.clips(clips, ids)):

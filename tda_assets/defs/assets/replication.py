@@ -5,12 +5,10 @@ Each transform is applied to the source file's audio at its own rate, then the r
 model's rate like any query clip; each row records the transform's SNR against the source in the model's band
 (`snr_db`) and how much the query's latents moved (`latent_change`), so a transform that changes nothing is visible."""
 
-import io
 from typing import Iterator
 
 import numpy as np
 import polars as pl
-import soundfile as sf
 from dagster import (
     AssetExecutionContext,
     Config,
@@ -26,7 +24,7 @@ from tda_assets.attribution.attribute import attribute_exact
 from tda_assets.attribution.replication import TRANSFORMS, latent_change, snr_db
 from tda_assets.attribution.self_influence import TARGET_SETS, targets_of
 from tda_assets.attribution.similarity import audio_embedding
-from tda_assets.data.audio import Clip, check_clip, decode_clip
+from tda_assets.data.audio import Clip, as_query_clip, check_clip
 from tda_assets.defs.configs import recorded_settings, require_full_exact
 from tda_assets.defs.model_step import TRAINING_SIDE_DEPS, model_step
 from tda_assets.defs.progress import Progress
@@ -59,9 +57,7 @@ def transformed_clip(source: Clip, name: str, model_rate: int) -> tuple[np.ndarr
     """Transform `name` of a clip at its own rate, decoded and resampled to the model's rate as a query clip would be,
     and its SNR against the source in the model's band (0 to the model's Nyquist)."""
     y = TRANSFORMS[name](source.samples, source.sample_rate)
-    buffer = io.BytesIO()
-    sf.write(buffer, y, source.sample_rate, format="WAV", subtype="FLOAT")
-    clip = decode_clip(buffer.getvalue(), name, model_rate).samples
+    clip = as_query_clip(y, source.sample_rate, name, model_rate)
     return clip, snr_db(source.samples, y, source.sample_rate, (0.0, model_rate / 2))
 
 
