@@ -39,12 +39,17 @@ demo: install
 evaluate: install
 	$(BIN)/tda evaluate
 
+# Two pytest-xdist workers (one torch thread each on 2 cores); a module runs whole on one worker, the modules on the
+# session model on one, the trained roots are built once for both (tests/conftest.py). TEST_WORKERS=0: one process.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter-out 0,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist loadgroup)
+
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 # The tests that need no trained model, Runner root or server (the `slow` marker: tests/conftest.py, SLOW_FIXTURES).
 test-fast: install
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(XDIST) -m "not slow"
 
 ui: install
 	$(BIN)/dagster dev -w workspace.yaml

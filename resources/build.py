@@ -27,6 +27,8 @@ def build_resources(env: Env) -> dict:
         "training_data": TrainingDataResource(manifest_uri=env.manifest, clips_per_artist=env.clips_per_artist),
         "inbox": InboxResource(
             max_queries_per_tick=env.max_queries_per_tick,
+            max_query_partitions=env.max_query_partitions,
+            queries_per_batch=env.queries_per_batch,
             allowed_audio_roots=list(env.allowed_audio_roots),
             manifest_uri=env.manifest,
         ),

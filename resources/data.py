@@ -15,13 +15,16 @@ class TrainingDataResource(ConfigurableResource):
 
 
 class InboxResource(ConfigurableResource):
-    """How many new inbox queries one sensor tick requests, and where a query's clip may come from.
+    """How many new inbox queries one sensor tick requests (runs per tick; past `max_query_partitions` query partitions,
+    runs of `queries_per_batch` queries each), and where a query's clip may come from.
 
     A query's `audio_uri` must lie under the storage root, the training manifest's folder (`manifest_uri`) or one
     of `allowed_audio_roots` (TDA_ALLOWED_AUDIO_ROOTS: folders or s3:// prefixes).
     """
 
     max_queries_per_tick: int = 10
+    max_query_partitions: int = 10_000  # TDA_MAX_QUERY_PARTITIONS: past it, new queries run in batches
+    queries_per_batch: int = 100  # TDA_QUERIES_PER_BATCH: queries in one `query_batch` run
     allowed_audio_roots: list[str] = []
     manifest_uri: str | None = None
 
@@ -29,6 +32,6 @@ class InboxResource(ConfigurableResource):
         """The roots besides the storage root a query's clip may come from."""
         return audio_roots(self.manifest_uri, self.allowed_audio_roots)
 
-    def allowed_roots(self, storage: Storage) -> list[str]:
-        """Every root a query's clip may come from in `storage`: these and the root's own (`allowed_audio_roots`)."""
-        return allowed_audio_roots(storage, self.audio_roots())
+    def allowed_roots(self, root: Storage) -> list[str]:
+        """Every root a query's clip may come from in `root`: these and the root's own (`allowed_audio_roots`)."""
+        return allowed_audio_roots(root, self.audio_roots())

@@ -28,6 +28,11 @@ def _int(name: str, default: int) -> int:
         raise ValueError(f"{name}={value!r} is not an integer; unset it or give a number (default {default})") from None
 
 
+def _optional_int(name: str) -> int | None:
+    """An integer variable, None when unset (its consumer's default applies)."""
+    return _int(name, 0) if os.environ.get(name, "").strip() else None
+
+
 def _seconds(name: str, default: int, minimum: int) -> int:
     """An integer variable of seconds, at least `minimum`."""
     value = _int(name, default)
@@ -35,6 +40,14 @@ def _seconds(name: str, default: int, minimum: int) -> int:
         raise ValueError(
             f"{name}={value} is below {minimum} s; unset it (default {default}) or give at least {minimum}"
         )
+    return value
+
+
+def _at_least(name: str, default: int, minimum: int) -> int:
+    """An integer variable of at least `minimum`."""
+    value = _int(name, default)
+    if value < minimum:
+        raise ValueError(f"{name}={value} is below {minimum}; unset it (default {default}) or give at least {minimum}")
     return value
 
 
@@ -149,14 +162,17 @@ class Env:
     manifest: str | None = None
     clips_per_artist: int = 40
     max_queries_per_tick: int = 10
+    max_query_partitions: int = 10_000  # past it, new pending queries run in batches (`query_batches`), not partitions
+    queries_per_batch: int = 100
     allowed_audio_roots: tuple[str, ...] = ()
     grid_file: str | None = None
     sql_dir: str | None = None
-    grid_queries: int = 4
-    cf_queries: int = 4  # the counterfactual's goal is stated on 4 queries (3 of 4 item level)
-    si_targets: int = 32  # self-influence's goal is stated on >= 32 reporting targets
-    rep_sources: int = 20  # replication's goal is stated on 20 reporting sources per transform
-    cf_train_steps: int | None = None
+    # `tda evaluate`'s samples: None (unset) keeps the default of experiments/options.py's EvaluateOptions
+    grid_queries: int | None = None
+    cf_queries: int | None = None
+    si_targets: int | None = None
+    rep_sources: int | None = None
+    cf_train_steps: int | None = None  # 0 is unset too
     slot_wait_s: int = 1800  # a step waiting longer for a pool slot gives up, naming the holder
     run_stale_s: int = 300  # a run of another host with no heartbeat (every 30 s) for this long is released as dead
 
@@ -182,13 +198,15 @@ class Env:
             manifest=get("TDA_MANIFEST"),
             clips_per_artist=_int("TDA_CLIPS_PER_ARTIST", d["clips_per_artist"]),
             max_queries_per_tick=_int("TDA_MAX_QUERIES_PER_TICK", d["max_queries_per_tick"]),
+            max_query_partitions=_at_least("TDA_MAX_QUERY_PARTITIONS", d["max_query_partitions"], 0),
+            queries_per_batch=_at_least("TDA_QUERIES_PER_BATCH", d["queries_per_batch"], 1),
             allowed_audio_roots=_list("TDA_ALLOWED_AUDIO_ROOTS"),
             grid_file=get("TDA_GRID_FILE"),
             sql_dir=get("TDA_SQL_DIR"),
-            grid_queries=_int("TDA_GRID_QUERIES", d["grid_queries"]),
-            cf_queries=_int("TDA_CF_QUERIES", d["cf_queries"]),
-            si_targets=_int("TDA_SI_TARGETS", d["si_targets"]),
-            rep_sources=_int("TDA_REP_SOURCES", d["rep_sources"]),
+            grid_queries=_optional_int("TDA_GRID_QUERIES"),
+            cf_queries=_optional_int("TDA_CF_QUERIES"),
+            si_targets=_optional_int("TDA_SI_TARGETS"),
+            rep_sources=_optional_int("TDA_REP_SOURCES"),
             cf_train_steps=_int("TDA_CF_TRAIN_STEPS", 0) or None,
             slot_wait_s=_seconds("TDA_SLOT_WAIT_S", d["slot_wait_s"], 1),
             run_stale_s=_seconds("TDA_RUN_STALE_S", d["run_stale_s"], 60),  # two heartbeats (every 30 s) at least

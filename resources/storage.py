@@ -12,7 +12,7 @@ class StorageResource(ConfigurableResource):
     url: str
     endpoint_url: str | None = None
 
-    def storage(self) -> Storage:
+    def root(self) -> Storage:
         # outside a run (sensor code, the CLI, tests) the fields may still be unresolved EnvVars
         url, endpoint = (v.get_value() if isinstance(v, EnvVar) else v for v in (self.url, self.endpoint_url))
         return Storage(url, endpoint_url=endpoint or None)

@@ -11,7 +11,7 @@ import os
 import sys
 
 
-def _storage():
+def _root():
     from resources.env import Env
     from tda_assets.io.storage import Storage
 
@@ -24,7 +24,7 @@ def _engine():
     from tda_assets.io.query_engine import QueryEngine
 
     env = Env.read()
-    return QueryEngine(_storage(), env.sql_dir, protocol_id=env.protocol_id)  # named queries report this identity
+    return QueryEngine(_root(), env.sql_dir, protocol_id=env.protocol_id)  # named queries report this identity
 
 
 def _print(df) -> None:
@@ -47,42 +47,43 @@ def cmd_query(args: argparse.Namespace) -> int:
     return 0
 
 
-def _audio_roots(store) -> list[str]:
+def _audio_roots(root) -> list[str]:
     """Where a query's clip may come from, as the inbox sensor allows it (`allowed_audio_roots`)."""
     from resources.env import Env
     from tda_assets.data.inbox import allowed_audio_roots, audio_roots
 
     env = Env.read()
-    return allowed_audio_roots(store, audio_roots(env.manifest, env.allowed_audio_roots))
+    return allowed_audio_roots(root, audio_roots(env.manifest, env.allowed_audio_roots))
 
 
 def cmd_add_query(args: argparse.Namespace) -> int:
     from tda_assets.data.inbox import add_clip_query, add_query
 
-    store = _storage()
+    root = _root()
     if args.audio:
-        spec = add_clip_query(
-            store, args.audio, args.prompt, args.id, _audio_roots(store), args.seed, args.target_artist
-        )
+        spec = add_clip_query(root, args.audio, args.prompt, args.id, _audio_roots(root), args.seed, args.target_artist)
     else:
-        spec = add_query(store, args.prompt, args.id, args.seed, None, args.target_artist)
+        spec = add_query(root, args.prompt, args.id, args.seed, None, args.target_artist)
     clip = f" with its clip {spec.audio_uri}" if spec.audio_uri else ""
     print(f"added query {spec.query_id!r} to the inbox{clip}; the query_inbox_sensor picks it up on its next tick")
     return 0
 
 
-def _running(store) -> set[tuple[str, str]]:
+def _running(root) -> set[tuple[str, str]]:
     """(query, config) pairs with a run in progress on the instance of DAGSTER_HOME for this storage root."""
     from dagster import DagsterInstance
 
     from resources.env import use_dagster_home
+    from tda_assets.data.query_batches import QUERIES_TAG, queries_of_tag
     from tda_assets.data.query_state import partition_tag
     from tda_assets.defs.query_runs import IN_PROGRESS, runs_of_root
 
     use_dagster_home()
     out = set()
-    for tags in runs_of_root(DagsterInstance.get(), IN_PROGRESS, store.url):
-        if partition_tag("query") in tags:
+    for tags in runs_of_root(DagsterInstance.get(), IN_PROGRESS, root.url):
+        if QUERIES_TAG in tags:  # a batch run: each of its queries, default configuration
+            out.update((q, "default") for q in queries_of_tag(tags[QUERIES_TAG]))
+        elif partition_tag("query") in tags:
             out.add((tags[partition_tag("query")], tags[partition_tag("config")]))
         elif partition_tag() in tags:
             out.add((tags[partition_tag()], "default"))
@@ -91,12 +92,12 @@ def _running(store) -> set[tuple[str, str]]:
 
 def cmd_queries(args: argparse.Namespace) -> int:
     from resources.env import Env
-    from tda_assets.experiments.catalog import query_table
+    from tda_assets.experiments.query_listing import query_table
 
-    store = _storage()
-    df = query_table(store, Env.read().protocol_id, lambda: _running(store), _audio_roots(store))
+    root = _root()
+    df = query_table(root, Env.read().protocol_id, lambda: _running(root), _audio_roots(root))
     if df.is_empty():
-        print(f"no queries in the inbox of {store.url}: add one with `tda attribute` or `tda add-query`")
+        print(f"no queries in the inbox of {root.url}: add one with `tda attribute` or `tda add-query`")
         return 0
     _print(df)
     counts = df.group_by("state").len().sort("state").rows()
@@ -107,7 +108,7 @@ def cmd_queries(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from tda_assets.experiments.catalog import export_attributions
+    from tda_assets.experiments.query_listing import export_attributions
 
     method = None if args.method == "all" else args.method
     n = export_attributions(_engine(), args.out, args.format, args.query, args.config, method)
@@ -154,25 +155,39 @@ def cmd_counterfactual(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from tda_assets.experiments import workflows
+    from dataclasses import fields
 
-    return workflows.evaluate(
-        args.grid_queries,
-        args.grid_file,
-        args.force,
-        args.cf_queries,
-        args.cf_k,
-        args.cf_train_steps,
-        args.skip_counterfactual,
-        args.si_configs,
-        args.si_targets,
-        args.rep_sources,
-    )
+    from tda_assets.experiments import workflows
+    from tda_assets.experiments.options import EvaluateOptions
+
+    return workflows.evaluate(EvaluateOptions(**{f.name: getattr(args, f.name) for f in fields(EvaluateOptions)}))
+
+
+def _add_options(p: argparse.ArgumentParser, defaults) -> None:
+    """One argument `--field-name` per field of an options dataclass, with the field's help and `defaults`' value."""
+    from dataclasses import fields
+    from typing import get_args, get_type_hints
+
+    from tda_assets.experiments.options import env_variable
+
+    hints = get_type_hints(type(defaults))
+    for f in fields(defaults):
+        flag, default, text = "--" + f.name.replace("_", "-"), getattr(defaults, f.name), f.metadata["help"]
+        if hints[f.name] is bool:
+            p.add_argument(flag, action="store_true", help=text)
+            continue
+        notes = ["default %(default)s"] if default is not None else []
+        notes += [env_variable(f.name)] if f.metadata["env"] else []
+        kind = int if int in (hints[f.name], *get_args(hints[f.name])) else str
+        if notes:  # inside the help's closing parenthesis, if it has one
+            text = f"{text[:-1]}; {'; '.join(notes)})" if text.endswith(")") else f"{text} ({'; '.join(notes)})"
+        p.add_argument(flag, type=kind, default=default, help=text)
 
 
 def parser() -> argparse.ArgumentParser:
     """The command line; defaults that come from the environment are read in `resources.env`."""
     from resources.env import Env
+    from tda_assets.experiments.options import EvaluateOptions
 
     env = Env.read()
     top = argparse.ArgumentParser(prog="tda", description=__doc__.splitlines()[0])
@@ -287,50 +302,7 @@ def parser() -> argparse.ArgumentParser:
         "evaluate",
         help="the paper's experiments on the embedded default: grid, consistency, similarity, counterfactual",
     )
-    p.add_argument(
-        "--grid-queries",
-        type=int,
-        default=env.grid_queries,
-        help="run the grid on the first N built-in queries (0 = all; default 4 to fit 45 min on 2 cores; "
-        "TDA_GRID_QUERIES)",
-    )
-    p.add_argument("--grid-file")
-    p.add_argument("--force", action="store_true")
-    p.add_argument(
-        "--cf-queries",
-        type=int,
-        default=env.cf_queries,
-        help="queries of the counterfactual check (two retrains each: top-k and the same-artist control, "
-        "plus 3 random removals shared by all; default 4, ~21 min on 2 cores; TDA_CF_QUERIES)",
-    )
-    p.add_argument("--cf-k", type=int, default=10)
-    p.add_argument(
-        "--cf-train-steps",
-        type=int,
-        default=env.cf_train_steps,
-        help="retraining steps of the counterfactual check (default: the checkpoint's, at most 400, to fit 45 "
-        "min on 2 cores; TDA_CF_TRAIN_STEPS)",
-    )
-    p.add_argument("--skip-counterfactual", action="store_true")
-    p.add_argument(
-        "--si-configs",
-        default="default,skew,newton-fixed,newton-target",
-        help="configurations judged by the self-influence protocol (comma-separated; empty to skip)",
-    )
-    p.add_argument(
-        "--si-targets",
-        type=int,
-        default=env.si_targets,
-        help="self-influence reporting targets (k-means-chosen training items outside the 16 development targets; "
-        "default 32, the goal's sample; TDA_SI_TARGETS)",
-    )
-    p.add_argument(
-        "--rep-sources",
-        type=int,
-        default=env.rep_sources,
-        help="replication reporting sources: items (outside the development targets) whose transformed "
-        "audio is a query (0 to skip; default 20, the goal's sample; TDA_REP_SOURCES)",
-    )
+    _add_options(p, EvaluateOptions.from_env(env))
     p.set_defaults(fn=cmd_evaluate)
     return top
 

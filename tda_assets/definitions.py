@@ -13,7 +13,7 @@ from resources import build_resources
 from resources.env import Env
 from tda_assets.defs import assets as asset_modules
 from tda_assets.defs import checks
-from tda_assets.defs.sensors import attribute_config_job, query_clip_job, query_inbox_sensor
+from tda_assets.defs.sensors import attribute_config_job, query_batch_job, query_clip_job, query_inbox_sensor
 
 
 def all_assets() -> list:
@@ -47,7 +47,7 @@ def build_definitions(
     return Definitions(
         assets=all_assets(),
         asset_checks=all_checks(),
-        jobs=[query_clip_job, attribute_config_job],
+        jobs=[query_clip_job, attribute_config_job, query_batch_job],
         sensors=[query_inbox_sensor],
         resources=build_resources(env),
         executor=build_executor(executor or env.executor),

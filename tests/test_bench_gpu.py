@@ -25,6 +25,8 @@ REQUIRED = (
     "bf16_spearman",
     "bf16_top10_jaccard",
     "bf16_vanished_share",
+    "bf16_split_spearman",
+    "bf16_split_top10_jaccard",
 )
 
 
@@ -52,12 +54,15 @@ def test_bench_gpu_tiny_prints_every_figure_finite_in_one_json_line():
     assert figures["item_draws_per_s"] == max(figures["item_draws_per_s_by_rows"].values())
     assert 0 < figures["peak_share"] and -1 <= figures["bf16_spearman"] <= 1
     assert 0 <= figures["bf16_top10_jaccard"] <= 1 and 0 <= figures["bf16_vanished_share"] <= 1
+    assert -1 <= figures["bf16_split_spearman"] <= 1 and 0 <= figures["bf16_split_top10_jaccard"] <= 1
     assert 0 < figures["two_stage_h_per_query_115k"] < figures["exact_h_per_query_115k"]
 
 
 def test_two_stage_plan_at_catalogue_size_is_the_shipped_knobs_with_disjoint_signals():
-    # 3 signals × 15% of 115,000 = 51,750 candidates at 4 draws; half of them (25,875) get the other 12
-    assert two_stage_item_draws(115_000, 16) == 51_750 * 4 + 25_875 * 12
+    # 3 signals × at most 512 (max_candidates; 15% would be 17,250) = 1,536 candidates at 4 draws; half get the other 12
+    assert two_stage_item_draws(115_000, 16) == 1_536 * 4 + 768 * 12
+    # below the cap the fraction acts: 3 × 15% of 2,000 = 900 candidates, 450 of them on all 16 draws
+    assert two_stage_item_draws(2_000, 16) == 900 * 4 + 450 * 12
 
 
 def test_bench_real_size_runs_the_users_commands_on_a_pipeline_folder(tmp_path):

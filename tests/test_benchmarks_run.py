@@ -50,6 +50,7 @@ SMALLEST = {  # benchmark → the arguments of its smallest run (bench_paths and
     ],
     "bench_catalogue": ["--items", "400", "--queries", "3", "--inbox", "30", "--shards", "4"],
     "bench_gpu": ["--tiny"],  # run by tests/test_bench_gpu.py
+    "bench_bf16_split": [],  # the embedded denoiser, 6 items × 4 draws: seconds (and its own test below)
     "bench_norm_floor": ["--clips-per-artist", "2", "--steps", "2", "--targets", "2", "--draws", "4"],
     "bench_10k": ["--items", "16", "--queries", "1", "--train-steps", "2", "--draws", "2"],  # + --root: its test
 }
@@ -93,6 +94,12 @@ def test_the_benchmark_runs_at_its_smallest_size(name):
     assert lines, f"{name} printed nothing"
 
 
+def test_bench_bf16_split_sees_a_sub_half_step_change_that_plain_bf16_loses():
+    rows = [line for line in bench("bench_bf16_split") if line.startswith("all:")]
+    assert rows and "bf16 0.00e+00" in rows[0]
+    assert float(rows[0].rsplit(" ", 1)[1]) < 0.1  # bf16-split's relative error against fp32 over the items
+
+
 def test_bench_scale_ends_with_the_headline_figures():
     figures = json.loads(bench("bench_scale", *SMALLEST["bench_scale"])[-1])
     assert all(isinstance(figures[k], (int, float)) for k in HEADLINE), {k: figures.get(k) for k in HEADLINE}
@@ -105,6 +112,7 @@ def test_bench_catalogue_ends_with_its_figures_at_the_asked_counts():
     assert figures["attribution_rows"] == 400 * 3
     for k in ("topk_ms", "artist_shares_s", "export_s", "queries_cli_s", "sensor_tick_s", "peak_rss_gb"):
         assert figures[k] > 0, k
+    assert (figures["batch_runs_per_tick"], figures["queries_per_tick"]) == (1, 30)  # past the bound: one batch of 30
 
 
 def test_bench_10k_ends_with_every_figure_at_the_asked_size(tmp_path):
@@ -126,7 +134,7 @@ def test_bench_10k_ends_with_every_figure_at_the_asked_size(tmp_path):
 
 
 def test_paths_and_demo_agreement_run_on_a_tiny_root(tmp_path):
-    root = str(tmp_path / "root")
+    root_url = str(tmp_path / "root")
     paths = json.loads(
         bench(
             "bench_paths",
@@ -139,10 +147,10 @@ def test_paths_and_demo_agreement_run_on_a_tiny_root(tmp_path):
             "--train-steps",
             "10",
             "--root",
-            root,
+            root_url,
             timeout=600,
         )[-1]
     )
     assert set(paths["paths"]) == {"full", "two-stage", "linearized"}
-    agreement = json.loads(bench("bench_demo_agreement", "--root", root, "--queries", "1", "--k", "16")[-1])
+    agreement = json.loads(bench("bench_demo_agreement", "--root", root_url, "--queries", "1", "--k", "16")[-1])
     assert (agreement["items"], agreement["queries"]) == (4, 1)

@@ -114,17 +114,17 @@ def test_an_item_lost_from_the_baseline_losses_fails_the_check_read_from_the_fea
     from tda_assets.io.registry import key
     from tda_assets.io.storage import Storage
 
-    store = Storage(str(tmp_path / "root"))
+    root = Storage(str(tmp_path / "root"))
     for shard, ids in [("s0", ["a", "b"]), ("s1", ["c"])]:  # shard s1 also had a bad item, skipped by the encoder
         n = len(ids)
         batch = ItemBatch(ids, torch.zeros(n, 2, 3), {"h": torch.zeros(n, 4)}, torch.ones(n, 3))
         write_features(
-            store,
+            root,
             key("training_features", encoder_id="e", shard=shard),
             batch,
             {"skipped": "bad" if shard == "s1" else "", "encoder_id": "e"},
         )
-    expected = encoded_item_ids(store, "e")
+    expected = encoded_item_ids(root, "e")
     assert expected == ["a", "b", "c"]
     baseline_items = ["a", "b"]  # c's baseline losses lost: every non-exact path's scores then lack c too
     result = rows_per_item("one_row_per_training_item", attribution(baseline_items), expected)

@@ -58,7 +58,7 @@ def test_clips_are_16k_mono_exact_length_audible_and_unclipped(small_corpus: lis
         assert Path(row["audio_path"]).is_absolute() and Path(row["audio_path"]).parent.name == row["artist"]
 
 
-def test_render_clip_returns_float32_peak_normalised_mono() -> None:
+def test_render_clip_returns_float32_peak_normalized_mono() -> None:
     x = render_clip(ARTISTS[0], seed=11)
     assert x.dtype == np.float32 and x.shape == (CLIP_SAMPLES,)
     assert np.abs(x).max() == pytest.approx(0.9, abs=1e-3)

@@ -19,7 +19,7 @@ from dagster import AssetCheckKey, AssetKey
 from tda_assets.attribution.adapter import ItemBatch
 from tda_assets.data.demo import builtin_queries
 from tda_assets.data.inbox import add_query
-from tda_assets.defs.assets.evaluation import CHECK, without
+from tda_assets.defs.assets.counterfactual import CHECK, without
 from tda_assets.defs.configs import UnlearningConfig
 from tda_assets.defs.plots import PNG_SIGNATURE
 from tda_assets.experiments.runner import Runner
@@ -35,7 +35,7 @@ def counterfactual_run(runner: Runner, **config) -> tuple[pl.DataFrame, pl.DataF
     """Run the asset; its table, verdicts (named query), check evaluation and materialization metadata, read at once
     (the next run overwrites the table)."""
     result = runner.counterfactual(**config)
-    engine = QueryEngine(runner.storage)
+    engine = QueryEngine(runner.root)
     table = engine.sql("select * from counterfactual order by query_id, removal, removal_seed")
     verdicts = engine.named("counterfactual_verdicts")
     (evaluation,) = result.get_asset_check_evaluations()
@@ -48,23 +48,20 @@ def evaluated(trained_roots, tmp_path_factory):
     """A copy of the TINY root (its training side); a built-in query and the planted copy of item `copied`, attributed
     with the default configuration; then `counterfactual` on both (the first two queries with a target artist)."""
     mp = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp("storage")
-    runner = trained_roots.runner(TINY, root, mp)
+    root_dir = tmp_path_factory.mktemp("storage")
+    runner = trained_roots.runner(TINY, root_dir, mp)
     runner.log_level = "ERROR"
-    store = runner.storage
-    builtin_queries(store, artists=1)
+    root = runner.root
+    builtin_queries(root, artists=1)
     copied = (
-        read_table(store, "training_manifest")
-        .filter(pl.col("artist") == "artist_01")
-        .sort("item_id")
-        .row(0, named=True)
+        read_table(root, "training_manifest").filter(pl.col("artist") == "artist_01").sort("item_id").row(0, named=True)
     )
-    audio_uri = trained_roots.in_copy(TINY, copied["audio_uri"], root)  # the item's own audio file, in this root
-    add_query(store, copied["caption"], PLANTED, audio_uri=audio_uri, target_artist=copied["artist"])
+    audio_uri = trained_roots.in_copy(TINY, copied["audio_uri"], root_dir)  # the item's own audio file, in this root
+    add_query(root, copied["caption"], PLANTED, audio_uri=audio_uri, target_artist=copied["artist"])
     for qid in runner.requested_queries():
         runner.attribute(qid, UnlearningConfig(lr=100.0, target_ratio=None, score_type="mean_delta"))
     run = counterfactual_run(runner, k=K, n_queries=2)
-    yield runner, store, copied["item_id"], run
+    yield runner, root, copied["item_id"], run
     mp.undo()
 
 
@@ -72,11 +69,11 @@ def evaluated(trained_roots, tmp_path_factory):
 def bottom_k(evaluated):
     """The planted copy again, its "attribution" replaced by the reverse ranking (config `bottom-k`): the removed items
     are the k least attributed."""
-    runner, store, _, _ = evaluated
-    scores = read_tables(store, "attribution_scores", query_id=PLANTED, config_id="default")  # one identity: the root's
+    runner, root, _, _ = evaluated
+    scores = read_tables(root, "attribution_scores", query_id=PLANTED, config_id="default")  # one identity: the root's
     identity = scores.select("checkpoint_id", "protocol_id").unique().row(0, named=True)
     write_table(
-        store,
+        root,
         "attribution_scores",
         scores.with_columns(rank=len(scores) + 1 - pl.col("rank"), config_id=pl.lit("bottom-k")),
         **identity,
@@ -84,7 +81,7 @@ def bottom_k(evaluated):
         config_id="bottom-k",
     )
     write_table(
-        store, "unlearning_configs", read_table(store, "unlearning_configs", config_id="default"), config_id="bottom-k"
+        root, "unlearning_configs", read_table(root, "unlearning_configs", config_id="default"), config_id="bottom-k"
     )
     return counterfactual_run(runner, query_ids=[PLANTED], k=K, config_id="bottom-k")
 
@@ -109,9 +106,9 @@ def same_artist_rise(table: pl.DataFrame, qid: str) -> float:
 
 
 def test_the_planted_duplicate_is_in_the_attributed_top_k(evaluated):
-    _, store, copied, _ = evaluated
+    _, root, copied, _ = evaluated
     top = (
-        QueryEngine(store)
+        QueryEngine(root)
         .sql(
             f"select item_id from attributions where query_id = '{PLANTED}' and method = 'unlearning' "
             f"and config_id = 'default' order by rank limit {K}"
@@ -154,7 +151,7 @@ def test_the_least_attributed_items_do_not_pass_and_the_check_fails(evaluated, b
 
 
 def test_each_query_has_its_top_k_a_same_artist_control_and_the_shared_random_removals(evaluated):
-    _, store, _, (table, *_) = evaluated
+    _, root, _, (table, *_) = evaluated
     assert table.select("query_id", "removal").rows() == [
         (DEMO, "attributed"),
         *[(DEMO, "random")] * RANDOM,
@@ -163,7 +160,7 @@ def test_each_query_has_its_top_k_a_same_artist_control_and_the_shared_random_re
         *[(PLANTED, "random")] * RANDOM,
         (PLANTED, "same_artist"),
     ]
-    engine = QueryEngine(store)
+    engine = QueryEngine(root)
     random_sets = {
         q: table.filter((pl.col("query_id") == q) & (pl.col("removal") == "random"))["removed_items"].to_list()
         for q in (DEMO, PLANTED)
@@ -208,7 +205,7 @@ def test_every_row_of_a_query_carries_its_floor_and_verdict(evaluated):
 
 
 def test_check_is_a_majority_of_item_level_verdicts_with_both_shares_in_its_metadata(evaluated):
-    runner, store, _, (_, verdicts, evaluation, meta) = evaluated
+    runner, root, _, (_, verdicts, evaluation, meta) = evaluated
     passing = verdicts.filter(pl.col("query_id") != "(all)")["passed_item_level"].to_list()
     assert len(passing) == 2 and passing[1] is True  # PLANTED (sorted after DEMO) passes
     assert evaluation.check_name == CHECK and evaluation.passed is all(passing)  # 2 queries: more than half is both
@@ -226,7 +223,7 @@ def test_check_is_a_majority_of_item_level_verdicts_with_both_shares_in_its_meta
     )
     assert latest  # the instance records it (shown in the UI)
     assert meta["retrains"].value == RANDOM + 2 * 2 and meta["full_model"].value == "checkpoint"  # random ones shared
-    png = store.read_bytes("plots/counterfactual/loss_rise.png")
+    png = root.read_bytes("plots/counterfactual/loss_rise.png")
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1024
 
 

@@ -46,18 +46,18 @@ STALE_SELF_INFLUENCE = pl.DataFrame(
 def evaluated(trained_roots, tmp_path_factory):
     """A copy of the TINY root (a tiny training side), then `tda evaluate` on it: its exit code, output and root."""
     mp = pytest.MonkeyPatch()
-    root, home = tmp_path_factory.mktemp("storage"), tmp_path_factory.mktemp("home")
+    root_dir, home = tmp_path_factory.mktemp("storage"), tmp_path_factory.mktemp("home")
     grid_file = tmp_path_factory.mktemp("grid") / "grid.yaml"
     grid_file.write_text(GRID)
-    runner = trained_roots.runner(TINY, root, mp)
+    runner = trained_roots.runner(TINY, root_dir, mp)
     for name, value in {
         "DAGSTER_HOME": str(home),
-        "TDA_STORAGE_URL": str(root),
+        "TDA_STORAGE_URL": str(root_dir),
         "TDA_GRID_FILE": str(grid_file),
     }.items():
         mp.setenv(name, value)
     write_table(
-        runner.storage,
+        runner.root,
         "self_influence",
         STALE_SELF_INFLUENCE,
         checkpoint_id="old",
@@ -81,7 +81,7 @@ def evaluated(trained_roots, tmp_path_factory):
                 "1",
             ]
         )
-    yield code, out.getvalue(), QueryEngine(Storage(str(root)))
+    yield code, out.getvalue(), QueryEngine(Storage(str(root_dir)))
     mp.undo()
 
 

@@ -58,12 +58,12 @@ def grid(trained_roots, tmp_path_factory):
     grid_file.write_text(GRID)
     runner = trained_roots.runner(GRID_ROOT, tmp_path_factory.mktemp("storage"), mp)
     runner.log_level = "ERROR"
-    store = runner.resources["storage"].storage()
-    builtin_queries(store, artists=1)
+    root = runner.resources["storage"].root()
+    builtin_queries(root, artists=1)
     runner.sensor_tick()
     configs = load_grid(grid_file)
     results = run_grid(runner, configs, select_queries(runner, "all"))
-    yield runner, store, configs, results
+    yield runner, root, configs, results
     mp.undo()
 
 
@@ -79,14 +79,14 @@ def test_the_shipped_grid_file_loads():
 
 
 def test_every_configuration_ran_and_the_weak_one_was_recorded_not_fatal(grid):
-    _, store, _, results = grid
+    _, root, _, results = grid
     assert {r.config_id: r.label for r in results} == {
         "base": "attributed",
         "base-again": "attributed",
         "base-seed-seed1": "attributed",
         "too-weak": "failed_check",
     }
-    engine = QueryEngine(store)
+    engine = QueryEngine(root)
     runs = dict(engine.sql("select config_id, loss_ratio from unlearning_runs order by config_id").rows())
     assert set(runs) == {"base", "base-again", "base-seed-seed1", "too-weak"}
     assert runs["too-weak"] < 1.05 < runs["base"]
@@ -99,8 +99,8 @@ def test_every_configuration_ran_and_the_weak_one_was_recorded_not_fatal(grid):
 
 
 def test_consistency_holds_every_pair_with_valid_values(grid):
-    _, store, _, _ = grid
-    df = QueryEngine(store).sql("select * from consistency where query_id = 'demo-artist-00'")
+    _, root, _, _ = grid
+    df = QueryEngine(root).sql("select * from consistency where query_id = 'demo-artist-00'")
     labels = {
         "unlearning:base",
         "unlearning:base-again",
@@ -123,8 +123,8 @@ def test_consistency_holds_every_pair_with_valid_values(grid):
 
 
 def test_consistency_table_sql_labels_seed_reruns(grid):
-    _, store, _, _ = grid
-    table = QueryEngine(store).named("consistency_table")
+    _, root, _, _ = grid
+    table = QueryEngine(root).named("consistency_table")
     kind = {(r["left"], r["right"]): r["pair"] for r in table.to_dicts()}
     assert kind[("unlearning:base", "unlearning:base-seed-seed1")] == "seed rerun"
     assert kind[("similarity:audio", "unlearning:base")] == "unlearning vs similarity"
@@ -134,29 +134,29 @@ def test_consistency_table_sql_labels_seed_reruns(grid):
     assert row["n_queries"].item() == 1
 
 
-def scores_of(store, config_id: str) -> pl.DataFrame:
-    return QueryEngine(store).sql(
+def scores_of(root, config_id: str) -> pl.DataFrame:
+    return QueryEngine(root).sql(
         f"select item_id, score, rank from attributions where query_id = '{QUERY}' "
         f"and method = 'unlearning' and config_id = '{config_id}' order by item_id"
     )
 
 
 def test_base_again_ranks_exactly_like_base(grid):
-    _, store, _, _ = grid
-    base, again = scores_of(store, "base"), scores_of(store, "base-again")
+    _, root, _, _ = grid
+    base, again = scores_of(root, "base"), scores_of(root, "base-again")
     assert len(base) == ARTISTS * CLIPS
     assert base["item_id"].to_list() == again["item_id"].to_list() and base["rank"].to_list() == again["rank"].to_list()
     assert (base["score"] - again["score"]).abs().max() == 0.0  # same settings, same seed: the same numbers
 
 
 def test_seed_rerun_agrees_within_a_bound_that_a_shuffled_ranking_breaks(grid):
-    _, store, _, _ = grid
-    base, rerun = scores_of(store, "base"), scores_of(store, "base-seed-seed1")
+    _, root, _, _ = grid
+    base, rerun = scores_of(root, "base"), scores_of(root, "base-seed-seed1")
     a, b = base["score"].to_numpy(), rerun["score"].to_numpy()
     measured, rho = jaccard_at_k(a, b, 10), spearman(a, b)
     # measured here: Jaccard@10 1.0 (the top-10 holds), Spearman 0.995 (the seed does move the ranking below it)
     assert measured >= SEED_RERUN_JACCARD_10 and SEED_RERUN_SPEARMAN <= rho < 1.0
-    table = QueryEngine(store).sql(
+    table = QueryEngine(root).sql(
         "select metric, k, value from consistency where query_id = 'demo-artist-00' and "
         'least("left", "right") = \'unlearning:base\' and '
         'greatest("left", "right") = \'unlearning:base-seed-seed1\''
@@ -172,7 +172,7 @@ def test_seed_rerun_agrees_within_a_bound_that_a_shuffled_ranking_breaks(grid):
 
 
 def test_report_counts_only_the_other_seed_as_a_rerun_and_draws_the_heatmap(grid):
-    runner, store, _, _ = grid
+    runner, root, _, _ = grid
     meta = runner.instance.get_latest_materialization_event(
         AssetKey("consistency_report")
     ).asset_materialization.metadata
@@ -183,24 +183,24 @@ def test_report_counts_only_the_other_seed_as_a_rerun_and_draws_the_heatmap(grid
     assert per_config["base"]["seed_reruns"] == 1 and per_config["base-again"]["seed_reruns"] == 1
     assert per_config["base-seed-seed1"]["seed_reruns"] == 2
     measured = jaccard_at_k(
-        scores_of(store, "base")["score"].to_numpy(), scores_of(store, "base-seed-seed1")["score"].to_numpy(), 10
+        scores_of(root, "base")["score"].to_numpy(), scores_of(root, "base-seed-seed1")["score"].to_numpy(), 10
     )
     assert per_config["base"]["jaccard_10_seed_reruns"] == pytest.approx(measured, abs=1e-4)
     assert per_config["base"]["jaccard_10_other_configs"] == pytest.approx(1.0)  # base-again, the only other one
     # every configuration's reruns agree at `measured`; base and base-again also agree with each other (1.0):
     # one of them
     assert meta["most_consistent_config"].value in {"base", "base-again"}
-    png = store.read_bytes("plots/consistency/jaccard_10.png")
+    png = root.read_bytes("plots/consistency/jaccard_10.png")
     assert png.startswith(PNG_SIGNATURE) and len(png) > 1024
     assert "data:image/png;base64," in meta["plot_preview"].value
 
 
 def test_attribution_scores_draws_top_k_bars_per_configuration(grid):
-    runner, store, _, _ = grid
+    runner, root, _, _ = grid
     for cid in ("base", "base-again", "base-seed-seed1"):
-        png = store.read_bytes(f"plots/top_k/{QUERY}/{cid}.png")
+        png = root.read_bytes(f"plots/top_k/{QUERY}/{cid}.png")
         assert png.startswith(PNG_SIGNATURE) and len(png) > 1024
-    assert not store.exists(f"plots/top_k/{QUERY}/too-weak.png")
+    assert not root.exists(f"plots/top_k/{QUERY}/too-weak.png")
     meta = runner.instance.get_latest_materialization_event(
         AssetKey("attribution_scores")
     ).asset_materialization.metadata
@@ -233,11 +233,11 @@ def test_cli_grid_reports_an_unknown_query(tmp_path, monkeypatch, capsys):
 
 
 def test_changed_configuration_is_rerun(grid):
-    runner, store, _, _ = grid
+    runner, root, _, _ = grid
     changed = UnlearningConfig(config_id="base-again", lr=120.0)
     (run,) = run_grid(runner, [changed], [QUERY], report=False)
     assert (run.state, run.ran) == ("attributed", True)
-    assert QueryEngine(store).sql("select lr from unlearning_configs where config_id = 'base-again'").item() == 120.0
+    assert QueryEngine(root).sql("select lr from unlearning_configs where config_id = 'base-again'").item() == 120.0
 
 
 @pytest.mark.parametrize(

@@ -14,13 +14,13 @@ import soundfile as sf
 
 from tda_assets.data.inbox import QueryFileError, add_clip_query, allowed_audio_roots, judge_query
 from tda_assets.data.manifests import record_manifest_origin
-from tda_assets.experiments.catalog import query_table
+from tda_assets.experiments.query_listing import query_table
 from tda_assets.io.registry import key
 from tda_assets.io.storage import Storage
 
 
 @pytest.fixture
-def store(tmp_path) -> Storage:
+def root(tmp_path) -> Storage:
     return Storage(str(tmp_path / "storage"))
 
 
@@ -31,54 +31,54 @@ def clip(path, seconds: float = 1.0) -> str:
     return str(path)
 
 
-def drop(store: Storage, qid: str, body: dict) -> str:
+def drop(root: Storage, qid: str, body: dict) -> str:
     """A query file written by hand into the inbox; its key."""
     path = key("inbox", name=f"{qid}.json")
-    store.write_bytes(path, json.dumps(body).encode())
+    root.write_bytes(path, json.dumps(body).encode())
     return path
 
 
-def test_the_folder_of_the_manifest_the_root_was_prepared_from_is_an_allowed_root(store, tmp_path):
-    record_manifest_origin(store, str(tmp_path / "corpus" / "manifest.csv"))
-    assert allowed_audio_roots(store, ["s3://clips/uploads"]) == [
-        store.uri(""),
+def test_the_folder_of_the_manifest_the_root_was_prepared_from_is_an_allowed_root(root, tmp_path):
+    record_manifest_origin(root, str(tmp_path / "corpus" / "manifest.csv"))
+    assert allowed_audio_roots(root, ["s3://clips/uploads"]) == [
+        root.uri(""),
         str(tmp_path / "corpus"),
         "s3://clips/uploads",
     ]
 
 
-def test_the_embedded_corpus_records_no_manifest_folder(store):
-    record_manifest_origin(store, None)
-    assert allowed_audio_roots(store) == [store.uri("")]
+def test_the_embedded_corpus_records_no_manifest_folder(root):
+    record_manifest_origin(root, None)
+    assert allowed_audio_roots(root) == [root.uri("")]
 
 
-def test_a_query_whose_clip_is_missing_is_invalid_until_its_clip_is_in_the_root(store, tmp_path):
-    record_manifest_origin(store, str(tmp_path / "corpus" / "manifest.csv"))
-    path = drop(store, "gone", {"prompt": "a flute", "audio_uri": str(tmp_path / "corpus" / "clips" / "gone.wav")})
+def test_a_query_whose_clip_is_missing_is_invalid_until_its_clip_is_in_the_root(root, tmp_path):
+    record_manifest_origin(root, str(tmp_path / "corpus" / "manifest.csv"))
+    path = drop(root, "gone", {"prompt": "a flute", "audio_uri": str(tmp_path / "corpus" / "clips" / "gone.wav")})
     with pytest.raises(
         QueryFileError,
         match=r"its clip .*gone\.wav does not exist; put the clip there, or add the "
         r"query again with `tda add-query --audio FILE`",
     ):
-        judge_query(store, path, allowed_audio_roots(store))
-    store.write_bytes(key("query_features", query_id="gone"), b"features")  # its clip run already read the clip
-    assert judge_query(store, path, allowed_audio_roots(store)).query_id == "gone"
+        judge_query(root, path, allowed_audio_roots(root))
+    root.write_bytes(key("query_features", query_id="gone"), b"features")  # its clip run already read the clip
+    assert judge_query(root, path, allowed_audio_roots(root)).query_id == "gone"
 
 
-def test_the_query_table_judges_with_the_allowed_roots_it_is_given(store, tmp_path):
+def test_the_query_table_judges_with_the_allowed_roots_it_is_given(root, tmp_path):
     audio = clip(tmp_path / "shared" / "a.wav")
-    drop(store, "shared-clip", {"prompt": "a tune", "audio_uri": audio})
-    assert query_table(store, "s0-k16")["state"].to_list() == ["invalid"]
-    table = query_table(store, "s0-k16", roots=allowed_audio_roots(store, [str(tmp_path / "shared")]))
+    drop(root, "shared-clip", {"prompt": "a tune", "audio_uri": audio})
+    assert query_table(root, "s0-k16")["state"].to_list() == ["invalid"]
+    table = query_table(root, "s0-k16", roots=allowed_audio_roots(root, [str(tmp_path / "shared")]))
     assert table.select("state", "prompt").row(0) == ("waiting", "a tune")
 
 
-def test_a_local_clip_is_copied_into_the_root(store, tmp_path):
+def test_a_local_clip_is_copied_into_the_root(root, tmp_path):
     audio = clip(tmp_path / "mine" / "Cello Take.WAV")
-    spec = add_clip_query(store, audio)
+    spec = add_clip_query(root, audio)
     assert (spec.query_id, spec.prompt) == ("cello-take", "music")
-    assert spec.audio_uri == store.uri("uploads/cello-take.wav")
-    assert json.loads(store.read_bytes(key("inbox", name="cello-take.json")))["audio_uri"] == spec.audio_uri
+    assert spec.audio_uri == root.uri("uploads/cello-take.wav")
+    assert json.loads(root.read_bytes(key("inbox", name="cello-take.json")))["audio_uri"] == spec.audio_uri
 
 
 @pytest.mark.parametrize(
@@ -94,11 +94,11 @@ def test_a_local_clip_is_copied_into_the_root(store, tmp_path):
     ],
     ids=["missing", "corrupt", "too-short", "outside-roots"],
 )
-def test_a_bad_clip_is_refused_before_anything_is_written(store, tmp_path, make, says):
+def test_a_bad_clip_is_refused_before_anything_is_written(root, tmp_path, make, says):
     audio = make(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=says):
-        add_clip_query(store, audio, "a tune", "q1", roots=allowed_audio_roots(store))
-    assert not store.glob("inbox/*") and not store.glob("uploads/*")
+        add_clip_query(root, audio, "a tune", "q1", roots=allowed_audio_roots(root))
+    assert not root.glob("inbox/*") and not root.glob("uploads/*")
 
 
 def test_add_query_with_a_clip_imports_neither_torch_nor_the_definitions(tmp_path):
@@ -117,23 +117,23 @@ def test_add_query_with_a_clip_imports_neither_torch_nor_the_definitions(tmp_pat
     assert "with its clip " + str(tmp_path / "storage" / "uploads" / "a-tune.wav") in done.stdout
 
 
-def test_a_sensor_tick_fills_its_runs_with_valid_queries_past_the_invalid_ones(store, tmp_path, caplog):
+def test_a_sensor_tick_fills_its_runs_with_valid_queries_past_the_invalid_ones(root, tmp_path, caplog):
     from dagster import DagsterInstance, build_sensor_context
 
     from resources import InboxResource, LossProtocolResource, StorageResource
     from tda_assets.defs.sensors import query_inbox_sensor
     from tda_assets.io.checkpoints import CheckpointRecord, write_checkpoint_record
 
-    write_checkpoint_record(store, CheckpointRecord("ckpt", "external", "a folder", "enc"))
-    drop(store, "a-gone", {"prompt": "a flute", "audio_uri": str(tmp_path / "gone.wav")})
-    drop(store, "b-outside", {"prompt": "a harp", "audio_uri": "/srv/elsewhere/harp.wav"})
+    write_checkpoint_record(root, CheckpointRecord("ckpt", "external", "a folder", "enc"))
+    drop(root, "a-gone", {"prompt": "a flute", "audio_uri": str(tmp_path / "gone.wav")})
+    drop(root, "b-outside", {"prompt": "a harp", "audio_uri": "/srv/elsewhere/harp.wav"})
     for i in range(12):
-        drop(store, f"q-{i:02d}", {"prompt": f"tune {i}"})
+        drop(root, f"q-{i:02d}", {"prompt": f"tune {i}"})
     with DagsterInstance.ephemeral() as instance:
         context = build_sensor_context(
             instance=instance,
             resources={
-                "storage": StorageResource(url=store.url),
+                "storage": StorageResource(url=root.url),
                 "inbox": InboxResource(allowed_audio_roots=[str(tmp_path)]),
                 "protocol": LossProtocolResource(),
             },

@@ -39,7 +39,7 @@ def run(*argv: str) -> tuple[int, str, str]:
 def drained_inbox(tmp_path_factory):
     """The user's folder (manifest, recordings, clips/), the root prepared from it, the queries added and drained."""
     mp = pytest.MonkeyPatch()
-    data, root, home, other = (tmp_path_factory.mktemp(n) for n in ("data", "storage", "home", "other"))
+    data, root_dir, home, other = (tmp_path_factory.mktemp(n) for n in ("data", "storage", "home", "other"))
     rng = np.random.default_rng(3)
     rows = []
     for a in range(ARTISTS):
@@ -55,7 +55,7 @@ def drained_inbox(tmp_path_factory):
     (clips / "corrupt.wav").write_bytes(b"RIFF\x00\x00\x00\x00WAVEnot audio at all")
     for name, value in {
         "DAGSTER_HOME": str(home),
-        "TDA_STORAGE_URL": str(root),
+        "TDA_STORAGE_URL": str(root_dir),
         "TDA_TRAIN_STEPS": "20",
         "TDA_DRAWS": "4",
         "TDA_ALLOWED_AUDIO_ROOTS": str(other),
@@ -74,15 +74,15 @@ def drained_inbox(tmp_path_factory):
     results["refused-missing"] = run("add-query", "a harp", "--id", "missing", "--audio", str(clips / "nowhere.wav"))
     results["refused-corrupt"] = run("add-query", "a harp", "--id", "corrupt", "--audio", str(clips / "corrupt.wav"))
     results["refused-prompt"] = run("add-query", " ", "--id", "blank", "--audio", str(clips / "q-00.wav"))
-    store = Storage(str(root))
+    root = Storage(str(root_dir))
     for qid, (body, _) in DROPPED.items():
         text = body if isinstance(body, str) else json.dumps({k: v.format(clips=clips) for k, v in body.items()})
-        store.write_bytes(f"inbox/{qid}.json", text.encode())
+        root.write_bytes(f"inbox/{qid}.json", text.encode())
     results["queries-before"] = run("queries")
     results["run-inbox"] = run("run-inbox")
     results["queries-after"] = run("queries")
     results["run-inbox-again"] = run("run-inbox")
-    yield store, clips, results
+    yield root, clips, results
     mp.undo()
 
 
@@ -93,11 +93,11 @@ def test_every_clip_added_from_the_folder_beside_the_manifest_is_accepted(draine
 
 
 def test_a_local_clip_is_copied_into_the_root_and_a_uri_beside_the_manifest_is_kept(drained_inbox):
-    store, clips, _ = drained_inbox
-    local = json.loads(store.read_bytes("inbox/local-03.json"))
-    assert local["audio_uri"] == store.uri("uploads/local-03.wav")
-    assert store.read_bytes("uploads/local-03.wav") == (clips / "q-03.wav").read_bytes()
-    assert json.loads(store.read_bytes("inbox/uri-21.json"))["audio_uri"] == f"file://{clips}/q-21.wav"
+    root, clips, _ = drained_inbox
+    local = json.loads(root.read_bytes("inbox/local-03.json"))
+    assert local["audio_uri"] == root.uri("uploads/local-03.wav")
+    assert root.read_bytes("uploads/local-03.wav") == (clips / "q-03.wav").read_bytes()
+    assert json.loads(root.read_bytes("inbox/uri-21.json"))["audio_uri"] == f"file://{clips}/q-21.wav"
 
 
 @pytest.mark.parametrize(
@@ -109,10 +109,10 @@ def test_a_local_clip_is_copied_into_the_root_and_a_uri_beside_the_manifest_is_k
     ],
 )
 def test_a_bad_clip_or_prompt_is_refused_at_once_naming_the_fix(drained_inbox, case, query_id, says):
-    store, _, results = drained_inbox
+    root, _, results = drained_inbox
     code, _, err = results[case]
     assert code == 1 and says in err, err
-    assert not store.exists(f"inbox/{query_id}.json") and not store.glob(f"uploads/{query_id}.*")
+    assert not root.exists(f"inbox/{query_id}.json") and not root.glob(f"uploads/{query_id}.*")
 
 
 def test_queries_names_every_invalid_query_with_its_reason_before_and_after_the_drain(drained_inbox):
@@ -126,12 +126,12 @@ def test_queries_names_every_invalid_query_with_its_reason_before_and_after_the_
 
 
 def test_the_drain_attributes_every_valid_query_and_names_the_invalid_ones(drained_inbox):
-    store, _, results = drained_inbox
+    root, _, results = drained_inbox
     code, out, _ = results["run-inbox"]
     assert code == 0, out
     assert f"{LOCAL + URIS} queries attributed, 0 runs failed" in out
     assert {line.split(": ")[1] for line in out.splitlines() if line.startswith("  invalid: ")} == set(DROPPED)
-    attributed = set(read_tables(store, "attribution_scores")["query_id"].unique())
+    attributed = set(read_tables(root, "attribution_scores")["query_id"].unique())
     assert attributed == {f"local-{i:02d}" for i in range(LOCAL)} | {f"uri-{i:02d}" for i in range(LOCAL, LOCAL + URIS)}
 
 

@@ -69,11 +69,11 @@ def test_linearized_matches_exact_one_step_at_a_tiny_step(model):
 
 def test_store_and_settings_must_match(model):
     adapter, train, queries, fisher, _ = model
-    store = gradient_store(
+    gradients = gradient_store(
         adapter, [train.select([0, 1])], PROTOCOL, "cross_attention_kv", Compute(), k=64, fisher=fisher
     )
     with pytest.raises(ValueError, match="subset"):
-        linearized_query(adapter, queries.select([0]), fisher, TINY_STEP, PROTOCOL, Compute(), 2, store)
+        linearized_query(adapter, queries.select([0]), fisher, TINY_STEP, PROTOCOL, Compute(), 2, gradients)
     with pytest.raises(ValueError, match="damping"):
         other = UnlearningSettings(lr=3.0, param_subset="cross_attention_kv", damping=0.5, target_ratio=None)
-        linearized_query(adapter, queries.select([0]), fisher, other, PROTOCOL, Compute(), 2, store)
+        linearized_query(adapter, queries.select([0]), fisher, other, PROTOCOL, Compute(), 2, gradients)

@@ -231,9 +231,9 @@ def test_a_checkpoint_on_an_s3_storage_root_is_copied_into_the_model_cache(s3_ro
     monkeypatch.setenv("TDA_MODEL_CACHE", str(tmp_path / "models"))
     source = build_resources(Env.read().with_storage(s3_root))["model_source"]
     assert source.cache_dir == str(tmp_path / "models")
-    store = Storage(s3_root)
-    store.put_dir(model_files, "checkpoint/abc")
+    root = Storage(s3_root)
+    root.put_dir(model_files, "checkpoint/abc")
     record = CheckpointRecord("abc", "embedded", "embedded", encoder_id="enc", folder_key="checkpoint/abc")
-    folder = local_model_folder(store, record, source.model_source())
+    folder = local_model_folder(root, record, source.model_source())
     assert folder.parent == tmp_path / "models" / "tda-models"
     assert (folder / "tda_model.json").read_bytes() == (model_files / "tda_model.json").read_bytes()

@@ -89,11 +89,11 @@ def test_two_stage_on_the_tiny_model(model):
     adapter, train, queries, fisher, l0 = model
     n = len(train)
     settings = UnlearningSettings(lr=50.0, query_draws=16)
-    store = gradient_store(adapter, [train], PROTOCOL, "all", Compute(), k=4096, fisher=fisher)
+    gradients = gradient_store(adapter, [train], PROTOCOL, "all", Compute(), k=4096, fisher=fisher)
     jaccards = []
     for q in (1, 2):
         query = queries.select([q])
-        lin, result = linearized_query(adapter, query, fisher, settings, PROTOCOL, Compute(), n, store)
+        lin, result = linearized_query(adapter, query, fisher, settings, PROTOCOL, Compute(), n, gradients)
         fn = unlearned_losses_fn(adapter, train, result.delta, PROTOCOL, Compute())
         exact = attribution_scores(l0, fn(np.arange(n), 0, PROTOCOL.draws))["score"]
         everything = two_stage(l0, fn, {"linearized": lin}, top=1.0, first_draws=PROTOCOL.draws)

@@ -55,25 +55,27 @@ def near_copies(trained_roots, tmp_path_factory):
     """A copy of the SMALL trained root (2 artists × 3 items), and through the CLI: a noisy copy attributed, the medley
     attributed with `--per-window`, then `tda queries` and `tda export`."""
     mp = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp("storage")
-    store = trained_roots.runner(SMALL, root, mp).storage
+    root_dir = tmp_path_factory.mktemp("storage")
+    root = trained_roots.runner(SMALL, root_dir, mp).root
     folder = tmp_path_factory.mktemp("clips")
-    manifest = read_table(store, "training_manifest")
-    path = {i: trained_roots.in_copy(SMALL, uri, root) for i, uri in zip(manifest["item_id"], manifest["audio_uri"])}
+    manifest = read_table(root, "training_manifest")
+    path = {
+        i: trained_roots.in_copy(SMALL, uri, root_dir) for i, uri in zip(manifest["item_id"], manifest["audio_uri"])
+    }
     source = {i: decode_audio(open(path[i], "rb").read(), i, RATE) for i in {NOISY_SOURCE, *MEDLEY}}
     sf.write(folder / "noisy.wav", with_noise(source[NOISY_SOURCE], 30.0, seed=9), RATE, subtype="PCM_16")
     medley = np.concatenate([light_transforms(source[item], i) for i, item in enumerate(MEDLEY)])
     stereo = resample_poly(medley, 441, 160)[:, None] * np.array([[1.0, 0.8]])
     sf.write(folder / "medley.mp3", (0.9 * stereo / np.abs(stereo).max()).astype(np.float32), OUT_RATE, format="MP3")
     mp.setenv("DAGSTER_HOME", str(tmp_path_factory.mktemp("home")))
-    mp.setenv("TDA_STORAGE_URL", str(root))
+    mp.setenv("TDA_STORAGE_URL", str(root_dir))
     results = {
         "noisy": run("attribute", "--audio", str(folder / "noisy.wav"), "--id", "noisy-copy"),
         "medley": run("attribute", "--audio", str(folder / "medley.mp3"), "--id", "medley", "-k", "3", "--per-window"),
         "queries": run("queries"),
         "export": run("export", "--query", "noisy-copy", "--out", str(folder / "noisy.csv")),
     }
-    yield store, folder, results
+    yield root, folder, results
     mp.undo()
 
 
@@ -83,9 +85,9 @@ def test_every_command_exits_zero(near_copies):
 
 
 def test_a_long_query_has_one_clip_row_and_one_row_per_window(near_copies):
-    store, _, _ = near_copies
-    seconds = read_table(store, "queries", query_id="medley")["seconds"][0]
-    rows = read_tables(store, "near_copies", query_id="medley").sort("segment", "segment_start_s")
+    root, _, _ = near_copies
+    seconds = read_table(root, "queries", query_id="medley")["seconds"][0]
+    rows = read_tables(root, "near_copies", query_id="medley").sort("segment", "segment_start_s")
     assert rows["segment"].to_list() == ["clip"] + ["window"] * 5  # 5 × 4.096 s, every window of the clip
     clip = rows.row(0, named=True)
     assert (clip["segment_start_s"], clip["segment_end_s"]) == (0.0, pytest.approx(seconds))
@@ -95,8 +97,8 @@ def test_a_long_query_has_one_clip_row_and_one_row_per_window(near_copies):
 
 
 def test_a_short_query_has_its_clip_row_only(near_copies):
-    store, _, _ = near_copies
-    assert read_tables(store, "near_copies", query_id="noisy-copy")["segment"].to_list() == ["clip"]
+    root, _, _ = near_copies
+    assert read_tables(root, "near_copies", query_id="noisy-copy")["segment"].to_list() == ["clip"]
 
 
 def test_attribute_prints_the_verdict_above_the_top_10_naming_the_copied_item(near_copies):
@@ -108,8 +110,8 @@ def test_attribute_prints_the_verdict_above_the_top_10_naming_the_copied_item(ne
 
 
 def test_the_medley_windows_name_at_least_four_of_its_five_sources(near_copies):
-    store, _, _ = near_copies
-    windows = read_tables(store, "near_copies", query_id="medley").filter(pl.col("segment") == "window")
+    root, _, _ = near_copies
+    windows = read_tables(root, "near_copies", query_id="medley").filter(pl.col("segment") == "window")
     windows = windows.sort("segment_start_s")
     named = [
         (source, row["copy_of"], row["near_copy"], round(row["copy_score"], 4))
@@ -120,15 +122,15 @@ def test_the_medley_windows_name_at_least_four_of_its_five_sources(near_copies):
 
 
 def test_per_window_attributes_each_flagged_window_as_its_own_two_stage_query(near_copies):
-    store, _, results = near_copies
+    root, _, results = near_copies
     out = results["medley"][1]
-    flagged = read_tables(store, "near_copies", query_id="medley").filter(
+    flagged = read_tables(root, "near_copies", query_id="medley").filter(
         (pl.col("segment") == "window") & pl.col("near_copy")
     )
     assert flagged.height >= 1
     for start, copy_of in flagged.select("segment_start_s", "copy_of").rows():
         child = window_query_id("medley", start)
-        scores = read_tables(store, "attribution_scores", query_id=child, config_id="two-stage")
+        scores = read_tables(root, "attribution_scores", query_id=child, config_id="two-stage")
         assert scores.height == 6, child  # one row per training item
         assert f"query {child!r}" in out
         section = out.split(f"query {child!r}")[1]

@@ -162,7 +162,7 @@ def calibrated(trained_roots, tmp_path_factory):
 def test_the_summary_view_reports_each_transform_on_the_reporting_sources_only(calibrated):
     from tda_assets.io.query_engine import QueryEngine
 
-    summary = QueryEngine(calibrated.storage).sql("SELECT * FROM near_copy_summary ORDER BY transform")
+    summary = QueryEngine(calibrated.root).sql("SELECT * FROM near_copy_summary ORDER BY transform")
     assert summary["transform"].to_list() == sorted(NEAR_COPY_TRANSFORMS)
     assert set(summary["n"].to_list()) == {3}  # 3 reporting sources; the 3 development ones are not reported
     assert set(summary["false_positive_n"].to_list()) == {2}  # one held-out render per artist

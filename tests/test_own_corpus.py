@@ -52,7 +52,7 @@ def run(*argv: str) -> tuple[int, str]:
 def own_corpus(tmp_path_factory):
     """24 recordings and their manifest made here, a clean storage root and instance; prepare, attribute, export."""
     mp = pytest.MonkeyPatch()
-    folder, root, home = (tmp_path_factory.mktemp(n) for n in ("recordings", "storage", "home"))
+    folder, root_dir, home = (tmp_path_factory.mktemp(n) for n in ("recordings", "storage", "home"))
     rng = np.random.default_rng(7)
     rows = []
     for a in range(ARTISTS):
@@ -72,7 +72,7 @@ def own_corpus(tmp_path_factory):
     source, _ = sf.read(folder / f"{COPIED}.wav", dtype="float32")
     copy = (0.5 * resample_poly(source, 160, 147, axis=0)).astype(np.float32)  # 44.1 → 48 kHz, −6 dB
     sf.write(folder / "copy-48k.wav", copy, 48000, subtype="PCM_24")
-    for name, value in {"DAGSTER_HOME": str(home), "TDA_STORAGE_URL": str(root), "TDA_TRAIN_STEPS": "60"}.items():
+    for name, value in {"DAGSTER_HOME": str(home), "TDA_STORAGE_URL": str(root_dir), "TDA_TRAIN_STEPS": "60"}.items():
         mp.setenv(name, value)
     times, results = {}, {}
     for name, argv in {
@@ -85,7 +85,7 @@ def own_corpus(tmp_path_factory):
         results[name] = run(*argv)
         times[name] = time.perf_counter() - start
     print("\n[own corpus] wall time: " + ", ".join(f"{k} {v:.1f}s" for k, v in times.items()))
-    yield Storage(str(root)), folder, results
+    yield Storage(str(root_dir)), folder, results
     mp.undo()
 
 
@@ -95,13 +95,13 @@ def test_every_command_exits_zero(own_corpus):
 
 
 def test_recordings_of_any_length_and_rate_become_training_items(own_corpus):
-    store, _, _ = own_corpus
-    assert read_table(store, "training_manifest").height == ARTISTS * PER_ARTIST
+    root, _, _ = own_corpus
+    assert read_table(root, "training_manifest").height == ARTISTS * PER_ARTIST
 
 
 def test_the_48k_copy_at_another_gain_ranks_its_training_item_first(own_corpus):
-    store, _, results = own_corpus
-    scores = read_tables(store, "attribution_scores", query_id="the-copy", config_id="default")
+    root, _, results = own_corpus
+    scores = read_tables(root, "attribution_scores", query_id="the-copy", config_id="default")
     assert scores.sort("rank")["item_id"][0] == COPIED
     table = results["attribute"][1].split("Top-5")[1].splitlines()
     first_row = table[next(i for i, line in enumerate(table) if line.startswith("╞")) + 1]
@@ -109,8 +109,8 @@ def test_the_48k_copy_at_another_gain_ranks_its_training_item_first(own_corpus):
 
 
 def test_the_query_records_its_source_rate_channels_and_windows(own_corpus):
-    store, _, _ = own_corpus
-    row = read_table(store, "queries", query_id="the-copy").row(0, named=True)
+    root, _, _ = own_corpus
+    row = read_table(root, "queries", query_id="the-copy").row(0, named=True)
     assert (row["source_rate"], row["source_channels"]) == (48000, 2)
     assert row["windows"] == max(1, round(row["seconds"] / 4.096 - 0.5 + 1e-9) if row["seconds"] > 4.096 else 1)
     assert row["audio_uri"].endswith("uploads/the-copy.wav")  # copied into the storage root

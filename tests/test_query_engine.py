@@ -67,9 +67,9 @@ def query_row(q: str, target: str | None, seed: int = 1) -> pl.DataFrame:
     )
 
 
-def add_query_with_unlearning(storage: Storage, q: str, target: str | None, scores: list[float]) -> None:
+def add_query_with_unlearning(root: Storage, q: str, target: str | None, scores: list[float]) -> None:
     """Query `q` and its unlearning scores of configuration `default` (mean ΔL, every item rescored)."""
-    write_table(storage, "queries", query_row(q, target), query_id=q)
+    write_table(root, "queries", query_row(q, target), query_id=q)
     unlearning = ranked(scores).with_columns(
         method=pl.lit("unlearning"),
         relative_score="score",
@@ -80,10 +80,10 @@ def add_query_with_unlearning(storage: Storage, q: str, target: str | None, scor
         draws_used=1,
         **IDENTITY,
     )
-    write_table(storage, "attribution_scores", unlearning, **IDENTITY_VALUES, query_id=q, config_id="default")
+    write_table(root, "attribution_scores", unlearning, **IDENTITY_VALUES, query_id=q, config_id="default")
 
 
-def write_tiny_dataset(storage: Storage) -> None:
+def write_tiny_dataset(root: Storage) -> None:
     """Six items by three artists, queries `0012` (target A) and `q2` (target B), one configuration."""
     manifest = pl.DataFrame(
         {
@@ -95,19 +95,19 @@ def write_tiny_dataset(storage: Storage) -> None:
             "shard": ["s0", "s0", "s0", "s1", "s1", "s1"],
         }
     )
-    write_table(storage, "training_manifest", manifest)
+    write_table(root, "training_manifest", manifest)
     for q, target in [("0012", "A"), ("q2", "B")]:
         run = {"query_id": q, "config_id": "default"}
-        add_query_with_unlearning(storage, q, target, UNLEARNING[q])
+        add_query_with_unlearning(root, q, target, UNLEARNING[q])
         write_table(
-            storage,
+            root,
             "similarity_scores",
             ranked(SIMILARITY[q]).with_columns(**IDENTITY),
             query_id=q,
             method="similarity:audio",
         )
         write_table(
-            storage,
+            root,
             "unlearning_runs",
             row(
                 query_loss_before=1.0,
@@ -124,14 +124,14 @@ def write_tiny_dataset(storage: Storage) -> None:
             **IDENTITY_VALUES,
         )
         losses = pl.DataFrame({"item_id": list(ITEMS), "draw": [0] * 6, "loss": [1.0] * 6, "loss_masked": [1.0] * 6})
-        write_table(storage, "unlearned_losses", losses, **run, checkpoint_id="c", protocol_id="p")
+        write_table(root, "unlearned_losses", losses, **run, checkpoint_id="c", protocol_id="p")
     config = row(**settings_row(UnlearningSettings(lr=1e-3, optimizer="sgd", query_draws=8, damping=1e-8)))
-    write_table(storage, "unlearning_configs", config, config_id="default")
+    write_table(root, "unlearning_configs", config, config_id="default")
     for shard in ("s0", "s1"):
         losses = row(item_id="i1", draw=0, t=0.5, loss=1.0, loss_masked=1.0, features_digest="f")
-        write_table(storage, "baseline_losses", losses, shard=shard, checkpoint_id="c", protocol_id="p")
+        write_table(root, "baseline_losses", losses, shard=shard, checkpoint_id="c", protocol_id="p")
     write_table(
-        storage,
+        root,
         "consistency",
         pl.DataFrame(
             CONSISTENCY, schema=["query_id", "left", "right", "metric", "k", "value"], orient="row"
@@ -174,14 +174,14 @@ def write_tiny_dataset(storage: Storage) -> None:
         ],
         how="diagonal_relaxed",
     )
-    write_table(storage, "counterfactual", counterfactual, **IDENTITY_VALUES)
+    write_table(root, "counterfactual", counterfactual, **IDENTITY_VALUES)
 
 
 @pytest.fixture
 def engine(tmp_path) -> QueryEngine:
-    storage = Storage(str(tmp_path / "root"))
-    write_tiny_dataset(storage)
-    return QueryEngine(storage, protocol_id="p", checkpoint_id="c")  # the identity the named queries report
+    root = Storage(str(tmp_path / "root"))
+    write_tiny_dataset(root)
+    return QueryEngine(root, protocol_id="p", checkpoint_id="c")  # the identity the named queries report
 
 
 def test_views_return_the_rows(engine):
@@ -258,12 +258,12 @@ def test_named_queries_run_on_a_fresh_root(tmp_path):
 
 
 def test_new_files_are_seen_by_the_next_query(engine):
-    write_table(engine.storage, "queries", query_row("q3", None, seed=2), query_id="q3")
+    write_table(engine.root, "queries", query_row("q3", None, seed=2), query_id="q3")
     assert engine.sql("SELECT query_id FROM queries ORDER BY 1")["query_id"].to_list() == ["0012", "q2", "q3"]
 
 
 def test_views_ignore_temp_files_of_killed_writes(engine):
-    folder = engine.storage.local_path("queries/query_id=q2")
+    folder = engine.root.local_path("queries/query_id=q2")
     with open(f"{folder}/.part-0.parquet.deadbeef.tmp", "wb") as f:
         f.write(b"half a file")
     assert engine.table_counts()["queries"] == 2
@@ -369,14 +369,14 @@ def test_an_own_sql_dir_reads_tables_through_the_registry(tmp_path, engine):
     (tmp_path / "sql" / "views.sql").write_text(
         "CREATE OR REPLACE VIEW only_items AS SELECT * FROM {table:training_manifest};"
     )
-    assert QueryEngine(engine.storage, tmp_path / "sql").table_counts() == {"only_items": 6}
+    assert QueryEngine(engine.root, tmp_path / "sql").table_counts() == {"only_items": 6}
 
 
 def test_a_view_of_a_table_not_in_the_registry_is_refused(tmp_path, engine):
     (tmp_path / "sql").mkdir()
     (tmp_path / "sql" / "views.sql").write_text("CREATE OR REPLACE VIEW x AS SELECT * FROM {table:no_such_table};")
     with pytest.raises(QueryEngineError, match=r"no_such_table.*not a table of the layout"):
-        QueryEngine(engine.storage, tmp_path / "sql").table_counts()
+        QueryEngine(engine.root, tmp_path / "sql").table_counts()
 
 
 def test_tda_sql_dir_from_the_environment_reaches_the_cli(tmp_path, monkeypatch, engine, capsys):
@@ -387,24 +387,22 @@ def test_tda_sql_dir_from_the_environment_reaches_the_cli(tmp_path, monkeypatch,
         "CREATE OR REPLACE VIEW only_items AS SELECT * FROM {table:training_manifest};"
     )
     monkeypatch.setenv("TDA_SQL_DIR", str(tmp_path / "sql"))
-    monkeypatch.setenv("TDA_STORAGE_URL", engine.storage.url)
+    monkeypatch.setenv("TDA_STORAGE_URL", engine.root.url)
     assert main(["sql", "SELECT count(*) AS n FROM only_items"]) == 0
     assert "6" in capsys.readouterr().out
 
 
 def test_consistency_table_calls_only_other_seeds_of_equal_fields_a_seed_rerun(engine):
     base = UnlearningSettings(lr=1e-3, optimizer="sgd", query_draws=8, damping=1e-8)
-    write_table(engine.storage, "unlearning_configs", row(**settings_row(replace(base, seed=1))), config_id="seed1")
-    write_table(
-        engine.storage, "unlearning_configs", row(**settings_row(base)), config_id="copy"
-    )  # the default, renamed
+    write_table(engine.root, "unlearning_configs", row(**settings_row(replace(base, seed=1))), config_id="seed1")
+    write_table(engine.root, "unlearning_configs", row(**settings_row(base)), config_id="copy")  # the default, renamed
     consistency = pl.DataFrame(
         [("0012", "unlearning:default", "unlearning:copy", "jaccard", 10, 1.0)],
         schema=["query_id", "left", "right", "metric", "k", "value"],
         orient="row",
     )
     write_table(
-        engine.storage,
+        engine.root,
         "consistency",
         pl.concat([pl.DataFrame(CONSISTENCY, schema=consistency.columns, orient="row"), consistency]).with_columns(
             **IDENTITY
@@ -432,8 +430,8 @@ def test_cross_query_overlap_known_values_in_sql_and_in_the_report(engine):
 
     # top-3 of `default`: 0012 (A) {i1, i2, i3}, q2 (B) {i3, i4, i6}; q3 (A, like 0012) {i4, i5, i6};
     # u (a user's query, no target artist) {i1, i2, i3}: left out, else it would pair with q2 and q3
-    add_query_with_unlearning(engine.storage, "q3", "A", [0.0, 0.0, 0.0, 0.9, 0.8, 0.7])
-    add_query_with_unlearning(engine.storage, "u", None, UNLEARNING["0012"])
+    add_query_with_unlearning(engine.root, "q3", "A", [0.0, 0.0, 0.0, 0.9, 0.8, 0.7])
+    add_query_with_unlearning(engine.root, "u", None, UNLEARNING["0012"])
     # pairs of different artists: 0012–q2 1/5, q2–q3 2/4 (0012–q3 share artist A): mean 0.35 over 2 pairs.
     # similarity:audio (0012 and q2 only): {i3, i1, i6} vs {i4, i5, i3} = 1/5 over 1 pair
     df = engine.named("cross_query_overlap", k=3)
@@ -443,7 +441,7 @@ def test_cross_query_overlap_known_values_in_sql_and_in_the_report(engine):
     ]
     assert df["cross_query_jaccard"].to_list() == pytest.approx([0.2, 0.35])
     rows = cross_query_rows(
-        score_vectors(engine.storage, Identity("c", "p")), {"0012": "A", "q2": "B", "q3": "A", "u": None}, k=3
+        score_vectors(engine.root, Identity("c", "p")), {"0012": "A", "q2": "B", "q3": "A", "u": None}, k=3
     )
     assert rows == [
         {"ranking": "similarity:audio", "cross_query_jaccard_3": 0.2, "query_pairs": 1, "queries": 2},
@@ -479,7 +477,7 @@ def test_replication_summary_gives_share_first_and_its_lower_bound(engine):
             for s, r in enumerate(rs)
         ]
     ).with_columns(**IDENTITY)
-    write_table(engine.storage, "replication", rows, **IDENTITY_VALUES, config_id="default")
+    write_table(engine.root, "replication", rows, **IDENTITY_VALUES, config_id="default")
     got = {r["transform"]: r for r in engine.named("replication_summary").iter_rows(named=True)}
     assert (got["gain_-6db"]["share_first"], got["noise_30db"]["share_first"]) == (1.0, 0.5)
     assert got["gain_-6db"]["share_first_low"] == pytest.approx(0.51011, abs=1e-5)
@@ -503,6 +501,6 @@ def test_a_source_whose_unlearning_failed_is_counted_as_failed_and_not_first(eng
         ],
         schema=TABLES["replication"].polars_schema(),
     )  # the table's other columns null
-    write_table(engine.storage, "replication", rows, **IDENTITY_VALUES, config_id="default")
+    write_table(engine.root, "replication", rows, **IDENTITY_VALUES, config_id="default")
     got = engine.named("replication_summary").row(0, named=True)
     assert (got["sources"], got["failed"], got["share_first"], got["mean_rank"]) == (3, 1, pytest.approx(2 / 3), 1.0)

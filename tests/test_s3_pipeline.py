@@ -30,40 +30,40 @@ N = ARTISTS * CLIPS
 MANIFEST = {"clips_per_artist": CLIPS, "artists": ARTISTS}
 
 
-def usage(store: Storage) -> dict[str, int]:
+def usage(root: Storage) -> dict[str, int]:
     """`key → bytes` of every object under the storage root."""
-    store.fs.invalidate_cache()
-    found = store.fs.find(store.root, detail=True)
-    return {path[len(store.root) + 1 :]: int(info["size"]) for path, info in found.items()}
+    root.fs.invalidate_cache()
+    found = root.fs.find(root.fs_path, detail=True)
+    return {path[len(root.fs_path) + 1 :]: int(info["size"]) for path, info in found.items()}
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory):
     mp = pytest.MonkeyPatch()
     mp.setattr(tempfile, "tempdir", str(tmp_path_factory.mktemp("tmp")))  # local model copies land in the test's tmp
-    root = use_moto(mp, shared_moto_endpoint(), prefix="tda")
+    root_url = use_moto(mp, shared_moto_endpoint(), prefix="tda")
     mp.setenv("TDA_TRAIN_STEPS", "40")
-    mp.setenv("TDA_STORAGE_URL", root)  # for the `tda` console commands
-    yield mp, root
+    mp.setenv("TDA_STORAGE_URL", root_url)  # for the `tda` console commands
+    yield mp, root_url
     mp.undo()
 
 
 @pytest.fixture(scope="module")
 def s3_run(env):
     """Training side and one built-in query on S3; records what one query's run added to the bucket."""
-    mp, root = env
+    mp, root_url = env
     instance = DagsterInstance.ephemeral()
-    runner = Runner.create(instance, root, log=lambda _m: None)
+    runner = Runner.create(instance, root_url, log=lambda _m: None)
     start = time.perf_counter()
     runner.training_side(MANIFEST)
-    store = runner.resources["storage"].storage()
-    builtin_queries(store, artists=1)
+    root = runner.resources["storage"].root()
+    builtin_queries(root, artists=1)
     (qid,) = runner.requested_queries()
-    before = usage(store)
+    before = usage(root)
     query_start = time.perf_counter()
     runner.attribute(qid, UnlearningConfig(lr=100.0))
     query_seconds = time.perf_counter() - query_start
-    after = usage(store)
+    after = usage(root)
     added = {k: v for k, v in after.items() if k not in before}
     size = sum(after.values()) - sum(before.values())
     print(
@@ -73,22 +73,22 @@ def s3_run(env):
     )
     for name, n in sorted(added.items()):
         print(f"    + {name} ({n} B)")
-    return runner, store, qid, added
+    return runner, root, qid, added
 
 
 @pytest.fixture(scope="module")
 def external_run(env, s3_run):
     """A second storage prefix whose checkpoint source is an s3:// copy of the first run's model folder."""
-    mp, root = env
-    _, store, _, _ = s3_run
-    record = read_checkpoint_record(store)
-    bucket = store.bucket
+    mp, root_url = env
+    _, root, _, _ = s3_run
+    record = read_checkpoint_record(root)
+    bucket = root.bucket
     model_url = f"s3://{bucket}/models/tiny-embedded"
     models = Storage(model_url)
-    files = store.listing(record.folder_key)
+    files = root.listing(record.folder_key)
     for rel in files:
         if rel != "_SUCCESS":  # as `aws s3 sync` would upload it: plain objects, no marker
-            models.write_bytes(rel, store.read_bytes(f"{record.folder_key}/{rel}"))
+            models.write_bytes(rel, root.read_bytes(f"{record.folder_key}/{rel}"))
     mp.setenv("TDA_CHECKPOINT", model_url)
     runner = Runner.create(DagsterInstance.ephemeral(), f"s3://{bucket}/tda-external", log=lambda _m: None)
     mp.delenv("TDA_CHECKPOINT")
@@ -98,13 +98,13 @@ def external_run(env, s3_run):
     runner.run(["checkpoint"])
     for shard in SHARD_KEYS:
         runner.run(["baseline_losses"], shard)
-    return runner, runner.resources["storage"].storage(), model_url
+    return runner, runner.resources["storage"].root(), model_url
 
 
 def test_every_table_and_the_corpus_live_in_the_bucket(s3_run):
-    _, store, _, _ = s3_run
-    assert store.protocol == "s3" and store.local_path("x") is None
-    tops = {key.split("/", 1)[0] for key in store.listing()}
+    _, root, _, _ = s3_run
+    assert root.protocol == "s3" and root.local_path("x") is None
+    tops = {key.split("/", 1)[0] for key in root.listing()}
     assert tops >= {
         "corpus",
         "training_manifest",
@@ -123,13 +123,13 @@ def test_every_table_and_the_corpus_live_in_the_bucket(s3_run):
         "similarity_scores",
         "training_embeddings",
     }
-    manifest = read_table(store, "training_manifest")
-    assert manifest["audio_uri"].str.starts_with(store.uri("corpus/")).all()  # the corpus clips live in the bucket too
+    manifest = read_table(root, "training_manifest")
+    assert manifest["audio_uri"].str.starts_with(root.uri("corpus/")).all()  # the corpus clips live in the bucket too
 
 
 def test_query_engine_over_s3_counts_every_table(s3_run):
-    _, store, _, _ = s3_run
-    counts = QueryEngine(store).table_counts()
+    _, root, _, _ = s3_run
+    counts = QueryEngine(root).table_counts()
     assert counts["training_items"] == N
     assert counts["baseline_losses"] == N * 16
     assert counts["queries"] == 1 and counts["unlearning_runs"] == 1
@@ -137,19 +137,19 @@ def test_query_engine_over_s3_counts_every_table(s3_run):
 
 
 def test_query_engine_over_s3_ranks_every_item_once(s3_run):
-    _, store, qid, _ = s3_run
-    df = QueryEngine(store).sql(
+    _, root, qid, _ = s3_run
+    df = QueryEngine(root).sql(
         "select query_id, count(*) n, min(rank) lo, max(rank) hi, count(distinct item_id) items from attributions "
         "where method = 'unlearning' group by query_id"
     )
     assert df.rows() == [(qid, N, 1, N, N)]
-    runs = QueryEngine(store).sql("select query_loss_before, query_loss_after from unlearning_runs")
+    runs = QueryEngine(root).sql("select query_loss_before, query_loss_after from unlearning_runs")
     assert runs["query_loss_after"][0] > runs["query_loss_before"][0]
 
 
 def test_tda_sql_console_reads_the_s3_tables(s3_run, capsys):
-    _, store, qid, _ = s3_run
-    expected = QueryEngine(store).sql("select item_id, artist from training_items order by item_id")
+    _, root, qid, _ = s3_run
+    expected = QueryEngine(root).sql("select item_id, artist from training_items order by item_id")
     assert cli.main(["sql", "select item_id, artist from training_items order by item_id"]) == 0
     out = capsys.readouterr().out
     for item_id, artist in expected.rows():
@@ -167,9 +167,9 @@ def test_tda_query_console_runs_a_named_query_on_s3(s3_run, capsys):
 
 
 def test_one_query_adds_only_its_own_partitions(s3_run):
-    runner, store, qid, added = s3_run
+    runner, root, qid, added = s3_run
     params = runner.instance.get_latest_materialization_event(AssetKey("checkpoint")).asset_materialization.metadata
-    record = read_checkpoint_record(store)
+    record = read_checkpoint_record(root)
     delta = added[
         key(
             "unlearned_delta",
@@ -188,13 +188,13 @@ def test_one_query_adds_only_its_own_partitions(s3_run):
 
 
 def test_s3_folder_checkpoint_is_recorded_as_external(external_run):
-    runner, store, model_url = external_run
-    record = read_checkpoint_record(store)
+    runner, root, model_url = external_run
+    record = read_checkpoint_record(root)
     assert record.kind == "external" and record.source == model_url and record.checkpoint_id.startswith("s3-")
     assert record.encoder_id == record.checkpoint_id  # an external model's features come from its own encoders
     meta = runner.instance.get_latest_materialization_event(AssetKey("checkpoint")).asset_materialization.metadata
     assert meta["kind"].value == "external" and meta["source"].value == model_url
-    assert not store.glob("checkpoint/*/transformer/*")  # no copy of the weights under the second root
+    assert not root.glob("checkpoint/*/transformer/*")  # no copy of the weights under the second root
 
 
 def test_s3_folder_checkpoint_gives_the_same_baseline_losses(s3_run, external_run):
@@ -209,16 +209,16 @@ def test_s3_folder_checkpoint_gives_the_same_baseline_losses(s3_run, external_ru
 
 
 def test_an_empty_shard_is_an_empty_table_not_a_failure(s3_run):
-    _, store, _, _ = s3_run
-    shards = read_table(store, "training_manifest")["shard"].unique().to_list()
+    _, root, _, _ = s3_run
+    shards = read_table(root, "training_manifest")["shard"].unique().to_list()
     empty = sorted(set(SHARD_KEYS) - set(shards))
     assert empty  # 6 items over 4 shards leave one empty (hash of the ids)
-    record = read_checkpoint_record(store)
+    record = read_checkpoint_record(root)
     for shard in empty:
-        assert not store.exists(key("training_features", encoder_id=record.encoder_id, shard=shard))
+        assert not root.exists(key("training_features", encoder_id=record.encoder_id, shard=shard))
         assert (
             read_table(
-                store, "baseline_losses", checkpoint_id=record.checkpoint_id, protocol_id="s0-k16", shard=shard
+                root, "baseline_losses", checkpoint_id=record.checkpoint_id, protocol_id="s0-k16", shard=shard
             ).height
             == 0
         )

@@ -31,34 +31,32 @@ QUERY = pl.DataFrame(
 
 
 def test_s3_root_honours_aws_endpoint_url(s3_root):
-    storage = Storage(s3_root)
-    assert storage.protocol == "s3" and storage.endpoint_url.startswith("http://127.0.0.1:")
-    storage.check()
+    root = Storage(s3_root)
+    assert root.protocol == "s3" and root.endpoint_url.startswith("http://127.0.0.1:")
+    root.check()
 
 
 def test_parquet_and_tensors_round_trip(s3_root):
-    storage = Storage(s3_root)
-    assert storage.write_parquet(KEY, QUERY) == f"{s3_root}/{KEY}"
-    assert storage.read_parquet(KEY).equals(QUERY)
-    storage.write_tensors("deltas/q.safetensors", {"w": torch.ones(2, 2)}, metadata={"config_id": "default"})
-    tensors, meta = storage.read_tensors("deltas/q.safetensors")
+    root = Storage(s3_root)
+    assert root.write_parquet(KEY, QUERY) == f"{s3_root}/{KEY}"
+    assert root.read_parquet(KEY).equals(QUERY)
+    root.write_tensors("deltas/q.safetensors", {"w": torch.ones(2, 2)}, metadata={"config_id": "default"})
+    tensors, meta = root.read_tensors("deltas/q.safetensors")
     assert torch.equal(tensors["w"], torch.ones(2, 2)) and meta == {"config_id": "default"}
-    assert storage.read_tensors_metadata("deltas/q.safetensors") == {
-        "config_id": "default"
-    }  # ranged reads of the header
-    storage.write_tensors("g.safetensors", {"rows": torch.ones(64, 8), "norms": torch.tensor([3.0, 4.0])})
-    assert storage.read_tensor("g.safetensors", "norms")[0].tolist() == [3.0, 4.0]  # by range: not the rows
-    assert storage.local_path(KEY) is None
+    assert root.read_tensors_metadata("deltas/q.safetensors") == {"config_id": "default"}  # ranged reads of the header
+    root.write_tensors("g.safetensors", {"rows": torch.ones(64, 8), "norms": torch.tensor([3.0, 4.0])})
+    assert root.read_tensor("g.safetensors", "norms")[0].tolist() == [3.0, 4.0]  # by range: not the rows
+    assert root.local_path(KEY) is None
 
 
 def test_glob_right_after_a_write_sees_the_new_object(s3_root):
-    storage = Storage(s3_root)
-    write_table(storage, "queries", QUERY, query_id="0012")
-    assert storage.glob("queries/*/part-*.parquet") == [KEY]
-    write_table(storage, "queries", QUERY, query_id="q2")
-    assert storage.glob("queries/*/part-*.parquet") == [KEY, "queries/query_id=q2/part-0.parquet"]
-    storage.delete("queries", recursive=True)
-    assert storage.glob("queries/*/part-*.parquet") == [] and not storage.exists(KEY)
+    root = Storage(s3_root)
+    write_table(root, "queries", QUERY, query_id="0012")
+    assert root.glob("queries/*/part-*.parquet") == [KEY]
+    write_table(root, "queries", QUERY, query_id="q2")
+    assert root.glob("queries/*/part-*.parquet") == [KEY, "queries/query_id=q2/part-0.parquet"]
+    root.delete("queries", recursive=True)
+    assert root.glob("queries/*/part-*.parquet") == [] and not root.exists(KEY)
 
 
 def test_a_second_storage_object_sees_writes_of_the_first(s3_root):
@@ -69,12 +67,12 @@ def test_a_second_storage_object_sees_writes_of_the_first(s3_root):
 
 
 def test_put_dir_and_get_dir(s3_root, tmp_path):
-    storage = Storage(s3_root)
+    root = Storage(s3_root)
     (tmp_path / "model" / "unet").mkdir(parents=True)
     (tmp_path / "model" / "unet" / "config.json").write_text('{"a": 1}')
-    storage.put_dir(tmp_path / "model", "checkpoints/m")
-    assert storage.exists("checkpoints/m/_SUCCESS")
-    out = storage.get_dir("checkpoints/m", tmp_path / "copy")
+    root.put_dir(tmp_path / "model", "checkpoints/m")
+    assert root.exists("checkpoints/m/_SUCCESS")
+    out = root.get_dir("checkpoints/m", tmp_path / "copy")
     assert (out / "unet" / "config.json").read_text() == '{"a": 1}' and not (out / "_SUCCESS").exists()
 
 
@@ -84,9 +82,9 @@ def test_missing_object_names_it(s3_root):
 
 
 def test_views_over_s3_through_the_registered_filesystem(s3_root):
-    storage = Storage(s3_root)
-    write_tiny_dataset(storage)
-    engine = QueryEngine(storage, protocol_id="p", checkpoint_id="c")  # the tiny dataset's identity
+    root = Storage(s3_root)
+    write_tiny_dataset(root)
+    engine = QueryEngine(root, protocol_id="p", checkpoint_id="c")  # the tiny dataset's identity
     top = engine.named("top_k", k=1).filter(pl.col("method") == "unlearning")
     assert top.select("query_id", "item_id", "artist").rows() == [("0012", "i1", "A"), ("q2", "i3", "B")]
     con = engine.connect()
@@ -104,17 +102,17 @@ def test_empty_s3_root_gives_empty_views(s3_root):
 
 
 def test_filter_on_query_id_reads_only_that_partition(s3_root):
-    storage = Storage(s3_root)
-    write_tiny_dataset(storage)
+    root = Storage(s3_root)
+    write_tiny_dataset(root)
     opened: list[str] = []
-    real_open = storage.fs.open
+    real_open = root.fs.open
 
     def counting_open(path, *args, **kwargs):
         opened.append(str(path))
         return real_open(path, *args, **kwargs)
 
-    storage.fs.open = counting_open  # the instance DuckDB's registered filesystem calls
-    df = QueryEngine(storage).sql("SELECT method, item_id, score FROM attributions WHERE query_id = '0012'")
+    root.fs.open = counting_open  # the instance DuckDB's registered filesystem calls
+    df = QueryEngine(root).sql("SELECT method, item_id, score FROM attributions WHERE query_id = '0012'")
     assert df.height == 12  # 6 unlearning + 6 similarity rows
     score_files = {p.removeprefix(f"{s3_root}/") for p in opened if "_scores/" in p}
     assert score_files == {
@@ -128,9 +126,9 @@ def test_unreachable_endpoint_is_one_clear_error(s3_root):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     no_retries = {"config_kwargs": {"retries": {"max_attempts": 1}}}
-    storage = Storage(s3_root, endpoint_url=f"http://127.0.0.1:{port}", storage_options=no_retries)
+    root = Storage(s3_root, endpoint_url=f"http://127.0.0.1:{port}", storage_options=no_retries)
     with pytest.raises(StorageError, match=rf"cannot reach the S3 endpoint http://127.0.0.1:{port}.*AWS_ENDPOINT_URL"):
-        storage.check()
+        root.check()
 
 
 def test_missing_bucket_is_one_clear_error(s3_root):

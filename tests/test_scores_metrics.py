@@ -8,7 +8,6 @@ from tda_assets.attribution.metrics import (
     cross_query_overlap,
     jaccard,
     jaccard_at_k,
-    self_attribution_rate,
     spearman,
 )
 from tda_assets.attribution.scores import attribution_scores, rank_descending, ranking_score
@@ -23,7 +22,7 @@ def test_score_is_mean_loss_change_and_rank_one_is_the_largest():
     assert s["rank"].tolist() == [1, 2, 3]
 
 
-def test_shares_are_positive_scores_renormalised():
+def test_shares_are_positive_scores_renormalized():
     base = np.zeros((3, 1)) + 1.0
     after = base + np.array([[0.3], [0.1], [-0.4]])
     np.testing.assert_allclose(attribution_scores(base, after)["share"], [0.75, 0.25, 0.0])
@@ -55,10 +54,6 @@ def test_jaccard_counts_top_k_overlap():
 def test_spearman_of_reversed_ranking_is_minus_one():
     a = np.arange(10.0)
     assert spearman(a, a[::-1]) == pytest.approx(-1.0)
-
-
-def test_self_attribution_rate_counts_rank_one():
-    assert self_attribution_rate([1, 1, 3, 1]) == 0.75
 
 
 def test_compare_caps_k_at_item_count():

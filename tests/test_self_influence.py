@@ -12,7 +12,7 @@ from tda_assets.attribution.self_influence import (
     choose_targets,
     development_targets,
     neighbour_similarity,
-    summarise,
+    summarize,
     targets_of,
     wilson_lower,
 )
@@ -34,8 +34,8 @@ def test_one_target_per_blob_nearest_its_centre():
     unit = x / np.linalg.norm(x, axis=1, keepdims=True)
     for i in idx:  # the chosen item is its blob's item nearest the blob's mean direction
         members = np.flatnonzero(label == label[i])
-        centre = unit[members].mean(0)
-        assert i == members[np.argmin(((unit[members] - centre) ** 2).sum(1))]
+        center = unit[members].mean(0)
+        assert i == members[np.argmin(((unit[members] - center) ** 2).sum(1))]
     assert choose_targets(x, ids, 4, seed=0) == targets
 
 
@@ -48,7 +48,7 @@ def test_targets_are_distinct_even_when_there_are_more_targets_than_blobs():
 
 
 def test_summary_mean_rank_and_share_first():
-    s = summarise([1, 1, 4, 2])
+    s = summarize([1, 1, 4, 2])
     assert (s.targets, s.mean_rank, s.share_first, s.top_k_similarity) == (4, 2.0, 0.5, None)
 
 
@@ -56,7 +56,7 @@ def test_neighbour_similarity_of_top_and_bottom_attributed_items_excludes_the_ta
     emb = np.array([[1.0, 0.0], [1.0, 0.0], [0.6, 0.8], [0.0, 1.0], [-1.0, 0.0]])
     rank = np.array([1, 2, 3, 4, 5])  # item 0 (the target) first, then its twin, …, its opposite last
     assert neighbour_similarity(rank, emb, target=0, k=2) == pytest.approx((0.8, -0.5))
-    s = summarise([1, 2], rankings=[rank, rank[::-1].copy()], embeddings=emb, target_indices=[0, 0], k=1)
+    s = summarize([1, 2], rankings=[rank, rank[::-1].copy()], embeddings=emb, target_indices=[0, 0], k=1)
     assert s.top_k_similarity == pytest.approx((1.0 + -1.0) / 2) and s.bottom_k_similarity == pytest.approx(
         (-1.0 + 1.0) / 2
     )

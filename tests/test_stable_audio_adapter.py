@@ -11,7 +11,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or min(2, os.cpu_count() or 1)))  # as tests/conftest.py
 
 from tda_assets.attribution.adapter import ItemBatch  # noqa: E402
 from tda_assets.attribution.devices import Compute  # noqa: E402

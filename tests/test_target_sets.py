@@ -52,50 +52,50 @@ def replication_rows(target_set: str, ranks: list[int], snr: float) -> pl.DataFr
 
 
 @pytest.fixture
-def storage(tmp_path) -> Storage:
-    store = Storage(str(tmp_path / "root"))
+def root(tmp_path) -> Storage:
+    root = Storage(str(tmp_path / "root"))
     keys = {**IDENTITY, "config_id": "default"}
     # 16 development targets all first (what tuned the default), 8 reporting targets of which 6 first
     write_replacing(
-        store,
+        root,
         "self_influence",
         self_influence_rows("reporting", [1] * 6 + [2, 5], [1.1] * 7 + [1.32]),
         "target_set",
         **keys,
     )
     write_replacing(
-        store, "self_influence", self_influence_rows("development", [1] * 16, [1.1] * 16), "target_set", **keys
+        root, "self_influence", self_influence_rows("development", [1] * 16, [1.1] * 16), "target_set", **keys
     )
-    write_replacing(store, "replication", replication_rows("reporting", [1, 1, 3, 1], 10.1), "target_set", **keys)
-    write_replacing(store, "replication", replication_rows("development", [1] * 16, 9.0), "target_set", **keys)
-    return store
+    write_replacing(root, "replication", replication_rows("reporting", [1, 1, 3, 1], 10.1), "target_set", **keys)
+    write_replacing(root, "replication", replication_rows("development", [1] * 16, 9.0), "target_set", **keys)
+    return root
 
 
-def test_a_development_run_is_kept_beside_the_reporting_run(storage):
-    rows = read_table(storage, "self_influence", **IDENTITY, config_id="default")
+def test_a_development_run_is_kept_beside_the_reporting_run(root):
+    rows = read_table(root, "self_influence", **IDENTITY, config_id="default")
     assert rows.group_by("target_set").len().sort("target_set").rows() == [("development", 16), ("reporting", 8)]
     # a second reporting run replaces the reporting rows only
     write_replacing(
-        storage,
+        root,
         "self_influence",
         self_influence_rows("reporting", [1, 1], [1.1, 1.1]),
         "target_set",
         **IDENTITY,
         config_id="default",
     )
-    rows = read_table(storage, "self_influence", **IDENTITY, config_id="default")
+    rows = read_table(root, "self_influence", **IDENTITY, config_id="default")
     assert rows.group_by("target_set").len().sort("target_set").rows() == [("development", 16), ("reporting", 2)]
 
 
-def test_the_self_influence_summary_reports_the_reporting_targets_only(storage):
-    summary = QueryEngine(storage, **IDENTITY).named("self_influence_summary").row(0, named=True)
+def test_the_self_influence_summary_reports_the_reporting_targets_only(root):
+    summary = QueryEngine(root, **IDENTITY).named("self_influence_summary").row(0, named=True)
     # 6 of 8 first, R = (6 + 2 + 5) / 8; the Wilson lower end of 6/8 by hand: 0.4093; spread 1.32 / 1.1
     assert (summary["targets"], summary["share_first"], summary["r_mean_rank"]) == (8, 0.75, pytest.approx(13 / 8))
     assert summary["share_first_low"] == pytest.approx(0.4093, abs=1e-4)
     assert summary["loss_ratio_spread"] == pytest.approx(1.2)
 
 
-def test_the_replication_summary_reports_reporting_sources_with_their_snr(storage):
-    summary = QueryEngine(storage, **IDENTITY).named("replication_summary").row(0, named=True)
+def test_the_replication_summary_reports_reporting_sources_with_their_snr(root):
+    summary = QueryEngine(root, **IDENTITY).named("replication_summary").row(0, named=True)
     assert (summary["sources"], summary["share_first"], summary["snr_db"]) == (4, 0.75, pytest.approx(10.1))
     assert summary["share_first_low"] == pytest.approx(0.3006, abs=1e-4)  # Wilson, 3 of 4

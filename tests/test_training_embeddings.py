@@ -46,21 +46,21 @@ def prepared(trained_roots, tmp_path_factory):
     mp = pytest.MonkeyPatch()
     runner = trained_roots.runner(SMALL, tmp_path_factory.mktemp("storage"), mp)
     runner.log_level = "WARNING"
-    add_query(runner.storage, "a plucked guitar tune", query_id="q0")
+    add_query(runner.root, "a plucked guitar tune", query_id="q0")
     runner.clip("q0")
-    record = read_checkpoint_record(runner.storage)
+    record = read_checkpoint_record(runner.root)
     yield runner, Identity(record.checkpoint_id, PROTOCOL), record.encoder_id
     mp.undo()
 
 
 def shards_with_items(runner: Runner) -> list[str]:
-    return sorted(read_table(runner.storage, "training_manifest")["shard"].unique().to_list())
+    return sorted(read_table(runner.root, "training_manifest")["shard"].unique().to_list())
 
 
 def test_each_shard_with_items_has_its_items_embedded_under_its_identity_and_the_empty_shard_none(prepared):
     runner, identity, encoder_id = prepared
-    store = runner.storage
-    config = load_checkpoint(store, runner.resources["model_source"].model_source())[0].denoiser.config
+    root = runner.root
+    config = load_checkpoint(root, runner.resources["model_source"].model_source())[0].denoiser.config
     inner_dim = config.num_attention_heads * config.attention_head_dim
     with_items = shards_with_items(runner)
     assert with_items == ["shard-00", "shard-02", "shard-03"]
@@ -68,10 +68,10 @@ def test_each_shard_with_items_has_its_items_embedded_under_its_identity_and_the
     for shard in SHARD_KEYS:
         k = embeddings_key(identity, encoder_id, shard)
         if shard not in with_items:
-            assert not store.exists(k)
+            assert not root.exists(k)
             continue
-        emb, meta = read_embeddings(store, k)
-        features, features_meta = read_features(store, key("training_features", encoder_id=encoder_id, shard=shard))
+        emb, meta = read_embeddings(root, k)
+        features, features_meta = read_features(root, key("training_features", encoder_id=encoder_id, shard=shard))
         assert emb.item_ids == features.item_ids
         assert {n: tuple(m.shape) for n, m in emb.matrices.items()} == {
             "audio": (len(features), 2 * features.latents.shape[1]),
@@ -95,33 +95,33 @@ def test_each_shard_with_items_has_its_items_embedded_under_its_identity_and_the
 
 def test_similarity_scores_equal_the_recomputation_from_the_engine(prepared):
     runner, identity, encoder_id = prepared
-    store = runner.storage
-    adapter, _ = load_checkpoint(store, runner.resources["model_source"].model_source())
+    root = runner.root
+    adapter, _ = load_checkpoint(root, runner.resources["model_source"].model_source())
     protocol, compute = runner.resources["protocol"].protocol(), Compute()
     # what similarity_scores computed before training_embeddings: every training item embedded per query, batches of 64
     ids, embs = [], {"audio": [], "text": [], "internal": []}
-    for batch in iter_training_batches(store, encoder_id, 64):
+    for batch in iter_training_batches(root, encoder_id, 64):
         ids += batch.item_ids
         embs["audio"].append(similarity.audio_embedding(batch))
         embs["text"].append(similarity.text_embedding(batch))
         embs["internal"].append(similarity.internal_embedding(adapter, batch, protocol, compute))
-    query = query_batch(store, "q0", encoder_id)
+    query = query_batch(root, "q0", encoder_id)
     query_embs = {
         "audio": similarity.audio_embedding(query),
         "text": similarity.text_embedding(query),
         "internal": similarity.internal_embedding(adapter, query, protocol, compute),
     }
-    assert sorted(ids) == sorted(all_features(store, encoder_id).item_ids) and len(ids) == 6
+    assert sorted(ids) == sorted(all_features(root, encoder_id).item_ids) and len(ids) == 6
     for name, parts in embs.items():
         expected = similarity.cosine_scores(query_embs[name].mean(0), torch.cat(parts)).numpy()
-        stored = read_table(store, "similarity_scores", query_id="q0", method=f"similarity:{name}")
+        stored = read_table(root, "similarity_scores", query_id="q0", method=f"similarity:{name}")
         assert stored["item_id"].to_list() == ids, name
         np.testing.assert_allclose(stored["score"].to_numpy(), expected, rtol=0, atol=1e-5, err_msg=name)
         assert stored["rank"].to_list() == rank_descending(expected.astype(np.float64)).tolist(), name
         assert set(stored["checkpoint_id"]) == {identity.checkpoint_id} and set(stored["protocol_id"]) == {PROTOCOL}
     assert not np.allclose(
-        read_table(store, "similarity_scores", query_id="q0", method="similarity:internal")["score"],
-        read_table(store, "similarity_scores", query_id="q0", method="similarity:audio")["score"],
+        read_table(root, "similarity_scores", query_id="q0", method="similarity:internal")["score"],
+        read_table(root, "similarity_scores", query_id="q0", method="similarity:audio")["score"],
     )
 
 
@@ -135,19 +135,19 @@ def test_similarity_scores_embed_the_query_only(prepared, monkeypatch):
             name,
             lambda *a, _fn=fn: embedded.extend(next(x for x in a if hasattr(x, "item_ids")).item_ids) or _fn(*a),
         )
-    before = read_table(runner.storage, "similarity_scores", query_id="q0", method="similarity:internal")
+    before = read_table(runner.root, "similarity_scores", query_id="q0", method="similarity:internal")
     runner.run(["similarity_scores"], "q0")  # in process: the patched engine is the one the step calls
     assert embedded == ["q0"] * 3  # one window, three embeddings; never a training item
-    after = read_table(runner.storage, "similarity_scores", query_id="q0", method="similarity:internal")
+    after = read_table(runner.root, "similarity_scores", query_id="q0", method="similarity:internal")
     assert after.equals(before)
 
 
 def test_missing_embeddings_stop_similarity_naming_the_identity_then_prepare_makes_only_them(prepared):
     runner, identity, encoder_id = prepared
-    store = runner.storage
+    root = runner.root
     k = embeddings_key(identity, encoder_id, "shard-02")
-    kept = read_embeddings(store, k)[0]
-    store.delete(k)
+    kept = read_embeddings(root, k)[0]
+    root.delete(k)
     with pytest.raises(Exception) as error:
         runner.run(["similarity_scores"], "q0")
     message = str(error.value)
@@ -155,21 +155,21 @@ def test_missing_embeddings_stop_similarity_naming_the_identity_then_prepare_mak
         f"training_embeddings for {identity} (encoders {encoder_id}) are missing for shard(s) ['shard-02']" in message
     )
     assert "materialize training_embeddings for every shard (`tda prepare`, or the UI)" in message
-    have = current_training_phases(store, runner.resources["model_source"].model_source(), PROTOCOL)
+    have = current_training_phases(root, runner.resources["model_source"].model_source(), PROTOCOL)
     assert have == {**dict.fromkeys(have, True), "training_embeddings": False}
     runner.timings.clear()
     runner.training_side_if_needed()
     assert list(runner.timings) == ["training_embeddings"]
-    remade = read_embeddings(store, k)[0]
+    remade = read_embeddings(root, k)[0]
     assert remade.item_ids == kept.item_ids
     assert all(torch.allclose(remade.matrices[n], kept.matrices[n], atol=1e-6) for n in kept.matrices)
-    assert all(current_training_phases(store, runner.resources["model_source"].model_source(), PROTOCOL).values())
+    assert all(current_training_phases(root, runner.resources["model_source"].model_source(), PROTOCOL).values())
 
 
 def test_embeddings_of_another_protocol_are_never_used(prepared, monkeypatch):
     runner, identity, _ = prepared
     monkeypatch.setenv("TDA_PROTOCOL_SEED", "1")
-    other = Runner.create(runner.instance, runner.storage.url, log=lambda _m: None)
+    other = Runner.create(runner.instance, runner.root.url, log=lambda _m: None)
     other.log_level = "WARNING"
     with pytest.raises(Exception) as error:
         other.run(["similarity_scores"], "q0")
@@ -181,26 +181,26 @@ def test_embeddings_of_another_protocol_are_never_used(prepared, monkeypatch):
 @pytest.mark.parametrize("change", ["other manifest rows", "one item fewer"])
 def test_embeddings_made_from_other_features_are_refused(prepared, change):
     runner, identity, encoder_id = prepared
-    store = runner.storage
+    root = runner.root
     k = embeddings_key(identity, encoder_id, "shard-03")
-    original = store.read_bytes(k)
-    emb, meta = read_embeddings(store, k)
+    original = root.read_bytes(k)
+    emb, meta = read_embeddings(root, k)
     if change == "one item fewer":  # as if the features were remade since, skipping an item
         emb = Embeddings(emb.item_ids[1:], {n: m[1:] for n, m in emb.matrices.items()})
     else:  # as if the corpus changed under the same checkpoint id (an external model's)
         meta = {**meta, "manifest_digest": "0000000000000000"}
     try:
-        write_embeddings(store, k, emb, meta)
+        write_embeddings(root, k, emb, meta)
         with pytest.raises(IdentityError, match=r"shard\(s\) \['shard-03'\] were made from other training_features"):
-            read_training_embeddings(store, identity, encoder_id)
-        have = current_training_phases(store, runner.resources["model_source"].model_source(), PROTOCOL)
+            read_training_embeddings(root, identity, encoder_id)
+        have = current_training_phases(root, runner.resources["model_source"].model_source(), PROTOCOL)
         assert have == {**dict.fromkeys(have, True), "training_embeddings": False}
     finally:
-        store.write_bytes(k, original)
-    assert read_training_embeddings(store, identity, encoder_id).item_ids == [
+        root.write_bytes(k, original)
+    assert read_training_embeddings(root, identity, encoder_id).item_ids == [
         i
         for s in shards_with_items(runner)
-        for i in read_embeddings(store, embeddings_key(identity, encoder_id, s))[0].item_ids
+        for i in read_embeddings(root, embeddings_key(identity, encoder_id, s))[0].item_ids
     ]
 
 

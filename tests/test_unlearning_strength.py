@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tda_assets.attribution.adapter import apply_delta
-from tda_assets.attribution.attribute import attribute_exact
+from tda_assets.attribution.exact import attribute_exact
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.errors import AttributionInputError, UnlearningStrengthError
 from tda_assets.attribution.losses import diffusion_loss, expand_draws

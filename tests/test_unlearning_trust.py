@@ -13,13 +13,13 @@ import torch
 
 from tda_assets.attribution.adapter import apply_delta
 from tda_assets.attribution.devices import Compute
-from tda_assets.attribution.fisher import normalised_fisher
+from tda_assets.attribution.fisher import normalized_fisher
 from tda_assets.attribution.gradients import gradient_store
 from tda_assets.attribution.losses import batch_losses, diffusion_loss, expand_draws
 from tda_assets.attribution.metrics import jaccard_at_k, spearman
 from tda_assets.attribution.protocol import LossProtocol
 from tda_assets.attribution.scores import attribution_scores
-from tda_assets.attribution.self_influence import choose_targets, summarise
+from tda_assets.attribution.self_influence import choose_targets, summarize
 from tda_assets.attribution.similarity import audio_embedding
 from tda_assets.attribution.unlearn import UnlearningSettings, unlearn
 
@@ -78,7 +78,7 @@ def test_fixed_lr_newton_delta_is_the_previous_formula_bit_for_bit(trained, fish
     query = batch.select([3])
     result = unlearn(adapter, query, fisher, DEFAULT, protocol, Compute(), n_train=len(batch))
     params = adapter.parameter_subset("all")
-    f_hat = normalised_fisher({n: fisher[n] for n in params})
+    f_hat = normalized_fisher({n: fisher[n] for n in params})
     gen = torch.Generator().manual_seed(DEFAULT.seed)
     t = adapter.objective.sample_t(DEFAULT.query_draws, gen).view(1, -1)
     eps = torch.randn(1, DEFAULT.query_draws, *adapter.latent_shape, generator=gen)
@@ -128,7 +128,7 @@ def test_self_influence_of_k_means_targets(trained, targets, scored):
     emb = audio_embedding(batch).numpy()
     for key, scores in scored.items():
         ranks = [int(s["rank"][i]) for s, i in zip(scores, targets)]
-        summary = summarise(ranks, [s["rank"] for s in scores], emb, targets[:6], k=10)
+        summary = summarize(ranks, [s["rank"] for s in scores], emb, targets[:6], k=10)
         print(f"target_ratio {key}: self ranks {ranks}, {summary}")
         assert summary.mean_rank <= 5.0 and summary.share_first >= 2 / 6  # chance: R ≈ 64.5, share 1/128
         assert summary.top_k_similarity > summary.bottom_k_similarity + 0.3

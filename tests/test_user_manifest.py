@@ -58,8 +58,8 @@ def manifest(audio_dir: Path, uris: dict[str, str] | None = None) -> pl.DataFram
     )
 
 
-def run_training_data(root: str, manifest_uri: str | None, shards=SHARD_KEYS, skip: bool = False) -> Runner:
-    runner = Runner.create(DagsterInstance.ephemeral(), root, log=lambda _m: None)
+def run_training_data(root_url: str, manifest_uri: str | None, shards=SHARD_KEYS, skip: bool = False) -> Runner:
+    runner = Runner.create(DagsterInstance.ephemeral(), root_url, log=lambda _m: None)
     runner.log_level = "WARNING"
     if manifest_uri is not None:
         runner.run(
@@ -71,24 +71,24 @@ def run_training_data(root: str, manifest_uri: str | None, shards=SHARD_KEYS, sk
     return runner
 
 
-def features_files(root: Path) -> dict[str, bytes]:
-    store = Storage(str(root))
+def features_files(root_dir: Path) -> dict[str, bytes]:
+    root = Storage(str(root_dir))
     features = entry("training_features")
-    return {f"shard={features.parse(k)['shard']}": store.read_bytes(k) for k in store.glob(features.glob())}
+    return {f"shard={features.parse(k)['shard']}": root.read_bytes(k) for k in root.glob(features.glob())}
 
 
-def encoded_items(root: str) -> list[str]:
-    store = Storage(root)
-    return sorted(i for k in store.glob(entry("training_features").glob()) for i in read_features(store, k)[0].item_ids)
+def encoded_items(root_url: str) -> list[str]:
+    root = Storage(root_url)
+    return sorted(i for k in root.glob(entry("training_features").glob()) for i in read_features(root, k)[0].item_ids)
 
 
 @pytest.fixture(scope="module")
 def materialized(audio_dir, tmp_path_factory) -> Path:
     """A storage root with the user's CSV manifest and the features of every shard."""
     manifest(audio_dir).write_csv(audio_dir / "manifest.csv")
-    root = tmp_path_factory.mktemp("storage")
-    run_training_data(str(root), str(audio_dir / "manifest.csv"))
-    return root
+    root_dir = tmp_path_factory.mktemp("storage")
+    run_training_data(str(root_dir), str(audio_dir / "manifest.csv"))
+    return root_dir
 
 
 def test_csv_manifest_materializes_features_for_every_item(materialized, audio_dir):
@@ -104,8 +104,8 @@ def test_parquet_manifest_from_tda_manifest_env(audio_dir, tmp_path, monkeypatch
     uris = {i: f"file://{audio_dir}/audio/{i}.wav" for i in ITEMS}
     manifest(audio_dir, uris).write_parquet(tmp_path / "manifest.parquet")
     monkeypatch.setenv("TDA_MANIFEST", str(tmp_path / "manifest.parquet"))  # read when the asset runs
-    root = tmp_path / "storage"
-    runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
+    root_dir = tmp_path / "storage"
+    runner = Runner.create(DagsterInstance.ephemeral(), str(root_dir), log=lambda _m: None)
     runner.run(["training_manifest"])
     meta = runner.instance.get_latest_materialization_event(
         AssetKey("training_manifest")
@@ -113,8 +113,8 @@ def test_parquet_manifest_from_tda_manifest_env(audio_dir, tmp_path, monkeypatch
     assert meta["origin"].value == str(tmp_path / "manifest.parquet") and meta["rows"].value == len(ITEMS)
     assert meta["items_per_artist"].value == {"artist_00": 3, "artist_01": 3}
     bad_shard = shard_of(BAD)
-    run_training_data(str(root), None, shards=[bad_shard])
-    assert encoded_items(str(root)) == sorted(i for i in ITEMS if shard_of(i) == bad_shard)
+    run_training_data(str(root_dir), None, shards=[bad_shard])
+    assert encoded_items(str(root_dir)) == sorted(i for i in ITEMS if shard_of(i) == bad_shard)
 
 
 def _bad_manifest(audio_dir: Path, tmp_path: Path, kind: str) -> str:
@@ -134,10 +134,10 @@ def _bad_manifest(audio_dir: Path, tmp_path: Path, kind: str) -> str:
 def test_bad_row_fails_its_shard_naming_the_item_and_leaves_features_intact(
     materialized, audio_dir, tmp_path, kind, problem
 ):
-    root = tmp_path / "storage"
-    shutil.copytree(materialized, root)
-    before = features_files(root)
-    runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=lambda _m: None)
+    root_dir = tmp_path / "storage"
+    shutil.copytree(materialized, root_dir)
+    before = features_files(root_dir)
+    runner = Runner.create(DagsterInstance.ephemeral(), str(root_dir), log=lambda _m: None)
     runner.run(
         ["training_manifest"],
         run_config={
@@ -147,40 +147,40 @@ def test_bad_row_fails_its_shard_naming_the_item_and_leaves_features_intact(
     with pytest.raises(
         AttributionInputError, match=rf"item {BAD}: {problem}.*shard {shard_of(BAD)}.*skip_bad_items: true"
     ):
-        run_training_data(str(root), None, shards=[shard_of(BAD)])
-    assert features_files(root) == before  # byte-identical, the failed shard's previous file included
+        run_training_data(str(root_dir), None, shards=[shard_of(BAD)])
+    assert features_files(root_dir) == before  # byte-identical, the failed shard's previous file included
 
 
 def test_skip_bad_items_skips_and_reports_the_item(materialized, audio_dir, tmp_path):
-    root = tmp_path / "storage"
-    shutil.copytree(materialized, root)
-    before = features_files(root)
+    root_dir = tmp_path / "storage"
+    shutil.copytree(materialized, root_dir)
+    before = features_files(root_dir)
     runner = run_training_data(
-        str(root), _bad_manifest(audio_dir, tmp_path, "corrupt"), shards=[shard_of(BAD)], skip=True
+        str(root_dir), _bad_manifest(audio_dir, tmp_path, "corrupt"), shards=[shard_of(BAD)], skip=True
     )
     record = runner.instance.get_latest_materialization_event(AssetKey("training_features"))
     assert record.asset_materialization.metadata["skipped_items"].value == [BAD]
-    assert encoded_items(str(root)) == sorted(i for i in ITEMS if i != BAD)
-    after = features_files(root)
+    assert encoded_items(str(root_dir)) == sorted(i for i in ITEMS if i != BAD)
+    after = features_files(root_dir)
     assert {s: b for s, b in after.items() if s != f"shard={shard_of(BAD)}"} == {
         s: b for s, b in before.items() if s != f"shard={shard_of(BAD)}"
     }
 
 
 def test_a_shard_whose_items_are_all_skipped_is_empty_and_reports_them(materialized, audio_dir, tmp_path):
-    root = tmp_path / "storage"
-    shutil.copytree(materialized, root)
+    root_dir = tmp_path / "storage"
+    shutil.copytree(materialized, root_dir)
     shard = shard_of(BAD)
     doomed = [i for i in ITEMS if shard_of(i) == shard]
     path = tmp_path / "all-bad.csv"
     manifest(audio_dir, {i: str(tmp_path / f"gone-{i}.wav") for i in doomed}).write_csv(path)
-    runner = run_training_data(str(root), str(path), shards=[shard], skip=True)
+    runner = run_training_data(str(root_dir), str(path), shards=[shard], skip=True)
     meta = runner.instance.get_latest_materialization_event(
         AssetKey("training_features")
     ).asset_materialization.metadata
     assert meta["rows"].value == 0 and meta["skipped_items"].value == doomed
-    assert not (root / "training_features" / f"shard={shard}" / "features.safetensors").exists()
-    assert encoded_items(str(root)) == sorted(i for i in ITEMS if i not in doomed)
+    assert not (root_dir / "training_features" / f"shard={shard}" / "features.safetensors").exists()
+    assert encoded_items(str(root_dir)) == sorted(i for i in ITEMS if i not in doomed)
 
 
 def test_manifest_without_a_required_column_names_it(audio_dir, tmp_path):
@@ -210,33 +210,33 @@ def test_manifest_and_audio_on_s3_with_a_local_storage_root(s3_root, audio_dir, 
         .alias("audio_uri")
     )  # and one absolute s3:// URI
     corpus.write_bytes("manifest.csv", rows.write_csv().encode())
-    root = str(tmp_path / "storage")
-    run_training_data(root, corpus.uri("manifest.csv"), shards=[shard_of(BAD)])
-    table = Storage(root).read_parquet("training_manifest/part-0.parquet")
+    root_url = str(tmp_path / "storage")
+    run_training_data(root_url, corpus.uri("manifest.csv"), shards=[shard_of(BAD)])
+    table = Storage(root_url).read_parquet("training_manifest/part-0.parquet")
     assert table["audio_uri"].to_list() == [corpus.uri(f"audio/{i}.wav") for i in ITEMS]
-    assert encoded_items(root) == sorted(i for i in ITEMS if shard_of(i) == shard_of(BAD))
+    assert encoded_items(root_url) == sorted(i for i in ITEMS if shard_of(i) == shard_of(BAD))
 
 
 def test_a_skipped_item_gets_no_attribution_row_and_the_row_check_still_passes(
     materialized, audio_dir, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("TDA_TRAIN_STEPS", "20")
-    root = tmp_path / "storage"
-    shutil.copytree(materialized, root)
+    root_dir = tmp_path / "storage"
+    shutil.copytree(materialized, root_dir)
     runner = run_training_data(
-        str(root), _bad_manifest(audio_dir, tmp_path, "corrupt"), shards=[shard_of(BAD)], skip=True
+        str(root_dir), _bad_manifest(audio_dir, tmp_path, "corrupt"), shards=[shard_of(BAD)], skip=True
     )
     runner.run(["checkpoint"])
     runner.run(["fisher_diagonal"])
     for shard in SHARD_KEYS:
         runner.run(["baseline_losses"], shard)
         runner.run(["training_embeddings"], shard)
-    add_query(Storage(str(root)), "a bright plucked melody", query_id="q1")
+    add_query(Storage(str(root_dir)), "a bright plucked melody", query_id="q1")
     assert runner.requested_queries() == ["q1"]
     result = runner.attribute("q1", UnlearningConfig(lr=100.0))
     rows = {e.check_name: e for e in result.get_asset_check_evaluations()}["one_row_per_training_item"]
     assert rows.passed and rows.metadata["rows"].value == rows.metadata["training_items"].value == len(ITEMS) - 1
-    scored = read_tables(Storage(str(root)), "attribution_scores", query_id="q1", config_id="default")
+    scored = read_tables(Storage(str(root_dir)), "attribution_scores", query_id="q1", config_id="default")
     assert BAD not in scored["item_id"].to_list() and sorted(scored["rank"]) == list(range(1, len(ITEMS)))
-    similar = read_table(Storage(str(root)), "similarity_scores", query_id="q1", method="similarity:internal")
+    similar = read_table(Storage(str(root_dir)), "similarity_scores", query_id="q1", method="similarity:internal")
     assert sorted(similar["item_id"]) == sorted(scored["item_id"])  # the stored embeddings skip it too

@@ -13,6 +13,7 @@ from torch.nn.utils import parametrize
 
 from .objective import DiffusionObjective
 from .settings import PARAM_SUBSETS
+from .split import delta_term, split_active, splits
 
 
 @dataclass
@@ -112,35 +113,21 @@ class DiTAdapter:
         return {k: torch.zeros_like(v) for k, v in conditioning.items()}
 
 
-@contextlib.contextmanager
-def patched_parameters(module: torch.nn.Module, values: dict[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily set named parameters to `values`; the originals are restored exactly on exit."""
-    params = dict(module.named_parameters())
-    missing = sorted(set(values) - set(params))
-    if missing:
-        raise KeyError(f"delta names parameters the model does not have: {missing[:3]}…")
-    saved = {n: params[n].detach().clone() for n in values}
-    try:
-        with torch.no_grad():
-            for n, v in values.items():
-                params[n].copy_(v.to(params[n].device, params[n].dtype))
-        yield
-    finally:
-        with torch.no_grad():
-            for n, v in saved.items():
-                params[n].copy_(v)
-
-
 class _Shifted(torch.nn.Module):
     """A parametrization: the weight read as `θ0 + scale · direction`, computed each time it is read (θ0 untouched)."""
 
-    def __init__(self, direction: torch.Tensor, scale: float = 1.0) -> None:
+    def __init__(self, direction: torch.Tensor, scale: float = 1.0, split: bool = False) -> None:
         super().__init__()
-        self.direction, self.scale = direction, scale
+        self.direction, self.scale, self.split = direction, scale, split
+
+    def step(self) -> torch.Tensor:
+        """The change now: `scale · direction`."""
+        return self.direction if self.scale == 1.0 else self.scale * self.direction
 
     def forward(self, theta0: torch.Tensor) -> torch.Tensor:
-        step = self.direction if self.scale == 1.0 else self.scale * self.direction
-        return (theta0 + step).to(theta0.dtype)  # what `θ0.add_(step)` stores, bit for bit
+        if self.split and split_active():
+            return theta0  # bf16-split: the matmul adds `f(x; step)` as its own term (split.py)
+        return (theta0 + self.step()).to(theta0.dtype)  # what `θ0.add_(step)` stores, bit for bit
 
 
 @contextlib.contextmanager
@@ -152,19 +139,25 @@ def shifted_parameters(
 
     The shifted weights are computed when a forward reads them and dropped after (one weight at a time under no_grad):
     no saved copy of θ0 and no shifted copy of the model (4.2 GB each at Stable Audio Open's size). Inside, the
-    parameters are registered under `<module>.parametrizations.<name>.original` (torch's parametrize)."""
+    parameters are registered under `<module>.parametrizations.<name>.original` (torch's parametrize). Under the
+    `bf16-split` loss precision (split.py) a Linear's or Conv1d's weight and bias read as θ0 and the matmul adds the
+    change as its own term."""
     params = dict(module.named_parameters())
     missing = sorted(set(directions) - set(params))
     if missing:
         raise KeyError(f"delta names parameters the model does not have: {missing[:3]}…")
     shifts: dict[str, _Shifted] = {}
     try:
-        for n, d in directions.items():
-            owner, _, attr = n.rpartition(".")
-            shift = _Shifted(d.to(params[n].device), scale)
-            parametrize.register_parametrization(module.get_submodule(owner), attr, shift, unsafe=True)
-            shifts[n] = shift
-        yield shifts
+        with contextlib.ExitStack() as terms:
+            for n, d in directions.items():
+                owner, _, attr = n.rpartition(".")
+                holder = module.get_submodule(owner)
+                shift = _Shifted(d.to(params[n].device), scale, splits(holder, attr))
+                parametrize.register_parametrization(holder, attr, shift, unsafe=True)
+                shifts[n] = shift
+                if shift.split:  # under `bf16_split` its matmul evaluates the change as a separate term
+                    terms.enter_context(delta_term(getattr(holder.parametrizations, attr).original, shift))
+            yield shifts
     finally:
         for n in shifts:
             owner, _, attr = n.rpartition(".")

@@ -9,6 +9,7 @@ from typing import Iterator
 import torch
 
 from .protocol_id import check_precision
+from .split import bf16_split
 
 # Rows (item-draws) per forward pass. On CPU the embedded denoiser is fastest at small batches: its feed-forward
 # intermediate leaves L2 beyond ~64 rows (tests/benchmarks/bench_scale.py, 2026-11-26: 1 thread, bare forward 63 GFLOP/s
@@ -73,7 +74,10 @@ class Compute:
 
     def loss_autocast(self, precision: str) -> contextlib.AbstractContextManager:
         """Context for measuring protocol losses at `precision` (LossProtocol.precision) on this device, whatever
-        `autocast_dtype`: bf16 autocast for `bf16`, autocast switched off (even inside an outer one) for `fp32`."""
-        if check_precision(precision) == "bf16":
+        `autocast_dtype`: bf16 autocast for `bf16`, autocast switched off (even inside an outer one) for `fp32`, and
+        for `bf16-split` bf16 autocast with shifted matmul parameters evaluated as separate terms (split.py)."""
+        if check_precision(precision) == "bf16-split":
+            return bf16_split(self.torch_device.type)
+        if precision == "bf16":
             return torch.autocast(device_type=self.torch_device.type, dtype=torch.bfloat16)
         return torch.autocast(device_type=self.torch_device.type, enabled=False)

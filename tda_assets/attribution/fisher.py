@@ -91,14 +91,14 @@ def fisher_mean(fisher: Mapping[str, torch.Tensor]) -> float:
     return mean
 
 
-def normalised_fisher(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def normalized_fisher(fisher: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The Fisher scaled to mean 1 over the subset, so `λ`, `lr` and damping mean the same on any model."""
     mean = fisher_mean(fisher)
     return {n: f / mean for n, f in fisher.items()}
 
 
-class NormalisedFisher(Mapping[str, torch.Tensor]):
-    """`normalised_fisher` computed per tensor when read (on `device`), bit for bit the same values: at Stable Audio
+class NormalizedFisher(Mapping[str, torch.Tensor]):
+    """`normalized_fisher` computed per tensor when read (on `device`), bit for bit the same values: at Stable Audio
     Open's size a second copy of the Fisher is 4.2 GB, so the engine reads it lazily instead of holding both.
 
     `names` restricts it to a parameter subset; a Fisher that is not a dict (one read from storage tensor by tensor)

@@ -1,7 +1,7 @@
 """Per-item gradients of the protocol loss at θ0 on a parameter subset, CountSketched to `k` dimensions.
 
 `g_i = ∇θ mean_k ℓ_ik(θ0)` over item `i`'s fixed protocol draws (DESIGN §1, "Linearised influence"). With a Fisher,
-the store holds `S P g_i` with `P = (F̂ + d)^(-1/2)` (F̂ the mean-1 normalised Fisher, `d` the damping): the Newton
+the store holds `S P g_i` with `P = (F̂ + d)^(-1/2)` (F̂ the mean-1 normalized Fisher, `d` the damping): the Newton
 step's own metric, in which per-item gradients are less dominated by a few large coordinates, so the sketch's error
 (∝ ‖P g_i‖‖P⁻¹ δ‖ / sqrt(k)) is smaller relative to `g_iᵀ δ` (measured: Spearman with exact +0.05–0.25 at equal k).
 
@@ -25,7 +25,7 @@ import torch
 
 from .adapter import DiTAdapter, ItemBatch
 from .devices import Compute
-from .fisher import NormalisedFisher
+from .fisher import NormalizedFisher
 from .losses import expand_draws, mean_loss_grads, rebatch
 from .protocol import LossProtocol
 from .settings import PARAM_SUBSETS, UnlearningSettings
@@ -64,9 +64,9 @@ class GradientSpec:
         damping = f"{self.damping:g}".replace(".", "p")
         return f"{self.param_subset}-{'masked' if self.masked else 'unmasked'}-k{self.k}-s{self.seed}-d{damping}"
 
-    def matches(self, store: "GradientStore") -> bool:
-        """Whether `store` was computed with this spec."""
-        return (store.param_subset, store.masked, store.k, store.seed, store.damping) == (
+    def matches(self, gradients: "GradientStore") -> bool:
+        """Whether `gradients` was computed with this spec."""
+        return (gradients.param_subset, gradients.masked, gradients.k, gradients.seed, gradients.damping) == (
             self.param_subset,
             self.masked,
             self.k,
@@ -224,7 +224,7 @@ def gradient_store(
 def preconditioner(
     fisher: Mapping[str, torch.Tensor], params: Mapping[str, object], damping: float
 ) -> "Preconditioner":
-    """`(F̂ + d)^(-1/2)` on the subset, with F̂ the normalised Fisher that the `newton` recipe divides by."""
+    """`(F̂ + d)^(-1/2)` on the subset, with F̂ the normalized Fisher that the `newton` recipe divides by."""
     missing = sorted(set(params) - set(fisher))
     if missing:
         raise ValueError(f"the Fisher does not cover the parameter subset ({missing[0]} …)")
@@ -236,7 +236,7 @@ class Preconditioner(Mapping[str, torch.Tensor]):
     size it would be a third 4.2 GB copy beside the weights and the Fisher."""
 
     def __init__(self, fisher: Mapping[str, torch.Tensor], damping: float) -> None:
-        self._f_hat, self.damping = NormalisedFisher(fisher), damping
+        self._f_hat, self.damping = NormalizedFisher(fisher), damping
 
     def __getitem__(self, name: str) -> torch.Tensor:
         return (self._f_hat[name] + self.damping).rsqrt()

@@ -4,9 +4,9 @@ its source frame by frame while another clip of the same style does not.
 
 The map: on a log-mel latent (the embedded model), everything more than `FLOOR_DB` below the clip's loudest bin is
 raised to that floor (white noise at 30 dB SNR lies under it); each frame's mean over channels is removed (a gain that
-changes over the clip, a fade, is a per-frame constant in the log domain); each channel is centred over the clip's real
+changes over the clip, a fade, is a per-frame constant in the log domain); each channel is centered over the clip's real
 frames; a [1, 2, 1] blur over time absorbs sub-frame misalignment; padded frames are zero; time is average-pooled to at
-most `MAX_FRAMES`. The score of a query against an item is the largest masked normalised correlation of their maps
+most `MAX_FRAMES`. The score of a query against an item is the largest masked normalized correlation of their maps
 over time shifts up to `MAX_SHIFT_FRAMES` and time stretches `STRETCHES` of the query."""
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _stretch(q: torch.Tensor, mask: torch.Tensor, factor: float) -> tuple[torch.
 
 
 def _best_alignment(q: torch.Tensor, qm: torch.Tensor, items: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
-    """Largest masked normalised correlation [N] of query maps [K, C, T] (masks [K, T]: windows × stretches) with item
+    """Largest masked normalized correlation [N] of query maps [K, C, T] (masks [K, T]: windows × stretches) with item
     maps [N, C, T] (frame energies [N, T]) over shifts up to ±MAX_SHIFT_FRAMES, each side's norm taken over the frames
     both cover at that shift."""
     t = q.shape[-1]

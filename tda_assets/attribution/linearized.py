@@ -19,16 +19,16 @@ from .protocol import LossProtocol
 from .unlearn import UnlearningResult, UnlearningSettings, unlearn
 
 
-def linearized_scores(store: GradientStore, delta: dict[str, torch.Tensor]) -> np.ndarray:
+def linearized_scores(gradients: GradientStore, delta: dict[str, torch.Tensor]) -> np.ndarray:
     """`⟨S P g_i, S P⁻¹ δ⟩` for every stored item: the first-order change of its protocol loss under the weight
     delta."""
-    if set(delta) != set(store.sizes):
-        raise ValueError(f"the delta's parameters are not the gradient store's subset {store.param_subset!r}")
-    scale = store.scale or {}
+    if set(delta) != set(gradients.sizes):
+        raise ValueError(f"the delta's parameters are not the gradient store's subset {gradients.param_subset!r}")
+    scale = gradients.scale or {}
     rows = {n: d.detach().float().cpu().reshape(1, -1) for n, d in delta.items()}
     rows = {n: r / scale[n].reshape(1, -1) if n in scale else r for n, r in rows.items()}
-    s_delta = store.sketch.project(rows)
-    return (store.sketched.float() @ s_delta[0]).numpy().astype(np.float64)
+    s_delta = gradients.sketch.project(rows)
+    return (gradients.sketched.float() @ s_delta[0]).numpy().astype(np.float64)
 
 
 def linearized_query(
@@ -39,19 +39,19 @@ def linearized_query(
     protocol: LossProtocol,
     compute: Compute,
     n_train: int,
-    store: GradientStore,
+    gradients: GradientStore,
 ) -> tuple[np.ndarray, UnlearningResult]:
-    """Linearised scores of every stored item for one query, and the unlearning step they linearise."""
-    if settings.param_subset != store.param_subset or settings.masks_losses != store.masked:
+    """Linearized scores of every stored item for one query, and the unlearning step they linearize."""
+    if settings.param_subset != gradients.param_subset or settings.masks_losses != gradients.masked:
         raise ValueError(
-            f"gradient store is for subset {store.param_subset!r} (masked losses: {store.masked}), "
+            f"gradient store is for subset {gradients.param_subset!r} (masked losses: {gradients.masked}), "
             f"settings ask for {settings.param_subset!r} (masked losses: {settings.masks_losses})"
         )
-    if store.damping is not None and store.damping != settings.damping:
+    if gradients.damping is not None and gradients.damping != settings.damping:
         raise ValueError(
-            f"gradient store is preconditioned with damping {store.damping}, settings use {settings.damping}"
+            f"gradient store is preconditioned with damping {gradients.damping}, settings use {settings.damping}"
         )
-    if store.protocol_id != protocol.protocol_id:
-        raise ValueError(f"gradient store was built under protocol {store.protocol_id}, not {protocol.protocol_id}")
+    if gradients.protocol_id != protocol.protocol_id:
+        raise ValueError(f"gradient store was built under protocol {gradients.protocol_id}, not {protocol.protocol_id}")
     result = unlearn(adapter, query, fisher, settings, protocol, compute, n_train)
-    return linearized_scores(store, result.delta), result
+    return linearized_scores(gradients, result.delta), result

@@ -46,12 +46,6 @@ def pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(stats.pearsonr(a, b).statistic)
 
 
-def self_attribution_rate(ranks_of_self: list[int] | np.ndarray, top: int = 1) -> float:
-    """Share of queries (training items unlearned as their own query) whose own rank is ≤ `top`."""
-    r = np.asarray(ranks_of_self)
-    return float((r <= top).mean()) if len(r) else float("nan")
-
-
 def compare(a: np.ndarray, b: np.ndarray, ks: tuple[int, ...] = (10, 50, 100)) -> list[tuple[str, int | None, float]]:
     """All consistency rows `(metric, k, value)` between two score vectors (k capped at the item count)."""
     rows: list[tuple[str, int | None, float]] = [("jaccard", k, jaccard_at_k(a, b, min(k, len(a)))) for k in ks]

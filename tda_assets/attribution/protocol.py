@@ -24,7 +24,8 @@ class LossProtocol:
     `first_draw` > 0 makes a window of a protocol: draws `first_draw … first_draw + draws − 1` of the same items
     (multi-fidelity scoring evaluates a few draws first and the rest later, never a draw twice).
     `precision` (one of `protocol_id.LOSS_PRECISIONS`) is what the losses are measured in, whatever the compute's
-    autocast: `bf16` is another protocol (its id ends in `-bf16`), so losses of two precisions are never compared.
+    autocast: `bf16` and `bf16-split` are other protocols (ids ending in `-bf16`, `-bf16split`), so losses of two
+    precisions are never compared.
     """
 
     seed: int = 0

@@ -19,7 +19,7 @@ def rank_descending(score: np.ndarray) -> np.ndarray:
 
 
 def positive_shares(score: np.ndarray) -> np.ndarray:
-    """Positive scores renormalised to sum to 1 (credit shares); all zero if no score is positive."""
+    """Positive scores renormalized to sum to 1 (credit shares); all zero if no score is positive."""
     pos = np.clip(score, 0.0, None)
     total = pos.sum()
     return pos / total if total > 0 else np.zeros_like(pos)
@@ -89,7 +89,7 @@ def score_columns(
     Exact (`unlearned` [N, K], NaN at draws not evaluated, each item's evaluated draws a prefix 0…d−1): `mean_delta`,
     `relative_score`, `skew_score` over the draws used, `draws_used` = d; ranks: full-K items by score, then partially
     rescored items by score, then the rest by `fallback` (lower first; e.g. the mean rank over two-stage's cheap
-    signals); shares over the full-K items. First-order (`mean_delta` [N] given, e.g. linearised `g_iᵀδ`): nothing
+    signals); shares over the full-K items. First-order (`mean_delta` [N] given, e.g. linearized `g_iᵀδ`): nothing
     rescored, `skew_score` NaN, every item ranked by score. `normalized_score` divides `mean_delta` by the floored item
     norms (`normalized_score`; NaN without norms); `score` is the column of `score_type`, `rank` 1 its highest.
     """
@@ -138,7 +138,7 @@ def attribution_scores(
     `relative_score`, `skew_score`, `normalized_score`, and `score`, `rank`, `share`, `draws_used`.
 
     `score` is the ranking score of `score_type` (so `rank` 1 always has the highest `score`, and `share`
-    renormalises its positive part); `mean_delta` (DESIGN §1's `score_i`) is always kept as its own column.
+    renormalizes its positive part); `mean_delta` (DESIGN §1's `score_i`) is always kept as its own column.
     `normalized_score` needs the items' gradient norms (`item_norms`; NaN without them).
     """
     if baseline.shape != unlearned.shape:

@@ -19,7 +19,7 @@ def _unit_rows(x: np.ndarray) -> np.ndarray:
 
 
 def choose_targets(embeddings: np.ndarray, item_ids: Sequence[str], n_targets: int, seed: int = 0) -> list[str]:
-    """`n_targets` distinct items: seeded k-means++ on the unit-normalised embeddings, the item nearest each
+    """`n_targets` distinct items: seeded k-means++ on the unit-normalized embeddings, the item nearest each
     centroid."""
     x = _unit_rows(embeddings)
     if len(x) != len(item_ids):
@@ -70,9 +70,9 @@ def wilson_lower(k: int, n: int, z: float = Z_95) -> float:
     if n == 0:
         return float("nan")
     p = k / n
-    centre = p + z * z / (2 * n)
+    center = p + z * z / (2 * n)
     margin = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return float((centre - margin) / (1 + z * z / n))
+    return float((center - margin) / (1 + z * z / n))
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def neighbour_similarity(rank: np.ndarray, embeddings: np.ndarray, target: int, 
     return float(sim[order[:k]].mean()), float(sim[order[-k:]].mean())
 
 
-def summarise(
+def summarize(
     ranks_of_self: Sequence[int],
     rankings: Sequence[np.ndarray] | None = None,
     embeddings: np.ndarray | None = None,
@@ -128,7 +128,7 @@ def summarise(
     similarity."""
     r = np.asarray(ranks_of_self, dtype=np.float64)
     if len(r) == 0:
-        raise ValueError("summarise needs at least one target")
+        raise ValueError("summarize needs at least one target")
     top = bottom = None
     if rankings is not None:
         if embeddings is None or target_indices is None or not len(rankings) == len(target_indices) == len(r):

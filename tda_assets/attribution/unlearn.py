@@ -13,11 +13,11 @@ import torch
 from .adapter import DiTAdapter, ItemBatch, apply_delta, shifted_parameters
 from .devices import Compute
 from .errors import AttributionInputError, UnlearningStrengthError
-from .fisher import NormalisedFisher
+from .fisher import NormalizedFisher
 from .losses import batch_losses, diffusion_loss, expand_draws, mean_loss, mean_loss_grads
 from .memory import require_memory
 from .protocol import LossProtocol
-from .settings import MIN_QUERY_LOSS_RATIO, UnlearningSettings
+from .settings import MIN_QUERY_LOSS_RATIO, UnlearningSettings, query_loss_ratio
 
 log = logging.getLogger(__name__)
 MAX_PROBES = 40  # step-size probes of one `target_ratio` search (bracketing, then bisection in log-lr)
@@ -44,7 +44,7 @@ class UnlearningResult:
 
     @property
     def loss_ratio(self) -> float:
-        return self.query_loss_after / self.query_loss_before
+        return query_loss_ratio(self.query_loss_after, self.query_loss_before)
 
     @property
     def passed(self) -> bool:
@@ -185,7 +185,7 @@ def _targeted_newton_delta(
     )
     if not torch.isfinite(loss_q):
         raise AttributionInputError(f"query {query.item_ids[0]}: non-finite loss at unlearning step 0")
-    direction = {  # a parameter the loss does not reach has a zero gradient, as autograd.grad's materialised one
+    direction = {  # a parameter the loss does not reach has a zero gradient, as autograd.grad's materialized one
         n: direction.pop(n) if n in direction else torch.zeros_like(p, dtype=torch.float32) for n, p in params.items()
     }
     f_hat.release()  # the Fisher is not needed for the search: freed here when the caller passed it without keeping it
@@ -246,7 +246,7 @@ def unlearn(
     )
     before = query_loss(adapter, query, protocol, compute, settings.masks_losses)
     # per tensor when read (from storage too, when `fisher` is read lazily): no second copy, never the whole Fisher
-    f_hat = NormalisedFisher(fisher, adapter.device, names=params)
+    f_hat = NormalizedFisher(fisher, adapter.device, names=params)
     del fisher  # only f_hat refers to it now (a caller that passes `step.fisher()` inline lets the search free it)
     gen = torch.Generator().manual_seed(settings.seed)
     lr, search_ratio, probes = settings.lr, None, 0

@@ -243,7 +243,7 @@ def _melody(style: ArtistStyle, rng: random.Random) -> list[tuple[float, float, 
 
 
 def render_clip(style: ArtistStyle, seed: int) -> np.ndarray:
-    """A new melody in the style (float32 mono, SAMPLE_RATE, exactly CLIP_SECONDS), peak-normalised to 0.9."""
+    """A new melody in the style (float32 mono, SAMPLE_RATE, exactly CLIP_SECONDS), peak-normalized to 0.9."""
     rng = random.Random(f"{style.name}:{seed}")
     synth = _new_synth(style.program)
     spb = SAMPLE_RATE * 60 / style.bpm

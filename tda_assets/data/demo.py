@@ -8,13 +8,13 @@ from .corpus import ARTISTS, style_prompt
 from .inbox import add_query
 
 
-def builtin_queries(storage: Storage, artists: int | None = None) -> list[str]:
+def builtin_queries(root: Storage, artists: int | None = None) -> list[str]:
     """Drop one query per artist into the inbox (`demo-artist-NN`, its target artist recorded); returns their ids."""
     ids = []
     for i, style in enumerate(ARTISTS[:artists] if artists else ARTISTS):
         ids.append(
             add_query(
-                storage,
+                root,
                 style_prompt(style),
                 f"demo-{style.name.replace('_', '-')}",
                 seed=100 + i,

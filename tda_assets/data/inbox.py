@@ -44,11 +44,11 @@ class QuerySpec:
     target_artist: str | None = None
 
 
-def inbox_files(storage: Storage) -> dict[str, str]:
+def inbox_files(root: Storage) -> dict[str, str]:
     """`query_id → key` of every query file in the inbox (ids are the file stems)."""
     out = {}
     inbox = entry("inbox")
-    for k in storage.glob(inbox.glob()):
+    for k in root.glob(inbox.glob()):
         name = inbox.parse(k)["name"]
         stem, _, ext = name.rpartition(".")
         if ext in ("txt", "json") and stem and not name.startswith("."):
@@ -56,35 +56,35 @@ def inbox_files(storage: Storage) -> dict[str, str]:
     return out
 
 
-def read_query(storage: Storage, query_id: str, audio_roots: Sequence[str] = ()) -> QuerySpec:
+def read_query(root: Storage, query_id: str, audio_roots: Sequence[str] = ()) -> QuerySpec:
     """The inbox file of a query, parsed and checked (`read_query_file`); FileNotFoundError when there is none."""
     check_query_id(query_id)
-    path = inbox_files(storage).get(query_id)
+    path = inbox_files(root).get(query_id)
     if path is None:
         raise FileNotFoundError(
-            f"query {query_id!r} has no file in the inbox {storage.uri(entry('inbox').glob())}; "
+            f"query {query_id!r} has no file in the inbox {root.uri(entry('inbox').glob())}; "
             "add it with `tda add-query`"
         )
-    return read_query_file(storage, path, audio_roots)
+    return read_query_file(root, path, audio_roots)
 
 
-def read_query_file(storage: Storage, path: str, audio_roots: Sequence[str] = ()) -> QuerySpec:
+def read_query_file(root: Storage, path: str, audio_roots: Sequence[str] = ()) -> QuerySpec:
     """One inbox file as a checked QuerySpec (`audio_uri` under the storage root or `audio_roots`), else
     QueryFileError."""
-    uri = storage.uri(path)
+    uri = root.uri(path)
     name = posixpath.basename(path)
     query_id = name.rpartition(".")[0]
     try:
         check_query_id(query_id)
     except ValueError as exc:
         raise QueryFileError(f"query file {uri}: {exc}; rename the file") from None
-    size = storage.size(path)
+    size = root.size(path)
     if size > MAX_QUERY_FILE_BYTES:
         raise QueryFileError(
             f"query file {uri} is {size:,} bytes; a query file is at most {MAX_QUERY_FILE_BYTES:,} bytes "
             f"(a prompt at most {MAX_PROMPT_CHARS:,} characters): shorten the prompt"
         )
-    raw = storage.read_bytes(path)
+    raw = root.read_bytes(path)
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -103,7 +103,7 @@ def read_query_file(storage: Storage, path: str, audio_roots: Sequence[str] = ()
             "are allowed: shorten it"
         )
     if spec.audio_uri is not None:
-        check_audio_uri(spec.audio_uri, list(dict.fromkeys([storage.uri(""), *audio_roots])), f"query file {uri}")
+        check_audio_uri(spec.audio_uri, list(dict.fromkeys([root.uri(""), *audio_roots])), f"query file {uri}")
     return spec
 
 
@@ -137,7 +137,7 @@ def _json_query(uri: str, query_id: str, text: str) -> QuerySpec:
 
 
 def _location(uri: str) -> tuple[str, str]:
-    """(`s3` or `file`, normalised bucket/key or real absolute path) of a local path, file:// or s3:// URI."""
+    """(`s3` or `file`, normalized bucket/key or real absolute path) of a local path, file:// or s3:// URI."""
     if uri.startswith(("s3://", "s3a://")):
         parts = uri.split("://", 1)[1].split("/")
         if ".." in parts:
@@ -162,8 +162,8 @@ def check_audio_uri(audio_uri: str, roots: Sequence[str], where: str) -> str:
         scheme, path = _location(audio_uri)
     except ValueError as exc:
         raise QueryFileError(f"{where}: audio_uri {exc}; {fix}") from None
-    for root in roots:
-        root_scheme, root_path = _location(root)
+    for audio_root in roots:
+        root_scheme, root_path = _location(audio_root)
         if root_scheme == scheme and (path == root_path or path.startswith(root_path.rstrip("/") + "/")):
             return audio_uri
     raise QueryFileError(f"{where}: audio_uri {audio_uri!r} is outside the allowed roots; {fix}")
@@ -171,9 +171,9 @@ def check_audio_uri(audio_uri: str, roots: Sequence[str], where: str) -> str:
 
 def audio_roots(manifest_uri: str | None, extra: Sequence[str] = ()) -> list[str]:
     """The roots besides the storage root a query's clip may come from: the manifest's folder and the user's `extra`."""
-    for root in extra:
+    for audio_root in extra:
         try:
-            _location(root)
+            _location(audio_root)
         except ValueError as exc:
             raise ValueError(
                 f"TDA_ALLOWED_AUDIO_ROOTS: {exc}; list absolute folders or s3:// prefixes, separated by commas"
@@ -187,19 +187,19 @@ def audio_roots(manifest_uri: str | None, extra: Sequence[str] = ()) -> list[str
     return [folder, *extra]
 
 
-def allowed_audio_roots(storage: Storage, configured: Sequence[str] = ()) -> list[str]:
+def allowed_audio_roots(root: Storage, configured: Sequence[str] = ()) -> list[str]:
     """Every root a query's clip may come from: the storage root, the folder of the manifest the root was prepared from
     (recorded by `tda prepare --manifest`) and the `configured` ones (`InboxResource.audio_roots()`)."""
-    return list(dict.fromkeys([storage.uri(""), *audio_roots(manifest_origin(storage)), *configured]))
+    return list(dict.fromkeys([root.uri(""), *audio_roots(manifest_origin(root)), *configured]))
 
 
-def judge_query(storage: Storage, path: str, roots: Sequence[str]) -> QuerySpec:
+def judge_query(root: Storage, path: str, roots: Sequence[str]) -> QuerySpec:
     """The one rule by which the inbox sensor, `tda run-inbox` and `tda queries` judge a query file: parsed and checked
     (`read_query_file`, its clip under `roots`) and, until the query's clip is in the root, that clip present."""
-    spec = read_query_file(storage, path, roots)
-    if spec.audio_uri and not has_clip(storage, spec.query_id) and not uri_exists(spec.audio_uri, storage):
+    spec = read_query_file(root, path, roots)
+    if spec.audio_uri and not has_clip(root, spec.query_id) and not uri_exists(spec.audio_uri, root):
         raise QueryFileError(
-            f"query file {storage.uri(path)}: its clip {spec.audio_uri} does not exist; put the clip "
+            f"query file {root.uri(path)}: its clip {spec.audio_uri} does not exist; put the clip "
             "there, or add the query again with `tda add-query --audio FILE` (it copies the clip into "
             "the storage root)"
         )
@@ -207,14 +207,14 @@ def judge_query(storage: Storage, path: str, roots: Sequence[str]) -> QuerySpec:
 
 
 def judge_files(
-    storage: Storage, files: dict[str, str], roots: Sequence[str]
+    root: Storage, files: dict[str, str], roots: Sequence[str]
 ) -> tuple[dict[str, QuerySpec], dict[str, str]]:
     """Query files (`query_id → key`, as `inbox_files` gives them) judged by `judge_query`: (spec of each valid
     query, reason of each invalid one)."""
     valid, invalid = {}, {}
     for qid, path in sorted(files.items()):
         try:
-            valid[qid] = judge_query(storage, path, roots)
+            valid[qid] = judge_query(root, path, roots)
         except (ValueError, FileNotFoundError) as exc:
             invalid[qid] = str(exc)
     return valid, invalid
@@ -231,7 +231,7 @@ def _checked_prompt(prompt: str | None) -> str:
 
 
 def add_clip_query(
-    storage: Storage,
+    root: Storage,
     audio: str,
     prompt: str | None = None,
     query_id: str | None = None,
@@ -246,7 +246,7 @@ def add_clip_query(
     qid = check_query_id(query_id or slugify(prompt or Path(audio).stem)[:48].strip("-_"))
     if "://" in audio:
         check_audio_uri(audio, roots, f"--audio {audio}")
-        data = read_uri_bytes(audio, storage)
+        data = read_uri_bytes(audio, root)
     else:
         path = Path(audio).expanduser()
         data = path.read_bytes() if path.is_file() else None
@@ -255,11 +255,11 @@ def add_clip_query(
     from tda_assets.data.audio import check_clip  # soundfile and scipy: only when a clip is added
 
     check_clip(data, audio)
-    return add_query(storage, text, qid, seed, upload_clip(storage, audio, qid, data), target_artist)
+    return add_query(root, text, qid, seed, upload_clip(root, audio, qid, data), target_artist)
 
 
 def add_query(
-    storage: Storage,
+    root: Storage,
     prompt: str,
     query_id: str | None = None,
     seed: int = 0,
@@ -271,13 +271,13 @@ def add_query(
     qid = check_query_id(query_id) if query_id else slugify(prompt)[:48].strip("-_")
     spec = QuerySpec(qid, prompt, seed, audio_uri, target_artist)
     body = {k: v for k, v in asdict(spec).items() if k != "query_id" and v is not None}
-    storage.write_bytes(key("inbox", name=f"{qid}.json"), json.dumps(body, indent=1).encode())
+    root.write_bytes(key("inbox", name=f"{qid}.json"), json.dumps(body, indent=1).encode())
     return spec
 
 
-def upload_clip(storage: Storage, audio: str, query_id: str, data: bytes) -> str:
+def upload_clip(root: Storage, audio: str, query_id: str, data: bytes) -> str:
     """The URI a run reads a clip from: a local file (its bytes `data`) is copied into the storage root (`uploads/`), so
     that runs on other machines (a k8s pod, an S3 root) read it too; a URI (`s3://…`, `file://…`) is kept as it is."""
     if "://" in audio:
         return audio
-    return storage.write_bytes(key("upload", name=f"{check_query_id(query_id)}{Path(audio).suffix.lower()}"), data)
+    return root.write_bytes(key("upload", name=f"{check_query_id(query_id)}{Path(audio).suffix.lower()}"), data)

@@ -58,9 +58,9 @@ def _check_utf8(data: bytes, uri: str) -> None:
         ) from None
 
 
-def read_user_manifest(uri: str, store: Storage | None = None) -> pl.DataFrame:
+def read_user_manifest(uri: str, root: Storage | None = None) -> pl.DataFrame:
     """A user's manifest (CSV or parquet, local or s3://), checked for the required columns and unique ids."""
-    data = read_uri_bytes(uri, store or Storage("."))
+    data = read_uri_bytes(uri, root or Storage("."))
     if data is None:
         raise FileNotFoundError(
             f"manifest {uri} not found: set manifest_uri (or TDA_MANIFEST) to a CSV or parquet file"
@@ -98,16 +98,16 @@ def read_user_manifest(uri: str, store: Storage | None = None) -> pl.DataFrame:
     return df.select(*MANIFEST_COLUMNS, "duration_s")
 
 
-def record_manifest_origin(store: Storage, manifest_uri: str | None) -> None:
+def record_manifest_origin(root: Storage, manifest_uri: str | None) -> None:
     """Record in the root which manifest it was prepared from (None: the embedded corpus), so that every reader of the
     inbox (the sensor, `tda queries`, `tda add-query`) allows query clips from that manifest's folder."""
     if manifest_uri and "://" not in manifest_uri:  # a local path, as the process that prepared the root saw it
         manifest_uri = os.path.abspath(os.path.expanduser(manifest_uri))
-    store.write_bytes(key("manifest_origin"), json.dumps({"manifest_uri": manifest_uri}).encode())
+    root.write_bytes(key("manifest_origin"), json.dumps({"manifest_uri": manifest_uri}).encode())
 
 
-def manifest_origin(store: Storage) -> str | None:
+def manifest_origin(root: Storage) -> str | None:
     """The manifest the root was prepared from (`record_manifest_origin`); None for the embedded corpus or an older
     root."""
-    data = store.read_if_exists(key("manifest_origin"))
+    data = root.read_if_exists(key("manifest_origin"))
     return json.loads(data).get("manifest_uri") if data else None

@@ -109,7 +109,7 @@ def rows_per_item(name: str, df: pl.DataFrame, expected_items: list[str]) -> Ass
 
 @asset_check(asset=AssetKey("training_manifest"), description="item ids unique, captions and audio URIs present")
 def manifest_is_sound(storage: StorageResource) -> AssetCheckResult:
-    df = read_table(storage.storage(), "training_manifest")
+    df = read_table(storage.root(), "training_manifest")
     dupes = int(df["item_id"].is_duplicated().sum())
     empty_caption = int((df["caption"].fill_null("").str.strip_chars() == "").sum())
     no_audio = int(df["audio_uri"].is_null().sum())

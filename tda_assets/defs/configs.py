@@ -52,10 +52,10 @@ UnlearningConfig = config_class(
 )
 
 
-def recorded_settings(store: Storage, config_id: str) -> UnlearningSettings:
+def recorded_settings(root: Storage, config_id: str) -> UnlearningSettings:
     """The recorded settings of `config_id` (the engine's defaults for an unrecorded `default`)."""
-    if table_exists(store, "unlearning_configs", config_id=config_id):
-        return settings_from_row(read_table(store, "unlearning_configs", config_id=config_id).row(0, named=True))
+    if table_exists(root, "unlearning_configs", config_id=config_id):
+        return settings_from_row(read_table(root, "unlearning_configs", config_id=config_id).row(0, named=True))
     if config_id == "default":
         return UnlearningSettings()
     raise FileNotFoundError(
@@ -83,7 +83,7 @@ def as_config(config_id: str, settings: UnlearningSettings) -> UnlearningConfig:
     )
 
 
-def partition_config(config: UnlearningConfig, store: Storage, config_id: str) -> UnlearningConfig:
+def partition_config(config: UnlearningConfig, root: Storage, config_id: str) -> UnlearningConfig:
     """What a (query × config) partition runs: the run's config when it names the partition's configuration, else the
     recorded one (a partition launched from the UI with the untouched default run config)."""
     if config.config_id == config_id:
@@ -93,13 +93,13 @@ def partition_config(config: UnlearningConfig, store: Storage, config_id: str) -
             f"the run config is configuration {config.config_id!r} but the partition's is {config_id!r}: "
             f"launch partition {config.config_id!r} instead, or set config_id to {config_id!r}"
         )
-    return as_config(config_id, recorded_settings(store, config_id))
+    return as_config(config_id, recorded_settings(root, config_id))
 
 
-def record_config(store: Storage, config: UnlearningConfig) -> None:
+def record_config(root: Storage, config: UnlearningConfig) -> None:
     """Write the configuration's `unlearning_configs` row (what its config partition runs when launched without
     config)."""
-    write_table(store, "unlearning_configs", config.row(), config_id=config.config_id)
+    write_table(root, "unlearning_configs", config.row(), config_id=config.config_id)
 
 
 def unlearning_run_config(config: UnlearningConfig) -> RunConfig:

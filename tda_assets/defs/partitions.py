@@ -1,5 +1,6 @@
 """Partitions of DESIGN §2: static training shards, dynamic queries, and (query × config) for the per-configuration
-assets, so the UI shows each configuration's status for each query (keys are safe slugs)."""
+assets, so the UI shows each configuration's status for each query (keys are safe slugs); past the partition budget,
+dynamic batches of queries (`query_batches`)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ training_shards = StaticPartitionsDefinition(SHARD_KEYS)
 queries = DynamicPartitionsDefinition(name="queries")
 configs = DynamicPartitionsDefinition(name="configs")
 query_configs = MultiPartitionsDefinition({"query": queries, "config": configs})
+query_batches = DynamicPartitionsDefinition(name="query_batches")  # past TDA_MAX_QUERY_PARTITIONS: `batch-<digest>`
 
 
 def query_config_key(query_id: str, config_id: str) -> MultiPartitionKey:

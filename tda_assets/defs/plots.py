@@ -38,15 +38,15 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def write_png(store: Storage, plot_key: str, png: bytes, title: str) -> dict:
+def write_png(root: Storage, plot_key: str, png: bytes, title: str) -> dict:
     """Write the PNG atomically and return `{plot: path, plot_preview: markdown image}` metadata."""
-    uri = store.write_bytes(plot_key, png)
+    uri = root.write_bytes(plot_key, png)
     preview = f"![{title}](data:image/png;base64,{base64.b64encode(png).decode()})"
     return {"plot": MetadataValue.path(uri), "plot_preview": MetadataValue.md(preview)}
 
 
-def artist_colours(artists: list[str]) -> dict[str, tuple]:
-    """One stable colour per artist (by the artist's position among all artists of the manifest)."""
+def artist_colors(artists: list[str]) -> dict[str, tuple]:
+    """One stable color per artist (by the artist's position among all artists of the manifest)."""
     plt = _pyplot()
     cmap = plt.get_cmap("tab10" if len(artists) <= 10 else "tab20")
     return {a: cmap(i % cmap.N) for i, a in enumerate(sorted(artists))}
@@ -55,32 +55,32 @@ def artist_colours(artists: list[str]) -> dict[str, tuple]:
 def top_k_bars(
     scores: pl.DataFrame, manifest: pl.DataFrame, title: str, k: int = 10, target_artist: str | None = None
 ) -> bytes:
-    """Horizontal bars of the top-k scores (rank 1 on top), coloured by each item's artist."""
+    """Horizontal bars of the top-k scores (rank 1 on top), colored by each item's artist."""
     plt = _pyplot()
     artists = manifest["artist"].fill_null("(unknown)").unique().to_list()
-    colours = artist_colours(artists)
+    colors = artist_colors(artists)
     top = (
         scores.sort("rank")
         .head(k)
         .join(manifest.select("item_id", "artist"), on="item_id", how="left")
         .with_columns(pl.col("artist").fill_null("(unknown)"))
     )
-    colours.setdefault("(unknown)", (0.6, 0.6, 0.6, 1.0))
+    colors.setdefault("(unknown)", (0.6, 0.6, 0.6, 1.0))
     fig, ax = plt.subplots(figsize=(6.4, 0.32 * len(top) + 1.4))
     y = np.arange(len(top))[::-1]
-    ax.barh(y, top["score"].to_numpy(), color=[colours[a] for a in top["artist"]])
+    ax.barh(y, top["score"].to_numpy(), color=[colors[a] for a in top["artist"]])
     ax.set_yticks(y, [f"{r}. {i}" for r, i in zip(top["rank"], top["item_id"])], fontsize=8)
     labels = {
         "mean_delta": "score (mean loss rise after unlearning)",
         "relative": "score (relative loss rise)",
-        "skew": "score (normalised skew of the loss rise)",
+        "skew": "score (normalized skew of the loss rise)",
         "normalized": "score (loss rise per unit gradient norm)",
     }
     ax.set_xlabel(labels.get(scores["score_type"][0], "score") if "score_type" in scores.columns else "score")
     ax.axvline(0, color="black", lw=0.6)
     ax.set_title(title, fontsize=9)
     shown = list(dict.fromkeys(top["artist"].to_list()))
-    handles = [plt.Rectangle((0, 0), 1, 1, color=colours[a]) for a in shown]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=colors[a]) for a in shown]
     labels = [f"{a} (target)" if a == target_artist else a for a in shown]
     ax.legend(handles, labels, fontsize=7, loc="lower right", frameon=False)
     return _png(fig)
@@ -114,7 +114,7 @@ def heatmap(matrix: np.ndarray, labels: list[str], title: str, value_label: str 
 
 def counterfactual_bars(df: pl.DataFrame, title: str) -> bytes:
     """Per query, the query-loss rise after removing the top-k attributed items (bar, green when it passes both
-    controls, orange when only the random one), each random removal's rise (grey dots, their mean a grey bar), the
+    controls, orange when only the random one), each random removal's rise (gray dots, their mean a gray bar), the
     same-artist control's rise (blue bar), the noise floor (black tick) and the item floor (blue tick)."""
     plt = _pyplot()
     queries = sorted(df["query_id"].unique().to_list())
@@ -127,7 +127,7 @@ def counterfactual_bars(df: pl.DataFrame, title: str) -> bytes:
         for q in queries
     }
 
-    def colour(q: str) -> str:
+    def bar_color(q: str) -> str:
         row = attributed.get(q, {})
         return "tab:green" if row.get("passed_item_level") else "tab:orange" if row.get("passed") else "tab:red"
 
@@ -135,7 +135,7 @@ def counterfactual_bars(df: pl.DataFrame, title: str) -> bytes:
         x - 0.27,
         [attributed.get(q, {}).get("loss_rise", np.nan) for q in queries],
         width=0.27,
-        color=[colour(q) for q in queries],
+        color=[bar_color(q) for q in queries],
         label="attributed (green: both controls, orange: random only)",
     )
     ax.bar(
@@ -180,13 +180,13 @@ def counterfactual_bars(df: pl.DataFrame, title: str) -> bytes:
     return _png(fig)
 
 
-def attribution_plot(store: Storage, query_id: str, config_id: str, scores: pl.DataFrame, k: int = 10) -> dict:
+def attribution_plot(root: Storage, query_id: str, config_id: str, scores: pl.DataFrame, k: int = 10) -> dict:
     """The top-k bar chart of one query and configuration, written to `plots/top_k/<query>/<config>.png`."""
-    manifest = read_table(store, "training_manifest").select("item_id", "artist")
+    manifest = read_table(root, "training_manifest").select("item_id", "artist")
     target = None
-    if table_exists(store, "queries", query_id=query_id):
-        target = read_table(store, "queries", query_id=query_id)["target_artist"][0]
+    if table_exists(root, "queries", query_id=query_id):
+        target = read_table(root, "queries", query_id=query_id)["target_artist"][0]
     method = scores["method"][0] if "method" in scores.columns and len(scores) else "unlearning"
     title = f"{query_id} · {method}:{config_id} · top-{k}" + (f" (target {target})" if target else "")
     png = top_k_bars(scores, manifest, title, k, target)
-    return write_png(store, key("plot_top_k", query_id=query_id, config_id=config_id), png, title)
+    return write_png(root, key("plot_top_k", query_id=query_id, config_id=config_id), png, title)

@@ -23,17 +23,15 @@ IN_PROGRESS = [
 ]
 
 
-def run_tags(step: str, storage_root: str) -> dict[str, str]:
+def run_tags(step: str, root_url: str) -> dict[str, str]:
     """Tags of a query run: what it does (`clip` or `attribute`) and in which storage root."""
-    return {STEP_TAG: step, STORAGE_TAG: storage_root}
+    return {STEP_TAG: step, STORAGE_TAG: root_url}
 
 
-def runs_of_root(
-    instance: DagsterInstance, statuses: list[DagsterRunStatus], storage_root: str
-) -> list[dict[str, str]]:
-    """The tags of every query run of `storage_root` in one of `statuses`; an unfinished run whose process is gone
+def runs_of_root(instance: DagsterInstance, statuses: list[DagsterRunStatus], root_url: str) -> list[dict[str, str]]:
+    """The tags of every query run of `root_url` in one of `statuses`; an unfinished run whose process is gone
     (`run_health.dead_reason`; another host's after TDA_RUN_STALE_S without heartbeat) is not counted as in progress."""
-    records = instance.get_run_records(RunsFilter(statuses=statuses, tags={STORAGE_TAG: storage_root}))
+    records = instance.get_run_records(RunsFilter(statuses=statuses, tags={STORAGE_TAG: root_url}))
     host, now, stale_after_s = socket.gethostname(), time.time(), Env.read().run_stale_s
     return [
         dict(r.dagster_run.tags)

@@ -119,12 +119,12 @@ def release_dead_runs(instance: DagsterInstance, stale_after_s: float, log: Call
 
 def free_finished_holders(instance: DagsterInstance) -> list[str]:
     """Free the pool slots (and queued claims) of finished or deleted runs; returns their run ids."""
-    storage = instance.event_log_storage
-    if not storage.supports_global_concurrency_limits:
+    event_log = instance.event_log_storage
+    if not event_log.supports_global_concurrency_limits:
         return []
-    holders = storage.get_concurrency_run_ids() | {
+    holders = event_log.get_concurrency_run_ids() | {
         slot.run_id
-        for info in storage.get_concurrency_infos(sorted(storage.get_concurrency_keys())).values()
+        for info in event_log.get_concurrency_infos(sorted(event_log.get_concurrency_keys())).values()
         for slot in info.claimed_slots
     }
     if not holders:
@@ -136,5 +136,5 @@ def free_finished_holders(instance: DagsterInstance) -> list[str]:
     }
     finished = sorted(holders - unfinished)  # a deleted run's slots too
     for run_id in finished:
-        storage.free_concurrency_slots_for_run(run_id)
+        event_log.free_concurrency_slots_for_run(run_id)
     return finished

@@ -17,6 +17,7 @@ from dagster._core.errors import (
     DagsterAssetCheckFailedError,
 )  # raised by a failed blocking check; not in the public API
 
+from tda_assets.attribution.settings import query_loss_ratio
 from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO, QueryState, config_states
 from tda_assets.defs.configs import UnlearningConfig, record_config
 from tda_assets.defs.partitions import queries as queries_partitions
@@ -65,54 +66,54 @@ def select_queries(runner: Runner, queries: str | list[str] | None = None) -> li
     return wanted
 
 
-def stale_configs(store: Storage, configs: list[UnlearningConfig]) -> set[str]:
+def stale_configs(root: Storage, configs: list[UnlearningConfig]) -> set[str]:
     """Configurations whose recorded `unlearning_configs` row differs from the grid file's (their runs are redone)."""
     stale = set()
     for cfg in configs:
         if (
-            table_exists(store, "unlearning_configs", config_id=cfg.config_id)
-            and read_table(store, "unlearning_configs", config_id=cfg.config_id).to_dicts() != cfg.row().to_dicts()
+            table_exists(root, "unlearning_configs", config_id=cfg.config_id)
+            and read_table(root, "unlearning_configs", config_id=cfg.config_id).to_dicts() != cfg.row().to_dicts()
         ):
             stale.add(cfg.config_id)
     return stale
 
 
-def recorded_run(store: Storage, query_id: str, config_id: str, identity: Identity) -> dict | None:
+def recorded_run(root: Storage, query_id: str, config_id: str, identity: Identity) -> dict | None:
     """The pair's `unlearning_runs` row under `identity`, or None when it has not run under it."""
     keys = {**identity.keys(), "query_id": query_id, "config_id": config_id}
-    if not table_exists(store, "unlearning_runs", **keys):
+    if not table_exists(root, "unlearning_runs", **keys):
         return None
-    return {**read_table(store, "unlearning_runs", **keys).row(0, named=True), **identity.keys()}
+    return {**read_table(root, "unlearning_runs", **keys).row(0, named=True), **identity.keys()}
 
 
 def loss_ratio(run: dict | None) -> float | None:
     """Query loss after / before unlearning of a recorded run."""
-    return None if run is None else float(run["query_loss_after"] / run["query_loss_before"])
+    return None if run is None else float(query_loss_ratio(run["query_loss_after"], run["query_loss_before"]))
 
 
-def has_current_attribution(store: Storage, query_id: str, config_id: str, identity: Identity) -> bool:
+def has_current_attribution(root: Storage, query_id: str, config_id: str, identity: Identity) -> bool:
     """Whether the query has an attribution of this configuration computed under `identity`."""
-    return table_exists(store, "attribution_scores", **identity.keys(), query_id=query_id, config_id=config_id)
+    return table_exists(root, "attribution_scores", **identity.keys(), query_id=query_id, config_id=config_id)
 
 
-def recorded_results(store: Storage, identity: Identity) -> dict[tuple[str, str], GridRun]:
+def recorded_results(root: Storage, identity: Identity) -> dict[tuple[str, str], GridRun]:
     """The (query, configuration) pairs with a result under `identity` (`attributed` or `failed_check`, as
     `tda queries` shows them): the grid does not run them again."""
-    states = config_states(store, identity.checkpoint_id, identity.protocol_id, MIN_QUERY_LOSS_RATIO)
+    states = config_states(root, identity.checkpoint_id, identity.protocol_id, MIN_QUERY_LOSS_RATIO)
     return {pair: GridRun(*pair, s.state, False, 0.0, s.loss_ratio) for pair, s in states.items() if s.state.is_result}
 
 
-def ensure_query(runner: Runner, store: Storage, query_id: str) -> None:
+def ensure_query(runner: Runner, root: Storage, query_id: str) -> None:
     """The query's clip and similarity scores (once per query, whatever the configuration)."""
-    if not store.exists(key("query_features", query_id=query_id)):
+    if not root.exists(key("query_features", query_id=query_id)):
         runner.run(["query_clips"], query_id)
-    if not list_keys(store, "similarity_scores", query_id=query_id):
+    if not list_keys(root, "similarity_scores", query_id=query_id):
         runner.run(["similarity_scores"], query_id)
 
 
-def _forget_attribution(store: Storage, query_id: str, config_id: str, identity: Identity) -> None:
+def _forget_attribution(root: Storage, query_id: str, config_id: str, identity: Identity) -> None:
     """After a failed unlearning, drop an older attribution of the pair under `identity` so no table mixes the two."""
-    store.delete(key("attribution_scores", **identity.keys(), query_id=query_id, config_id=config_id))
+    root.delete(key("attribution_scores", **identity.keys(), query_id=query_id, config_id=config_id))
 
 
 def _first_line(exc: Exception) -> str:
@@ -123,14 +124,14 @@ def _first_line(exc: Exception) -> str:
 def grid_identity(runner: Runner) -> Identity:
     """The checkpoint and loss protocol the grid's results are computed and recorded under."""
     protocol_id = runner.resources["protocol"].protocol().protocol_id
-    return Identity(read_checkpoint_record(runner.storage).checkpoint_id, protocol_id)
+    return Identity(read_checkpoint_record(runner.root).checkpoint_id, protocol_id)
 
 
-def configs_to_redo(store: Storage, configs: list[UnlearningConfig], force: bool, log: Log) -> set[str]:
+def configs_to_redo(root: Storage, configs: list[UnlearningConfig], force: bool, log: Log) -> set[str]:
     """The configurations whose recorded runs do not count (all with `force`, else those changed in the grid file)."""
     if force:
         return {cfg.config_id for cfg in configs}
-    stale = stale_configs(store, configs)
+    stale = stale_configs(root, configs)
     for cid in sorted(stale):
         log(f"    configuration {cid!r} changed in the grid file since its last run: its runs are redone")
     return stale
@@ -139,14 +140,14 @@ def configs_to_redo(store: Storage, configs: list[UnlearningConfig], force: bool
 def register_grid(runner: Runner, configs: list[UnlearningConfig], query_ids: list[str]) -> None:
     """Record every configuration and add every (query × config) partition: the grid shows in the UI, launchable."""
     for cfg in configs:
-        record_config(runner.storage, cfg)
+        record_config(runner.root, cfg)
         for qid in query_ids:
             runner.add_partitions(qid, cfg.config_id)
 
 
 def run_pair(runner: Runner, identity: Identity, query_id: str, cfg: UnlearningConfig) -> GridRun:
     """Run one (query, configuration): `attributed`, `failed_check` (the blocking check stopped it) or `error`."""
-    store, cid, start = runner.storage, cfg.config_id, time.perf_counter()
+    root, cid, start = runner.root, cfg.config_id, time.perf_counter()
     state, message = QueryState.ATTRIBUTED, ""
     try:
         runner.attribute_config(query_id, cfg)
@@ -156,8 +157,8 @@ def run_pair(runner: Runner, identity: Identity, query_id: str, cfg: UnlearningC
     except Exception as exc:  # noqa: BLE001 - one broken configuration must not stop the grid
         state, message = QueryState.ERROR, _first_line(exc)
     if state is not QueryState.ATTRIBUTED:
-        _forget_attribution(store, query_id, cid, identity)
-    ratio = loss_ratio(recorded_run(store, query_id, cid, identity))
+        _forget_attribution(root, query_id, cid, identity)
+    ratio = loss_ratio(recorded_run(root, query_id, cid, identity))
     return GridRun(query_id, cid, state, True, time.perf_counter() - start, ratio, message)
 
 
@@ -173,7 +174,7 @@ def log_run(log: Log, n: int, total: int, run: GridRun) -> None:
 def prepare_query(runner: Runner, query_id: str, configs: list[UnlearningConfig], log: Log) -> list[GridRun]:
     """Make the query's clip and similarity scores; when that fails, an `error` run for each configuration."""
     try:
-        ensure_query(runner, runner.storage, query_id)
+        ensure_query(runner, runner.root, query_id)
         return []
     except Exception as exc:  # noqa: BLE001 - a broken query must not stop the other queries
         message = f"query_clips/similarity_scores failed: {_first_line(exc)}"
@@ -192,7 +193,7 @@ def run_grid(
     """Run every configuration for every query (skipping recorded ones unless `force`), then `consistency_report`."""
     log = log or runner.log
     identity = grid_identity(runner)
-    redo = configs_to_redo(runner.storage, configs, force, log)
+    redo = configs_to_redo(runner.root, configs, force, log)
     register_grid(runner, configs, query_ids)
     results: list[GridRun] = []
     for qi, qid in enumerate(query_ids):
@@ -200,7 +201,7 @@ def run_grid(
         if failed:
             results += failed
             continue
-        recorded = recorded_results(runner.storage, identity)
+        recorded = recorded_results(runner.root, identity)
         for ci, cfg in enumerate(configs):
             run = recorded.get((qid, cfg.config_id)) if cfg.config_id not in redo else None
             if run is None:

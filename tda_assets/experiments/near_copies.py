@@ -53,16 +53,16 @@ def print_near_copy(engine: QueryEngine, query_id: str) -> pl.DataFrame:
     return rows
 
 
-def window_query(store: Storage, parent: QuerySpec, start_s: float, end_s: float, roots: Sequence[str]) -> QuerySpec:
+def window_query(root: Storage, parent: QuerySpec, start_s: float, end_s: float, roots: Sequence[str]) -> QuerySpec:
     """A window of `parent`'s clip as its own query (`window_query_id`), with the parent's prompt: cut at the clip's
     own rate (mono) and added through `add_clip_query` like any user's clip."""
-    clip = check_clip(read_uri_bytes(parent.audio_uri, store), parent.query_id)
+    clip = check_clip(read_uri_bytes(parent.audio_uri, root), parent.query_id)
     part = clip.samples[round(start_s * clip.sample_rate) : round(end_s * clip.sample_rate)]
     query_id = window_query_id(parent.query_id, start_s)
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / f"{query_id}.wav"
         sf.write(path, part, clip.sample_rate, subtype="FLOAT")
-        return add_clip_query(store, str(path), parent.prompt, query_id, roots)
+        return add_clip_query(root, str(path), parent.prompt, query_id, roots)
 
 
 def attribute_windows(
@@ -86,10 +86,10 @@ def attribute_windows(
         )
         return 0
     print(f"\nPer-window attribution: {windows.height} window(s), each its own query under {config.config_id!r}")
-    roots = run.resources["inbox"].allowed_roots(run.storage)
+    roots = run.resources["inbox"].allowed_roots(run.root)
     failed = 0
     for start_s, end_s in windows.select("segment_start_s", "segment_end_s").rows():
-        spec = window_query(run.storage, parent, start_s, end_s, roots)
+        spec = window_query(run.root, parent, start_s, end_s, roots)
         began = time.perf_counter()
         try:
             run.attribute(spec.query_id, config)
@@ -98,7 +98,7 @@ def attribute_windows(
             failed += 1
             continue
         print(f"\n==> {start_s:.2f}–{end_s:.2f} s: query {spec.query_id!r} in {time.perf_counter() - began:.0f}s")
-        engine = QueryEngine(run.storage, protocol_id=run.resources["protocol"].protocol().protocol_id)
+        engine = QueryEngine(run.root, protocol_id=run.resources["protocol"].protocol().protocol_id)
         clip = near_copy_rows(engine, spec.query_id).filter(pl.col("segment") == CLIP)
         if clip.height:
             print(verdict_line(verdict_of(clip.row(0, named=True))))

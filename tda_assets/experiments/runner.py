@@ -30,8 +30,17 @@ from tda_assets.defs.run_health import process_tags, release_dead_runs
 from tda_assets.defs.configs import UNLEARNING_ASSETS, UnlearningConfig, unlearning_run_config
 from tda_assets.defs.partitions import SHARD_KEYS, configs, queries, query_config_key
 from tda_assets.defs.query_runs import run_tags
-from tda_assets.defs.sensors import CLIP_ASSETS, attribute_config_job, query_clip_job, query_inbox_sensor, query_of
-from tda_assets.data.query_state import partition_tag
+from tda_assets.defs.sensors import (
+    BATCH_ASSETS,
+    CLIP_ASSETS,
+    attribute_config_job,
+    queries_of,
+    query_batch_job,
+    query_clip_job,
+    query_inbox_sensor,
+    query_of,
+)
+from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO, partition_tag, pending_queries
 from tda_assets.attribution.gradients import GradientSpec
 from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.io.artifacts import (
@@ -104,7 +113,7 @@ def with_console_level(run_config: RunConfig | dict | None, log_level: str) -> d
 
 
 def current_training_phases(
-    store: Storage, source: ModelSource, protocol_id: str, compute_precision: str | None = None
+    root: Storage, source: ModelSource, protocol_id: str, compute_precision: str | None = None
 ) -> dict[str, bool]:
     """Which training phases' outputs exist under the storage root *with the identity they would have now*.
 
@@ -114,26 +123,26 @@ def current_training_phases(
     that checkpoint and protocol, and so must the default configuration's gradient store (built with the stored Fisher).
     """
     have = dict.fromkeys(TRAINING_PHASES, False)
-    if not table_exists(store, "training_manifest"):
+    if not table_exists(root, "training_manifest"):
         return have
     have["training_manifest"] = True
-    manifest = read_table(store, "training_manifest")
+    manifest = read_table(root, "training_manifest")
     encoder_id = source.encoder_id()
 
     def features_current(shard: str) -> bool:
         rows = manifest.filter(pl.col("shard") == shard)
         k = key("training_features", encoder_id=encoder_id, shard=shard)
         if rows.is_empty():
-            return not store.exists(k)
-        return store.exists(k) and read_features(store, k)[1].get("manifest_digest") == manifest_digest(rows)
+            return not root.exists(k)
+        return root.exists(k) and read_features(root, k)[1].get("manifest_digest") == manifest_digest(rows)
 
     have["training_features"] = all(map(features_current, SHARD_KEYS))
-    if not have["training_features"] or not store.exists(key("checkpoint_record")):
+    if not have["training_features"] or not root.exists(key("checkpoint_record")):
         return have
-    record = read_checkpoint_record(store)
+    record = read_checkpoint_record(root)
     if source.is_embedded:
         settings = TrainingSettings(steps=source.train_steps, seed=source.train_seed)
-        wanted = embedded_checkpoint_id(store, encoder_id, asdict(settings))
+        wanted = embedded_checkpoint_id(root, encoder_id, asdict(settings))
         have["checkpoint"] = record.kind == "embedded" and record.checkpoint_id == wanted
     else:
         have["checkpoint"] = record.kind == "external" and record.checkpoint_id == source.resolve().checkpoint_id
@@ -142,22 +151,22 @@ def current_training_phases(
     identity = Identity(record.checkpoint_id, protocol_id)
     fisher_key = key("fisher_diagonal", **identity.keys())
     # a Fisher estimated in another compute precision than this step's is re-estimated (read_fisher refuses it)
-    have["fisher_diagonal"] = store.exists(fisher_key) and (
+    have["fisher_diagonal"] = root.exists(fisher_key) and (
         not compute_precision
-        or store.read_tensors_metadata(fisher_key).get(COMPUTE_PRECISION) in (None, compute_precision)
+        or root.read_tensors_metadata(fisher_key).get(COMPUTE_PRECISION) in (None, compute_precision)
     )
     have["baseline_losses"] = all(
-        table_exists(store, "baseline_losses", **identity.keys(), shard=s) for s in SHARD_KEYS
-    ) and not stale_baseline_shards(store, read_tables(store, "baseline_losses", **identity.keys()), encoder_id)
+        table_exists(root, "baseline_losses", **identity.keys(), shard=s) for s in SHARD_KEYS
+    ) and not stale_baseline_shards(root, read_tables(root, "baseline_losses", **identity.keys()), encoder_id)
 
     def embeddings_current(shard: str) -> bool:
         k = embeddings_key(identity, encoder_id, shard)
-        if not store.exists(key("training_features", encoder_id=encoder_id, shard=shard)):  # empty: nothing to embed
-            return not store.exists(k)
-        return store.exists(k) and embeddings_match_features(store, store.read_tensors_metadata(k), encoder_id, shard)
+        if not root.exists(key("training_features", encoder_id=encoder_id, shard=shard)):  # empty: nothing to embed
+            return not root.exists(k)
+        return root.exists(k) and embeddings_match_features(root, root.read_tensors_metadata(k), encoder_id, shard)
 
     have["training_embeddings"] = all(map(embeddings_current, SHARD_KEYS))
-    have["training_gradients"] = not stale_gradient_shards(store, identity, DEFAULT_GRADIENTS, encoder_id)
+    have["training_gradients"] = not stale_gradient_shards(root, identity, DEFAULT_GRADIENTS, encoder_id)
     return have
 
 
@@ -202,8 +211,8 @@ class Runner:
         return self.defs.resources
 
     @property
-    def storage(self) -> Storage:
-        return self.resources["storage"].storage()
+    def root(self) -> Storage:
+        return self.resources["storage"].root()
 
     @property
     def executor(self) -> str:
@@ -241,9 +250,11 @@ class Runner:
                     raise_on_error=True,
                     tags=tags,
                 )
-            job = {tuple(CLIP_ASSETS): query_clip_job.name, tuple(UNLEARNING_ASSETS): attribute_config_job.name}.get(
-                tuple(selection), ASSET_JOB
-            )
+            job = {
+                tuple(CLIP_ASSETS): query_clip_job.name,
+                tuple(UNLEARNING_ASSETS): attribute_config_job.name,
+                tuple(BATCH_ASSETS): query_batch_job.name,
+            }.get(tuple(selection), ASSET_JOB)
             with execute_job(
                 CODE_LOCATION.get_reconstructable_job(job),
                 self.instance,
@@ -298,7 +309,7 @@ class Runner:
         phase that depends on it runs too (`PHASE_NEEDS`), and no other. Result files of the layout before identity keys
         are first moved under the identity their rows record (`tda prepare` is the fix their error names).
         """
-        for table, n in migrate_legacy_results(self.storage).items():
+        for table, n in migrate_legacy_results(self.root).items():
             self.log(
                 f"==> moved {n} {table} file(s) of the layout before identity keys under their checkpoint and protocol"
             )
@@ -306,7 +317,7 @@ class Runner:
             self.training_side(manifest_config, skip=frozenset(TRAINING_PHASES[1:]))
         source = self.resources["model_source"].model_source()
         have = current_training_phases(
-            self.storage,
+            self.root,
             source,
             self.resources["protocol"].protocol().protocol_id,
             self.resources["compute"].compute().precision,
@@ -314,7 +325,7 @@ class Runner:
         if all(have.values()):
             self.log(
                 f"==> training side: already materialized "
-                f"(checkpoint {read_checkpoint_record(self.storage).checkpoint_id}), skipped"
+                f"(checkpoint {read_checkpoint_record(self.root).checkpoint_id}), skipped"
             )
             return
         self.training_side(manifest_config, skip=frozenset(TRAINING_PHASES) - phases_to_run(have))
@@ -337,10 +348,12 @@ class Runner:
         return list(result.run_requests or [])
 
     def execute(self, request: RunRequest, config: UnlearningConfig | None = None) -> None:
-        """Run one of the sensor's requests here: a clip, or an attribution (under `config`, which must be
-        `default`)."""
+        """Run one of the sensor's requests here: a clip, an attribution (under `config`, which must be `default`), or a
+        batch of queries."""
         if request.job_name == query_clip_job.name:
             self.run(CLIP_ASSETS, request.partition_key, tags=request.tags)
+        elif request.job_name == query_batch_job.name:
+            self.run(BATCH_ASSETS, request.partition_key, tags=request.tags)
         else:
             self.run(
                 UNLEARNING_ASSETS,
@@ -370,14 +383,38 @@ class Runner:
                 except SlotWaitTimeout:  # the pool stays blocked for every other query too
                     raise
                 except Exception as exc:  # noqa: BLE001 - one broken query must not stop the others
-                    drain.failed.append((qid, f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"))
+                    message = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+                    if request.job_name == query_batch_job.name:
+                        self._batch_done(drain, request, start, message)
+                        continue
+                    drain.failed.append((qid, message))
                     self.log(f"    {qid}: {request.tags.get('tda/step')} run failed: {drain.failed[-1][1]}")
+                    continue
+                if request.job_name == query_batch_job.name:
+                    self._batch_done(drain, request, start)
                     continue
                 step = "clip" if request.job_name == query_clip_job.name else "attribution"
                 self.log(f"    {qid}: {step} in {time.perf_counter() - start:.1f}s")
                 if step == "attribution":
                     drain.attributed.append(qid)
         return drain
+
+    def _batch_done(self, drain: InboxDrain, request: RunRequest, start: float, error: str | None = None) -> None:
+        """Count a batch run's queries: those with a result now are done, the others of a failed run failed."""
+        ids = queries_of(request)
+        record = read_checkpoint_record(self.root)
+        protocol_id = self.resources["protocol"].protocol().protocol_id
+        no_clip, no_attribution = pending_queries(
+            self.root, ids, record.checkpoint_id, protocol_id, MIN_QUERY_LOSS_RATIO
+        )
+        pending = {*no_clip, *no_attribution}
+        drain.attributed += [q for q in ids if q not in pending]
+        if error:
+            drain.failed += [(q, f"its batch run {request.partition_key} failed: {error}") for q in sorted(pending)]
+        self.log(
+            f"    {request.partition_key}: {len(ids) - len(pending)} of {len(ids)} queries done in "
+            f"{time.perf_counter() - start:.1f}s" + (f"; the run failed: {error}" if error else "")
+        )
 
     def add_partitions(self, query_id: str, config_id: str | None = None) -> None:
         """The query's partition, and the configuration's, on this instance (no-ops when present)."""
@@ -389,11 +426,11 @@ class Runner:
     def clip(self, query_id: str) -> None:
         """The query's clip and similarity scores."""
         self.add_partitions(query_id)
-        self.run(CLIP_ASSETS, query_id, tags=run_tags("clip", self.storage.url))
+        self.run(CLIP_ASSETS, query_id, tags=run_tags("clip", self.root.url))
 
     def requested_queries(self) -> list[str]:
         """The queries one sensor tick requests runs for (and adds as partitions)."""
-        return [query_of(r) for r in self.sensor_tick()]
+        return [q for r in self.sensor_tick() for q in queries_of(r)]
 
     def attribute(self, query_id: str, config: UnlearningConfig | None = None):
         """A query end to end, as the sensor's runs do: its clip, then its attribution under `config` (default:
@@ -410,7 +447,7 @@ class Runner:
             UNLEARNING_ASSETS,
             query_config_key(query_id, config.config_id),
             unlearning_run_config(config),
-            tags=run_tags("attribute", self.storage.url),
+            tags=run_tags("attribute", self.root.url),
         )
 
     def ensure_gradients(self, config: UnlearningConfig) -> list[str]:
@@ -424,9 +461,9 @@ class Runner:
         if not settings.needs_gradients:
             return []
         spec = GradientSpec.for_settings(settings)
-        record = read_checkpoint_record(self.storage)
+        record = read_checkpoint_record(self.root)
         identity = Identity(record.checkpoint_id, self.resources["protocol"].protocol().protocol_id)
-        missing = stale_gradient_shards(self.storage, identity, spec, record.encoder_id)
+        missing = stale_gradient_shards(self.root, identity, spec, record.encoder_id)
         if missing:
             self.phase(
                 f"training_gradients {spec.gradient_id}",

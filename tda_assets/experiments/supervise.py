@@ -126,11 +126,11 @@ class Watch:
     def waits(self) -> list[tuple[str, str, datetime, list[tuple[str, str, datetime | None]]]]:
         """`(pool, step, waiting since, [(holder run, holder step, holding since)])` of this run's unassigned claims;
         a holder whose process is gone is released on the spot."""
-        storage = self.instance.event_log_storage
-        if not storage.supports_global_concurrency_limits:
+        event_log = self.instance.event_log_storage
+        if not event_log.supports_global_concurrency_limits:
             return []
         out = []
-        for pool, info in storage.get_concurrency_infos(sorted(storage.get_concurrency_keys())).items():
+        for pool, info in event_log.get_concurrency_infos(sorted(event_log.get_concurrency_keys())).items():
             mine = [p for p in info.pending_steps if p.run_id == self.run_id and p.assigned_timestamp is None]
             if not mine:
                 continue

@@ -18,18 +18,13 @@ from tda_assets.io.artifacts import Identity
 from tda_assets.io.checkpoints import read_checkpoint_record
 from tda_assets.io.query_engine import QueryEngine
 from tda_assets.io.registry import entry, key
+from tda_assets.io.storage import Storage
 
 from .display import print_frame
 from .grid import GridRun, ensure_query, has_current_attribution, run_grid, select_queries, summary
 from .near_copies import PER_WINDOW_CONFIG, attribute_windows, print_near_copy
+from .options import EvaluateOptions
 from .runner import Runner
-
-
-# `tda evaluate` retrains the counterfactual models for at most this many steps unless told (TDA_CF_TRAIN_STEPS): each
-# query costs 2 retrains (its top-k, its same-artist control), the 3 random removals are shared, plus one full model;
-# at ~0.25 s a step on 2 idle cores (320 items) a retrain of 400 steps is ~105 s (527 s for 5 measured), so 4 queries
-# are 12 retrains, ~21 min
-EVALUATE_CF_TRAIN_STEPS = 400
 
 
 def instance() -> DagsterInstance:
@@ -48,7 +43,7 @@ def runner(verbose: bool = True) -> Runner:
 
 def _start(command: str) -> tuple[Runner, float]:
     run = runner()
-    print(f"tda {command}: storage {run.storage.url}, Dagster instance {dagster_home()}")
+    print(f"tda {command}: storage {run.root.url}, Dagster instance {dagster_home()}")
     return run, time.perf_counter()
 
 
@@ -61,14 +56,14 @@ def _print_timings(run: Runner, start: float) -> None:
 
 def _engine(run: Runner) -> QueryEngine:
     """The query engine over the run's root, reporting the run's checkpoint and loss protocol."""
-    return QueryEngine(run.storage, protocol_id=run.resources["protocol"].protocol().protocol_id)
+    return QueryEngine(run.root, protocol_id=run.resources["protocol"].protocol().protocol_id)
 
 
 def prepare(manifest: str | None) -> int:
     """The training side for a manifest (or the embedded corpus), skipping what exists with the same identity."""
     run, start = _start("prepare")
     run.training_side_if_needed({"manifest_uri": manifest} if manifest else None)
-    record = read_checkpoint_record(run.storage)
+    record = read_checkpoint_record(run.root)
     protocol = run.resources["protocol"].protocol()
     items = _engine(run).sql("SELECT count(*) AS n FROM training_items").item()
     print(
@@ -97,7 +92,7 @@ def _print_top(run: Runner, query_ids: list[str], k: int, config_id: str | None 
     )
 
 
-def resolve_config(config_id: str | None, store) -> UnlearningConfig:
+def resolve_config(config_id: str | None, root) -> UnlearningConfig:
     """A configuration by id: `default`, one of the grid file's, or one recorded in the root (clear error otherwise)."""
     if not config_id or config_id == "default":
         return UnlearningConfig()
@@ -106,7 +101,7 @@ def resolve_config(config_id: str | None, store) -> UnlearningConfig:
         if config.config_id == config_id:
             return config
     try:
-        return as_config(config_id, recorded_settings(store, config_id))
+        return as_config(config_id, recorded_settings(root, config_id))
     except FileNotFoundError:
         raise ValueError(
             f"unknown configuration {config_id!r}: not in the grid file {grid_file or GRID_FILE} nor recorded "
@@ -128,15 +123,15 @@ def attribute(
         raise ValueError("give --audio FILE_OR_URI (optionally with --prompt), or --prompt TEXT to generate a clip")
     run, start = _start("attribute")
     run.log_level = "WARNING"
-    store = run.storage
-    if not store.exists(key("checkpoint_record")):
-        raise RuntimeError(f"no checkpoint in {store.url} yet: run `tda prepare --manifest …` first")
-    config = resolve_config(config_id, store)
-    window_config = resolve_config(PER_WINDOW_CONFIG, store) if per_window else None  # refused before any run
+    root = run.root
+    if not root.exists(key("checkpoint_record")):
+        raise RuntimeError(f"no checkpoint in {root.url} yet: run `tda prepare --manifest …` first")
+    config = resolve_config(config_id, root)
+    window_config = resolve_config(PER_WINDOW_CONFIG, root) if per_window else None  # refused before any run
     if audio:
-        spec = add_clip_query(store, audio, prompt, query_id, run.resources["inbox"].allowed_roots(store))
+        spec = add_clip_query(root, audio, prompt, query_id, run.resources["inbox"].allowed_roots(root))
     else:
-        spec = add_query(store, prompt, query_id)
+        spec = add_query(root, prompt, query_id)
     audio_uri = spec.audio_uri
     print(
         f"==> query {spec.query_id!r}"
@@ -171,16 +166,16 @@ def run_inbox() -> int:
     """Drain the inbox: tick the sensor and run its requests until every query has a result in this root."""
     run, start = _start("run-inbox")
     run.log_level = "WARNING"
-    store = run.storage
+    root = run.root
     waiting = _waiting_queries(run)
     drain = run.drain_inbox()
     print(f"\n{drain.ticks} ticks: {len(drain.attributed)} queries attributed, {len(drain.failed)} runs failed")
     for qid, message in drain.failed:
         print(f"  failed: {qid}: {message}")
     _, invalid = judge_files(
-        store,
-        {q: p for q, p in inbox_files(store).items() if q in waiting},
-        run.resources["inbox"].allowed_roots(store),
+        root,
+        {q: p for q, p in inbox_files(root).items() if q in waiting},
+        run.resources["inbox"].allowed_roots(root),
     )
     for qid, reason in invalid.items():
         print(f"  invalid: {qid}: {reason}")
@@ -196,17 +191,17 @@ def run_inbox() -> int:
 
 def _waiting_queries(run: Runner) -> set[str]:
     """The inbox queries without a result in the root (as the sensor counts them); all of them before `tda prepare`."""
-    store = run.storage
-    files = inbox_files(store)
-    if not store.exists(key("checkpoint_record")):
+    root = run.root
+    files = inbox_files(root)
+    if not root.exists(key("checkpoint_record")):
         if files:
             raise RuntimeError(
-                f"{len(files)} queries wait in the inbox but {store.url} has no checkpoint yet: run `tda prepare` first"
+                f"{len(files)} queries wait in the inbox but {root.url} has no checkpoint yet: run `tda prepare` first"
             )
         return set()
     protocol_id = run.resources["protocol"].protocol().protocol_id
     no_clip, no_attribution = pending_queries(
-        store, list(files), read_checkpoint_record(store).checkpoint_id, protocol_id, MIN_QUERY_LOSS_RATIO
+        root, list(files), read_checkpoint_record(root).checkpoint_id, protocol_id, MIN_QUERY_LOSS_RATIO
     )
     return {*no_clip, *no_attribution}
 
@@ -215,7 +210,7 @@ def demo() -> int:
     """The whole graph on the embedded default: training side, the built-in queries through the inbox, the report."""
     run, start = _start("demo")
     run.training_side()
-    ids = builtin_queries(run.storage)
+    ids = builtin_queries(run.root)
     drain = run.drain_inbox()
     print(
         f"==> inbox drained in {drain.ticks} ticks: {len(drain.attributed)} queries attributed, "
@@ -290,22 +285,24 @@ def print_counterfactual(engine: QueryEngine) -> None:
             "passed_item_level",
         )
     )
+    _print_overall_verdict(verdicts)
+
+
+def _print_overall_verdict(verdicts: pl.DataFrame) -> None:
+    """The share of queries passing each verdict (the `(all)` row), and the check's outcome."""
     overall = verdicts.filter(pl.col("query_id") == "(all)")
-    if overall.height:
-        n, row = verdicts.height - 1, overall.row(0, named=True)
-        for what, share, low in (
-            ("above the random noise floor", row["share_passing"], row["share_passing_low"]),
-            ("above both controls (item level)", row["share_item_level"], row["share_item_level_low"]),
-        ):
-            print(f"{round(share * n)} of {n} queries {what}: {share:.0%} (95% lower end {low:.2f})")
-        print(
-            "check: "
-            + (
-                "PASSED (more than half item level)"
-                if row["passed_item_level"]
-                else "FAILED (more than half must pass item level)"
-            )
-        )
+    if not overall.height:
+        return
+    n, row = verdicts.height - 1, overall.row(0, named=True)
+    for what, share, low in (
+        ("above the random noise floor", row["share_passing"], row["share_passing_low"]),
+        ("above both controls (item level)", row["share_item_level"], row["share_item_level_low"]),
+    ):
+        print(f"{round(share * n)} of {n} queries {what}: {share:.0%} (95% lower end {low:.2f})")
+    if row["passed_item_level"]:
+        print("check: PASSED (more than half item level)")
+    else:
+        print("check: FAILED (more than half must pass item level)")
 
 
 def counterfactual(
@@ -340,77 +337,124 @@ def _latest_metadata(run: Runner, asset: str) -> dict:
     return run.instance.get_latest_materialization_event(AssetKey(asset)).asset_materialization.metadata
 
 
-def evaluate(
-    grid_queries: int,
-    grid_file: str | None,
-    force: bool,
-    cf_queries: int,
-    cf_k: int,
-    cf_train_steps: int | None,
-    skip_counterfactual: bool,
-    si_configs: str,
-    si_targets: int,
-    rep_sources: int,
-) -> int:
-    """The paper's experiments on the embedded default: built-in queries, grid, consistency, similarity,
-    counterfactual."""
+def evaluate(options: EvaluateOptions) -> int:
+    """The paper's experiments on the embedded default: built-in queries, grid, self-influence, replication,
+    counterfactual; then the tables they fill."""
     run, start = _start("evaluate")
-    store = run.storage
     run.training_side_if_needed()
     run.log_level = "WARNING"
-    ids = builtin_queries(store)
-    identity = Identity(read_checkpoint_record(store).checkpoint_id, run.resources["protocol"].protocol().protocol_id)
-    todo = [q for q in ids if not has_current_attribution(store, q, "default", identity)]
+    ids = _builtin_queries(run)
+    results = _grid(run, ids, options)
+    judged = _self_influence(run, results, options)
+    chosen = _latest_metadata(run, "self_influence")["best_config"].value if judged else "default"  # of this run's
+    _replication(run, chosen, options.rep_sources)
+    if not options.skip_counterfactual:
+        _counterfactual(run, options)
+    _print_evaluation(run, results, judged, chosen, options)
+    _print_timings(run, start)
+    return 1 if any(r.state is QueryState.ERROR for r in results) else 0
 
-    def queries_phase() -> None:
+
+def _builtin_queries(run: Runner) -> list[str]:
+    """The built-in queries, each attributed with the default configuration unless the root has it already."""
+    root = run.root
+    ids = builtin_queries(root)
+    identity = Identity(read_checkpoint_record(root).checkpoint_id, run.resources["protocol"].protocol().protocol_id)
+    todo = [q for q in ids if not has_current_attribution(root, q, "default", identity)]
+
+    def attribute_todo() -> None:
         for q in ids:
             if q in todo:
                 run.attribute(q)
             else:
-                ensure_query(run, store, q)
+                ensure_query(run, root, q)
 
-    run.phase(f"built-in queries ({len(todo)} of {len(ids)} to run)", queries_phase)
-    configs = load_grid(grid_file or Env.read().grid_file)
-    grid_ids = sorted(ids)[:grid_queries] if grid_queries else sorted(ids)
+    run.phase(f"built-in queries ({len(todo)} of {len(ids)} to run)", attribute_todo)
+    return ids
+
+
+def _grid(run: Runner, ids: list[str], options: EvaluateOptions) -> list[GridRun]:
+    """The grid file's configurations on the first `grid_queries` built-in queries (in id order)."""
+    configs = load_grid(options.grid_file or Env.read().grid_file)
+    grid_ids = sorted(ids)[: options.grid_queries] if options.grid_queries else sorted(ids)
     print(f"==> grid: {len(configs)} configurations × {len(grid_ids)} queries ({', '.join(grid_ids)})")
     results: list[GridRun] = []
-    run.phase("grid", lambda: results.extend(run_grid(run, configs, grid_ids, force=force)))
+    run.phase("grid", lambda: results.extend(run_grid(run, configs, grid_ids, force=options.force)))
+    return results
+
+
+def _self_influence(run: Runner, results: list[GridRun], options: EvaluateOptions) -> list[str]:
+    """Self-influence of the `si_configs` the grid attributed; the configurations it judged."""
     attributed = {r.config_id for r in results if r.state is QueryState.ATTRIBUTED}
-    wanted = [c.strip() for c in si_configs.split(",") if c.strip()]
+    wanted = options.self_influence_configs
     judged = [c for c in wanted if c in attributed]
     if len(judged) < len(wanted):
         print(f"    self-influence skips {sorted(set(wanted) - set(judged))}: not in the grid, or no attribution")
     if judged:
-        run.phase("self_influence", lambda: run.with_config("self_influence", config_ids=judged, n_targets=si_targets))
-    engine = _engine(run)
-    chosen = (
-        _latest_metadata(run, "self_influence")["best_config"].value if judged else "default"
-    )  # of this run's configs
-    for cid in (
-        dict.fromkeys(["default", chosen]) if rep_sources else []
-    ):  # the default, and the one self-influence chose
         run.phase(
-            f"replication {cid}", lambda c=cid: run.with_config("replication", config_id=c, n_sources=rep_sources)
+            "self_influence",
+            lambda: run.with_config("self_influence", config_ids=judged, n_targets=options.si_targets),
         )
-    if rep_sources:  # the near-copy rule on the same number of reporting sources per transform as replication
-        run.phase("near_copy_calibration", lambda: run.with_config("near_copy_calibration", n_sources=rep_sources))
-    if not skip_counterfactual:
-        steps = cf_train_steps or min(EVALUATE_CF_TRAIN_STEPS, run.resources["model_source"].model_source().train_steps)
-        print(
-            f"==> counterfactual: {cf_queries} queries × (top-{cf_k} + same-artist control) + 3 shared random "
-            f"removals, retrained {steps} steps each"
-        )
-        run.phase("counterfactual", lambda: run.counterfactual(n_queries=cf_queries, k=cf_k, train_steps=steps))
+    return judged
+
+
+def _replication(run: Runner, chosen: str, sources: int) -> None:
+    """Replication of the default and of the configuration self-influence chose, then the near-copy rule's
+    calibration on as many reporting sources per transform (nothing when `sources` is 0)."""
+    if not sources:
+        return
+    for cid in dict.fromkeys(["default", chosen]):
+        run.phase(f"replication {cid}", lambda c=cid: run.with_config("replication", config_id=c, n_sources=sources))
+    run.phase("near_copy_calibration", lambda: run.with_config("near_copy_calibration", n_sources=sources))
+
+
+def _counterfactual(run: Runner, options: EvaluateOptions) -> None:
+    """The counterfactual check on `cf_queries` queries, retrained `counterfactual_steps` steps each."""
+    steps = options.counterfactual_steps(run.resources["model_source"].model_source().train_steps)
+    print(
+        f"==> counterfactual: {options.cf_queries} queries × (top-{options.cf_k} + same-artist control) + 3 shared "
+        f"random removals, retrained {steps} steps each"
+    )
+    run.phase(
+        "counterfactual",
+        lambda: run.counterfactual(n_queries=options.cf_queries, k=options.cf_k, train_steps=steps),
+    )
+
+
+def _print_evaluation(
+    run: Runner, results: list[GridRun], judged: list[str], chosen: str, options: EvaluateOptions
+) -> None:
+    """Every table the evaluation filled, in the order docs/experiments.md reads them."""
+    engine = _engine(run)
     print_grid(results)
+    _print_consistency(run, engine)
+    if judged:
+        _print_self_influence(engine, options.si_targets)
+    if options.rep_sources:
+        _print_replication(engine, options.rep_sources)
+    _print_figures(engine, chosen if judged else None)
+    print("\nAgreement of unlearning with each similarity method (sql/method_agreement.sql, mean over queries):")
+    print_frame(engine.named("method_agreement").filter(pl.col("query_id") == "(mean)"))
+    if options.rep_sources:
+        print(
+            "\nNear-copy rule (view near_copy_summary: reporting sources per transform, recall with the lower end of "
+            "its 95% interval; false positives on held-out clips of the same artists and the generated clips):"
+        )
+        print_frame(engine.sql("SELECT * FROM near_copy_summary"))
+    if not options.skip_counterfactual:
+        print_counterfactual(engine)
+    _print_plots(run.root)
+
+
+def _print_consistency(run: Runner, engine: QueryEngine) -> None:
+    """The consistency table, the most consistent configuration (as the report computed it), cross-query overlap."""
     print(
         "\nConsistency between configurations and seed reruns (sql/consistency_table.sql, mean over queries;"
         " unlearning-vs-similarity pairs are in the next table):"
     )
     print_frame(engine.named("consistency_table").filter(pl.col("pair") != "unlearning vs similarity"))
     report = _latest_metadata(run, "consistency_report")
-    per_config = (
-        report["config_consistency"].value if "config_consistency" in report else []
-    )  # as the report computed it
+    per_config = report["config_consistency"].value if "config_consistency" in report else []
     if per_config:
         print("\nMean Jaccard@10 per configuration (with its seed reruns, with the other configurations):")
         print_frame(pl.DataFrame(per_config))
@@ -420,48 +464,49 @@ def evaluate(
         "different target artists; high = the same items whatever the query):"
     )
     print_frame(engine.named("cross_query_overlap").drop("checkpoint_id", "protocol_id"))
-    if judged:
-        print(
-            f"\nSelf-influence ({si_targets} reporting targets: k-means-chosen training items outside the 16 "
-            "development targets that tuned the defaults, unlearned as their own queries; target_set = reporting; "
-            "sql/self_influence_summary.sql; R = mean rank of the item itself, 1.0 = always first; "
-            "share_first_low = the lower end of share_first's 95% interval; the best: lowest R, a tie to the higher "
-            "share_first_low, then the smaller loss_ratio_spread):"
-        )
-        print_frame(engine.named("self_influence_summary"))
-    if rep_sources:
-        print(
-            f"\nReplication detection ({rep_sources} reporting sources × 4 transforms, each applied at the source "
-            "file's own rate; the default and the configuration self-influence chose; sql/replication_summary.sql; "
-            "snr_db = the transform's SNR against its source in the model's band (above ~35 dB it changes little the "
-            "model hears); share_first_low = the lower end of share_first's 95% interval, so 4 of 4 first shows at "
-            "least 0.51 and the goal's 0.95 needs 73 of 73):"
-        )
-        print_frame(engine.named("replication_summary"))
+
+
+def _print_self_influence(engine: QueryEngine, targets: int) -> None:
+    print(
+        f"\nSelf-influence ({targets} reporting targets: k-means-chosen training items outside the 16 "
+        "development targets that tuned the defaults, unlearned as their own queries; target_set = reporting; "
+        "sql/self_influence_summary.sql; R = mean rank of the item itself, 1.0 = always first; "
+        "share_first_low = the lower end of share_first's 95% interval; the best: lowest R, a tie to the higher "
+        "share_first_low, then the smaller loss_ratio_spread):"
+    )
+    print_frame(engine.named("self_influence_summary"))
+
+
+def _print_replication(engine: QueryEngine, sources: int) -> None:
+    print(
+        f"\nReplication detection ({sources} reporting sources × 4 transforms, each applied at the source "
+        "file's own rate; the default and the configuration self-influence chose; sql/replication_summary.sql; "
+        "snr_db = the transform's SNR against its source in the model's band (above ~35 dB it changes little the "
+        "model hears); share_first_low = the lower end of share_first's 95% interval, so 4 of 4 first shows at "
+        "least 0.51 and the goal's 0.95 needs 73 of 73):"
+    )
+    print_frame(engine.named("replication_summary"))
+
+
+def _print_figures(engine: QueryEngine, chosen: str | None) -> None:
+    """The figures per configuration, and the one self-influence chose (None: it judged none)."""
     figures = engine.named("config_figures")
     print("\nFigures per configuration (sql/config_figures.sql; best self-influence first):")
     print_frame(figures)
+    if chosen is None:
+        return
     ranked = figures.filter(pl.col("config_id") == chosen, pl.col("r_mean_rank").is_not_null())
-    if judged and ranked.height:
+    if ranked.height:
         best = ranked.row(0, named=True)
         print(
             f"chosen by self-influence: {best['config_id']} (R {best['r_mean_rank']:.3f}, "
             f"{best['si_share_first']:.0%} of {best['si_targets']} targets first)"
         )
-    print("\nAgreement of unlearning with each similarity method (sql/method_agreement.sql, mean over queries):")
-    print_frame(engine.named("method_agreement").filter(pl.col("query_id") == "(mean)"))
-    if rep_sources:
-        print(
-            "\nNear-copy rule (view near_copy_summary: reporting sources per transform, recall with the lower end of "
-            "its 95% interval; false positives on held-out clips of the same artists and the generated clips):"
-        )
-        print_frame(engine.sql("SELECT * FROM near_copy_summary"))
-    if not skip_counterfactual:
-        print_counterfactual(engine)
-    plots = store.glob(entry("plot").glob()) + store.glob(entry("plot_top_k").glob())
+
+
+def _print_plots(root: Storage) -> None:
+    plots = root.glob(entry("plot").glob()) + root.glob(entry("plot_top_k").glob())
     print(
         f"\n{len(plots)} plots (top-k bars per query and configuration, the consistency heatmap, the counterfactual "
-        f"bars) under {store.uri(entry('plot').glob())} and {store.uri(entry('plot_top_k').glob())}"
+        f"bars) under {root.uri(entry('plot').glob())} and {root.uri(entry('plot_top_k').glob())}"
     )
-    _print_timings(run, start)
-    return 1 if any(r.state is QueryState.ERROR for r in results) else 0

@@ -17,7 +17,7 @@ from .storage import Storage
 
 
 def write_delta(
-    storage: Storage,
+    root: Storage,
     identity: Identity,
     query_id: str,
     config_id: str,
@@ -29,21 +29,21 @@ def write_delta(
         **(metadata or {}),
         **identity.keys(),
         "config_id": config_id,
-        STORE_DIGEST: fisher_digest(storage, identity),
+        STORE_DIGEST: fisher_digest(root, identity),
     }
-    return storage.write_tensors(
+    return root.write_tensors(
         key("unlearned_delta", **identity.keys(), query_id=query_id, config_id=config_id), delta, meta
     )
 
 
-def read_delta(storage: Storage, identity: Identity, query_id: str, config_id: str) -> dict[str, torch.Tensor]:
+def read_delta(root: Storage, identity: Identity, query_id: str, config_id: str) -> dict[str, torch.Tensor]:
     """The delta of one query and configuration under `identity`; IdentityError naming the fix when it is missing or
     was computed with another Fisher than the stored one."""
     fix = f"materialize unlearned_model for {query_id}/{config_id}"
-    k = require(storage, "unlearned_delta", identity, fix, query_id=query_id, config_id=config_id)
-    delta, meta = storage.read_tensors(k)
+    k = require(root, "unlearned_delta", identity, fix, query_id=query_id, config_id=config_id)
+    delta, meta = root.read_tensors(k)
     recorded = meta.get(STORE_DIGEST)
-    if recorded is not None and recorded != fisher_digest(storage, identity):
+    if recorded is not None and recorded != fisher_digest(root, identity):
         raise IdentityError(
             f"the unlearned_model of {query_id}/{config_id} under {identity} was computed with another "
             f"Fisher (digest {recorded}) than the stored fisher_diagonal (re-estimated since): {fix}"

@@ -34,12 +34,12 @@ class QueryEngine:
 
     def __init__(
         self,
-        storage: Storage,
+        root: Storage,
         sql_dir: str | Path | None = None,
         protocol_id: str | None = None,
         checkpoint_id: str | None = None,
     ):
-        self.storage = storage
+        self.root = root
         self.sql_dir = Path(sql_dir or DEFAULT_SQL_DIR)
         self.protocol_id, self.checkpoint_id = protocol_id, checkpoint_id
 
@@ -56,7 +56,7 @@ class QueryEngine:
                 spec.parse(k)["protocol_id"]
                 for spec in TABLES.values()
                 if spec.partitions[:2] == IDENTITY
-                for k in self.storage.glob(spec.glob(checkpoint_id=checkpoint_id))
+                for k in self.root.glob(spec.glob(checkpoint_id=checkpoint_id))
             }
         )
         if len(protocols) > 1:
@@ -69,19 +69,19 @@ class QueryEngine:
     def connect(self) -> duckdb.DuckDBPyConnection:
         """A new in-memory connection with every view; a table without files yet gives an empty, typed view."""
         con = duckdb.connect(":memory:")
-        if self.storage.protocol == "s3":
-            con.register_filesystem(self.storage.fs)  # per connection: no httpfs download, same credentials
-        root = self.storage.uri()
+        if self.root.protocol == "s3":
+            con.register_filesystem(self.root.fs)  # per connection: no httpfs download, same credentials
+        root_url = self.root.uri()
 
         def table(m: re.Match[str]) -> str:
             name = m.group("name")
             if name not in TABLES:
                 raise QueryEngineError(f"views.sql reads {{table:{name}}}, not a table of the layout {sorted(TABLES)}")
             spec = TABLES[name]
-            return spec.duckdb_read(root) if self.storage.has_match(spec.glob()) else spec.duckdb_empty()
+            return spec.duckdb_read(root_url) if self.root.has_match(spec.glob()) else spec.duckdb_empty()
 
         try:
-            require_current_layout(self.storage)
+            require_current_layout(self.root)
         except LayoutError as exc:
             con.close()
             raise QueryEngineError(str(exc)) from None
@@ -104,7 +104,7 @@ class QueryEngine:
     def _checkpoint_id(self) -> str | None:
         if self.checkpoint_id is not None:
             return self.checkpoint_id
-        record = self.storage.read_if_exists(key("checkpoint_record"))
+        record = self.root.read_if_exists(key("checkpoint_record"))
         return json.loads(record)["checkpoint_id"] if record is not None else None
 
     def _identity_or_none(self) -> tuple[str | None, str | None]:

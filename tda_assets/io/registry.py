@@ -102,14 +102,14 @@ class Entry:
 
         return {c: getattr(pl, _POLARS[t]) for c, t in self.schema(with_partitions).items()}
 
-    def duckdb_read(self, root: str) -> str:
+    def duckdb_read(self, root_url: str) -> str:
         """The DuckDB read of every file of the table, hive folders as VARCHAR columns, with every column of the
         schema (the empty typed relation added by name: a column no file has yet reads as NULL).
 
         Not `union_by_name`: it opens every file to unify schemas before the hive filter prunes, so a query on one
         `query_id` would read the footer of every query's file (tests/test_s3_storage.py guards the pruning). Files
         written before a column was added to a table are re-materialized, not unified."""
-        path = f"{root}/{self.glob()}".replace("'", "''")
+        path = f"{root_url}/{self.glob()}".replace("'", "''")
         types = ", ".join(f"'{p}': VARCHAR" for p in self.partitions)
         hive = f", hive_partitioning = true, hive_types = {{{types}}}" if self.partitions else ""
         return f"(SELECT * FROM read_parquet('{path}'{hive}) UNION ALL BY NAME {self.duckdb_empty()})"
@@ -195,6 +195,11 @@ _ENTRIES = [
     ),
     # queries
     Entry("inbox", "inbox/{name}", description="query files (`<query_id>.txt` or `.json`)"),
+    Entry(
+        "query_batch",
+        "inbox_batches/{batch_id}.json",
+        description="the sorted query ids of one `query_batches` partition (written by the inbox sensor)",
+    ),
     Entry(
         "upload",
         "uploads/{name}",

@@ -15,7 +15,7 @@ def _table(name: str):
     return spec
 
 
-def write_table(store: Storage, name: str, df: pl.DataFrame, /, **keys: object) -> str:
+def write_table(root: Storage, name: str, df: pl.DataFrame, /, **keys: object) -> str:
     """Write one file of a table atomically; missing columns raise, extra columns are kept. Returns its URI."""
     spec = _table(name)
     missing = [c for c in spec.columns if c not in df.columns]
@@ -32,57 +32,57 @@ def write_table(store: Storage, name: str, df: pl.DataFrame, /, **keys: object) 
     schema = spec.polars_schema()
     extra = [c for c in df.columns if c not in schema and c not in spec.partitions]
     out = df.select([pl.col(c).cast(t) for c, t in schema.items()] + [pl.col(c) for c in extra])
-    return store.write_parquet(key_, out)
+    return root.write_parquet(key_, out)
 
 
-def table_exists(store: Storage, name: str, /, **keys: object) -> bool:
+def table_exists(root: Storage, name: str, /, **keys: object) -> bool:
     """Whether the file of these keys exists."""
-    return store.exists(_table(name).key(**keys))
+    return root.exists(_table(name).key(**keys))
 
 
-def read_table(store: Storage, name: str, /, **keys: object) -> pl.DataFrame:
+def read_table(root: Storage, name: str, /, **keys: object) -> pl.DataFrame:
     """One file of a table (StorageError naming it when missing)."""
-    return store.read_parquet(_table(name).key(**keys))
+    return root.read_parquet(_table(name).key(**keys))
 
 
-def read_tables(store: Storage, name: str, /, **fixed: object) -> pl.DataFrame:
+def read_tables(root: Storage, name: str, /, **fixed: object) -> pl.DataFrame:
     """Every file of a table matching the fixed keys, with their partition columns; a typed empty frame when none."""
     spec = _table(name)
     frames = []
-    for key in store.glob(spec.glob(**fixed)):
+    for key in root.glob(spec.glob(**fixed)):
         values = spec.parse(key)
-        df = store.read_parquet(key)
+        df = root.read_parquet(key)
         frames.append(df.with_columns(pl.lit(values[p], dtype=pl.String).alias(p) for p in spec.partitions))
     if not frames:
         return pl.DataFrame(schema=spec.polars_schema(with_partitions=True))
     return pl.concat(frames, how="diagonal_relaxed")
 
 
-def write_replacing(store: Storage, name: str, df: pl.DataFrame, column: str, /, **keys: object) -> str:
+def write_replacing(root: Storage, name: str, df: pl.DataFrame, column: str, /, **keys: object) -> str:
     """Write `df` as the file of these keys, keeping the rows already there whose `column` holds another value than
     `df`'s (a run replaces its own rows only: a development run beside the reporting one). Rows where the old file has
     no such column or a null in it are dropped (their set is unknown)."""
-    if table_exists(store, name, **keys):
-        old = read_table(store, name, **keys)
+    if table_exists(root, name, **keys):
+        old = read_table(root, name, **keys)
         if column in old.columns:
             kept = old.filter(pl.col(column).is_not_null() & ~pl.col(column).is_in(df[column].unique().to_list()))
             df = pl.concat([kept.select(c for c in df.columns if c in kept.columns), df], how="diagonal_relaxed")
-    return write_table(store, name, df, **keys)
+    return write_table(root, name, df, **keys)
 
 
-def clip_generated_by(store: Storage, query_id: str) -> str | None:
+def clip_generated_by(root: Storage, query_id: str) -> str | None:
     """The checkpoint that generated the query's clip (`queries.generated_by`; None: a user's clip, or no row yet)."""
     return (
-        read_table(store, "queries", query_id=query_id)["generated_by"][0]
-        if table_exists(store, "queries", query_id=query_id)
+        read_table(root, "queries", query_id=query_id)["generated_by"][0]
+        if table_exists(root, "queries", query_id=query_id)
         else None
     )
 
 
-def list_keys(store: Storage, name: str, /, **fixed: object) -> list[dict[str, str]]:
+def list_keys(root: Storage, name: str, /, **fixed: object) -> list[dict[str, str]]:
     """The field values of every existing file of an entry (table or file) matching the fixed keys."""
     spec = entry(name)
-    return [spec.parse(k) for k in store.glob(spec.glob(**fixed))]
+    return [spec.parse(k) for k in root.glob(spec.glob(**fixed))]
 
 
 __all__ = [

@@ -10,11 +10,11 @@ from .storage import Storage, s3_settings
 
 
 @functools.lru_cache(maxsize=8)
-def _bucket_storage(bucket: str, endpoint_url: str | None, _settings: tuple) -> Storage:
+def _bucket_root(bucket: str, endpoint_url: str | None, _settings: tuple) -> Storage:
     return Storage(f"s3://{bucket}", endpoint_url=endpoint_url)
 
 
-def read_uri_bytes(uri: str | None, storage: Storage) -> bytes | None:
+def read_uri_bytes(uri: str | None, root: Storage) -> bytes | None:
     """Bytes of a file anywhere (plain path, file://, s3://); None if it does not exist.
 
     s3:// objects are read through an s3fs client configured like the storage root (endpoint, region and
@@ -24,8 +24,8 @@ def read_uri_bytes(uri: str | None, storage: Storage) -> bytes | None:
         return None
     if uri.startswith(("s3://", "s3a://")):
         bucket, _, key = uri.split("://", 1)[1].partition("/")
-        endpoint = storage.endpoint_url if storage.protocol == "s3" else None
-        return _bucket_storage(bucket, endpoint, s3_settings()).read_if_exists(key)
+        endpoint = root.endpoint_url if root.protocol == "s3" else None
+        return _bucket_root(bucket, endpoint, s3_settings()).read_if_exists(key)
     fs, path = fsspec.core.url_to_fs(uri)
     try:
         return fs.cat_file(path)
@@ -33,11 +33,11 @@ def read_uri_bytes(uri: str | None, storage: Storage) -> bytes | None:
         return None
 
 
-def uri_exists(uri: str, storage: Storage) -> bool:
+def uri_exists(uri: str, root: Storage) -> bool:
     """Whether a file exists at a URI (plain path, file://, s3://), without reading it."""
     if uri.startswith(("s3://", "s3a://")):
         bucket, _, key = uri.split("://", 1)[1].partition("/")
-        endpoint = storage.endpoint_url if storage.protocol == "s3" else None
-        return _bucket_storage(bucket, endpoint, s3_settings()).exists(key)
+        endpoint = root.endpoint_url if root.protocol == "s3" else None
+        return _bucket_root(bucket, endpoint, s3_settings()).exists(key)
     fs, path = fsspec.core.url_to_fs(uri)
     return fs.isfile(path)

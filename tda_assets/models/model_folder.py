@@ -49,8 +49,11 @@ def read_model_info(folder: str | Path) -> dict:
     )
 
 
-def load_model(folder: str | Path) -> DiTAdapter:
-    """The adapter for a model folder: `embedded` (tda_model.json) or `stable_audio` (model_index.json)."""
+def load_model(folder: str | Path, denoiser: bool = True) -> DiTAdapter:
+    """The adapter for a model folder: `embedded` (tda_model.json) or `stable_audio` (model_index.json).
+
+    `denoiser=False`: a step that only encodes needs no DiT weights; a Stable Audio folder then loads its encoders only
+    (the embedded denoiser, 1.25 M parameters, is loaded either way)."""
     folder = Path(folder)
     info = read_model_info(folder)
     if info["kind"] == "embedded":
@@ -70,5 +73,5 @@ def load_model(folder: str | Path) -> DiTAdapter:
     if info["kind"] == "stable_audio":
         from .stable_audio import StableAudioAdapter
 
-        return StableAudioAdapter.from_pretrained(folder)
+        return StableAudioAdapter.from_pretrained(folder, denoiser=denoiser)
     raise ModelSourceError(f"model folder {folder}: unknown kind {info['kind']!r} in {TDA_MODEL_FILE}")

@@ -108,8 +108,8 @@ def _resolve_s3_folder(source: str, cache_dir: str | None) -> ResolvedModel:
     from tda_assets.io.storage import Storage, StorageError
 
     try:
-        store = Storage(source)  # endpoint, region and credentials from the AWS variables, S3 errors explained
-        listing = store.listing()
+        root = Storage(source)  # endpoint, region and credentials from the AWS variables, S3 errors explained
+        listing = root.listing()
     except StorageError as exc:
         raise ModelSourceError(f"checkpoint {source!r}: {exc}") from None
     if not listing:
@@ -118,9 +118,7 @@ def _resolve_s3_folder(source: str, cache_dir: str | None) -> ResolvedModel:
         )
     checkpoint_id = f"s3-{_slug(repr(sorted(listing.items())))}"
     try:
-        local = store.cached_copy(
-            "", model_copies_dir(cache_dir) / checkpoint_id, source.encode(), require_marker=False
-        )
+        local = root.cached_copy("", model_copies_dir(cache_dir) / checkpoint_id, source.encode(), require_marker=False)
     except StorageError as exc:
         raise ModelSourceError(f"checkpoint {source!r}: {exc}") from None
     read_model_info(local)

@@ -101,6 +101,59 @@ def _materialise(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
+def _encoder_reach(encoder: torch.nn.Module, hop: int) -> tuple[int, int]:
+    """Latent frames before and after a frame that the encoder's output at that frame depends on: the receptive field
+    of its convolutions (run in the order they are registered, as the Oobleck encoder runs them), rounded up to frames.
+    """
+    lo, hi = 0, 0  # the input samples one output frame reads, relative to frame × hop
+    for conv in reversed([m for m in encoder.modules() if isinstance(m, torch.nn.Conv1d)]):
+        (k,), (s,), (d,), (p,) = conv.kernel_size, conv.stride, conv.dilation, conv.padding
+        lo, hi = lo * s - p, hi * s - p + d * (k - 1)
+    return -(lo // hop), -(-(hi + 1 - hop) // hop)
+
+
+def _weight_files(component: Path) -> list[Path] | None:
+    """The safetensors file(s) of a diffusers component folder (one file, or the shards its index names), or None for
+    another layout (`.bin`, variants), which diffusers' own loader reads."""
+    from diffusers.utils.constants import SAFE_WEIGHTS_INDEX_NAME, SAFETENSORS_WEIGHTS_NAME
+
+    single = component / SAFETENSORS_WEIGHTS_NAME
+    if single.is_file():
+        return [single]
+    index = component / SAFE_WEIGHTS_INDEX_NAME
+    if index.is_file():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        return [component / s for s in shards]
+    return None
+
+
+def _load_component(cls: type, component: Path) -> torch.nn.Module:
+    """A diffusers model (fp32, eval) whose weights are each read once, straight into their own fresh memory.
+
+    diffusers' `from_pretrained` (without accelerate) keeps the memory-mapped file resident while `_materialise` copies
+    it: the weights twice, 8.4 GB at the peak for Stable Audio Open's DiT. Here the model is built without initialising
+    its weights, each tensor of the file is read into a fresh (aligned) tensor and assigned: the weights once.
+    """
+    from diffusers.models.modeling_utils import no_init_weights
+
+    from tda_assets.io.storage import Storage, StorageError
+
+    files = _weight_files(component)
+    if files is None:
+        return _materialise(cls.from_pretrained(component, torch_dtype=torch.float32))
+    with no_init_weights():
+        model = cls.from_config(cls.load_config(component))
+    state: dict[str, torch.Tensor] = {}
+    try:
+        for file in files:
+            state.update(Storage(str(file.parent)).read_tensors(file.name)[0])
+        model.load_state_dict(state, strict=True, assign=True)
+    except (StorageError, RuntimeError) as exc:
+        raise ModelSourceError(f"model component {component} cannot be loaded: {exc}") from exc
+    del state
+    return model.float().eval()
+
+
 def _load_scheduler(folder: Path) -> CosineDPMSolverMultistepScheduler:
     """The folder's scheduler (its own class, from `scheduler/`), or Stable Audio Open's default when absent."""
     import diffusers
@@ -126,6 +179,7 @@ class StableAudioAdapter(DiTAdapter):
     objective: DiffusionObjective = field(default_factory=lambda: DiffusionObjective("v"))
     kind: str = "stable_audio"
     encode_batch_size: int = 16
+    encode_chunk_frames: int = 128  # latent frames per VAE encoder pass over a long window (0: the whole window)
 
     def __post_init__(self) -> None:
         self.sample_rate = int(self.vae.config.sampling_rate)
@@ -163,34 +217,57 @@ class StableAudioAdapter(DiTAdapter):
         """Move every component to `device`."""
         for module in (self.vae, self.text_encoder, self.projection_model):
             module.to(device)
-        super().to(device)
+        if self.has_denoiser:
+            super().to(device)
         return self
 
     # ----- construction -------------------------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, folder: str | Path) -> "StableAudioAdapter":
+    def from_pretrained(cls, folder: str | Path, denoiser: bool = True) -> "StableAudioAdapter":
         """Load a diffusers `StableAudioPipeline.save_pretrained` folder (fp32, eval); raises `ModelSourceError` if
-        incomplete."""
+        incomplete. `denoiser=False` loads the encoders only (the DiT's shape from its config, no weights): what
+        encoding audio and text needs, without the DiT's 4.2 GB at Stable Audio Open's size."""
         folder = Path(folder)
         _check_pipeline_folder(folder)
         try:
-            vae = AutoencoderOobleck.from_pretrained(folder / "vae", torch_dtype=torch.float32)
-            text_encoder = T5EncoderModel.from_pretrained(folder / "text_encoder", dtype=torch.float32)
+            vae = _load_component(AutoencoderOobleck, folder / "vae")
+            text_encoder = _materialise(T5EncoderModel.from_pretrained(folder / "text_encoder", dtype=torch.float32))
             tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
-            projection = StableAudioProjectionModel.from_pretrained(
-                folder / "projection_model", torch_dtype=torch.float32
-            )
-            denoiser = StableAudioDiTModel.from_pretrained(folder / "transformer", torch_dtype=torch.float32)
+            projection = _load_component(StableAudioProjectionModel, folder / "projection_model")
+            if denoiser:
+                dit = _load_component(StableAudioDiTModel, folder / "transformer")
+            else:
+                with torch.device("meta"):  # shapes only: latent_shape and the window come from its config
+                    dit = StableAudioDiTModel.from_config(StableAudioDiTModel.load_config(folder / "transformer"))
         except (OSError, ValueError, KeyError) as exc:
             raise ModelSourceError(f"Stable Audio model folder {folder} cannot be loaded: {exc}") from exc
         return cls(
-            denoiser=_materialise(denoiser),
-            vae=_materialise(vae),
-            text_encoder=_materialise(text_encoder),
+            denoiser=dit,
+            vae=vae,
+            text_encoder=text_encoder,
             tokenizer=tokenizer,
-            projection_model=_materialise(projection),
+            projection_model=projection,
             scheduler=_load_scheduler(folder),
         )
+
+    @property
+    def has_denoiser(self) -> bool:
+        """Whether the DiT's weights are loaded (not for `from_pretrained(denoiser=False)`: encoders only)."""
+        return not next(self.denoiser.parameters()).is_meta
+
+    @property
+    def device(self) -> torch.device:
+        """The denoiser's device, or the VAE's for an encoders-only adapter."""
+        return super().device if self.has_denoiser else self._component_device(self.vae)
+
+    def predict(self, x_t: torch.Tensor, t: torch.Tensor, conditioning: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The denoiser's output (`DiTAdapter.predict`); an encoders-only adapter refuses, naming the fix."""
+        if not self.has_denoiser:
+            raise ModelSourceError(
+                "this Stable Audio adapter holds the encoders only (loaded with denoiser=False); "
+                "load the model folder with its denoiser to run the DiT"
+            )
+        return super().predict(x_t, t, conditioning)
 
     @classmethod
     def tiny(cls, seed: int = 0) -> "StableAudioAdapter":
@@ -309,8 +386,7 @@ class StableAudioAdapter(DiTAdapter):
         for lo in range(0, len(audio), self.vae_batch):
             clips = [self._audio_tensor(a, names[lo + i]) for i, a in enumerate(audio[lo : lo + self.vae_batch])]
             wave = torch.stack([c for c, _ in clips]).to(device)
-            with torch.no_grad():
-                z = self.vae.encode(wave).latent_dist.mean.float().cpu()
+            z = self._encode_mean(wave)
             if z.shape[-1] != frames:
                 raise ModelSourceError(
                     f"the VAE maps {self.window_samples} samples to {z.shape[-1]} latent frames, but the DiT window is "
@@ -321,6 +397,34 @@ class StableAudioAdapter(DiTAdapter):
         if not latents:
             return torch.zeros(0, *self.latent_shape), torch.zeros(0, frames)
         return torch.cat(latents), torch.stack(masks)
+
+    def _encode_mean(self, wave: torch.Tensor) -> torch.Tensor:
+        """The VAE posterior mean [b, C, frames] of windows [b, channels, samples] (on CPU), in passes of
+        `encode_chunk_frames` frames, each encoded with the encoder's reach of audio as context on both sides.
+
+        Every output frame sees exactly the samples it sees in a whole-window pass (the chunks start on the hop, the
+        context covers the receptive field of the encoder's convolutions), so the latents are the whole window's,
+        while the encoder's activations (128 channels × samples, 1 GB a tensor over a 47.5 s window) are a chunk's.
+        """
+        hop, total = self.hop_length, wave.shape[-1] // self.hop_length
+        before, after = _encoder_reach(self.vae.encoder, hop)
+        chunk = self.encode_chunk_frames
+        if not chunk or total <= chunk + before + after:  # one pass: the whole window
+            with torch.no_grad():
+                return self.vae.encode(wave).latent_dist.mean.float().cpu()
+        out = []
+        for f0 in range(0, total, chunk):
+            f1 = min(total, f0 + chunk)
+            a, b = max(0, f0 - before), min(total, f1 + after)  # the frames whose audio this pass reads
+            with torch.no_grad():
+                z = self.vae.encode(wave[..., a * hop : b * hop]).latent_dist.mean.float().cpu()
+            if z.shape[-1] != b - a:
+                raise ModelSourceError(
+                    f"the VAE maps {(b - a) * hop} samples to {z.shape[-1]} latent frames, not {b - a}: its hop is "
+                    f"not {hop}; check the vae/ config"
+                )
+            out.append(z[..., f0 - a : f1 - a])
+        return torch.cat(out, dim=-1)
 
     def _seconds(self, value: float | Sequence[float] | None, n: int, default: float, what: str) -> torch.Tensor:
         """One non-negative duration per caption, from a scalar or a per-item list."""

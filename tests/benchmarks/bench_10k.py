@@ -47,34 +47,40 @@ TRAIN_STEPS = 1000  # the product's (TDA_TRAIN_STEPS): ~0.27 s a step on 2 idle 
 DRAWS = 8
 
 
-def fresh_root(root: Path) -> Path:
+def fresh_root(root_dir: Path) -> Path:
     """An empty folder for the storage root: one this benchmark made before is cleared, any other must be empty."""
-    if root.exists() and any(root.iterdir()):
-        if not (root / MARKER).exists():
-            raise SystemExit(f"{root} is not empty and was not made by bench_10k: give another --root, or empty it")
-        shutil.rmtree(root)
-    root.mkdir(parents=True, exist_ok=True)
-    (root / MARKER).write_text("a storage root of tests/benchmarks/bench_10k.py; cleared by its next run\n")
-    return root
+    if root_dir.exists() and any(root_dir.iterdir()):
+        if not (root_dir / MARKER).exists():
+            raise SystemExit(f"{root_dir} is not empty and was not made by bench_10k: give another --root, or empty it")
+        shutil.rmtree(root_dir)
+    root_dir.mkdir(parents=True, exist_ok=True)
+    (root_dir / MARKER).write_text("a storage root of tests/benchmarks/bench_10k.py; cleared by its next run\n")
+    return root_dir
 
 
-def build(root: Path, items: int, queries: int, log: Callable[[str], None]) -> tuple[Runner, list[str]]:
+def build(
+    root_dir: Path, items: int, queries: int, log: Callable[[str], None], reuse: bool = False
+) -> tuple[Runner, list[str]]:
     """The training side of an `items`-item embedded corpus and the first `queries` built-in queries' clips and
-    similarity scores, through the Runner (one Dagster run per asset and partition, as `tda prepare` and the sensor)."""
-    runner = Runner.create(DagsterInstance.ephemeral(), str(root), log=log)
+    similarity scores, through the Runner (one Dagster run per asset and partition, as `tda prepare` and the sensor);
+    with `reuse`, only the phases whose outputs are not current in the root (as `tda prepare` skips them)."""
+    runner = Runner.create(DagsterInstance.ephemeral(), str(root_dir), log=log)
     runner.log_level = "ERROR"
-    runner.training_side({"clips_per_artist": items // len(ARTISTS)})
-    ids = builtin_queries(runner.storage, artists=queries)
+    if reuse:
+        runner.training_side_if_needed()
+    else:
+        runner.training_side({"clips_per_artist": items // len(ARTISTS)})
+    ids = builtin_queries(runner.root, artists=queries)
     runner.phase("query clips and similarity", lambda: [runner.clip(q) for q in ids])
     return runner, ids
 
 
 def measure(
-    root: Path, runner: Runner, ids: list[str], counts: list[int], log: Callable[[str], None]
+    root_dir: Path, runner: Runner, ids: list[str], counts: list[int], log: Callable[[str], None]
 ) -> tuple[list[dict], dict]:
     """Per query: exact, two-stage at each count and linearized, against exact (Jaccard, recall, item-draws,
     seconds)."""
-    ctx = read_root(str(root), runner.resources["protocol"].protocol(), k=None)
+    ctx = read_root(str(root_dir), runner.resources["protocol"].protocol(), k=None)
     draws = ctx.protocol.draws
     first = max(1, draws // FIRST_DRAWS_DIV)
     log(f"read the root: N={ctx.n}, K={draws}, gradient store read in {ctx.grads_s:.1f}s")
@@ -83,7 +89,7 @@ def measure(
         q = score_query(ctx, qid)
         sec = q.seconds
         exact_rank = q.exact["rank"]
-        norms = ctx.grads.item_norms
+        norms = ctx.gradients.item_norms
         lin_rank = score_columns(ctx.baseline, LINEARIZED.score_type, norms, mean_delta=q.first_order)["rank"]
         row = {
             "ratio": q.result.loss_ratio,
@@ -165,6 +171,9 @@ def main() -> None:
     parser.add_argument("--train-steps", type=int, default=TRAIN_STEPS, help="the checkpoint's (TDA_TRAIN_STEPS)")
     parser.add_argument("--draws", type=int, default=DRAWS, help="protocol draws K (TDA_DRAWS; the product's: 16)")
     parser.add_argument("--counts", default=COUNTS, help="two-stage candidates per signal (comma-separated)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="keep the root this benchmark built before (its training side and clips)"
+    )
     args = parser.parse_args()
     if args.items < len(ARTISTS) or args.items % len(ARTISTS):
         parser.error(f"--items {args.items}: give a multiple of {len(ARTISTS)} (the artists; N/8 takes each)")
@@ -187,10 +196,11 @@ def main() -> None:
         f"queries, {args.train_steps} training steps, K={args.draws}, candidates {counts}; torch threads "
         f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}; root {args.root}"
     )
-    root = fresh_root(args.root)
-    runner, ids = build(root, args.items, args.queries, log)
+    reuse = args.reuse and (args.root / MARKER).exists()
+    root_dir = args.root if reuse else fresh_root(args.root)
+    runner, ids = build(root_dir, args.items, args.queries, log, reuse)
     t0 = time.perf_counter()
-    rows, shape = measure(root, runner, ids, counts, log)
+    rows, shape = measure(root_dir, runner, ids, counts, log)
     score_s = time.perf_counter() - t0
     figures = summarize(rows, counts, shape["n"], shape["draws"])
     phases = {name: round(s, 1) for name, s in runner.timings.items()}
@@ -208,9 +218,10 @@ def main() -> None:
                 "two_stage_first_draws": shape["first_draws"],
                 "two_stage_keep": KEEP,
                 **figures,
-                "render_s": phases["training_manifest"],
-                "train_s": phases["checkpoint"],
-                "training_side_s": round(sum(phases[p] for p in TRAINING_SIDE), 1),
+                "render_s": phases.get("training_manifest"),
+                "train_s": phases.get("checkpoint"),
+                "training_side_s": round(sum(phases.get(p, 0.0) for p in TRAINING_SIDE), 1),
+                "reused_root": reuse,
                 "phase_s": phases,
                 "total_s": round(total, 1),
                 "load_average": round(os.getloadavg()[0], 2),

@@ -3,7 +3,9 @@ the product's own writers and layout registry (no model): N training items in sh
 Q queries × 1 configuration of full attribution rows (N × Q rows) with their unlearning records, and an inbox of those
 Q queries plus P pending ones. Then each user-facing read, in its own process (so each peak RSS is its own): the
 DuckDB top-10 of one query, `artist_shares` over every query, `tda export` of one query, `tda queries`, and one tick of
-the inbox sensor with P pending queries (seconds, runs requested). The last line printed is one JSON object.
+the inbox sensor with P pending queries (seconds, runs requested), and one tick with the P queries past the partition
+budget (TDA_MAX_QUERY_PARTITIONS=0: batch runs requested, queries they cover). The last line printed is one JSON
+object.
 
     OMP_NUM_THREADS=1 python -m tests.benchmarks.bench_catalogue --items 115000 --queries 1000 --inbox 10000
 """
@@ -31,7 +33,7 @@ from tda_assets.io.storage import Storage
 
 CHECKPOINT, ENCODER, CONFIG, DRAWS, ARTISTS = "bench-ckpt", "bench-enc", "default", 16, 500
 PROTOCOL = protocol_id(0, DRAWS)
-STEPS = ("topk", "artist_shares", "export", "queries_cli", "sensor_tick")
+STEPS = ("topk", "artist_shares", "export", "queries_cli", "sensor_tick", "sensor_tick_batched")
 
 
 def keys(name: str, **values: object) -> dict[str, object]:
@@ -49,7 +51,7 @@ def query_id(q: int) -> str:
     return f"query-{q:06d}"
 
 
-def build(store: Storage, n_items: int, n_queries: int, n_inbox: int, n_shards: int) -> dict:
+def build(root: Storage, n_items: int, n_queries: int, n_inbox: int, n_shards: int) -> dict:
     """The synthetic root; returns the bytes of one query's attribution file and the seconds it took."""
     from tda_assets.data.inbox import add_query
     from tda_assets.data.manifests import shard_keys, with_shards
@@ -70,8 +72,8 @@ def build(store: Storage, n_items: int, n_queries: int, n_inbox: int, n_shards: 
         }
     )
     manifest = with_shards(manifest, n_shards)
-    write_table(store, "training_manifest", complete("training_manifest", manifest))
-    write_checkpoint_record(store, CheckpointRecord(CHECKPOINT, "external", "bench", ENCODER))
+    write_table(root, "training_manifest", complete("training_manifest", manifest))
+    write_checkpoint_record(root, CheckpointRecord(CHECKPOINT, "external", "bench", ENCODER))
     rng = np.random.default_rng(0)
     for shard in shard_keys(n_shards):
         part = manifest.filter(pl.col("shard") == shard)["item_id"]
@@ -85,7 +87,7 @@ def build(store: Storage, n_items: int, n_queries: int, n_inbox: int, n_shards: 
             }
         )
         losses = complete("baseline_losses", losses.with_columns(loss_masked=pl.col("loss")))
-        write_table(store, "baseline_losses", losses, **keys("baseline_losses", shard=shard, **ident))
+        write_table(root, "baseline_losses", losses, **keys("baseline_losses", shard=shard, **ident))
     item_ids = pl.Series("item_id", ids)
     for q in range(n_queries):
         qid = query_id(q)
@@ -110,7 +112,7 @@ def build(store: Storage, n_items: int, n_queries: int, n_inbox: int, n_shards: 
             }
         )
         write_table(
-            store,
+            root,
             "attribution_scores",
             complete("attribution_scores", scores),
             **keys("attribution_scores", query_id=qid, **ident),
@@ -130,7 +132,7 @@ def build(store: Storage, n_items: int, n_queries: int, n_inbox: int, n_shards: 
             }
         )
         write_table(
-            store, "unlearning_runs", complete("unlearning_runs", run), **keys("unlearning_runs", query_id=qid, **ident)
+            root, "unlearning_runs", complete("unlearning_runs", run), **keys("unlearning_runs", query_id=qid, **ident)
         )
         query = pl.DataFrame(
             {
@@ -141,20 +143,20 @@ def build(store: Storage, n_items: int, n_queries: int, n_inbox: int, n_shards: 
                 "generated_by": ["bench"],
             }
         )
-        write_table(store, "queries", complete("queries", query), **keys("queries", query_id=qid, **ident))
-        add_query(store, f"a tune like artist {q % ARTISTS}", qid, seed=q)
+        write_table(root, "queries", complete("queries", query), **keys("queries", query_id=qid, **ident))
+        add_query(root, f"a tune like artist {q % ARTISTS}", qid, seed=q)
     for p in range(n_inbox):
-        add_query(store, f"a pending tune number {p}", f"pending-{p:06d}", seed=p)
+        add_query(root, f"a pending tune number {p}", f"pending-{p:06d}", seed=p)
     one = entry("attribution_scores").key(**keys("attribution_scores", query_id=query_id(0), **ident))
-    return {"parquet_bytes_per_query": store.size(one) if n_queries else 0, "build_s": time.perf_counter() - start}
+    return {"parquet_bytes_per_query": root.size(one) if n_queries else 0, "build_s": time.perf_counter() - start}
 
 
-def measure(step: str, root: str) -> dict:
+def measure(step: str, root_url: str) -> dict:
     """One step, in this process: its seconds and what it returned (the parent reads this process's peak RSS)."""
     from tda_assets.io.query_engine import QueryEngine
 
-    store = Storage(root)
-    engine = QueryEngine(store, protocol_id=PROTOCOL)
+    root = Storage(root_url)
+    engine = QueryEngine(root, protocol_id=PROTOCOL)
     out: dict = {}
     start = time.perf_counter()
     if step == "topk":  # as a user's `tda sql` runs it: a fresh connection each time, the hive filter prunes the files
@@ -174,7 +176,7 @@ def measure(step: str, root: str) -> dict:
         from tda_assets.cli import main
 
         argv = (
-            ["export", "--query", query_id(0), "--format", "parquet", "--out", f"{root}.export.parquet"]
+            ["export", "--query", query_id(0), "--format", "parquet", "--out", f"{root_url}.export.parquet"]
             if step == "export"
             else ["queries"]
         )
@@ -182,24 +184,31 @@ def measure(step: str, root: str) -> dict:
             code = main(argv)
         lines = printed.getvalue().splitlines()
         out = {"exit": code, "last_line": lines[-1] if lines else ""}
-    elif step == "sensor_tick":
+    elif step in ("sensor_tick", "sensor_tick_batched"):
         from dagster import DagsterInstance, build_sensor_context
 
         from resources import InboxResource, LossProtocolResource, StorageResource
-        from tda_assets.defs.sensors import query_inbox_sensor
+        from tda_assets.defs.sensors import queries_of, query_batch_job, query_inbox_sensor
 
+        inbox = InboxResource(max_query_partitions=0) if step == "sensor_tick_batched" else InboxResource()
         with DagsterInstance.ephemeral() as instance:
             context = build_sensor_context(
                 instance=instance,
                 resources={
-                    "storage": StorageResource(url=root),
-                    "inbox": InboxResource(),
+                    "storage": StorageResource(url=root_url),
+                    "inbox": inbox,
                     "protocol": LossProtocolResource(draws=DRAWS, seed=0),
                 },
             )
             t0 = time.perf_counter()
             result = query_inbox_sensor(context)
-            out = {"runs_requested": len(result.run_requests or []), "tick_s": time.perf_counter() - t0}
+            requests = list(getattr(result, "run_requests", None) or [])
+            out = {
+                "runs_requested": len(requests),
+                "batch_runs": sum(r.job_name == query_batch_job.name for r in requests),
+                "queries_covered": sum(len(queries_of(r)) for r in requests),
+                "tick_s": time.perf_counter() - t0,
+            }
     out["seconds"] = time.perf_counter() - start
     return out
 
@@ -211,11 +220,11 @@ def peak_rss_gb() -> float:
     return kb / 2**20
 
 
-def run_step(step: str, root: str, home: str) -> dict:
+def run_step(step: str, root_url: str, home: str) -> dict:
     """`measure(step)` in a child process, as a user's command runs; with its wall time and peak RSS."""
     env = {
         **os.environ,
-        "TDA_STORAGE_URL": root,
+        "TDA_STORAGE_URL": root_url,
         "DAGSTER_HOME": home,
         "TDA_DRAWS": str(DRAWS),
         "TDA_PROTOCOL_SEED": "0",
@@ -228,7 +237,7 @@ def run_step(step: str, root: str, home: str) -> dict:
     )
     start = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-c", code, step, root], env=env, capture_output=True, text=True, check=False
+        [sys.executable, "-c", code, step, root_url], env=env, capture_output=True, text=True, check=False
     )
     if done.returncode:
         raise RuntimeError(f"step {step} failed:\n{done.stderr[-3000:]}")
@@ -251,7 +260,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     base = args.dir or tempfile.mkdtemp(prefix="bench-catalogue-")
-    root, home = os.path.join(base, "storage"), os.path.join(base, "home")
+    root_url, home = os.path.join(base, "storage"), os.path.join(base, "home")
     try:
         if args.measure_only:
             one = entry("attribution_scores").key(
@@ -263,9 +272,9 @@ def main() -> None:
                     config_id=CONFIG,
                 )
             )
-            built = {"parquet_bytes_per_query": Storage(root).size(one)}
+            built = {"parquet_bytes_per_query": Storage(root_url).size(one)}
         else:
-            built = build(Storage(root), args.items, args.queries, args.inbox, args.shards)
+            built = build(Storage(root_url), args.items, args.queries, args.inbox, args.shards)
         build_s = built.get("build_s")
         rss_build = peak_rss_gb()
         done = "measuring the root" if args.measure_only else f"built in {build_s:.0f} s (peak RSS {rss_build:.2f} GB):"
@@ -278,7 +287,7 @@ def main() -> None:
         )
         steps = {}
         for step in STEPS:
-            steps[step] = run_step(step, root, home)
+            steps[step] = run_step(step, root_url, home)
             print(f"{step:>14}: {steps[step]}", flush=True)
     finally:
         if not args.dir:
@@ -303,6 +312,9 @@ def main() -> None:
                 "queries_cli_wall_s": round(steps["queries_cli"]["wall_s"], 2),
                 "sensor_tick_s": round(steps["sensor_tick"]["tick_s"], 2),
                 "sensor_runs_requested": steps["sensor_tick"]["runs_requested"],
+                "batched_tick_s": round(steps["sensor_tick_batched"]["tick_s"], 2),
+                "batch_runs_per_tick": steps["sensor_tick_batched"]["batch_runs"],
+                "queries_per_tick": steps["sensor_tick_batched"]["queries_covered"],
                 "peak_rss_gb": round(max(s["peak_rss_gb"] for s in steps.values()), 3),
                 "peak_rss_gb_by_step": {k: round(s["peak_rss_gb"], 3) for k, s in steps.items()},
                 "load_average": round(os.getloadavg()[0], 1),

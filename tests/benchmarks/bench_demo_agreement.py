@@ -74,7 +74,7 @@ class RootScoring:
     """A storage root's model and training side, read once to score its queries outside Dagster as the
     per-configuration assets do: the default configuration, the loss protocol, the items in baseline order."""
 
-    store: Storage
+    root: Storage
     compute: Compute
     settings: UnlearningSettings
     protocol: LossProtocol
@@ -85,7 +85,7 @@ class RootScoring:
     item_ids: list[str]
     items: ItemBatch
     baseline: np.ndarray  # [N, K] per-draw losses at θ0
-    grads: GradientStore
+    gradients: GradientStore
     grads_s: float  # seconds to build (k given) or read (k None) the gradient store
 
     @property
@@ -93,31 +93,43 @@ class RootScoring:
         return len(self.item_ids)
 
 
-def read_root(root: str, protocol: LossProtocol, k: int | None = 4096) -> RootScoring:
+def read_root(root_url: str, protocol: LossProtocol, k: int | None = 4096) -> RootScoring:
     """The root's checkpoint, Fisher, baseline losses and features; the training gradients built here at sketch
     dimension `k`, or with `k` None the default configuration's store the root holds (`training_gradients`)."""
-    store, compute, settings = Storage(root), Compute(), UnlearningSettings()
-    adapter, record = load_checkpoint(store, ModelSource(), compute.device)
+    root, compute, settings = Storage(root_url), Compute(), UnlearningSettings()
+    adapter, record = load_checkpoint(root, ModelSource(), compute.device)
     identity = Identity(record.checkpoint_id, protocol.protocol_id)
-    fisher = read_fisher(store, identity)
-    baseline = read_baseline(store, identity, record.encoder_id)
+    fisher = read_fisher(root, identity)
+    baseline = read_baseline(root, identity, record.encoder_id)
     item_ids = baseline_item_ids(baseline)
-    data = all_features(store, record.encoder_id)
+    data = all_features(root, record.encoder_id)
     position = {i: j for j, i in enumerate(data.item_ids)}
     items = data.select([position[i] for i in item_ids])
     l0 = loss_matrix(baseline, item_ids, protocol.draws, "loss", "baseline_losses")
     t0 = time.perf_counter()
     if k is None:
         spec = GradientSpec.for_settings(settings)
-        grads = read_gradient_store(store, identity, spec, fisher, record.encoder_id, item_ids)
+        gradients = read_gradient_store(root, identity, spec, fisher, record.encoder_id, item_ids)
     else:
-        grads = gradient_store(
+        gradients = gradient_store(
             adapter, [items], protocol, settings.param_subset, compute, k=k, fisher=fisher, damping=settings.damping
         )
     grads_s = time.perf_counter() - t0
     encoder_id = record.encoder_id
     return RootScoring(
-        store, compute, settings, protocol, adapter, identity, encoder_id, fisher, item_ids, items, l0, grads, grads_s
+        root,
+        compute,
+        settings,
+        protocol,
+        adapter,
+        identity,
+        encoder_id,
+        fisher,
+        item_ids,
+        items,
+        l0,
+        gradients,
+        grads_s,
     )
 
 
@@ -138,22 +150,22 @@ class QueryScoring:
 def score_query(ctx: RootScoring, query_id: str) -> QueryScoring:
     """Unlearn the query once, rescore every item exactly, and compute its first-order scores and cheap signals."""
     s, n = ctx.settings, ctx.n
-    query = query_batch(ctx.store, query_id, ctx.encoder_id)
+    query = query_batch(ctx.root, query_id, ctx.encoder_id)
     result = unlearn(ctx.adapter, query, ctx.fisher, s, ctx.protocol, ctx.compute, n)
     t0 = time.perf_counter()
     fn = unlearned_losses_fn(ctx.adapter, ctx.items, result.delta, ctx.protocol, ctx.compute)
     after = fn(np.arange(n), 0, ctx.protocol.draws)
     exact_s = time.perf_counter() - t0
-    exact = attribution_scores(ctx.baseline, after, s.score_type, ctx.grads.item_norms)
+    exact = attribution_scores(ctx.baseline, after, s.score_type, ctx.gradients.item_norms)
     t0 = time.perf_counter()
-    first_order = linearized_scores(ctx.grads, result.delta)
+    first_order = linearized_scores(ctx.gradients, result.delta)
     linearized_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     # as the product's two-stage: the similarities as they are, the linearised signal scored as the configuration's
     # score (normalized: over the same floored item norms)
-    norms = ctx.grads.item_norms
+    norms = ctx.gradients.item_norms
     signals = cheap_signals(
-        ctx.store, ctx.identity, query_id, result.delta, ctx.item_ids, ctx.grads, ctx.baseline, s.score_type, norms
+        ctx.root, ctx.identity, query_id, result.delta, ctx.item_ids, ctx.gradients, ctx.baseline, s.score_type, norms
     )
     signals_s = time.perf_counter() - t0
     seconds = {"unlearn": result.seconds, "exact": exact_s, "linearized": linearized_s, "signals": signals_s}
@@ -185,17 +197,17 @@ def staged(
         keep=keep,
         min_keep=ctx.settings.min_keep,
         score_type=ctx.settings.score_type,
-        item_norms=ctx.grads.item_norms,
+        item_norms=ctx.gradients.item_norms,
     )
 
 
-def demo_agreement(root: str, n_queries: int = 8, draws: int = 16, k: int = 4096) -> dict:
+def demo_agreement(root_url: str, n_queries: int = 8, draws: int = 16, k: int = 4096) -> dict:
     """Per-setting two-stage agreement and cost, and linearized agreement, against full exact on the root's demo
     queries."""
     start = time.perf_counter()
-    ctx = read_root(root, LossProtocol(seed=0, draws=draws), k)
+    ctx = read_root(root_url, LossProtocol(seed=0, draws=draws), k)
     n, settings = ctx.n, ctx.settings
-    sims = read_tables(ctx.store, "similarity_scores")
+    sims = read_tables(ctx.root, "similarity_scores")
     qids = sorted(q for q in sims["query_id"].unique().to_list() if q.startswith("demo-artist-"))[:n_queries]
     print(
         f"demo agreement: N={n}, K={ctx.protocol.draws}, {len(qids)} queries; gradient store "

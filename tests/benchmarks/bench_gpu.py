@@ -14,8 +14,8 @@ TFLOP/s (FLOPs of one row counted by `FlopCounterMode`) and its share of the den
 same run; peak device memory per phase (GPU: `max_memory_allocated`; CPU: peak RSS); Fisher items/s; one unlearning in
 seconds; gradient-store items/s; hours per query at N = 115,000 and K = 16 (full exact, and the shipped two-stage plan
 with the three signals' candidate sets taken as disjoint: an upper bound); and, on a few hundred items, how the bf16
-ranking after one real unlearning agrees with the fp32 one, and the share of the delta's entries that vanish in bf16
-(θ0 + δ rounds to the same bf16 value as θ0: DESIGN §6).
+and the bf16-split rankings after one real unlearning agree with the fp32 one, and the share of the delta's entries
+that vanish in bf16 (θ0 + δ rounds to the same bf16 value as θ0: DESIGN §6; bf16-split keeps them, split.py).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from tda_assets.attribution.fisher import fisher_diagonal
 from tda_assets.attribution.gradients import gradient_store
 from tda_assets.attribution.losses import batch_losses
 from tda_assets.attribution.metrics import jaccard_at_k, spearman
-from tda_assets.attribution.multifidelity import _count
+from tda_assets.attribution.multifidelity import survivor_count
 from tda_assets.attribution.protocol import LossProtocol
 from tda_assets.attribution.scores import attribution_scores
 from tda_assets.attribution.settings import UnlearningSettings
@@ -204,8 +204,8 @@ def two_stage_item_draws(n: int, k: int) -> int:
     the three signals' candidate sets taken as disjoint (an upper bound: on the demo their union was ≈ 27% of N)."""
     plan = UnlearningSettings(stage="two_stage")
     first = plan.first_draws or max(1, k // 4)
-    cands = min(n, SIGNALS * _count(plan.count_or_fraction(plan.candidates), n))
-    keep = min(cands, max(plan.min_keep, _count(plan.count_or_fraction(plan.keep), cands)))
+    cands = min(n, SIGNALS * plan.candidates_per_signal(n))
+    keep = survivor_count(cands, plan.count_or_fraction(plan.keep), plan.min_keep)
     return cands * first + keep * (k - first)
 
 
@@ -314,7 +314,8 @@ def run(tiny: bool) -> dict:
 
     with mem.phase("ranking"):
         scores = {}
-        for name, precision, autocast in (("fp32", "fp32", None), ("bf16", "bf16", "bfloat16")):
+        precisions = (("fp32", "fp32", None), ("bf16", "bf16", "bfloat16"), ("bf16_split", "bf16-split", "bfloat16"))
+        for name, precision, autocast in precisions:
             protocol = LossProtocol(draws=k_rank, precision=precision)
             rows = min(size["fp32_rows"], int(best)) if precision == "fp32" else int(best)
             c = Compute(device.type, autocast, rows)
@@ -325,6 +326,8 @@ def run(tiny: bool) -> dict:
     out["bf16_spearman"] = round(spearman(scores["fp32"], scores["bf16"]), 4)
     out["bf16_top10_jaccard"] = round(jaccard_at_k(scores["fp32"], scores["bf16"], 10), 4)
     out["bf16_vanished_share"] = round(vanished_share(adapter, result.delta), 4)
+    out["bf16_split_spearman"] = round(spearman(scores["fp32"], scores["bf16_split"]), 4)
+    out["bf16_split_top10_jaccard"] = round(jaccard_at_k(scores["fp32"], scores["bf16_split"], 10), 4)
     out["rank_items"], out["rank_draws"] = n_rank, k_rank
 
     exact = CATALOGUE_N * CATALOGUE_K

@@ -25,7 +25,7 @@ import time
 import numpy as np
 import torch
 
-from tda_assets.attribution.attribute import attribute_exact
+from tda_assets.attribution.exact import attribute_exact
 from tda_assets.attribution.devices import Compute
 from tda_assets.attribution.fisher import fisher_diagonal
 from tda_assets.attribution.gradients import gradient_store
@@ -86,7 +86,7 @@ def measure(clips_per_artist: int, steps: int, n_targets: int, draws: int) -> di
     ids, compute, settings = batch.item_ids, Compute(), UnlearningSettings()
     protocol = LossProtocol(seed=0, draws=draws)
     fisher = fisher_diagonal(adapter, [batch], protocol, "all", compute, max_items=64)
-    grads = gradient_store(
+    gradients = gradient_store(
         adapter,
         [batch],
         protocol,
@@ -96,7 +96,7 @@ def measure(clips_per_artist: int, steps: int, n_targets: int, draws: int) -> di
         fisher=fisher,
         damping=settings.damping,
     )
-    norms = grads.item_norms
+    norms = gradients.item_norms
     internal, audio = internal_embedding(adapter, batch, protocol, compute), audio_embedding(batch)
     l0 = batch_losses(adapter, batch, protocol, compute).loss.numpy().astype(np.float64)
     targets = [ids.index(i) for i in choose_targets(audio.numpy(), ids, n_targets, seed=0)]
@@ -118,7 +118,7 @@ def measure(clips_per_artist: int, steps: int, n_targets: int, draws: int) -> di
         if after is None:
             continue
         afters.append((t, after))
-        lin = linearized_scores(grads, result.delta)
+        lin = linearized_scores(gradients, result.delta)
         sims = {
             "internal": cosine_scores(internal_embedding(adapter, query, protocol, compute), internal).numpy(),
             "audio": cosine_scores(audio_embedding(query), audio).numpy(),

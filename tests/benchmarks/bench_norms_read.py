@@ -29,17 +29,17 @@ IDENTITY = Identity("bench-ckpt", "s0-k16")
 ENCODER = "bench-enc"
 
 
-def build(storage: Storage, items: int, k: int, shards: int, parameters: int) -> list[str]:
+def build(root: Storage, items: int, k: int, shards: int, parameters: int) -> list[str]:
     """A Fisher of `parameters` values and a store of `items` random rows in `shards` shards; returns the item ids."""
     gen = torch.Generator().manual_seed(0)
-    write_fisher(storage, IDENTITY, {"w": torch.rand(parameters, generator=gen) + 0.1}, {})
-    digest = fisher_digest(storage, IDENTITY)
+    write_fisher(root, IDENTITY, {"w": torch.rand(parameters, generator=gen) + 0.1}, {})
+    digest = fisher_digest(root, IDENTITY)
     spec, ids = GradientSpec(k=k), []
     for s, part in enumerate(np.array_split(np.arange(items), shards)):
         shard = f"shard-{s:02d}"
         part_ids = [f"item-{i:07d}" for i in part]
-        storage.write_tensors(key("training_features", encoder_id=ENCODER, shard=shard), {"x": torch.zeros(1)})
-        store = GradientStore(
+        root.write_tensors(key("training_features", encoder_id=ENCODER, shard=shard), {"x": torch.zeros(1)})
+        gradients = GradientStore(
             part_ids,
             torch.randn(len(part), k, generator=gen),
             "all",
@@ -50,7 +50,7 @@ def build(storage: Storage, items: int, k: int, shards: int, parameters: int) ->
             {"w": parameters},
             damping=spec.damping,
         )
-        write_gradient_store(storage, IDENTITY, spec, shard, store, digest)
+        write_gradient_store(root, IDENTITY, spec, shard, gradients, digest)
         ids += part_ids
     return ids
 
@@ -64,19 +64,19 @@ def timed(fn, repeats: int) -> tuple[float, np.ndarray]:
     return best, out
 
 
-def measure(storage: Storage, args: argparse.Namespace) -> dict:
-    ids = build(storage, args.items, args.k, args.shards, args.parameters)
+def measure(root: Storage, args: argparse.Namespace) -> dict:
+    ids = build(root, args.items, args.k, args.shards, args.parameters)
     spec = GradientSpec(k=args.k)
     order = list(reversed(ids))
     before, old = timed(
-        lambda: read_gradient_store(storage, IDENTITY, spec, read_fisher(storage, IDENTITY), ENCODER, order).item_norms,
+        lambda: read_gradient_store(root, IDENTITY, spec, read_fisher(root, IDENTITY), ENCODER, order).item_norms,
         args.repeats,
     )
-    after, new = timed(lambda: read_gradient_norms(storage, IDENTITY, spec, ENCODER, order), args.repeats)
+    after, new = timed(lambda: read_gradient_norms(root, IDENTITY, spec, ENCODER, order), args.repeats)
     assert np.array_equal(old, new), "the stored norms differ from the rows' norms"
     rows_mb = args.items * args.k * 4 / 2**20
     return {
-        "root": storage.protocol,
+        "root": root.protocol,
         "rows_MiB": round(rows_mb, 1),
         "fisher_MiB": round(args.parameters * 4 / 2**20, 1),
         "store_and_fisher_s": round(before, 3),

@@ -47,8 +47,8 @@ def main() -> None:
     )
     runner.log_level = "ERROR"
     runner.training_side({"clips_per_artist": args.clips_per_artist, "artists": args.artists})
-    store = runner.storage
-    ids = builtin_queries(store, artists=args.queries)
+    root = runner.root
+    ids = builtin_queries(root, artists=args.queries)
     runner.sensor_tick()
     for q in ids:
         runner.clip(q)
@@ -83,8 +83,8 @@ def main() -> None:
     for name in ("two-stage", "linearized"):
         rows = []
         for q in ids:
-            full = read_tables(store, "attribution_scores", query_id=q, config_id="default").sort("item_id")
-            fast = read_tables(store, "attribution_scores", query_id=q, config_id=name).sort("item_id")
+            full = read_tables(root, "attribution_scores", query_id=q, config_id="default").sort("item_id")
+            fast = read_tables(root, "attribution_scores", query_id=q, config_id=name).sort("item_id")
             a, b = full["score"].to_numpy(), fast["score"].to_numpy()
             top_full = set(full.sort("rank").head(10)["item_id"]), set(fast.sort("rank").head(10)["item_id"])
             ok = np.isfinite(b)

@@ -130,42 +130,50 @@ def cost_figures(adapter: EmbeddedAdapter, n_demo: int, n_big: int, bs: int, k: 
 
     # gradient store: build rate and size (per item), then a synthetic store of n_big rows for the query cost
     t0 = time.perf_counter()
-    store = gradient_store(
+    gradients = gradient_store(
         adapter, [demo.select(slice(0, 32))], proto, settings.param_subset, compute, k=k, fisher=fisher
     )
     per_item = (time.perf_counter() - t0) / 32
     print(
-        f"gradient store: {1 / per_item:.2f} items/s (D={store.sketch.dim}, k={k}), {store.bytes_per_item} bytes/item "
-        f"→ {n_big * per_item / 3600:.2f} h and {n_big * store.bytes_per_item / 1e6:.0f} MB for {n_big} items"
+        f"gradient store: {1 / per_item:.2f} items/s (D={gradients.sketch.dim}, k={k}), {gradients.bytes_per_item} "
+        "bytes/item "
+        f"→ {n_big * per_item / 3600:.2f} h and {n_big * gradients.bytes_per_item / 1e6:.0f} MB for {n_big} items"
     )
 
     def linearized_cost(n: int) -> float:
         big = GradientStore(
             [f"x{i}" for i in range(n)],
             torch.randn(n, k),
-            store.param_subset,
-            store.protocol_id,
-            store.masked,
+            gradients.param_subset,
+            gradients.protocol_id,
+            gradients.masked,
             k,
-            store.seed,
-            store.sizes,
-            store.scale,
-            store.damping,
+            gradients.seed,
+            gradients.sizes,
+            gradients.scale,
+            gradients.damping,
         )
         big.sketch  # noqa: B018  (built once per store, not per query)
         return t_unlearn + median_s(lambda: linearized_scores(big, result.delta), 3)
 
-    out = {"unlearn_s": t_unlearn, "store_items_per_s": 1 / per_item, "store_bytes_per_item": store.bytes_per_item}
+    out = {"unlearn_s": t_unlearn, "store_items_per_s": 1 / per_item, "store_bytes_per_item": gradients.bytes_per_item}
     for n, label in ((n_demo, "demo"), (n_big, "10k")):
         items = demo if n == n_demo else random_items(adapter, n, seed=1)
         base = np.zeros((n, proto.draws))  # baseline losses are precomputed; their values do not change the cost
         fn = unlearned_losses_fn(adapter, items, result.delta, proto, compute)
         shared = np.random.default_rng(0).standard_normal(
             n
-        )  # candidates = TOP of N (correlated real signals: see agreement)
+        )  # candidates: the shipped count at N (correlated real signals: see agreement)
         signals = {name: shared for name in ("internal", "audio", "linearized")}
         start = time.perf_counter()
-        staged = two_stage(base, fn, signals, top=TOP, first_draws=proto.draws // FIRST_DRAWS_DIV, keep=KEEP)
+        staged = two_stage(
+            base,
+            fn,
+            signals,
+            top=SHIPPED.candidates_per_signal(n),
+            first_draws=proto.draws // FIRST_DRAWS_DIV,
+            keep=KEEP,
+        )
         t_stage = t_unlearn + time.perf_counter() - start
         if n == n_demo:
             start = time.perf_counter()
@@ -226,7 +234,14 @@ def agreement_figures(queries_n: int, k: int) -> dict:
                 "audio": cosine_scores(audio_embedding(query), audio_embedding(train)).numpy(),
                 "linearized": lin,
             }
-            staged = two_stage(l0, fn, signals, top=TOP, first_draws=PROTOCOL.draws // FIRST_DRAWS_DIV, keep=KEEP)
+            staged = two_stage(
+                l0,
+                fn,
+                signals,
+                top=SHIPPED.candidates_per_signal(n),
+                first_draws=PROTOCOL.draws // FIRST_DRAWS_DIV,
+                keep=KEEP,
+            )
             full = staged.draws_used == PROTOCOL.draws
             rows.setdefault(step, []).append(
                 {

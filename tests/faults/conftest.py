@@ -13,9 +13,11 @@ import pytest
 from dagster import DagsterInstance
 
 from tda_assets.data.demo import builtin_queries
+from tda_assets.data.inbox import inbox_files
 from tda_assets.defs.configs import UnlearningConfig
 from tda_assets.experiments.runner import Runner
-from tests.trained_roots import SMALL, TrainedRoots, one_torch_thread
+from tda_assets.io.storage import Storage
+from tests.trained_roots import SMALL, TrainedRoots, built_once, one_torch_thread, shared_folder
 
 TRAIN_STEPS = str(SMALL.steps)  # part of the embedded checkpoint's identity: every runner of these tests uses it
 CONFIG = UnlearningConfig(lr=100.0)
@@ -40,11 +42,11 @@ def runner_on(url: str, monkeypatch: pytest.MonkeyPatch) -> Runner:
     return Runner.create(DagsterInstance.ephemeral(), url, log=lambda _m: None)
 
 
-def snapshot(root: Path) -> dict[str, str]:
+def snapshot(root_dir: Path) -> dict[str, str]:
     """`relative path → sha256` of every file under a local root, hidden ones included."""
     return {
-        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-        for p in sorted(root.rglob("*"))
+        p.relative_to(root_dir).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root_dir.rglob("*"))
         if p.is_file()
     }
 
@@ -57,13 +59,19 @@ def _one_torch_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def reference(trained_roots: TrainedRoots, tmp_path_factory) -> Reference:
-    """A copy of the SMALL root (2 artists × 3 clips, 4 shards) and one built-in query attributed, uninterrupted."""
-    mp = pytest.MonkeyPatch()
-    root = trained_roots.copy(SMALL, tmp_path_factory.mktemp("reference"))
-    with one_torch_thread():
-        runner = runner_on(str(root), mp)
-        builtin_queries(runner.storage, artists=1)
-        (query_id,) = runner.requested_queries()
-        runner.attribute(query_id, CONFIG)
-    mp.undo()
-    return Reference(root, query_id)
+    """A copy of the SMALL root (2 artists × 3 clips, 4 shards) and one built-in query attributed, uninterrupted (built
+    once for all pytest-xdist workers); read only."""
+
+    def build(root_dir: Path) -> None:
+        mp = pytest.MonkeyPatch()
+        trained_roots.copy(SMALL, root_dir)
+        with one_torch_thread():
+            runner = runner_on(str(root_dir), mp)
+            builtin_queries(runner.root, artists=1)
+            (query_id,) = runner.requested_queries()
+            runner.attribute(query_id, CONFIG)
+        mp.undo()
+
+    root_dir = built_once(shared_folder(tmp_path_factory, "faults"), "reference", build)
+    (query_id,) = inbox_files(Storage(str(root_dir)))  # the one query `build` added
+    return Reference(root_dir, query_id)

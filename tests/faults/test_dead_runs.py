@@ -92,15 +92,17 @@ def gone_pid() -> int:
     return child.pid
 
 
-def started_run(instance: DagsterInstance, root: str, run_tags_: dict[str, str], slot_step: str | None = None) -> str:
-    """A STARTED attribution run of `root` with `run_tags_`; holding the gpu slot for `slot_step` when given."""
+def started_run(
+    instance: DagsterInstance, root_url: str, run_tags_: dict[str, str], slot_step: str | None = None
+) -> str:
+    """A STARTED attribution run of `root_url` with `run_tags_`; holding the gpu slot for `slot_step` when given."""
     run_id = str(uuid.uuid4())
     instance.add_run(
         DagsterRun(
             job_name="attribute_config",
             run_id=run_id,
             status=DagsterRunStatus.STARTED,
-            tags={**run_tags("attribute", root), "dagster/partition": "q0|default", **run_tags_},
+            tags={**run_tags("attribute", root_url), "dagster/partition": "q0|default", **run_tags_},
         )
     )
     if slot_step:
@@ -138,12 +140,12 @@ def test_the_slots_a_finished_run_still_holds_are_freed(instance):
 def test_a_step_waiting_for_a_slot_logs_the_holder_and_gives_up_at_the_bound(
     instance, reference, tmp_path, monkeypatch
 ):
-    root = reference.copy(tmp_path / "root")
-    holder = started_run(instance, str(root), process_tags("holder"), slot_step="unlearned_losses")  # this process
+    root_dir = reference.copy(tmp_path / "root")
+    holder = started_run(instance, str(root_dir), process_tags("holder"), slot_step="unlearned_losses")  # this process
     monkeypatch.setenv("TDA_TRAIN_STEPS", TRAIN_STEPS)
     monkeypatch.setenv("TDA_SLOT_WAIT_S", "3")
     lines: list[str] = []
-    runner = Runner.create(instance, str(root), log=lines.append)
+    runner = Runner.create(instance, str(root_dir), log=lines.append)
     start = time.monotonic()
     with pytest.raises(SlotWaitTimeout) as failed:
         runner.clip(reference.query_id)
@@ -159,11 +161,13 @@ def test_a_step_waiting_for_a_slot_logs_the_holder_and_gives_up_at_the_bound(
 def test_a_query_whose_clip_run_died_before_all_its_similarity_scores_gets_its_clip_run_again(
     reference, tmp_path, monkeypatch
 ):
-    root = reference.copy(tmp_path / "root")
-    runner = runner_on(str(root), monkeypatch)
-    add_query(runner.storage, "a slow piano melody", "half")
+    root_dir = reference.copy(tmp_path / "root")
+    runner = runner_on(str(root_dir), monkeypatch)
+    add_query(runner.root, "a slow piano melody", "half")
     runner.clip("half")
     requested = lambda: [(r.job_name, str(r.partition_key)) for r in runner.sensor_tick()]  # noqa: E731
     assert requested() == [("attribute_config", str(query_config_key("half", "default")))]
-    shutil.rmtree(root / "similarity_scores" / "query_id=half" / "method=similarity:internal")  # as a kill leaves it
+    shutil.rmtree(
+        root_dir / "similarity_scores" / "query_id=half" / "method=similarity:internal"
+    )  # as a kill leaves it
     assert requested() == [("query_clip", "half")]

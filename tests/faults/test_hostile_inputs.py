@@ -21,16 +21,16 @@ from tests.faults.conftest import runner_on, snapshot
 MB_PROMPT = "la " * 350_000  # about 1 MB
 
 
-def drop(store: Storage, name: str, body: bytes | str | dict) -> str:
+def drop(root: Storage, name: str, body: bytes | str | dict) -> str:
     """Write an inbox file as a user (or an attacker) would; returns its key."""
     data = json.dumps(body).encode() if isinstance(body, dict) else body.encode() if isinstance(body, str) else body
     path = key("inbox", name=name)
-    store.write_bytes(path, data)
+    root.write_bytes(path, data)
     return path
 
 
 @pytest.fixture
-def store(tmp_path) -> Storage:
+def root(tmp_path) -> Storage:
     return Storage(str(tmp_path / "storage"))
 
 
@@ -56,16 +56,16 @@ def store(tmp_path) -> Storage:
         ("Bad Name.json", {"prompt": "a cello line"}, r"query id 'Bad Name' is not a safe slug.*rename the file"),
     ],
 )
-def test_a_bad_inbox_file_is_refused_naming_the_file_and_the_reason(store, name, body, reason):
-    path = drop(store, name, body)
+def test_a_bad_inbox_file_is_refused_naming_the_file_and_the_reason(root, name, body, reason):
+    path = drop(root, name, body)
     with pytest.raises(QueryFileError, match=reason) as err:
-        read_query_file(store, path)
-    assert str(err.value).startswith(f"query file {store.uri(path)}")
+        read_query_file(root, path)
+    assert str(err.value).startswith(f"query file {root.uri(path)}")
 
 
-def test_a_good_inbox_file_parses_with_its_types(store):
-    path = drop(store, "ok.json", {"prompt": " a cello line ", "seed": 7, "target_artist": None})
-    spec = read_query_file(store, path)
+def test_a_good_inbox_file_parses_with_its_types(root):
+    path = drop(root, "ok.json", {"prompt": " a cello line ", "seed": 7, "target_artist": None})
+    spec = read_query_file(root, path)
     assert (spec.query_id, spec.prompt, spec.seed, spec.audio_uri, spec.target_artist) == (
         "ok",
         "a cello line",
@@ -73,31 +73,31 @@ def test_a_good_inbox_file_parses_with_its_types(store):
         None,
         None,
     )
-    assert read_query_file(store, drop(store, "max.txt", "x" * MAX_PROMPT_CHARS)).prompt == "x" * MAX_PROMPT_CHARS
+    assert read_query_file(root, drop(root, "max.txt", "x" * MAX_PROMPT_CHARS)).prompt == "x" * MAX_PROMPT_CHARS
 
 
 @pytest.mark.parametrize("query_id", ["../etc", "..", "a/../../b", "q/../x"])
-def test_dot_dot_in_a_query_id_is_refused_before_any_file_is_read(store, query_id):
+def test_dot_dot_in_a_query_id_is_refused_before_any_file_is_read(root, query_id):
     with pytest.raises(ValueError, match="is not a safe slug"):
-        read_query(store, query_id)
+        read_query(root, query_id)
     with pytest.raises(ValueError, match="is not a safe slug"):
-        add_query(store, "a cello line", query_id=query_id)
-    assert not store.exists("inbox")
+        add_query(root, "a cello line", query_id=query_id)
+    assert not root.exists("inbox")
 
 
-def outside_uris(store: Storage, tmp_path) -> list[str]:
+def outside_uris(root: Storage, tmp_path) -> list[str]:
     """Clips a query must not read: elsewhere on disk, escaping the root by '..' or a symlink, other schemes and
     buckets."""
     (tmp_path / "elsewhere").mkdir()
     secret = tmp_path / "elsewhere" / "secret.wav"
     secret.write_bytes(b"RIFF")
-    link = store.uri("uploads/link.wav")
+    link = root.uri("uploads/link.wav")
     os.makedirs(os.path.dirname(link))
     os.symlink(secret, link)
     return [
         "/etc/passwd",
         f"file://{secret}",
-        f"{store.uri('uploads')}/../../elsewhere/secret.wav",
+        f"{root.uri('uploads')}/../../elsewhere/secret.wav",
         link,
         "../elsewhere/secret.wav",
         "http://169.254.169.254/latest/meta-data",
@@ -105,36 +105,36 @@ def outside_uris(store: Storage, tmp_path) -> list[str]:
     ]
 
 
-def test_an_audio_uri_outside_the_allowed_roots_is_refused(store, tmp_path):
-    for uri in outside_uris(store, tmp_path):
-        path = drop(store, "clip.json", {"prompt": "a cello line", "audio_uri": uri})
+def test_an_audio_uri_outside_the_allowed_roots_is_refused(root, tmp_path):
+    for uri in outside_uris(root, tmp_path):
+        path = drop(root, "clip.json", {"prompt": "a cello line", "audio_uri": uri})
         with pytest.raises(
             QueryFileError,
             match=r"audio_uri .*(outside the allowed roots|relative path|only local paths)"
             r".*TDA_ALLOWED_AUDIO_ROOTS \(allowed now: ",
         ) as err:
-            read_query_file(store, path, ["/data/clips", "s3://clips-bucket/uploads"])
-        assert store.uri(path) in str(err.value), uri
+            read_query_file(root, path, ["/data/clips", "s3://clips-bucket/uploads"])
+        assert root.uri(path) in str(err.value), uri
 
 
 def test_an_audio_uri_under_the_root_the_manifest_folder_or_a_configured_prefix_is_accepted(
-    store, tmp_path, monkeypatch
+    root, tmp_path, monkeypatch
 ):
     monkeypatch.setenv("TDA_ALLOWED_AUDIO_ROOTS", f"{tmp_path}/shared/clips, s3://clips-bucket/uploads")
     monkeypatch.setenv("TDA_MANIFEST", f"{tmp_path}/corpus/manifest.csv")
-    inbox = build_resources(Env.read().with_storage(store.url))["inbox"]
+    inbox = build_resources(Env.read().with_storage(root.url))["inbox"]
     assert inbox.audio_roots() == [f"{tmp_path}/corpus", f"{tmp_path}/shared/clips", "s3://clips-bucket/uploads"]
     for uri in [
-        store.uri("uploads/q.wav"),
+        root.uri("uploads/q.wav"),
         f"file://{tmp_path}/corpus/audio/a.wav",
         f"{tmp_path}/shared/clips/b.wav",
         "s3://clips-bucket/uploads/c.wav",
     ]:
-        path = drop(store, "clip.json", {"prompt": "a cello line", "audio_uri": uri})
-        assert read_query_file(store, path, inbox.audio_roots()).audio_uri == uri
-    path = drop(store, "clip.json", {"prompt": "a cello line", "audio_uri": f"{tmp_path}/shared/clips-other/b.wav"})
+        path = drop(root, "clip.json", {"prompt": "a cello line", "audio_uri": uri})
+        assert read_query_file(root, path, inbox.audio_roots()).audio_uri == uri
+    path = drop(root, "clip.json", {"prompt": "a cello line", "audio_uri": f"{tmp_path}/shared/clips-other/b.wav"})
     with pytest.raises(QueryFileError, match="outside the allowed roots"):  # a sibling sharing the prefix's letters
-        read_query_file(store, path, inbox.audio_roots())
+        read_query_file(root, path, inbox.audio_roots())
 
 
 @pytest.mark.parametrize("prefix", ["clips", "http://example.com/clips"])
@@ -148,9 +148,9 @@ def test_a_configured_audio_root_that_is_not_an_absolute_folder_or_s3_prefix_is_
 
 
 def test_the_sensor_logs_and_skips_bad_inbox_files_and_requests_the_others(reference, tmp_path, caplog):
-    store = Storage(str(reference.copy(tmp_path / "storage")))  # a prepared root: its own query is done, not pending
-    add_query(store, "a cello line", query_id="good-1")
-    add_query(store, "a flute line", query_id="good-2")
+    root = Storage(str(reference.copy(tmp_path / "storage")))  # a prepared root: its own query is done, not pending
+    add_query(root, "a cello line", query_id="good-1")
+    add_query(root, "a flute line", query_id="good-2")
     bad = {
         "bad-json.json": '{"prompt": ',
         "huge.txt": MB_PROMPT,
@@ -158,12 +158,12 @@ def test_the_sensor_logs_and_skips_bad_inbox_files_and_requests_the_others(refer
         "outside.json": {"prompt": "a cello line", "audio_uri": "/etc/passwd"},
     }
     for name, body in bad.items():
-        drop(store, name, body)
+        drop(root, name, body)
     instance = DagsterInstance.ephemeral()
     context = build_sensor_context(
         instance=instance,
         resources={
-            "storage": StorageResource(url=store.url),
+            "storage": StorageResource(url=root.url),
             "inbox": InboxResource(max_queries_per_tick=10),
             "protocol": LossProtocolResource(),
         },
@@ -184,21 +184,21 @@ def test_the_sensor_logs_and_skips_bad_inbox_files_and_requests_the_others(refer
         ("Not A Slug.txt", "is not a safe slug"),
         ("outside.json", "outside the allowed roots"),
     ]:
-        assert any(store.uri(key("inbox", name=name)) in s and reason in s for s in skips), (name, skips)
+        assert any(root.uri(key("inbox", name=name)) in s and reason in s for s in skips), (name, skips)
 
 
 def test_a_hostile_inbox_file_of_a_materialized_query_fails_its_run_and_loses_nothing(reference, tmp_path, monkeypatch):
-    root = reference.copy(tmp_path / "storage")
-    runner = runner_on(str(root), monkeypatch)
+    root_dir = reference.copy(tmp_path / "storage")
+    runner = runner_on(str(root_dir), monkeypatch)
     runner.instance.add_dynamic_partitions("queries", [reference.query_id])
     inbox_file = key("inbox", name=f"{reference.query_id}.json")
-    (root / inbox_file).write_text(json.dumps({"prompt": "a cello line", "audio_uri": "/etc/passwd"}))
-    before = snapshot(root)
+    (root_dir / inbox_file).write_text(json.dumps({"prompt": "a cello line", "audio_uri": "/etc/passwd"}))
+    before = snapshot(root_dir)
     with pytest.raises(
-        Exception, match=rf"query file {root}/{inbox_file}: audio_uri '/etc/passwd' is outside the allowed roots"
+        Exception, match=rf"query file {root_dir}/{inbox_file}: audio_uri '/etc/passwd' is outside the allowed roots"
     ):
         runner.run(["query_clips"], reference.query_id)
-    assert snapshot(root) == before
+    assert snapshot(root_dir) == before
 
 
 def write_manifest(folder, name: str, text: bytes) -> str:
@@ -242,10 +242,10 @@ def test_a_utf8_manifest_with_a_byte_order_mark_reads(tmp_path):
 
 
 def test_a_bad_manifest_fails_its_run_and_the_materialized_manifest_stays(reference, tmp_path, monkeypatch):
-    root = reference.copy(tmp_path / "storage")
-    runner = runner_on(str(root), monkeypatch)
+    root_dir = reference.copy(tmp_path / "storage")
+    runner = runner_on(str(root_dir), monkeypatch)
     path = write_manifest(tmp_path / "corpus", "manifest.csv", HEADER + b"t1,a.wav,caf\xe9,x\n")
-    before = snapshot(root)
+    before = snapshot(root_dir)
     with pytest.raises(Exception, match=rf"manifest {path} is not UTF-8 text"):
         runner.run(["training_manifest"], run_config={"ops": {"training_manifest": {"config": {"manifest_uri": path}}}})
-    assert snapshot(root) == before
+    assert snapshot(root_dir) == before

@@ -61,7 +61,7 @@ runner.run([asset], partition, json.loads(run_config))
 '''
 
 
-def kill_mid_write(tmp_path: Path, root: Path, asset: str, partition: str, run_config: dict) -> dict[str, str]:
+def kill_mid_write(tmp_path: Path, root_dir: Path, asset: str, partition: str, run_config: dict) -> dict[str, str]:
     """Run one step in a child process, SIGKILL it inside the write of its table; returns the temp and final paths."""
     script, marker = tmp_path / "child.py", tmp_path / "held.json"
     script.write_text(CHILD)
@@ -74,7 +74,7 @@ def kill_mid_write(tmp_path: Path, root: Path, asset: str, partition: str, run_c
         "HF_HUB_OFFLINE": "1",
     }
     child = subprocess.Popen(
-        [sys.executable, str(script), str(root), asset, partition, str(marker), json.dumps(run_config)],
+        [sys.executable, str(script), str(root_dir), asset, partition, str(marker), json.dumps(run_config)],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -107,73 +107,73 @@ def without_hidden(files: dict[str, str]) -> dict[str, str]:
 def test_kill_9_mid_write_of_a_baseline_shard_leaves_none_and_the_rerun_equals_the_uninterrupted_run(
     reference, tmp_path, monkeypatch
 ):
-    root = reference.copy(tmp_path / "storage")
-    store = Storage(str(root))
-    shards = read_tables(store, "baseline_losses")
+    root_dir = reference.copy(tmp_path / "storage")
+    root = Storage(str(root_dir))
+    shards = read_tables(root, "baseline_losses")
     shard = shards["shard"].value_counts(sort=True)["shard"][0]  # the shard with the most items
-    (shard_file,) = [p for p in root.glob(f"baseline_losses/*/*/shard={shard}/*")]
-    uninterrupted = read_table(Storage(str(reference.root)), "baseline_losses", **_keys(shard_file, root))
+    (shard_file,) = [p for p in root_dir.glob(f"baseline_losses/*/*/shard={shard}/*")]
+    uninterrupted = read_table(Storage(str(reference.root)), "baseline_losses", **_keys(shard_file, root_dir))
     shard_file.unlink()
 
-    held = kill_mid_write(tmp_path, root, "baseline_losses", shard, {})
+    held = kill_mid_write(tmp_path, root_dir, "baseline_losses", shard, {})
 
     assert held["final"] == str(shard_file) and not shard_file.exists()  # none, never half of one
     temp = Path(held["temp"])
     assert temp.parent == shard_file.parent and temp.name.startswith(".") and temp.stat().st_size > 0
-    assert str(temp.relative_to(root)) not in store.glob("baseline_losses/*/*/*/*")
-    assert read_tables(store, "baseline_losses").height == shards.height - uninterrupted.height
-    assert QueryEngine(store).table_counts()["baseline_losses"] == shards.height - uninterrupted.height
+    assert str(temp.relative_to(root_dir)) not in root.glob("baseline_losses/*/*/*/*")
+    assert read_tables(root, "baseline_losses").height == shards.height - uninterrupted.height
+    assert QueryEngine(root).table_counts()["baseline_losses"] == shards.height - uninterrupted.height
 
-    runner_on(str(root), monkeypatch).training_side_if_needed()  # resumes: only the baseline losses are missing
+    runner_on(str(root_dir), monkeypatch).training_side_if_needed()  # resumes: only the baseline losses are missing
 
-    assert read_table(store, "baseline_losses", **_keys(shard_file, root)).equals(uninterrupted)
-    assert without_hidden(snapshot(root)) == snapshot(reference.root)  # nothing lost, nothing else changed
+    assert read_table(root, "baseline_losses", **_keys(shard_file, root_dir)).equals(uninterrupted)
+    assert without_hidden(snapshot(root_dir)) == snapshot(reference.root)  # nothing lost, nothing else changed
 
 
 def test_kill_9_mid_write_of_unlearned_losses_leaves_the_previous_file_and_the_rerun_equals_it(
     reference, tmp_path, monkeypatch
 ):
-    root = reference.copy(tmp_path / "storage")
-    store = Storage(str(root))
-    (losses_file,) = root.glob(f"unlearned_losses/*/*/query_id={reference.query_id}/config_id={CONFIG.config_id}/*")
+    root_dir = reference.copy(tmp_path / "storage")
+    root = Storage(str(root_dir))
+    (losses_file,) = root_dir.glob(f"unlearned_losses/*/*/query_id={reference.query_id}/config_id={CONFIG.config_id}/*")
     previous = losses_file.read_bytes()
-    counts = QueryEngine(store).table_counts()
+    counts = QueryEngine(root).table_counts()
     run_config = {
         "ops": {"unlearned_losses": unlearning_run_config(CONFIG).to_config_dict()["ops"]["unlearned_losses"]}
     }
 
-    held = kill_mid_write(tmp_path, root, "unlearned_losses", reference.query_id, run_config)
+    held = kill_mid_write(tmp_path, root_dir, "unlearned_losses", reference.query_id, run_config)
 
     assert held["final"] == str(losses_file) and losses_file.read_bytes() == previous  # the previous file, whole
     assert Path(held["temp"]).name.startswith(".") and Path(held["temp"]).exists()
-    assert QueryEngine(store).table_counts() == counts  # the stray temp file is no table's row
+    assert QueryEngine(root).table_counts() == counts  # the stray temp file is no table's row
 
-    runner = runner_on(str(root), monkeypatch)
+    runner = runner_on(str(root_dir), monkeypatch)
     runner.add_partitions(reference.query_id, "default")
     runner.run(["unlearned_losses"], query_config_key(reference.query_id, "default"), run_config)
 
-    keys = _keys(losses_file, root)
+    keys = _keys(losses_file, root_dir)
     uninterrupted = read_table(Storage(str(reference.root)), "unlearned_losses", **keys)
-    assert read_table(store, "unlearned_losses", **keys).equals(uninterrupted)
-    assert without_hidden(snapshot(root)) == snapshot(reference.root)
+    assert read_table(root, "unlearned_losses", **keys).equals(uninterrupted)
+    assert without_hidden(snapshot(root_dir)) == snapshot(reference.root)
 
 
-def _keys(path: Path, root: Path) -> dict[str, str]:
+def _keys(path: Path, root_dir: Path) -> dict[str, str]:
     """The hive key values of a table file (`checkpoint_id=…/…/part-0.parquet`)."""
-    return dict(part.split("=", 1) for part in path.relative_to(root).parts if "=" in part)
+    return dict(part.split("=", 1) for part in path.relative_to(root_dir).parts if "=" in part)
 
 
 def test_no_reader_of_any_layout_entry_takes_a_temp_file_for_one_of_its_files(tmp_path):
-    store = Storage(str(tmp_path))
+    root = Storage(str(tmp_path))
     for entry in LAYOUT.values():
         real = entry.key(**{f: f"v{i}" for i, f in enumerate(entry.fields)})
         folder, name = posixpath.split(real)
-        store.write_bytes(real, b"x")
-        store.write_bytes(posixpath.join(folder, temp_name(name)), b"half")  # as a killed write leaves it
-        assert store.glob(entry.glob()) == [real], entry.name
+        root.write_bytes(real, b"x")
+        root.write_bytes(posixpath.join(folder, temp_name(name)), b"half")  # as a killed write leaves it
+        assert root.glob(entry.glob()) == [real], entry.name
         if entry.is_table:  # DuckDB's views glob the same patterns segment by segment
             temp = posixpath.join(folder, temp_name(name))
             assert not all(fnmatch.fnmatchcase(p, g) for p, g in zip(temp.split("/"), entry.glob().split("/"))), (
                 entry.name
             )
-        store.delete(real.split("/")[0], recursive=True)
+        root.delete(real.split("/")[0], recursive=True)

@@ -28,12 +28,12 @@ QUERY_OUTPUTS = (
 )
 
 
-def objects(store: Storage) -> dict[str, str]:
+def objects(root: Storage) -> dict[str, str]:
     """`key → sha256` of every object under the root."""
-    store.fs.invalidate_cache()
+    root.fs.invalidate_cache()
     return {
-        path[len(store.root) + 1 :]: hashlib.sha256(store.fs.cat_file(path)).hexdigest()
-        for path in store.fs.find(store.root)
+        path[len(root.fs_path) + 1 :]: hashlib.sha256(root.fs.cat_file(path)).hexdigest()
+        for path in root.fs.find(root.fs_path)
     }
 
 
@@ -50,14 +50,14 @@ def server():
 
 
 def test_s3_stopped_mid_run_names_the_endpoint_and_the_rerun_loses_nothing(reference, server, monkeypatch):
-    root = use_moto(monkeypatch, server["endpoint"], prefix="tda")
-    store = Storage(root)
+    root_url = use_moto(monkeypatch, server["endpoint"], prefix="tda")
+    root = Storage(root_url)
     for path in sorted(reference.root.rglob("*")):  # the training side and the inbox, as an earlier run left them
         rel = path.relative_to(reference.root).as_posix()
         if path.is_file() and rel.split("/")[0] not in QUERY_OUTPUTS:
-            store.write_bytes(rel, path.read_bytes())
-    before = objects(store)
-    runner = runner_on(root, monkeypatch)
+            root.write_bytes(rel, path.read_bytes())
+    before = objects(root)
+    runner = runner_on(root_url, monkeypatch)
     assert runner.requested_queries() == [reference.query_id]
 
     real_stream = query_assets.stream_losses
@@ -72,13 +72,13 @@ def test_s3_stopped_mid_run_names_the_endpoint_and_the_rerun_loses_nothing(refer
     with pytest.raises(StorageError) as err:  # one error, the storage layer's: not a botocore or aiohttp trace
         runner.attribute(reference.query_id, CONFIG)
     message = str(err.value)
-    assert f"cannot reach the S3 endpoint {server['endpoint']} for {root}/" in message
+    assert f"cannot reach the S3 endpoint {server['endpoint']} for {root_url}/" in message
     assert "is the server running? Set AWS_ENDPOINT_URL" in message and "Once it is up, rerun" in message
     monkeypatch.setattr(query_assets, "stream_losses", real_stream)
 
     server["server"] = ThreadedMotoServer(ip_address="127.0.0.1", port=server["port"], verbose=False)
     server["server"].start()
-    during = objects(store)
+    during = objects(root)
     assert {k: during.get(k) for k in before} == before  # nothing written before the outage is lost
     assert not any(
         k.startswith(("unlearned_losses/", "attribution_scores/")) for k in during
@@ -86,7 +86,7 @@ def test_s3_stopped_mid_run_names_the_endpoint_and_the_rerun_loses_nothing(refer
 
     runner.attribute(reference.query_id, CONFIG)  # the rerun, once the server is back
 
-    after = objects(store)
+    after = objects(root)
     assert {k: after.get(k) for k in before} == before
     local = Storage(str(reference.root))
     keys = {"query_id": reference.query_id, "config_id": CONFIG.config_id}
@@ -99,7 +99,7 @@ def test_s3_stopped_mid_run_names_the_endpoint_and_the_rerun_loses_nothing(refer
         ("unlearning_runs", {**keys, **identity}),
         ("similarity_scores", {"query_id": reference.query_id, "method": "similarity:internal"}),
     ]:
-        got, want = read_table(store, table, **table_keys), read_table(local, table, **table_keys)
+        got, want = read_table(root, table, **table_keys), read_table(local, table, **table_keys)
         if table == "unlearning_runs":  # where the delta lives and how long it took differ by nature
             got, want = got.drop("delta_uri", "seconds"), want.drop("delta_uri", "seconds")
         assert got.equals(want), table

@@ -133,44 +133,44 @@ class PostgresServer:
 
 def start_postgres(bin_dir: Path, user: str = "tda") -> PostgresServer:
     """initdb a fresh cluster in a temporary folder (password auth, scram) and start it on a free 127.0.0.1 port."""
-    root = Path(tempfile.mkdtemp(prefix="tda-pg-"))
+    root_dir = Path(tempfile.mkdtemp(prefix="tda-pg-"))
     run_as = _unprivileged_user() if os.geteuid() == 0 else None
     if run_as and not _reachable_by_others(bin_dir / "pg_ctl"):
-        bin_dir = _reachable_copy(bin_dir, root / "install")
+        bin_dir = _reachable_copy(bin_dir, root_dir / "install")
     if run_as:
-        os.chown(root, run_as.pw_uid, run_as.pw_gid)
+        os.chown(root_dir, run_as.pw_uid, run_as.pw_gid)
     password = secrets.token_hex(12)
-    (root / "pwfile").write_text(password + "\n")
+    (root_dir / "pwfile").write_text(password + "\n")
     if run_as:
-        os.chown(root / "pwfile", run_as.pw_uid, run_as.pw_gid)
-    server = PostgresServer("127.0.0.1", 0, user, password, bin_dir, root, run_as)
+        os.chown(root_dir / "pwfile", run_as.pw_uid, run_as.pw_gid)
+    server = PostgresServer("127.0.0.1", 0, user, password, bin_dir, root_dir, run_as)
     server._run(
         "initdb",
         "-D",
-        str(root / "data"),
+        str(root_dir / "data"),
         "-U",
         user,
         "--pwfile",
-        str(root / "pwfile"),
+        str(root_dir / "pwfile"),
         "--auth=scram-sha-256",
         "-E",
         "UTF8",
         "--no-sync",
     )
-    (root / "pwfile").unlink()
+    (root_dir / "pwfile").unlink()
     last_error: subprocess.CalledProcessError | None = None
     for _ in range(3):  # the free port may be taken between the probe and the bind
         server.port = _free_port()
         options = (
-            f"-h 127.0.0.1 -p {server.port} -k {root} -c fsync=off -c synchronous_commit=off -c max_connections=200"
+            f"-h 127.0.0.1 -p {server.port} -k {root_dir} -c fsync=off -c synchronous_commit=off -c max_connections=200"
         )
         try:
             server._run(
-                "pg_ctl", "-D", str(root / "data"), "-l", str(root / "server.log"), "-o", options, "-w", "start"
+                "pg_ctl", "-D", str(root_dir / "data"), "-l", str(root_dir / "server.log"), "-o", options, "-w", "start"
             )
             return server
         except subprocess.CalledProcessError as exc:
             last_error = exc
-    log = (root / "server.log").read_text() if (root / "server.log").exists() else ""
-    shutil.rmtree(root, ignore_errors=True)
+    log = (root_dir / "server.log").read_text() if (root_dir / "server.log").exists() else ""
+    shutil.rmtree(root_dir, ignore_errors=True)
     raise RuntimeError(f"PostgreSQL ({bin_dir}) did not start on 127.0.0.1: {last_error and last_error.stderr}\n{log}")

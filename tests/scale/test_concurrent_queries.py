@@ -149,7 +149,7 @@ def scenario(request, trained_roots, tmp_path_factory) -> Scenario:
     12 items), one sensor tick, both runs at once; the instance chosen as a user chooses it."""
     kind = request.param
     work = tmp_path_factory.mktemp(kind)
-    root = trained_roots.copy(TINY, work / "storage")
+    root_dir = trained_roots.copy(TINY, work / "storage")
     home = work / "home"
     home.mkdir()
     shutil.copy(REPO_ROOT / INSTANCES[kind] / "dagster.yaml", home / "dagster.yaml")
@@ -158,7 +158,7 @@ def scenario(request, trained_roots, tmp_path_factory) -> Scenario:
             **TEST_ENV,
             "TDA_INSTANCE": kind,
             "DAGSTER_HOME": str(home),
-            "TDA_STORAGE_URL": str(root),
+            "TDA_STORAGE_URL": str(root_dir),
         }.items():
             mp.setenv(name, value)
         if kind == "postgres":
@@ -169,7 +169,7 @@ def scenario(request, trained_roots, tmp_path_factory) -> Scenario:
         instance = DagsterInstance.get()
         instance.event_log_storage.set_concurrency_slots(GPU_POOL, 2)  # = `dagster instance concurrency set gpu 2`
         defs = build_definitions()
-        query_ids = builtin_queries(defs.resources["storage"].storage(), artists=QUERIES)
+        query_ids = builtin_queries(defs.resources["storage"].root(), artists=QUERIES)
         requests, run_ids = [], []
         for _ in JOBS:  # tick 1 requests the clips, tick 2 (clips in the root) the attributions: each pair at once
             tick = sensor_requests(instance, defs)
@@ -184,7 +184,7 @@ def scenario(request, trained_roots, tmp_path_factory) -> Scenario:
         yield Scenario(
             kind,
             instance,
-            root,
+            root_dir,
             query_ids,
             requests,
             run_ids,

@@ -11,11 +11,11 @@ from tda_assets.io.tables import read_table
 
 
 def test_a_runner_on_the_multiprocess_executor_runs_steps_in_child_processes(tmp_path, monkeypatch):
-    home, root = tmp_path / "home", tmp_path / "storage"
+    home, root_dir = tmp_path / "home", tmp_path / "storage"
     home.mkdir()
     for name, value in {
         "DAGSTER_HOME": str(home),
-        "TDA_STORAGE_URL": str(root),
+        "TDA_STORAGE_URL": str(root_dir),
         "TDA_EXECUTOR": "multiprocess",
         "OMP_NUM_THREADS": "1",
     }.items():
@@ -31,5 +31,5 @@ def test_a_runner_on_the_multiprocess_executor_runs_steps_in_child_processes(tmp
     messages = [e.message for e in instance.all_logs(result.run_id) if e.message]
     assert any("Executing steps using multiprocess executor" in m for m in messages)
     assert instance.get_run_by_id(result.run_id).job_name == "__ASSET_JOB"
-    assert read_table(Storage(str(root)), "training_manifest").height == 4
+    assert read_table(Storage(str(root_dir)), "training_manifest").height == 4
     instance.dispose()

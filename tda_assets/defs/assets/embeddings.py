@@ -33,29 +33,29 @@ def training_embeddings(
     protocol: LossProtocolResource,
 ) -> MaterializeResult:
     step = model_step(storage, model_source, compute, protocol)
-    store, record, identity = step.store, step.record, step.identity
+    root, record, identity = step.root, step.record, step.identity
     shard = context.partition_key
     out_key = embeddings_key(identity, record.encoder_id, shard)
     features_key = key("training_features", encoder_id=record.encoder_id, shard=shard)
     ids = {**identity.keys(), "encoder_id": record.encoder_id}
-    if not store.exists(
+    if not root.exists(
         features_key
     ):  # an empty shard (or every item skipped as bad): nothing to embed, nothing to read
-        store.delete(out_key)
+        root.delete(out_key)
         context.log.info(
             f"{shard}: no training features of encoders {record.encoder_id} (an empty shard); no embeddings "
             "written (if the shard has items, materialize training_features for it first)"
         )
         return MaterializeResult(metadata={"rows": 0, **ids})
     start = time.perf_counter()
-    batch, features_meta = read_features(store, features_key)
+    batch, features_meta = read_features(root, features_key)
     parts = [
         embed(step.adapter, batch.select(slice(lo, lo + EMBED_BATCH)), step.protocol, step.compute)
         for lo in range(0, len(batch), EMBED_BATCH)
     ]
     matrices = {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
     uri = write_embeddings(
-        store,
+        root,
         out_key,
         Embeddings(batch.item_ids, matrices),
         {**ids, "shard": shard, "manifest_digest": features_meta.get("manifest_digest", "")},

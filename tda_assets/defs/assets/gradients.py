@@ -67,22 +67,22 @@ def training_gradients(
 ) -> MaterializeResult:
     spec = config.spec()
     step = model_step(storage, model_source, compute, protocol)
-    store, identity, shard = step.store, step.identity, context.partition_key
+    root, identity, shard = step.root, step.identity, context.partition_key
     out_key = gradients_key(identity, spec, shard)
     features_key = key("training_features", encoder_id=step.record.encoder_id, shard=shard)
     meta = {"gradient_id": spec.gradient_id, **identity.keys(), **{f"spec_{k}": v for k, v in vars(spec).items()}}
-    if not store.exists(features_key):  # an empty shard: no store, as it has no features
-        store.delete(out_key)
+    if not root.exists(features_key):  # an empty shard: no store, as it has no features
+        root.delete(out_key)
         context.log.info(f"{shard}: no training features, so no gradients")
         return MaterializeResult(metadata={"rows": 0, **meta})
-    n = len(read_features(store, features_key)[0])
+    n = len(read_features(root, features_key)[0])
     fisher = step.fisher()
-    digest = fisher_digest(store, identity)
-    progress = Progress(context.log, f"{shard} gradients {spec.gradient_id}", n, 1)
+    digest = fisher_digest(root, identity)
+    progress = Progress(context.log, f"{shard} gradients {spec.gradient_id}", n, step.protocol.draws)
     start = time.perf_counter()
-    grads = gradient_store(
+    gradients = gradient_store(
         step.adapter,
-        iter_training_batches(store, step.record.encoder_id, 64, [shard]),
+        iter_training_batches(root, step.record.encoder_id, 64, [shard]),
         step.protocol,
         spec.param_subset,
         step.compute,
@@ -95,17 +95,18 @@ def training_gradients(
         progress=progress.advance,
     )
     uri = write_gradient_store(
-        store, identity, spec, shard, grads, digest, shard_features_digest(store, step.record.encoder_id, shard)
+        root, identity, spec, shard, gradients, digest, shard_features_digest(root, step.record.encoder_id, shard)
     )
     seconds = time.perf_counter() - start
     context.log.info(
-        f"{shard}: {n} items' gradients (D = {sum(grads.sizes.values())}) sketched to k = {spec.k} in {seconds:.1f}s"
+        f"{shard}: {n} items' gradients (D = {sum(gradients.sizes.values())}) sketched to k = {spec.k} in "
+        f"{seconds:.1f}s"
     )
     return MaterializeResult(
         metadata={
             "rows": n,
-            "parameters": sum(grads.sizes.values()),
-            "bytes_per_item": grads.bytes_per_item,
+            "parameters": sum(gradients.sizes.values()),
+            "bytes_per_item": gradients.bytes_per_item,
             "items_per_second": round(n / max(seconds, 1e-9), 2),
             "uri": MetadataValue.path(uri),
             **meta,

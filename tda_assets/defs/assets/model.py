@@ -49,7 +49,7 @@ def checkpoint(
     model_source: ModelSourceResource,
     compute: ComputeResource,
 ) -> MaterializeResult:
-    store, source = storage.storage(), model_source.model_source()
+    root, source = storage.root(), model_source.model_source()
     if not source.is_embedded:
         resolved = source.resolve()
         record = CheckpointRecord(
@@ -59,7 +59,7 @@ def checkpoint(
             encoder_id=resolved.checkpoint_id,
             revision=resolved.revision,
         )
-        write_checkpoint_record(store, record)
+        write_checkpoint_record(root, record)
         context.log.info(
             f"checkpoint {resolved.checkpoint_id} from {resolved.source}"
             + (f" pinned at commit {resolved.revision}" if resolved.revision else "")
@@ -71,9 +71,9 @@ def checkpoint(
             }
         )
     encoder_id = source.encoder_id()
-    data = all_features(store, encoder_id)
+    data = all_features(root, encoder_id)
     settings = TrainingSettings(steps=source.train_steps, seed=source.train_seed)
-    checkpoint_id = embedded_checkpoint_id(store, encoder_id, asdict(settings))
+    checkpoint_id = embedded_checkpoint_id(root, encoder_id, asdict(settings))
     cmp = compute.compute()
     adapter = EmbeddedAdapter.new(seed=settings.seed).to(cmp.device)
     context.log.info(f"training the embedded denoiser on {len(data)} items for {settings.steps} steps on {cmp.device}")
@@ -89,16 +89,16 @@ def checkpoint(
     folder_key = key("checkpoint_folder", checkpoint_id=checkpoint_id)
     with tempfile.TemporaryDirectory() as tmp:
         save_model(adapter.to("cpu"), tmp, {"training": {**asdict(settings), "items": len(data), "seconds": seconds}})
-        store.put_dir(tmp, folder_key)
+        root.put_dir(tmp, folder_key)
     record = CheckpointRecord(checkpoint_id, "embedded", "embedded", encoder_id=encoder_id, folder_key=folder_key)
-    write_checkpoint_record(store, record)
+    write_checkpoint_record(root, record)
     return MaterializeResult(
         metadata={
             **{k: v for k, v in asdict(record).items() if v is not None},
             "training_seconds": round(seconds, 1),
             "final_loss": float(np.mean(curve[-100:])),
             "parameters": sum(p.numel() for p in adapter.denoiser.parameters()),
-            "uri": MetadataValue.path(store.uri(folder_key)),
+            "uri": MetadataValue.path(root.uri(folder_key)),
         }
     )
 
@@ -118,12 +118,12 @@ def fisher_diagonal(
     protocol: LossProtocolResource,
 ) -> MaterializeResult:
     step = model_step(storage, model_source, compute, protocol)
-    store, identity = step.store, step.identity
+    root, identity = step.root, step.identity
     start = time.perf_counter()
-    batches = iter_training_batches(store, step.record.encoder_id, 32)
+    batches = iter_training_batches(root, step.record.encoder_id, 32)
     fisher = estimate_fisher(step.adapter, batches, step.protocol, "all", step.compute, max_items=FISHER_ITEMS)
     summary = fisher_summary(fisher)  # per tensor: no concatenated copy (4.2 GB at 1 B parameters)
-    uri = write_fisher(store, identity, fisher, {"items": str(FISHER_ITEMS), COMPUTE_PRECISION: step.compute.precision})
+    uri = write_fisher(root, identity, fisher, {"items": str(FISHER_ITEMS), COMPUTE_PRECISION: step.compute.precision})
     context.log.info(f"fisher_diagonal over {summary['parameters']} parameters in {time.perf_counter() - start:.1f}s")
     return MaterializeResult(metadata={**summary, "uri": MetadataValue.path(uri), **identity.keys()})
 
@@ -151,21 +151,21 @@ def baseline_losses(
     protocol: LossProtocolResource,
 ) -> Iterator:
     step = model_step(storage, model_source, compute, protocol)
-    store, proto, record, identity = step.store, step.protocol, step.record, step.identity
+    root, proto, record, identity = step.root, step.protocol, step.record, step.identity
     shard = context.partition_key
     features_key = key("training_features", encoder_id=record.encoder_id, shard=shard)
-    item_ids = read_features(store, features_key)[0].item_ids if store.exists(features_key) else []
+    item_ids = read_features(root, features_key)[0].item_ids if root.exists(features_key) else []
     progress = Progress(context.log, f"{shard} baseline losses", len(item_ids), proto.draws)
     frames = []
-    batches = iter_training_batches(store, record.encoder_id, 32, [shard])
+    batches = iter_training_batches(root, record.encoder_id, 32, [shard])
     for ids, losses in stream_losses(step.adapter, batches, proto, step.compute):
         frames.append(losses_frame(ids, losses.loss, losses.loss_masked, losses.t))
         progress.advance(len(ids))
     empty = pl.DataFrame(schema=TABLES["baseline_losses"].polars_schema())  # an empty shard: a typed, empty table
     df = (pl.concat(frames) if frames else empty).with_columns(  # the features they were measured on (DESIGN §3)
-        pl.lit(shard_features_digest(store, record.encoder_id, shard), dtype=pl.String).alias(FEATURES_DIGEST)
+        pl.lit(shard_features_digest(root, record.encoder_id, shard), dtype=pl.String).alias(FEATURES_DIGEST)
     )
-    uri = write_table(store, "baseline_losses", df, **identity.keys(), shard=shard)
+    uri = write_table(root, "baseline_losses", df, **identity.keys(), shard=shard)
     per_item = df.group_by("item_id").agg(pl.col("loss").mean())["loss"]
     yield MaterializeResult(
         metadata={

@@ -40,7 +40,7 @@ from tda_assets.io.registry import TABLES
 from tda_assets.io.tables import read_table, read_tables, write_table
 from tda_assets.io.uris import read_uri_bytes
 
-# Ground truth, from the waveforms alone: two clips are one recording when their normalised cross-correlation at its
+# Ground truth, from the waveforms alone: two clips are one recording when their normalized cross-correlation at its
 # best lag reaches this (the embedded corpus's slowest style repeats melodies, sometimes a fraction of a beat later)
 SAME_RECORDING = 0.95
 
@@ -56,7 +56,7 @@ class NearCopyCalibrationConfig(Config):
 
 
 def best_lag_correlation(a: np.ndarray, others: list[np.ndarray]) -> np.ndarray:
-    """The normalised cross-correlation at its best lag [n] of clip `a` with each of `others` (one sample rate)."""
+    """The normalized cross-correlation at its best lag [n] of clip `a` with each of `others` (one sample rate)."""
     if not others:
         return np.zeros(0)
     n = len(a) + max(len(o) for o in others)
@@ -134,16 +134,16 @@ def near_copy_calibration(
     protocol: LossProtocolResource,
 ) -> Iterator:
     step = model_step(storage, model_source, compute, protocol)
-    store, identity, record, adapter = step.store, step.identity, step.record, step.adapter
-    items = read_training_embeddings(store, identity, record.encoder_id)
+    root, identity, record, adapter = step.root, step.identity, step.record, step.adapter
+    items = read_training_embeddings(root, identity, record.encoder_id)
     scorer = _Scorer(step, items)
-    manifest = read_table(store, "training_manifest").filter(pl.col("item_id").is_in(items.item_ids))
+    manifest = read_table(root, "training_manifest").filter(pl.col("item_id").is_in(items.item_ids))
     rows_of = {r["item_id"]: r for r in manifest.iter_rows(named=True)}
     audio: dict[str, Clip] = {}
 
     def source(item_id: str) -> Clip:  # at the file's own rate, read once
         if item_id not in audio:
-            audio[item_id] = check_clip(read_uri_bytes(rows_of[item_id]["audio_uri"], store), item_id)
+            audio[item_id] = check_clip(read_uri_bytes(rows_of[item_id]["audio_uri"], root), item_id)
         return audio[item_id]
 
     def points_home(copy_of: str | None, item_id: str) -> bool:  # the source itself, or a duplicate of its recording
@@ -169,9 +169,9 @@ def near_copy_calibration(
                 rows.append(_row(target_set, "copy", qid, v, bool(v.near_copy and ok), snr_db=snr, **extra))
                 home.append((target_set, name, v.copy_score) if ok else None)
     rows += _heldout_rows(scorer, manifest, source, config.heldout_per_artist, adapter.sample_rate, context)
-    rows += _generated_rows(scorer, store, record)
+    rows += _generated_rows(scorer, root, record)
     df = pl.DataFrame(rows, schema=TABLES["near_copy_calibration"].polars_schema())
-    uri = write_table(store, "near_copy_calibration", df, **identity.keys())
+    uri = write_table(root, "near_copy_calibration", df, **identity.keys())
     chosen = _development_threshold(home, df)
     summary = _summary(df.filter(pl.col("target_set") == "reporting"))
     context.log.info(
@@ -232,15 +232,15 @@ def _heldout_rows(scorer: _Scorer, manifest: pl.DataFrame, source, per_set: int,
     return rows
 
 
-def _generated_rows(scorer: _Scorer, store, record) -> list:
+def _generated_rows(scorer: _Scorer, root, record) -> list:
     """Non-copies on the reporting side: the clips the current checkpoint generated for queries (the built-in ones)."""
-    queries = read_tables(store, "queries")
+    queries = read_tables(root, "queries")
     if queries.is_empty():
         return []
     mine = queries.filter(pl.col("generated_by") == record.checkpoint_id).sort("query_id")
     rows = []
     for row in mine.iter_rows(named=True):
-        batch = query_batch(store, row["query_id"], record.encoder_id, record.checkpoint_id)
+        batch = query_batch(root, row["query_id"], record.encoder_id, record.checkpoint_id)
         (v,) = scorer.batch(batch.select(slice(0, 1)))
         rows.append(_row("reporting", "generated", row["query_id"], v, not v.near_copy, artist=row["target_artist"]))
     return rows

@@ -1,12 +1,14 @@
-"""Per-query assets: the query clip, the unlearned model, its losses, and the attribution tables.
+"""Per-query assets: the query clip, the unlearned model, its losses, and the attribution tables; and, past the
+partition budget, `query_batch`, which runs the same step functions for each query of a batch.
 
 Every loss and score is pinned to the current checkpoint and loss protocol (`Identity`): a step reads only
 artifacts of that identity and stops with an `IdentityError` naming both identities when one is missing.
 """
 
 import io
+import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Iterator
 
 import numpy as np
@@ -21,13 +23,17 @@ from dagster import (
     AssetDep,
     AssetExecutionContext,
     AssetKey,
+    Failure,
     MaterializeResult,
     MetadataValue,
     asset,
 )
 
 from resources import ComputeResource, InboxResource, LossProtocolResource, ModelSourceResource, StorageResource
-from tda_assets.attribution.adapter import ItemBatch, apply_delta
+from tda_assets.attribution.adapter import DiTAdapter, ItemBatch, apply_delta
+from tda_assets.attribution.devices import Compute
+from tda_assets.attribution.protocol import LossProtocol
+from tda_assets.attribution.settings import UnlearningSettings
 from tda_assets.attribution.losses import stream_losses
 from tda_assets.attribution.multifidelity import (
     candidates,
@@ -58,35 +64,39 @@ from tda_assets.attribution.near_copy_segments import (
 from tda_assets.attribution.similarity import embedding_scores, embeddings
 from tda_assets.attribution.unlearn import unlearn
 from tda_assets.data.audio import LONG_CLIP_POLICY, MAX_QUERY_WINDOWS, decode_clip, query_windows
-from tda_assets.data.inbox import read_query
-from tda_assets.data.query_state import MIN_QUERY_LOSS_RATIO
+from tda_assets.data.inbox import QuerySpec, read_query
+from tda_assets.data.query_batches import read_batch
+from tda_assets.data.query_state import DEFAULT_CONFIG, MIN_QUERY_LOSS_RATIO, QueryState
 from tda_assets.defs.checks import TwoStagePlan, losses_complete, rows_per_item, two_stage_losses_complete
 from tda_assets.defs.configs import UnlearningConfig, partition_config, record_config
-from tda_assets.defs.fast_paths import cheap_signals, item_norms, scoring_gradients
+from tda_assets.defs.fast_paths import cheap_signals
 from tda_assets.defs.markdown import markdown_table
-from tda_assets.defs.model_step import model_step
-from tda_assets.defs.partitions import queries, query_and_config, query_configs
+from tda_assets.defs.model_step import TRAINING_SIDE_DEPS, ModelStep, TrainingReads, model_step
+from tda_assets.defs.partitions import queries, query_and_config, query_batches, query_configs
 from tda_assets.defs.plots import attribution_plot
 from tda_assets.defs.progress import Progress
+from tda_assets.defs.sensors import wanted_runs
 from tda_assets.defs.tags import GPU
 from tda_assets.io.artifacts import (
     COMPUTE_PRECISION,
     Identity,
-    baseline_item_ids,
-    encoded_item_ids,
     iter_training_batches,
     loss_matrix,
     losses_frame,
     partial_loss_matrix,
     query_batch,
-    read_baseline,
-    read_training_embeddings,
     read_unlearned,
     write_features,
 )
 from tda_assets.io.deltas import read_delta, write_delta
-from tda_assets.io.checkpoints import load_checkpoint, read_checkpoint_record
+from tda_assets.io.checkpoints import (
+    CheckpointRecord,
+    load_checkpoint,
+    load_checkpoint_encoders,
+    read_checkpoint_record,
+)
 from tda_assets.io.registry import TABLES, key
+from tda_assets.io.storage import Storage
 from tda_assets.io.tables import read_table, table_exists, write_table
 from tda_assets.io.uris import read_uri_bytes
 from tda_assets.models.sampling import generate_latents
@@ -95,9 +105,8 @@ from tda_assets.models.sampling import generate_latents
 TOP_COLUMNS = {"rank": pl.Int64, "item_id": pl.String, "artist": pl.String, "score": pl.Float64, "caption": pl.String}
 
 
-def _top_items(store, scores: pl.DataFrame, n: int = 5) -> list[dict]:
-    manifest = read_table(store, "training_manifest").select("item_id", "artist", "caption")
-    top = scores.sort("rank").head(n).join(manifest, on="item_id", how="left")
+def _top_items(side: TrainingReads, scores: pl.DataFrame, n: int = 5) -> list[dict]:
+    top = scores.sort("rank").head(n).join(side.manifest(), on="item_id", how="left")
     return top.select(*TOP_COLUMNS).to_dicts()
 
 
@@ -135,18 +144,27 @@ def query_clips(
     compute: ComputeResource,
     inbox: InboxResource,
 ) -> MaterializeResult:
-    store, cmp = storage.storage(), compute.compute()
-    spec = read_query(store, context.partition_key, inbox.allowed_roots(store))
-    adapter, record = load_checkpoint(store, model_source.model_source(), cmp.device)
+    root, cmp = storage.root(), compute.compute()
+    spec = read_query(root, context.partition_key, inbox.allowed_roots(root))
+    load = load_checkpoint_encoders if spec.audio_uri else load_checkpoint  # a user's clip needs no denoiser
+    adapter, record = load(root, model_source.model_source(), cmp.device)
+    return make_clip(root, cmp, adapter, record, spec, context.log)
+
+
+def make_clip(
+    root: Storage, cmp: Compute, adapter: DiTAdapter, record: CheckpointRecord, spec: QuerySpec, log: logging.Logger
+) -> MaterializeResult:
+    """The query's clip written to the root (its features, its `queries` row, a generated clip's audio): the step of
+    `query_clips`, and of each query of a `query_batch` run."""
     if spec.audio_uri:  # the user's clip: conditioned on its own duration, as training items are
-        clip = decode_clip(read_uri_bytes(spec.audio_uri, store), spec.query_id, adapter.sample_rate)
+        clip = decode_clip(read_uri_bytes(spec.audio_uri, root), spec.query_id, adapter.sample_rate)
         windows = query_windows(clip.samples, adapter.window_samples)
         encoded = _window_batch(adapter, spec.prompt, spec.query_id, clip.samples, windows)
         cond, latents, mask = encoded.conditioning, encoded.latents, encoded.frame_mask
         audio_uri, generated_by = spec.audio_uri, None
         source = {"source_rate": clip.source_rate, "source_channels": clip.source_channels, "seconds": clip.seconds}
         if len(windows) > 1:
-            context.log.info(
+            log.info(
                 f"{spec.query_id}: {clip.seconds:.1f} s clip attributed on {len(windows)} windows of "
                 f"{adapter.window_samples / adapter.sample_rate:.2f} s"
             )
@@ -156,7 +174,7 @@ def query_clips(
         mask = torch.ones(1, latents.shape[-1])
         buf = io.BytesIO()
         sf.write(buf, adapter.decode(latents)[0].numpy(), adapter.sample_rate, format="WAV", subtype="PCM_16")
-        audio_uri = store.write_bytes(key("query_audio", query_id=spec.query_id), buf.getvalue())
+        audio_uri = root.write_bytes(key("query_audio", query_id=spec.query_id), buf.getvalue())
         generated_by = record.checkpoint_id
         source = {
             "source_rate": adapter.sample_rate,
@@ -165,7 +183,7 @@ def query_clips(
         }
     n_windows = latents.shape[0]
     write_features(
-        store,
+        root,
         key("query_features", query_id=spec.query_id),
         ItemBatch([spec.query_id] * n_windows, latents, cond, mask),
         {"encoder_id": record.encoder_id, "checkpoint_id": record.checkpoint_id},
@@ -183,7 +201,7 @@ def query_clips(
         },
         schema_overrides={"target_artist": pl.String, "generated_by": pl.String},
     )
-    write_table(store, "queries", row, query_id=spec.query_id)
+    write_table(root, "queries", row, query_id=spec.query_id)
     return MaterializeResult(
         metadata={
             "prompt": spec.prompt,
@@ -225,25 +243,30 @@ def unlearned_model(
 ) -> Iterator:
     qid, cid = query_and_config(context)
     step = model_step(storage, model_source, compute, protocol)
-    store, record, identity = step.store, step.record, step.identity
-    config = partition_config(config, store, cid)
+    yield unlearn_query(step, qid, partition_config(config, step.root, cid), context.log)
+
+
+def unlearn_query(step: ModelStep, qid: str, config: UnlearningConfig, log: logging.Logger) -> MaterializeResult:
+    """Unlearn one query under one configuration and record it (`unlearning_runs`, its delta), with the blocking check
+    `query_loss_raised`: the step of `unlearned_model`, and of each query of a `query_batch` run."""
+    root, record, identity, cid = step.root, step.record, step.identity, config.config_id
     settings = config.settings()
-    n_train = len(baseline_item_ids(read_baseline(store, identity, record.encoder_id)))
+    n_train = len(step.side.item_ids())
     # the Fisher read from storage a tensor at a time as the step divides the gradient by it: never whole in memory
     # (4.2 GB at 1 B parameters)
     result = unlearn(
         step.adapter,
-        query_batch(store, qid, record.encoder_id, record.checkpoint_id),
+        query_batch(root, qid, record.encoder_id, record.checkpoint_id),
         step.fisher(lazy=True),
         settings,
         step.protocol,
         step.compute,
         n_train=n_train,
     )
-    delta_uri = write_delta(store, identity, qid, cid, result.delta, {COMPUTE_PRECISION: step.compute.precision})
-    record_config(store, config)
+    delta_uri = write_delta(root, identity, qid, cid, result.delta, {COMPUTE_PRECISION: step.compute.precision})
+    record_config(root, config)
     write_table(
-        store,
+        root,
         "unlearning_runs",
         pl.DataFrame(
             {
@@ -268,7 +291,7 @@ def unlearned_model(
         if result.target_ratio
         else ""
     )
-    context.log.info(
+    log.info(
         f"{qid}/{cid}: query loss {result.query_loss_before:.4f} → {result.query_loss_after:.4f} "
         f"(×{result.loss_ratio:.2f}) at lr {result.lr_used:g}{target} in {result.seconds:.1f}s"
     )
@@ -288,7 +311,7 @@ def unlearned_model(
         ),
         **identity.keys(),
     }
-    yield MaterializeResult(
+    return MaterializeResult(
         metadata=meta,
         check_results=[
             AssetCheckResult(
@@ -338,33 +361,40 @@ def unlearned_losses(
     protocol: LossProtocolResource,
 ) -> Iterator:
     qid, cid = query_and_config(context)
-    settings = partition_config(
-        config, storage.storage(), cid
-    ).settings()  # another configuration's run config is refused
-    if not settings.needs_exact_rescore:
-        yield _no_exact_rescore(storage.storage(), protocol.protocol(), qid, cid, settings)
+    settings = partition_config(config, storage.root(), cid).settings()  # another configuration's run config is refused
+    if not settings.needs_exact_rescore:  # no model to load
+        yield _no_exact_rescore(storage.root(), protocol.protocol(), qid, cid, settings)
         return
-    step = model_step(storage, model_source, compute, protocol)
-    store, proto, record, identity = step.store, step.protocol, step.record, step.identity
-    delta = read_delta(store, identity, qid, cid)  # of the stored Fisher, or an IdentityError with the fix
+    yield rescore_query(model_step(storage, model_source, compute, protocol), qid, cid, settings, context.log)
+
+
+def rescore_query(
+    step: ModelStep, qid: str, cid: str, settings: UnlearningSettings, log: logging.Logger
+) -> MaterializeResult:
+    """The unlearned model's losses of one query and configuration (none for `linearized`), with the check
+    `losses_finite_and_complete`: the step of `unlearned_losses`, and of each query of a `query_batch` run."""
+    if not settings.needs_exact_rescore:
+        return _no_exact_rescore(step.root, step.protocol, qid, cid, settings)
+    root, proto, record, identity = step.root, step.protocol, step.record, step.identity
+    delta = read_delta(root, identity, qid, cid)  # of the stored Fisher, or an IdentityError with the fix
     if settings.stage == "two_stage":
-        df, plan, meta = _two_stage_losses(context, step, qid, settings, delta)
+        df, plan, meta = _two_stage_losses(log, step, qid, settings, delta)
         check = two_stage_losses_complete("losses_finite_and_complete", df, plan)
     else:
-        expected = baseline_item_ids(read_baseline(store, identity, record.encoder_id))
-        progress = Progress(context.log, f"{qid}/{cid} unlearned losses", len(expected), proto.draws)
+        expected = step.side.item_ids()
+        progress = Progress(log, f"{qid}/{cid} unlearned losses", len(expected), proto.draws)
         frames = []
         with apply_delta(step.adapter.denoiser, delta):
             for ids, losses in stream_losses(
-                step.adapter, iter_training_batches(store, record.encoder_id, 32), proto, step.compute
+                step.adapter, iter_training_batches(root, record.encoder_id, 32), proto, step.compute
             ):
                 frames.append(losses_frame(ids, losses.loss, losses.loss_masked))
                 progress.advance(len(ids))
         df = pl.concat(frames)
         meta = {"item_draws_per_second": progress.rate()}
         check = losses_complete("losses_finite_and_complete", df, expected, proto.draws)
-    uri = write_table(store, "unlearned_losses", df, **identity.keys(), query_id=qid, config_id=cid)
-    yield MaterializeResult(
+    uri = write_table(root, "unlearned_losses", df, **identity.keys(), query_id=qid, config_id=cid)
+    return MaterializeResult(
         metadata={
             "config_id": cid,
             "rows": len(df),
@@ -377,11 +407,11 @@ def unlearned_losses(
     )
 
 
-def _no_exact_rescore(store, proto, qid: str, cid: str, settings) -> MaterializeResult:
+def _no_exact_rescore(root: Storage, proto: LossProtocol, qid: str, cid: str, settings) -> MaterializeResult:
     """`linearized`: no item is rescored, so no losses are written (an older file of the pair is removed, so the table
     never shows another method's losses under this configuration) and the completeness check expects none."""
-    identity = Identity(read_checkpoint_record(store).checkpoint_id, proto.protocol_id)
-    store.delete(key("unlearned_losses", **identity.keys(), query_id=qid, config_id=cid))
+    identity = Identity(read_checkpoint_record(root).checkpoint_id, proto.protocol_id)
+    root.delete(key("unlearned_losses", **identity.keys(), query_id=qid, config_id=cid))
     empty = pl.DataFrame(schema=TABLES["unlearned_losses"].polars_schema())
     return MaterializeResult(
         metadata={
@@ -395,18 +425,18 @@ def _no_exact_rescore(store, proto, qid: str, cid: str, settings) -> Materialize
     )
 
 
-def _two_stage_losses(context, step, qid: str, settings, delta) -> tuple[pl.DataFrame, TwoStagePlan, dict]:
+def _two_stage_losses(log, step, qid: str, settings, delta) -> tuple[pl.DataFrame, TwoStagePlan, dict]:
     """The exact losses of the cheap signals' candidates by successive halving (DESIGN §1, multi-fidelity): the rows,
     the plan they must follow (fixed from the signals and settings before any rescore), and metadata."""
-    store, proto, identity = step.store, step.protocol, step.identity
+    root, proto, identity = step.root, step.protocol, step.identity
     item_ids, data, baseline = step.training_set()
     l0 = loss_matrix(
         baseline, item_ids, proto.draws, "loss_masked" if settings.masks_losses else "loss", "baseline_losses"
     )
-    grads = scoring_gradients(store, identity, settings, step.record.encoder_id, item_ids)
-    norms = item_norms(store, identity, settings, step.record.encoder_id, item_ids, grads)
-    signals = cheap_signals(store, identity, qid, delta, item_ids, grads, l0, settings.score_type, norms)
-    top = settings.count_or_fraction(settings.candidates)
+    gradients = step.side.gradients(settings, item_ids)
+    norms = step.side.norms(settings, item_ids, gradients)
+    signals = cheap_signals(root, identity, qid, delta, item_ids, gradients, l0, settings.score_type, norms)
+    top = settings.candidates_per_signal(len(item_ids))
     picked = [item_ids[i] for i in candidates(signals, top)]
     plan = TwoStagePlan(
         picked,
@@ -439,7 +469,7 @@ def _two_stage_losses(context, step, qid: str, settings, delta) -> tuple[pl.Data
     )
     rescored = int(result.rescored.sum())
     full = int((result.draws_used == proto.draws).sum())
-    context.log.info(
+    log.info(
         f"{qid}: two_stage rescored {rescored} of {len(item_ids)} items ({full} on all {proto.draws} draws) "
         f"from signals {sorted(signals)}: {result.item_draws} item-draws, "
         f"{result.item_draws / (len(item_ids) * proto.draws):.0%} of the full rescore, in {seconds:.1f}s"
@@ -476,33 +506,37 @@ def attribution_scores(
     storage: StorageResource,
     protocol: LossProtocolResource,
 ) -> Iterator:
-    store, proto = storage.storage(), protocol.protocol()
+    root, proto = storage.root(), protocol.protocol()
     qid, cid = query_and_config(context)
-    settings = partition_config(config, store, cid).settings()
-    masked = settings.masks_losses
-    record = read_checkpoint_record(store)
-    identity = Identity(record.checkpoint_id, proto.protocol_id)
-    column = "loss_masked" if masked else "loss"
-    baseline = read_baseline(store, identity, record.encoder_id)  # the same identity, or an IdentityError: never mixed
-    after = read_unlearned(store, identity, qid, cid) if settings.needs_exact_rescore else None
-    item_ids = (
-        after["item_id"].unique(maintain_order=True).to_list()
-        if settings.is_full_exact
-        else baseline_item_ids(baseline)
-    )
-    grads = scoring_gradients(store, identity, settings, record.encoder_id, item_ids)  # the one read of the rows
-    norms = item_norms(store, identity, settings, record.encoder_id, item_ids, grads)
+    settings = partition_config(config, root, cid).settings()
+    record = read_checkpoint_record(root)
+    side = TrainingReads(root, Identity(record.checkpoint_id, proto.protocol_id), record.encoder_id)
+    yield score_query(side, proto, qid, cid, settings, context.log)
+
+
+def score_query(
+    side: TrainingReads, proto: LossProtocol, qid: str, cid: str, settings: UnlearningSettings, log: logging.Logger
+) -> MaterializeResult:
+    """The attribution scores of one query and configuration (with the check `one_row_per_training_item`): the step
+    of `attribution_scores`, and of each query of a `query_batch` run."""
+    root, identity = side.root, side.identity
+    column = "loss_masked" if settings.masks_losses else "loss"
+    baseline = side.baseline()  # the same identity, or an IdentityError: never mixed
+    after = read_unlearned(root, identity, qid, cid) if settings.needs_exact_rescore else None
+    item_ids = after["item_id"].unique(maintain_order=True).to_list() if settings.is_full_exact else side.item_ids()
+    gradients = side.gradients(settings, item_ids)  # the one read of the rows
+    norms = side.norms(settings, item_ids, gradients)
     l0 = loss_matrix(baseline, item_ids, proto.draws, column, "baseline_losses")
     if settings.is_full_exact:
         s = score_items(
             l0, loss_matrix(after, item_ids, proto.draws, column, "unlearned_losses"), settings.score_type, norms
         )
     else:
-        delta = read_delta(store, identity, qid, cid)
+        delta = read_delta(root, identity, qid, cid)
         if settings.method == "linearized":
-            s = score_columns(l0, settings.score_type, norms, mean_delta=linearized_scores(grads, delta))
+            s = score_columns(l0, settings.score_type, norms, mean_delta=linearized_scores(gradients, delta))
         else:
-            signals = cheap_signals(store, identity, qid, delta, item_ids, grads, l0, settings.score_type, norms)
+            signals = cheap_signals(root, identity, qid, delta, item_ids, gradients, l0, settings.score_type, norms)
             s = staged_scores(
                 l0,
                 partial_loss_matrix(after, item_ids, proto.draws, column),
@@ -527,21 +561,21 @@ def attribution_scores(
         },
         nan_to_null=True,
     )
-    uri = write_table(store, "attribution_scores", df, **identity.keys(), query_id=qid, config_id=cid)
+    uri = write_table(root, "attribution_scores", df, **identity.keys(), query_id=qid, config_id=cid)
     # one row per item the training side encoded (skipped bad items have no features and no row): read from the feature
     # files' headers, not from the baseline losses every non-exact path takes its items from
-    check = rows_per_item("one_row_per_training_item", df, encoded_item_ids(store, record.encoder_id))
-    top = _top_items(store, df)
-    context.log.info(f"{qid}/{cid}: top-5 " + ", ".join(f"{t['item_id']} ({t['artist']})" for t in top))
-    near_copy = _near_copy_line(store, identity, qid)
+    check = rows_per_item("one_row_per_training_item", df, side.encoded_ids())
+    top = _top_items(side, df)
+    log.info(f"{qid}/{cid}: top-5 " + ", ".join(f"{t['item_id']} ({t['artist']})" for t in top))
+    near_copy = _near_copy_line(root, identity, qid)
     low = low_norm_share(s["rank"], norms, 10)  # DESIGN §1: the share of the top-10 in the lowest-norm decile
     if low is not None:
-        context.log.info(f"{qid}/{cid}: {low:.0%} of the top-10 lie in the lowest-norm decile")
-    plot = attribution_plot(store, qid, cid, df)  # plots/top_k/<query>/<config>.png, shown in the UI
+        log.info(f"{qid}/{cid}: {low:.0%} of the top-10 lie in the lowest-norm decile")
+    plot = attribution_plot(root, qid, cid, df)  # plots/top_k/<query>/<config>.png, shown in the UI
     rescored = (
         {} if settings.is_full_exact else {"method": settings.method, "rescored_items": int(df["rescored"].sum())}
     )
-    yield MaterializeResult(
+    return MaterializeResult(
         metadata={
             "config_id": cid,
             "rows": len(df),
@@ -577,14 +611,16 @@ def similarity_scores(
     compute: ComputeResource,
     protocol: LossProtocolResource,
 ) -> MaterializeResult:
-    qid = context.partition_key
-    step = model_step(storage, model_source, compute, protocol)
-    store, record, identity = step.store, step.record, step.identity
-    items = read_training_embeddings(
-        store, identity, record.encoder_id
-    )  # this identity's, or an IdentityError with the fix
+    return similarity_of_query(model_step(storage, model_source, compute, protocol), context.partition_key)
+
+
+def similarity_of_query(step: ModelStep, qid: str) -> MaterializeResult:
+    """The query's similarity scores of every embedding and its near-copy verdicts: the step of `similarity_scores`,
+    and of each query of a `query_batch` run."""
+    root, record, identity = step.root, step.record, step.identity
+    items = step.side.embeddings()  # this identity's, or an IdentityError with the fix
     query = embeddings(
-        step.adapter, query_batch(store, qid, record.encoder_id, record.checkpoint_id), step.protocol, step.compute
+        step.adapter, query_batch(root, qid, record.encoder_id, record.checkpoint_id), step.protocol, step.compute
     )
     meta, clip_scores = {}, {}
     for name, score in embedding_scores(query, items.matrices).items():  # the query's windows pooled
@@ -598,10 +634,10 @@ def similarity_scores(
                 **identity.keys(),
             }
         )
-        write_table(store, "similarity_scores", df, query_id=qid, method=f"similarity:{name}")
-        meta[f"top_5_{name}"] = _top_table(_top_items(store, df))
+        write_table(root, "similarity_scores", df, query_id=qid, method=f"similarity:{name}")
+        meta[f"top_5_{name}"] = _top_table(_top_items(step.side, df))
     segments = _segment_verdicts(step, qid, near_copy_verdict(clip_scores, items.item_ids), items)
-    write_table(store, "near_copies", _near_copy_frame(segments), **identity.keys(), query_id=qid)
+    write_table(root, "near_copies", _near_copy_frame(segments), **identity.keys(), query_id=qid)
     meta["near_copy"] = verdict_line(segments[0].verdict)
     if len(segments) > 1:
         meta["near_copy_windows"] = _windows_table(segments[1:])
@@ -615,12 +651,12 @@ def _segment_verdicts(step, qid: str, clip_verdict, items) -> list[SegmentVerdic
     """The whole clip's verdict (`clip_verdict`, from the scores the similarity tables hold) and, for a clip longer
     than the model's window, each window's from its own embeddings scored alone: every window of the clip, not only
     the evenly spaced ones its attribution keeps (`LONG_CLIP_POLICY`), so no second of a long clip goes unexamined."""
-    adapter, store = step.adapter, step.store
-    row = read_table(store, "queries", query_id=qid).row(0, named=True)
+    adapter, root = step.adapter, step.root
+    row = read_table(root, "queries", query_id=qid).row(0, named=True)
     clip = SegmentVerdict(CLIP, 0.0, float(row["seconds"]), clip_verdict)
     if row["audio_uri"] is None or round(row["seconds"] * adapter.sample_rate) <= adapter.window_samples:
         return [clip]
-    samples = decode_clip(read_uri_bytes(row["audio_uri"], store), qid, adapter.sample_rate).samples
+    samples = decode_clip(read_uri_bytes(row["audio_uri"], root), qid, adapter.sample_rate).samples
     windows = query_windows(samples, adapter.window_samples, max_windows=len(samples))
     out = [clip]
     for i in range(0, len(windows), WINDOWS_PER_BATCH):
@@ -657,9 +693,105 @@ def _windows_table(windows: list[SegmentVerdict]) -> MetadataValue:
     return MetadataValue.md("\n".join(lines))
 
 
-def _near_copy_line(store, identity: Identity, qid: str) -> str | None:
+def _near_copy_line(root, identity: Identity, qid: str) -> str | None:
     """The query's whole-clip verdict in words (None when its similarity_scores predate the near_copies table)."""
-    if not table_exists(store, "near_copies", **identity.keys(), query_id=qid):
+    if not table_exists(root, "near_copies", **identity.keys(), query_id=qid):
         return None
-    df = read_table(store, "near_copies", **identity.keys(), query_id=qid).filter(pl.col("segment") == CLIP)
+    df = read_table(root, "near_copies", **identity.keys(), query_id=qid).filter(pl.col("segment") == CLIP)
     return verdict_line(verdict_of(df.row(0, named=True))) if df.height else None
+
+
+# --- queries past the partition budget: the steps above, for each query of a batch -------------------------------
+
+
+@dataclass
+class BatchOutcome:
+    """What a batch run did to each of its queries."""
+
+    states: dict[str, QueryState] = field(default_factory=dict)  # attributed or failed_check
+    skipped: list[str] = field(default_factory=list)  # already had a result when the run started
+    failed: dict[str, str] = field(default_factory=dict)  # query → its error
+    failed_checks: list[str] = field(default_factory=list)  # `query: check` of a non-blocking check that failed
+
+
+def attribute_query(
+    step: ModelStep, qid: str, needs_clip: bool, roots: list[str], log: logging.Logger, outcome: BatchOutcome
+) -> QueryState:
+    """One query's steps under the default configuration, as its own runs take them: its clip and similarity scores
+    when due, the unlearning, then (unless it fails its blocking check `query_loss_raised`) the losses and scores."""
+    root = step.root
+    if needs_clip:
+        make_clip(root, step.compute, step.adapter, step.record, read_query(root, qid, roots), log)
+        similarity_of_query(step, qid)
+    config = partition_config(UnlearningConfig(), root, DEFAULT_CONFIG)
+    unlearned = unlearn_query(step, qid, config, log)
+    if not all(c.passed for c in unlearned.check_results):
+        return QueryState.FAILED_CHECK
+    settings = config.settings()
+    for result in (
+        rescore_query(step, qid, config.config_id, settings, log),
+        score_query(step.side, step.protocol, qid, config.config_id, settings, log),
+    ):
+        outcome.failed_checks += [f"{qid}: {c.check_name}" for c in result.check_results if not c.passed]
+    return QueryState.ATTRIBUTED
+
+
+def run_batch(step: ModelStep, query_ids: list[str], roots: list[str], log: logging.Logger) -> BatchOutcome:
+    """Each query of a batch that has no result yet, in order; a query that raises is logged and recorded, and the
+    next one runs."""
+    outcome = BatchOutcome()
+    due = {qid: s for s, qid, _ in wanted_runs(step.root, query_ids, step.protocol.protocol_id)}
+    for qid in query_ids:
+        if qid not in due:
+            outcome.skipped.append(qid)
+            continue
+        try:
+            outcome.states[qid] = attribute_query(step, qid, due[qid] == "clip", roots, log, outcome)
+        except Exception as exc:  # noqa: BLE001 - one broken query must not stop the batch
+            outcome.failed[qid] = f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}"
+            log.error(f"{qid}: failed in its batch: {outcome.failed[qid]}")
+    return outcome
+
+
+@asset(
+    name="query_batch",  # the function's name is taken by `artifacts.query_batch`, a query's stored features
+    group_name="queries",
+    partitions_def=query_batches,
+    deps=[
+        AssetKey("checkpoint"),
+        *TRAINING_SIDE_DEPS,
+        AssetDep(AssetKey("training_embeddings"), partition_mapping=AllPartitionMapping()),
+    ],
+    **GPU,
+    description="A batch of inbox queries past the partition budget (TDA_MAX_QUERY_PARTITIONS): each query's clip, "
+    "similarity and default attribution, written to the same files as its own runs would; the model and training "
+    "side read once. The run fails (after the others) when a query failed: that query stays pending.",
+)
+def query_batch_asset(
+    context: AssetExecutionContext,
+    storage: StorageResource,
+    model_source: ModelSourceResource,
+    compute: ComputeResource,
+    protocol: LossProtocolResource,
+    inbox: InboxResource,
+) -> MaterializeResult:
+    step = model_step(storage, model_source, compute, protocol)
+    query_ids = read_batch(step.root, context.partition_key)
+    outcome = run_batch(step, query_ids, inbox.allowed_roots(step.root), context.log)
+    count = {
+        str(s): sum(v == s for v in outcome.states.values()) for s in (QueryState.ATTRIBUTED, QueryState.FAILED_CHECK)
+    }
+    meta = {
+        "queries": len(query_ids),
+        **count,
+        "already_done": len(outcome.skipped),
+        "failed": len(outcome.failed),
+        **({"failed_checks": MetadataValue.json(outcome.failed_checks)} if outcome.failed_checks else {}),
+    }
+    if outcome.failed:
+        raise Failure(
+            description=f"{len(outcome.failed)} of {len(query_ids)} queries of {context.partition_key} failed (the "
+            f"others are written): " + "; ".join(f"{q}: {e}" for q, e in outcome.failed.items()),
+            metadata={**meta, "errors": MetadataValue.json(outcome.failed)},
+        )
+    return MaterializeResult(metadata=meta)

@@ -20,7 +20,7 @@ from pydantic import Field
 
 from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
 from tda_assets.attribution.adapter import ItemBatch
-from tda_assets.attribution.attribute import attribute_exact
+from tda_assets.attribution.exact import attribute_exact
 from tda_assets.attribution.replication import TRANSFORMS, latent_change, snr_db
 from tda_assets.attribution.self_influence import TARGET_SETS, targets_of
 from tda_assets.attribution.similarity import audio_embedding
@@ -78,8 +78,8 @@ def replication(
     protocol: LossProtocolResource,
 ) -> Iterator:
     step = model_step(storage, model_source, compute, protocol)
-    store, proto, identity, adapter = step.store, step.protocol, step.identity, step.adapter
-    settings = require_full_exact(recorded_settings(store, config.config_id), config.config_id, "replication")
+    root, proto, identity, adapter = step.root, step.protocol, step.identity, step.adapter
+    settings = require_full_exact(recorded_settings(root, config.config_id), config.config_id, "replication")
     item_ids, data, baseline = step.training_set()
     l0 = loss_matrix(
         baseline, item_ids, proto.draws, "loss_masked" if settings.masks_losses else "loss", "baseline_losses"
@@ -88,12 +88,12 @@ def replication(
     if config.target_set not in TARGET_SETS:
         raise ValueError(f"target_set {config.target_set!r} is not one of {TARGET_SETS}")
     sources = targets_of(config.target_set, audio_embedding(data).numpy(), item_ids, config.n_sources, config.seed)
-    manifest = read_table(store, "training_manifest").filter(pl.col("item_id").is_in(sources))
+    manifest = read_table(root, "training_manifest").filter(pl.col("item_id").is_in(sources))
     norms = step.item_norms(settings, item_ids)
     progress = Progress(context.log, "replication", len(sources) * len(TRANSFORMS), len(item_ids) * proto.draws)
     rows = []
     for row in manifest.sort("item_id").iter_rows(named=True):
-        source = check_clip(read_uri_bytes(row["audio_uri"], store), row["item_id"])  # at the file's own rate
+        source = check_clip(read_uri_bytes(row["audio_uri"], root), row["item_id"])  # at the file's own rate
         t = item_ids.index(row["item_id"])
         for name in TRANSFORMS:
             query_id = f"{row['item_id']}~{name}"
@@ -124,7 +124,7 @@ def replication(
                 )
             progress.advance(1)
     df = pl.DataFrame(rows, schema=TABLES["replication"].polars_schema(with_partitions=True))
-    uri = write_replacing(store, "replication", df, "target_set", **identity.keys(), config_id=config.config_id)
+    uri = write_replacing(root, "replication", df, "target_set", **identity.keys(), config_id=config.config_id)
     first = df.group_by("transform").agg((pl.col("rank") == 1).mean().alias("share_first")).sort("transform")
     snr = df.group_by("transform").agg(pl.col("snr_db").mean()).sort("transform")
     context.log.info(

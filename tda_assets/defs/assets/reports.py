@@ -16,13 +16,13 @@ from tda_assets.io.registry import TABLES, key
 from tda_assets.io.tables import read_tables, write_table
 
 
-def score_vectors(store, identity: Identity) -> dict[str, dict[str, pl.DataFrame]]:
+def score_vectors(root, identity: Identity) -> dict[str, dict[str, pl.DataFrame]]:
     """query → every attribution of it under `identity` (item_id, score, rank), keyed `unlearning:<config_id>` or
     `similarity:<name>`."""
-    unlearning = read_tables(store, "attribution_scores", **identity.keys()).with_columns(
+    unlearning = read_tables(root, "attribution_scores", **identity.keys()).with_columns(
         label="unlearning:" + pl.col("config_id")
     )
-    similarity = read_tables(store, "similarity_scores").with_columns(label=pl.col("method"))
+    similarity = read_tables(root, "similarity_scores").with_columns(label=pl.col("method"))
     cols = ["query_id", "label", "item_id", "score", "rank"]
     current = (pl.col("checkpoint_id") == identity.checkpoint_id) & (pl.col("protocol_id") == identity.protocol_id)
     both = pl.concat([unlearning.filter(current).select(cols), similarity.filter(current).select(cols)])
@@ -70,9 +70,9 @@ def consistency_rows(query_id: str, vectors: dict[str, pl.DataFrame]) -> list[di
 UNLEARNING = "unlearning:"
 
 
-def seed_groups(store) -> dict[str, tuple[str, object]]:
+def seed_groups(root) -> dict[str, tuple[str, object]]:
     """config_id → (every field but `seed`, `seed`): its seed reruns share the first and differ in the second."""
-    df = read_tables(store, "unlearning_configs")
+    df = read_tables(root, "unlearning_configs")
     cols = [c for c in df.columns if c not in ("config_id", "seed")]
     return {r["config_id"]: (repr(tuple(r[c] for c in cols)), r["seed"]) for r in df.to_dicts()}
 
@@ -146,16 +146,16 @@ def config_consistency(df: pl.DataFrame, groups: dict[str, tuple[str, object]], 
 def consistency_report(
     context: AssetExecutionContext, storage: StorageResource, protocol: LossProtocolResource
 ) -> MaterializeResult:
-    store = storage.storage()
-    identity = Identity(read_checkpoint_record(store).checkpoint_id, protocol.protocol().protocol_id)
-    vectors = score_vectors(store, identity)
+    root = storage.root()
+    identity = Identity(read_checkpoint_record(root).checkpoint_id, protocol.protocol().protocol_id)
+    vectors = score_vectors(root, identity)
     query_ids = sorted(q for q, v in vectors.items() if any(label.startswith(UNLEARNING) for label in v))
     rows = [{**r, **identity.keys()} for q in query_ids for r in consistency_rows(q, vectors[q])]
     df = pl.DataFrame(rows, schema=TABLES["consistency"].polars_schema())
-    uri = write_table(store, "consistency", df, **identity.keys())
-    cross = cross_query_rows(vectors, query_target_artists(store))
-    per_config = per_config_consistency(df, seed_groups(store), cross) if len(df) else []
-    meta = {**cross_query_metadata(cross, context.log.info), **config_metadata(store, df, per_config, context.log.info)}
+    uri = write_table(root, "consistency", df, **identity.keys())
+    cross = cross_query_rows(vectors, query_target_artists(root))
+    per_config = per_config_consistency(df, seed_groups(root), cross) if len(df) else []
+    meta = {**cross_query_metadata(cross, context.log.info), **config_metadata(root, df, per_config, context.log.info)}
     context.log.info(f"consistency over {len(query_ids)} queries: {len(df)} rows")
     return MaterializeResult(
         metadata={
@@ -169,9 +169,9 @@ def consistency_report(
     )
 
 
-def query_target_artists(store) -> dict[str, str | None]:
+def query_target_artists(root) -> dict[str, str | None]:
     """query_id → target artist of every query in the root."""
-    table = read_tables(store, "queries")
+    table = read_tables(root, "queries")
     return dict(zip(table["query_id"], table["target_artist"])) if len(table) else {}
 
 
@@ -195,7 +195,7 @@ def cross_query_metadata(cross: list[dict], log: Callable[[str], None]) -> dict:
     return {"cross_query_overlap": MetadataValue.json(cross)}
 
 
-def config_metadata(store, df: pl.DataFrame, per_config: list[dict], log: Callable[[str], None]) -> dict:
+def config_metadata(root, df: pl.DataFrame, per_config: list[dict], log: Callable[[str], None]) -> dict:
     """The most consistent configuration (by its seed reruns, else by all others), the one agreeing most with the
     others, every configuration's consistency, and the heatmap between them; logged."""
     if not per_config:
@@ -209,7 +209,7 @@ def config_metadata(store, df: pl.DataFrame, per_config: list[dict], log: Callab
         "most_consistent_config_basis": "seed reruns" if by_reruns else "other configurations",
         "highest_agreement_with_other_configs": by_all["config_id"],
         "config_consistency": MetadataValue.json(per_config),
-        **jaccard_heatmap(store, df),
+        **jaccard_heatmap(root, df),
     }
     log(
         f"most consistent configuration: {best['config_id']} ({meta['most_consistent_config_basis']}, "
@@ -218,7 +218,7 @@ def config_metadata(store, df: pl.DataFrame, per_config: list[dict], log: Callab
     return meta
 
 
-def jaccard_heatmap(store, df: pl.DataFrame) -> dict:
+def jaccard_heatmap(root, df: pl.DataFrame) -> dict:
     """The plot of the mean Jaccard@10 between every two unlearning configurations (none for fewer than two)."""
     labels, matrix = jaccard_matrix(df)
     if len(labels) < 2:
@@ -229,7 +229,7 @@ def jaccard_heatmap(store, df: pl.DataFrame) -> dict:
         f"(over the queries both ran; {shared['query_id'].n_unique()} queries in all)"
     )
     return plots.write_png(
-        store, key("plot", kind="consistency", name="jaccard_10"), plots.heatmap(matrix, labels, title), title
+        root, key("plot", kind="consistency", name="jaccard_10"), plots.heatmap(matrix, labels, title), title
     )
 
 

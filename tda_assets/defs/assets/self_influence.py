@@ -21,13 +21,13 @@ from dagster import (
 from pydantic import Field
 
 from resources import ComputeResource, LossProtocolResource, ModelSourceResource, StorageResource
-from tda_assets.attribution.attribute import attribute_exact
+from tda_assets.attribution.exact import attribute_exact
 from tda_assets.attribution.self_influence import (
     TARGET_SETS,
     Standing,
     best_config,
     neighbour_similarity,
-    summarise,
+    summarize,
     targets_of,
     wilson_lower,
 )
@@ -81,7 +81,7 @@ def self_influence(
 ) -> Iterator:
     step = model_step(storage, model_source, compute, protocol)
     for cid in config.config_ids:
-        require_full_exact(recorded_settings(step.store, cid), cid, "self_influence")
+        require_full_exact(recorded_settings(step.root, cid), cid, "self_influence")
     if config.target_set not in TARGET_SETS:
         raise ValueError(f"target_set {config.target_set!r} is not one of {TARGET_SETS}")
     side = training_side(step)
@@ -90,7 +90,7 @@ def self_influence(
     for cid in config.config_ids:
         judged = judge_config(side, cid, targets, config.k, context.log)
         rows += judged.rows
-        summaries[cid], standing = summarise_config(cid, judged, side.embeddings, len(targets), config.k, context.log)
+        summaries[cid], standing = summarize_config(cid, judged, side.embeddings, len(targets), config.k, context.log)
         standings += [standing] if standing else []
     uris = write_results(step, rows, list(summaries), config.target_set)
     best = best_config(standings) if standings else None
@@ -140,7 +140,7 @@ class Judged:
 def judge_config(side: TrainingSide, cid: str, targets: list[str], k: int, log: DagsterLogManager) -> Judged:
     """Unlearn every target as its own query under configuration `cid`; a target whose unlearning misses the minimum
     ratio is recorded as failed (rank null, with its ratio), not ranked."""
-    step, settings = side.step, recorded_settings(side.step.store, cid)
+    step, settings = side.step, recorded_settings(side.step.root, cid)
     proto = step.protocol
     column = "loss_masked" if settings.masks_losses else "loss"
     l0 = loss_matrix(side.baseline, side.item_ids, proto.draws, column, "baseline_losses")
@@ -191,7 +191,7 @@ def ranked_columns(
     }
 
 
-def summarise_config(
+def summarize_config(
     cid: str, judged: Judged, embeddings: np.ndarray, n_targets: int, k: int, log: DagsterLogManager
 ) -> tuple[dict, Standing | None]:
     """The configuration's summary (R, share ranked first and its lower end, loss-ratio spread, similarities, the
@@ -200,7 +200,7 @@ def summarise_config(
     if not judged.ranks:
         log.warning(f"self-influence {cid}: every target's unlearning failed the minimum ratio")
         return {"R": None, "share_first": None, "failed": failed}, None
-    summary = summarise(judged.ranks, judged.rankings, embeddings, judged.indices, k)
+    summary = summarize(judged.ranks, judged.rankings, embeddings, judged.indices, k)
     ratios = [r["loss_ratio"] for r in judged.rows]
     standing = Standing(
         cid, summary.mean_rank, wilson_lower(judged.ranks.count(1), n_targets), max(ratios) / min(ratios)
@@ -229,7 +229,7 @@ def write_results(step: ModelStep, rows: list[dict], config_ids: list[str], targ
     )
     return [
         write_replacing(
-            step.store,
+            step.root,
             "self_influence",
             df.filter(pl.col("config_id") == cid),
             "target_set",

@@ -43,11 +43,11 @@ def training_manifest(
     storage: StorageResource,
     training_data: TrainingDataResource,
 ) -> MaterializeResult:
-    store = storage.storage()
+    root = storage.root()
     manifest_uri = config.manifest_uri or training_data.manifest_uri
     clips_per_artist = config.clips_per_artist or training_data.clips_per_artist
     if manifest_uri:
-        df = read_user_manifest(manifest_uri, store)
+        df = read_user_manifest(manifest_uri, root)
         origin = manifest_uri
     else:
         with tempfile.TemporaryDirectory() as tmp:
@@ -56,14 +56,14 @@ def training_manifest(
             )
             for i, row in enumerate(rows):
                 audio_key = key("corpus_audio", artist=row["artist"], item_id=row["item_id"])
-                row["audio_uri"] = store.write_bytes(audio_key, Path(row.pop("audio_path")).read_bytes())
+                row["audio_uri"] = root.write_bytes(audio_key, Path(row.pop("audio_path")).read_bytes())
                 if i % 100 == 0:
                     context.log.info(f"corpus: {i + 1}/{len(rows)} clips written")
         df = pl.DataFrame(rows).select(*MANIFEST_COLUMNS, "duration_s")
         origin = f"embedded synthetic corpus (seed {config.corpus_seed}, {clips_per_artist} clips per artist)"
     df = with_shards(df, len(SHARD_KEYS))
-    uri = write_table(store, "training_manifest", df)
-    record_manifest_origin(store, manifest_uri)
+    uri = write_table(root, "training_manifest", df)
+    record_manifest_origin(root, manifest_uri)
     counts = df.group_by("artist").len().sort("artist")
     return MaterializeResult(
         metadata={
@@ -87,7 +87,7 @@ def encoder_adapter(source: ModelSource) -> tuple[DiTAdapter, str]:
     if source.is_embedded:
         return EmbeddedAdapter.new(), source.encoder_id()
     resolved = source.resolve()
-    return load_model(resolved.folder), resolved.checkpoint_id
+    return load_model(resolved.folder, denoiser=False), resolved.checkpoint_id  # encoding needs no DiT weights
 
 
 @asset(
@@ -101,13 +101,13 @@ def encoder_adapter(source: ModelSource) -> tuple[DiTAdapter, str]:
 def training_features(
     context: AssetExecutionContext, config: FeaturesConfig, storage: StorageResource, model_source: ModelSourceResource
 ) -> MaterializeResult:
-    store = storage.storage()
+    root = storage.root()
     shard = context.partition_key
-    rows = read_table(store, "training_manifest").filter(pl.col("shard") == shard)
+    rows = read_table(root, "training_manifest").filter(pl.col("shard") == shard)
     adapter, encoder_id = encoder_adapter(model_source.model_source())
     features_key = key("training_features", encoder_id=encoder_id, shard=shard)
     if rows.height == 0:  # a small manifest can leave a shard empty: no features file, nothing downstream to read
-        store.delete(features_key)
+        root.delete(features_key)
         context.log.info(f"{shard}: no training items in this shard")
         return MaterializeResult(
             metadata={"rows": 0, "skipped_items": MetadataValue.json([]), "encoder_id": encoder_id}
@@ -115,7 +115,7 @@ def training_features(
     good, audio, bad = [], [], []
     for row in rows.iter_rows(named=True):
         try:
-            samples = decode_audio(read_uri_bytes(row["audio_uri"], store), row["item_id"], adapter.sample_rate)
+            samples = decode_audio(read_uri_bytes(row["audio_uri"], root), row["item_id"], adapter.sample_rate)
             if not (row["caption"] or "").strip():
                 raise AttributionInputError(
                     f"item {row['item_id']}: empty caption; write a text description of the music"
@@ -133,7 +133,7 @@ def training_features(
         good.append(row)
         audio.append(samples)
     if not good:  # every item of the shard was bad and skipped on request: the shard is empty, and says why
-        store.delete(features_key)
+        root.delete(features_key)
         context.log.warning(f"{shard}: all {len(bad)} items skipped as bad; the shard is empty")
         return MaterializeResult(
             metadata={"rows": 0, "skipped_items": MetadataValue.json(bad), "encoder_id": encoder_id}
@@ -146,7 +146,7 @@ def training_features(
     )
     batch = ItemBatch([r["item_id"] for r in good], latents, cond, mask)
     uri = write_features(
-        store,
+        root,
         features_key,
         batch,
         {"skipped": ",".join(bad), "encoder_id": encoder_id, "manifest_digest": manifest_digest(rows)},

@@ -41,6 +41,7 @@ from resources import ComputeResource, LossProtocolResource, ModelSourceResource
 from tda_assets.attribution.adapter import ItemBatch
 from tda_assets.attribution.counterfactual import (
     FLOOR_SDS,
+    REMOVALS,
     Verdict,
     majority_passes,
     random_removals,
@@ -110,13 +111,13 @@ class CounterfactualConfig(Config):
     )
 
 
-def default_queries(store, config_id: str, n: int, identity: Identity) -> list[str]:
+def default_queries(root, config_id: str, n: int, identity: Identity) -> list[str]:
     """The first `n` queries (sorted) with a target artist and an attribution of `config_id` under `identity`."""
     out = []
-    for qid in sorted(k["query_id"] for k in list_keys(store, "queries")):
+    for qid in sorted(k["query_id"] for k in list_keys(root, "queries")):
         if (
-            table_exists(store, "attribution_scores", **identity.keys(), query_id=qid, config_id=config_id)
-            and read_table(store, "queries", query_id=qid)["target_artist"][0]
+            table_exists(root, "attribution_scores", **identity.keys(), query_id=qid, config_id=config_id)
+            and read_table(root, "queries", query_id=qid)["target_artist"][0]
         ):
             out.append(qid)
     return out[:n]
@@ -155,7 +156,7 @@ class Removals:
 
 
 def plan_removals(
-    store,
+    root,
     config: CounterfactualConfig,
     query_ids: list[str],
     identity: Identity,
@@ -167,7 +168,7 @@ def plan_removals(
     attributed, same_artist = {}, {}
     for qid in query_ids:
         require(
-            store,
+            root,
             "attribution_scores",
             identity,
             f"run query {qid!r} with config {config.config_id!r} first",
@@ -175,11 +176,11 @@ def plan_removals(
             config_id=config.config_id,
         )  # this identity's, or an error naming the ones present
         scores = read_table(
-            store, "attribution_scores", **identity.keys(), query_id=qid, config_id=config.config_id
+            root, "attribution_scores", **identity.keys(), query_id=qid, config_id=config.config_id
         ).sort("rank")
         target = (
-            read_table(store, "queries", query_id=qid)["target_artist"][0]
-            if table_exists(store, "queries", query_id=qid)
+            read_table(root, "queries", query_id=qid)["target_artist"][0]
+            if table_exists(root, "queries", query_id=qid)
             else None
         )
         if not target:
@@ -283,7 +284,7 @@ def verdict_rows(
     return rows, verdicts
 
 
-REMOVAL_ORDER = {"attributed": 0, "random": 1, "same_artist": 2}
+REMOVAL_ORDER = {removal: i for i, removal in enumerate(REMOVALS)}
 
 
 def verdict_metadata(verdicts: dict[str, Verdict], config: CounterfactualConfig) -> dict:
@@ -342,20 +343,18 @@ def counterfactual(
 ) -> Iterator:
     source = model_source.model_source()
     require_embedded(source)
-    store, cmp, proto = storage.storage(), compute.compute(), protocol.protocol()
+    root, cmp, proto = storage.root(), compute.compute(), protocol.protocol()
     start = time.perf_counter()
-    identity = Identity(read_checkpoint_record(store).checkpoint_id, proto.protocol_id)
-    query_ids = checked_queries(store, config, identity)
-    masked = masks_losses(store, config.config_id)
+    identity = Identity(read_checkpoint_record(root).checkpoint_id, proto.protocol_id)
+    query_ids = checked_queries(root, config, identity)
     q_proto = replace(proto, draws=max(config.query_draws, proto.draws))  # the protocol's seed, precision; more draws
-    retrainer, record, use_checkpoint = make_retrainer(store, source, cmp, config, context.log.info)
+    retrainer, record, use_checkpoint = make_retrainer(root, source, cmp, config, context.log.info)
+    loss_of = query_loss_of(root, config, query_ids, record, q_proto, cmp)
     item_ids = retrainer.data.item_ids
-    artist_of = item_artists(store)
-    plan = plan_removals(store, config, query_ids, identity, item_ids, [artist_of.get(i) for i in item_ids])
-    queries = {q: query_batch(store, q, record.encoder_id, record.checkpoint_id) for q in query_ids}
-    loss_of = lambda model, q: query_loss(model, queries[q], q_proto, cmp, masked)  # noqa: E731
+    artist_of = item_artists(root)
+    plan = plan_removals(root, config, query_ids, identity, item_ids, [artist_of.get(i) for i in item_ids])
     full, full_kind = full_model(retrainer, use_checkpoint)
-    full_loss = {q: loss_of(full, q) for q in queries}
+    full_loss = {q: loss_of(full, q) for q in query_ids}
     measured = measure_removals(plan, retrainer, loss_of)
     common = {
         "k": config.k,
@@ -365,14 +364,14 @@ def counterfactual(
         "query_draws": q_proto.draws,
         **identity.keys(),
     }
-    target_of = target_artists(store, query_ids)
+    target_of = target_artists(root, query_ids)
     rows, verdicts = verdict_rows(measured, full_loss, config.floor_sds, artist_of, target_of, common)
     log_verdicts(context.log.info, verdicts)
     df = pl.DataFrame(rows, schema_overrides={"removal_seed": pl.Int64})
-    uri = write_table(store, "counterfactual", df, **identity.keys())
+    uri = write_table(root, "counterfactual", df, **identity.keys())
     seconds = time.perf_counter() - start
     yield counterfactual_result(
-        df, verdicts, config, retrainer.settings.steps, full_kind, retrainer.seconds, seconds, uri, store
+        df, verdicts, config, retrainer.settings.steps, full_kind, retrainer.seconds, seconds, uri, root
     )
 
 
@@ -385,9 +384,9 @@ def require_embedded(source: ModelSource) -> None:
         )
 
 
-def checked_queries(store, config: CounterfactualConfig, identity: Identity) -> list[str]:
+def checked_queries(root, config: CounterfactualConfig, identity: Identity) -> list[str]:
     """The config's queries, else the first `n_queries` with a target artist and an attribution (an error when none)."""
-    query_ids = config.query_ids or default_queries(store, config.config_id, config.n_queries, identity)
+    query_ids = config.query_ids or default_queries(root, config.config_id, config.n_queries, identity)
     if not query_ids:
         raise FileNotFoundError(
             f"no query with a target_artist and an attribution of config {config.config_id!r} "
@@ -396,24 +395,33 @@ def checked_queries(store, config: CounterfactualConfig, identity: Identity) -> 
     return query_ids
 
 
-def masks_losses(store, config_id: str) -> bool:
+def masks_losses(root, config_id: str) -> bool:
     """Whether the configuration's recorded settings mask the losses (an unrecorded configuration does not)."""
-    if not table_exists(store, "unlearning_configs", config_id=config_id):
+    if not table_exists(root, "unlearning_configs", config_id=config_id):
         return False
-    row = read_table(store, "unlearning_configs", config_id=config_id).row(0, named=True)
+    row = read_table(root, "unlearning_configs", config_id=config_id).row(0, named=True)
     return settings_from_row(row).masks_losses
 
 
 def make_retrainer(
-    store, source: ModelSource, compute: Compute, config: CounterfactualConfig, log: Callable[[str], None]
+    root, source: ModelSource, compute: Compute, config: CounterfactualConfig, log: Callable[[str], None]
 ) -> tuple[Retrainer, CheckpointRecord, bool]:
     """The retrainer of the checkpoint (every training item, the retraining settings), the checkpoint's record, and
     whether the checkpoint itself is the full model (trained with exactly these settings on the same items)."""
-    ckpt, record = load_checkpoint(store, source, compute.device)
-    data = all_features(store, record.encoder_id)
+    ckpt, record = load_checkpoint(root, source, compute.device)
+    data = all_features(root, record.encoder_id)
     settings = TrainingSettings(steps=config.train_steps or source.train_steps, seed=source.train_seed)
-    info = read_model_info(local_model_folder(store, record, source))
+    info = read_model_info(local_model_folder(root, record, source))
     return Retrainer(data, settings, ckpt, compute, log), record, checkpoint_is_full_model(info, settings, len(data))
+
+
+def query_loss_of(
+    root, config: CounterfactualConfig, query_ids: list[str], record: CheckpointRecord, proto, compute: Compute
+) -> Callable[[EmbeddedAdapter, str], float]:
+    """`loss_of(model, query_id)`: a checked query's protocol loss under a model, masked as the configuration is."""
+    masked = masks_losses(root, config.config_id)
+    queries = {q: query_batch(root, q, record.encoder_id, record.checkpoint_id) for q in query_ids}
+    return lambda model, q: query_loss(model, queries[q], proto, compute, masked)
 
 
 def full_model(retrainer: Retrainer, use_checkpoint: bool) -> tuple[EmbeddedAdapter, str]:
@@ -423,15 +431,15 @@ def full_model(retrainer: Retrainer, use_checkpoint: bool) -> tuple[EmbeddedAdap
     return retrainer.without([], "nothing (the full model)"), "retrained"
 
 
-def item_artists(store) -> dict[str, str]:
+def item_artists(root) -> dict[str, str]:
     """item_id → artist of every training item (the manifest's)."""
-    manifest = read_table(store, "training_manifest").select("item_id", "artist")
+    manifest = read_table(root, "training_manifest").select("item_id", "artist")
     return dict(zip(manifest["item_id"], manifest["artist"]))
 
 
-def target_artists(store, query_ids: list[str]) -> dict[str, str]:
+def target_artists(root, query_ids: list[str]) -> dict[str, str]:
     """query_id → the query's target artist."""
-    return {q: read_table(store, "queries", query_id=q)["target_artist"][0] for q in query_ids}
+    return {q: read_table(root, "queries", query_id=q)["target_artist"][0] for q in query_ids}
 
 
 def log_verdicts(log: Callable[[str], None], verdicts: dict[str, Verdict]) -> None:
@@ -454,17 +462,16 @@ def counterfactual_result(
     retrain_seconds: list[float],
     seconds: float,
     uri: str,
-    store,
+    root,
 ) -> MaterializeResult:
     """The materialization: the table, the plot, both verdict shares and the check (item level, more than half)."""
-    means = {r: float(df.filter(pl.col("removal") == r)["loss_rise"].mean()) for r in REMOVAL_ORDER}
-    passed = majority_passes(verdicts.values(), item_level=True)
+    means = {r: float(df.filter(pl.col("removal") == r)["loss_rise"].mean()) for r in REMOVALS}
     title = (
         f"counterfactual: query loss rise after removing k={config.k} items ({steps} training steps; "
         f"floor = random mean + {config.floor_sds:g} sd)"
     )
     plot = plots.write_png(
-        store, key("plot", kind="counterfactual", name="loss_rise"), plots.counterfactual_bars(df, title), title
+        root, key("plot", kind="counterfactual", name="loss_rise"), plots.counterfactual_bars(df, title), title
     )
     meta = {**verdict_metadata(verdicts, config), **{f"mean_loss_rise_{r}": v for r, v in means.items()}}
     return MaterializeResult(
@@ -480,38 +487,42 @@ def counterfactual_result(
             **meta,
             "uri": MetadataValue.path(uri),
             **plot,
-            "table": MetadataValue.md(
-                markdown_table(
-                    df.select(
-                        "query_id",
-                        "removal",
-                        "removal_seed",
-                        "k",
-                        "query_loss_full",
-                        "query_loss_removed",
-                        "loss_rise",
-                        "noise_floor",
-                        "item_floor",
-                        "passed",
-                        "passed_item_level",
-                    )
-                )
-            ),
+            "table": MetadataValue.md(markdown_table(df.select(*TABLE_COLUMNS))),
         },
-        check_results=[
-            AssetCheckResult(
-                check_name=CHECK,
-                passed=passed,
-                metadata=meta,
-                description=None
-                if passed
-                else (
-                    f"{meta['queries_passing_item_level']} of {len(verdicts)} queries' attributed removal raised the "
-                    f"query loss above both the noise floor of {config.random_removals} random removals and the "
-                    f"same-artist control ({meta['queries_passing']} above the random floor alone); more than half "
-                    f"must: the attribution of {config.config_id!r} does not find the items the query depends on "
-                    "beyond its artist (or retrain longer: train_steps)"
-                ),
-            )
-        ],
+        check_results=[check_result(verdicts, config, meta)],
+    )
+
+
+# the counterfactual table's columns shown in the materialization's metadata
+TABLE_COLUMNS = (
+    "query_id",
+    "removal",
+    "removal_seed",
+    "k",
+    "query_loss_full",
+    "query_loss_removed",
+    "loss_rise",
+    "noise_floor",
+    "item_floor",
+    "passed",
+    "passed_item_level",
+)
+
+
+def check_result(verdicts: dict[str, Verdict], config: CounterfactualConfig, meta: dict) -> AssetCheckResult:
+    """The check: more than half of the queries pass item level; when not, how many passed each control."""
+    passed = majority_passes(verdicts.values(), item_level=True)
+    return AssetCheckResult(
+        check_name=CHECK,
+        passed=passed,
+        metadata=meta,
+        description=None
+        if passed
+        else (
+            f"{meta['queries_passing_item_level']} of {len(verdicts)} queries' attributed removal raised the "
+            f"query loss above both the noise floor of {config.random_removals} random removals and the "
+            f"same-artist control ({meta['queries_passing']} above the random floor alone); more than half "
+            f"must: the attribution of {config.config_id!r} does not find the items the query depends on "
+            "beyond its artist (or retrain longer: train_steps)"
+        ),
     )

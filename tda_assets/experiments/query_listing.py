@@ -31,19 +31,19 @@ EXPORT_FORMATS = ("csv", "parquet", "json")
 FINAL = (QueryState.ATTRIBUTED, QueryState.FAILED_CHECK, QueryState.INVALID)  # states no run in progress can change
 
 
-def current_checkpoint_id(store: Storage) -> str | None:
+def current_checkpoint_id(root: Storage) -> str | None:
     """The checkpoint the root's results must come from (None before `tda prepare`)."""
     k = key("checkpoint_record")
-    return json.loads(store.read_bytes(k))["checkpoint_id"] if store.exists(k) else None
+    return json.loads(root.read_bytes(k))["checkpoint_id"] if root.exists(k) else None
 
 
-def _before_unlearning(store: Storage, query_id: str) -> QueryState:
+def _before_unlearning(root: Storage, query_id: str) -> QueryState:
     """A query with no recorded unlearning: `clip_ready` when its clip is in the root, else `waiting`."""
-    return QueryState.CLIP_READY if has_clip(store, query_id) else QueryState.WAITING
+    return QueryState.CLIP_READY if has_clip(root, query_id) else QueryState.WAITING
 
 
 def query_table(
-    store: Storage, protocol_id: str, running: Callable[[], set[tuple[str, str]]] = frozenset, roots: Sequence[str] = ()
+    root: Storage, protocol_id: str, running: Callable[[], set[tuple[str, str]]] = frozenset, roots: Sequence[str] = ()
 ) -> pl.DataFrame:
     """One row per (query, configuration): `waiting` (no clip yet), `clip_ready`, `running`, `attributed`,
     `failed_check` (with the loss ratio), `stale` (results of another checkpoint or protocol), or `invalid` (its file,
@@ -52,9 +52,9 @@ def query_table(
     `running()` gives the (query, config) pairs with a run in progress; it is asked only when a pair is unfinished.
     """
     by_query: dict[str, dict[str, ConfigState]] = {}
-    for (q, c), state in config_states(store, current_checkpoint_id(store), protocol_id, MIN_QUERY_LOSS_RATIO).items():
+    for (q, c), state in config_states(root, current_checkpoint_id(root), protocol_id, MIN_QUERY_LOSS_RATIO).items():
         by_query.setdefault(q, {})[c] = state
-    valid, invalid = judge_files(store, inbox_files(store), roots)
+    valid, invalid = judge_files(root, inbox_files(root), roots)
     rows = []
     for qid in sorted({*valid, *invalid}):
         if qid in invalid:
@@ -62,7 +62,7 @@ def query_table(
             continue
         prompt, mine = valid[qid].prompt, by_query.get(qid, {})
         for cid in sorted({DEFAULT_CONFIG, *mine}):
-            state = mine[cid].state if cid in mine else _before_unlearning(store, qid)
+            state = mine[cid].state if cid in mine else _before_unlearning(root, qid)
             rows.append((qid, cid, state, mine[cid].loss_ratio if cid in mine else None, prompt[:60]))
     if any(r[2] not in FINAL for r in rows):
         now = running()
@@ -80,16 +80,16 @@ def query_table(
         },
         orient="row",
     )
-    return table.join(near_copy_column(store, protocol_id), on="query_id", how="left")
+    return table.join(near_copy_column(root, protocol_id), on="query_id", how="left")
 
 
-def near_copy_column(store: Storage, protocol_id: str) -> pl.DataFrame:
+def near_copy_column(root: Storage, protocol_id: str) -> pl.DataFrame:
     """`query_id, near_copy` of every query with a whole-clip verdict of the current identity (table near_copies):
     `yes: <item>` for a near copy, `no` otherwise."""
-    checkpoint_id = current_checkpoint_id(store)
+    checkpoint_id = current_checkpoint_id(root)
     if checkpoint_id is None:
         return pl.DataFrame(schema={"query_id": pl.String, "near_copy": pl.String})
-    rows = read_tables(store, "near_copies", checkpoint_id=checkpoint_id, protocol_id=protocol_id)
+    rows = read_tables(root, "near_copies", checkpoint_id=checkpoint_id, protocol_id=protocol_id)
     return rows.filter(pl.col("segment") == CLIP).select(
         "query_id",
         pl.when(pl.col("near_copy"))
