@@ -21,6 +21,7 @@ from .devices import Compute
 from .losses import DrawLosses, batch_losses
 from .protocol import LossProtocol
 from .scores import score_columns
+from .settings import count_of
 
 # (item indices, first draw, stop draw) -> unlearned per-draw losses [len(indices), stop - first]
 UnlearnedLosses = Callable[[np.ndarray, int, int], np.ndarray]
@@ -44,12 +45,6 @@ class TwoStageResult:
         return int(self.draws_used.sum())
 
 
-def _count(size: int | float, n: int) -> int:
-    """A count given as an int, or as a fraction (float ≤ 1) of `n`; at least 1, at most `n`."""
-    m = int(np.ceil(size * n)) if isinstance(size, float) else int(size)
-    return max(1, min(n, m))
-
-
 def signal_ranks(signals: Mapping[str, np.ndarray]) -> np.ndarray:
     """[len(signals), N] 0-based descending ranks of each cheap signal (NaN scores last)."""
     out = []
@@ -65,7 +60,7 @@ def signal_ranks(signals: Mapping[str, np.ndarray]) -> np.ndarray:
 def candidates(signals: Mapping[str, np.ndarray], top: int | float) -> np.ndarray:
     """Sorted indices in the union of the top `top` (count, or fraction of N) items of every cheap signal."""
     ranks = signal_ranks(signals)
-    return np.flatnonzero((ranks < _count(top, ranks.shape[1])).any(axis=0))
+    return np.flatnonzero((ranks < count_of(top, ranks.shape[1])).any(axis=0))
 
 
 def first_stage_draws(draws: int, first_draws: int | None) -> int:
@@ -75,7 +70,7 @@ def first_stage_draws(draws: int, first_draws: int | None) -> int:
 
 def survivor_count(n_candidates: int, keep: int | float, min_keep: int) -> int:
     """How many candidates get all K draws after the first stage: `keep` of them, at least `min_keep`, at most all."""
-    return min(n_candidates, max(_count(keep, n_candidates), min_keep))
+    return min(n_candidates, max(count_of(keep, n_candidates), min_keep))
 
 
 def two_stage(

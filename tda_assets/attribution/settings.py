@@ -31,6 +31,12 @@ def query_loss_ratio(after: Any, before: Any) -> Any:
 NORM_FLOOR = 0.5
 
 
+def count_of(size: int | float, n: int) -> int:
+    """A count given as an int, or as a fraction (float ≤ 1) of `n` rounded up; at least 1, at most `n`."""
+    m = int(math.ceil(size * n)) if isinstance(size, float) else int(size)
+    return max(1, min(n, m))
+
+
 def _field(default: object, doc: str, column: str | None = None) -> Any:
     """A settings field with its description (shown in the Dagster UI) and, when it differs, its table column."""
     return field(default=default, metadata={"doc": doc, **({"column": column} if column else {})})
@@ -201,11 +207,8 @@ class UnlearningSettings:
     def candidates_per_signal(self, n_items: int) -> int:
         """How many items two_stage takes from the top of each cheap signal among `n_items`: `candidates` (a fraction
         of the items, or a count), at most `max_candidates`, at least 1 and at most `n_items`."""
-        value = self.count_or_fraction(self.candidates)
-        count = int(math.ceil(value * n_items)) if isinstance(value, float) else value
-        if self.max_candidates is not None:
-            count = min(count, self.max_candidates)
-        return max(1, min(n_items, count))
+        count = count_of(self.count_or_fraction(self.candidates), n_items)
+        return count if self.max_candidates is None else min(count, self.max_candidates)
 
     @property
     def masks_unlearning(self) -> bool:

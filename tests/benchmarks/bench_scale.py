@@ -54,6 +54,12 @@ FIRST_DRAWS_DIV = 16 // SHIPPED.first_draws  # its first draws as a share of K (
 SHIPPED_TWO_STAGE = f"{TOP}/{SHIPPED.first_draws}/{KEEP}"  # the same, as bench_demo_agreement.SETTINGS names it
 
 
+def shipped_two_stage(baseline: np.ndarray, fn, signals: dict, draws: int):
+    """The grid's `two-stage` plan at N = len(baseline): its candidate count there, its first draws as a share of K."""
+    top = SHIPPED.candidates_per_signal(len(baseline))
+    return two_stage(baseline, fn, signals, top=top, first_draws=draws // FIRST_DRAWS_DIV, keep=KEEP)
+
+
 def median_s(fn, repeat: int = 5) -> float:
     times = []
     for _ in range(repeat):
@@ -161,19 +167,10 @@ def cost_figures(adapter: EmbeddedAdapter, n_demo: int, n_big: int, bs: int, k: 
         items = demo if n == n_demo else random_items(adapter, n, seed=1)
         base = np.zeros((n, proto.draws))  # baseline losses are precomputed; their values do not change the cost
         fn = unlearned_losses_fn(adapter, items, result.delta, proto, compute)
-        shared = np.random.default_rng(0).standard_normal(
-            n
-        )  # candidates: the shipped count at N (correlated real signals: see agreement)
+        shared = np.random.default_rng(0).standard_normal(n)  # correlated real signals: see agreement
         signals = {name: shared for name in ("internal", "audio", "linearized")}
         start = time.perf_counter()
-        staged = two_stage(
-            base,
-            fn,
-            signals,
-            top=SHIPPED.candidates_per_signal(n),
-            first_draws=proto.draws // FIRST_DRAWS_DIV,
-            keep=KEEP,
-        )
+        staged = shipped_two_stage(base, fn, signals, proto.draws)
         t_stage = t_unlearn + time.perf_counter() - start
         if n == n_demo:
             start = time.perf_counter()
@@ -234,14 +231,7 @@ def agreement_figures(queries_n: int, k: int) -> dict:
                 "audio": cosine_scores(audio_embedding(query), audio_embedding(train)).numpy(),
                 "linearized": lin,
             }
-            staged = two_stage(
-                l0,
-                fn,
-                signals,
-                top=SHIPPED.candidates_per_signal(n),
-                first_draws=PROTOCOL.draws // FIRST_DRAWS_DIV,
-                keep=KEEP,
-            )
+            staged = shipped_two_stage(l0, fn, signals, PROTOCOL.draws)
             full = staged.draws_used == PROTOCOL.draws
             rows.setdefault(step, []).append(
                 {
